@@ -1,0 +1,363 @@
+"""Torch-free records: the contract between the extractor and the graph store.
+
+A *run* is a folder::
+
+    run/
+      manifest.json              schema version, model, extraction settings
+      part-00000/images.parquet  one row per image (originals and variants)
+      part-00000/pathways.parquet one row per pathway, neurons and edges as list columns
+      part-00001/...
+
+Parts are written to a temporary folder and renamed, so a part is either complete or
+absent; an interrupted extraction resumes by skipping originals already in a part.
+Only numpy, pyarrow and networkx are used here, so the graph store can read records on a
+machine without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class RecordsFormatError(ValueError):
+    """Record files that are missing, corrupt or of another schema version."""
+
+
+def layer_id(model_id: str, site_id: str) -> str:
+    """Stable layer id: ``model id / module path#call index``."""
+    return f"{model_id}/{site_id}"
+
+
+def neuron_id(model_id: str, site_id: str, channel: int) -> str:
+    """Stable neuron id: ``model id / module path#call index / channel``."""
+    return f"{model_id}/{site_id}/{int(channel)}"
+
+
+def class_id(model_id: str, index: int) -> str:
+    """Stable class id: ``model id / class index``."""
+    return f"{model_id}/{int(index)}"
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """One call of an activation module, in call order.
+
+    ``shape`` is the per-image output shape: ``(C, H, W)`` for feature maps, ``(C,)`` for units.
+    """
+
+    index: int
+    module_path: str
+    call_index: int
+    kind: str
+    shape: tuple[int, ...]
+
+    @property
+    def site_id(self) -> str:
+        return f"{self.module_path}#{self.call_index}"
+
+    @property
+    def channels(self) -> int:
+        return int(self.shape[0])
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identity and structure of the model a run was extracted from."""
+
+    model_id: str
+    arch: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    input_shape: tuple[int, ...]
+    sites: tuple[SiteInfo, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["sites"] = [asdict(s) for s in self.sites]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelInfo:
+        sites = tuple(
+            SiteInfo(s["index"], s["module_path"], s["call_index"], s["kind"], tuple(s["shape"]))
+            for s in data["sites"]
+        )
+        return cls(
+            model_id=data["model_id"], arch=data["arch"], num_classes=int(data["num_classes"]),
+            class_names=tuple(data["class_names"]), input_shape=tuple(data["input_shape"]), sites=sites,
+        )
+
+    def class_name(self, index: int) -> str:
+        return self.class_names[index] if 0 <= index < len(self.class_names) else str(index)
+
+
+@dataclass
+class ImageRecord:
+    """One image (an original or a variant of one) and the model's answer on it.
+
+    ``probs`` and ``logits`` have shape ``[num_classes]``; ``png`` is the image as shown.
+    """
+
+    image_id: str
+    model_id: str
+    source: str
+    label: int  # -1 when unknown
+    variant_of: str | None
+    kind: str  # "original", "fgsm", "pgd", "occlude", "shift", "deform"
+    params: str  # canonical JSON of the variant's parameters
+    predicted: int
+    probs: np.ndarray
+    logits: np.ndarray
+    png: bytes
+
+
+@dataclass
+class PathwayRecord:
+    """A critical pathway of one image at channel granularity.
+
+    Neuron arrays have shape ``[N]``; edge arrays ``[E]``; ``site_gap`` ``[S - 1]`` holds, per
+    consecutive site pair, the largest completeness gap ``|sum_i w(i->j) - C_j|`` over the
+    pair's target channels ``j``; ``saliency`` ``[H, W]`` is the Pathway Gradient map.
+    """
+
+    pathway_id: str
+    image_id: str
+    model_id: str
+    method: str  # "mct" | "intgrad" | ...
+    selection: str  # "topk" | "percentile"
+    params: str  # canonical JSON
+    target: int
+    logit_full: float
+    logit_masked: float
+    neuron_site: np.ndarray
+    neuron_channel: np.ndarray
+    neuron_contribution: np.ndarray
+    neuron_rank: np.ndarray
+    neuron_elements: np.ndarray
+    neuron_dead: np.ndarray
+    edge_src_site: np.ndarray
+    edge_src_channel: np.ndarray
+    edge_dst_site: np.ndarray
+    edge_dst_channel: np.ndarray
+    edge_weight: np.ndarray
+    site_gap: np.ndarray
+    saliency: np.ndarray
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def logit_ratio(self) -> float:
+        return float(self.logit_masked / self.logit_full) if self.logit_full != 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a run folder holds: schema version, the model and the extraction settings."""
+
+    schema_version: int
+    model: ModelInfo
+    settings: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema_version": self.schema_version, "model": self.model.to_json(), "settings": self.settings}
+
+
+_IMAGE_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("model_id", pa.string()), ("source", pa.string()), ("label", pa.int32()),
+    ("variant_of", pa.string()), ("kind", pa.string()), ("params", pa.string()), ("predicted", pa.int32()),
+    ("probs", pa.list_(pa.float32())), ("logits", pa.list_(pa.float32())), ("png", pa.binary()),
+])
+
+_PATHWAY_ARRAYS: dict[str, pa.DataType] = {
+    "neuron_site": pa.int32(), "neuron_channel": pa.int32(), "neuron_contribution": pa.float32(),
+    "neuron_rank": pa.int32(), "neuron_elements": pa.int32(), "neuron_dead": pa.bool_(),
+    "edge_src_site": pa.int32(), "edge_src_channel": pa.int32(), "edge_dst_site": pa.int32(),
+    "edge_dst_channel": pa.int32(), "edge_weight": pa.float32(), "site_gap": pa.float32(),
+}
+_PATHWAY_SCHEMA = pa.schema(
+    [("pathway_id", pa.string()), ("image_id", pa.string()), ("model_id", pa.string()),
+     ("method", pa.string()), ("selection", pa.string()), ("params", pa.string()), ("target", pa.int32()),
+     ("logit_full", pa.float64()), ("logit_masked", pa.float64())]
+    + [(name, pa.list_(dtype)) for name, dtype in _PATHWAY_ARRAYS.items()]
+    + [("saliency", pa.list_(pa.float32())), ("saliency_shape", pa.list_(pa.int32())), ("extra", pa.string())]
+)
+_NUMPY_OF = {pa.int32(): np.int32, pa.float32(): np.float32, pa.bool_(): np.bool_}
+
+
+def _images_table(images: Sequence[ImageRecord]) -> pa.Table:
+    cols: dict[str, list[Any]] = {name: [] for name in _IMAGE_SCHEMA.names}
+    for im in images:
+        for name in _IMAGE_SCHEMA.names:
+            value = getattr(im, name)
+            cols[name].append(np.asarray(value, dtype=np.float32) if name in ("probs", "logits") else value)
+    return pa.table(cols, schema=_IMAGE_SCHEMA)
+
+
+def _pathways_table(pathways: Sequence[PathwayRecord]) -> pa.Table:
+    cols: dict[str, list[Any]] = {name: [] for name in _PATHWAY_SCHEMA.names}
+    for pw in pathways:
+        for name in ("pathway_id", "image_id", "model_id", "method", "selection", "params", "target"):
+            cols[name].append(getattr(pw, name))
+        cols["logit_full"].append(float(pw.logit_full))
+        cols["logit_masked"].append(float(pw.logit_masked))
+        for name, dtype in _PATHWAY_ARRAYS.items():
+            cols[name].append(np.asarray(getattr(pw, name), dtype=_NUMPY_OF[dtype]))
+        sal = np.asarray(pw.saliency, dtype=np.float32)
+        cols["saliency"].append(sal.ravel())
+        cols["saliency_shape"].append(list(sal.shape))
+        cols["extra"].append(json.dumps(pw.extra, sort_keys=True))
+    return pa.table(cols, schema=_PATHWAY_SCHEMA)
+
+
+class RunWriter:
+    """Writes a run folder part by part; each part is complete or absent."""
+
+    def __init__(self, run_dir: Path, manifest: Manifest) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / MANIFEST
+        if path.exists():
+            existing = read_manifest(self.run_dir)
+            if existing.model.model_id != manifest.model.model_id or existing.settings != manifest.settings:
+                raise RecordsFormatError(
+                    f"{self.run_dir} holds a run of another model or other settings; choose a new --out folder"
+                )
+        else:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(manifest.to_json(), indent=1, sort_keys=True))
+            os.replace(tmp, path)
+        self._next = len(_part_dirs(self.run_dir))
+
+    def done_sources(self) -> set[str]:
+        """Image ids of the originals already written (for resuming)."""
+        done: set[str] = set()
+        for part in _part_dirs(self.run_dir):
+            table = pq.read_table(part / "images.parquet", columns=["image_id", "kind"])
+            for image_id, kind in zip(table["image_id"].to_pylist(), table["kind"].to_pylist(), strict=True):
+                if kind == "original":
+                    done.add(image_id)
+        return done
+
+    def write_part(self, images: Sequence[ImageRecord], pathways: Sequence[PathwayRecord]) -> Path:
+        final = self.run_dir / f"part-{self._next:05d}"
+        tmp = self.run_dir / f".part-{self._next:05d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        pq.write_table(_images_table(images), tmp / "images.parquet")
+        pq.write_table(_pathways_table(pathways), tmp / "pathways.parquet")
+        os.replace(tmp, final)
+        self._next += 1
+        return final
+
+
+def _part_dirs(run_dir: Path) -> list[Path]:
+    return sorted(p for p in Path(run_dir).glob("part-*") if p.is_dir())
+
+
+def read_manifest(run_dir: Path) -> Manifest:
+    """The run's manifest; ``RecordsFormatError`` when missing, corrupt or of another version."""
+    path = Path(run_dir) / MANIFEST
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise RecordsFormatError(f"{run_dir} is not a run folder: no {MANIFEST}") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RecordsFormatError(f"{path} is not valid JSON") from exc
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if version != SCHEMA_VERSION:
+        raise RecordsFormatError(
+            f"{path} has record schema version {version!r}; this Pathway Explorer reads version {SCHEMA_VERSION}"
+        )
+    try:
+        return Manifest(SCHEMA_VERSION, ModelInfo.from_json(data["model"]), dict(data["settings"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RecordsFormatError(f"{path} is missing fields: {exc}") from exc
+
+
+def _read_table(path: Path, schema: pa.Schema) -> pa.Table:
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise RecordsFormatError(f"cannot read {path}: {exc}") from exc
+    missing = set(schema.names) - set(table.column_names)
+    if missing:
+        raise RecordsFormatError(f"{path} lacks columns {sorted(missing)}")
+    return table
+
+
+def _image_from_row(row: dict[str, Any]) -> ImageRecord:
+    row = dict(row)
+    row["probs"] = np.asarray(row["probs"], dtype=np.float32)
+    row["logits"] = np.asarray(row["logits"], dtype=np.float32)
+    return ImageRecord(**row)
+
+
+def _pathway_from_row(row: dict[str, Any]) -> PathwayRecord:
+    arrays = {name: np.asarray(row[name], dtype=_NUMPY_OF[dt]) for name, dt in _PATHWAY_ARRAYS.items()}
+    saliency = np.asarray(row["saliency"], dtype=np.float32).reshape(row["saliency_shape"])
+    return PathwayRecord(
+        pathway_id=row["pathway_id"], image_id=row["image_id"], model_id=row["model_id"], method=row["method"],
+        selection=row["selection"], params=row["params"], target=int(row["target"]),
+        logit_full=float(row["logit_full"]), logit_masked=float(row["logit_masked"]),
+        saliency=saliency, extra=json.loads(row["extra"] or "{}"), **arrays,
+    )
+
+
+@dataclass
+class RunPart:
+    """The images and pathways of one part, as records."""
+
+    images: list[ImageRecord]
+    pathways: list[PathwayRecord]
+
+
+def iter_parts(run_dir: Path) -> Iterator[RunPart]:
+    """Yield each complete part of a run, in order."""
+    read_manifest(run_dir)
+    for part in _part_dirs(Path(run_dir)):
+        images = _read_table(part / "images.parquet", _IMAGE_SCHEMA).to_pylist()
+        pathways = _read_table(part / "pathways.parquet", _PATHWAY_SCHEMA).to_pylist()
+        yield RunPart([_image_from_row(r) for r in images], [_pathway_from_row(r) for r in pathways])
+
+
+def read_run(run_dir: Path) -> tuple[Manifest, list[ImageRecord], list[PathwayRecord]]:
+    """A whole run in memory (fine for thousands of images; use ``iter_parts`` beyond)."""
+    manifest = read_manifest(run_dir)
+    images: list[ImageRecord] = []
+    pathways: list[PathwayRecord] = []
+    for part in iter_parts(run_dir):
+        images.extend(part.images)
+        pathways.extend(part.pathways)
+    return manifest, images, pathways
+
+
+def pathway_to_networkx(pathway: PathwayRecord, model: ModelInfo) -> nx.DiGraph:
+    """The pathway as a directed graph over neuron ids, with contributions and edge weights."""
+    graph = nx.DiGraph(pathway_id=pathway.pathway_id, image_id=pathway.image_id, method=pathway.method)
+    sites = model.sites
+    for s, c, contrib, rank in zip(pathway.neuron_site, pathway.neuron_channel, pathway.neuron_contribution,
+                                   pathway.neuron_rank, strict=True):
+        site = sites[int(s)]
+        graph.add_node(neuron_id(model.model_id, site.site_id, int(c)), site=site.site_id, layer=int(s),
+                       channel=int(c), contribution=float(contrib), rank=int(rank))
+    for ss, sc, ds, dc, w in zip(pathway.edge_src_site, pathway.edge_src_channel, pathway.edge_dst_site,
+                                 pathway.edge_dst_channel, pathway.edge_weight, strict=True):
+        graph.add_edge(neuron_id(model.model_id, sites[int(ss)].site_id, int(sc)),
+                       neuron_id(model.model_id, sites[int(ds)].site_id, int(dc)), weight=float(w))
+    return graph
