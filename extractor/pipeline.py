@@ -26,7 +26,7 @@ from tqdm import tqdm
 from extractor.errors import ExtractionError
 from extractor.models import ModelBundle
 from extractor.pathways import BatchPathways, PathwaySettings, extract_batch
-from extractor.records import ImageRecord, Manifest, PathwayRecord, RunWriter, SCHEMA_VERSION
+from extractor.records import SCHEMA_VERSION, ImageRecord, Manifest, PathwayRecord, RunWriter, config_key
 from extractor.variants import VariantSpec, make_variant
 
 log = logging.getLogger(__name__)
@@ -133,9 +133,8 @@ def _downsample(sal: torch.Tensor) -> torch.Tensor:
 
 
 def pathway_id(img_id: str, settings: PathwaySettings, target: int) -> str:
-    """Stable id: image id / method / parameters hash / target."""
-    digest = hashlib.sha256(f"{settings.selection}:{settings.params_json()}".encode()).hexdigest()[:8]
-    return f"{img_id}/{settings.method}/{digest}/{target}"
+    """Stable id: image id / method / selection / parameters hash / target."""
+    return f"{img_id}/{config_key(settings.method, settings.selection, settings.params_json())}/{target}"
 
 
 def pathway_records(bundle: ModelBundle, ids: Sequence[str], res: BatchPathways) -> list[PathwayRecord]:

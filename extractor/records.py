@@ -40,6 +40,14 @@ class RecordsFormatError(ValueError):
     """Record files that are missing, corrupt or of another schema version."""
 
 
+def config_key(method: str, selection: str, params_json: str) -> str:
+    """Short key of a pathway setting, e.g. ``mct/topk/1a2b3c4d``; equal settings share it."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{selection}:{params_json}".encode()).hexdigest()[:8]
+    return f"{method}/{selection}/{digest}"
+
+
 def layer_id(model_id: str, site_id: str) -> str:
     """Stable layer id: ``model id / module path#call index``."""
     return f"{model_id}/{site_id}"
@@ -160,6 +168,10 @@ class PathwayRecord:
     site_gap: np.ndarray
     saliency: np.ndarray
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> str:
+        return config_key(self.method, self.selection, self.params)
 
     @property
     def logit_ratio(self) -> float:

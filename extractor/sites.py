@@ -98,9 +98,10 @@ class SiteRecorder:
 class SiteHooks:
     """Context manager: hooks on every site module for the duration of the ``with`` block.
 
-    With ``transform`` the hook replaces a site's output by ``transform(index, output)``
-    (masking, scaling); otherwise by a clone, so in-place operations downstream cannot
-    corrupt the captured tensor. ``begin()`` must be called before each forward pass.
+    With ``transform`` the site's output becomes ``transform(index, output)`` (masking,
+    scaling). The captured tensor is kept and the rest of the network gets a clone of it,
+    so in-place operations downstream cannot corrupt what was captured (gradients flow
+    through the clone). ``begin()`` must be called before each forward pass.
     """
 
     def __init__(self, model: nn.Module, sites: Sequence[SiteInfo],
@@ -123,9 +124,9 @@ class SiteHooks:
             idx = self._by_call.get((path, self._counter.next(module)))
             if idx is None or not isinstance(out, torch.Tensor):
                 return None
-            new = self.transform(idx, out) if self.transform is not None else out.clone()
-            self.recorder.acts[idx] = new
-            return new
+            captured = self.transform(idx, out) if self.transform is not None else out
+            self.recorder.acts[idx] = captured
+            return captured.clone()  # downstream (possibly in-place) ops get their own tensor
 
         return hook
 

@@ -1,0 +1,46 @@
+# Pathway Explorer: `make demo` (set up, extract, load, serve) and `make test` (the whole suite).
+# Both install what is missing from this repository's own files and are quick when nothing changed.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+export PATHX_HOME ?= $(CURDIR)/.cache
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install chromium neo4j demo test test-fast lint bench clean stop
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[test]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+# Debian's Chromium for the browser tests (never a browser download).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+
+# Neo4j 5.26 jars from Maven Central into $(PATHX_HOME)/neo4j/lib (once).
+neo4j: install
+	$(BIN)/pathx db fetch >/dev/null
+
+demo: install neo4j
+	$(BIN)/pathx demo
+
+lint: install
+	$(BIN)/ruff check extractor graphstore ui pathx tests bench
+
+test: install chromium neo4j lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: install neo4j
+	$(BIN)/python bench/run.py
+
+stop:
+	-$(BIN)/pathx db stop
+
+clean: stop
+	rm -rf $(VENV) .cache runs test-artifacts

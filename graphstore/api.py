@@ -1,0 +1,522 @@
+"""The query layer: named questions about pathways, answered from Neo4j as typed results.
+
+Every method runs statements from ``graphstore.queries`` with parameters only, in read
+transactions, and returns dataclasses, numpy arrays or ``networkx`` graphs. Set algebra
+over small answers (overlaps, departures) happens here, never in the UI.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import neo4j
+import numpy as np
+
+from graphstore import queries as Q
+from graphstore.connection import DATABASE
+from graphstore.errors import NotFound
+
+PER_IMAGE_KEYS = ("target", "seed", "top", "left")
+
+
+@dataclass(frozen=True)
+class Summary:
+    models: int
+    classes: int
+    images: int
+    originals: int
+    pathways: int
+    edges: int
+
+
+@dataclass(frozen=True)
+class ConfigInfo:
+    """One pathway setting present in the store."""
+
+    config: str
+    method: str
+    selection: str
+    params: str
+    pathways: int
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    id: str
+    index: int
+    name: str
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    id: str
+    source: str
+    kind: str
+    label: int
+    predicted: int
+    prob: float
+    variant_of: str | None
+    setting: str
+
+
+@dataclass(frozen=True)
+class ImageDetail:
+    id: str
+    model_id: str
+    source: str
+    kind: str
+    params: str
+    label: int
+    predicted: int
+    prob: float
+    probs: list[float]
+    png: bytes
+    original: str | None
+    variants: list[str]
+
+
+@dataclass(frozen=True)
+class PathwayInfo:
+    """A pathway's header; ``saliency`` has shape ``saliency_shape`` (Pathway Gradient map)."""
+
+    id: str
+    config: str
+    method: str
+    selection: str
+    params: str
+    target: int
+    logit_full: float
+    logit_masked: float
+    size: int
+    saliency: np.ndarray
+    gaps: list[float]
+
+    @property
+    def logit_ratio(self) -> float:
+        return self.logit_masked / self.logit_full if self.logit_full else float("nan")
+
+
+@dataclass(frozen=True)
+class NeuronScore:
+    neuron: str
+    site: str
+    layer_index: int
+    channel: int
+    support: float
+    mean_contribution: float
+
+
+@dataclass(frozen=True)
+class LayerOverlap:
+    layer_index: int
+    site: str
+    a: int
+    b: int
+    shared: int
+
+    @property
+    def jaccard(self) -> float:
+        union = self.a + self.b - self.shared
+        return self.shared / union if union else 1.0
+
+
+@dataclass
+class SharedPathways:
+    """Neurons (and edges) with support >= s in both classes, plus per-layer overlap."""
+
+    class_a: str
+    class_b: str
+    shared: list[tuple[NeuronScore, NeuronScore]]
+    only_a: list[NeuronScore]
+    only_b: list[NeuronScore]
+    per_layer: list[LayerOverlap]
+    shared_edges: list[tuple[str, str, float, float]]  # src, dst, support in a, support in b
+
+
+@dataclass
+class ClassSimilarity:
+    """``jaccard[i, j]`` over neuron sets with support >= s; ``weighted`` uses support x |contribution|."""
+
+    class_names: list[str]
+    jaccard: np.ndarray
+    weighted: np.ndarray
+
+
+@dataclass(frozen=True)
+class SignatureNeuron:
+    neuron: str
+    site: str
+    layer_index: int
+    channel: int
+    support: float
+    max_other: float
+    specificity: float  # support - mean support in the other classes
+
+
+@dataclass(frozen=True)
+class NeuronChange:
+    neuron: str
+    site: str
+    layer_index: int
+    original: float | None  # contribution in the original's pathway (None: absent)
+    variant: float | None
+
+    @property
+    def delta(self) -> float:
+        return (self.variant or 0.0) - (self.original or 0.0)
+
+
+@dataclass
+class Shift:
+    """How a variant's pathway differs from its original's, layer by layer."""
+
+    variant: str
+    original: str
+    kind: str
+    setting: str
+    kept: list[NeuronChange]
+    lost: list[NeuronChange]
+    gained: list[NeuronChange]
+    per_layer: list[LayerOverlap]
+    first_change: int | None  # first layer index whose neuron set differs
+    first_departure: int | None  # first layer index with Jaccard < threshold
+
+
+@dataclass(frozen=True)
+class Hijack:
+    """A neuron gained by attacked images: share of pairs, overall and per setting."""
+
+    neuron: str
+    site: str
+    layer_index: int
+    count: int
+    share: float
+    by_setting: dict[str, float]
+
+
+@dataclass(frozen=True)
+class LayerCount:
+    kind: str
+    setting: str
+    layer_index: int
+    site: str
+    mean_neurons: float
+    pathways: int
+
+
+@dataclass(frozen=True)
+class SimilarImage:
+    image_id: str
+    source: str
+    kind: str
+    label: int
+    predicted: int
+    jaccard: float
+
+
+@dataclass(frozen=True)
+class Agreement:
+    config_a: str
+    config_b: str
+    jaccard: float
+    per_layer: list[LayerOverlap] = field(default_factory=list)
+
+
+def _jaccard(a: set[Any], b: set[Any]) -> float:
+    union = a | b
+    return len(a & b) / len(union) if union else 1.0
+
+
+class Store:
+    """Named, parameterised questions over one Neo4j database."""
+
+    def __init__(self, driver: neo4j.Driver, database: str = DATABASE) -> None:
+        self.driver = driver
+        self.database = database
+
+    # -- plumbing --------------------------------------------------------------------------
+    def _run(self, query: str, **params: Any) -> list[dict[str, Any]]:
+        records, _, _ = self.driver.execute_query(
+            query, parameters_=params, database_=self.database, routing_=neo4j.RoutingControl.READ
+        )
+        return [r.data() for r in records]
+
+    def _require(self, query: str, what: str, **params: Any) -> dict[str, Any]:
+        rows = self._run(query, **params)
+        if not rows:
+            value = next(iter(params.values()))
+            raise NotFound(f"unknown {what} {value!r}")
+        return rows[0]
+
+    # -- inventory -------------------------------------------------------------------------
+    def summary(self) -> Summary:
+        return Summary(**self._run(Q.STORE_SUMMARY)[0])
+
+    def counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Node counts by label and relationship counts by type."""
+        nodes = {r["label"]: r["n"] for r in self._run(Q.COUNT_NODES)}
+        rels = {r["type"]: r["n"] for r in self._run(Q.COUNT_RELATIONSHIPS)}
+        return nodes, rels
+
+    def models(self) -> list[dict[str, Any]]:
+        return self._run(Q.LIST_MODELS)
+
+    def default_model(self) -> str:
+        models = self.models()
+        if not models:
+            raise NotFound("the store holds no model yet; run `pathx load RUN_DIR`")
+        return str(models[0]["id"])
+
+    def configs(self, model_id: str | None = None) -> list[ConfigInfo]:
+        return [ConfigInfo(**r) for r in self._run(Q.LIST_CONFIGS, model_id=model_id)]
+
+    def default_config(self, model_id: str | None = None) -> str:
+        configs = self.configs(model_id)
+        if not configs:
+            raise NotFound("the store holds no pathways yet; run `pathx load RUN_DIR`")
+        return configs[0].config
+
+    def classes(self, model_id: str) -> list[ClassInfo]:
+        self._require(Q.MODEL_EXISTS, "model", model_id=model_id)
+        return [ClassInfo(**r) for r in self._run(Q.LIST_CLASSES, model_id=model_id)]
+
+    def layers(self, model_id: str) -> list[dict[str, Any]]:
+        return self._run(Q.LIST_LAYERS, model_id=model_id)
+
+    # -- overview --------------------------------------------------------------------------
+    def accuracy_by_class(self, model_id: str) -> list[dict[str, Any]]:
+        return self._run(Q.ACCURACY_BY_CLASS, model_id=model_id)
+
+    def accuracy_by_variant(self, model_id: str) -> list[dict[str, Any]]:
+        return self._run(Q.ACCURACY_BY_VARIANT, model_id=model_id)
+
+    # -- images and pathways ---------------------------------------------------------------
+    def images(self, model_id: str, kind: str | None = None, label: int | None = None,
+               predicted: int | None = None, limit: int = 500) -> list[ImageInfo]:
+        rows = self._run(Q.LIST_IMAGES, model_id=model_id, kind=kind, label=label, predicted=predicted,
+                         limit=int(limit))
+        return [ImageInfo(**r) for r in rows]
+
+    def image(self, image_id: str) -> ImageDetail:
+        self._require(Q.IMAGE_EXISTS, "image", image_id=image_id)
+        row = self._run(Q.IMAGE_DETAIL, image_id=image_id)[0]
+        row["png"] = bytes(row["png"])
+        return ImageDetail(**row)
+
+    def pathways_of_image(self, image_id: str) -> list[PathwayInfo]:
+        self._require(Q.IMAGE_EXISTS, "image", image_id=image_id)
+        out = []
+        for r in self._run(Q.PATHWAYS_OF_IMAGE, image_id=image_id):
+            shape = r.pop("saliency_shape")
+            r["saliency"] = np.asarray(r["saliency"], dtype=np.float32).reshape(shape)
+            out.append(PathwayInfo(**r))
+        return out
+
+    def pathway_of(self, image_id: str, config: str) -> PathwayInfo:
+        for p in self.pathways_of_image(image_id):
+            if p.config == config:
+                return p
+        raise NotFound(f"image {image_id!r} has no pathway of setting {config!r}")
+
+    def pathway_graph(self, pathway_id: str, max_edges: int | None = None) -> nx.DiGraph:
+        """Neurons (contribution, rank) and weighted edges of one pathway."""
+        self._require(Q.PATHWAY_EXISTS, "pathway", pathway_id=pathway_id)
+        graph = nx.DiGraph(pathway_id=pathway_id)
+        for r in self._run(Q.PATHWAY_NEURONS, pathway_id=pathway_id):
+            graph.add_node(r.pop("neuron"), **r)
+        edges = self._run(Q.PATHWAY_EDGES, pathway_id=pathway_id)
+        for r in edges[:max_edges] if max_edges else edges:
+            graph.add_edge(r["src"], r["dst"], weight=r["weight"])
+        return graph
+
+    def neuron(self, neuron_id: str, config: str) -> dict[str, Any]:
+        return self._require(Q.NEURON_DETAIL, "neuron", neuron_id=neuron_id, config=config)
+
+    def neuron_top_images(self, neuron_id: str, config: str, limit: int = 10) -> list[dict[str, Any]]:
+        self._require(Q.NEURON_EXISTS, "neuron", neuron_id=neuron_id)
+        return self._run(Q.NEURON_TOP_IMAGES, neuron_id=neuron_id, config=config, limit=int(limit))
+
+    # -- classes ---------------------------------------------------------------------------
+    def top_neurons(self, class_id: str, config: str, layer: str | None = None, limit: int = 20) -> list[NeuronScore]:
+        self._require(Q.CLASS_EXISTS, "class", class_id=class_id)
+        return [NeuronScore(**r) for r in self._run(Q.TOP_NEURONS_OF_CLASS, class_id=class_id, config=config,
+                                                      layer=layer, limit=int(limit))]
+
+    def _support(self, model_id: str, config: str) -> dict[int, dict[str, NeuronScore]]:
+        table: dict[int, dict[str, NeuronScore]] = defaultdict(dict)
+        for r in self._run(Q.CLASS_SUPPORT, model_id=model_id, config=config):
+            c = r.pop("class_index")
+            table[c][r["neuron"]] = NeuronScore(**r)
+        return table
+
+    def _class_index(self, class_id: str) -> tuple[str, int]:
+        row = self._require(Q.CLASS_EXISTS, "class", class_id=class_id)
+        return str(row["model_id"]), int(class_id.rsplit("/", 1)[1])
+
+    def shared_pathways(self, class_a: str, class_b: str, config: str, min_support: float = 0.5) -> SharedPathways:
+        model_a, ia = self._class_index(class_a)
+        _, ib = self._class_index(class_b)
+        table = self._support(model_a, config)
+        sa = {n: s for n, s in table.get(ia, {}).items() if s.support >= min_support}
+        sb = {n: s for n, s in table.get(ib, {}).items() if s.support >= min_support}
+        layers = {r["index"]: r["site"] for r in self.layers(model_a)}
+        per_layer = [
+            LayerOverlap(li, site, sum(1 for s in sa.values() if s.layer_index == li),
+                         sum(1 for s in sb.values() if s.layer_index == li),
+                         sum(1 for n in sa.keys() & sb.keys() if sa[n].layer_index == li))
+            for li, site in sorted(layers.items())
+        ]
+        ea = {(r["src"], r["dst"]): r["support"] for r in
+              self._run(Q.CLASS_EDGE_SUPPORT, class_id=class_a, config=config, min_support=float(min_support))}
+        eb = {(r["src"], r["dst"]): r["support"] for r in
+              self._run(Q.CLASS_EDGE_SUPPORT, class_id=class_b, config=config, min_support=float(min_support))}
+        key = (lambda s: (s.layer_index, s.channel))
+        return SharedPathways(
+            class_a, class_b,
+            shared=sorted(((sa[n], sb[n]) for n in sa.keys() & sb.keys()), key=lambda p: key(p[0])),
+            only_a=sorted((sa[n] for n in sa.keys() - sb.keys()), key=key),
+            only_b=sorted((sb[n] for n in sb.keys() - sa.keys()), key=key),
+            per_layer=per_layer,
+            shared_edges=sorted((k[0], k[1], ea[k], eb[k]) for k in ea.keys() & eb.keys()),
+        )
+
+    def similarity_matrix(self, model_id: str, config: str, min_support: float = 0.5) -> ClassSimilarity:
+        classes = self.classes(model_id)
+        table = self._support(model_id, config)
+        sets = [{n for n, s in table.get(c.index, {}).items() if s.support >= min_support} for c in classes]
+        weights = [{n: s.support * abs(s.mean_contribution) for n, s in table.get(c.index, {}).items()}
+                   for c in classes]
+        k = len(classes)
+        jac = np.zeros((k, k))
+        wj = np.zeros((k, k))
+        for i, j in itertools.product(range(k), repeat=2):
+            jac[i, j] = _jaccard(sets[i], sets[j])
+            keys = weights[i].keys() | weights[j].keys()
+            num = sum(min(weights[i].get(n, 0.0), weights[j].get(n, 0.0)) for n in keys)
+            den = sum(max(weights[i].get(n, 0.0), weights[j].get(n, 0.0)) for n in keys)
+            wj[i, j] = num / den if den else 1.0
+        return ClassSimilarity([c.name for c in classes], jac, wj)
+
+    def class_signature(self, class_id: str, config: str, min_support: float = 0.5,
+                        max_other: float = 0.2) -> list[SignatureNeuron]:
+        model_id, ci = self._class_index(class_id)
+        table = self._support(model_id, config)
+        others = [c.index for c in self.classes(model_id) if c.index != ci]
+        out = []
+        for n, s in table.get(ci, {}).items():
+            other = [table.get(o, {}).get(n) for o in others]
+            vals = [o.support if o is not None else 0.0 for o in other]
+            mx = max(vals) if vals else 0.0
+            if s.support >= min_support and mx <= max_other:
+                out.append(SignatureNeuron(n, s.site, s.layer_index, s.channel, s.support, mx,
+                                           s.support - (float(np.mean(vals)) if vals else 0.0)))
+        return sorted(out, key=lambda x: (-x.specificity, x.neuron))
+
+    # -- variants and attacks --------------------------------------------------------------
+    def _neuron_sets(self, pathway_ids: Sequence[str]) -> dict[str, dict[str, tuple[int, str, float]]]:
+        sets: dict[str, dict[str, tuple[int, str, float]]] = {p: {} for p in pathway_ids}
+        for r in self._run(Q.PATHWAY_NEURON_SETS, pathway_ids=list(pathway_ids)):
+            sets[r["pathway"]][r["neuron"]] = (r["layer_index"], r["site"], r["contribution"])
+        return sets
+
+    def variant_pairs(self, model_id: str, config: str, kind: str | None = None,
+                      label: int | None = None) -> list[dict[str, Any]]:
+        return self._run(Q.VARIANT_PAIRS, model_id=model_id, config=config, kind=kind, label=label)
+
+    def adversarial_shift(self, variant_id: str, config: str, threshold: float = 0.5) -> Shift:
+        detail = self.image(variant_id)
+        if detail.original is None:
+            raise NotFound(f"image {variant_id!r} is an original, not a variant")
+        pv = self.pathway_of(variant_id, config)
+        po = self.pathway_of(detail.original, config)
+        sets = self._neuron_sets([po.id, pv.id])
+        so, sv = sets[po.id], sets[pv.id]
+        info = {**so, **sv}
+
+        def change(n: str) -> NeuronChange:
+            li, site, _ = info[n]
+            return NeuronChange(n, site, li, so[n][2] if n in so else None, sv[n][2] if n in sv else None)
+
+        layers = {r["index"]: r["site"] for r in self.layers(detail.model_id)}
+        per_layer = [LayerOverlap(li, site, sum(1 for v in so.values() if v[0] == li),
+                                  sum(1 for v in sv.values() if v[0] == li),
+                                  sum(1 for n in so.keys() & sv.keys() if so[n][0] == li))
+                     for li, site in sorted(layers.items())]
+        first_change = next((o.layer_index for o in per_layer if o.shared != o.a or o.shared != o.b), None)
+        first_dep = next((o.layer_index for o in per_layer if o.jaccard < threshold), None)
+        params = json.loads(detail.params or "{}")
+        order = (lambda c: (c.layer_index, c.neuron))
+        setting = json.dumps({k: v for k, v in params.items() if k not in PER_IMAGE_KEYS}, sort_keys=True)
+        return Shift(
+            variant_id, detail.original, detail.kind, setting,
+            kept=sorted((change(n) for n in so.keys() & sv.keys()), key=order),
+            lost=sorted((change(n) for n in so.keys() - sv.keys()), key=order),
+            gained=sorted((change(n) for n in sv.keys() - so.keys()), key=order),
+            per_layer=per_layer, first_change=first_change, first_departure=first_dep,
+        )
+
+    def hijacked_neurons(self, model_id: str, config: str, kind: str, label: int | None = None,
+                         limit: int = 20) -> list[Hijack]:
+        """Neurons most often gained by variants of ``kind`` (Bluff's "most changed"), by strength."""
+        pairs = self.variant_pairs(model_id, config, kind, label)
+        if not pairs:
+            return []
+        sets = self._neuron_sets(sorted({p["variant_pathway"] for p in pairs} | {p["original_pathway"] for p in pairs}))
+        per_setting: dict[str, int] = defaultdict(int)
+        gained: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        info: dict[str, tuple[int, str]] = {}
+        for p in pairs:
+            sv, so = sets[p["variant_pathway"]], sets[p["original_pathway"]]
+            per_setting[p["setting"]] += 1
+            for n in sv.keys() - so.keys():
+                gained[n][p["setting"]] += 1
+                info[n] = (sv[n][0], sv[n][1])
+        total = len(pairs)
+        out = [Hijack(n, info[n][1], info[n][0], sum(c.values()), sum(c.values()) / total,
+                      {s: c.get(s, 0) / per_setting[s] for s in sorted(per_setting)})
+               for n, c in gained.items()]
+        return sorted(out, key=lambda h: (-h.count, h.neuron))[:limit]
+
+    def pathway_counts(self, config: str) -> list[LayerCount]:
+        """Mean pathway neurons per layer for originals and for each variant kind and setting."""
+        return [LayerCount(**r) for r in self._run(Q.PATHWAY_SIZE_BY_LAYER, config=config)]
+
+    def similar_images(self, image_id: str, config: str, limit: int = 10, kind: str | None = None) -> list[SimilarImage]:
+        self._require(Q.IMAGE_EXISTS, "image", image_id=image_id)
+        return [SimilarImage(**r) for r in self._run(Q.SIMILAR_IMAGES, image_id=image_id, config=config,
+                                                       limit=int(limit), kind=kind)]
+
+    def method_agreement(self, image_id: str) -> list[Agreement]:
+        """Jaccard between the neuron sets of the image's pathways of different settings."""
+        pathways = self.pathways_of_image(image_id)
+        sets = self._neuron_sets([p.id for p in pathways])
+        out = []
+        for a, b in itertools.combinations(pathways, 2):
+            out.append(Agreement(a.config, b.config, _jaccard(set(sets[a.id]), set(sets[b.id]))))
+        return out
+
+    # -- export ----------------------------------------------------------------------------
+    def export_pathways(self, pathway_ids: Iterable[str], path: Path) -> nx.DiGraph:
+        """Union of pathways as one graph, written as GraphML (``.graphml``) or GEXF (``.gexf``)."""
+        graph = nx.DiGraph()
+        for pid in pathway_ids:
+            g = self.pathway_graph(pid)
+            for n, data in g.nodes(data=True):
+                graph.add_node(n, **{k: v for k, v in data.items() if v is not None})
+            for u, v, data in g.edges(data=True):
+                graph.add_edge(u, v, weight=data["weight"], pathway=pid)
+        path = Path(path)
+        if path.suffix == ".gexf":
+            nx.write_gexf(graph, path)
+        elif path.suffix == ".graphml":
+            nx.write_graphml(graph, path)
+        else:
+            raise ValueError(f"export format of {path.name!r} unknown; use .graphml or .gexf")
+        return graph

@@ -1,0 +1,270 @@
+"""Load a run folder of records into Neo4j: idempotent, atomic per image group, batched.
+
+- Schema (constraints, indexes) first, ``IF NOT EXISTS``.
+- Model, layers (with ``NEXT``), every neuron of every site, and classes: ``MERGE``.
+- Then groups of originals with their variants and all their pathways, each group in one
+  managed write transaction (retried by the driver on transient errors). A pathway is
+  claimed with ``MERGE`` and only a transaction that *created* it writes its ``INCLUDES``
+  and ``FLOWS_TO`` relationships, so reloading adds nothing and concurrent loaders never
+  duplicate. A killed load leaves whole groups or nothing; re-running completes it.
+- Class aggregates (``USES``) are recomputed for the model's pathway settings at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import neo4j
+import numpy as np
+from tqdm import tqdm
+
+from extractor.records import (
+    ImageRecord,
+    ModelInfo,
+    PathwayRecord,
+    RecordsFormatError,
+    class_id,
+    iter_parts,
+    layer_id,
+    neuron_id,
+    read_manifest,
+)
+from graphstore import queries as Q
+from graphstore.api import PER_IMAGE_KEYS
+from graphstore.connection import DATABASE
+from graphstore.errors import RecordsError
+
+log = logging.getLogger(__name__)
+
+TX_EDGE_BUDGET = 40_000
+ROW_BATCH = 10_000
+
+
+@dataclass
+class LoadSummary:
+    """What one ``load_run`` wrote: new pathways and relationships, and its throughput."""
+
+    images: int = 0
+    pathways_new: int = 0
+    pathways_existing: int = 0
+    includes: int = 0
+    edges: int = 0
+    seconds: float = 0.0
+
+    @property
+    def relationships_per_second(self) -> float:
+        return (self.includes + self.edges) / self.seconds if self.seconds else 0.0
+
+
+def ensure_schema(driver: neo4j.Driver, database: str = DATABASE) -> None:
+    """Create constraints and indexes (idempotent) and wait until they are online."""
+    for statement in Q.SCHEMA:
+        driver.execute_query(statement, database_=database)
+    driver.execute_query(Q.AWAIT_INDEXES, database_=database)
+
+
+def _chunks(rows: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(rows), size):
+        yield rows[start:start + size]
+
+
+def load_model(driver: neo4j.Driver, model: ModelInfo, database: str = DATABASE) -> None:
+    """Model, layers, ``NEXT`` links, all neurons and classes (MERGE; safe to repeat)."""
+    layers = [
+        {"id": layer_id(model.model_id, s.site_id), "site": s.site_id, "module_path": s.module_path,
+         "call_index": s.call_index, "kind": s.kind, "index": s.index, "channels": s.channels,
+         "shape": list(s.shape)}
+        for s in model.sites
+    ]
+    meta = {"id": model.model_id, "arch": model.arch, "num_classes": model.num_classes,
+            "input_shape": list(model.input_shape)}
+    driver.execute_query(Q.MERGE_MODEL, model=meta, layers=layers, database_=database)
+    pairs = [{"src": a["id"], "dst": b["id"]} for a, b in zip(layers, layers[1:], strict=False)]
+    driver.execute_query(Q.LINK_LAYERS, pairs=pairs, database_=database)
+    neurons = [
+        {"id": neuron_id(model.model_id, s.site_id, c), "layer_id": layer_id(model.model_id, s.site_id),
+         "site": s.site_id, "layer_index": s.index, "channel": c}
+        for s in model.sites for c in range(s.channels)
+    ]
+    for chunk in _chunks(neurons, ROW_BATCH):
+        driver.execute_query(Q.MERGE_NEURONS, neurons=list(chunk), model_id=model.model_id, database_=database)
+    classes = [{"id": class_id(model.model_id, i), "index": i, "name": name}
+               for i, name in enumerate(model.class_names)]
+    driver.execute_query(Q.MERGE_CLASSES, classes=classes, model_id=model.model_id, database_=database)
+
+
+def variant_setting(params: dict[str, Any]) -> str:
+    """The sweep setting of a variant: its parameters without the per-image ones."""
+    return json.dumps({k: v for k, v in params.items() if k not in PER_IMAGE_KEYS}, sort_keys=True)
+
+
+def image_row(im: ImageRecord, model: ModelInfo) -> dict[str, Any]:
+    params = json.loads(im.params or "{}")
+    setting = variant_setting(params) if im.kind != "original" else ""
+    props = {
+        "id": im.image_id, "model_id": im.model_id, "source": im.source, "kind": im.kind, "params": im.params,
+        "setting": setting, "label": int(im.label), "predicted": int(im.predicted),
+        "prob": float(im.probs[im.predicted]), "probs": [float(p) for p in im.probs], "png": bytes(im.png),
+        "variant_of": im.variant_of,
+    }
+    variant = None
+    if im.variant_of is not None:
+        variant = {"kind": im.kind, "params": im.params, "setting": setting,
+                   "eps": params.get("eps"), "steps": params.get("steps"),
+                   "targeted": params.get("targeted"), "target": params.get("target")}
+    return {
+        "id": im.image_id, "props": props, "predicted_class": class_id(model.model_id, im.predicted),
+        "prob": float(im.probs[im.predicted]), "logit": float(im.logits[im.predicted]),
+        "label_class": class_id(model.model_id, im.label) if 0 <= im.label < model.num_classes else None,
+        "variant_of": im.variant_of, "variant": variant,
+    }
+
+
+def pathway_row(pw: PathwayRecord, model: ModelInfo) -> dict[str, Any]:
+    n = len(pw.neuron_channel)
+    props = {
+        "id": pw.pathway_id, "image_id": pw.image_id, "model_id": pw.model_id, "method": pw.method,
+        "selection": pw.selection, "params": pw.params, "config": pw.config, "target": int(pw.target),
+        "logit_full": float(pw.logit_full), "logit_masked": float(pw.logit_masked),
+        "logit_ratio": float(pw.logit_ratio), "size": n,
+        "dead_fraction": float(np.mean(pw.neuron_dead)) if n else 0.0,
+        "saliency": [float(v) for v in pw.saliency.ravel()], "saliency_shape": list(pw.saliency.shape),
+        "gaps": [float(g) for g in pw.site_gap],
+    }
+    return {"id": pw.pathway_id, "image_id": pw.image_id, "class_id": class_id(model.model_id, pw.target),
+            "props": props}
+
+
+def _include_rows(pw: PathwayRecord, model: ModelInfo) -> list[dict[str, Any]]:
+    sites = model.sites
+    return [
+        {"pathway": pw.pathway_id, "neuron": neuron_id(model.model_id, sites[int(s)].site_id, int(c)),
+         "contribution": float(v), "rank": int(r), "elements": int(e), "dead": bool(d)}
+        for s, c, v, r, e, d in zip(pw.neuron_site, pw.neuron_channel, pw.neuron_contribution, pw.neuron_rank,
+                                    pw.neuron_elements, pw.neuron_dead, strict=True)
+    ]
+
+
+def _edge_rows(pw: PathwayRecord, model: ModelInfo) -> list[dict[str, Any]]:
+    sites = model.sites
+    return [
+        {"pathway": pw.pathway_id, "src": neuron_id(model.model_id, sites[int(ss)].site_id, int(sc)),
+         "dst": neuron_id(model.model_id, sites[int(ds)].site_id, int(dc)), "weight": float(w)}
+        for ss, sc, ds, dc, w in zip(pw.edge_src_site, pw.edge_src_channel, pw.edge_dst_site,
+                                     pw.edge_dst_channel, pw.edge_weight, strict=True)
+    ]
+
+
+@dataclass
+class _Group:
+    images: list[ImageRecord]
+    pathways: list[PathwayRecord]
+
+    @property
+    def weight(self) -> int:
+        return sum(len(p.edge_weight) + len(p.neuron_channel) for p in self.pathways) + 1
+
+
+def _groups(images: list[ImageRecord], pathways: list[PathwayRecord]) -> list[_Group]:
+    """Originals with their variants and every pathway of those images."""
+    by_image: dict[str, list[PathwayRecord]] = defaultdict(list)
+    for pw in pathways:
+        by_image[pw.image_id].append(pw)
+    groups: dict[str, _Group] = {}
+    for im in images:
+        key = im.variant_of or im.image_id
+        group = groups.setdefault(key, _Group([], []))
+        group.images.append(im)
+        group.pathways.extend(by_image.get(im.image_id, []))
+    for group in groups.values():  # originals first, so VARIANT_OF finds them
+        group.images.sort(key=lambda i: i.variant_of is not None)
+    return list(groups.values())
+
+
+def _write_groups(tx: neo4j.ManagedTransaction, groups: Sequence[_Group], model: ModelInfo) -> tuple[int, int, int, int]:
+    images = [image_row(im, model) for g in groups for im in g.images]
+    tx.run(Q.MERGE_IMAGES, images=images).consume()
+    pathways = [pw for g in groups for pw in g.pathways]
+    rows = [pathway_row(pw, model) for pw in pathways]
+    created = {r["id"] for r in tx.run(Q.CLAIM_PATHWAYS, pathways=rows)}
+    fresh = [pw for pw in pathways if pw.pathway_id in created]
+    includes = [row for pw in fresh for row in _include_rows(pw, model)]
+    edges = [row for pw in fresh for row in _edge_rows(pw, model)]
+    for chunk in _chunks(includes, ROW_BATCH):
+        tx.run(Q.CREATE_INCLUDES, rows=list(chunk)).consume()
+    for chunk in _chunks(edges, ROW_BATCH):
+        tx.run(Q.CREATE_FLOWS, rows=list(chunk)).consume()
+    tx.run(Q.LINK_PATHWAYS, pathways=[r for r in rows if r["id"] in created]).consume()
+    return len(fresh), len(pathways) - len(fresh), len(includes), len(edges)
+
+
+def refresh_aggregates(driver: neo4j.Driver, model_id: str, database: str = DATABASE) -> list[str]:
+    """Recompute ``(:Class)-[:USES]->(:Neuron)`` for every pathway setting of the model."""
+    records, _, _ = driver.execute_query(Q.CONFIGS_OF_MODEL, model_id=model_id, database_=database)
+    configs = sorted(r["config"] for r in records)
+    for config in configs:
+        def work(tx: neo4j.ManagedTransaction, cfg: str = config) -> None:
+            tx.run(Q.CLEAR_AGGREGATES, model_id=model_id, config=cfg).consume()
+            tx.run(Q.REFRESH_AGGREGATES, model_id=model_id, config=cfg).consume()
+
+        with driver.session(database=database) as session:
+            session.execute_write(work)
+    return configs
+
+
+def load_run(driver: neo4j.Driver, run_dir: Path, database: str = DATABASE, progress: bool = True) -> LoadSummary:
+    """Load every part of ``run_dir``; safe to repeat and to resume after a crash."""
+    try:
+        manifest = read_manifest(run_dir)
+    except RecordsFormatError as exc:
+        raise RecordsError(str(exc)) from exc
+    model = manifest.model
+    began = time.perf_counter()
+    ensure_schema(driver, database)
+    load_model(driver, model, database)
+    summary = LoadSummary()
+    try:
+        parts = list(iter_parts(run_dir))
+    except RecordsFormatError as exc:
+        raise RecordsError(str(exc)) from exc
+    for part in parts:
+        for pw in part.pathways:
+            if pw.model_id != model.model_id:
+                raise RecordsError(f"pathway {pw.pathway_id} belongs to model {pw.model_id}, not {model.model_id}")
+    total = sum(len(p.images) for p in parts)
+    bar = tqdm(total=total, desc="load", unit="img", disable=not progress)
+    try:
+        with driver.session(database=database) as session:
+            for part in parts:
+                batch: list[_Group] = []
+                budget = 0
+                for group in _groups(part.images, part.pathways) + [None]:  # type: ignore[list-item]
+                    if group is not None and (not batch or budget + group.weight <= TX_EDGE_BUDGET):
+                        batch.append(group)
+                        budget += group.weight
+                        continue
+                    if batch:
+                        new, old, inc, edg = session.execute_write(_write_groups, batch, model)
+                        summary.pathways_new += new
+                        summary.pathways_existing += old
+                        summary.includes += inc
+                        summary.edges += edg
+                        n_img = sum(len(g.images) for g in batch)
+                        summary.images += n_img
+                        bar.update(n_img)
+                    batch = [group] if group is not None else []
+                    budget = group.weight if group is not None else 0
+    finally:
+        bar.close()
+    refresh_aggregates(driver, model.model_id, database)
+    summary.seconds = time.perf_counter() - began
+    log.info("loaded %d images, %d new pathways, %d relationships in %.1f s", summary.images,
+             summary.pathways_new, summary.includes + summary.edges, summary.seconds)
+    return summary

@@ -1,0 +1,352 @@
+"""Every Cypher statement of Pathway Explorer, named and parameterised.
+
+No value is ever formatted into these strings: everything a user or a record supplies
+arrives as a ``$parameter``. ``graphstore.api`` runs them and types the results.
+
+Schema (README holds the picture)::
+
+    (:Model)-[:HAS_LAYER]->(:Layer)-[:HAS_NEURON]->(:Neuron)     (:Layer)-[:NEXT]->(:Layer)
+    (:Model)-[:HAS_CLASS]->(:Class)
+    (:Image)-[:LABELED_AS]->(:Class)   (:Image)-[:PREDICTED_AS {prob, logit}]->(:Class)
+    (:Image)-[:VARIANT_OF {kind, params, eps, steps, targeted, target}]->(:Image)
+    (:Pathway)-[:FOR_IMAGE]->(:Image)  (:Pathway)-[:EXPLAINS]->(:Class)
+    (:Pathway)-[:INCLUDES {contribution, rank, elements, dead}]->(:Neuron)
+    (:Neuron)-[:FLOWS_TO {pathway, weight}]->(:Neuron)
+    (:Class)-[:USES {config, support, mean_contribution, pathways}]->(:Neuron)   (aggregates)
+"""
+
+from __future__ import annotations
+
+# --- schema -------------------------------------------------------------------------------
+
+SCHEMA: tuple[str, ...] = (
+    "CREATE CONSTRAINT model_id IF NOT EXISTS FOR (n:Model) REQUIRE n.id IS UNIQUE",
+    "CREATE CONSTRAINT layer_id IF NOT EXISTS FOR (n:Layer) REQUIRE n.id IS UNIQUE",
+    "CREATE CONSTRAINT neuron_id IF NOT EXISTS FOR (n:Neuron) REQUIRE n.id IS UNIQUE",
+    "CREATE CONSTRAINT class_id IF NOT EXISTS FOR (n:Class) REQUIRE n.id IS UNIQUE",
+    "CREATE CONSTRAINT image_id IF NOT EXISTS FOR (n:Image) REQUIRE n.id IS UNIQUE",
+    "CREATE CONSTRAINT pathway_id IF NOT EXISTS FOR (n:Pathway) REQUIRE n.id IS UNIQUE",
+    "CREATE INDEX pathway_config IF NOT EXISTS FOR (n:Pathway) ON (n.config)",
+    "CREATE INDEX pathway_image IF NOT EXISTS FOR (n:Pathway) ON (n.image_id)",
+    "CREATE INDEX image_kind IF NOT EXISTS FOR (n:Image) ON (n.kind)",
+    "CREATE INDEX image_model IF NOT EXISTS FOR (n:Image) ON (n.model_id)",
+    "CREATE INDEX neuron_layer IF NOT EXISTS FOR (n:Neuron) ON (n.layer_id)",
+    "CREATE INDEX flows_pathway IF NOT EXISTS FOR ()-[r:FLOWS_TO]-() ON (r.pathway)",
+    "CREATE INDEX uses_config IF NOT EXISTS FOR ()-[r:USES]-() ON (r.config)",
+)
+AWAIT_INDEXES = "CALL db.awaitIndexes(300)"
+
+# --- loading ------------------------------------------------------------------------------
+
+MERGE_MODEL = """
+MERGE (m:Model {id: $model.id})
+SET m.arch = $model.arch, m.num_classes = $model.num_classes, m.input_shape = $model.input_shape
+WITH m
+UNWIND $layers AS l
+MERGE (ly:Layer {id: l.id})
+SET ly.model_id = $model.id, ly.site = l.site, ly.module_path = l.module_path, ly.call_index = l.call_index,
+    ly.kind = l.kind, ly.index = l.index, ly.channels = l.channels, ly.shape = l.shape
+MERGE (m)-[:HAS_LAYER]->(ly)
+"""
+
+LINK_LAYERS = """
+UNWIND $pairs AS p
+MATCH (a:Layer {id: p.src})
+MATCH (b:Layer {id: p.dst})
+MERGE (a)-[:NEXT]->(b)
+"""
+
+MERGE_NEURONS = """
+UNWIND $neurons AS n
+MATCH (ly:Layer {id: n.layer_id})
+MERGE (nr:Neuron {id: n.id})
+SET nr.layer_id = n.layer_id, nr.model_id = $model_id, nr.site = n.site, nr.layer_index = n.layer_index,
+    nr.channel = n.channel
+MERGE (ly)-[:HAS_NEURON]->(nr)
+"""
+
+MERGE_CLASSES = """
+MATCH (m:Model {id: $model_id})
+UNWIND $classes AS c
+MERGE (cl:Class {id: c.id})
+SET cl.model_id = $model_id, cl.index = c.index, cl.name = c.name
+MERGE (m)-[:HAS_CLASS]->(cl)
+"""
+
+MERGE_IMAGES = """
+UNWIND $images AS i
+MERGE (im:Image {id: i.id})
+ON CREATE SET im += i.props
+WITH im, i
+MATCH (pc:Class {id: i.predicted_class})
+MERGE (im)-[pr:PREDICTED_AS]->(pc)
+SET pr.prob = i.prob, pr.logit = i.logit
+WITH im, i
+CALL (im, i) {
+  WITH im, i WHERE i.label_class IS NOT NULL
+  MATCH (lc:Class {id: i.label_class})
+  MERGE (im)-[:LABELED_AS]->(lc)
+}
+CALL (im, i) {
+  WITH im, i WHERE i.variant_of IS NOT NULL
+  MATCH (orig:Image {id: i.variant_of})
+  MERGE (im)-[v:VARIANT_OF]->(orig)
+  SET v += i.variant
+}
+"""
+
+# Claims the pathways of one transaction: MERGE locks each id, so a concurrent loader waits
+# and then sees the pathway as existing. Returns the ids created by this transaction.
+CLAIM_PATHWAYS = """
+UNWIND $pathways AS p
+MERGE (pw:Pathway {id: p.id})
+ON CREATE SET pw += p.props, pw.loading = true
+WITH pw WHERE pw.loading = true
+RETURN pw.id AS id
+"""
+
+LINK_PATHWAYS = """
+UNWIND $pathways AS p
+MATCH (pw:Pathway {id: p.id})
+MATCH (im:Image {id: p.image_id})
+MATCH (cl:Class {id: p.class_id})
+CREATE (pw)-[:FOR_IMAGE]->(im)
+CREATE (pw)-[:EXPLAINS]->(cl)
+REMOVE pw.loading
+"""
+
+CREATE_INCLUDES = """
+UNWIND $rows AS r
+MATCH (pw:Pathway {id: r.pathway})
+MATCH (nr:Neuron {id: r.neuron})
+CREATE (pw)-[:INCLUDES {contribution: r.contribution, rank: r.rank, elements: r.elements, dead: r.dead}]->(nr)
+"""
+
+CREATE_FLOWS = """
+UNWIND $rows AS r
+MATCH (a:Neuron {id: r.src})
+MATCH (b:Neuron {id: r.dst})
+CREATE (a)-[:FLOWS_TO {pathway: r.pathway, weight: r.weight}]->(b)
+"""
+
+CONFIGS_OF_MODEL = """
+MATCH (p:Pathway) WHERE p.model_id = $model_id
+RETURN DISTINCT p.config AS config
+"""
+
+CLEAR_AGGREGATES = """
+MATCH (:Class {model_id: $model_id})-[u:USES {config: $config}]->()
+DELETE u
+"""
+
+# Support of a neuron in a class = share of the class's pathways (originals, same config) that
+# include it; the class of a pathway is the class it explains (the predicted class by default).
+REFRESH_AGGREGATES = """
+MATCH (c:Class {model_id: $model_id})<-[:EXPLAINS]-(p:Pathway {config: $config})-[:FOR_IMAGE]->(:Image {kind: 'original'})
+WITH c, collect(p) AS ps
+WITH c, ps, size(ps) AS n
+UNWIND ps AS p
+MATCH (p)-[inc:INCLUDES]->(nr:Neuron)
+WITH c, n, nr, count(p) AS k, avg(inc.contribution) AS mc
+CREATE (c)-[:USES {config: $config, support: toFloat(k) / n, mean_contribution: mc, pathways: k}]->(nr)
+"""
+
+# --- reading ------------------------------------------------------------------------------
+
+STORE_SUMMARY = """
+CALL () { MATCH (m:Model) RETURN count(m) AS models }
+CALL () { MATCH (c:Class) RETURN count(c) AS classes }
+CALL () { MATCH (i:Image) RETURN count(i) AS images, sum(CASE WHEN i.kind = 'original' THEN 1 ELSE 0 END) AS originals }
+CALL () { MATCH (p:Pathway) RETURN count(p) AS pathways }
+CALL () { MATCH ()-[f:FLOWS_TO]->() RETURN count(f) AS edges }
+RETURN models, classes, images, originals, pathways, edges
+"""
+
+COUNT_NODES = "MATCH (n) RETURN labels(n)[0] AS label, count(n) AS n ORDER BY label"
+COUNT_RELATIONSHIPS = "MATCH ()-[r]->() RETURN type(r) AS type, count(r) AS n ORDER BY type"
+
+LIST_MODELS = """
+MATCH (m:Model)
+OPTIONAL MATCH (m)-[:HAS_LAYER]->(l:Layer)
+WITH m, count(l) AS layers
+RETURN m.id AS id, m.arch AS arch, m.num_classes AS num_classes, layers ORDER BY id
+"""
+
+LIST_CONFIGS = """
+MATCH (p:Pathway) WHERE $model_id IS NULL OR p.model_id = $model_id
+RETURN p.config AS config, p.method AS method, p.selection AS selection, p.params AS params, count(p) AS pathways
+ORDER BY pathways DESC, config
+"""
+
+LIST_CLASSES = """
+MATCH (c:Class {model_id: $model_id})
+RETURN c.id AS id, c.index AS index, c.name AS name ORDER BY c.index
+"""
+
+LIST_LAYERS = """
+MATCH (:Model {id: $model_id})-[:HAS_LAYER]->(l:Layer)
+RETURN l.id AS id, l.site AS site, l.index AS index, l.kind AS kind, l.channels AS channels ORDER BY l.index
+"""
+
+ACCURACY_BY_CLASS = """
+MATCH (i:Image {model_id: $model_id, kind: 'original'})-[:LABELED_AS]->(c:Class)
+MATCH (i)-[:PREDICTED_AS]->(p:Class)
+RETURN c.index AS class_index, c.name AS class_name, count(i) AS images,
+       toFloat(sum(CASE WHEN p = c THEN 1 ELSE 0 END)) / count(i) AS accuracy
+ORDER BY class_index
+"""
+
+ACCURACY_BY_VARIANT = """
+MATCH (v:Image {model_id: $model_id})-[r:VARIANT_OF]->(o:Image)-[:LABELED_AS]->(c:Class)
+MATCH (v)-[:PREDICTED_AS]->(p:Class)
+RETURN r.kind AS kind, r.setting AS setting, r.eps AS eps, count(v) AS images,
+       toFloat(sum(CASE WHEN p = c THEN 1 ELSE 0 END)) / count(v) AS accuracy
+ORDER BY kind, eps, setting
+"""
+
+PATHWAY_SIZE_BY_LAYER = """
+MATCH (p:Pathway {config: $config})-[:FOR_IMAGE]->(i:Image)
+WITH p, i
+MATCH (p)-[:INCLUDES]->(n:Neuron)
+WITH p, i.kind AS kind, coalesce(i.setting, '') AS setting, n.layer_index AS layer_index, n.site AS site,
+     count(n) AS k
+RETURN kind, setting, layer_index, site, avg(k) AS mean_neurons, count(p) AS pathways
+ORDER BY kind, setting, layer_index
+"""
+
+LIST_IMAGES = """
+MATCH (i:Image {model_id: $model_id})
+WHERE ($kind IS NULL OR i.kind = $kind)
+  AND ($label IS NULL OR i.label = $label)
+  AND ($predicted IS NULL OR i.predicted = $predicted)
+RETURN i.id AS id, i.source AS source, i.kind AS kind, i.label AS label, i.predicted AS predicted,
+       i.prob AS prob, i.variant_of AS variant_of, i.setting AS setting
+ORDER BY i.source, i.id
+LIMIT $limit
+"""
+
+IMAGE_DETAIL = """
+MATCH (i:Image {id: $image_id})
+OPTIONAL MATCH (i)-[:VARIANT_OF]->(o:Image)
+OPTIONAL MATCH (v:Image)-[:VARIANT_OF]->(i)
+WITH i, o, collect(v.id) AS variants
+RETURN i.id AS id, i.model_id AS model_id, i.source AS source, i.kind AS kind, i.params AS params,
+       i.label AS label, i.predicted AS predicted, i.prob AS prob, i.probs AS probs, i.png AS png,
+       o.id AS original, variants
+"""
+
+PATHWAYS_OF_IMAGE = """
+MATCH (p:Pathway {image_id: $image_id})
+RETURN p.id AS id, p.config AS config, p.method AS method, p.selection AS selection, p.params AS params,
+       p.target AS target, p.logit_full AS logit_full, p.logit_masked AS logit_masked, p.size AS size,
+       p.saliency AS saliency, p.saliency_shape AS saliency_shape, p.gaps AS gaps
+ORDER BY p.config
+"""
+
+PATHWAY_NEURONS = """
+MATCH (p:Pathway {id: $pathway_id})-[inc:INCLUDES]->(n:Neuron)
+RETURN n.id AS neuron, n.site AS site, n.layer_index AS layer_index, n.channel AS channel,
+       inc.contribution AS contribution, inc.rank AS rank, inc.elements AS elements, inc.dead AS dead
+ORDER BY layer_index, channel
+"""
+
+PATHWAY_EDGES = """
+MATCH (a:Neuron)-[f:FLOWS_TO {pathway: $pathway_id}]->(b:Neuron)
+RETURN a.id AS src, b.id AS dst, f.weight AS weight
+ORDER BY abs(f.weight) DESC
+"""
+
+NEURON_DETAIL = """
+MATCH (n:Neuron {id: $neuron_id})
+OPTIONAL MATCH (c:Class)-[u:USES {config: $config}]->(n)
+WITH n, c, u ORDER BY u.support DESC
+RETURN n.id AS id, n.site AS site, n.layer_index AS layer_index, n.channel AS channel,
+       collect(CASE WHEN c IS NULL THEN NULL ELSE {class_index: c.index, class_name: c.name, support: u.support,
+                    mean_contribution: u.mean_contribution} END) AS classes
+"""
+
+NEURON_TOP_IMAGES = """
+MATCH (p:Pathway {config: $config})-[inc:INCLUDES]->(:Neuron {id: $neuron_id})
+MATCH (p)-[:FOR_IMAGE]->(i:Image)
+RETURN i.id AS image_id, i.source AS source, i.kind AS kind, i.label AS label, i.predicted AS predicted,
+       inc.contribution AS contribution
+ORDER BY abs(inc.contribution) DESC, image_id
+LIMIT $limit
+"""
+
+TOP_NEURONS_OF_CLASS = """
+MATCH (c:Class {id: $class_id})-[u:USES {config: $config}]->(n:Neuron)
+WHERE $layer IS NULL OR n.site = $layer
+RETURN n.id AS neuron, n.site AS site, n.layer_index AS layer_index, n.channel AS channel,
+       u.support AS support, u.mean_contribution AS mean_contribution
+ORDER BY support DESC, abs(mean_contribution) DESC, neuron
+LIMIT $limit
+"""
+
+CLASS_PATHWAY_COUNTS = """
+MATCH (c:Class {model_id: $model_id})
+OPTIONAL MATCH (c)<-[:EXPLAINS]-(p:Pathway {config: $config})-[:FOR_IMAGE]->(:Image {kind: 'original'})
+RETURN c.id AS id, c.index AS index, c.name AS name, count(p) AS pathways ORDER BY c.index
+"""
+
+CLASS_SUPPORT = """
+MATCH (c:Class {model_id: $model_id})-[u:USES {config: $config}]->(n:Neuron)
+RETURN c.index AS class_index, n.id AS neuron, n.site AS site, n.layer_index AS layer_index, n.channel AS channel,
+       u.support AS support, u.mean_contribution AS mean_contribution
+"""
+
+CLASS_EDGE_SUPPORT = """
+MATCH (c:Class {id: $class_id})<-[:EXPLAINS]-(p:Pathway {config: $config})-[:FOR_IMAGE]->(:Image {kind: 'original'})
+WITH collect(p.id) AS pids
+WITH pids, size(pids) AS n
+UNWIND pids AS pid
+MATCH (a:Neuron)-[f:FLOWS_TO {pathway: pid}]->(b:Neuron)
+WITH a, b, n, count(f) AS k, avg(f.weight) AS mean_weight
+WHERE toFloat(k) / n >= $min_support
+RETURN a.id AS src, b.id AS dst, toFloat(k) / n AS support, mean_weight
+"""
+
+VARIANT_PAIRS = """
+MATCH (v:Image)-[r:VARIANT_OF]->(o:Image)
+WHERE v.model_id = $model_id AND ($kind IS NULL OR r.kind = $kind)
+  AND ($label IS NULL OR o.label = $label)
+MATCH (pv:Pathway {config: $config, image_id: v.id}), (po:Pathway {config: $config, image_id: o.id})
+RETURN v.id AS variant, o.id AS original, r.kind AS kind, r.setting AS setting, r.eps AS eps,
+       pv.id AS variant_pathway, po.id AS original_pathway, o.label AS label,
+       o.predicted AS original_predicted, v.predicted AS variant_predicted
+ORDER BY kind, eps, setting, original
+"""
+
+PATHWAY_NEURON_SETS = """
+UNWIND $pathway_ids AS pid
+MATCH (p:Pathway {id: pid})-[inc:INCLUDES]->(n:Neuron)
+RETURN pid AS pathway, n.id AS neuron, n.layer_index AS layer_index, n.site AS site, inc.contribution AS contribution
+"""
+
+SIMILAR_IMAGES = """
+MATCH (p:Pathway {image_id: $image_id, config: $config})-[:INCLUDES]->(n:Neuron)<-[:INCLUDES]-(q:Pathway {config: $config})
+WHERE q <> p AND ($kind IS NULL OR EXISTS { (q)-[:FOR_IMAGE]->(:Image {kind: $kind}) })
+WITH p, q, count(n) AS inter
+MATCH (q)-[:FOR_IMAGE]->(i:Image)
+RETURN i.id AS image_id, i.source AS source, i.kind AS kind, i.label AS label, i.predicted AS predicted,
+       toFloat(inter) / (p.size + q.size - inter) AS jaccard
+ORDER BY jaccard DESC, image_id
+LIMIT $limit
+"""
+
+PATHWAY_EXISTS = "MATCH (p:Pathway {id: $pathway_id}) RETURN p.id AS id"
+IMAGE_EXISTS = "MATCH (i:Image {id: $image_id}) RETURN i.id AS id, i.model_id AS model_id"
+CLASS_EXISTS = "MATCH (c:Class {id: $class_id}) RETURN c.id AS id, c.model_id AS model_id"
+NEURON_EXISTS = "MATCH (n:Neuron {id: $neuron_id}) RETURN n.id AS id"
+MODEL_EXISTS = "MATCH (m:Model {id: $model_id}) RETURN m.id AS id"
+
+SUBGRAPH_OF_PATHWAYS = """
+UNWIND $pathway_ids AS pid
+MATCH (p:Pathway {id: pid})-[inc:INCLUDES]->(n:Neuron)
+WITH collect(DISTINCT {id: n.id, site: n.site, layer_index: n.layer_index, channel: n.channel}) AS nodes
+UNWIND $pathway_ids AS pid
+OPTIONAL MATCH (a:Neuron)-[f:FLOWS_TO {pathway: pid}]->(b:Neuron)
+RETURN nodes, collect(CASE WHEN f IS NULL THEN NULL ELSE {src: a.id, dst: b.id, weight: f.weight, pathway: pid} END) AS edges
+"""
+
+PING = "RETURN 1 AS ok"

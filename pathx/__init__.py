@@ -1,0 +1,1 @@
+"""The ``pathx`` command line (see ``pathx.cli``)."""

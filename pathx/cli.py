@@ -1,0 +1,431 @@
+"""``pathx``: a thin command line over extractor, graphstore and ui.
+
+Every failure the user can fix ends in one line on stderr and exit code 1 (2 for usage).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Pathway Explorer: critical pathways of CNNs in Neo4j.")
+db_app = typer.Typer(no_args_is_help=True, help="The local Neo4j server (or NEO4J_URI).")
+app.add_typer(db_app, name="db")
+
+T = TypeVar("T")
+log = logging.getLogger("pathx")
+UI_PORT = 8501
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    from extractor.errors import ExtractionError
+    from extractor.records import RecordsFormatError
+    from graphstore.errors import GraphStoreError
+
+    try:
+        yield
+    except (ExtractionError, GraphStoreError, RecordsFormatError) as exc:
+        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    except KeyboardInterrupt:
+        _fail("interrupted; re-run the same command to resume")
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _home() -> Path:
+    from graphstore.server import default_home
+
+    return default_home()
+
+
+def _echo_json(value: Any) -> None:
+    def default(o: Any) -> Any:
+        if dataclasses.is_dataclass(o) and not isinstance(o, type):
+            return dataclasses.asdict(o)
+        if hasattr(o, "tolist"):
+            return o.tolist()
+        if isinstance(o, bytes):
+            return f"<{len(o)} bytes>"
+        return str(o)
+
+    typer.echo(json.dumps(value, default=default, indent=1))
+
+
+# --- database -------------------------------------------------------------------------------
+
+
+@db_app.command("fetch")
+def db_fetch() -> None:
+    """Fetch the Neo4j 5.26 server and Browser jars with Maven (once)."""
+    from graphstore.server import ServerConfig, fetch_jars
+
+    with _errors():
+        typer.echo(str(fetch_jars(ServerConfig.default(_home()))))
+
+
+def _external() -> bool:
+    return bool(os.environ.get("NEO4J_URI"))
+
+
+@db_app.command("start")
+def db_start(
+    bolt_port: Annotated[int, typer.Option(help="Bolt port on 127.0.0.1.")] = 7687,
+    http_port: Annotated[int, typer.Option(help="HTTP (Browser) port on 127.0.0.1.")] = 7474,
+) -> None:
+    """Start the local Neo4j (returns when Bolt answers). Does nothing when NEO4J_URI is set."""
+    from graphstore.server import ServerConfig, start
+
+    if _external():
+        typer.echo(f"NEO4J_URI is set ({os.environ['NEO4J_URI']}); not starting a local server")
+        return
+    with _errors():
+        base = ServerConfig.default(_home())
+        cfg = dataclasses.replace(base, bolt_port=bolt_port, http_port=http_port)
+        st = start(cfg)
+        typer.echo(f"Neo4j running (pid {st.pid}) at {st.bolt_uri}; Browser: {st.browser_url} (user neo4j, "
+                   f"password in {cfg.password_file})")
+
+
+@db_app.command("stop")
+def db_stop() -> None:
+    """Stop the local Neo4j cleanly."""
+    from graphstore.server import ServerConfig, stop
+
+    if _external():
+        typer.echo("NEO4J_URI is set; there is no local server to stop")
+        return
+    with _errors():
+        typer.echo("stopped" if stop(ServerConfig.default(_home())) else "not running")
+
+
+@db_app.command("status")
+def db_status() -> None:
+    """Whether the database answers (exit 1 when it does not)."""
+    from graphstore.server import ServerConfig, status
+
+    with _errors():
+        if _external():
+            _store()
+            typer.echo(f"running (external) at {os.environ['NEO4J_URI']}")
+            return
+        st = status(ServerConfig.default(_home()))
+        typer.echo(f"{st.detail}: {st.bolt_uri} (pid {st.pid})" if st.pid else st.detail)
+        if not st.running:
+            raise typer.Exit(1)
+
+
+@db_app.command("uri")
+def db_uri() -> None:
+    """The Bolt URI commands use."""
+    from graphstore.server import ServerConfig, load_state
+
+    typer.echo(os.environ.get("NEO4J_URI") or load_state(ServerConfig.default(_home())).bolt_uri)
+
+
+def _driver() -> Any:
+    from graphstore.connection import open_driver, settings_from_env
+
+    return open_driver(settings_from_env(_home()))
+
+
+def _store() -> Any:
+    from graphstore.api import Store
+
+    return Store(_driver())
+
+
+# --- extraction -----------------------------------------------------------------------------
+
+
+@app.command("train-demo")
+def train_demo() -> None:
+    """Train (or reuse) the demo CNN on scikit-learn's digits."""
+    from extractor.demo import accuracy, demo_model
+
+    with _errors():
+        model, data, path = demo_model(_home())
+        typer.echo(f"demo model {path} test accuracy {accuracy(model, data.x_test, data.y_test):.3f}")
+
+
+def _bundle(model: str, weights_file: Path | None, untrained: bool, input_size: int, sites: str | None) -> Any:
+    from extractor.demo import demo_bundle
+    from extractor.models import load_torchvision
+
+    site_list = [s for s in (sites or "").split(",") if s] or None
+    if model == "demo":
+        bundle, _ = demo_bundle(_home())
+        return bundle
+    if Path(model).suffix in (".pt", ".pth") and Path(model).exists():
+        from extractor.errors import ExtractionError
+
+        raise ExtractionError("a bare weights file needs --model ARCH --weights-file FILE")
+    return load_torchvision(model, weights_file, untrained, input_size, site_list)
+
+
+@app.command("extract")
+def extract(
+    model: Annotated[str, typer.Option(help="'demo' or a torchvision classifier name (resnet18, vgg16, ...).")],
+    images: Annotated[str, typer.Option(help="demo:test, demo:train, a folder (one sub-folder per class) or a file.")],
+    out: Annotated[Path, typer.Option(help="Run folder for the record files.")],
+    method: Annotated[str, typer.Option(help="mct, intgrad, or both comma-separated.")] = "mct",
+    sparsity: Annotated[float | None, typer.Option(help="Global percentile selection p in [0, 100).")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="Top-k channels per site (default 8).")] = None,
+    granularity: Annotated[str, typer.Option(help="element or channel (percentile rule).")] = "element",
+    variants: Annotated[str, typer.Option(help="e.g. fgsm,pgd,occlude,shift,deform or pgd:eps=0.1:steps=5.")] = "",
+    limit: Annotated[int | None, typer.Option(help="Only the first N images.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
+    weights_file: Annotated[Path | None, typer.Option(help="Local weights for a torchvision model.")] = None,
+    untrained: Annotated[bool, typer.Option(help="Random weights (structure and speed only).")] = False,
+    input_size: Annotated[int, typer.Option(help="Input side for torchvision models.")] = 224,
+    sites: Annotated[str | None, typer.Option(help="Comma-separated module paths to use as sites.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Extract pathways (and variants) into record files."""
+    from extractor.errors import ExtractionError
+    from extractor.pathways import PathwaySettings
+    from extractor.pipeline import extract_run, load_images
+    from extractor.variants import VariantSpec
+
+    with _errors():
+        if sparsity is not None and top_k is not None:
+            raise ExtractionError("give either --sparsity or --top-k, not both")
+        settings = [
+            PathwaySettings(method=m.strip(), selection="percentile" if sparsity is not None else "topk",
+                            k=top_k if top_k is not None else 8,
+                            sparsity=sparsity if sparsity is not None else 90.0, granularity=granularity)
+            for m in method.split(",") if m.strip()
+        ]
+        specs = VariantSpec.parse(variants)
+        bundle = _bundle(model, weights_file, untrained, input_size, sites)
+        image_set = load_images(images, bundle, _home())
+        summary = extract_run(bundle, image_set, settings, specs, out, batch_size=batch_size, limit=limit,
+                              device=device)
+        rate = summary.images / summary.seconds if summary.seconds else 0.0
+        typer.echo(f"{summary.images} images, {summary.pathways} pathways, {summary.edges} edges in "
+                   f"{summary.seconds:.1f} s ({rate:.1f} images/s); {summary.skipped_originals} originals already done")
+        for key, acc in summary.accuracy().items():
+            typer.echo(f"  accuracy {key}: {acc:.3f}")
+
+
+# --- graph store ----------------------------------------------------------------------------
+
+
+@app.command("load")
+def load(run_dir: Annotated[Path, typer.Argument(help="Run folder written by `pathx extract`.")]) -> None:
+    """Load a run into Neo4j (idempotent; resumes after a crash)."""
+    from graphstore.loader import load_run
+
+    with _errors():
+        driver = _driver()
+        try:
+            s = load_run(driver, run_dir)
+        finally:
+            driver.close()
+        typer.echo(f"{s.images} images, {s.pathways_new} new pathways ({s.pathways_existing} already there), "
+                   f"{s.includes + s.edges} relationships in {s.seconds:.1f} s "
+                   f"({s.relationships_per_second:.0f}/s)")
+
+
+QUERY_NAMES = ("summary", "configs", "classes", "accuracy", "top-neurons", "shared", "similarity", "signature",
+               "shift", "hijacked", "counts", "similar", "agreement", "pathway")
+
+
+@app.command("query")
+def query(
+    name: Annotated[str, typer.Argument(help=f"One of: {', '.join(QUERY_NAMES)}.")],
+    cls: Annotated[str | None, typer.Option("--class", help="Class index, name or id.")] = None,
+    cls_b: Annotated[str | None, typer.Option("--class-b", help="Second class (shared).")] = None,
+    image: Annotated[str | None, typer.Option(help="Image id.")] = None,
+    pathway: Annotated[str | None, typer.Option(help="Pathway id.")] = None,
+    config: Annotated[str | None, typer.Option(help="Pathway setting key (default: the most common).")] = None,
+    model: Annotated[str | None, typer.Option(help="Model id (default: the first).")] = None,
+    kind: Annotated[str | None, typer.Option(help="Variant kind (hijacked, similar).")] = None,
+    layer: Annotated[str | None, typer.Option(help="Site id, e.g. features.1#0.")] = None,
+    min_support: Annotated[float, typer.Option(help="Support threshold s.")] = 0.5,
+    max_other: Annotated[float, typer.Option(help="Largest support elsewhere (signature).")] = 0.2,
+    limit: Annotated[int, typer.Option(help="Rows.")] = 20,
+) -> None:
+    """Run a named query and print JSON."""
+    with _errors():
+        _echo_json(_run_query(name, cls, cls_b, image, pathway, config, model, kind, layer, min_support,
+                              max_other, limit))
+
+
+def _resolve_class(store: Any, model_id: str, value: str | None) -> str:
+    from graphstore.errors import NotFound
+
+    if value is None:
+        raise NotFound("this query needs --class")
+    for c in store.classes(model_id):
+        if value in (c.id, c.name, str(c.index)):
+            return str(c.id)
+    raise NotFound(f"unknown class {value!r}")
+
+
+def _run_query(name: str, cls: str | None, cls_b: str | None, image: str | None, pathway: str | None,
+               config: str | None, model: str | None, kind: str | None, layer: str | None,
+               min_support: float, max_other: float, limit: int) -> Any:
+    from graphstore.errors import NotFound
+
+    if name not in QUERY_NAMES:
+        raise NotFound(f"unknown query {name!r}; choose from {', '.join(QUERY_NAMES)}")
+    store = _store()
+    model_id = model or store.default_model()
+    cfg = config or store.default_config(model_id)
+
+    def need(value: str | None, flag: str) -> str:
+        if not value:
+            raise NotFound(f"query {name} needs {flag}")
+        return value
+
+    handlers: dict[str, Callable[[], Any]] = {
+        "summary": store.summary,
+        "configs": lambda: store.configs(model_id),
+        "classes": lambda: store.classes(model_id),
+        "accuracy": lambda: {"by_class": store.accuracy_by_class(model_id),
+                             "by_variant": store.accuracy_by_variant(model_id)},
+        "top-neurons": lambda: store.top_neurons(_resolve_class(store, model_id, cls), cfg, layer, limit),
+        "shared": lambda: store.shared_pathways(_resolve_class(store, model_id, cls),
+                                                _resolve_class(store, model_id, cls_b), cfg, min_support),
+        "similarity": lambda: store.similarity_matrix(model_id, cfg, min_support),
+        "signature": lambda: store.class_signature(_resolve_class(store, model_id, cls), cfg, min_support,
+                                                   max_other),
+        "shift": lambda: store.adversarial_shift(need(image, "--image"), cfg),
+        "hijacked": lambda: store.hijacked_neurons(model_id, cfg, need(kind, "--kind"), None, limit),
+        "counts": lambda: store.pathway_counts(cfg),
+        "similar": lambda: store.similar_images(need(image, "--image"), cfg, limit, kind),
+        "agreement": lambda: store.method_agreement(need(image, "--image")),
+        "pathway": lambda: _graph_json(store.pathway_graph(need(pathway, "--pathway"))),
+    }
+    try:
+        return handlers[name]()
+    finally:
+        store.driver.close()
+
+
+def _graph_json(graph: Any) -> dict[str, Any]:
+    import networkx as nx
+
+    return nx.node_link_data(graph, edges="edges")
+
+
+@app.command("cypher")
+def cypher(
+    text: Annotated[str, typer.Argument(help="A read-only Cypher query.")],
+    params: Annotated[str, typer.Option(help="Parameters as a JSON object.")] = "{}",
+    timeout: Annotated[float, typer.Option(help="Time limit in seconds.")] = 10.0,
+    max_rows: Annotated[int, typer.Option(help="Row cap.")] = 1000,
+) -> None:
+    """Run read-only Cypher (writes, schema changes, LOAD CSV and admin commands are refused)."""
+    from graphstore.console import run_read_only
+    from graphstore.errors import QueryRefused
+
+    with _errors():
+        try:
+            parsed = json.loads(params)
+        except ValueError as exc:
+            raise QueryRefused(f"--params is not valid JSON: {exc}") from exc
+        if not isinstance(parsed, dict):
+            raise QueryRefused("--params must be a JSON object")
+        driver = _driver()
+        try:
+            res = run_read_only(driver, text, parsed, timeout_s=timeout, max_rows=max_rows)
+        finally:
+            driver.close()
+        _echo_json({"columns": res.columns, "rows": res.rows, "truncated": res.truncated})
+
+
+@app.command("export")
+def export(
+    out: Annotated[Path, typer.Argument(help="Output file: .graphml or .gexf.")],
+    pathway: Annotated[list[str], typer.Option(help="Pathway id (repeat for several).")],
+) -> None:
+    """Export pathways as one graph for Gephi or Cytoscape."""
+    with _errors():
+        store = _store()
+        try:
+            g = store.export_pathways(pathway, out)
+        except ValueError as exc:
+            _fail(str(exc))
+        finally:
+            store.driver.close()
+        typer.echo(f"wrote {out}: {g.number_of_nodes()} neurons, {g.number_of_edges()} edges")
+
+
+# --- UI and demo ----------------------------------------------------------------------------
+
+
+def ui_command(port: int, address: str = "127.0.0.1") -> list[str]:
+    """The command line that serves the Streamlit app."""
+    app_path = Path(__file__).resolve().parent.parent / "ui" / "app.py"
+    return [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.headless", "true",
+            "--server.address", address, "--server.port", str(port), "--browser.gatherUsageStats", "false",
+            "--server.fileWatcherType", "none", "--theme.base", "light"]
+
+
+@app.command("ui")
+def ui(
+    port: Annotated[int, typer.Option(help="Port of the UI.")] = UI_PORT,
+    address: Annotated[str, typer.Option(help="Address to bind (default loopback only).")] = "127.0.0.1",
+) -> None:
+    """Serve the Streamlit UI over whatever the database holds."""
+    with _errors():
+        _driver().close()
+    typer.echo(f"UI at http://{address}:{port}  (Ctrl-C to stop)")
+    raise typer.Exit(subprocess.call(ui_command(port, address)))
+
+
+@app.command("demo")
+def demo(
+    limit: Annotated[int, typer.Option(help="Test images to extract (360 = the whole test split).")] = 200,
+    out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/demo"),
+    serve: Annotated[bool, typer.Option(help="Serve the UI at the end.")] = True,
+    port: Annotated[int, typer.Option(help="Port of the UI.")] = UI_PORT,
+) -> None:
+    """Start Neo4j, train the demo model, extract the test split with variants, load, serve the UI."""
+    from graphstore.server import ServerConfig
+
+    if not _external():
+        typer.echo("step 1/5: Neo4j")
+        db_start()
+    typer.echo("step 2/5: demo model")
+    train_demo()
+    typer.echo("step 3/5: extraction (originals, FGSM, PGD, occluded, shifted, deformed)")
+    extract(model="demo", images="demo:test", out=out, method="mct,intgrad", sparsity=None, top_k=8,
+            granularity="element", variants="fgsm,pgd,occlude,shift,deform", limit=limit, batch_size=32,
+            weights_file=None, untrained=False, input_size=224, sites=None, device="cpu")
+    typer.echo("step 4/5: load into Neo4j")
+    load(out)
+    browser = "your NEO4J_URI server" if _external() else ServerConfig.default(_home()).browser_url
+    if serve:
+        typer.echo(f"step 5/5: UI at http://127.0.0.1:{port}  |  Neo4j Browser: {browser}")
+        raise typer.Exit(subprocess.call(ui_command(port)))
+    typer.echo(f"done. Serve the UI with `pathx ui`; Neo4j Browser: {browser}")
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

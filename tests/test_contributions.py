@@ -1,0 +1,214 @@
+"""Contributions, selection and Pathway Gradient against independent references."""
+
+from __future__ import annotations
+
+import copy
+import types
+
+import pytest
+import torch
+import torchvision
+from captum.attr import LayerGradientXActivation
+from torch import nn
+
+from extractor.errors import ExtractionError
+from extractor.models import make_bundle
+from extractor.pathways import (
+    PathwaySettings,
+    extract_batch,
+    intgrad_contributions,
+    mct_contributions,
+    pathway_gradient,
+    select,
+)
+from extractor.sites import hook_count
+
+
+def _unshare_resnet(model: nn.Module) -> nn.Module:
+    """A copy of a torchvision ResNet whose blocks use one ReLU module per call (for Captum)."""
+    model = copy.deepcopy(model)
+    for block in model.modules():
+        if isinstance(block, torchvision.models.resnet.BasicBlock | torchvision.models.resnet.Bottleneck):
+            n = 3 if isinstance(block, torchvision.models.resnet.Bottleneck) else 2
+            block.relus = nn.ModuleList([nn.ReLU() for _ in range(n)])
+
+            def forward(self: nn.Module, x: torch.Tensor, _n: int = n) -> torch.Tensor:
+                identity = x if self.downsample is None else self.downsample(x)
+                out = self.relus[0](self.bn1(self.conv1(x)))
+                out = self.bn2(self.conv2(out))
+                if _n == 3:
+                    out = self.relus[1](out)
+                    out = self.bn3(self.conv3(out))
+                return self.relus[_n - 1](out + identity)
+
+            block.forward = types.MethodType(forward, block)
+    return model
+
+
+def _captum_site_modules(model: nn.Module, bundle_sites: tuple, unshared: nn.Module | None) -> list[nn.Module]:
+    """For every site, the module on which Captum sees exactly that call."""
+    if unshared is None:
+        named = dict(model.named_modules())
+        return [named[s.module_path] for s in bundle_sites]
+    named = dict(unshared.named_modules())
+    out = []
+    for s in bundle_sites:
+        parent, _, leaf = s.module_path.rpartition(".")
+        if leaf == "relu" and parent and hasattr(named[parent], "relus"):
+            out.append(named[parent].relus[s.call_index])
+        else:
+            out.append(named[s.module_path])
+    return out
+
+
+ARCHS = [
+    ("vgg16", 32), ("resnet18", 32), ("resnet50", 32), ("densenet121", 32), ("mobilenet_v3_small", 32),
+]
+
+
+@pytest.mark.parametrize(("arch", "size"), ARCHS)
+def test_contributions_equal_captum_on_torchvision(arch: str, size: int) -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, weights=None, num_classes=10).double().eval()
+    bundle = make_bundle(model, arch, (3, size, size))
+    x = torch.rand(2, 3, size, size, dtype=torch.float64)
+    contrib, _ = mct_contributions(bundle, x)
+    unshared = _unshare_resnet(model) if arch.startswith("resnet") else None
+    mods = _captum_site_modules(model, bundle.sites, unshared)
+    reference_model = unshared if unshared is not None else model
+    checked = 0
+    for site, module in zip(bundle.sites, mods, strict=True):
+        if unshared is None and sum(1 for s in bundle.sites if s.module_path == site.module_path) > 1:
+            continue  # a reused module without an unshared twin: covered by the resnet cases
+        lga = LayerGradientXActivation(lambda inp, m=reference_model: m(bundle.normalize(inp)), module)
+        ref = lga.attribute(x, target=contrib.target)
+        assert torch.allclose(ref, contrib.element[site.index], atol=1e-6, rtol=0), site.site_id
+        assert torch.allclose(ref.flatten(2).sum(-1) if ref.dim() > 2 else ref, contrib.channel[site.index],
+                              atol=1e-6, rtol=0)
+        checked += 1
+    assert checked >= len(bundle.sites) // 2
+    assert hook_count(model) == 0
+
+
+def test_resnet_reused_relu_gives_one_site_per_call() -> None:
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    bundle = make_bundle(model, "resnet18", (3, 32, 32))
+    ids = [s.site_id for s in bundle.sites]
+    assert "layer1.0.relu#0" in ids and "layer1.0.relu#1" in ids
+    assert len(ids) == 17 == len(set(ids))
+
+
+def test_contributions_on_demo_equal_captum(demo: tuple) -> None:
+    bundle, data = demo
+    model = bundle.model.double()
+    try:
+        x = data.x_test[:8].double()
+        contrib, _ = mct_contributions(bundle, x)
+        named = dict(model.named_modules())
+        for site in bundle.sites:
+            lga = LayerGradientXActivation(lambda inp: model(inp), named[site.module_path])
+            ref = lga.attribute(x, target=contrib.target)
+            assert torch.allclose(ref, contrib.element[site.index], atol=1e-6, rtol=0)
+    finally:
+        model.float()
+
+
+def test_given_target_and_out_of_range_target(demo: tuple) -> None:
+    bundle, data = demo
+    x = data.x_test[:3]
+    contrib, _ = mct_contributions(bundle, x, torch.tensor([4, 4, 4]))
+    assert contrib.target.tolist() == [4, 4, 4]
+    with pytest.raises(ExtractionError, match="out of range"):
+        mct_contributions(bundle, x, torch.tensor([0, 10, 1]))
+
+
+def test_intgrad_completeness_per_site() -> None:
+    """sum of layer-IG contributions = logit(x) - logit(x with that site zeroed) (zero baseline)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).double().eval()
+    bundle = make_bundle(model, "tiny", (1, 8, 8))
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    base, _ = mct_contributions(bundle, x)
+    ig = intgrad_contributions(bundle, x, base.target, 401, base.acts)
+    named = dict(model.named_modules())
+    for site in bundle.sites:
+        h = named[site.module_path].register_forward_hook(lambda m, i, o: o * 0)
+        try:
+            with torch.no_grad():
+                zeroed = model(x).gather(1, base.target[:, None]).squeeze(1)
+        finally:
+            h.remove()
+        full = base.logits.gather(1, base.target[:, None]).squeeze(1)
+        total = ig.channel[site.index].sum(1)
+        assert torch.allclose(total, full - zeroed, atol=2e-3)
+
+
+def test_intgrad_alpha_grid_is_linear(demo: tuple) -> None:
+    """The authors' alpha accumulates (0, .1, .3, .6, ...); ours is 0..1 linear: 2 steps = mean of ends."""
+    bundle, data = demo
+    x = data.x_test[:2]
+    base, _ = mct_contributions(bundle, x)
+    ig = intgrad_contributions(bundle, x, base.target, 2, base.acts)
+    last = bundle.sites[-1].index
+    # the final site feeds a linear layer: its gradient is constant in alpha, so IG equals plain grad x act
+    assert torch.allclose(ig.element[last], base.element[last], atol=1e-5)
+
+
+def test_pathway_gradient_at_zero_sparsity_is_input_gradient(demo: tuple) -> None:
+    bundle, data = demo
+    x = data.x_test[:4]
+    contrib, _ = mct_contributions(bundle, x)
+    sel = select(contrib, PathwaySettings(selection="percentile", sparsity=0.0))
+    assert all(bool(m.all()) for m in sel.masks)
+    grad, logit = pathway_gradient(bundle, x, contrib.target, sel.masks)
+    xr = x.clone().requires_grad_(True)
+    ref = torch.autograd.grad(bundle.forward(xr).gather(1, contrib.target[:, None]).sum(), xr)[0]
+    assert torch.allclose(grad, ref, atol=1e-6)
+    assert torch.allclose(logit, contrib.logits.gather(1, contrib.target[:, None]).squeeze(1))
+
+
+def test_global_percentile_keeps_the_top_share(demo: tuple) -> None:
+    bundle, data = demo
+    x = data.x_test[:3]
+    contrib, _ = mct_contributions(bundle, x)
+    sel = select(contrib, PathwaySettings(selection="percentile", sparsity=90.0))
+    total = sum(m[0].numel() for m in sel.masks)
+    for b in range(3):
+        kept = sum(int(m[b].sum()) for m in sel.masks)
+        scores = torch.cat([e[b].abs().flatten() for e in contrib.element])
+        thr = scores.kthvalue(int(0.9 * total)).values
+        assert kept == int((scores > thr).sum())
+        assert kept <= total - int(0.9 * total)
+
+
+def test_topk_selects_k_largest_channels(demo: tuple) -> None:
+    bundle, data = demo
+    x = data.x_test[:3]
+    contrib, _ = mct_contributions(bundle, x)
+    sel = select(contrib, PathwaySettings(selection="topk", k=5))
+    for s, kept in enumerate(sel.kept):
+        assert kept.sum(1).tolist() == [5, 5, 5]
+        for b in range(3):
+            top = set(contrib.channel[s][b].abs().topk(5).indices.tolist())
+            assert set(torch.nonzero(kept[b]).flatten().tolist()) == top
+
+
+def test_logit_preservation_at_paper_sparsity(demo: tuple) -> None:
+    """At p=90 (Khakzar's VGG setting) the masked network keeps a measurable share of the logit."""
+    bundle, data = demo
+    res = extract_batch(bundle, data.x_test[:32], PathwaySettings(selection="percentile", sparsity=90.0))
+    ratio = (res.logit_masked / res.logit_full).median().item()
+    assert 0.0 < ratio < 1.5
+    assert torch.isfinite(res.saliency).all()
+
+
+@pytest.mark.parametrize("bad", [-1.0, 100.0, float("nan")])
+def test_sparsity_out_of_range(bad: float) -> None:
+    with pytest.raises(ExtractionError, match="sparsity"):
+        PathwaySettings(selection="percentile", sparsity=bad)
+
+
+def test_k_out_of_range() -> None:
+    with pytest.raises(ExtractionError, match="k must be"):
+        PathwaySettings(k=0)
