@@ -91,7 +91,7 @@ def make_bundle(
     example = torch.zeros((1, *input_shape), dtype=dtype)
     with torch.no_grad():
         try:
-            out = model(((example - mean_t.to(example).view(1, -1, 1, 1)) / std_t.to(example).view(1, -1, 1, 1)))
+            out = model((example - mean_t.to(example).view(1, -1, 1, 1)) / std_t.to(example).view(1, -1, 1, 1))
         except Exception as exc:
             raise ExtractionError(
                 f"the model fails on input of shape {tuple(input_shape)}: {type(exc).__name__}: {exc}"
@@ -128,7 +128,9 @@ def load_torchvision(
 
     available = set(torchvision.models.list_models(module=torchvision.models))
     if name not in available:
-        raise ExtractionError(f"unknown model {name!r}; torchvision classifiers: {', '.join(sorted(available)[:8])}, ...")
+        raise ExtractionError(
+            f"unknown model {name!r}; torchvision classifiers: {', '.join(sorted(available)[:8])}, ..."
+        )
     model = torchvision.models.get_model(name, weights=None)
     class_names: Sequence[str] | None = None
     if weights_file is not None:

@@ -213,7 +213,7 @@ def select(contrib: Contributions, settings: PathwaySettings) -> Selection:
         flat = torch.cat([s.reshape(B, -1) for s in element_scores], dim=1)
     else:
         flat = torch.cat([c.abs() for c in contrib.channel], dim=1)
-    n_drop = int(math.floor(settings.sparsity / 100.0 * flat.shape[1]))
+    n_drop = math.floor(settings.sparsity / 100.0 * flat.shape[1])
     if n_drop == 0:
         thr = torch.full((B, 1), -1.0, dtype=flat.dtype, device=flat.device)
     else:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import networkx as nx
 import neo4j
+import networkx as nx
 import numpy as np
 
 from graphstore import queries as Q
@@ -212,6 +212,19 @@ class LayerCount:
 
 
 @dataclass(frozen=True)
+class VariantOverlap:
+    """Mean per-layer Jaccard between variants' and originals' pathways, per kind and setting."""
+
+    kind: str
+    setting: str
+    layer_index: int
+    site: str
+    mean_jaccard: float
+    pairs: int
+    prediction_changed: float  # share of pairs whose prediction differs from the original's
+
+
+@dataclass(frozen=True)
 class SimilarImage:
     image_id: str
     source: str
@@ -227,6 +240,10 @@ class Agreement:
     config_b: str
     jaccard: float
     per_layer: list[LayerOverlap] = field(default_factory=list)
+
+
+def _pathways_of_pairs(pairs: Sequence[dict[str, Any]]) -> list[str]:
+    return sorted({p["variant_pathway"] for p in pairs} | {p["original_pathway"] for p in pairs})
 
 
 def _jaccard(a: set[Any], b: set[Any]) -> float:
@@ -377,7 +394,9 @@ class Store:
               self._run(Q.CLASS_EDGE_SUPPORT, class_id=class_a, config=config, min_support=float(min_support))}
         eb = {(r["src"], r["dst"]): r["support"] for r in
               self._run(Q.CLASS_EDGE_SUPPORT, class_id=class_b, config=config, min_support=float(min_support))}
-        key = (lambda s: (s.layer_index, s.channel))
+        def key(s: NeuronScore) -> tuple[int, int]:
+            return (s.layer_index, s.channel)
+
         return SharedPathways(
             class_a, class_b,
             shared=sorted(((sa[n], sb[n]) for n in sa.keys() & sb.keys()), key=lambda p: key(p[0])),
@@ -452,7 +471,9 @@ class Store:
         first_change = next((o.layer_index for o in per_layer if o.shared != o.a or o.shared != o.b), None)
         first_dep = next((o.layer_index for o in per_layer if o.jaccard < threshold), None)
         params = json.loads(detail.params or "{}")
-        order = (lambda c: (c.layer_index, c.neuron))
+        def order(c: NeuronChange) -> tuple[int, str]:
+            return (c.layer_index, c.neuron)
+
         setting = json.dumps({k: v for k, v in params.items() if k not in PER_IMAGE_KEYS}, sort_keys=True)
         return Shift(
             variant_id, detail.original, detail.kind, setting,
@@ -468,7 +489,7 @@ class Store:
         pairs = self.variant_pairs(model_id, config, kind, label)
         if not pairs:
             return []
-        sets = self._neuron_sets(sorted({p["variant_pathway"] for p in pairs} | {p["original_pathway"] for p in pairs}))
+        sets = self._neuron_sets(_pathways_of_pairs(pairs))
         per_setting: dict[str, int] = defaultdict(int)
         gained: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         info: dict[str, tuple[int, str]] = {}
@@ -484,11 +505,36 @@ class Store:
                for n, c in gained.items()]
         return sorted(out, key=lambda h: (-h.count, h.neuron))[:limit]
 
+    def variant_overlap(self, model_id: str, config: str, kind: str | None = None) -> list[VariantOverlap]:
+        """For each variant kind and setting: mean per-layer overlap with the originals' pathways."""
+        pairs = self.variant_pairs(model_id, config, kind)
+        if not pairs:
+            return []
+        sets = self._neuron_sets(_pathways_of_pairs(pairs))
+        layers = sorted((r["index"], r["site"]) for r in self.layers(model_id))
+        acc: dict[tuple[str, str], list[list[float]]] = defaultdict(list)
+        changed: dict[tuple[str, str], list[bool]] = defaultdict(list)
+        for p in pairs:
+            sv, so = sets[p["variant_pathway"]], sets[p["original_pathway"]]
+            key = (p["kind"], p["setting"])
+            acc[key].append([_jaccard({n for n, v in so.items() if v[0] == li},
+                                      {n for n, v in sv.items() if v[0] == li}) for li, _ in layers])
+            changed[key].append(p["variant_predicted"] != p["original_predicted"])
+        out = []
+        for (k, setting), rows in sorted(acc.items()):
+            mean = np.mean(np.asarray(rows), axis=0)
+            share = float(np.mean(changed[(k, setting)]))
+            out.extend(VariantOverlap(k, setting, li, site, float(mean[i]), len(rows), share)
+                       for i, (li, site) in enumerate(layers))
+        return out
+
     def pathway_counts(self, config: str) -> list[LayerCount]:
         """Mean pathway neurons per layer for originals and for each variant kind and setting."""
         return [LayerCount(**r) for r in self._run(Q.PATHWAY_SIZE_BY_LAYER, config=config)]
 
-    def similar_images(self, image_id: str, config: str, limit: int = 10, kind: str | None = None) -> list[SimilarImage]:
+    def similar_images(
+        self, image_id: str, config: str, limit: int = 10, kind: str | None = None
+    ) -> list[SimilarImage]:
         self._require(Q.IMAGE_EXISTS, "image", image_id=image_id)
         return [SimilarImage(**r) for r in self._run(Q.SIMILAR_IMAGES, image_id=image_id, config=config,
                                                        limit=int(limit), kind=kind)]

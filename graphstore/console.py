@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import networkx as nx
 import neo4j
+import networkx as nx
 from neo4j.graph import Node, Path, Relationship
 
 from graphstore.connection import DATABASE
@@ -101,12 +101,14 @@ def run_read_only(
     check_text(query)
     params = params or {}
 
+    @neo4j.unit_of_work(timeout=timeout_s)
     def explain(tx: neo4j.ManagedTransaction) -> str:
-        summary = tx.run(neo4j.Query("EXPLAIN " + query, timeout=timeout_s), params).consume()
+        summary = tx.run("EXPLAIN " + query, params).consume()
         return str(summary.query_type)
 
+    @neo4j.unit_of_work(timeout=timeout_s)
     def fetch(tx: neo4j.ManagedTransaction) -> CypherResult:
-        result = tx.run(neo4j.Query(query, timeout=timeout_s), params)
+        result = tx.run(query, params)
         graph = nx.MultiDiGraph()
         rows: list[dict[str, Any]] = []
         truncated = False

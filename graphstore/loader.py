@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -86,7 +87,7 @@ def load_model(driver: neo4j.Driver, model: ModelInfo, database: str = DATABASE)
     meta = {"id": model.model_id, "arch": model.arch, "num_classes": model.num_classes,
             "input_shape": list(model.input_shape)}
     driver.execute_query(Q.MERGE_MODEL, model=meta, layers=layers, database_=database)
-    pairs = [{"src": a["id"], "dst": b["id"]} for a, b in zip(layers, layers[1:], strict=False)]
+    pairs = [{"src": a["id"], "dst": b["id"]} for a, b in itertools.pairwise(layers)]
     driver.execute_query(Q.LINK_LAYERS, pairs=pairs, database_=database)
     neurons = [
         {"id": neuron_id(model.model_id, s.site_id, c), "layer_id": layer_id(model.model_id, s.site_id),
@@ -188,7 +189,9 @@ def _groups(images: list[ImageRecord], pathways: list[PathwayRecord]) -> list[_G
     return list(groups.values())
 
 
-def _write_groups(tx: neo4j.ManagedTransaction, groups: Sequence[_Group], model: ModelInfo) -> tuple[int, int, int, int]:
+def _write_groups(
+    tx: neo4j.ManagedTransaction, groups: Sequence[_Group], model: ModelInfo
+) -> tuple[int, int, int, int]:
     images = [image_row(im, model) for g in groups for im in g.images]
     tx.run(Q.MERGE_IMAGES, images=images).consume()
     pathways = [pw for g in groups for pw in g.pathways]
@@ -245,7 +248,7 @@ def load_run(driver: neo4j.Driver, run_dir: Path, database: str = DATABASE, prog
             for part in parts:
                 batch: list[_Group] = []
                 budget = 0
-                for group in _groups(part.images, part.pathways) + [None]:  # type: ignore[list-item]
+                for group in [*_groups(part.images, part.pathways), None]:
                     if group is not None and (not batch or budget + group.weight <= TX_EDGE_BUDGET):
                         batch.append(group)
                         budget += group.weight

@@ -254,8 +254,9 @@ def _bolt_ready(uri: str, password: str) -> bool:
     import neo4j  # local import: the driver is only needed once a server is up
 
     try:
-        with neo4j.GraphDatabase.driver(uri, auth=(USER, password), connection_timeout=2.0) as drv:
-            drv.execute_query("RETURN 1", database_="neo4j")
+        with neo4j.GraphDatabase.driver(uri, auth=(USER, password), connection_timeout=2.0) as drv, \
+                drv.session(database="neo4j") as session:
+            session.run("RETURN 1").consume()  # auto-commit: no retries, one attempt per poll
     except Exception:  # any failure means "not ready yet"; the caller times out with the log tail
         return False
     return True

@@ -92,9 +92,8 @@ def fixture_run(tmp_path_factory: pytest.TempPathFactory, demo: tuple[object, ob
     return out
 
 
-@pytest.fixture()
-def loaded_store(driver: object, fixture_run: Path) -> object:
-    """The database holding exactly the fixture run (reloaded only when something else ran)."""
+def ensure_loaded(driver: object, fixture_run: Path) -> object:
+    """Make the database hold exactly the fixture run (reloaded only when something else ran)."""
     from extractor.records import read_run
     from graphstore.loader import load_run
 
@@ -107,6 +106,12 @@ def loaded_store(driver: object, fixture_run: Path) -> object:
         wipe(driver)
         load_run(driver, fixture_run, progress=False)  # type: ignore[arg-type]
     return driver
+
+
+@pytest.fixture()
+def loaded_store(driver: object, fixture_run: Path) -> object:
+    """The database holding exactly the fixture run."""
+    return ensure_loaded(driver, fixture_run)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from extractor.pathways import (
 from extractor.sites import SiteHooks, hook_count
 
 
-def _slow_edges(bundle, x, contrib, sel, l):  # noqa: ANN001, ANN202 - test reference
+def _slow_edges(bundle, x, contrib, sel, l):
     """One autograd call per target neuron j: w(i->j) = sum_p a_i(p) dC_j/da_i(p), g_j fixed."""
     x = x.detach().requires_grad_(True)
     _, acts = forward_with_sites(bundle, x)

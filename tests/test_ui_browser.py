@@ -1,0 +1,78 @@
+"""Every page of a running ``pathx ui`` in Debian's headless Chromium, driven by Playwright."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from graphstore.server import USER, free_port, read_password
+from pathx.cli import ui_command
+from tests.conftest import ensure_loaded
+
+pytestmark = [pytest.mark.store, pytest.mark.browser]
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+PAGES = [("overview", "Overview", "svg.main-svg"), ("image", "Image", "svg .node"),
+         ("compare", "Compare classes", "svg .node"), ("adversarial", "Adversarial", "svg .node"),
+         ("variants", "Variants", "svg.main-svg"), ("cypher", "Cypher", "textarea")]
+
+
+@pytest.fixture(scope="module")
+def ui_server(driver: object, fixture_run: Path, neo4j_server: object) -> Iterator[str]:
+    ensure_loaded(driver, fixture_run)
+    port = free_port()
+    env = dict(os.environ, NEO4J_URI=neo4j_server.bolt_uri, NEO4J_USER=USER,  # type: ignore[attr-defined]
+               NEO4J_PASSWORD=read_password(neo4j_server))  # type: ignore[arg-type]
+    proc = subprocess.Popen(ui_command(port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.read() == b"ok":
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("streamlit did not start within 60 s")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize(("path", "title", "drawn"), PAGES)
+def test_page_in_chromium(ui_server: str, artifacts: Path, path: str, title: str, drawn: str) -> None:
+    from playwright.sync_api import sync_playwright
+
+    failed: list[str] = []
+    console_errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 2200})
+            page.on("requestfailed", lambda r: failed.append(r.url))
+            page.on("pageerror", lambda e: console_errors.append(str(e)))
+            page.goto(f"{ui_server}/{path}")
+            page.get_by_role("heading", name=title).first.wait_for(timeout=60_000)
+            if path == "cypher":
+                page.get_by_role("button", name="Run").click()
+                page.get_by_text("rows").first.wait_for(timeout=30_000)
+            page.locator(drawn).first.wait_for(timeout=60_000)
+            page.wait_for_timeout(1500)
+            assert page.locator('[data-testid="stException"]').count() == 0
+            assert page.locator('[data-testid="stAlertContentError"]').count() == 0
+            page.screenshot(path=str(artifacts / f"ui-{path}.png"), full_page=True)
+        finally:
+            browser.close()
+    assert not failed, f"failed requests: {failed[:5]}"
+    assert not console_errors, console_errors[:3]

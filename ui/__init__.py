@@ -1,0 +1,1 @@
+"""Streamlit UI: one file per page under ``ui/views``; reads only through ``graphstore.api``."""

@@ -1,0 +1,134 @@
+"""Shared view helpers of the Streamlit app: the store handle, the sidebar context, drawing.
+
+Nothing here analyses: numbers come from ``graphstore.api.Store``; this module only turns
+them into DOT text, Plotly figures and widgets. Graphs render offline (Streamlit's bundled
+Graphviz and Plotly; no CDN).
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping
+from dataclasses import asdict, is_dataclass
+from typing import Any
+
+import networkx as nx
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from graphstore.api import Store
+from graphstore.connection import open_driver, settings_from_env
+from graphstore.errors import GraphStoreError
+
+COLORS = {"kept": "#4c78a8", "lost": "#e45756", "gained": "#54a24b", "a": "#f58518", "b": "#4c78a8",
+          "shared": "#72b7b2", "node": "#4c78a8"}
+
+
+@st.cache_resource(show_spinner=False)
+def _store() -> Store:
+    return Store(open_driver(settings_from_env()))
+
+
+def store() -> Store:
+    """The shared ``Store``; stops the page with a clear message when Neo4j cannot be reached."""
+    try:
+        return _store()
+    except GraphStoreError as exc:
+        st.error(str(exc))
+        st.stop()
+        raise
+
+
+def context() -> tuple[str, str]:
+    """Sidebar pickers for the model and the pathway setting; returns their ids."""
+    s = store()
+    models = [m["id"] for m in s.models()]
+    if not models:
+        st.info("The store is empty. Load a run with `pathx load RUN_DIR` (or run `make demo`).")
+        st.stop()
+    model_id = st.sidebar.selectbox("Model", models, key="model")
+    configs = s.configs(model_id)
+    if not configs:
+        st.info("This model has no pathways yet.")
+        st.stop()
+    labels = {c.config: f"{c.config} · {c.params} ({c.pathways} pathways)" for c in configs}
+    config = st.sidebar.selectbox("Pathway setting", list(labels), format_func=labels.__getitem__, key="config")
+    return str(model_id), str(config)
+
+
+def table(rows: Any) -> pd.DataFrame:
+    """Dataclasses or dicts as a DataFrame."""
+    items = [asdict(r) if is_dataclass(r) and not isinstance(r, type) else dict(r) for r in rows]
+    return pd.DataFrame(items)
+
+
+def class_names(model_id: str) -> dict[int, str]:
+    return {c.index: c.name for c in store().classes(model_id)}
+
+
+def short(neuron_id: str) -> str:
+    """``model/site/channel`` -> ``site/channel`` for labels."""
+    return neuron_id.split("/", 1)[-1]
+
+
+def pathway_dot(
+    graph: nx.DiGraph,
+    colors: Mapping[str, str] | None = None,
+    max_edges: int = 300,
+    title: str = "",
+) -> str:
+    """A layered DOT drawing: one column per layer, node size ~ |contribution|, pen ~ |weight|.
+
+    Only the ``max_edges`` strongest edges are drawn so large pathways stay readable.
+    """
+    colors = colors or {}
+    nodes = list(graph.nodes(data=True))
+    contrib = np.array([abs(d.get("contribution") or 0.0) for _, d in nodes]) if nodes else np.zeros(0)
+    cmax = float(contrib.max()) if contrib.size and contrib.max() > 0 else 1.0
+    edges = sorted(graph.edges(data=True), key=lambda e: -abs(e[2].get("weight", 0.0)))[:max_edges]
+    wmax = max((abs(e[2].get("weight", 0.0)) for e in edges), default=1.0) or 1.0
+    layers: dict[int, list[tuple[str, dict[str, Any]]]] = {}
+    for n, d in nodes:
+        layers.setdefault(int(d.get("layer_index", 0)), []).append((n, d))
+    lines = ["digraph P {", 'rankdir=LR; splines=false; nodesep=0.08; ranksep=1.1; bgcolor="transparent";',
+             'node [shape=circle, style=filled, fontname="Helvetica", fontsize=8, fixedsize=true, label=""];',
+             'edge [arrowsize=0.3];']
+    if title:
+        lines.append(f'label="{html.escape(title)}"; labelloc=t; fontname="Helvetica";')
+    for li in sorted(layers):
+        site = html.escape(str(layers[li][0][1].get("site", li)))
+        lines.append(f'subgraph cluster_{li} {{ label="{site}"; fontsize=9; color="#dddddd";')
+        for n, d in sorted(layers[li], key=lambda t: int(t[1].get("channel", 0))):
+            size = 0.18 + 0.42 * abs(d.get("contribution") or 0.0) / cmax
+            color = colors.get(n, COLORS["node"])
+            tip = html.escape(f"{short(n)} contribution {d.get('contribution', 0.0):.4g}")
+            lines.append(f'"{html.escape(n)}" [width={size:.2f}, fillcolor="{color}", tooltip="{tip}", '
+                         f'xlabel="{int(d.get("channel", 0))}"];')
+        lines.append("}")
+    for u, v, d in edges:
+        w = float(d.get("weight", 0.0))
+        pen = 0.3 + 3.0 * abs(w) / wmax
+        color = "#e45756" if w < 0 else "#555555"
+        lines.append(f'"{html.escape(u)}" -> "{html.escape(v)}" [penwidth={pen:.2f}, color="{color}80"];')
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def saliency_figure(saliency: np.ndarray, title: str = "Pathway Gradient") -> go.Figure:
+    """Signed saliency as a diverging heatmap (image orientation)."""
+    lim = float(np.abs(saliency).max()) or 1.0
+    fig = go.Figure(go.Heatmap(z=saliency, zmin=-lim, zmax=lim, colorscale="RdBu_r", showscale=True))
+    fig.update_layout(title=title, height=300, margin={"l": 10, "r": 10, "t": 40, "b": 10},
+                      yaxis={"autorange": "reversed", "scaleanchor": "x"}, xaxis={"visible": False})
+    fig.update_yaxes(visible=False)
+    return fig
+
+
+def heatmap_figure(matrix: np.ndarray, labels: list[str], title: str) -> go.Figure:
+    fig = go.Figure(go.Heatmap(z=matrix, x=labels, y=labels, colorscale="Viridis", zmin=0, zmax=1,
+                               text=np.round(matrix, 2), texttemplate="%{text}"))
+    fig.update_layout(title=title, height=480, margin={"l": 10, "r": 10, "t": 40, "b": 10},
+                      yaxis={"autorange": "reversed"})
+    return fig

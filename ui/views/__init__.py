@@ -1,0 +1,1 @@
+"""Pages (views) of the Streamlit app (run as scripts by ``st.navigation``)."""

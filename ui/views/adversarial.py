@@ -1,0 +1,87 @@
+"""Adversarial: original vs attacked image, both pathways in one graph, overlap by layer, hijacked neurons."""
+
+from __future__ import annotations
+
+import io
+
+import networkx as nx
+import numpy as np
+import plotly.express as px
+import streamlit as st
+from PIL import Image
+
+from ui.common import COLORS, class_names, context, pathway_dot, store, table
+
+st.title("Adversarial")
+model_id, config = context()
+s = store()
+names = class_names(model_id)
+attack = st.selectbox("Attack", ["pgd", "fgsm"], key="adv_kind")
+pairs = s.variant_pairs(model_id, config, attack)
+if not pairs:
+    st.info(f"No {attack} variants in the store.")
+    st.stop()
+originals = sorted({p["original"] for p in pairs})
+sources = {im.id: im.source for im in s.images(model_id, kind="original", limit=100_000)}
+original = st.selectbox("Original image", originals, format_func=lambda i: sources.get(i, i), key="adv_orig")
+mine = [p for p in pairs if p["original"] == original]
+settings = [p["setting"] for p in mine]
+setting = st.select_slider("Strength", options=settings, key="adv_strength") if len(settings) > 1 else settings[0]
+pair = next(p for p in mine if p["setting"] == setting)
+
+orig, adv = s.image(pair["original"]), s.image(pair["variant"])
+c1, c2, c3 = st.columns(3)
+with c1:
+    st.image(orig.png, width=180, caption=f"original: {names.get(orig.predicted)} ({orig.prob:.2f})")
+with c2:
+    st.image(adv.png, width=180, caption=f"{attack}: {names.get(adv.predicted)} ({adv.prob:.2f})")
+with c3:
+    a = np.asarray(Image.open(io.BytesIO(orig.png)), dtype=np.float32)
+    b = np.asarray(Image.open(io.BytesIO(adv.png)), dtype=np.float32)
+    diff = b - a
+    lim = float(np.abs(diff).max()) or 1.0
+    vis = ((diff / lim) * 127 + 128).clip(0, 255).astype(np.uint8)
+    st.image(vis, width=180, caption=f"perturbation (max |Δ| = {lim / 255:.3f})")
+
+shift = s.adversarial_shift(pair["variant"], config)
+m1, m2, m3, m4 = st.columns(4)
+m1.metric("Kept", len(shift.kept))
+m2.metric("Lost", len(shift.lost))
+m3.metric("Gained", len(shift.gained))
+first = shift.first_departure if shift.first_departure is not None else shift.first_change
+site_of = {o.layer_index: o.site for o in shift.per_layer}
+m4.metric("First layer of departure", site_of.get(first, "none") if first is not None else "none")
+
+graph = nx.DiGraph()
+colors: dict[str, str] = {}
+for group, color in ((shift.kept, COLORS["kept"]), (shift.lost, COLORS["lost"]), (shift.gained, COLORS["gained"])):
+    for c in group:
+        graph.add_node(c.neuron, site=c.site, layer_index=c.layer_index, channel=int(c.neuron.rsplit("/", 1)[1]),
+                       contribution=c.variant if c.variant is not None else c.original)
+        colors[c.neuron] = color
+for pid in (pair["original_pathway"], pair["variant_pathway"]):
+    for u, v, d in s.pathway_graph(pid).edges(data=True):
+        graph.add_edge(u, v, weight=d["weight"])
+st.caption("blue: kept · red: lost (only in the original's pathway) · green: gained (only under attack)")
+st.graphviz_chart(pathway_dot(graph, colors, max_edges=250))
+
+overlap = table(shift.per_layer)
+overlap["jaccard"] = [o.jaccard for o in shift.per_layer]
+st.plotly_chart(px.line(overlap, x="site", y="jaccard", markers=True, range_y=[0, 1.05],
+                        title="Overlap of the two pathways per layer"), key="adv_overlap")
+st.dataframe(table([{"neuron": c.neuron, "site": c.site, "original": c.original, "variant": c.variant,
+                     "delta": c.delta} for c in shift.kept + shift.lost + shift.gained]),
+             hide_index=True, key="adv_changes")
+
+st.subheader("Most hijacked neurons")
+label = st.selectbox("Class of the originals", [None, *names], format_func=lambda i: "all" if i is None else names[i],
+                     key="adv_class")
+hijacked = s.hijacked_neurons(model_id, config, attack, label, 15)
+if hijacked:
+    rows = [{"neuron": h.neuron, "site": h.site, "setting": k, "share": v} for h in hijacked
+            for k, v in h.by_setting.items()]
+    st.plotly_chart(px.bar(table(rows), x="neuron", y="share", color="setting", barmode="group",
+                           title="Share of attacked images that gain the neuron, by strength"), key="adv_hijack")
+    st.dataframe(table(hijacked), hide_index=True, key="adv_hijack_table")
+else:
+    st.info("No gained neurons for this selection.")

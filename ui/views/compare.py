@@ -1,0 +1,63 @@
+"""Compare classes: similarity heatmap, shared and distinctive neurons, per-layer overlap."""
+
+from __future__ import annotations
+
+import networkx as nx
+import plotly.express as px
+import streamlit as st
+
+from ui.common import COLORS, class_names, context, heatmap_figure, pathway_dot, store, table
+
+st.title("Compare classes")
+model_id, config = context()
+s = store()
+names = class_names(model_id)
+classes = {c.index: c.id for c in s.classes(model_id)}
+min_support = st.slider("Support threshold s", 0.05, 1.0, 0.5, step=0.05, key="cmp_support")
+metric = st.radio("Similarity", ["Jaccard", "contribution-weighted"], horizontal=True, key="cmp_metric")
+sim = s.similarity_matrix(model_id, config, min_support)
+matrix = sim.jaccard if metric == "Jaccard" else sim.weighted
+st.plotly_chart(heatmap_figure(matrix, sim.class_names, f"Class similarity ({metric})"), key="cmp_heatmap")
+
+a_col, b_col = st.columns(2)
+a = a_col.selectbox("Class A", list(names), format_func=names.__getitem__, key="cmp_a")
+b = b_col.selectbox("Class B", list(names), index=min(1, len(names) - 1), format_func=names.__getitem__,
+                    key="cmp_b")
+shared = s.shared_pathways(classes[a], classes[b], config, min_support)
+m1, m2, m3, m4 = st.columns(4)
+m1.metric("Shared neurons", len(shared.shared))
+m2.metric(f"Only {names[a]}", len(shared.only_a))
+m3.metric(f"Only {names[b]}", len(shared.only_b))
+m4.metric("Shared edges", len(shared.shared_edges))
+
+graph = nx.DiGraph()
+colors: dict[str, str] = {}
+for na, nb in shared.shared:
+    graph.add_node(na.neuron, site=na.site, layer_index=na.layer_index, channel=na.channel,
+                   contribution=(na.mean_contribution + nb.mean_contribution) / 2)
+    colors[na.neuron] = COLORS["shared"]
+for group, color in ((shared.only_a, COLORS["a"]), (shared.only_b, COLORS["b"])):
+    for n in group:
+        graph.add_node(n.neuron, site=n.site, layer_index=n.layer_index, channel=n.channel,
+                       contribution=n.mean_contribution)
+        colors[n.neuron] = color
+for src, dst, sa, sb in shared.shared_edges:
+    if src in graph and dst in graph:
+        graph.add_edge(src, dst, weight=(sa + sb) / 2)
+st.caption(f"teal: shared · orange: only {names[a]} · blue: only {names[b]} · edges: shared by both classes")
+st.graphviz_chart(pathway_dot(graph, colors))
+
+overlap = table(shared.per_layer)
+if not overlap.empty:
+    overlap["jaccard"] = [o.jaccard for o in shared.per_layer]
+    st.plotly_chart(px.line(overlap, x="site", y="jaccard", markers=True, range_y=[0, 1.05],
+                            title="Per-layer overlap"), key="cmp_overlap")
+
+st.subheader("Class signatures")
+max_other = st.slider("Largest support in any other class", 0.0, 1.0, 0.2, step=0.05, key="cmp_other")
+s1, s2 = st.columns(2)
+for col, idx in ((s1, a), (s2, b)):
+    with col:
+        st.caption(names[idx])
+        st.dataframe(table(s.class_signature(classes[idx], config, min_support, max_other)), hide_index=True,
+                     key=f"sig_{idx}")

@@ -1,0 +1,65 @@
+"""Image: the image, its prediction, Pathway Gradient saliency, and the pathway as a layered graph."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from ui.common import class_names, context, pathway_dot, saliency_figure, short, store, table
+
+st.title("Image")
+model_id, config = context()
+s = store()
+names = class_names(model_id)
+
+f1, f2, f3 = st.columns(3)
+kinds = ["original", "fgsm", "pgd", "occlude", "shift", "deform"]
+kind = f1.selectbox("Kind", kinds, key="img_kind")
+label = f2.selectbox("Label", [None, *names], format_func=lambda i: "any" if i is None else names[i], key="img_label")
+pred = f3.selectbox("Prediction", [None, *names], format_func=lambda i: "any" if i is None else names[i],
+                    key="img_pred")
+images = s.images(model_id, kind=kind, label=label, predicted=pred, limit=500)
+if not images:
+    st.info("No image matches these filters.")
+    st.stop()
+by_id = {im.id: im for im in images}
+image_id = st.selectbox("Image", list(by_id), key="img_id",
+                        format_func=lambda i: f"{by_id[i].source} · {by_id[i].setting or 'original'}")
+detail = s.image(image_id)
+pathway = s.pathway_of(image_id, config)
+
+c1, c2, c3 = st.columns([1, 1, 2])
+with c1:
+    st.image(detail.png, width=180, caption=detail.source)
+with c2:
+    st.metric("Prediction", names.get(detail.predicted, str(detail.predicted)), f"p = {detail.prob:.3f}",
+              delta_color="off")
+    st.metric("Label", names.get(detail.label, "unknown"))
+    st.metric("Masked logit / full logit", f"{pathway.logit_ratio:.3f}")
+    st.caption(f"pathway {pathway.id} · {pathway.size} neurons")
+with c3:
+    st.plotly_chart(saliency_figure(pathway.saliency), key="saliency")
+
+st.subheader("Pathway")
+max_edges = st.slider("Strongest edges shown", 20, 1000, 200, step=20, key="img_edges")
+graph = s.pathway_graph(pathway.id)
+st.graphviz_chart(pathway_dot(graph, max_edges=max_edges))
+
+st.subheader("Neuron")
+neurons = sorted(graph.nodes(data=True), key=lambda t: t[1]["rank"])
+neuron = st.selectbox("Neuron (by rank)", [n for n, _ in neurons], format_func=short, key="img_neuron")
+info = s.neuron(neuron, config)
+n1, n2 = st.columns(2)
+with n1:
+    st.metric("Contribution in this pathway", f"{graph.nodes[neuron]['contribution']:.4g}")
+    st.caption("Support of this neuron in each class")
+    st.dataframe(table(info["classes"]), hide_index=True, key="neuron_classes")
+with n2:
+    st.caption("Images whose pathways use it most")
+    st.dataframe(table(s.neuron_top_images(neuron, config, 10)), hide_index=True, key="neuron_images")
+
+st.subheader("Nearest images by pathway overlap")
+st.dataframe(table(s.similar_images(image_id, config, 8)), hide_index=True, key="similar")
+agreement = s.method_agreement(image_id)
+if agreement:
+    st.subheader("Agreement between pathway settings (Jaccard)")
+    st.dataframe(table(agreement)[["config_a", "config_b", "jaccard"]], hide_index=True, key="agreement")
