@@ -234,9 +234,11 @@ def extract(
 @app.command("load")
 def load(run_dir: Annotated[Path, typer.Argument(help="Run folder written by `pathx extract`.")]) -> None:
     """Load a run into Neo4j (idempotent; resumes after a crash)."""
+    from extractor.records import read_manifest
     from graphstore.loader import load_run
 
     with _errors():
+        read_manifest(run_dir)  # bad input fails before any connection is made
         driver = _driver()
         try:
             s = load_run(driver, run_dir)

@@ -1,0 +1,104 @@
+"""Independent answers computed straight from record files (numpy / networkx), for the store tests."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from extractor.records import ImageRecord, Manifest, PathwayRecord, class_id, neuron_id, read_run
+
+PER_IMAGE = ("target", "seed", "top", "left")
+
+
+@dataclass
+class Ref:
+    manifest: Manifest
+    images: dict[str, ImageRecord]
+    pathways: list[PathwayRecord]
+
+    @classmethod
+    def load(cls, run: Path) -> Ref:
+        manifest, images, pathways = read_run(run)
+        return cls(manifest, {i.image_id: i for i in images}, pathways)
+
+    @property
+    def model_id(self) -> str:
+        return self.manifest.model.model_id
+
+    def nid(self, site: int, channel: int) -> str:
+        return neuron_id(self.model_id, self.manifest.model.sites[site].site_id, channel)
+
+    def neurons(self, pw: PathwayRecord) -> dict[str, tuple[int, float]]:
+        return {self.nid(int(s), int(c)): (int(s), float(v))
+                for s, c, v in zip(pw.neuron_site, pw.neuron_channel, pw.neuron_contribution, strict=True)}
+
+    def edges(self, pw: PathwayRecord) -> dict[tuple[str, str], float]:
+        return {(self.nid(int(a), int(b)), self.nid(int(c), int(d))): float(w) for a, b, c, d, w in
+                zip(pw.edge_src_site, pw.edge_src_channel, pw.edge_dst_site, pw.edge_dst_channel, pw.edge_weight,
+                    strict=True)}
+
+    def of_config(self, config: str) -> list[PathwayRecord]:
+        return [p for p in self.pathways if p.config == config]
+
+    def pathway(self, image_id: str, config: str) -> PathwayRecord:
+        return next(p for p in self.pathways if p.image_id == image_id and p.config == config)
+
+    def support(self, config: str) -> dict[int, dict[str, tuple[float, float]]]:
+        """class index -> neuron -> (support, mean contribution) over originals' pathways."""
+        by_class: dict[int, list[PathwayRecord]] = defaultdict(list)
+        for p in self.of_config(config):
+            if self.images[p.image_id].kind == "original":
+                by_class[p.target].append(p)
+        out: dict[int, dict[str, tuple[float, float]]] = {}
+        for c, pws in by_class.items():
+            contrib: dict[str, list[float]] = defaultdict(list)
+            for p in pws:
+                for n, (_, v) in self.neurons(p).items():
+                    contrib[n].append(v)
+            out[c] = {n: (len(v) / len(pws), float(np.mean(v))) for n, v in contrib.items()}
+        return out
+
+    def counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        m = self.manifest.model
+        configs = {p.config for p in self.pathways}
+        uses = sum(len(t) for cfg in configs for t in self.support(cfg).values())
+        nodes = {"Model": 1, "Layer": len(m.sites), "Neuron": sum(s.channels for s in m.sites),
+                 "Class": m.num_classes, "Image": len(self.images), "Pathway": len(self.pathways)}
+        rels = {"HAS_LAYER": len(m.sites), "NEXT": len(m.sites) - 1, "HAS_NEURON": nodes["Neuron"],
+                "HAS_CLASS": m.num_classes, "PREDICTED_AS": len(self.images),
+                "LABELED_AS": sum(1 for i in self.images.values() if i.label >= 0),
+                "VARIANT_OF": sum(1 for i in self.images.values() if i.variant_of),
+                "FOR_IMAGE": len(self.pathways), "EXPLAINS": len(self.pathways),
+                "INCLUDES": sum(len(p.neuron_channel) for p in self.pathways),
+                "FLOWS_TO": sum(len(p.edge_weight) for p in self.pathways), "USES": uses}
+        return nodes, rels
+
+    def setting(self, im: ImageRecord) -> str:
+        return json.dumps({k: v for k, v in json.loads(im.params).items() if k not in PER_IMAGE}, sort_keys=True)
+
+    def pairs(self, config: str, kind: str | None = None) -> list[tuple[ImageRecord, PathwayRecord, PathwayRecord]]:
+        out = []
+        for im in self.images.values():
+            if im.variant_of and (kind is None or im.kind == kind):
+                out.append((im, self.pathway(im.image_id, config), self.pathway(im.variant_of, config)))
+        return out
+
+    def accuracy_by_variant(self) -> dict[tuple[str, str], tuple[int, float]]:
+        groups: dict[tuple[str, str], list[bool]] = defaultdict(list)
+        for im in self.images.values():
+            if im.variant_of:
+                groups[(im.kind, self.setting(im))].append(im.predicted == self.images[im.variant_of].label)
+        return {k: (len(v), float(np.mean(v))) for k, v in groups.items()}
+
+    def class_ids(self) -> list[str]:
+        return [class_id(self.model_id, i) for i in range(self.manifest.model.num_classes)]
+
+    def hijack_counts(self, config: str, kind: str) -> Counter[str]:
+        c: Counter[str] = Counter()
+        for _, pv, po in self.pairs(config, kind):
+            c.update(set(self.neurons(pv)) - set(self.neurons(po)))
+        return c

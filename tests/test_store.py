@@ -1,0 +1,271 @@
+"""Loading and every named query on a real Neo4j, checked against numpy/networkx recomputation."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from extractor.records import pathway_to_networkx
+from graphstore.api import Store
+from graphstore.errors import NotFound
+from graphstore.loader import load_run
+from graphstore.server import USER, read_password
+from tests.conftest import wipe
+from tests.reference import Ref
+
+pytestmark = pytest.mark.store
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def assert_close_map(got: dict, want: dict) -> None:  # type: ignore[type-arg]
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert np.allclose(np.asarray(got[k], dtype=float), np.asarray(v, dtype=float), rtol=1e-5, atol=1e-6), k
+
+
+@pytest.fixture(scope="module")
+def ref(fixture_run: Path) -> Ref:
+    return Ref.load(fixture_run)
+
+
+@pytest.fixture()
+def store(loaded_store: object) -> Store:
+    return Store(loaded_store)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def config(ref: Ref) -> str:
+    return sorted({p.config for p in ref.pathways if p.method == "mct"})[0]
+
+
+def test_counts_equal_records_and_reload_changes_nothing(store: Store, ref: Ref, fixture_run: Path) -> None:
+    nodes, rels = store.counts()
+    want_nodes, want_rels = ref.counts()
+    assert nodes == want_nodes
+    assert rels == want_rels
+    summary = load_run(store.driver, fixture_run, progress=False)
+    assert summary.pathways_new == 0 and summary.includes == 0 and summary.edges == 0
+    assert store.counts() == (nodes, rels)
+
+
+def test_pathway_graph_equals_records(store: Store, ref: Ref) -> None:
+    for pw in ref.pathways[:: max(1, len(ref.pathways) // 12)]:
+        got = store.pathway_graph(pw.pathway_id)
+        want = pathway_to_networkx(pw, ref.manifest.model)
+        assert set(got.nodes) == set(want.nodes)
+        assert set(got.edges) == set(want.edges)
+        for u, v, d in want.edges(data=True):
+            assert got.edges[u, v]["weight"] == pytest.approx(d["weight"], rel=1e-6)
+        for n, d in want.nodes(data=True):
+            assert got.nodes[n]["contribution"] == pytest.approx(d["contribution"], rel=1e-6)
+            assert got.nodes[n]["rank"] == d["rank"]
+        info = store.pathway_of(pw.image_id, pw.config)
+        assert info.logit_ratio == pytest.approx(pw.logit_ratio, rel=1e-6)
+        assert np.allclose(info.saliency, pw.saliency)
+
+
+def test_top_neurons_and_support(store: Store, ref: Ref, config: str) -> None:
+    support = ref.support(config)
+    for cls_index, table in support.items():
+        cid = ref.class_ids()[cls_index]
+        got = store.top_neurons(cid, config, limit=1000)
+        assert_close_map({n.neuron: (n.support, n.mean_contribution) for n in got}, table)
+        assert [n.support for n in got] == sorted((n.support for n in got), reverse=True)
+
+
+def test_similarity_matrix(store: Store, ref: Ref, config: str) -> None:
+    support = ref.support(config)
+    sim = store.similarity_matrix(ref.model_id, config, 0.5)
+    k = ref.manifest.model.num_classes
+    sets = [{n for n, (s, _) in support.get(i, {}).items() if s >= 0.5} for i in range(k)]
+    w = [{n: s * abs(m) for n, (s, m) in support.get(i, {}).items()} for i in range(k)]
+    for i, j in itertools.product(range(k), repeat=2):
+        union = sets[i] | sets[j]
+        assert sim.jaccard[i, j] == pytest.approx(len(sets[i] & sets[j]) / len(union) if union else 1.0)
+        keys = w[i].keys() | w[j].keys()
+        den = sum(max(w[i].get(n, 0), w[j].get(n, 0)) for n in keys)
+        num = sum(min(w[i].get(n, 0), w[j].get(n, 0)) for n in keys)
+        assert sim.weighted[i, j] == pytest.approx(num / den if den else 1.0)
+
+
+def test_shared_pathways_and_signature(store: Store, ref: Ref, config: str) -> None:
+    support = ref.support(config)
+    a, b = sorted(support)[:2]
+    ids = ref.class_ids()
+    res = store.shared_pathways(ids[a], ids[b], config, 0.5)
+    sa = {n for n, (s, _) in support[a].items() if s >= 0.5}
+    sb = {n for n, (s, _) in support[b].items() if s >= 0.5}
+    assert {x.neuron for x, _ in res.shared} == sa & sb
+    assert {x.neuron for x in res.only_a} == sa - sb
+    assert {x.neuron for x in res.only_b} == sb - sa
+    for o in res.per_layer:
+        assert o.shared == sum(1 for n in sa & sb if n.split("/")[1] == o.site)
+    # edge support recomputed per class with networkx
+    def edge_support(c: int) -> dict[tuple[str, str], float]:
+        pws = [p for p in ref.of_config(config) if p.target == c and ref.images[p.image_id].kind == "original"]
+        g = nx.DiGraph()
+        for p in pws:
+            for e in ref.edges(p):
+                g.add_edge(*e, k=g.edges[e]["k"] + 1 if g.has_edge(*e) else 1)
+        return {(u, v): d["k"] / len(pws) for u, v, d in g.edges(data=True) if d["k"] / len(pws) >= 0.5}
+
+    ea, eb = edge_support(a), edge_support(b)
+    assert {(s, d) for s, d, _, _ in res.shared_edges} == ea.keys() & eb.keys()
+    sig = store.class_signature(ids[a], config, 0.5, 0.2)
+    want = set()
+    for n, (s, _) in support[a].items():
+        others = [support.get(c, {}).get(n, (0.0, 0.0))[0] for c in range(len(ids)) if c != a]
+        if s >= 0.5 and max(others) <= 0.2:
+            want.add(n)
+    assert {x.neuron for x in sig} == want
+
+
+def test_adversarial_shift_and_hijacks(store: Store, ref: Ref, config: str) -> None:
+    pairs = ref.pairs(config, "pgd")
+    assert pairs
+    for im, pv, po in pairs[:6]:
+        shift = store.adversarial_shift(im.image_id, config)
+        nv, no = ref.neurons(pv), ref.neurons(po)
+        assert {c.neuron for c in shift.kept} == nv.keys() & no.keys()
+        assert {c.neuron for c in shift.lost} == no.keys() - nv.keys()
+        assert {c.neuron for c in shift.gained} == nv.keys() - no.keys()
+        for c in shift.kept:
+            assert c.delta == pytest.approx(nv[c.neuron][1] - no[c.neuron][1], rel=1e-5, abs=1e-6)
+        first = None
+        for site in range(len(ref.manifest.model.sites)):
+            a = {n for n, v in no.items() if v[0] == site}
+            b = {n for n, v in nv.items() if v[0] == site}
+            if a != b:
+                first = site
+                break
+        assert shift.first_change == first
+    counts = ref.hijack_counts(config, "pgd")
+    got = store.hijacked_neurons(ref.model_id, config, "pgd", limit=1000)
+    assert {h.neuron: h.count for h in got} == dict(counts)
+    assert all(h.share == pytest.approx(h.count / len(pairs)) for h in got)
+
+
+def test_variant_overlap_counts_and_accuracy(store: Store, ref: Ref, config: str) -> None:
+    rows = store.variant_overlap(ref.model_id, config, "occlude")
+    pairs = ref.pairs(config, "occlude")
+    for r in rows:
+        vals = []
+        for _, pv, po in pairs:
+            a = {n for n, v in ref.neurons(po).items() if v[0] == r.layer_index}
+            b = {n for n, v in ref.neurons(pv).items() if v[0] == r.layer_index}
+            vals.append(len(a & b) / len(a | b) if a | b else 1.0)
+        assert r.mean_jaccard == pytest.approx(float(np.mean(vals)))
+        assert r.pairs == len(pairs)
+    counts = store.pathway_counts(config)
+    for c in counts:
+        pws = [p for p in ref.of_config(config) if ref.images[p.image_id].kind == c.kind
+               and (ref.setting(ref.images[p.image_id]) if c.kind != "original" else "") == c.setting]
+        per = [int(np.sum(p.neuron_site == c.layer_index)) for p in pws]
+        per = [x for x in per if x > 0]
+        assert c.mean_neurons == pytest.approx(float(np.mean(per)))
+    acc = {(r["kind"], r["setting"]): (r["images"], r["accuracy"]) for r in store.accuracy_by_variant(ref.model_id)}
+    assert_close_map(acc, ref.accuracy_by_variant())
+
+
+def test_similar_images_and_method_agreement(store: Store, ref: Ref, config: str) -> None:
+    original = next(i for i in ref.images.values() if i.kind == "original")
+    mine = ref.neurons(ref.pathway(original.image_id, config))
+    want = {}
+    for p in ref.of_config(config):
+        if p.image_id != original.image_id:
+            other = ref.neurons(p)
+            inter = len(mine.keys() & other.keys())
+            if inter:
+                want[p.image_id] = inter / len(mine.keys() | other.keys())
+    got = store.similar_images(original.image_id, config, limit=10_000)
+    assert {s.image_id: s.jaccard for s in got} == pytest.approx(want)
+    agreement = store.method_agreement(original.image_id)
+    pws = [p for p in ref.pathways if p.image_id == original.image_id]
+    assert len(agreement) == len(pws) * (len(pws) - 1) // 2
+    by = {p.config: set(ref.neurons(p)) for p in pws}
+    for a in agreement:
+        x, y = by[a.config_a], by[a.config_b]
+        assert a.jaccard == pytest.approx(len(x & y) / len(x | y))
+
+
+def test_unknown_ids_give_not_found(store: Store, config: str) -> None:
+    with pytest.raises(NotFound, match="unknown image"):
+        store.image("no-such-image")
+    with pytest.raises(NotFound, match="unknown class"):
+        store.top_neurons("nope/1", config)
+    with pytest.raises(NotFound, match="unknown pathway"):
+        store.pathway_graph("x' OR 1=1 //")
+
+
+def test_export_graphml_and_gexf(store: Store, ref: Ref, tmp_path: Path) -> None:
+    ids = [p.pathway_id for p in ref.pathways[:3]]
+    g = store.export_pathways(ids, tmp_path / "p.graphml")
+    back = nx.read_graphml(tmp_path / "p.graphml")
+    assert back.number_of_nodes() == g.number_of_nodes() > 0
+    assert back.number_of_edges() == g.number_of_edges()
+    store.export_pathways(ids, tmp_path / "p.gexf")
+    assert nx.read_gexf(tmp_path / "p.gexf").number_of_nodes() == g.number_of_nodes()
+
+
+def _env(neo4j_server: object) -> dict[str, str]:
+    return dict(os.environ, NEO4J_URI=neo4j_server.bolt_uri, NEO4J_USER=USER,  # type: ignore[attr-defined]
+                NEO4J_PASSWORD=read_password(neo4j_server))  # type: ignore[arg-type]
+
+
+def test_killed_load_then_rerun_gives_clean_counts(driver: object, neo4j_server: object, fixture_run: Path,
+                                                   ref: Ref) -> None:
+    wipe(driver)
+    env = _env(neo4j_server)
+    for delay in (2.5, 4.0, 5.5):
+        proc = subprocess.Popen([sys.executable, "-m", "pathx.cli", "load", str(fixture_run)], env=env, cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    # no half pathway: every pathway present has all its INCLUDES and FLOWS_TO
+    with driver.session(database="neo4j") as s:  # type: ignore[attr-defined]
+        rows = s.run("MATCH (p:Pathway) OPTIONAL MATCH (p)-[i:INCLUDES]->() "
+                     "RETURN p.id AS id, p.size AS size, count(i) AS n").data()
+    for r in rows:
+        assert r["n"] == r["size"], r["id"]
+    done = subprocess.run([sys.executable, "-m", "pathx.cli", "load", str(fixture_run)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert Store(driver).counts() == ref.counts()  # type: ignore[arg-type]
+
+
+NASTY = ["it's \"quoted\"", "back\\slash", "'}) MATCH (n) DETACH DELETE n //", "RETURN 1; DROP", "ünï ✓"]
+
+
+def test_hostile_class_names_round_trip(empty_store: object, tmp_path: Path) -> None:
+    from extractor.models import make_bundle
+    from extractor.pathways import PathwaySettings
+    from extractor.pipeline import ImageSet, extract_run
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, len(NASTY)))
+    bundle = make_bundle(model, "tiny", (1, 6, 6), NASTY)
+    imgs = ImageSet(torch.rand(4, 1, 6, 6), torch.tensor([0, 1, 2, 3]), [f"x{i}" for i in range(4)])
+    extract_run(bundle, imgs, [PathwaySettings(k=2)], [], tmp_path / "run", progress=False)
+    load_run(empty_store, tmp_path / "run", progress=False)  # type: ignore[arg-type]
+    store = Store(empty_store)  # type: ignore[arg-type]
+    assert [c.name for c in store.classes(bundle.info.model_id)] == NASTY
+    nodes, _ = store.counts()
+    assert nodes["Image"] == 4
+    for name in NASTY:
+        with pytest.raises(NotFound):
+            store.image(name)
+        with pytest.raises(NotFound):
+            store.top_neurons(name, "any")
+    assert store.counts()[0] == nodes
