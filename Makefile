@@ -19,9 +19,11 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-# Debian's Chromium for the browser tests (never a browser download).
+# Debian's Chromium for the browser tests (never a browser download), and docker-compose to lint
+# docker/compose.yml where no `docker compose` plugin exists.
 chromium:
-	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+	@command -v chromium >/dev/null 2>&1 && { docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1; } \
+	  || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium docker-compose >/dev/null; }
 
 # Neo4j 5.26 jars from Maven Central into $(PATHX_HOME)/neo4j/lib (once).
 neo4j: install

@@ -1,0 +1,108 @@
+"""Each page under ``streamlit.testing``: widgets present and shown values equal the query layer's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from graphstore.api import Store
+from graphstore.server import USER, read_password
+
+pytestmark = pytest.mark.store
+UI = Path(__file__).resolve().parent.parent / "ui"
+
+
+@pytest.fixture()
+def app(loaded_store: object, neo4j_server: object, monkeypatch: pytest.MonkeyPatch) -> Store:
+    monkeypatch.setenv("NEO4J_URI", neo4j_server.bolt_uri)  # type: ignore[attr-defined]
+    monkeypatch.setenv("NEO4J_USER", USER)
+    monkeypatch.setenv("NEO4J_PASSWORD", read_password(neo4j_server))  # type: ignore[arg-type]
+    return Store(loaded_store)  # type: ignore[arg-type]
+
+
+def open_page(name: str) -> AppTest:
+    at = AppTest.from_file(str(UI / "app.py"), default_timeout=120).run()
+    if name != "overview":
+        at.switch_page(str(UI / "views" / f"{name}.py")).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def test_overview(app: Store) -> None:
+    at = open_page("overview")
+    s = app.summary()
+    got = metrics(at)
+    assert got["Images"] == f"{s.images:,}" and got["Pathways"] == f"{s.pathways:,}"
+    assert got["Edges"] == f"{s.edges:,}" and got["Classes"] == f"{s.classes:,}"
+    assert len(at.get("plotly_chart")) >= 2
+
+
+def test_image_page(app: Store) -> None:
+    at = open_page("image")
+    model = at.selectbox(key="model").value
+    config = at.selectbox(key="config").value
+    image_id = at.selectbox(key="img_id").value
+    detail = app.image(image_id)
+    names = {c.index: c.name for c in app.classes(model)}
+    assert metrics(at)["Prediction"] == names[detail.predicted]
+    pathway = app.pathway_of(image_id, config)
+    assert metrics(at)["Masked logit / full logit"] == f"{pathway.logit_ratio:.3f}"
+    dot = at.get("graphviz_chart")[0].proto.spec
+    assert dot.count("fillcolor=") == pathway.size
+    at.selectbox(key="img_kind").set_value("pgd").run()
+    assert not at.exception
+    assert app.image(at.selectbox(key="img_id").value).kind == "pgd"
+
+
+def test_compare_page(app: Store) -> None:
+    at = open_page("compare")
+    model, config = at.selectbox(key="model").value, at.selectbox(key="config").value
+    classes = {c.index: c.id for c in app.classes(model)}
+    at.selectbox(key="cmp_a").set_value(2).run()
+    at.selectbox(key="cmp_b").set_value(7).run()
+    shared = app.shared_pathways(classes[2], classes[7], config, 0.5)
+    got = metrics(at)
+    assert got["Shared neurons"] == str(len(shared.shared))
+    assert got["Shared edges"] == str(len(shared.shared_edges))
+    assert at.get("plotly_chart")
+
+
+def test_adversarial_page(app: Store) -> None:
+    at = open_page("adversarial")
+    model, config = at.selectbox(key="model").value, at.selectbox(key="config").value
+    original = at.selectbox(key="adv_orig").value
+    pairs = [p for p in app.variant_pairs(model, config, "pgd") if p["original"] == original]
+    first = pairs[0]
+    shift = app.adversarial_shift(first["variant"], config)
+    got = metrics(at)
+    assert got["Kept"] == str(len(shift.kept)) and got["Lost"] == str(len(shift.lost))
+    assert got["Gained"] == str(len(shift.gained))
+
+
+def test_variants_page(app: Store) -> None:
+    at = open_page("variants")
+    model, config = at.selectbox(key="model").value, at.selectbox(key="config").value
+    df = at.dataframe[0].value
+    want = {(o.kind, o.setting): o.prediction_changed for k in ("occlude", "shift", "deform")
+            for o in app.variant_overlap(model, config, k)}
+    got = {(r.kind, r.setting): r.prediction_changed for r in df.itertuples()}
+    assert got == pytest.approx(want)
+
+
+def test_cypher_page(app: Store) -> None:
+    at = open_page("cypher")
+    at.selectbox(key="cy_example").set_value("Store contents").run()
+    at.button(key="cy_run").click().run()
+    df = at.dataframe[0].value
+    nodes, _ = app.counts()
+    assert dict(zip(df["label"], df["nodes"], strict=True)) == nodes
+    key = next(t.key for t in at.text_area)
+    at.text_area(key=key).set_value("CREATE (:Evil)").run()
+    at.button(key="cy_run").click().run()
+    assert at.error and "only read queries" in at.error[0].value
