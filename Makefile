@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 export PATHX_HOME ?= $(CURDIR)/.cache
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install chromium neo4j demo test test-fast lint bench clean stop
+.PHONY: install chromium neo4j demo test lint clean stop
 
 install: $(STAMP)
 
@@ -33,13 +33,10 @@ demo: install neo4j
 	$(BIN)/pathx demo
 
 lint: install
-	$(BIN)/ruff check extractor graphstore ui pathx tests bench
+	$(BIN)/ruff check extractor graphstore ui pathx tests
 
 test: install chromium neo4j lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
-
-bench: install neo4j
-	$(BIN)/python bench/run.py
 
 stop:
 	-$(BIN)/pathx db stop

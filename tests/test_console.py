@@ -28,7 +28,7 @@ def test_parameters_are_passed_not_formatted(loaded_store: object) -> None:
     "CREATE INDEX evil IF NOT EXISTS FOR (n:Evil) ON (n.x)", "MERGE (e:Evil {x: 1}) RETURN e",
 ])
 def test_explain_gate_refuses_writes(loaded_store: object, query: str) -> None:
-    with pytest.raises(QueryRefused, match="only read queries|not allowed|refused"):
+    with pytest.raises(QueryRefused, match=r"only read queries|not allowed|refused"):
         run_read_only(loaded_store, query)  # type: ignore[arg-type]
     with loaded_store.session(database="neo4j") as s:  # type: ignore[attr-defined]
         assert s.run("MATCH (e:Evil) RETURN count(e) AS n").single()["n"] == 0
@@ -57,7 +57,7 @@ def test_deny_list(query: str) -> None:
 def test_row_cap_and_timeout(loaded_store: object) -> None:
     res = run_read_only(loaded_store, "UNWIND range(1, 5000) AS i RETURN i", max_rows=100)  # type: ignore[arg-type]
     assert len(res.rows) == 100 and res.truncated
-    with pytest.raises(QueryRefused, match="limit|Cypher error"):
+    with pytest.raises(QueryRefused, match=r"limit|Cypher error"):
         run_read_only(loaded_store,  # type: ignore[arg-type]
                       "UNWIND range(1, 100000000) AS i WITH i WHERE i % 7 = 123 RETURN count(i)", timeout_s=0.5)
 

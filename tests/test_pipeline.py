@@ -119,7 +119,7 @@ def test_image_folder_and_bad_files(tmp_path: Path, demo: tuple) -> None:
     got = load_images(str(folder), bundle)
     assert got.x.shape == (2, 1, 32, 32) and got.labels.tolist() == [3, 3]
     (folder / "digit 3" / "c.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    with pytest.raises(ExtractionError, match="cannot read image .*c.png"):
+    with pytest.raises(ExtractionError, match=r"cannot read image .*c\.png"):
         load_images(str(folder), bundle)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ExtractionError, match="no images"):
