@@ -123,7 +123,7 @@ def train_demo_model(settings: TrainSettings, data: DemoData) -> DemoCNN:
                 loss = F.cross_entropy(model(data.x_train[batch]), data.y_train[batch])
                 loss.backward()
                 opt.step()
-                total += float(loss) * len(batch)
+                total += loss.item() * len(batch)
             log.info("demo epoch %d/%d loss %.4f", epoch + 1, settings.epochs, total / n)
     finally:
         torch.set_num_threads(threads)

@@ -36,7 +36,8 @@ from extractor.sites import SiteHooks
 
 log = logging.getLogger(__name__)
 
-METHODS = ("mct", "intgrad")
+METHODS = ("mct", "intgrad", "correlation", "precision")
+RESAMPLING_METHODS = ("correlation", "precision")
 SELECTIONS = ("topk", "percentile")
 GRANULARITIES = ("element", "channel")
 _EDGE_BUDGET = 48_000_000  # elements of cotangent per batched VJP chunk
@@ -54,6 +55,8 @@ class PathwaySettings:
     intgrad_steps: int = 11
     edge_targets: int = 16
     edges_per_target: int = 8
+    resamples: int = 50
+    noise: float = 0.1
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -70,6 +73,10 @@ class PathwaySettings:
             raise ExtractionError(f"intgrad steps must be at least 2; got {self.intgrad_steps}")
         if self.edge_targets < 1 or self.edges_per_target < 1:
             raise ExtractionError("edge targets and edges per target must be at least 1")
+        if self.method in RESAMPLING_METHODS and self.selection != "topk":
+            raise ExtractionError(f"method {self.method} selects the top-k channels per site; use --top-k")
+        if self.resamples < 3 or not (0.0 < self.noise < 10.0):
+            raise ExtractionError("resampling needs at least 3 copies and a noise std in (0, 10)")
 
     def params(self) -> dict[str, object]:
         data = asdict(self)
@@ -82,6 +89,9 @@ class PathwaySettings:
             data.pop("k")
         if self.method != "intgrad":
             data.pop("intgrad_steps")
+        if self.method not in RESAMPLING_METHODS:
+            data.pop("resamples")
+            data.pop("noise")
         return data
 
     def params_json(self) -> str:
@@ -347,20 +357,43 @@ class BatchPathways:
     saliency: torch.Tensor  # [B, H, W]
     logit_full: torch.Tensor  # [B]
     logit_masked: torch.Tensor  # [B]
+    scores: list[torch.Tensor]  # resampling methods: per site [B, C] score of each channel; else empty
+    extra: list[dict[str, float]]  # per image: method-specific figures
 
 
 def extract_batch(
-    bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings, target: torch.Tensor | None = None
+    bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings, target: torch.Tensor | None = None,
+    seeds: list[int] | None = None,
 ) -> BatchPathways:
-    """Contributions, selection, edges and Pathway Gradient for images ``x`` ``[B, C, H, W]``."""
+    """Contributions, selection, edges and Pathway Gradient for images ``x`` ``[B, C, H, W]``.
+
+    ``seeds`` (one per image) drive the resampling methods' noise; default 0.
+    """
     bundle.check_input(x)
     contrib, attached = mct_contributions(bundle, x, target)
     if settings.method == "intgrad":
         contrib = intgrad_contributions(bundle, x, contrib.target, settings.intgrad_steps, contrib.acts)
     _check_finite("contributions", contrib.element)
-    sel = select(contrib, settings)
+    extra: list[dict[str, float]] = [{} for _ in range(x.shape[0])]
+    if settings.method in RESAMPLING_METHODS:
+        from extractor.resampling import resampling_scores, set_overlap, topk_sets
+
+        rs = resampling_scores(bundle, x, contrib.target, seeds or [0] * x.shape[0], settings.resamples,
+                               settings.noise)
+        corr, prec = topk_sets(rs.correlation, settings.k), topk_sets(rs.precision, settings.k)
+        paper, jac = set_overlap(corr, prec)
+        for b in range(x.shape[0]):
+            extra[b] = {"corr_prec_overlap": float(paper[b]), "corr_prec_jaccard": float(jac[b])}
+        kept = corr if settings.method == "correlation" else prec
+        scores = rs.correlation if settings.method == "correlation" else rs.precision
+        masks = [k.view(*k.shape, *([1] * (e.dim() - 2))).expand_as(e).to(e.dtype)
+                 for k, e in zip(kept, contrib.element, strict=True)]
+        sel = Selection(masks, kept)
+    else:
+        sel = select(contrib, settings)
+        scores = []  # the records score channels by |contribution within the mask|
     edges = compute_edges(contrib, sel, attached, settings)
     del attached
     grad, logit_masked = pathway_gradient(bundle, x, contrib.target, sel.masks)
     logit_full = contrib.logits.gather(1, contrib.target[:, None]).squeeze(1)
-    return BatchPathways(settings, contrib, sel, edges, saliency_map(grad), logit_full, logit_masked)
+    return BatchPathways(settings, contrib, sel, edges, saliency_map(grad), logit_full, logit_masked, scores, extra)

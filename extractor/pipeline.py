@@ -147,17 +147,21 @@ def pathway_records(bundle: ModelBundle, ids: Sequence[str], res: BatchPathways)
                    for e, m in zip(contrib.element, sel.masks, strict=True)]
     n_elem = [(m.flatten(2).sum(-1) if m.dim() > 2 else m).cpu() for m in sel.masks]
     dead = [((a == 0).flatten(2).all(-1) if a.dim() > 2 else a == 0).cpu() for a in contrib.acts]
+    scores = [t.detach().cpu() for t in res.scores]
     for b, img in enumerate(ids):
-        site_l, chan_l, contrib_l, elem_l, dead_l = [], [], [], [], []
+        site_l, chan_l, contrib_l, score_l, elem_l, dead_l = [], [], [], [], [], []
         for s in range(len(kept)):
             ch = torch.nonzero(kept[s][b]).flatten()
             site_l.append(np.full(len(ch), s, dtype=np.int32))
             chan_l.append(ch.numpy().astype(np.int32))
             contrib_l.append(chan_masked[s][b, ch].numpy().astype(np.float32))
+            score_src = scores[s][b, ch] if scores else chan_masked[s][b, ch].abs()
+            score_l.append(score_src.numpy().astype(np.float32))
             elem_l.append(n_elem[s][b, ch].numpy().astype(np.int32))
             dead_l.append(dead[s][b, ch].numpy())
         contribution = np.concatenate(contrib_l)
-        order = np.argsort(-np.abs(contribution), kind="stable")
+        score = np.concatenate(score_l)
+        order = np.argsort(-score, kind="stable")
         rank = np.empty(len(order), dtype=np.int32)
         rank[order] = np.arange(1, len(order) + 1, dtype=np.int32)
         e = edges.b == b
@@ -167,11 +171,12 @@ def pathway_records(bundle: ModelBundle, ids: Sequence[str], res: BatchPathways)
             method=res.settings.method, selection=res.settings.selection, params=res.settings.params_json(),
             target=target, logit_full=float(res.logit_full[b]), logit_masked=float(res.logit_masked[b]),
             neuron_site=np.concatenate(site_l), neuron_channel=np.concatenate(chan_l),
-            neuron_contribution=contribution, neuron_rank=rank, neuron_elements=np.concatenate(elem_l),
+            neuron_contribution=contribution, neuron_score=score, neuron_rank=rank,
+            neuron_elements=np.concatenate(elem_l),
             neuron_dead=np.concatenate(dead_l),
             edge_src_site=edges.src_site[e], edge_src_channel=edges.src_channel[e],
             edge_dst_site=edges.dst_site[e], edge_dst_channel=edges.dst_channel[e], edge_weight=edges.weight[e],
-            site_gap=edges.gap[b], saliency=sal[b],
+            site_gap=edges.gap[b], saliency=sal[b], extra=dict(res.extra[b]),
         ))
     return out
 
@@ -275,7 +280,7 @@ def _extract_batch(
         for s in settings:
             for sl in _batches(len(keep), batch_size):
                 rows = keep[sl]
-                res = extract_batch(bundle, gx[rows], s)
+                res = extract_batch(bundle, gx[rows], s, seeds=[int(gids[r][:8], 16) for r in rows])
                 pw_records.extend(pathway_records(bundle, [gids[r] for r in rows], res))
     uniq: dict[str, PathwayRecord] = {p.pathway_id: p for p in pw_records}
     return img_records, list(uniq.values())

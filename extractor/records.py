@@ -157,6 +157,7 @@ class PathwayRecord:
     neuron_site: np.ndarray
     neuron_channel: np.ndarray
     neuron_contribution: np.ndarray
+    neuron_score: np.ndarray
     neuron_rank: np.ndarray
     neuron_elements: np.ndarray
     neuron_dead: np.ndarray
@@ -198,6 +199,7 @@ _IMAGE_SCHEMA = pa.schema([
 
 _PATHWAY_ARRAYS: dict[str, pa.DataType] = {
     "neuron_site": pa.int32(), "neuron_channel": pa.int32(), "neuron_contribution": pa.float32(),
+    "neuron_score": pa.float32(),
     "neuron_rank": pa.int32(), "neuron_elements": pa.int32(), "neuron_dead": pa.bool_(),
     "edge_src_site": pa.int32(), "edge_src_channel": pa.int32(), "edge_dst_site": pa.int32(),
     "edge_dst_channel": pa.int32(), "edge_weight": pa.float32(), "site_gap": pa.float32(),
@@ -363,11 +365,11 @@ def pathway_to_networkx(pathway: PathwayRecord, model: ModelInfo) -> nx.DiGraph:
     """The pathway as a directed graph over neuron ids, with contributions and edge weights."""
     graph = nx.DiGraph(pathway_id=pathway.pathway_id, image_id=pathway.image_id, method=pathway.method)
     sites = model.sites
-    for s, c, contrib, rank in zip(pathway.neuron_site, pathway.neuron_channel, pathway.neuron_contribution,
-                                   pathway.neuron_rank, strict=True):
+    for s, c, contrib, score, rank in zip(pathway.neuron_site, pathway.neuron_channel, pathway.neuron_contribution,
+                                          pathway.neuron_score, pathway.neuron_rank, strict=True):
         site = sites[int(s)]
         graph.add_node(neuron_id(model.model_id, site.site_id, int(c)), site=site.site_id, layer=int(s),
-                       channel=int(c), contribution=float(contrib), rank=int(rank))
+                       channel=int(c), contribution=float(contrib), score=float(score), rank=int(rank))
     for ss, sc, ds, dc, w in zip(pathway.edge_src_site, pathway.edge_src_channel, pathway.edge_dst_site,
                                  pathway.edge_dst_channel, pathway.edge_weight, strict=True):
         graph.add_edge(neuron_id(model.model_id, sites[int(ss)].site_id, int(sc)),

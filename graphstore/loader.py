@@ -138,6 +138,7 @@ def pathway_row(pw: PathwayRecord, model: ModelInfo) -> dict[str, Any]:
         "dead_fraction": float(np.mean(pw.neuron_dead)) if n else 0.0,
         "saliency": [float(v) for v in pw.saliency.ravel()], "saliency_shape": list(pw.saliency.shape),
         "gaps": [float(g) for g in pw.site_gap],
+        **{k: float(v) for k, v in pw.extra.items() if isinstance(v, int | float)},
     }
     return {"id": pw.pathway_id, "image_id": pw.image_id, "class_id": class_id(model.model_id, pw.target),
             "props": props}
@@ -147,9 +148,9 @@ def _include_rows(pw: PathwayRecord, model: ModelInfo) -> list[dict[str, Any]]:
     sites = model.sites
     return [
         {"pathway": pw.pathway_id, "neuron": neuron_id(model.model_id, sites[int(s)].site_id, int(c)),
-         "contribution": float(v), "rank": int(r), "elements": int(e), "dead": bool(d)}
-        for s, c, v, r, e, d in zip(pw.neuron_site, pw.neuron_channel, pw.neuron_contribution, pw.neuron_rank,
-                                    pw.neuron_elements, pw.neuron_dead, strict=True)
+         "contribution": float(v), "score": float(sc), "rank": int(r), "elements": int(e), "dead": bool(d)}
+        for s, c, v, sc, r, e, d in zip(pw.neuron_site, pw.neuron_channel, pw.neuron_contribution, pw.neuron_score,
+                                        pw.neuron_rank, pw.neuron_elements, pw.neuron_dead, strict=True)
     ]
 
 

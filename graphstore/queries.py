@@ -119,7 +119,7 @@ CREATE_INCLUDES = """
 UNWIND $rows AS r
 MATCH (pw:Pathway {id: r.pathway})
 MATCH (nr:Neuron {id: r.neuron})
-CREATE (pw)-[:INCLUDES {contribution: r.contribution, rank: r.rank, elements: r.elements, dead: r.dead}]->(nr)
+CREATE (pw)-[:INCLUDES {contribution: r.contribution, score: r.score, rank: r.rank, elements: r.elements, dead: r.dead}]->(nr)
 """
 
 CREATE_FLOWS = """
@@ -246,7 +246,8 @@ ORDER BY p.config
 PATHWAY_NEURONS = """
 MATCH (p:Pathway {id: $pathway_id})-[inc:INCLUDES]->(n:Neuron)
 RETURN n.id AS neuron, n.site AS site, n.layer_index AS layer_index, n.channel AS channel,
-       inc.contribution AS contribution, inc.rank AS rank, inc.elements AS elements, inc.dead AS dead
+       inc.contribution AS contribution, inc.score AS score, inc.rank AS rank, inc.elements AS elements,
+       inc.dead AS dead
 ORDER BY layer_index, channel
 """
 

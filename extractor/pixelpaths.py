@@ -1,0 +1,240 @@
+"""Pixel diffusion pathways (Lyu, Pang, Wang 2024) — our reading of the paper.
+
+The paper's formulas are not public in a form we could read; this follows the
+reconstruction in ``shared/reference/seed-algorithms.md`` §1, with the ambiguous choices as
+parameters (``PixelSettings``):
+
+1. *Gating.* The clean pass's ReLU on/off pattern and max-pool switches are frozen (forward
+   hooks replace every ReLU and MaxPool2d output by ``gate * input`` / a gather at the recorded
+   indices; BatchNorm is in eval mode), so the network ``G`` is affine in its input and
+   ``R(z) = G(z) - G(0)`` is linear. A pixel's signal is the response to its impulse
+   ``x[c, i, j] * e_{c,i,j}``; the responses of all pixels plus the bias response ``G(0)`` add up
+   to the clean activations (checked in the tests).
+2. *Pathway* of a pixel = a chain of feature maps ``(k_1, ..., k_L)``, one per site. Its size
+   at site ``l`` is the L1 mass (over space) of map ``k_l``'s response when only the chain's
+   maps are open at sites ``1 .. l-1`` (all other channels of those sites multiplied by 0).
+3. *Beam search* (width ``beam``) keeps each pixel's largest partial chains site by site; all
+   pixels and beams of an image run as one batch per site (never one pixel per Python step).
+   The ``top`` largest full chains of each pixel are its pathways.
+4. *Summaries.* Pathway count per map = number of (pixel, top chain) pairs through it;
+   per-layer "portion-hot" code of a pixel = the maps its top chains cross; transitions
+   ``k_l -> k_{l+1}`` counted over chains become the edges.
+
+Only ReLU and MaxPool2d *modules* are gated; ``ensure_linear`` raises for a model whose
+gated network is still not linear (functional activations, other nonlinear modules).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from extractor.errors import ExtractionError
+from extractor.models import ModelBundle
+
+GATED_TYPES = (nn.ReLU, nn.MaxPool2d)
+
+
+@dataclass(frozen=True)
+class PixelSettings:
+    """Beam width, pathways kept per pixel, pixel stride, and the smallest |pixel| traced."""
+
+    beam: int = 3
+    top: int = 3
+    stride: int = 2
+    min_value: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.beam < 1 or self.top < 1 or self.top > self.beam or self.stride < 1:
+            raise ExtractionError("pixel pathways need beam >= top >= 1 and stride >= 1")
+
+    def params_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+class GatedNetwork:
+    """Context manager: the model with the gates and switches of one clean image frozen.
+
+    Inside the block ``forward(z, masks)`` runs the affine network on a batch ``z``
+    ``[N, C, H, W]``; ``masks[l]`` ``[N, C_l]`` multiplies site ``l``'s output (1 = open).
+    Returns the logits and the site outputs ``[N, C_l, ...]``.
+    """
+
+    def __init__(self, bundle: ModelBundle, x: torch.Tensor) -> None:
+        self.bundle = bundle
+        self.x = x  # [1, C, H, W]
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._calls: dict[int, int] = {}
+        self._state: dict[tuple[int, int], torch.Tensor] = {}
+        self._recording = True
+        self._masks: list[torch.Tensor] | None = None
+        self._acts: dict[int, torch.Tensor] = {}
+        self._pre: dict[int, torch.Tensor] = {}
+        self._site_of = {(s.module_path, s.call_index): s.index for s in bundle.sites}
+
+    def _hook(self, path: str) -> Callable[[nn.Module, Any, Any], torch.Tensor]:
+        def hook(module: nn.Module, inp: Any, out: torch.Tensor) -> torch.Tensor:
+            call = self._calls.get(id(module), 0)
+            self._calls[id(module)] = call + 1
+            key = (id(module), call)
+            x_in = self._pre.pop(id(module))  # the input as it was before an in-place ReLU overwrote it
+            if isinstance(module, nn.MaxPool2d):
+                if self._recording:
+                    _, idx = F.max_pool2d(x_in, module.kernel_size, module.stride, module.padding,
+                                          module.dilation, module.ceil_mode, return_indices=True)
+                    self._state[key] = idx
+                idx = self._state[key].expand(x_in.shape[0], *self._state[key].shape[1:])
+                new = x_in.flatten(2).gather(2, idx.flatten(2)).view(*idx.shape)
+            else:
+                if self._recording:
+                    self._state[key] = (out > 0).to(out.dtype)
+                new = x_in * self._state[key]
+            site = self._site_of.get((path, call))
+            if site is not None:
+                if self._masks is not None:
+                    m = self._masks[site]
+                    new = new * m.view(*m.shape, *([1] * (new.dim() - 2)))
+                self._acts[site] = new
+            return new.clone()
+
+        return hook
+
+    def _pre_hook(self, module: nn.Module, inp: Any) -> None:
+        self._pre[id(module)] = inp[0].clone()
+
+    def __enter__(self) -> GatedNetwork:
+        named = dict(self.bundle.model.named_modules())
+        site_paths = {s.module_path for s in self.bundle.sites}
+        try:
+            for path, module in named.items():
+                if isinstance(module, GATED_TYPES):
+                    self._handles.append(module.register_forward_pre_hook(self._pre_hook))
+                    self._handles.append(module.register_forward_hook(self._hook(path)))
+            missing = site_paths - {p for p, m in named.items() if isinstance(m, GATED_TYPES)}
+            if missing:
+                raise ExtractionError(f"pixel pathways need ReLU sites; {sorted(missing)[0]!r} is not an nn.ReLU")
+            with torch.no_grad():
+                self._calls = {}
+                self.bundle.forward(self.x)
+            self._recording = False
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def forward(
+        self, z: torch.Tensor, masks: list[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        self._calls, self._acts, self._masks = {}, {}, masks
+        with torch.no_grad():
+            logits = self.bundle.model(z)  # z is already in model space (normalised)
+        return logits, [self._acts[s.index] for s in self.bundle.sites]
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def pixel_impulses(
+    bundle: ModelBundle, x: torch.Tensor, settings: PixelSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Impulses in model space ``[P, C, H, W]`` (pixel value x unit, normalised) and their (c, i, j)."""
+    C, H, W = x.shape[1:]
+    grid = torch.zeros((C, H, W), dtype=torch.bool)
+    grid[:, :: settings.stride, :: settings.stride] = True
+    where = torch.nonzero(grid & (x[0].abs().cpu() > settings.min_value)).to(x.device)
+    std = bundle.std.to(x).view(-1)
+    imp = torch.zeros((len(where), C, H, W), dtype=x.dtype, device=x.device)
+    # the normalisation (x - m) / s is affine: the pixel's linear part is x_p / s_c at its position
+    imp[torch.arange(len(where)), where[:, 0], where[:, 1], where[:, 2]] = (
+        x[0, where[:, 0], where[:, 1], where[:, 2]] / std[where[:, 0]]
+    )
+    return imp, where
+
+
+def ensure_linear(net: GatedNetwork, probe: torch.Tensor) -> None:
+    """Raise when ``G(2z) - G(0) != 2 (G(z) - G(0))`` (the gated network is not linear)."""
+    zero = torch.zeros_like(probe[:1])
+    _, a0 = net.forward(zero)
+    _, a1 = net.forward(probe[:1])
+    _, a2 = net.forward(2 * probe[:1])
+    for s0, s1, s2 in zip(a0, a1, a2, strict=True):
+        if not torch.allclose(s2 - s0, 2 * (s1 - s0), atol=1e-4, rtol=1e-3):
+            raise ExtractionError("the gated network is not linear: pixel pathways need ReLU/MaxPool2d modules")
+
+
+@dataclass
+class PixelPathways:
+    """One image's pixel pathways: ``chains`` ``[P, top, S]`` map indices, ``sizes`` ``[P, top]``,
+    ``pixels`` ``[P, 3]`` (c, i, j)."""
+
+    chains: torch.Tensor
+    sizes: torch.Tensor
+    pixels: torch.Tensor
+
+
+def trace_pixels(bundle: ModelBundle, x: torch.Tensor, settings: PixelSettings) -> PixelPathways:
+    """Beam search of every traced pixel's largest chains through the gated network of ``x`` ``[1, C, H, W]``."""
+    S = len(bundle.sites)
+    with GatedNetwork(bundle, x) as net:
+        imp, where = pixel_impulses(bundle, x, settings)
+        P = imp.shape[0]
+        if P == 0:
+            empty = torch.zeros((0, settings.top, S), dtype=torch.long)
+            return PixelPathways(empty, torch.zeros((0, settings.top)), where)
+        ensure_linear(net, imp)
+        chains = torch.zeros((P, 1, 0), dtype=torch.long, device=x.device)
+        scores = torch.zeros((P, 1), dtype=x.dtype, device=x.device)
+        for l, site in enumerate(bundle.sites):
+            Bm = chains.shape[1]
+            z = imp.repeat_interleave(Bm, 0)  # [P * Bm, ...], pixel-major
+            flat = chains.reshape(P * Bm, l)
+            masks = []
+            for s2 in bundle.sites:
+                if s2.index < l:
+                    m = torch.zeros((P * Bm, s2.channels), dtype=x.dtype, device=x.device)
+                    m[torch.arange(P * Bm), flat[:, s2.index]] = 1.0
+                else:
+                    m = torch.ones((P * Bm, s2.channels), dtype=x.dtype, device=x.device)
+                masks.append(m)
+            _, acts = net.forward(z, masks)
+            # R(z) = G_m(z) - G_m(0): the bias response depends on the masks, so it is run per item
+            _, acts0 = net.forward(torch.zeros_like(z), masks)
+            resp = acts[site.index] - acts0[site.index]
+            size = resp.abs().flatten(2).sum(-1) if resp.dim() > 2 else resp.abs()  # [P * Bm, C_l]
+            size = size.view(P, Bm, -1)
+            cand = size.flatten(1)  # [P, Bm * C_l]
+            keep = min(settings.beam, cand.shape[1])
+            top = cand.topk(keep, dim=1)
+            beam_idx = top.indices // size.shape[2]
+            chan_idx = top.indices % size.shape[2]
+            prev = chains.gather(1, beam_idx.unsqueeze(-1).expand(P, keep, l))
+            chains = torch.cat([prev, chan_idx.unsqueeze(-1)], dim=2)
+            scores = top.values
+        k = min(settings.top, chains.shape[1])
+        return PixelPathways(chains[:, :k].cpu(), scores[:, :k].cpu(), where)
+
+
+def gated_decomposition(
+    bundle: ModelBundle, x: torch.Tensor
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Per site: the sum of all pixel responses, the bias response and the clean activations.
+
+    With ``z = normalize(x) = x / s - m / s``: ``G(z) = G(normalize(0)) + sum_p R(x_p / s_c e_p)``,
+    where ``G(normalize(0))`` is the response to a black image (the bias response).
+    """
+    with GatedNetwork(bundle, x) as net:
+        imp, _ = pixel_impulses(bundle, x, PixelSettings(stride=1, min_value=-1.0))
+        _, zero = net.forward(torch.zeros_like(x))
+        _, resp = net.forward(imp)
+        total = [(r - z).sum(0, keepdim=True) for r, z in zip(resp, zero, strict=True)]
+        _, bias = net.forward(bundle.normalize(torch.zeros_like(x)))
+        _, clean = net.forward(bundle.normalize(x))
+        return total, bias, clean
