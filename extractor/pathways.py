@@ -36,7 +36,7 @@ from extractor.sites import SiteHooks
 
 log = logging.getLogger(__name__)
 
-METHODS = ("mct", "intgrad", "correlation", "precision")
+METHODS = ("mct", "intgrad", "correlation", "precision", "pixel")
 RESAMPLING_METHODS = ("correlation", "precision")
 SELECTIONS = ("topk", "percentile")
 GRANULARITIES = ("element", "channel")
@@ -57,6 +57,10 @@ class PathwaySettings:
     edges_per_target: int = 8
     resamples: int = 50
     noise: float = 0.1
+    beam: int = 3
+    top: int = 3
+    stride: int = 2
+    originals_only: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -75,6 +79,8 @@ class PathwaySettings:
             raise ExtractionError("edge targets and edges per target must be at least 1")
         if self.method in RESAMPLING_METHODS and self.selection != "topk":
             raise ExtractionError(f"method {self.method} selects the top-k channels per site; use --top-k")
+        if self.method == "pixel" and not (1 <= self.top <= self.beam and self.stride >= 1):
+            raise ExtractionError("pixel pathways need beam >= top >= 1 and stride >= 1")
         if self.resamples < 3 or not (0.0 < self.noise < 10.0):
             raise ExtractionError("resampling needs at least 3 copies and a noise std in (0, 10)")
 
@@ -82,11 +88,18 @@ class PathwaySettings:
         data = asdict(self)
         data.pop("method")
         data.pop("selection")
+        scope = {"originals_only": True} if self.originals_only else {}
+        data.pop("originals_only")
+        if self.method == "pixel":
+            return {**{k: data[k] for k in ("beam", "top", "stride")}, **scope}
         if self.selection == "topk":
             data.pop("sparsity")
             data.pop("granularity")
         else:
             data.pop("k")
+        for key in ("beam", "top", "stride"):
+            data.pop(key)
+        data.update(scope)
         if self.method != "intgrad":
             data.pop("intgrad_steps")
         if self.method not in RESAMPLING_METHODS:
@@ -358,7 +371,7 @@ class BatchPathways:
     logit_full: torch.Tensor  # [B]
     logit_masked: torch.Tensor  # [B]
     scores: list[torch.Tensor]  # resampling methods: per site [B, C] score of each channel; else empty
-    extra: list[dict[str, float]]  # per image: method-specific figures
+    extra: list[dict[str, object]]  # per image: method-specific figures
 
 
 def extract_batch(
@@ -370,11 +383,15 @@ def extract_batch(
     ``seeds`` (one per image) drive the resampling methods' noise; default 0.
     """
     bundle.check_input(x)
+    if settings.method == "pixel":
+        from extractor.pixelpaths import pixel_batch
+
+        return pixel_batch(bundle, x, settings, target)
     contrib, attached = mct_contributions(bundle, x, target)
     if settings.method == "intgrad":
         contrib = intgrad_contributions(bundle, x, contrib.target, settings.intgrad_steps, contrib.acts)
     _check_finite("contributions", contrib.element)
-    extra: list[dict[str, float]] = [{} for _ in range(x.shape[0])]
+    extra: list[dict[str, object]] = [{} for _ in range(x.shape[0])]
     if settings.method in RESAMPLING_METHODS:
         from extractor.resampling import resampling_scores, set_overlap, topk_sets
 

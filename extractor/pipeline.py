@@ -278,6 +278,8 @@ def _extract_batch(
                 logits=logits[b].detach().cpu().numpy().astype(np.float32), png=to_png(gx[b]),
             ))
         for s in settings:
+            if s.originals_only and kind != "original":
+                continue
             for sl in _batches(len(keep), batch_size):
                 rows = keep[sl]
                 res = extract_batch(bundle, gx[rows], s, seeds=[int(gids[r][:8], 16) for r in rows])

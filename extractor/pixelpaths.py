@@ -41,6 +41,10 @@ from extractor.models import ModelBundle
 GATED_TYPES = (nn.ReLU, nn.MaxPool2d)
 
 
+class _Stop(Exception):
+    """Raised inside a hook to end a forward pass once the wanted site is computed."""
+
+
 @dataclass(frozen=True)
 class PixelSettings:
     """Beam width, pathways kept per pixel, pixel stride, and the smallest |pixel| traced."""
@@ -76,6 +80,7 @@ class GatedNetwork:
         self._masks: list[torch.Tensor] | None = None
         self._acts: dict[int, torch.Tensor] = {}
         self._pre: dict[int, torch.Tensor] = {}
+        self._stop_after: int | None = None
         self._site_of = {(s.module_path, s.call_index): s.index for s in bundle.sites}
 
     def _hook(self, path: str) -> Callable[[nn.Module, Any, Any], torch.Tensor]:
@@ -96,17 +101,21 @@ class GatedNetwork:
                     self._state[key] = (out > 0).to(out.dtype)
                 new = x_in * self._state[key]
             site = self._site_of.get((path, call))
-            if site is not None:
-                if self._masks is not None:
-                    m = self._masks[site]
-                    new = new * m.view(*m.shape, *([1] * (new.dim() - 2)))
-                self._acts[site] = new
-            return new.clone()
+            if site is None:
+                return new
+            if self._masks is not None:
+                m = self._masks[site]
+                new = new * m.view(*m.shape, *([1] * (new.dim() - 2)))
+            self._acts[site] = new
+            if site == self._stop_after:
+                raise _Stop
+            return new.clone()  # the stored site output stays safe from in-place ops downstream
 
         return hook
 
     def _pre_hook(self, module: nn.Module, inp: Any) -> None:
-        self._pre[id(module)] = inp[0].clone()
+        # only an in-place ReLU overwrites its input; keep a copy of the pre-activation for it
+        self._pre[id(module)] = inp[0].clone() if getattr(module, "inplace", False) else inp[0]
 
     def __enter__(self) -> GatedNetwork:
         named = dict(self.bundle.model.named_modules())
@@ -131,10 +140,26 @@ class GatedNetwork:
     def forward(
         self, z: torch.Tensor, masks: list[torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        self._calls, self._acts, self._masks = {}, {}, masks
+        """Logits and all site outputs of the gated network on ``z`` (model space)."""
+        self._calls, self._acts, self._masks, self._stop_after = {}, {}, masks, None
+        self._pre.clear()
         with torch.no_grad():
-            logits = self.bundle.model(z)  # z is already in model space (normalised)
+            logits = self.bundle.model(z)
         return logits, [self._acts[s.index] for s in self.bundle.sites]
+
+    def site_output(self, z: torch.Tensor, site: int, masks: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Output of one site only; the forward pass stops there."""
+        self._calls, self._acts, self._masks, self._stop_after = {}, {}, masks, site
+        self._pre.clear()
+        try:
+            with torch.no_grad():
+                self.bundle.model(z)
+        except _Stop:
+            pass
+        finally:
+            self._stop_after = None
+            self._pre.clear()
+        return self._acts[site]
 
     def __exit__(self, *exc: object) -> None:
         for h in self._handles:
@@ -204,10 +229,8 @@ def trace_pixels(bundle: ModelBundle, x: torch.Tensor, settings: PixelSettings) 
                 else:
                     m = torch.ones((P * Bm, s2.channels), dtype=x.dtype, device=x.device)
                 masks.append(m)
-            _, acts = net.forward(z, masks)
             # R(z) = G_m(z) - G_m(0): the bias response depends on the masks, so it is run per item
-            _, acts0 = net.forward(torch.zeros_like(z), masks)
-            resp = acts[site.index] - acts0[site.index]
+            resp = net.site_output(z, site.index, masks) - net.site_output(torch.zeros_like(z), site.index, masks)
             size = resp.abs().flatten(2).sum(-1) if resp.dim() > 2 else resp.abs()  # [P * Bm, C_l]
             size = size.view(P, Bm, -1)
             cand = size.flatten(1)  # [P, Bm * C_l]
@@ -238,3 +261,69 @@ def gated_decomposition(
         _, bias = net.forward(bundle.normalize(torch.zeros_like(x)))
         _, clean = net.forward(bundle.normalize(x))
         return total, bias, clean
+
+
+def pixel_batch(bundle: ModelBundle, x: torch.Tensor, settings: Any, target: torch.Tensor | None = None) -> Any:
+    """Pixel pathways of each image of ``x`` ``[B, C, H, W]`` as a ``BatchPathways``.
+
+    Kept neurons = maps crossed by any pixel's top chains; their score is the pathway count
+    (pixel, chain) through the map and their contribution the usual activation x gradient;
+    edges = map transitions, weighted by the number of chains using them; saliency = per
+    pixel the size of its largest chain. Per-pixel best chains go into ``extra``.
+    """
+    from extractor.pathways import (
+        BatchPathways,
+        Edges,
+        Selection,
+        mct_contributions,
+        pathway_gradient,
+    )
+
+    px = PixelSettings(beam=settings.beam, top=settings.top, stride=settings.stride)
+    contrib, attached = mct_contributions(bundle, x, target)
+    del attached
+    B, S = x.shape[0], len(bundle.sites)
+    counts = [torch.zeros((B, s.channels), dtype=x.dtype) for s in bundle.sites]
+    sal = torch.zeros((B, *x.shape[2:]), dtype=x.dtype)
+    cols: dict[str, list[int | float]] = {k: [] for k in ("b", "ss", "sc", "ds", "dc", "w")}
+    extra: list[dict[str, object]] = []
+    for b in range(B):
+        res = trace_pixels(bundle, x[b:b + 1], px)
+        transitions: dict[tuple[int, int, int], int] = {}
+        for p in range(res.chains.shape[0]):
+            for t in range(res.chains.shape[1]):
+                chain = res.chains[p, t].tolist()
+                for l, k in enumerate(chain):
+                    counts[l][b, k] += 1
+                for l in range(S - 1):
+                    key = (l, chain[l], chain[l + 1])
+                    transitions[key] = transitions.get(key, 0) + 1
+            _, i, j = res.pixels[p].tolist()
+            sal[b, i, j] = max(float(sal[b, i, j]), float(res.sizes[p, 0]))
+        for (l, k0, k1), n in sorted(transitions.items()):
+            cols["b"].append(b)
+            cols["ss"].append(l)
+            cols["sc"].append(k0)
+            cols["ds"].append(l + 1)
+            cols["dc"].append(k1)
+            cols["w"].append(float(n))
+        extra.append({
+            "pixels": int(res.chains.shape[0]), "chains": int(res.chains.numel() // max(1, S)),
+            "pixel_chains": json.dumps({"pixel": res.pixels.tolist(), "chain": res.chains[:, 0].tolist(),
+                                        "size": [round(float(v), 6) for v in res.sizes[:, 0]]}),
+        })
+    kept = [c > 0 for c in counts]
+    masks = [k.view(*k.shape, *([1] * (e.dim() - 2))).expand_as(e).to(e.dtype).to(e.device)
+             for k, e in zip(kept, contrib.element, strict=True)]
+    grad, logit_masked = pathway_gradient(bundle, x, contrib.target, masks)
+    del grad
+    import numpy as np
+
+    def arr(key: str, dtype: type) -> np.ndarray:
+        return np.asarray(cols[key], dtype=dtype)
+
+    edges = Edges(arr("b", np.int64), arr("ss", np.int32), arr("sc", np.int32), arr("ds", np.int32),
+                  arr("dc", np.int32), arr("w", np.float32), np.full((B, max(0, S - 1)), np.nan, dtype=np.float32))
+    logit_full = contrib.logits.gather(1, contrib.target[:, None]).squeeze(1)
+    return BatchPathways(settings, contrib, Selection(masks, [k.to(x.device) for k in kept]), edges, sal,
+                         logit_full, logit_masked, counts, extra)

@@ -139,6 +139,7 @@ def pathway_row(pw: PathwayRecord, model: ModelInfo) -> dict[str, Any]:
         "saliency": [float(v) for v in pw.saliency.ravel()], "saliency_shape": list(pw.saliency.shape),
         "gaps": [float(g) for g in pw.site_gap],
         **{k: float(v) for k, v in pw.extra.items() if isinstance(v, int | float)},
+        **{k: v for k, v in pw.extra.items() if isinstance(v, str)},
     }
     return {"id": pw.pathway_id, "image_id": pw.image_id, "class_id": class_id(model.model_id, pw.target),
             "props": props}

@@ -188,7 +188,8 @@ def extract(
     model: Annotated[str, typer.Option(help="'demo' or a torchvision classifier name (resnet18, vgg16, ...).")],
     images: Annotated[str, typer.Option(help="demo:test, demo:train, a folder (one sub-folder per class) or a file.")],
     out: Annotated[Path, typer.Option(help="Run folder for the record files.")],
-    method: Annotated[str, typer.Option(help="mct, intgrad, or both comma-separated.")] = "mct",
+    method: Annotated[str, typer.Option(
+        help="Comma-separated: mct, intgrad (Khakzar), correlation, precision (Lengerich), pixel (Lyu).")] = "mct",
     sparsity: Annotated[float | None, typer.Option(help="Global percentile selection p in [0, 100).")] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", help="Top-k channels per site (default 8).")] = None,
     granularity: Annotated[str, typer.Option(help="element or channel (percentile rule).")] = "element",
@@ -200,6 +201,11 @@ def extract(
     input_size: Annotated[int, typer.Option(help="Input side for torchvision models.")] = 224,
     sites: Annotated[str | None, typer.Option(help="Comma-separated module paths to use as sites.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    pixel_stride: Annotated[int, typer.Option(help="Pixel pathways: trace every n-th pixel.")] = 2,
+    pixel_beam: Annotated[int, typer.Option(help="Pixel pathways: beam width.")] = 3,
+    pixel_top: Annotated[int, typer.Option(help="Pixel pathways: chains kept per pixel.")] = 3,
+    pixel_originals_only: Annotated[bool, typer.Option(help="Pixel pathways for originals only.")] = False,
+    resamples: Annotated[int, typer.Option(help="Resampling methods: perturbed copies.")] = 50,
 ) -> None:
     """Extract pathways (and variants) into record files."""
     from extractor.errors import ExtractionError
@@ -210,12 +216,16 @@ def extract(
     with _errors():
         if sparsity is not None and top_k is not None:
             raise ExtractionError("give either --sparsity or --top-k, not both")
-        settings = [
-            PathwaySettings(method=m.strip(), selection="percentile" if sparsity is not None else "topk",
-                            k=top_k if top_k is not None else 8,
-                            sparsity=sparsity if sparsity is not None else 90.0, granularity=granularity)
-            for m in method.split(",") if m.strip()
-        ]
+        settings = []
+        for m in (m.strip() for m in method.split(",")):
+            if not m:
+                continue
+            resampling = m in ("correlation", "precision", "pixel")
+            settings.append(PathwaySettings(
+                method=m, selection="percentile" if sparsity is not None and not resampling else "topk",
+                k=top_k if top_k is not None else 8, sparsity=sparsity if sparsity is not None else 90.0,
+                granularity=granularity, beam=pixel_beam, top=pixel_top, stride=pixel_stride,
+                originals_only=pixel_originals_only and m == "pixel", resamples=resamples))
         specs = VariantSpec.parse(variants)
         bundle = _bundle(model, weights_file, untrained, input_size, sites)
         image_set = load_images(images, bundle, _home())
@@ -414,9 +424,10 @@ def demo(
     typer.echo("step 2/5: demo model")
     train_demo()
     typer.echo("step 3/5: extraction (originals, FGSM, PGD, occluded, shifted, deformed)")
-    extract(model="demo", images="demo:test", out=out, method="mct,intgrad", sparsity=None, top_k=8,
-            granularity="element", variants="fgsm,pgd,occlude,shift,deform", limit=limit, batch_size=32,
-            weights_file=None, untrained=False, input_size=224, sites=None, device="cpu")
+    extract(model="demo", images="demo:test", out=out, method="mct,intgrad,correlation,precision,pixel",
+            sparsity=None, top_k=8, granularity="element", variants="fgsm,pgd,occlude,shift,deform", limit=limit,
+            batch_size=32, weights_file=None, untrained=False, input_size=224, sites=None, device="cpu",
+            pixel_stride=4, pixel_beam=3, pixel_top=3, pixel_originals_only=True, resamples=50)
     typer.echo("step 4/5: load into Neo4j")
     load(out)
     browser = "your NEO4J_URI server" if _external() else ServerConfig.default(_home()).browser_url

@@ -77,7 +77,8 @@ def demo(home: Path) -> tuple[object, object]:
 
 @pytest.fixture(scope="session")
 def fixture_run(tmp_path_factory: pytest.TempPathFactory, demo: tuple[object, object], home: Path) -> Path:
-    """12 test digits with FGSM/PGD/occlusion/shift/deformation variants, mct top-8 and intgrad."""
+    """24 test digits with FGSM/PGD/occlusion/shift/deformation variants; mct, intgrad, correlation
+    (all images) and pixel pathways (originals)."""
     from extractor.pathways import PathwaySettings
     from extractor.pipeline import extract_run, load_images
     from extractor.variants import VariantSpec
@@ -87,7 +88,9 @@ def fixture_run(tmp_path_factory: pytest.TempPathFactory, demo: tuple[object, ob
     images = load_images("demo:test", bundle, home)  # type: ignore[arg-type]
     specs = VariantSpec.parse("fgsm:eps=0.1,fgsm:eps=0.2,pgd:eps=0.1:steps=5,pgd:eps=0.2:steps=10:targeted=true,"
                               "occlude,shift,deform")
-    settings = [PathwaySettings("mct", "topk", k=6), PathwaySettings("intgrad", "topk", k=6, intgrad_steps=5)]
+    settings = [PathwaySettings("mct", "topk", k=6), PathwaySettings("intgrad", "topk", k=6, intgrad_steps=5),
+                PathwaySettings("correlation", "topk", k=5, resamples=20),
+                PathwaySettings("pixel", "topk", stride=6, originals_only=True)]
     extract_run(bundle, images, settings, specs, out, batch_size=16, limit=24, progress=False)  # type: ignore[arg-type]
     return out
 
