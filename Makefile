@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 export PATHX_HOME ?= $(CURDIR)/.cache
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install chromium neo4j demo test lint clean stop
+.PHONY: install chromium neo4j demo test lint bench clean stop
 
 install: $(STAMP)
 
@@ -33,10 +33,14 @@ demo: install neo4j
 	$(BIN)/pathx demo
 
 lint: install
-	$(BIN)/ruff check extractor graphstore ui pathx tests
+	$(BIN)/ruff check extractor graphstore ui pathx tests bench
 
 test: install chromium neo4j lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# Speed and memory figures (not part of `make test`): bench/results/{results.json,README.md}.
+bench: install neo4j
+	$(BIN)/python bench/run.py
 
 stop:
 	-$(BIN)/pathx db stop

@@ -376,11 +376,13 @@ class BatchPathways:
 
 def extract_batch(
     bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings, target: torch.Tensor | None = None,
-    seeds: list[int] | None = None,
+    seeds: list[int] | None = None, shared: dict[str, object] | None = None,
 ) -> BatchPathways:
     """Contributions, selection, edges and Pathway Gradient for images ``x`` ``[B, C, H, W]``.
 
-    ``seeds`` (one per image) drive the resampling methods' noise; default 0.
+    ``seeds`` (one per image) drive the resampling methods' noise; default 0. ``shared`` is a
+    caller-owned dict for one batch ``x``: the correlation and precision methods put their
+    common resampling scores there, so asking for both costs one set of 50 forward passes.
     """
     bundle.check_input(x)
     if settings.method == "pixel":
@@ -395,8 +397,13 @@ def extract_batch(
     if settings.method in RESAMPLING_METHODS:
         from extractor.resampling import resampling_scores, set_overlap, topk_sets
 
-        rs = resampling_scores(bundle, x, contrib.target, seeds or [0] * x.shape[0], settings.resamples,
-                               settings.noise)
+        key = f"resampling:{settings.resamples}:{settings.noise}"
+        rs = shared.get(key) if shared is not None else None
+        if rs is None:
+            rs = resampling_scores(bundle, x, contrib.target, seeds or [0] * x.shape[0], settings.resamples,
+                                   settings.noise)
+            if shared is not None:
+                shared[key] = rs
         corr, prec = topk_sets(rs.correlation, settings.k), topk_sets(rs.precision, settings.k)
         paper, jac = set_overlap(corr, prec)
         for b in range(x.shape[0]):

@@ -277,12 +277,13 @@ def _extract_batch(
                 probs=probs[b].detach().cpu().numpy().astype(np.float32),
                 logits=logits[b].detach().cpu().numpy().astype(np.float32), png=to_png(gx[b]),
             ))
-        for s in settings:
-            if s.originals_only and kind != "original":
-                continue
-            for sl in _batches(len(keep), batch_size):
-                rows = keep[sl]
-                res = extract_batch(bundle, gx[rows], s, seeds=[int(gids[r][:8], 16) for r in rows])
+        for sl in _batches(len(keep), batch_size):
+            rows = keep[sl]
+            shared: dict[str, object] = {}  # per chunk: resampling scores reused across methods
+            for s in settings:
+                if s.originals_only and kind != "original":
+                    continue
+                res = extract_batch(bundle, gx[rows], s, seeds=[int(gids[r][:8], 16) for r in rows], shared=shared)
                 pw_records.extend(pathway_records(bundle, [gids[r] for r in rows], res))
     uniq: dict[str, PathwayRecord] = {p.pathway_id: p for p in pw_records}
     return img_records, list(uniq.values())

@@ -62,12 +62,12 @@ def resampling_scores(
         ac = a - a.mean(1, keepdim=True)
         yc = (y - y.mean(1, keepdim=True)).view(B, n, 1, 1)
         cov = (ac * yc).mean(1)
-        std_a = ac.pow(2).mean(1).sqrt()
+        var = ac.pow(2).mean(1)  # [B, C, P], population variance over the copies
+        std_a = var.sqrt()
         std_y = yc.pow(2).mean(1).sqrt()
         r = (cov / (std_a * std_y)).abs()  # nan where the activation does not vary
         corr.append(torch.nan_to_num(r.nanmean(-1), nan=0.0).to(x.dtype))
-        var = a.var(1, unbiased=False).mean(-1)  # [B, C]
-        p = 1.0 / var
+        p = 1.0 / var.mean(-1)  # [B, C]
         skipped = a.mean((1, 3)) < MIN_MEAN_ACTIVATION
         prec.append(p.masked_fill(skipped, float("-inf")).to(x.dtype))
     return ResamplingScores(corr, prec)

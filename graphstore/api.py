@@ -97,6 +97,8 @@ class PathwayInfo:
     size: int
     saliency: np.ndarray
     gaps: list[float]
+    dead_fraction: float  # share of the pathway's neurons that are dead (all zero) in the clean pass
+    corr_prec_overlap: float | None  # resampling methods: Lengerich's overlap of the two selections
 
     @property
     def logit_ratio(self) -> float:

@@ -9,9 +9,10 @@ SCHEMA_TEXT = """\
 (:Image {id, source, kind, label, predicted, prob, setting})-[:LABELED_AS]->(:Class)
 (:Image)-[:PREDICTED_AS {prob, logit}]->(:Class)
 (:Image)-[:VARIANT_OF {kind, setting, eps, steps, targeted, target}]->(:Image)
-(:Pathway {id, config, method, selection, params, target, logit_full, logit_masked, logit_ratio, size})
+(:Pathway {id, config, method, selection, params, target, logit_full, logit_masked, logit_ratio, size,
+          dead_fraction, corr_prec_overlap, pixel_chains})
 (:Pathway)-[:FOR_IMAGE]->(:Image)   (:Pathway)-[:EXPLAINS]->(:Class)
-(:Pathway)-[:INCLUDES {contribution, rank, elements, dead}]->(:Neuron)
+(:Pathway)-[:INCLUDES {contribution, score, rank, elements, dead}]->(:Neuron)
 (:Neuron)-[:FLOWS_TO {pathway, weight}]->(:Neuron)
 (:Class)-[:USES {config, support, mean_contribution, pathways}]->(:Neuron)
 """
@@ -36,6 +37,14 @@ RETURN r.kind AS kind, r.setting AS setting, count(*) AS flipped ORDER BY kind, 
 MATCH (p:Pathway) WITH p LIMIT 1
 MATCH (a:Neuron)-[f:FLOWS_TO {pathway: p.id}]->(b:Neuron)
 RETURN a, f, b ORDER BY abs(f.weight) DESC LIMIT 40""",
+    "Method agreement on originals": """\
+MATCH (a:Pathway)-[:FOR_IMAGE]->(i:Image {kind: 'original'})<-[:FOR_IMAGE]-(b:Pathway)
+WHERE a.method < b.method
+MATCH (a)-[:INCLUDES]->(n:Neuron)
+WITH a, b, count(n) AS na, collect(n) AS ns
+WITH a, b, na, size([n IN ns WHERE (b)-[:INCLUDES]->(n)]) AS both
+RETURN a.method AS method_a, b.method AS method_b, avg(toFloat(both) / (na + b.size - both)) AS mean_jaccard
+ORDER BY method_a, method_b""",
     "Pathway size by variant kind": """\
 MATCH (p:Pathway)-[:FOR_IMAGE]->(i:Image)
 RETURN i.kind AS kind, p.config AS config, avg(p.size) AS mean_size, avg(p.logit_ratio) AS mean_logit_ratio

@@ -216,6 +216,7 @@ def refresh_aggregates(driver: neo4j.Driver, model_id: str, database: str = DATA
     configs = sorted(r["config"] for r in records)
     for config in configs:
         def work(tx: neo4j.ManagedTransaction, cfg: str = config) -> None:
+            tx.run(Q.LOCK_MODEL, model_id=model_id).consume()
             tx.run(Q.CLEAR_AGGREGATES, model_id=model_id, config=cfg).consume()
             tx.run(Q.REFRESH_AGGREGATES, model_id=model_id, config=cfg).consume()
 

@@ -134,6 +134,14 @@ MATCH (p:Pathway) WHERE p.model_id = $model_id
 RETURN DISTINCT p.config AS config
 """
 
+# Taking a write lock on the model node serialises concurrent aggregate refreshes (two loaders
+# finishing at once would otherwise both clear and both recreate).
+LOCK_MODEL = """
+MATCH (m:Model {id: $model_id})
+SET m.aggregates_lock = true
+REMOVE m.aggregates_lock
+"""
+
 CLEAR_AGGREGATES = """
 MATCH (:Class {model_id: $model_id})-[u:USES {config: $config}]->()
 DELETE u
@@ -239,7 +247,8 @@ PATHWAYS_OF_IMAGE = """
 MATCH (p:Pathway {image_id: $image_id})
 RETURN p.id AS id, p.config AS config, p.method AS method, p.selection AS selection, p.params AS params,
        p.target AS target, p.logit_full AS logit_full, p.logit_masked AS logit_masked, p.size AS size,
-       p.saliency AS saliency, p.saliency_shape AS saliency_shape, p.gaps AS gaps
+       p.saliency AS saliency, p.saliency_shape AS saliency_shape, p.gaps AS gaps,
+       coalesce(p.dead_fraction, 0.0) AS dead_fraction, p.corr_prec_overlap AS corr_prec_overlap
 ORDER BY p.config
 """
 

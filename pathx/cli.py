@@ -35,6 +35,8 @@ def _fail(message: str) -> None:
 
 @contextmanager
 def _errors() -> Iterator[None]:
+    import neo4j.exceptions
+
     from extractor.errors import ExtractionError
     from extractor.records import RecordsFormatError
     from graphstore.errors import GraphStoreError
@@ -43,6 +45,11 @@ def _errors() -> Iterator[None]:
         yield
     except (ExtractionError, GraphStoreError, RecordsFormatError) as exc:
         _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    except (neo4j.exceptions.ServiceUnavailable, neo4j.exceptions.SessionExpired) as exc:
+        _fail(f"lost the connection to Neo4j ({type(exc).__name__}); nothing half-written stays: "
+              "start the database again and re-run the same command to resume")
+    except neo4j.exceptions.Neo4jError as exc:
+        _fail(f"Neo4j refused the operation: {(exc.message or str(exc)).splitlines()[0]}")
     except KeyboardInterrupt:
         _fail("interrupted; re-run the same command to resume")
 
@@ -204,7 +211,8 @@ def extract(
     pixel_stride: Annotated[int, typer.Option(help="Pixel pathways: trace every n-th pixel.")] = 2,
     pixel_beam: Annotated[int, typer.Option(help="Pixel pathways: beam width.")] = 3,
     pixel_top: Annotated[int, typer.Option(help="Pixel pathways: chains kept per pixel.")] = 3,
-    pixel_originals_only: Annotated[bool, typer.Option(help="Pixel pathways for originals only.")] = False,
+    originals_only: Annotated[str, typer.Option(
+        help="Comma-separated methods to run on originals only (not on variants).")] = "",
     resamples: Annotated[int, typer.Option(help="Resampling methods: perturbed copies.")] = 50,
 ) -> None:
     """Extract pathways (and variants) into record files."""
@@ -225,7 +233,7 @@ def extract(
                 method=m, selection="percentile" if sparsity is not None and not resampling else "topk",
                 k=top_k if top_k is not None else 8, sparsity=sparsity if sparsity is not None else 90.0,
                 granularity=granularity, beam=pixel_beam, top=pixel_top, stride=pixel_stride,
-                originals_only=pixel_originals_only and m == "pixel", resamples=resamples))
+                originals_only=m in originals_only.split(","), resamples=resamples))
         specs = VariantSpec.parse(variants)
         bundle = _bundle(model, weights_file, untrained, input_size, sites)
         image_set = load_images(images, bundle, _home())
@@ -427,7 +435,7 @@ def demo(
     extract(model="demo", images="demo:test", out=out, method="mct,intgrad,correlation,precision,pixel",
             sparsity=None, top_k=8, granularity="element", variants="fgsm,pgd,occlude,shift,deform", limit=limit,
             batch_size=32, weights_file=None, untrained=False, input_size=224, sites=None, device="cpu",
-            pixel_stride=4, pixel_beam=3, pixel_top=3, pixel_originals_only=True, resamples=50)
+            pixel_stride=4, pixel_beam=3, pixel_top=3, originals_only="correlation,precision,pixel", resamples=50)
     typer.echo("step 4/5: load into Neo4j")
     load(out)
     browser = "your NEO4J_URI server" if _external() else ServerConfig.default(_home()).browser_url

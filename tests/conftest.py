@@ -27,16 +27,26 @@ def home() -> Path:
 
 @pytest.fixture(scope="session")
 def neo4j_server(tmp_path_factory: pytest.TempPathFactory, home: Path) -> Iterator[object]:
+    from graphstore.errors import ServerError
     from graphstore.server import ServerConfig, fetch_jars, free_port, start, stop
 
     base = ServerConfig.default(home)
     fetch_jars(base)
-    cfg = ServerConfig(lib_dir=base.lib_dir, instance_dir=tmp_path_factory.mktemp("neo4j"),
-                       bolt_port=free_port(), http_port=free_port(), heap_initial="512m", heap_max="1g",
-                       pagecache="256m", tx_memory_max="512m")
+
+    def config() -> ServerConfig:
+        return ServerConfig(lib_dir=base.lib_dir, instance_dir=tmp_path_factory.mktemp("neo4j"),
+                            bolt_port=free_port(), http_port=free_port(), heap_initial="512m", heap_max="1g",
+                            pagecache="256m", tx_memory_max="512m")
+
     saved = {k: os.environ.pop(k, None) for k in ("NEO4J_URI", "NEO4J_USER", "NEO4J_PASSWORD")}
+    cfg = config()
     try:
-        start(cfg)
+        try:
+            start(cfg)
+        except ServerError as exc:  # a port grabbed between free_port() and the bind: once more, new ports
+            print(f"first Neo4j start failed ({str(exc).splitlines()[0]}); retrying on other ports")
+            cfg = config()
+            start(cfg)
         yield cfg
     finally:
         stop(cfg)

@@ -60,6 +60,16 @@ def test_image_page(app: Store) -> None:
     assert app.image(at.selectbox(key="img_id").value).kind == "pgd"
 
 
+def test_image_page_setting_without_variant_pathways(app: Store) -> None:
+    at = open_page("image")
+    pixel = next(c.config for c in app.configs(at.selectbox(key="model").value) if c.method == "pixel")
+    at.selectbox(key="config").set_value(pixel).run()
+    assert not at.exception and metrics(at)["Prediction"]
+    at.selectbox(key="img_kind").set_value("fgsm").run()
+    assert not at.exception
+    assert at.info and "originals only" in at.info[0].value
+
+
 def test_compare_page(app: Store) -> None:
     at = open_page("compare")
     model, config = at.selectbox(key="model").value, at.selectbox(key="config").value

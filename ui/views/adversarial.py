@@ -19,7 +19,7 @@ names = class_names(model_id)
 attack = st.selectbox("Attack", ["pgd", "fgsm"], key="adv_kind")
 pairs = s.variant_pairs(model_id, config, attack)
 if not pairs:
-    st.info(f"No {attack} variants in the store.")
+    st.info(f"No {attack} variants with pathways of setting {config} in the store.")
     st.stop()
 originals = sorted({p["original"] for p in pairs})
 sources = {im.id: im.source for im in s.images(model_id, kind="original", limit=100_000)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from graphstore.errors import NotFound
 from ui.common import class_names, context, pathway_dot, saliency_figure, short, store, table
 
 st.title("Image")
@@ -25,7 +26,13 @@ by_id = {im.id: im for im in images}
 image_id = st.selectbox("Image", list(by_id), key="img_id",
                         format_func=lambda i: f"{by_id[i].source} · {by_id[i].setting or 'original'}")
 detail = s.image(image_id)
-pathway = s.pathway_of(image_id, config)
+try:
+    pathway = s.pathway_of(image_id, config)
+except NotFound:
+    st.image(detail.png, width=180, caption=detail.source)
+    st.info(f"This image has no pathway of setting {config} (that method ran on originals only). "
+            "Pick another setting in the sidebar or an original image.")
+    st.stop()
 
 c1, c2, c3 = st.columns([1, 1, 2])
 with c1:
@@ -37,7 +44,8 @@ with c2:
     st.metric("Masked logit / full logit", f"{pathway.logit_ratio:.3f}")
     st.caption(f"pathway {pathway.id} · {pathway.size} neurons")
 with c3:
-    st.plotly_chart(saliency_figure(pathway.saliency), key="saliency")
+    title = "Largest pixel pathway per pixel" if pathway.method == "pixel" else "Pathway Gradient"
+    st.plotly_chart(saliency_figure(pathway.saliency, title), key="saliency")
 
 st.subheader("Pathway")
 max_edges = st.slider("Strongest edges shown", 20, 1000, 200, step=20, key="img_edges")
@@ -59,6 +67,10 @@ with n2:
 
 st.subheader("Nearest images by pathway overlap")
 st.dataframe(table(s.similar_images(image_id, config, 8)), hide_index=True, key="similar")
+st.subheader("Pathways of this image")
+st.dataframe(table([{"config": p.config, "method": p.method, "neurons": p.size, "logit ratio": p.logit_ratio,
+                     "dead fraction": p.dead_fraction, "corr/prec overlap": p.corr_prec_overlap}
+                    for p in s.pathways_of_image(image_id)]), hide_index=True, key="img_pathways")
 agreement = s.method_agreement(image_id)
 if agreement:
     st.subheader("Agreement between pathway settings (Jaccard)")

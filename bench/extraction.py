@@ -1,0 +1,160 @@
+"""Extraction speed, side by side in one process: plain PyTorch, ours, and Captum.
+
+(a) forward + backward to the input; (b) our channel contributions at all sites; (c) (b) plus
+top-8 edges per consecutive site pair; (d) Captum ``LayerGradientXActivation`` site by site;
+(e) the same edges as (c) the way a Captum user gets them: one ``LayerGradientXActivation``
+call per target neuron j with a forward function returning C_j. (e) is timed on a sample of
+targets and scaled to all targets of (c); the JSON says how many were timed.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torchvision
+from captum.attr import LayerGradientXActivation
+from torch import nn
+
+from extractor.models import ModelBundle, make_bundle
+from extractor.pathways import PathwaySettings, compute_edges, mct_contributions, select
+
+K = 8
+
+
+def _time(fn: Callable[[], Any], repeats: int) -> float:
+    fn()  # warm-up
+    samples = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - began)
+    return statistics.median(samples)
+
+
+def _plain(bundle: ModelBundle, x: torch.Tensor) -> None:
+    xr = x.detach().requires_grad_(True)
+    logits = bundle.forward(xr)
+    torch.autograd.grad(logits.max(1).values.sum(), xr)
+
+
+def _ours_b(bundle: ModelBundle, x: torch.Tensor) -> Any:
+    return mct_contributions(bundle, x)
+
+
+def _ours_c(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings) -> Any:
+    contrib, attached = mct_contributions(bundle, x)
+    sel = select(contrib, settings)
+    return contrib, sel, compute_edges(contrib, sel, attached, settings)
+
+
+def _captum_d(bundle: ModelBundle, x: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor]:
+    named = dict(bundle.model.named_modules())
+    out = []
+    for site in bundle.sites:
+        lga = LayerGradientXActivation(bundle.forward, named[site.module_path])
+        attr = lga.attribute(x, target=target)
+        out.append(attr if not isinstance(attr, list) else attr[0])
+    return out
+
+
+def _captum_edge(bundle: ModelBundle, x: torch.Tensor, src: int, dst: int, j: torch.Tensor,
+                 g_dst: torch.Tensor) -> torch.Tensor:
+    """w(i -> j) for all i, one Captum call: forward function = C_j (g fixed), layer = source site."""
+    named = dict(bundle.model.named_modules())
+    s_dst = bundle.sites[dst]
+    s_src = bundle.sites[src]
+    captured: dict[str, torch.Tensor] = {}
+
+    def forward(inp: torch.Tensor) -> torch.Tensor:
+        calls = {"n": 0}
+
+        def hook(_m: nn.Module, _i: Any, o: torch.Tensor) -> None:
+            if calls["n"] == s_dst.call_index:
+                captured["a"] = o
+            calls["n"] += 1
+
+        h = named[s_dst.module_path].register_forward_hook(hook)
+        try:
+            bundle.forward(inp)
+        finally:
+            h.remove()
+        a = captured["a"]
+        sel = a[torch.arange(a.shape[0]), j] * g_dst[torch.arange(a.shape[0]), j]
+        return sel.flatten(1).sum(1) if sel.dim() > 1 else sel
+
+    lga = LayerGradientXActivation(forward, named[s_src.module_path])
+    attr = lga.attribute(x)
+    return attr.flatten(2).sum(-1) if attr.dim() > 2 else attr
+
+
+def models() -> list[tuple[str, Callable[[], ModelBundle], int]]:
+    from pathlib import Path
+
+    from extractor.demo import demo_bundle
+    from graphstore.server import default_home
+
+    def tv(name: str) -> Callable[[], ModelBundle]:
+        def make() -> ModelBundle:
+            torch.manual_seed(0)
+            return make_bundle(torchvision.models.get_model(name, weights=None).eval(), name, (3, 224, 224))
+
+        return make
+
+    def demo() -> ModelBundle:
+        return demo_bundle(Path(default_home()))[0]
+
+    return [("demo-cnn", demo, 32), ("resnet18", tv("resnet18"), 224), ("vgg16", tv("vgg16"), 224)]
+
+
+def run(batch_sizes: tuple[int, ...] = (1, 16), captum_targets: int = 4) -> list[dict[str, Any]]:
+    torch.set_num_threads(2)
+    rows = []
+    for name, make, size in models():
+        bundle = make()
+        channels = bundle.info.input_shape[0]
+        for batch in batch_sizes:
+            torch.manual_seed(1)
+            x = torch.rand(batch, channels, size, size)
+            repeats = 3 if name == "demo-cnn" else 1
+            settings = PathwaySettings(k=K, edge_targets=K, edges_per_target=K)
+            a = _time(lambda b=bundle, xx=x: _plain(b, xx), repeats)
+            b_t = _time(lambda b=bundle, xx=x: _ours_b(b, xx), repeats)
+            c_t = _time(lambda b=bundle, xx=x, st=settings: _ours_c(b, xx, st), repeats)
+            contrib, sel, edges = _ours_c(bundle, x, settings)
+            d_t = _time(lambda b=bundle, xx=x, t=contrib.target: _captum_d(b, xx, t), 1)
+            ref = _captum_d(bundle, x, contrib.target)
+            diff_d = max(float((r - e).abs().max()) for r, e, s in zip(ref, contrib.element, bundle.sites,
+                                                                       strict=True)
+                         if sum(1 for o in bundle.sites if o.module_path == s.module_path) == 1)
+            # (e): time a sample of targets of the deepest and the first site pair, scale to all
+            n_pairs = len(bundle.sites) - 1
+            total_targets = n_pairs * K
+            timed, diffs, spent = 0, [], 0.0
+            for pair in (0, n_pairs - 1):
+                kept = sel.kept[pair + 1][0]
+                js = torch.nonzero(kept).flatten()[: max(1, captum_targets // 2)]
+                for j in js.tolist():
+                    jj = torch.full((batch,), j, dtype=torch.long)
+                    began = time.perf_counter()
+                    w = _captum_edge(bundle, x, pair, pair + 1, jj, contrib.grads[pair + 1])
+                    spent += time.perf_counter() - began
+                    timed += 1
+                    mask = (edges.b == 0) & (edges.src_site == pair) & (edges.dst_channel == j)
+                    for sc, wt in zip(edges.src_channel[mask], edges.weight[mask], strict=True):
+                        diffs.append(abs(float(w[0, int(sc)]) - float(wt)))
+            e_t = spent / timed * total_targets
+            rows.append({
+                "model": name, "input": size, "batch": batch, "a_plain_s": a, "b_ours_contrib_s": b_t,
+                "c_ours_edges_s": c_t, "d_captum_layer_s": d_t, "e_captum_per_neuron_s": e_t,
+                "e_targets_timed": timed, "e_targets_total": total_targets,
+                "ratio_b_a": b_t / a, "ratio_c_a": c_t / a, "ratio_d_b": d_t / b_t, "ratio_e_c": e_t / c_t,
+                "max_abs_diff_b_vs_d": diff_d, "max_abs_diff_c_vs_e": max(diffs) if diffs else None,
+                "images_per_s_with_edges": batch / c_t,
+            })
+            print(f"{name} b={batch}: a {a:.3f}s b/a {b_t / a:.2f} c/a {c_t / a:.2f} d/b {d_t / b_t:.1f} "
+                  f"e/c {e_t / c_t:.1f}", flush=True)
+    return rows

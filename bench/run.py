@@ -1,0 +1,202 @@
+"""``make bench``: measured speed and memory, written to bench/results/*.json and bench/results/README.md.
+
+Every figure is a ratio or rate measured in this one run, on this machine (described in the
+output). Sections: extraction (vs plain PyTorch and Captum), peak memory while streaming
+records, loading into a private Neo4j (batched vs one query per row), named-query latency.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "memory_gib": round(mem, 1),
+            "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+MEMORY_CHILD = """
+import resource, sys
+from pathlib import Path
+from extractor.demo import demo_bundle
+from extractor.pathways import PathwaySettings
+from extractor.pipeline import extract_run, load_images
+home, out, n = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+bundle, _ = demo_bundle(home)
+images = load_images("demo:train", bundle, home)
+extract_run(bundle, images, [PathwaySettings(k=8)], [], out, batch_size=32, limit=n, progress=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def memory(home: Path) -> list[dict[str, Any]]:
+    rows = []
+    for n in (100, 1000):
+        with tempfile.TemporaryDirectory() as tmp:
+            began = time.perf_counter()
+            res = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(home), str(Path(tmp) / "run"), str(n)],
+                                 capture_output=True, text=True, check=True, cwd=ROOT)
+            rows.append({"images": n, "peak_rss_mib": int(res.stdout.strip().splitlines()[-1]) / 1024,
+                         "seconds": time.perf_counter() - began})
+        print(f"memory: {n} images peak RSS {rows[-1]['peak_rss_mib']:.0f} MiB", flush=True)
+    return rows
+
+
+def _bench_run(home: Path, out: Path) -> Path:
+    from extractor.demo import demo_bundle
+    from extractor.pathways import PathwaySettings
+    from extractor.pipeline import extract_run, load_images
+    from extractor.variants import VariantSpec
+
+    bundle, _ = demo_bundle(home)
+    images = load_images("demo:test", bundle, home)
+    extract_run(bundle, images, [PathwaySettings(k=8), PathwaySettings("intgrad", k=8)],
+                VariantSpec.parse("fgsm,pgd,occlude,shift,deform"), out, limit=120, progress=False)
+    return out
+
+
+NAIVE = "MATCH (a:Neuron {id: $src}) MATCH (b:Neuron {id: $dst}) CREATE (a)-[:FLOWS_TO {pathway: $p, weight: $w}]->(b)"
+
+
+def loading_and_queries(home: Path) -> dict[str, Any]:
+    from extractor.records import read_run
+    from graphstore.api import Store
+    from graphstore.connection import ConnectionSettings, open_driver
+    from graphstore.loader import _edge_rows, load_run
+    from graphstore.server import USER, ServerConfig, fetch_jars, free_port, read_password, start, stop
+
+    base = ServerConfig.default(home)
+    fetch_jars(base)
+    tmp = Path(tempfile.mkdtemp(prefix="pathx-bench-"))
+    cfg = ServerConfig(lib_dir=base.lib_dir, instance_dir=tmp / "neo4j", bolt_port=free_port(),
+                       http_port=free_port())
+    out: dict[str, Any] = {}
+    try:
+        began = time.perf_counter()
+        start(cfg)
+        out["neo4j_start_s"] = time.perf_counter() - began
+        run = _bench_run(home, tmp / "run")
+        driver = open_driver(ConnectionSettings(cfg.bolt_uri, USER, read_password(cfg)))
+        summary = load_run(driver, run, progress=False)
+        rels = summary.includes + summary.edges
+        out["load"] = {"relationships": rels, "seconds": summary.seconds,
+                       "relationships_per_s": summary.relationships_per_second}
+        print(f"load: {rels} relationships at {summary.relationships_per_second:,.0f}/s", flush=True)
+        manifest, _, pathways = read_run(run)
+        rows = [r for p in pathways[:20] for r in _edge_rows(p, manifest.model)][:3000]
+        began = time.perf_counter()
+        with driver.session(database="neo4j") as s:
+            for r in rows:
+                s.run(NAIVE, src=r["src"], dst=r["dst"], p="naive/" + r["pathway"], w=r["weight"]).consume()
+        naive = len(rows) / (time.perf_counter() - began)
+        out["load"]["naive_relationships_per_s"] = naive
+        out["load"]["ratio_batched_naive"] = summary.relationships_per_second / naive
+        with driver.session(database="neo4j") as s:
+            s.run("MATCH ()-[f:FLOWS_TO]->() WHERE f.pathway STARTS WITH 'naive/' DELETE f").consume()
+        print(f"naive loader: {naive:,.0f}/s", flush=True)
+        out["queries"] = query_latency(Store(driver))
+        driver.close()
+    finally:
+        stop(cfg)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def query_latency(store: Any, repeats: int = 20) -> dict[str, dict[str, float]]:
+    model = store.default_model()
+    config = store.default_config(model)
+    classes = store.classes(model)
+    variant = store.images(model, kind="pgd", limit=1)[0].id
+    original = store.images(model, kind="original", limit=1)[0].id
+    pathway = store.pathways_of_image(original)[0].id
+    named = {
+        "summary": lambda: store.summary(),
+        "top_neurons": lambda: store.top_neurons(classes[3].id, config),
+        "shared_pathways": lambda: store.shared_pathways(classes[1].id, classes[7].id, config),
+        "similarity_matrix": lambda: store.similarity_matrix(model, config),
+        "class_signature": lambda: store.class_signature(classes[2].id, config),
+        "adversarial_shift": lambda: store.adversarial_shift(variant, config),
+        "hijacked_neurons": lambda: store.hijacked_neurons(model, config, "pgd"),
+        "pathway_counts": lambda: store.pathway_counts(config),
+        "variant_overlap": lambda: store.variant_overlap(model, config, "occlude"),
+        "similar_images": lambda: store.similar_images(original, config),
+        "method_agreement": lambda: store.method_agreement(original),
+        "pathway_graph": lambda: store.pathway_graph(pathway),
+    }
+    out = {}
+    for name, fn in named.items():
+        fn()
+        samples = []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - began) * 1000)
+        samples.sort()
+        out[name] = {"p50_ms": statistics.median(samples), "p95_ms": samples[int(0.95 * (len(samples) - 1))]}
+        print(f"query {name}: p50 {out[name]['p50_ms']:.1f} ms p95 {out[name]['p95_ms']:.1f} ms", flush=True)
+    return out
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [f"Machine: {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}, torch {m['torch']} "
+             f"({m['threads']} threads), {m['date']}.", "",
+             "| model | batch | (a) plain fwd+bwd s | (b)/(a) | (c)/(a) | (d)/(b) | (e)/(c) | images/s with edges | "
+             "max diff (b)-(d), (c)-(e) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["extraction"]:
+        lines.append(f"| {r['model']} {r['input']}px | {r['batch']} | {r['a_plain_s']:.3f} | {r['ratio_b_a']:.2f} | "
+                     f"{r['ratio_c_a']:.2f} | {r['ratio_d_b']:.1f} | {r['ratio_e_c']:.1f} | "
+                     f"{r['images_per_s_with_edges']:.1f} | {r['max_abs_diff_b_vs_d']:.1e}, "
+                     f"{r['max_abs_diff_c_vs_e'] or 0:.1e} |")
+    lines += ["", "Targets: (b)/(a) ≤ 1.3, (c)/(a) ≤ 3, (d)/(b) ≥ 5, (e)/(c) ≥ 20. (e) is timed on "
+              f"{results['extraction'][0]['e_targets_timed']} target neurons per configuration and scaled to all.", ""]
+    mem = results["memory"]
+    lines += ["| images extracted (streamed to Parquet) | peak RSS MiB |", "|---|---|"]
+    lines += [f"| {r['images']} | {r['peak_rss_mib']:.0f} |" for r in mem]
+    load = results["store"]["load"]
+    lines += ["", f"Neo4j start: {results['store']['neo4j_start_s']:.1f} s. Load: {load['relationships']:,} "
+              f"relationships at {load['relationships_per_s']:,.0f}/s batched (target ≥ 50,000/s) vs "
+              f"{load['naive_relationships_per_s']:,.0f}/s one query per row ({load['ratio_batched_naive']:.0f}×).",
+              "", "| named query (demo-sized store) | p50 ms | p95 ms |", "|---|---|---|"]
+    lines += [f"| {k} | {v['p50_ms']:.1f} | {v['p95_ms']:.1f} |" for k, v in results["store"]["queries"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    import extraction
+
+    from graphstore.server import default_home
+
+    home = default_home()
+    quick = "--quick" in sys.argv
+    results: dict[str, Any] = {"machine": machine()}
+    results["extraction"] = extraction.run((1,) if quick else (1, 16))
+    results["memory"] = memory(home)
+    results["store"] = loading_and_queries(home)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "results.json").write_text(json.dumps(results, indent=1))
+    (RESULTS / "README.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

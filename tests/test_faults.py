@@ -1,0 +1,61 @@
+"""Faults: concurrent loaders, and the database stopped in the middle of a load."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from graphstore.api import Store
+from graphstore.server import USER, read_password, start, stop
+from tests.conftest import wipe
+from tests.reference import Ref
+
+pytestmark = [pytest.mark.store, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(server: object) -> dict[str, str]:
+    return dict(os.environ, NEO4J_URI=server.bolt_uri, NEO4J_USER=USER,  # type: ignore[attr-defined]
+                NEO4J_PASSWORD=read_password(server))  # type: ignore[arg-type]
+
+
+def _load(run: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "pathx.cli", "load", str(run)], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_loaders_at_once_give_exact_counts(driver: object, neo4j_server: object, fixture_run: Path) -> None:
+    wipe(driver)
+    env = _env(neo4j_server)
+    procs = [_load(fixture_run, env), _load(fixture_run, env)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
+    assert Store(driver).counts() == Ref.load(fixture_run).counts()  # type: ignore[arg-type]
+
+
+def test_database_stopped_mid_load_then_resume(driver: object, neo4j_server: object, fixture_run: Path) -> None:
+    wipe(driver)
+    env = _env(neo4j_server)
+    proc = _load(fixture_run, env)
+    time.sleep(4.0)
+    stop(neo4j_server)  # type: ignore[arg-type]
+    try:
+        _, err = proc.communicate(timeout=300)
+    finally:
+        start(neo4j_server)  # type: ignore[arg-type]
+    if proc.returncode != 0:  # the load was cut: one clear line, no traceback
+        lines = err.strip().splitlines()
+        assert lines[-1].startswith("error: ") and "Traceback" not in err, err[-2000:]
+    with driver.session(database="neo4j") as s:  # type: ignore[attr-defined]
+        rows = s.run("MATCH (p:Pathway) OPTIONAL MATCH (p)-[i:INCLUDES]->() "
+                     "RETURN p.size AS size, count(i) AS n").data()
+    assert all(r["n"] == r["size"] for r in rows)
+    again = _load(fixture_run, env)
+    _, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err
+    assert Store(driver).counts() == Ref.load(fixture_run).counts()  # type: ignore[arg-type]
