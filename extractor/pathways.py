@@ -219,6 +219,11 @@ class Selection:
     kept: list[torch.Tensor]
 
 
+def channel_mask(kept: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Kept channels ``[B, C]`` (bool) as a mask shaped and typed like ``like`` ``[B, C, ...]``."""
+    return kept.to(like.device).view(*kept.shape, *([1] * (like.dim() - 2))).expand_as(like).to(like.dtype)
+
+
 def select(contrib: Contributions, settings: PathwaySettings) -> Selection:
     """Apply the selection rule to the contributions (scores are absolute values)."""
     element_scores = [e.abs() for e in contrib.element]
@@ -229,7 +234,7 @@ def select(contrib: Contributions, settings: PathwaySettings) -> Selection:
             idx = chan.abs().topk(k, dim=1).indices
             keep = torch.zeros_like(chan, dtype=torch.bool).scatter_(1, idx, True)
             kept.append(keep)
-            masks.append(keep.view(*keep.shape, *([1] * (e.dim() - 2))).expand_as(e).to(e.dtype))
+            masks.append(channel_mask(keep, e))
         return Selection(masks, kept)
     B = contrib.logits.shape[0]
     if settings.granularity == "element":
@@ -250,7 +255,7 @@ def select(contrib: Contributions, settings: PathwaySettings) -> Selection:
         else:
             keep = chan.abs() > thr.view(B, 1)
             kept.append(keep)
-            m = keep.view(*keep.shape, *([1] * (e.dim() - 2))).expand_as(e)
+            m = channel_mask(keep, e)
         masks.append(m.to(e.dtype))
     return Selection(masks, kept)
 
@@ -410,8 +415,7 @@ def extract_batch(
             extra[b] = {"corr_prec_overlap": float(paper[b]), "corr_prec_jaccard": float(jac[b])}
         kept = corr if settings.method == "correlation" else prec
         scores = rs.correlation if settings.method == "correlation" else rs.precision
-        masks = [k.view(*k.shape, *([1] * (e.dim() - 2))).expand_as(e).to(e.dtype)
-                 for k, e in zip(kept, contrib.element, strict=True)]
+        masks = [channel_mask(k, e) for k, e in zip(kept, contrib.element, strict=True)]
         sel = Selection(masks, kept)
     else:
         sel = select(contrib, settings)

@@ -275,6 +275,7 @@ def pixel_batch(bundle: ModelBundle, x: torch.Tensor, settings: Any, target: tor
         BatchPathways,
         Edges,
         Selection,
+        channel_mask,
         mct_contributions,
         pathway_gradient,
     )
@@ -313,8 +314,7 @@ def pixel_batch(bundle: ModelBundle, x: torch.Tensor, settings: Any, target: tor
                                         "size": [round(float(v), 6) for v in res.sizes[:, 0]]}),
         })
     kept = [c > 0 for c in counts]
-    masks = [k.view(*k.shape, *([1] * (e.dim() - 2))).expand_as(e).to(e.dtype).to(e.device)
-             for k, e in zip(kept, contrib.element, strict=True)]
+    masks = [channel_mask(k, e) for k, e in zip(kept, contrib.element, strict=True)]
     grad, logit_masked = pathway_gradient(bundle, x, contrib.target, masks)
     del grad
     import numpy as np

@@ -9,6 +9,7 @@
 - ``shift``: translation by ``(dy, dx)`` pixels, zero fill (movement).
 - ``deform``: elastic deformation: a smooth random displacement field (Gaussian-filtered
   noise, std ``sigma`` px, scaled to ``alpha`` px), seeded per image, applied by ``grid_sample``.
+- ``affine``: rotation by ``rotate`` degrees and scaling by ``scale`` about the image centre.
 
 Each variant carries its kind and parameters; ``VariantSpec.parse`` reads the CLI syntax.
 """
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from extractor.errors import ExtractionError
 
 ForwardFn = Callable[[torch.Tensor], torch.Tensor]
-KINDS = ("fgsm", "pgd", "occlude", "shift", "deform")
+KINDS = ("fgsm", "pgd", "occlude", "shift", "deform", "affine")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class VariantSpec:
             return [VariantSpec("shift", {"dy": 4, "dx": 4})]
         if kind == "deform":
             return [VariantSpec("deform", {"alpha": 3.0, "sigma": 4.0})]
+        if kind == "affine":
+            return [VariantSpec("affine", {"rotate": 15.0, "scale": 0.9})]
         raise ExtractionError(f"unknown variant {kind!r}; choose from {', '.join(KINDS)}")
 
     @staticmethod
@@ -162,6 +165,17 @@ def deform(x: torch.Tensor, alpha: float, sigma: float, seeds: list[int]) -> tor
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True).clamp(0.0, 1.0)
 
 
+def affine(x: torch.Tensor, rotate: float, scale: float) -> torch.Tensor:
+    """Rotate by ``rotate`` degrees and scale by ``scale`` about the centre (zero fill)."""
+    import math
+
+    a = math.radians(rotate)
+    theta = torch.tensor([[math.cos(a) / scale, -math.sin(a) / scale, 0.0],
+                          [math.sin(a) / scale, math.cos(a) / scale, 0.0]], dtype=x.dtype, device=x.device)
+    grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False).clamp(0.0, 1.0)
+
+
 @dataclass
 class Variant:
     """A batch of variants of the same kind: images ``[B, C, H, W]`` and per-image params."""
@@ -195,6 +209,9 @@ def make_variant(spec: VariantSpec, forward: ForwardFn, x: torch.Tensor, labels:
         if spec.kind == "deform":
             out = deform(x, float(p["alpha"]), float(p["sigma"]), seeds)
             return Variant("deform", out, [{**p, "seed": s} for s in seeds])
+        if spec.kind == "affine":
+            out = affine(x, float(p["rotate"]), float(p["scale"]))
+            return Variant("affine", out, [dict(p) for _ in range(B)])
     except KeyError as exc:
         raise ExtractionError(f"variant {spec.kind} is missing parameter {exc.args[0]!r}") from exc
     raise ExtractionError(f"unknown variant {spec.kind!r}")

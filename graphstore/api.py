@@ -227,6 +227,29 @@ class VariantOverlap:
 
 
 @dataclass(frozen=True)
+class LayerAgreement:
+    """Per layer, over images with pathways of both settings: Lengerich's overlap (max 0.5) and Jaccard."""
+
+    layer_index: int
+    site: str
+    overlap: float
+    jaccard: float
+    images: int
+
+
+@dataclass(frozen=True)
+class LayerConsistency:
+    """Per layer: mean Jaccard of originals' neuron sets within a class and across classes."""
+
+    layer_index: int
+    site: str
+    within: float
+    across: float
+    pairs_within: int
+    pairs_across: int
+
+
+@dataclass(frozen=True)
 class SimilarImage:
     image_id: str
     source: str
@@ -548,6 +571,47 @@ class Store:
         out = []
         for a, b in itertools.combinations(pathways, 2):
             out.append(Agreement(a.config, b.config, _jaccard(set(sets[a.id]), set(sets[b.id]))))
+        return out
+
+    def _original_sets(self, model_id: str, config: str) -> tuple[list[dict[str, Any]],
+                                                                   dict[str, dict[str, tuple[int, str, float]]]]:
+        rows = self._run(Q.ORIGINAL_PATHWAYS, model_id=model_id, config=config)
+        return rows, self._neuron_sets([r["pathway"] for r in rows])
+
+    def layer_agreement(self, model_id: str, config_a: str, config_b: str) -> list[LayerAgreement]:
+        """How two settings' selections overlap per layer on the same original images."""
+        rows_a, sets_a = self._original_sets(model_id, config_a)
+        rows_b, sets_b = self._original_sets(model_id, config_b)
+        by_image_b = {r["image"]: r["pathway"] for r in rows_b}
+        pairs = [(sets_a[r["pathway"]], sets_b[by_image_b[r["image"]]]) for r in rows_a if r["image"] in by_image_b]
+        out = []
+        for li, site in sorted((r["index"], r["site"]) for r in self.layers(model_id)):
+            inter = sizes = 0
+            jac = []
+            for a, b in pairs:
+                sa = {n for n, v in a.items() if v[0] == li}
+                sb = {n for n, v in b.items() if v[0] == li}
+                inter += len(sa & sb)
+                sizes += len(sa) + len(sb)
+                jac.append(_jaccard(sa, sb))
+            out.append(LayerAgreement(li, site, inter / sizes if sizes else 0.0,
+                                      float(np.mean(jac)) if jac else 0.0, len(pairs)))
+        return out
+
+    def class_consistency(self, model_id: str, config: str, max_pairs: int = 20_000) -> list[LayerConsistency]:
+        """Within-class against across-class Jaccard of originals' pathways, per layer (by label)."""
+        rows, sets = self._original_sets(model_id, config)
+        rows = [r for r in rows if r["label"] is not None and r["label"] >= 0]
+        pairs = list(itertools.combinations(range(len(rows)), 2))[:max_pairs]
+        out = []
+        for li, site in sorted((r["index"], r["site"]) for r in self.layers(model_id)):
+            layer_sets = [{n for n, v in sets[r["pathway"]].items() if v[0] == li} for r in rows]
+            within, across = [], []
+            for i, j in pairs:
+                (within if rows[i]["label"] == rows[j]["label"] else across).append(
+                    _jaccard(layer_sets[i], layer_sets[j]))
+            out.append(LayerConsistency(li, site, float(np.mean(within)) if within else float("nan"),
+                                        float(np.mean(across)) if across else float("nan"), len(within), len(across)))
         return out
 
     # -- export ----------------------------------------------------------------------------

@@ -344,6 +344,13 @@ ORDER BY jaccard DESC, image_id
 LIMIT $limit
 """
 
+ORIGINAL_PATHWAYS = """
+MATCH (p:Pathway {config: $config})-[:FOR_IMAGE]->(i:Image {kind: 'original'})
+WHERE i.model_id = $model_id
+RETURN p.id AS pathway, i.id AS image, i.label AS label, p.target AS target
+ORDER BY image
+"""
+
 PATHWAY_EXISTS = "MATCH (p:Pathway {id: $pathway_id}) RETURN p.id AS id"
 IMAGE_EXISTS = "MATCH (i:Image {id: $image_id}) RETURN i.id AS id, i.model_id AS model_id"
 CLASS_EXISTS = "MATCH (c:Class {id: $class_id}) RETURN c.id AS id, c.model_id AS model_id"

@@ -200,7 +200,8 @@ def extract(
     sparsity: Annotated[float | None, typer.Option(help="Global percentile selection p in [0, 100).")] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", help="Top-k channels per site (default 8).")] = None,
     granularity: Annotated[str, typer.Option(help="element or channel (percentile rule).")] = "element",
-    variants: Annotated[str, typer.Option(help="e.g. fgsm,pgd,occlude,shift,deform or pgd:eps=0.1:steps=5.")] = "",
+    variants: Annotated[str, typer.Option(
+        help="e.g. fgsm,pgd,occlude,shift,deform,affine or pgd:eps=0.1:steps=5.")] = "",
     limit: Annotated[int | None, typer.Option(help="Only the first N images.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
     weights_file: Annotated[Path | None, typer.Option(help="Local weights for a torchvision model.")] = None,
@@ -393,6 +394,25 @@ def export(
         typer.echo(f"wrote {out}: {g.number_of_nodes()} neurons, {g.number_of_edges()} edges")
 
 
+@app.command("report")
+def report(
+    out: Annotated[Path, typer.Option(help="Folder for report.md and its plots.")] = Path("docs/report"),
+    images: Annotated[int, typer.Option(help="Test digits for the model-side experiments.")] = 64,
+) -> None:
+    """Check each seed paper's claims on the demo model and the store; writes a markdown report."""
+    from extractor.demo import demo_bundle
+    from pathx.report import build_report
+
+    with _errors():
+        bundle, data = demo_bundle(_home())
+        store = _store()
+        try:
+            path = build_report(bundle, data.x_test, data.y_test, store, out, n_model=images)
+        finally:
+            store.driver.close()
+        typer.echo(f"wrote {path}")
+
+
 # --- UI and demo ----------------------------------------------------------------------------
 
 
@@ -424,20 +444,33 @@ def demo(
     port: Annotated[int, typer.Option(help="Port of the UI.")] = UI_PORT,
 ) -> None:
     """Start Neo4j, train the demo model, extract the test split with variants, load, serve the UI."""
+    import time
+
     from graphstore.server import ServerConfig
 
+    began = time.perf_counter()
+    last = [began]
+
+    def step(text: str) -> None:
+        now = time.perf_counter()
+        if now - last[0] > 0.5:
+            typer.echo(f"  ({now - last[0]:.1f} s)")
+        last[0] = now
+        typer.echo(text)
+
     if not _external():
-        typer.echo("step 1/5: Neo4j")
+        step("step 1/5: Neo4j")
         db_start()
-    typer.echo("step 2/5: demo model")
+    step("step 2/5: demo model")
     train_demo()
-    typer.echo("step 3/5: extraction (originals, FGSM, PGD, occluded, shifted, deformed)")
+    step("step 3/5: extraction (originals, FGSM, PGD, occluded, shifted, deformed)")
     extract(model="demo", images="demo:test", out=out, method="mct,intgrad,correlation,precision,pixel",
-            sparsity=None, top_k=8, granularity="element", variants="fgsm,pgd,occlude,shift,deform", limit=limit,
+            sparsity=None, top_k=8, granularity="element", variants="fgsm,pgd,occlude,shift,deform,affine", limit=limit,
             batch_size=32, weights_file=None, untrained=False, input_size=224, sites=None, device="cpu",
             pixel_stride=4, pixel_beam=3, pixel_top=3, originals_only="correlation,precision,pixel", resamples=50)
-    typer.echo("step 4/5: load into Neo4j")
+    step("step 4/5: load into Neo4j")
     load(out)
+    step(f"set-up done in {time.perf_counter() - began:.1f} s")
     browser = "your NEO4J_URI server" if _external() else ServerConfig.default(_home()).browser_url
     if serve:
         typer.echo(f"step 5/5: UI at http://127.0.0.1:{port}  |  Neo4j Browser: {browser}")

@@ -97,9 +97,10 @@ def fixture_run(tmp_path_factory: pytest.TempPathFactory, demo: tuple[object, ob
     out = tmp_path_factory.mktemp("runs") / "fixture"
     images = load_images("demo:test", bundle, home)  # type: ignore[arg-type]
     specs = VariantSpec.parse("fgsm:eps=0.1,fgsm:eps=0.2,pgd:eps=0.1:steps=5,pgd:eps=0.2:steps=10:targeted=true,"
-                              "occlude,shift,deform")
+                              "occlude,shift,deform,affine")
     settings = [PathwaySettings("mct", "topk", k=6), PathwaySettings("intgrad", "topk", k=6, intgrad_steps=5),
                 PathwaySettings("correlation", "topk", k=5, resamples=20),
+                PathwaySettings("precision", "topk", k=5, resamples=20, originals_only=True),
                 PathwaySettings("pixel", "topk", stride=6, originals_only=True)]
     extract_run(bundle, images, settings, specs, out, batch_size=16, limit=24, progress=False)  # type: ignore[arg-type]
     return out

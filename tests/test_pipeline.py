@@ -22,7 +22,7 @@ from extractor.records import (
     read_manifest,
     read_run,
 )
-from extractor.variants import VariantSpec, fgsm, pgd, shift
+from extractor.variants import VariantSpec, affine, fgsm, pgd, shift
 
 
 def test_demo_model_accuracy_and_determinism(home: Path, demo: tuple) -> None:
@@ -55,8 +55,12 @@ def test_transforms() -> None:
     x = torch.zeros(1, 1, 6, 6)
     x[0, 0, 1, 1] = 1.0
     assert shift(x, 2, 3)[0, 0, 3, 4] == 1.0
-    specs = VariantSpec.parse("occlude:frac=0.5,deform,shift:dy=-1:dx=1")
-    assert [s.kind for s in specs] == ["occlude", "deform", "shift"]
+    specs = VariantSpec.parse("occlude:frac=0.5,deform,shift:dy=-1:dx=1,affine:rotate=90:scale=1")
+    assert [s.kind for s in specs] == ["occlude", "deform", "shift", "affine"]
+    img = torch.zeros(1, 1, 9, 9)
+    img[0, 0, 4, 6] = 1.0  # right of centre; rotated by 90 degrees it lands above or below the centre
+    rot = affine(img, 90.0, 1.0)
+    assert rot[0, 0, 4, 6] < 0.5 and max(float(rot[0, 0, 2, 4]), float(rot[0, 0, 6, 4])) > 0.5
     assert specs[0].params["frac"] == 0.5
     with pytest.raises(ExtractionError, match="unknown variant"):
         VariantSpec.parse("blur")

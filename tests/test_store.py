@@ -269,3 +269,32 @@ def test_hostile_class_names_round_trip(empty_store: object, tmp_path: Path) -> 
         with pytest.raises(NotFound):
             store.top_neurons(name, "any")
     assert store.counts()[0] == nodes
+
+
+def test_accuracy_by_class_hijack_strength_and_neuron_images(store: Store, ref: Ref, config: str) -> None:
+    by_class: dict[int, list[bool]] = {}
+    for im in ref.images.values():
+        if im.kind == "original":
+            by_class.setdefault(im.label, []).append(im.predicted == im.label)
+    got = {r["class_index"]: (r["images"], r["accuracy"]) for r in store.accuracy_by_class(ref.model_id)}
+    assert_close_map(got, {c: (len(v), float(np.mean(v))) for c, v in by_class.items()})
+    # hijacks per attack strength
+    pairs = ref.pairs(config, "pgd")
+    per_setting: dict[str, list[set[str]]] = {}
+    for im, pv, po in pairs:
+        per_setting.setdefault(ref.setting(im), []).append(set(ref.neurons(pv)) - set(ref.neurons(po)))
+    for h in store.hijacked_neurons(ref.model_id, config, "pgd", limit=1000):
+        for setting, share in h.by_setting.items():
+            gained = per_setting[setting]
+            assert share == pytest.approx(sum(h.neuron in g for g in gained) / len(gained))
+    # images that use a neuron most, by |contribution|
+    pw = ref.of_config(config)[0]
+    neuron = next(iter(ref.neurons(pw)))
+    uses = sorted(((abs(ref.neurons(p)[neuron][1]), p.image_id) for p in ref.of_config(config)
+                   if neuron in ref.neurons(p)), reverse=True)
+    top = store.neuron_top_images(neuron, config, limit=5)
+    assert [abs(r["contribution"]) for r in top] == pytest.approx([u[0] for u in uses[:5]], rel=1e-5)
+    detail = store.neuron(neuron, config)
+    support = ref.support(config)
+    want = {c: t[neuron][0] for c, t in support.items() if neuron in t}
+    assert {c["class_index"]: c["support"] for c in detail["classes"]} == pytest.approx(want)

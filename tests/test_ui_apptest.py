@@ -99,7 +99,7 @@ def test_variants_page(app: Store) -> None:
     at = open_page("variants")
     model, config = at.selectbox(key="model").value, at.selectbox(key="config").value
     df = at.dataframe[0].value
-    want = {(o.kind, o.setting): o.prediction_changed for k in ("occlude", "shift", "deform")
+    want = {(o.kind, o.setting): o.prediction_changed for k in ("occlude", "shift", "deform", "affine")
             for o in app.variant_overlap(model, config, k)}
     got = {(r.kind, r.setting): r.prediction_changed for r in df.itertuples()}
     assert got == pytest.approx(want)

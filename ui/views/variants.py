@@ -10,7 +10,8 @@ from ui.common import context, store, table
 st.title("Variants")
 model_id, config = context()
 s = store()
-kinds = st.multiselect("Kinds", ["occlude", "shift", "deform", "fgsm", "pgd"], default=["occlude", "shift", "deform"],
+kinds = st.multiselect("Kinds", ["occlude", "shift", "deform", "affine", "fgsm", "pgd"],
+                       default=["occlude", "shift", "deform", "affine"],
                        key="var_kinds")
 
 counts = table(s.pathway_counts(config))
