@@ -182,3 +182,19 @@ def test_bad_images(demo: tuple) -> None:
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ExtractionError, match="NaN"):
         extract_batch(bundle, bad, PathwaySettings())
+
+
+def test_nan_activations_are_refused() -> None:
+    class Bad(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.relu = nn.ReLU()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.relu(torch.log(x.flatten(1) - 2.0))  # log of a negative number: NaN
+            return self.fc(torch.nan_to_num(h))
+
+    bundle = make_bundle(Bad(), "bad", (1, 2, 2))
+    with pytest.raises(ExtractionError, match="NaN or Inf"):
+        extract_batch(bundle, torch.rand(1, 1, 2, 2), PathwaySettings())

@@ -298,3 +298,30 @@ def test_accuracy_by_class_hijack_strength_and_neuron_images(store: Store, ref: 
     support = ref.support(config)
     want = {c: t[neuron][0] for c, t in support.items() if neuron in t}
     assert {c["class_index"]: c["support"] for c in detail["classes"]} == pytest.approx(want)
+
+
+def test_layer_agreement_and_class_consistency(store: Store, ref: Ref) -> None:
+    by_method = {p.method: p.config for p in ref.pathways}
+    rows = store.layer_agreement(ref.model_id, by_method["correlation"], by_method["precision"])
+    originals = [i for i in ref.images.values() if i.kind == "original"]
+    for r in rows:
+        inter = sizes = 0
+        jac = []
+        for im in originals:
+            a = {n for n, v in ref.neurons(ref.pathway(im.image_id, by_method["correlation"])).items()
+                 if v[0] == r.layer_index}
+            b = {n for n, v in ref.neurons(ref.pathway(im.image_id, by_method["precision"])).items()
+                 if v[0] == r.layer_index}
+            inter += len(a & b)
+            sizes += len(a) + len(b)
+            jac.append(len(a & b) / len(a | b) if a | b else 1.0)
+        assert r.overlap == pytest.approx(inter / sizes) and r.jaccard == pytest.approx(float(np.mean(jac)))
+        assert r.images == len(originals) and r.overlap <= 0.5
+    cons = store.class_consistency(ref.model_id, by_method["pixel"])
+    for c in cons:
+        sets = [({n for n, v in ref.neurons(ref.pathway(im.image_id, by_method["pixel"])).items()
+                  if v[0] == c.layer_index}, im.label) for im in sorted(originals, key=lambda i: i.image_id)]
+        within, across = [], []
+        for (a, la), (b, lb) in itertools.combinations(sets, 2):
+            (within if la == lb else across).append(len(a & b) / len(a | b) if a | b else 1.0)
+        assert c.within == pytest.approx(float(np.mean(within))) and c.across == pytest.approx(float(np.mean(across)))

@@ -76,3 +76,17 @@ def test_page_in_chromium(ui_server: str, artifacts: Path, path: str, title: str
             browser.close()
     assert not failed, f"failed requests: {failed[:5]}"
     assert not console_errors, console_errors[:3]
+
+
+def test_ui_listens_on_loopback_only(ui_server: str) -> None:
+    import socket
+
+    port = int(ui_server.rsplit(":", 1)[1])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))  # picks the outward interface; sends nothing
+        ip = s.getsockname()[0]
+    assert not ip.startswith("127.")
+    with socket.socket() as s:
+        s.settimeout(2)
+        assert s.connect_ex((ip, port)) != 0
+    assert "--server.address" in ui_command(port) and "127.0.0.1" in ui_command(port)
