@@ -110,13 +110,18 @@ def models() -> list[tuple[str, Callable[[], ModelBundle], int]]:
     return [("demo-cnn", demo, 32), ("resnet18", tv("resnet18"), 224), ("vgg16", tv("vgg16"), 224)]
 
 
-def run(batch_sizes: tuple[int, ...] = (1, 16), captum_targets: int = 4) -> list[dict[str, Any]]:
+def run(batch_sizes: tuple[int, ...] = (1, 16), captum_targets: int = 4,
+        skip: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    """One row per model x batch size; ``skip`` holds ``model:batch`` pairs left out."""
     torch.set_num_threads(2)
     rows = []
     for name, make, size in models():
         bundle = make()
         channels = bundle.info.input_shape[0]
         for batch in batch_sizes:
+            if f"{name}:{batch}" in skip:
+                print(f"{name} b={batch}: skipped (--skip)", flush=True)
+                continue
             torch.manual_seed(1)
             x = torch.rand(batch, channels, size, size)
             repeats = 3 if name == "demo-cnn" else 1
@@ -127,7 +132,7 @@ def run(batch_sizes: tuple[int, ...] = (1, 16), captum_targets: int = 4) -> list
             contrib, sel, edges = _ours_c(bundle, x, settings)
             d_t = _time(lambda b=bundle, xx=x, t=contrib.target: _captum_d(b, xx, t), 1)
             ref = _captum_d(bundle, x, contrib.target)
-            diff_d = max(float((r - e).abs().max()) for r, e, s in zip(ref, contrib.element, bundle.sites,
+            diff_d = max(float((r - e).detach().abs().max()) for r, e, s in zip(ref, contrib.element, bundle.sites,
                                                                        strict=True)
                          if sum(1 for o in bundle.sites if o.module_path == s.module_path) == 1)
             # (e): time a sample of targets of the deepest and the first site pair, scale to all

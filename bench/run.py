@@ -167,6 +167,8 @@ def markdown(results: dict[str, Any]) -> str:
                      f"{r['ratio_c_a']:.2f} | {r['ratio_d_b']:.1f} | {r['ratio_e_c']:.1f} | "
                      f"{r['images_per_s_with_edges']:.1f} | {r['max_abs_diff_b_vs_d']:.1e}, "
                      f"{r['max_abs_diff_c_vs_e'] or 0:.1e} |")
+    if results.get("skipped"):
+        lines += ["", f"Left out of this run (--skip): {', '.join(results['skipped'])}."]
     lines += ["", "Targets: (b)/(a) ≤ 1.3, (c)/(a) ≤ 3, (d)/(b) ≥ 5, (e)/(c) ≥ 20. (e) is timed on "
               f"{results['extraction'][0]['e_targets_timed']} target neurons per configuration and scaled to all.", ""]
     mem = results["memory"]
@@ -188,8 +190,9 @@ def main() -> None:
 
     home = default_home()
     quick = "--quick" in sys.argv
-    results: dict[str, Any] = {"machine": machine()}
-    results["extraction"] = extraction.run((1,) if quick else (1, 16))
+    skip = frozenset(sys.argv[sys.argv.index("--skip") + 1].split(",")) if "--skip" in sys.argv else frozenset()
+    results: dict[str, Any] = {"machine": machine(), "skipped": sorted(skip)}
+    results["extraction"] = extraction.run((1,) if quick else (1, 16), skip=skip)
     results["memory"] = memory(home)
     results["store"] = loading_and_queries(home)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,7 @@ def open_driver(settings: ConnectionSettings) -> neo4j.Driver:
     """A connected driver, or ``ConnectionFailed`` naming the URI and what to do."""
     driver = neo4j.GraphDatabase.driver(
         settings.uri, auth=(settings.user, settings.password), connection_timeout=5.0,
-        max_transaction_retry_time=30.0, notifications_min_severity="WARNING",
+        max_transaction_retry_time=30.0, notifications_min_severity="OFF",
     )
     try:
         driver.verify_connectivity()
