@@ -58,6 +58,7 @@ class LoadSummary:
     includes: int = 0
     edges: int = 0
     seconds: float = 0.0
+    repaired: int = 0  # incomplete pathways found in the store and removed before loading
 
     @property
     def relationships_per_second(self) -> float:
@@ -225,6 +226,17 @@ def refresh_aggregates(driver: neo4j.Driver, model_id: str, database: str = DATA
     return configs
 
 
+def remove_incomplete(driver: neo4j.Driver, model_id: str, database: str = DATABASE) -> int:
+    """Delete pathways of ``model_id`` that are not whole (with their edges); returns how many."""
+    records, _, _ = driver.execute_query(Q.INCOMPLETE_PATHWAYS, model_id=model_id, database_=database)
+    ids = [r["id"] for r in records]
+    for chunk in _chunks(ids, 500):
+        driver.execute_query(Q.DELETE_PATHWAYS, pathway_ids=list(chunk), database_=database)
+    if ids:
+        log.warning("removed %d incomplete pathways of %s before loading", len(ids), model_id)
+    return len(ids)
+
+
 def load_run(driver: neo4j.Driver, run_dir: Path, database: str = DATABASE, progress: bool = True) -> LoadSummary:
     """Load every part of ``run_dir``; safe to repeat and to resume after a crash."""
     try:
@@ -235,7 +247,7 @@ def load_run(driver: neo4j.Driver, run_dir: Path, database: str = DATABASE, prog
     began = time.perf_counter()
     ensure_schema(driver, database)
     load_model(driver, model, database)
-    summary = LoadSummary()
+    summary = LoadSummary(repaired=remove_incomplete(driver, model.model_id, database))
     try:
         parts = list(iter_parts(run_dir))
     except RecordsFormatError as exc:

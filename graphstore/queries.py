@@ -108,11 +108,32 @@ RETURN pw.id AS id
 LINK_PATHWAYS = """
 UNWIND $pathways AS p
 MATCH (pw:Pathway {id: p.id})
+REMOVE pw.loading
+WITH pw, p
 MATCH (im:Image {id: p.image_id})
 MATCH (cl:Class {id: p.class_id})
 CREATE (pw)-[:FOR_IMAGE]->(im)
 CREATE (pw)-[:EXPLAINS]->(cl)
-REMOVE pw.loading
+"""
+
+# A pathway is whole when its claim flag is gone, it points at its image and it has exactly
+# ``size`` INCLUDES (degree counts are O(1) in Neo4j). One transaction writes all of that, so
+# this only ever finds something if the store was changed behind the loader's back.
+INCOMPLETE_PATHWAYS = """
+MATCH (p:Pathway {model_id: $model_id})
+WHERE p.loading IS NOT NULL OR NOT EXISTS { (p)-[:FOR_IMAGE]->() }
+   OR COUNT { (p)-[:INCLUDES]->() } <> p.size
+RETURN p.id AS id
+"""
+
+DELETE_PATHWAYS = """
+UNWIND $pathway_ids AS pid
+MATCH (p:Pathway {id: pid})
+CALL (pid) {
+  MATCH ()-[f:FLOWS_TO {pathway: pid}]->()
+  DELETE f
+}
+DETACH DELETE p
 """
 
 CREATE_INCLUDES = """
