@@ -81,7 +81,7 @@ def loading_and_queries(home: Path) -> dict[str, Any]:
     from extractor.records import read_run
     from graphstore.api import Store
     from graphstore.connection import ConnectionSettings, open_driver
-    from graphstore.loader import _edge_rows, load_run
+    from graphstore.loader import edge_rows, load_run, neuron_table
     from graphstore.server import USER, ServerConfig, fetch_jars, free_port, read_password, start, stop
 
     base = ServerConfig.default(home)
@@ -102,11 +102,12 @@ def loading_and_queries(home: Path) -> dict[str, Any]:
                        "relationships_per_s": summary.relationships_per_second}
         print(f"load: {rels} relationships at {summary.relationships_per_second:,.0f}/s", flush=True)
         manifest, _, pathways = read_run(run)
-        rows = [r for p in pathways[:20] for r in _edge_rows(p, manifest.model)][:3000]
+        table = neuron_table(manifest.model)
+        rows = [r for p in pathways[:20] for r in edge_rows(p, table)][:3000]
         began = time.perf_counter()
         with driver.session(database="neo4j") as s:
             for r in rows:
-                s.run(NAIVE, src=r["src"], dst=r["dst"], p="naive/" + r["pathway"], w=r["weight"]).consume()
+                s.run(NAIVE, src=r[0], dst=r[1], p="naive/" + r[2], w=r[3]).consume()
         naive = len(rows) / (time.perf_counter() - began)
         out["load"]["naive_relationships_per_s"] = naive
         out["load"]["ratio_batched_naive"] = summary.relationships_per_second / naive

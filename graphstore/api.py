@@ -267,10 +267,6 @@ class Agreement:
     per_layer: list[LayerOverlap] = field(default_factory=list)
 
 
-def _pathways_of_pairs(pairs: Sequence[dict[str, Any]]) -> list[str]:
-    return sorted({p["variant_pathway"] for p in pairs} | {p["original_pathway"] for p in pairs})
-
-
 def _jaccard(a: set[Any], b: set[Any]) -> float:
     union = a | b
     return len(a & b) / len(union) if union else 1.0
@@ -510,47 +506,48 @@ class Store:
 
     def hijacked_neurons(self, model_id: str, config: str, kind: str, label: int | None = None,
                          limit: int = 20) -> list[Hijack]:
-        """Neurons most often gained by variants of ``kind`` (Bluff's "most changed"), by strength."""
-        pairs = self.variant_pairs(model_id, config, kind, label)
-        if not pairs:
+        """Neurons most often gained by variants of ``kind`` (Bluff's "most changed"), by strength.
+
+        Read from the ``VariantStat`` aggregates: share = pairs whose variant pathway has the
+        neuron and the original's lacks it, over all pairs (and per sweep setting).
+        """
+        stats = self._run(Q.VARIANT_STATS, model_id=model_id, config=config, kind=kind, label=label)
+        if not stats:
             return []
-        sets = self._neuron_sets(_pathways_of_pairs(pairs))
         per_setting: dict[str, int] = defaultdict(int)
-        gained: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        info: dict[str, tuple[int, str]] = {}
-        for p in pairs:
-            sv, so = sets[p["variant_pathway"]], sets[p["original_pathway"]]
-            per_setting[p["setting"]] += 1
-            for n in sv.keys() - so.keys():
-                gained[n][p["setting"]] += 1
-                info[n] = (sv[n][0], sv[n][1])
-        total = len(pairs)
-        out = [Hijack(n, info[n][1], info[n][0], sum(c.values()), sum(c.values()) / total,
-                      {s: c.get(s, 0) / per_setting[s] for s in sorted(per_setting)})
-               for n, c in gained.items()]
-        return sorted(out, key=lambda h: (-h.count, h.neuron))[:limit]
+        for st in stats:
+            per_setting[st["setting"]] += st["pairs"]
+        total = sum(per_setting.values())
+        rows = self._run(Q.HIJACKED_NEURONS, model_id=model_id, config=config, kind=kind, label=label,
+                         limit=int(limit))
+        out = []
+        for r in rows:
+            counts: dict[str, int] = defaultdict(int)
+            for setting, k in r["by_setting"]:
+                counts[setting] += k
+            out.append(Hijack(r["neuron"], r["site"], r["layer_index"], r["count"], r["count"] / total,
+                              {s: counts.get(s, 0) / n for s, n in sorted(per_setting.items())}))
+        return out
 
     def variant_overlap(self, model_id: str, config: str, kind: str | None = None) -> list[VariantOverlap]:
         """For each variant kind and setting: mean per-layer overlap with the originals' pathways."""
-        pairs = self.variant_pairs(model_id, config, kind)
-        if not pairs:
+        stats = self._run(Q.VARIANT_STATS, model_id=model_id, config=config, kind=kind, label=None)
+        if not stats:
             return []
-        sets = self._neuron_sets(_pathways_of_pairs(pairs))
         layers = sorted((r["index"], r["site"]) for r in self.layers(model_id))
-        acc: dict[tuple[str, str], list[list[float]]] = defaultdict(list)
-        changed: dict[tuple[str, str], list[bool]] = defaultdict(list)
-        for p in pairs:
-            sv, so = sets[p["variant_pathway"]], sets[p["original_pathway"]]
-            key = (p["kind"], p["setting"])
-            acc[key].append([_jaccard({n for n, v in so.items() if v[0] == li},
-                                      {n for n, v in sv.items() if v[0] == li}) for li, _ in layers])
-            changed[key].append(p["variant_predicted"] != p["original_predicted"])
+        sums: dict[tuple[str, str], np.ndarray] = {}
+        pairs: dict[tuple[str, str], int] = defaultdict(int)
+        changed: dict[tuple[str, str], int] = defaultdict(int)
+        for st in stats:
+            key = (st["kind"], st["setting"])
+            sums[key] = sums.get(key, 0.0) + np.asarray(st["jaccard_sum"], dtype=np.float64)
+            pairs[key] += st["pairs"]
+            changed[key] += st["changed"]
         out = []
-        for (k, setting), rows in sorted(acc.items()):
-            mean = np.mean(np.asarray(rows), axis=0)
-            share = float(np.mean(changed[(k, setting)]))
-            out.extend(VariantOverlap(k, setting, li, site, float(mean[i]), len(rows), share)
-                       for i, (li, site) in enumerate(layers))
+        for key in sorted(sums):
+            mean = sums[key] / pairs[key]
+            out.extend(VariantOverlap(key[0], key[1], li, site, float(mean[li]), pairs[key],
+                                      changed[key] / pairs[key]) for li, site in layers)
         return out
 
     def pathway_counts(self, config: str) -> list[LayerCount]:

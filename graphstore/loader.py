@@ -129,7 +129,23 @@ def image_row(im: ImageRecord, model: ModelInfo) -> dict[str, Any]:
     }
 
 
-def pathway_row(pw: PathwayRecord, model: ModelInfo) -> dict[str, Any]:
+def _keys(pw: PathwayRecord) -> np.ndarray:
+    """Neuron keys ``site * 2**32 + channel`` of a pathway, shape (n,)."""
+    return pw.neuron_site.astype(np.int64) * (1 << 32) + pw.neuron_channel.astype(np.int64)
+
+
+def layer_jaccard(variant: PathwayRecord, original: PathwayRecord, sites: int) -> list[float]:
+    """Per site, Jaccard of the two pathways' channel sets (1.0 where both are empty)."""
+    out = []
+    for s in range(sites):
+        a = set(variant.neuron_channel[variant.neuron_site == s].tolist())
+        b = set(original.neuron_channel[original.neuron_site == s].tolist())
+        union = a | b
+        out.append(len(a & b) / len(union) if union else 1.0)
+    return out
+
+
+def pathway_row(pw: PathwayRecord, model: ModelInfo, original: PathwayRecord | None = None) -> dict[str, Any]:
     n = len(pw.neuron_channel)
     props = {
         "id": pw.pathway_id, "image_id": pw.image_id, "model_id": pw.model_id, "method": pw.method,
@@ -139,30 +155,42 @@ def pathway_row(pw: PathwayRecord, model: ModelInfo) -> dict[str, Any]:
         "dead_fraction": float(np.mean(pw.neuron_dead)) if n else 0.0,
         "saliency": [float(v) for v in pw.saliency.ravel()], "saliency_shape": list(pw.saliency.shape),
         "gaps": [float(g) for g in pw.site_gap],
+        "layer_sizes": np.bincount(pw.neuron_site.astype(np.int64), minlength=len(model.sites)).tolist(),
         **{k: float(v) for k, v in pw.extra.items() if isinstance(v, int | float)},
         **{k: v for k, v in pw.extra.items() if isinstance(v, str)},
     }
+    if original is not None:
+        props["original_pathway"] = original.pathway_id
+        props["layer_jaccard"] = layer_jaccard(pw, original, len(model.sites))
     return {"id": pw.pathway_id, "image_id": pw.image_id, "class_id": class_id(model.model_id, pw.target),
             "props": props}
 
 
-def _include_rows(pw: PathwayRecord, model: ModelInfo) -> list[dict[str, Any]]:
-    sites = model.sites
+def neuron_table(model: ModelInfo) -> list[list[str]]:
+    """Neuron ids by [site index][channel]."""
+    return [[neuron_id(model.model_id, s.site_id, c) for c in range(s.channels)] for s in model.sites]
+
+
+def _include_rows(pw: PathwayRecord, table: list[list[str]], original: PathwayRecord | None = None) -> list[list[Any]]:
+    """INCLUDES rows ``[neuron, contribution, score, rank, elements, dead, gained]``; for a variant's
+    pathway ``gained`` marks neurons its original's pathway lacks (None for originals)."""
+    gained = (~np.isin(_keys(pw), _keys(original))).tolist() if original is not None else [None] * len(pw.neuron_site)
     return [
-        {"pathway": pw.pathway_id, "neuron": neuron_id(model.model_id, sites[int(s)].site_id, int(c)),
-         "contribution": float(v), "score": float(sc), "rank": int(r), "elements": int(e), "dead": bool(d)}
-        for s, c, v, sc, r, e, d in zip(pw.neuron_site, pw.neuron_channel, pw.neuron_contribution, pw.neuron_score,
-                                        pw.neuron_rank, pw.neuron_elements, pw.neuron_dead, strict=True)
+        [table[s][c], v, sc, r, e, d, g]
+        for s, c, v, sc, r, e, d, g in zip(pw.neuron_site.tolist(), pw.neuron_channel.tolist(),
+                                           pw.neuron_contribution.tolist(), pw.neuron_score.tolist(),
+                                           pw.neuron_rank.tolist(), pw.neuron_elements.tolist(),
+                                           pw.neuron_dead.tolist(), gained, strict=True)
     ]
 
 
-def _edge_rows(pw: PathwayRecord, model: ModelInfo) -> list[dict[str, Any]]:
-    sites = model.sites
+def edge_rows(pw: PathwayRecord, table: list[list[str]]) -> list[list[Any]]:
+    """FLOWS_TO rows ``[source neuron, target neuron, pathway id, weight]``."""
     return [
-        {"pathway": pw.pathway_id, "src": neuron_id(model.model_id, sites[int(ss)].site_id, int(sc)),
-         "dst": neuron_id(model.model_id, sites[int(ds)].site_id, int(dc)), "weight": float(w)}
-        for ss, sc, ds, dc, w in zip(pw.edge_src_site, pw.edge_src_channel, pw.edge_dst_site,
-                                     pw.edge_dst_channel, pw.edge_weight, strict=True)
+        [table[ss][sc], table[ds][dc], pw.pathway_id, w]
+        for ss, sc, ds, dc, w in zip(pw.edge_src_site.tolist(), pw.edge_src_channel.tolist(),
+                                     pw.edge_dst_site.tolist(), pw.edge_dst_channel.tolist(),
+                                     pw.edge_weight.tolist(), strict=True)
     ]
 
 
@@ -170,6 +198,17 @@ def _edge_rows(pw: PathwayRecord, model: ModelInfo) -> list[dict[str, Any]]:
 class _Group:
     images: list[ImageRecord]
     pathways: list[PathwayRecord]
+
+    def originals(self) -> dict[str, PathwayRecord]:
+        """Variant pathway id -> the original image's pathway of the same setting (when present)."""
+        of_image = {im.image_id: im.variant_of for im in self.images}
+        by = {(pw.image_id, pw.config): pw for pw in self.pathways}
+        out = {}
+        for pw in self.pathways:
+            source = of_image.get(pw.image_id)
+            if source is not None and (source, pw.config) in by:
+                out[pw.pathway_id] = by[(source, pw.config)]
+        return out
 
     @property
     def weight(self) -> int:
@@ -193,26 +232,39 @@ def _groups(images: list[ImageRecord], pathways: list[PathwayRecord]) -> list[_G
 
 
 def _write_groups(
-    tx: neo4j.ManagedTransaction, groups: Sequence[_Group], model: ModelInfo
+    tx: neo4j.ManagedTransaction, groups: Sequence[_Group], model: ModelInfo, table: list[list[str]]
 ) -> tuple[int, int, int, int]:
+    """Write whole groups in one transaction; ``table`` holds neuron element ids by [site][channel]."""
     images = [image_row(im, model) for g in groups for im in g.images]
     tx.run(Q.MERGE_IMAGES, images=images).consume()
     pathways = [pw for g in groups for pw in g.pathways]
-    rows = [pathway_row(pw, model) for pw in pathways]
+    originals = {k: v for g in groups for k, v in g.originals().items()}
+    rows = [pathway_row(pw, model, originals.get(pw.pathway_id)) for pw in pathways]
     created = {r["id"] for r in tx.run(Q.CLAIM_PATHWAYS, pathways=rows)}
     fresh = [pw for pw in pathways if pw.pathway_id in created]
-    includes = [row for pw in fresh for row in _include_rows(pw, model)]
-    edges = [row for pw in fresh for row in _edge_rows(pw, model)]
-    for chunk in _chunks(includes, ROW_BATCH):
-        tx.run(Q.CREATE_INCLUDES, rows=list(chunk)).consume()
+    includes = [{"id": pw.pathway_id, "rows": _include_rows(pw, table, originals.get(pw.pathway_id))}
+                for pw in fresh]
+    edges = [row for pw in fresh for row in edge_rows(pw, table)]
+    n_inc = sum(len(p["rows"]) for p in includes)
+    made = 0
+    batch: list[dict[str, Any]] = []
+    for item in [*includes, None]:
+        if item is not None and sum(len(b["rows"]) for b in batch) + len(item["rows"]) <= ROW_BATCH:
+            batch.append(item)
+            continue
+        if batch:
+            made += tx.run(Q.CREATE_INCLUDES, pathways=batch).single(strict=True)["created"]
+        batch = [item] if item is not None else []
     for chunk in _chunks(edges, ROW_BATCH):
-        tx.run(Q.CREATE_FLOWS, rows=list(chunk)).consume()
-    tx.run(Q.LINK_PATHWAYS, pathways=[r for r in rows if r["id"] in created]).consume()
-    return len(fresh), len(pathways) - len(fresh), len(includes), len(edges)
+        made += tx.run(Q.CREATE_FLOWS, rows=list(chunk)).single(strict=True)["created"]
+    if made != n_inc + len(edges):  # a neuron vanished under us: roll the whole group back
+        raise RecordsError(f"wrote {made} of {n_inc + len(edges)} relationships: the model's neurons changed "
+                           "during the load; re-run the same command")
+    return len(fresh), len(pathways) - len(fresh), n_inc, len(edges)
 
 
 def refresh_aggregates(driver: neo4j.Driver, model_id: str, database: str = DATABASE) -> list[str]:
-    """Recompute ``(:Class)-[:USES]->(:Neuron)`` for every pathway setting of the model."""
+    """Recompute ``USES`` and the ``VariantStat`` aggregates for every pathway setting of the model."""
     records, _, _ = driver.execute_query(Q.CONFIGS_OF_MODEL, model_id=model_id, database_=database)
     configs = sorted(r["config"] for r in records)
     for config in configs:
@@ -220,6 +272,8 @@ def refresh_aggregates(driver: neo4j.Driver, model_id: str, database: str = DATA
             tx.run(Q.LOCK_MODEL, model_id=model_id).consume()
             tx.run(Q.CLEAR_AGGREGATES, model_id=model_id, config=cfg).consume()
             tx.run(Q.REFRESH_AGGREGATES, model_id=model_id, config=cfg).consume()
+            tx.run(Q.CLEAR_VARIANT_STATS, model_id=model_id, config=cfg).consume()
+            tx.run(Q.REFRESH_VARIANT_STATS, model_id=model_id, config=cfg).consume()
 
         with driver.session(database=database) as session:
             session.execute_write(work)
@@ -248,6 +302,9 @@ def load_run(driver: neo4j.Driver, run_dir: Path, database: str = DATABASE, prog
     ensure_schema(driver, database)
     load_model(driver, model, database)
     summary = LoadSummary(repaired=remove_incomplete(driver, model.model_id, database))
+    records, _, _ = driver.execute_query(Q.NEURON_ELEMENT_IDS, model_id=model.model_id, database_=database)
+    element = {r["id"]: r["element_id"] for r in records}
+    table = [[element[n] for n in site] for site in neuron_table(model)]
     try:
         parts = list(iter_parts(run_dir))
     except RecordsFormatError as exc:
@@ -269,7 +326,7 @@ def load_run(driver: neo4j.Driver, run_dir: Path, database: str = DATABASE, prog
                         budget += group.weight
                         continue
                     if batch:
-                        new, old, inc, edg = session.execute_write(_write_groups, batch, model)
+                        new, old, inc, edg = session.execute_write(_write_groups, batch, model, table)
                         summary.pathways_new += new
                         summary.pathways_existing += old
                         summary.includes += inc

@@ -13,6 +13,13 @@ Schema (README holds the picture)::
     (:Pathway)-[:INCLUDES {contribution, rank, elements, dead}]->(:Neuron)
     (:Neuron)-[:FLOWS_TO {pathway, weight}]->(:Neuron)
     (:Class)-[:USES {config, support, mean_contribution, pathways}]->(:Neuron)   (aggregates)
+    (:VariantStat {model_id, config, kind, setting, label, pairs, changed, jaccard_sum})
+        -[:GAINED {count}]->(:Neuron)                                             (aggregates)
+
+A variant's pathway carries ``layer_jaccard`` (per site, against its original's pathway of the
+same setting) and its ``INCLUDES`` carry ``gained`` (the original's pathway lacks the neuron);
+the loader computes both from the records. ``VariantStat`` sums them per original label, variant
+kind and sweep setting, so adversarial and variant questions read a few hundred rows.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ SCHEMA: tuple[str, ...] = (
     "CREATE INDEX neuron_layer IF NOT EXISTS FOR (n:Neuron) ON (n.layer_id)",
     "CREATE INDEX flows_pathway IF NOT EXISTS FOR ()-[r:FLOWS_TO]-() ON (r.pathway)",
     "CREATE INDEX uses_config IF NOT EXISTS FOR ()-[r:USES]-() ON (r.config)",
+    "CREATE INDEX variant_stat IF NOT EXISTS FOR (n:VariantStat) ON (n.model_id, n.config)",
+    "CREATE INDEX pathway_model IF NOT EXISTS FOR (n:Pathway) ON (n.model_id)",
 )
 AWAIT_INDEXES = "CALL db.awaitIndexes(300)"
 
@@ -97,23 +106,20 @@ CALL (im, i) {
 
 # Claims the pathways of one transaction: MERGE locks each id, so a concurrent loader waits
 # and then sees the pathway as existing. Returns the ids created by this transaction.
+# Claim and link in one pass: only rows that this transaction created come back (the flag is
+# set on create and cleared at once), so reloading and concurrent loaders never duplicate.
 CLAIM_PATHWAYS = """
 UNWIND $pathways AS p
 MERGE (pw:Pathway {id: p.id})
 ON CREATE SET pw += p.props, pw.loading = true
-WITH pw WHERE pw.loading = true
-RETURN pw.id AS id
-"""
-
-LINK_PATHWAYS = """
-UNWIND $pathways AS p
-MATCH (pw:Pathway {id: p.id})
+WITH pw, p WHERE pw.loading = true
 REMOVE pw.loading
 WITH pw, p
 MATCH (im:Image {id: p.image_id})
 MATCH (cl:Class {id: p.class_id})
 CREATE (pw)-[:FOR_IMAGE]->(im)
 CREATE (pw)-[:EXPLAINS]->(cl)
+RETURN pw.id AS id
 """
 
 # A pathway is whole when its claim flag is gone, it points at its image and it has exactly
@@ -136,18 +142,28 @@ CALL (pid) {
 DETACH DELETE p
 """
 
+NEURON_ELEMENT_IDS = """
+MATCH (n:Neuron {model_id: $model_id})
+RETURN n.id AS id, elementId(n) AS element_id
+"""
+
+# Rows are lists, neurons are found by element id (fetched once per load): no index seek per row.
+# Both statements return how many relationships they made, and the loader checks the number.
 CREATE_INCLUDES = """
-UNWIND $rows AS r
-MATCH (pw:Pathway {id: r.pathway})
-MATCH (nr:Neuron {id: r.neuron})
-CREATE (pw)-[:INCLUDES {contribution: r.contribution, score: r.score, rank: r.rank, elements: r.elements, dead: r.dead}]->(nr)
+UNWIND $pathways AS p
+MATCH (pw:Pathway {id: p.id})
+UNWIND p.rows AS r
+MATCH (nr:Neuron) WHERE elementId(nr) = r[0]
+CREATE (pw)-[:INCLUDES {contribution: r[1], score: r[2], rank: r[3], elements: r[4], dead: r[5], gained: r[6]}]->(nr)
+RETURN count(*) AS created
 """
 
 CREATE_FLOWS = """
 UNWIND $rows AS r
-MATCH (a:Neuron {id: r.src})
-MATCH (b:Neuron {id: r.dst})
-CREATE (a)-[:FLOWS_TO {pathway: r.pathway, weight: r.weight}]->(b)
+MATCH (a:Neuron) WHERE elementId(a) = r[0]
+MATCH (b:Neuron) WHERE elementId(b) = r[1]
+CREATE (a)-[:FLOWS_TO {pathway: r[2], weight: r[3]}]->(b)
+RETURN count(*) AS created
 """
 
 CONFIGS_OF_MODEL = """
@@ -178,6 +194,30 @@ UNWIND ps AS p
 MATCH (p)-[inc:INCLUDES]->(nr:Neuron)
 WITH c, n, nr, count(p) AS k, avg(inc.contribution) AS mc
 CREATE (c)-[:USES {config: $config, support: toFloat(k) / n, mean_contribution: mc, pathways: k}]->(nr)
+"""
+
+CLEAR_VARIANT_STATS = """
+MATCH (s:VariantStat {model_id: $model_id, config: $config})
+DETACH DELETE s
+"""
+
+# One VariantStat per (original label, variant kind, sweep setting): pairs, prediction changes,
+# per-site sums of the pairs' Jaccard overlaps, and how often each neuron was gained.
+REFRESH_VARIANT_STATS = """
+MATCH (v:Image {model_id: $model_id})-[r:VARIANT_OF]->(o:Image)
+MATCH (pv:Pathway {config: $config, image_id: v.id})
+WHERE pv.layer_jaccard IS NOT NULL
+WITH r.kind AS kind, r.setting AS setting, o.label AS label, collect(pv) AS pvs,
+     sum(CASE WHEN v.predicted <> o.predicted THEN 1 ELSE 0 END) AS changed
+WITH kind, setting, label, pvs, changed, size(pvs[0].layer_jaccard) AS sites
+CREATE (s:VariantStat {model_id: $model_id, config: $config, kind: kind, setting: setting, label: label,
+                       pairs: size(pvs), changed: changed,
+                       jaccard_sum: [i IN range(0, sites - 1) | reduce(t = 0.0, p IN pvs | t + p.layer_jaccard[i])]})
+WITH s, pvs
+UNWIND pvs AS pv
+MATCH (pv)-[:INCLUDES {gained: true}]->(n:Neuron)
+WITH s, n, count(*) AS k
+CREATE (s)-[:GAINED {count: k}]->(n)
 """
 
 # --- reading ------------------------------------------------------------------------------
@@ -233,13 +273,16 @@ RETURN r.kind AS kind, r.setting AS setting, r.eps AS eps, count(v) AS images,
 ORDER BY kind, eps, setting
 """
 
+# ``layer_sizes`` (neurons per site) is written with each pathway, so this reads pathway nodes only.
 PATHWAY_SIZE_BY_LAYER = """
 MATCH (p:Pathway {config: $config})-[:FOR_IMAGE]->(i:Image)
-WITH p, i
-MATCH (p)-[:INCLUDES]->(n:Neuron)
-WITH p, i.kind AS kind, coalesce(i.setting, '') AS setting, n.layer_index AS layer_index, n.site AS site,
-     count(n) AS k
-RETURN kind, setting, layer_index, site, avg(k) AS mean_neurons, count(p) AS pathways
+WITH p.model_id AS model_id, i.kind AS kind, coalesce(i.setting, '') AS setting, p.layer_sizes AS sizes
+UNWIND range(0, size(sizes) - 1) AS layer_index
+WITH model_id, kind, setting, layer_index, sizes[layer_index] AS k
+WHERE k > 0
+WITH model_id, kind, setting, layer_index, avg(k) AS mean_neurons, count(*) AS pathways
+MATCH (:Model {id: model_id})-[:HAS_LAYER]->(l:Layer {index: layer_index})
+RETURN kind, setting, layer_index, l.site AS site, mean_neurons, pathways
 ORDER BY kind, setting, layer_index
 """
 
@@ -346,6 +389,23 @@ RETURN v.id AS variant, o.id AS original, r.kind AS kind, r.setting AS setting, 
        pv.id AS variant_pathway, po.id AS original_pathway, o.label AS label,
        o.predicted AS original_predicted, v.predicted AS variant_predicted
 ORDER BY kind, eps, setting, original
+"""
+
+VARIANT_STATS = """
+MATCH (s:VariantStat {model_id: $model_id, config: $config})
+WHERE ($kind IS NULL OR s.kind = $kind) AND ($label IS NULL OR s.label = $label)
+RETURN s.kind AS kind, s.setting AS setting, s.label AS label, s.pairs AS pairs, s.changed AS changed,
+       s.jaccard_sum AS jaccard_sum
+ORDER BY kind, setting, label
+"""
+
+HIJACKED_NEURONS = """
+MATCH (s:VariantStat {model_id: $model_id, config: $config, kind: $kind})-[g:GAINED]->(n:Neuron)
+WHERE $label IS NULL OR s.label = $label
+WITH n, sum(g.count) AS count, collect([s.setting, g.count]) AS by_setting
+RETURN n.id AS neuron, n.site AS site, n.layer_index AS layer_index, count, by_setting
+ORDER BY count DESC, neuron
+LIMIT $limit
 """
 
 PATHWAY_NEURON_SETS = """

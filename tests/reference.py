@@ -75,7 +75,27 @@ class Ref:
                 "FOR_IMAGE": len(self.pathways), "EXPLAINS": len(self.pathways),
                 "INCLUDES": sum(len(p.neuron_channel) for p in self.pathways),
                 "FLOWS_TO": sum(len(p.edge_weight) for p in self.pathways), "USES": uses}
+        stats, gained = self.variant_stats()
+        if stats:
+            nodes["VariantStat"] = len(stats)
+        if gained:
+            rels["GAINED"] = len(gained)
         return nodes, rels
+
+    def variant_stats(self) -> tuple[set[tuple[str, str, str, int]], set[tuple[str, str, str, int, str]]]:
+        """(config, kind, setting, label) groups of variant pairs, and their gained neurons."""
+        by = {(p.image_id, p.config): p for p in self.pathways}
+        stats: set[tuple[str, str, str, int]] = set()
+        gained: set[tuple[str, str, str, int, str]] = set()
+        for pv in self.pathways:
+            im = self.images[pv.image_id]
+            po = by.get((im.variant_of, pv.config)) if im.variant_of else None
+            if po is None:
+                continue
+            key = (pv.config, im.kind, self.setting(im), self.images[po.image_id].label)
+            stats.add(key)
+            gained.update((*key, n) for n in set(self.neurons(pv)) - set(self.neurons(po)))
+        return stats, gained
 
     def setting(self, im: ImageRecord) -> str:
         return json.dumps({k: v for k, v in json.loads(im.params).items() if k not in PER_IMAGE}, sort_keys=True)

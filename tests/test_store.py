@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import networkx as nx
@@ -154,6 +155,12 @@ def test_adversarial_shift_and_hijacks(store: Store, ref: Ref, config: str) -> N
     got = store.hijacked_neurons(ref.model_id, config, "pgd", limit=1000)
     assert {h.neuron: h.count for h in got} == dict(counts)
     assert all(h.share == pytest.approx(h.count / len(pairs)) for h in got)
+    label = pairs[0][0].label
+    mine = [(pv, po) for im, pv, po in pairs if ref.images[po.image_id].label == label]
+    want = Counter(n for pv, po in mine for n in set(ref.neurons(pv)) - set(ref.neurons(po)))
+    got_label = store.hijacked_neurons(ref.model_id, config, "pgd", label=label, limit=1000)
+    assert {h.neuron: h.count for h in got_label} == dict(want)
+    assert all(h.share == pytest.approx(h.count / len(mine)) for h in got_label)
 
 
 def test_variant_overlap_counts_and_accuracy(store: Store, ref: Ref, config: str) -> None:
