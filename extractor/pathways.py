@@ -61,6 +61,7 @@ class PathwaySettings:
     top: int = 3
     stride: int = 2
     originals_only: bool = False
+    variant_kinds: tuple[str, ...] = ()  # when given, variants of these kinds only (originals always)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -88,8 +89,11 @@ class PathwaySettings:
         data = asdict(self)
         data.pop("method")
         data.pop("selection")
-        scope = {"originals_only": True} if self.originals_only else {}
+        scope: dict[str, object] = {"originals_only": True} if self.originals_only else {}
+        if self.variant_kinds and not self.originals_only:
+            scope["variant_kinds"] = sorted(self.variant_kinds)
         data.pop("originals_only")
+        data.pop("variant_kinds")
         if self.method == "pixel":
             return {**{k: data[k] for k in ("beam", "top", "stride")}, **scope}
         if self.selection == "topk":
@@ -106,6 +110,12 @@ class PathwaySettings:
             data.pop("resamples")
             data.pop("noise")
         return data
+
+    def applies_to(self, kind: str) -> bool:
+        """Whether this setting runs on images of ``kind`` ("original" or a variant kind)."""
+        if kind == "original":
+            return True
+        return not self.originals_only and (not self.variant_kinds or kind in self.variant_kinds)
 
     def params_json(self) -> str:
         return json.dumps(self.params(), sort_keys=True)

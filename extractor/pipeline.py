@@ -281,7 +281,7 @@ def _extract_batch(
             rows = keep[sl]
             shared: dict[str, object] = {}  # per chunk: resampling scores reused across methods
             for s in settings:
-                if s.originals_only and kind != "original":
+                if not s.applies_to(kind):
                     continue
                 res = extract_batch(bundle, gx[rows], s, seeds=[int(gids[r][:8], 16) for r in rows], shared=shared)
                 pw_records.extend(pathway_records(bundle, [gids[r] for r in rows], res))

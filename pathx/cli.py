@@ -215,16 +215,27 @@ def extract(
     originals_only: Annotated[str, typer.Option(
         help="Comma-separated methods to run on originals only (not on variants).")] = "",
     resamples: Annotated[int, typer.Option(help="Resampling methods: perturbed copies.")] = 50,
+    variant_kinds: Annotated[str, typer.Option(
+        help="METHOD=KIND+KIND,...: run METHOD on variants of these kinds only, e.g. pixel=deform+occlude.")] = "",
 ) -> None:
     """Extract pathways (and variants) into record files."""
     from extractor.errors import ExtractionError
     from extractor.pathways import PathwaySettings
     from extractor.pipeline import extract_run, load_images
-    from extractor.variants import VariantSpec
+    from extractor.variants import KINDS, VariantSpec
 
     with _errors():
         if sparsity is not None and top_k is not None:
             raise ExtractionError("give either --sparsity or --top-k, not both")
+        only: dict[str, tuple[str, ...]] = {}
+        for item in filter(None, (i.strip() for i in variant_kinds.split(","))):
+            name, sep, kinds = item.partition("=")
+            if not sep or not kinds:
+                raise ExtractionError(f"--variant-kinds item {item!r} must look like METHOD=KIND+KIND")
+            unknown = [k for k in kinds.split("+") if k not in KINDS]
+            if unknown:
+                raise ExtractionError(f"unknown variant kind {unknown[0]!r}; choose from {', '.join(KINDS)}")
+            only[name.strip()] = tuple(kinds.split("+"))
         settings = []
         for m in (m.strip() for m in method.split(",")):
             if not m:
@@ -234,7 +245,7 @@ def extract(
                 method=m, selection="percentile" if sparsity is not None and not resampling else "topk",
                 k=top_k if top_k is not None else 8, sparsity=sparsity if sparsity is not None else 90.0,
                 granularity=granularity, beam=pixel_beam, top=pixel_top, stride=pixel_stride,
-                originals_only=m in originals_only.split(","), resamples=resamples))
+                originals_only=m in originals_only.split(","), resamples=resamples, variant_kinds=only.get(m, ())))
         specs = VariantSpec.parse(variants)
         bundle = _bundle(model, weights_file, untrained, input_size, sites)
         image_set = load_images(images, bundle, _home())
@@ -467,7 +478,8 @@ def demo(
     extract(model="demo", images="demo:test", out=out, method="mct,intgrad,correlation,precision,pixel",
             sparsity=None, top_k=8, granularity="element", variants="fgsm,pgd,occlude,shift,deform,affine", limit=limit,
             batch_size=32, weights_file=None, untrained=False, input_size=224, sites=None, device="cpu",
-            pixel_stride=4, pixel_beam=3, pixel_top=3, originals_only="correlation,precision,pixel", resamples=50)
+            pixel_stride=4, pixel_beam=3, pixel_top=3, originals_only="correlation,precision", resamples=50,
+            variant_kinds="pixel=deform")
     step("step 4/5: load into Neo4j")
     load(out)
     step(f"set-up done in {time.perf_counter() - began:.1f} s")

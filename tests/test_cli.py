@@ -28,6 +28,10 @@ def pathx(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
     (["extract", "--model", "demo", "--images", "/no/such/dir", "--out", "/tmp/x"], "no such file or folder"),
     (["extract", "--model", "demo", "--images", "demo:test", "--out", "/tmp/x", "--variants", "blur"],
      "unknown variant"),
+    (["extract", "--model", "demo", "--images", "demo:test", "--out", "/tmp/x", "--variant-kinds", "pixel=blur"],
+     "unknown variant kind 'blur'"),
+    (["extract", "--model", "demo", "--images", "demo:test", "--out", "/tmp/x", "--variant-kinds", "pixel"],
+     "must look like METHOD=KIND+KIND"),
     (["load", "/no/such/run"], "not a run folder"),
 ])
 def test_bad_input_is_one_line(args: list[str], message: str, tmp_path: Path) -> None:

@@ -130,3 +130,20 @@ def test_image_folder_and_bad_files(tmp_path: Path, demo: tuple) -> None:
         load_images(str(tmp_path / "empty"), bundle)
     with pytest.raises(ExtractionError, match="no such file"):
         load_images(str(tmp_path / "missing"), bundle)
+
+
+def test_settings_limited_to_some_variant_kinds(demo: tuple, home: Path, tmp_path: Path) -> None:
+    bundle, _ = demo
+    images = load_images("demo:test", bundle, home)
+    settings = [PathwaySettings(k=4), PathwaySettings(k=3, variant_kinds=("occlude",)),
+                PathwaySettings(k=2, originals_only=True)]
+    extract_run(bundle, images, settings, VariantSpec.parse("fgsm:eps=0.1,occlude"), tmp_path / "run", limit=3,
+                progress=False)
+    _, imgs, pws = read_run(tmp_path / "run")
+    kind = {i.image_id: i.kind for i in imgs}
+    by_config: dict[str, set[str]] = {}
+    for p in pws:
+        by_config.setdefault(p.config, set()).add(kind[p.image_id])
+    assert sorted(map(sorted, by_config.values())) == [["fgsm", "occlude", "original"], ["occlude", "original"],
+                                                       ["original"]]
+    assert {len(s) for s in by_config.values()} == {1, 2, 3} and len(by_config) == 3
