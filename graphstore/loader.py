@@ -77,8 +77,18 @@ def _chunks(rows: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
         yield rows[start:start + size]
 
 
-def load_model(driver: neo4j.Driver, model: ModelInfo, database: str = DATABASE) -> None:
-    """Model, layers, ``NEXT`` links, all neurons and classes (MERGE; safe to repeat)."""
+@dataclass(frozen=True)
+class ModelRows:
+    """Rows for the model's structure: its node, layers, layer pairs, neurons and classes."""
+
+    model: dict[str, Any]
+    layers: list[dict[str, Any]]
+    pairs: list[dict[str, str]]
+    neurons: list[dict[str, Any]]
+    classes: list[dict[str, Any]]
+
+
+def model_rows(model: ModelInfo) -> ModelRows:
     layers = [
         {"id": layer_id(model.model_id, s.site_id), "site": s.site_id, "module_path": s.module_path,
          "call_index": s.call_index, "kind": s.kind, "index": s.index, "channels": s.channels,
@@ -87,19 +97,25 @@ def load_model(driver: neo4j.Driver, model: ModelInfo, database: str = DATABASE)
     ]
     meta = {"id": model.model_id, "arch": model.arch, "num_classes": model.num_classes,
             "input_shape": list(model.input_shape)}
-    driver.execute_query(Q.MERGE_MODEL, model=meta, layers=layers, database_=database)
     pairs = [{"src": a["id"], "dst": b["id"]} for a, b in itertools.pairwise(layers)]
-    driver.execute_query(Q.LINK_LAYERS, pairs=pairs, database_=database)
     neurons = [
         {"id": neuron_id(model.model_id, s.site_id, c), "layer_id": layer_id(model.model_id, s.site_id),
          "site": s.site_id, "layer_index": s.index, "channel": c}
         for s in model.sites for c in range(s.channels)
     ]
-    for chunk in _chunks(neurons, ROW_BATCH):
-        driver.execute_query(Q.MERGE_NEURONS, neurons=list(chunk), model_id=model.model_id, database_=database)
     classes = [{"id": class_id(model.model_id, i), "index": i, "name": name}
                for i, name in enumerate(model.class_names)]
-    driver.execute_query(Q.MERGE_CLASSES, classes=classes, model_id=model.model_id, database_=database)
+    return ModelRows(meta, layers, pairs, neurons, classes)
+
+
+def load_model(driver: neo4j.Driver, model: ModelInfo, database: str = DATABASE) -> None:
+    """Model, layers, ``NEXT`` links, all neurons and classes (MERGE; safe to repeat)."""
+    rows = model_rows(model)
+    driver.execute_query(Q.MERGE_MODEL, model=rows.model, layers=rows.layers, database_=database)
+    driver.execute_query(Q.LINK_LAYERS, pairs=rows.pairs, database_=database)
+    for chunk in _chunks(rows.neurons, ROW_BATCH):
+        driver.execute_query(Q.MERGE_NEURONS, neurons=list(chunk), model_id=model.model_id, database_=database)
+    driver.execute_query(Q.MERGE_CLASSES, classes=rows.classes, model_id=model.model_id, database_=database)
 
 
 def variant_setting(params: dict[str, Any]) -> str:

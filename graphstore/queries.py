@@ -105,8 +105,7 @@ CALL (im, i) {
 """
 
 # Claims the pathways of one transaction: MERGE locks each id, so a concurrent loader waits
-# and then sees the pathway as existing. Returns the ids created by this transaction.
-# Claim and link in one pass: only rows that this transaction created come back (the flag is
+# and then sees the pathway as existing. Claim and link in one pass: only rows that this transaction created come back (the flag is
 # set on create and cleared at once), so reloading and concurrent loaders never duplicate.
 CLAIM_PATHWAYS = """
 UNWIND $pathways AS p

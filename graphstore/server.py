@@ -213,7 +213,7 @@ def _set_initial_password(config: ServerConfig) -> None:
     The password reaches ``neo4j-admin`` through a Java ``@argfile`` (mode 0600, removed
     right after), so it is never visible in ``ps`` output.
     """
-    password = secrets.token_urlsafe(24)
+    password = "p" + secrets.token_urlsafe(24)  # never starts with "-", which neo4j-admin would read as an option
     config.instance_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(config.password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:

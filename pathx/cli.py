@@ -142,6 +142,27 @@ def db_status() -> None:
             raise typer.Exit(1)
 
 
+@db_app.command("import")
+def db_import(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run folders written by `pathx extract`.")],
+    overwrite: Annotated[bool, typer.Option(help="Required: the import replaces the whole database.")] = False,
+) -> None:
+    """Bulk-load runs into a fresh local database with neo4j-admin (replaces its content)."""
+    from graphstore.bulk import bulk_import
+    from graphstore.errors import GraphStoreError
+    from graphstore.server import ServerConfig, load_state
+
+    with _errors():
+        if _external():
+            raise GraphStoreError("bulk import writes the local server's files; it cannot import into NEO4J_URI "
+                                  "(use `pathx load`, or run neo4j-admin on that server)")
+        cfg = load_state(ServerConfig.default(_home()))
+        s = bulk_import(cfg, run_dirs, _driver, overwrite=overwrite)
+        typer.echo(f"{s.nodes} nodes, {s.relationships} relationships: CSV {s.csv_seconds:.1f} s, import "
+                   f"{s.import_seconds:.1f} s ({s.relationships_per_second:.0f} rel/s), schema and aggregates "
+                   f"{s.finish_seconds:.1f} s")
+
+
 @db_app.command("uri")
 def db_uri() -> None:
     """The Bolt URI commands use."""

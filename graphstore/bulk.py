@@ -1,0 +1,310 @@
+"""Bulk path for large runs: records -> CSV -> ``neo4j-admin database import full``.
+
+``pathx load`` writes through Bolt in transactions and adds to a live database. For runs of
+millions of edges into a *fresh* database, Neo4j's own offline importer is far faster: this
+module writes the same nodes, relationships and properties as the loader (it reuses the
+loader's row builders) as typed CSV files, runs the importer from the project's jars into the
+local server's ``neo4j`` database (the server is stopped for it), starts the server again and
+then creates the schema and the class/variant aggregates through Bolt, exactly as a load does.
+
+It replaces the database's content, so callers must ask for it (``overwrite=True``).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from extractor.records import ModelInfo, RecordsFormatError, class_id, iter_parts, read_manifest
+from graphstore.errors import RecordsError, ServerError
+from graphstore.loader import (
+    _groups,
+    _include_rows,
+    edge_rows,
+    ensure_schema,
+    image_row,
+    model_rows,
+    neuron_table,
+    pathway_row,
+    refresh_aggregates,
+)
+from graphstore.server import ADMIN_ENTRY_POINT, ServerConfig, _java, _read_pid, start, stop
+
+log = logging.getLogger(__name__)
+
+ARRAY = ";"
+_JAVA_SPECIAL = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}  # what Double.parseDouble reads
+INCLUDE_KEYS = ("contribution", "score", "rank", "elements", "dead", "gained")
+
+
+@dataclass
+class BulkSummary:
+    """What one bulk import wrote, and how long each phase took."""
+
+    nodes: int = 0
+    relationships: int = 0
+    csv_seconds: float = 0.0
+    import_seconds: float = 0.0
+    finish_seconds: float = 0.0  # restart, schema and aggregates
+
+    @property
+    def relationships_per_second(self) -> float:
+        """Relationships over the importer's own time."""
+        return self.relationships / self.import_seconds if self.import_seconds else 0.0
+
+
+def _type(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "long"
+    if isinstance(value, float):
+        return "double"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bytes | bytearray):
+        return "byte[]"
+    if isinstance(value, list | tuple) and value:
+        inner = _type(value[0])
+        if inner is not None and not inner.endswith("[]"):
+            return "double[]" if inner == "long" and any(isinstance(v, float) for v in value) else inner + "[]"
+    return None
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return _JAVA_SPECIAL.get(repr(value), repr(value))
+    if isinstance(value, bytes | bytearray):
+        return ARRAY.join(str(b - 256 if b > 127 else b) for b in value)
+    if isinstance(value, list | tuple):
+        return ARRAY.join(_cell(v) for v in value)
+    return str(value)
+
+
+class _Table:
+    """One CSV file with a typed header, for nodes of a label or relationships of a type."""
+
+    def __init__(self, path: Path, fixed: list[str], props: dict[str, str]) -> None:
+        self.path = path
+        self.props = list(props)
+        self.fh = open(path, "w", newline="", encoding="utf-8")
+        self.writer = csv.writer(self.fh, quoting=csv.QUOTE_MINIMAL)
+        self.writer.writerow(fixed + [f"{k}:{t}" for k, t in props.items()])
+        self.rows = 0
+
+    def write(self, fixed: list[str], props: dict[str, Any]) -> None:
+        self.writer.writerow(fixed + [_cell(props.get(k)) for k in self.props])
+        self.rows += 1
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def _schema(rows: Iterable[dict[str, Any]], skip: tuple[str, ...] = ("id",)) -> dict[str, str]:
+    types: dict[str, str] = {}
+    for row in rows:
+        for k, v in row.items():
+            t = _type(v)
+            if k in skip or t is None:
+                continue
+            if (types.get(k) == "long[]" and t == "double[]") or k not in types:
+                types[k] = t
+    return types
+
+
+def _records(run_dirs: list[Path]) -> Iterator[tuple[ModelInfo, Any]]:
+    for run in run_dirs:
+        try:
+            model = read_manifest(run).model
+            for part in iter_parts(run):
+                yield model, part
+        except RecordsFormatError as exc:
+            raise RecordsError(str(exc)) from exc
+
+
+def _image_and_pathway_schema(run_dirs: list[Path]) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """First pass: the property names and types of images, variant links and pathways."""
+    images: dict[str, str] = {}
+    variants: dict[str, str] = {}
+    pathways: dict[str, str] = {}
+    for model, part in _records(run_dirs):
+        for group in _groups(part.images, part.pathways):
+            rows = [image_row(im, model) for im in group.images]
+            images.update({k: v for k, v in _schema(r["props"] for r in rows).items() if k not in images})
+            variants.update({k: v for k, v in _schema(r["variant"] for r in rows if r["variant"]).items()
+                             if k not in variants})
+            originals = group.originals()
+            for k, v in _schema(pathway_row(pw, model, originals.get(pw.pathway_id))["props"]
+                                for pw in group.pathways).items():
+                if k not in pathways or (pathways[k] == "long[]" and v == "double[]"):
+                    pathways[k] = v
+    return images, variants, pathways
+
+
+def write_csv(run_dirs: list[Path], out: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]], int, int]:
+    """Write node and relationship CSV files for ``run_dirs`` (deduplicated by id).
+
+    Returns ``(nodes, relationships, node_count, relationship_count)`` where the first two
+    list ``(label or type, file)`` for the importer.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    image_types, variant_types, pathway_types = _image_and_pathway_schema(run_dirs)
+    n = {
+        "Model": _Table(out / "models.csv", ["id:ID(Model)"], {"arch": "string", "num_classes": "long",
+                                                                  "input_shape": "long[]"}),
+        "Layer": _Table(out / "layers.csv", ["id:ID(Layer)"], {
+            "model_id": "string", "site": "string", "module_path": "string", "call_index": "long",
+            "kind": "string", "index": "long", "channels": "long", "shape": "long[]"}),
+        "Neuron": _Table(out / "neurons.csv", ["id:ID(Neuron)"], {
+            "layer_id": "string", "model_id": "string", "site": "string", "layer_index": "long",
+            "channel": "long"}),
+        "Class": _Table(out / "classes.csv", ["id:ID(Class)"], {"model_id": "string", "index": "long",
+                                                                 "name": "string"}),
+        "Image": _Table(out / "images.csv", ["id:ID(Image)"], image_types),
+        "Pathway": _Table(out / "pathways.csv", ["id:ID(Pathway)"], pathway_types),
+    }
+
+    def rel(name: str, start: str, end: str, props: dict[str, str] | None = None) -> _Table:
+        return _Table(out / f"rel-{name.lower()}.csv", [f":START_ID({start})", f":END_ID({end})"], props or {})
+
+    r = {
+        "HAS_LAYER": rel("HAS_LAYER", "Model", "Layer"), "NEXT": rel("NEXT", "Layer", "Layer"),
+        "HAS_NEURON": rel("HAS_NEURON", "Layer", "Neuron"), "HAS_CLASS": rel("HAS_CLASS", "Model", "Class"),
+        "PREDICTED_AS": rel("PREDICTED_AS", "Image", "Class", {"prob": "double", "logit": "double"}),
+        "LABELED_AS": rel("LABELED_AS", "Image", "Class"),
+        "VARIANT_OF": rel("VARIANT_OF", "Image", "Image", variant_types),
+        "FOR_IMAGE": rel("FOR_IMAGE", "Pathway", "Image"), "EXPLAINS": rel("EXPLAINS", "Pathway", "Class"),
+        "INCLUDES": rel("INCLUDES", "Pathway", "Neuron", {
+            "contribution": "double", "score": "double", "rank": "long", "elements": "long", "dead": "boolean",
+            "gained": "boolean"}),
+        "FLOWS_TO": rel("FLOWS_TO", "Neuron", "Neuron", {"pathway": "string", "weight": "double"}),
+    }
+    models: set[str] = set()
+    images: set[str] = set()
+    pathways: set[str] = set()
+    tables: dict[str, list[list[str]]] = {}
+    try:
+        for model, part in _records(run_dirs):
+            if model.model_id not in models:
+                models.add(model.model_id)
+                rows = model_rows(model)
+                n["Model"].write([model.model_id], rows.model)
+                for ly in rows.layers:
+                    n["Layer"].write([ly["id"]], {**ly, "model_id": model.model_id})
+                    r["HAS_LAYER"].write([model.model_id, ly["id"]], {})
+                for pair in rows.pairs:
+                    r["NEXT"].write([pair["src"], pair["dst"]], {})
+                for nr in rows.neurons:
+                    n["Neuron"].write([nr["id"]], {**nr, "model_id": model.model_id})
+                    r["HAS_NEURON"].write([nr["layer_id"], nr["id"]], {})
+                for c in rows.classes:
+                    n["Class"].write([c["id"]], {**c, "model_id": model.model_id})
+                    r["HAS_CLASS"].write([model.model_id, c["id"]], {})
+                tables[model.model_id] = neuron_table(model)
+            table = tables[model.model_id]
+            for group in _groups(part.images, part.pathways):
+                for im in group.images:
+                    if im.image_id in images:
+                        continue
+                    images.add(im.image_id)
+                    row = image_row(im, model)
+                    n["Image"].write([im.image_id], row["props"])
+                    r["PREDICTED_AS"].write([im.image_id, row["predicted_class"]], row)
+                    if row["label_class"] is not None:
+                        r["LABELED_AS"].write([im.image_id, row["label_class"]], {})
+                    if row["variant_of"] is not None:
+                        r["VARIANT_OF"].write([im.image_id, row["variant_of"]], row["variant"])
+                originals = group.originals()
+                for pw in group.pathways:
+                    if pw.pathway_id in pathways:
+                        continue
+                    pathways.add(pw.pathway_id)
+                    original = originals.get(pw.pathway_id)
+                    n["Pathway"].write([pw.pathway_id], pathway_row(pw, model, original)["props"])
+                    r["FOR_IMAGE"].write([pw.pathway_id, pw.image_id], {})
+                    r["EXPLAINS"].write([pw.pathway_id, class_id(model.model_id, pw.target)], {})
+                    for inc in _include_rows(pw, table, original):
+                        r["INCLUDES"].write([pw.pathway_id, inc[0]], dict(zip(INCLUDE_KEYS, inc[1:], strict=True)))
+                    for e in edge_rows(pw, table):
+                        r["FLOWS_TO"].write([e[0], e[1]], {"pathway": e[2], "weight": e[3]})
+    finally:
+        for t in [*n.values(), *r.values()]:
+            t.close()
+    return ([(k, t.path) for k, t in n.items()], [(k, t.path) for k, t in r.items()],
+            sum(t.rows for t in n.values()), sum(t.rows for t in r.values()))
+
+
+def _run_importer(config: ServerConfig, nodes: list[tuple[str, Path]], rels: list[tuple[str, Path]]) -> None:
+    args = [_java(), "-Xmx2g", "-cp", f"{config.lib_dir}/*", ADMIN_ENTRY_POINT, "database", "import", "full", "neo4j",
+            "--overwrite-destination=true", f"--array-delimiter={ARRAY}", "--bad-tolerance=0",
+            f"--report-file={config.instance_dir / 'logs' / 'import.report'}",
+            *[f"--nodes={label}={path}" for label, path in nodes],
+            *[f"--relationships={kind}={path}" for kind, path in rels]]
+    env = dict(os.environ, NEO4J_HOME=str(config.instance_dir), NEO4J_CONF=str(config.conf_dir))
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=config.instance_dir, check=False)
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in (proc.stderr + "\n" + proc.stdout).splitlines()
+                 if ln.strip() and not ln.strip().startswith(("at ", "..."))]
+        cause = [ln for ln in lines if "Exception" in ln or "rror" in ln] or lines[-3:]
+        raise ServerError("neo4j-admin database import failed: " + " | ".join(cause[:3]))
+
+
+def bulk_import(
+    config: ServerConfig, run_dirs: list[Path], open_driver: Callable[[], Any], overwrite: bool = False,
+    keep_csv: bool = False,
+) -> BulkSummary:
+    """Replace the local database's content with ``run_dirs`` through the offline importer.
+
+    ``open_driver`` makes a driver once the server runs again (schema and aggregates).
+    The server is stopped for the import and started afterwards; without ``overwrite``
+    nothing is touched.
+    """
+    if not overwrite:
+        raise RecordsError("bulk import replaces the whole database; pass --overwrite "
+                           "(or use `pathx load` to add to it)")
+    for run in run_dirs:  # bad input fails before the server is touched
+        try:
+            read_manifest(run)
+        except RecordsFormatError as exc:
+            raise RecordsError(str(exc)) from exc
+    summary = BulkSummary()
+    work = config.instance_dir / "import" / f"bulk-{os.getpid()}"
+    began = time.perf_counter()
+    try:
+        nodes, rels, summary.nodes, summary.relationships = write_csv(run_dirs, work)
+        summary.csv_seconds = time.perf_counter() - began
+        if not config.password_file.exists():  # first use: create the instance and its password
+            start(config)
+        if _read_pid(config) is not None:
+            stop(config)
+        began = time.perf_counter()
+        _run_importer(config, nodes, rels)
+        summary.import_seconds = time.perf_counter() - began
+    finally:
+        if not keep_csv:
+            shutil.rmtree(work, ignore_errors=True)
+    began = time.perf_counter()
+    start(config)
+    driver = open_driver()
+    try:
+        ensure_schema(driver)
+        for model_id in sorted({read_manifest(run).model.model_id for run in run_dirs}):
+            refresh_aggregates(driver, model_id)
+    finally:
+        driver.close()
+    summary.finish_seconds = time.perf_counter() - began
+    log.info("bulk import: %d nodes, %d relationships; csv %.1f s, import %.1f s, finish %.1f s", summary.nodes,
+             summary.relationships, summary.csv_seconds, summary.import_seconds, summary.finish_seconds)
+    return summary

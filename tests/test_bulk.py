@@ -1,0 +1,85 @@
+"""Bulk import through neo4j-admin gives the same graph as the transactional loader."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from graphstore.api import Store
+from graphstore.bulk import bulk_import
+from graphstore.connection import ConnectionSettings, open_driver
+from graphstore.errors import RecordsError
+from graphstore.server import USER, ServerConfig, free_port, read_password, stop
+from tests.conftest import ensure_loaded
+from tests.reference import Ref
+
+pytestmark = [pytest.mark.store, pytest.mark.slow]
+
+
+def _flat(x: object) -> list[object]:
+    out: list[object] = []
+    for f in dataclasses.fields(x):  # type: ignore[arg-type]
+        v = getattr(x, f.name)
+        out.extend(v for kv in sorted(v.items()) for v in kv) if isinstance(v, dict) else out.append(v)
+    return out
+
+
+def _close(a: list[object], b: list[object]) -> bool:
+    """Equal field by field, floats to 1e-9 (sums may run in another order)."""
+    def same(u: object, v: object) -> bool:
+        return u == pytest.approx(v, rel=1e-9) if isinstance(u, float) else u == v
+
+    return len(a) == len(b) and all(len(_flat(x)) == len(_flat(y)) and all(map(same, _flat(x), _flat(y)))
+                                    for x, y in zip(a, b, strict=True))
+
+
+@pytest.fixture(scope="module")
+def bulk_server(tmp_path_factory: pytest.TempPathFactory, home: Path) -> Iterator[ServerConfig]:
+    base = ServerConfig.default(home)
+    cfg = ServerConfig(lib_dir=base.lib_dir, instance_dir=tmp_path_factory.mktemp("bulk"), bolt_port=free_port(),
+                       http_port=free_port(), heap_initial="512m", heap_max="1g", pagecache="256m")
+    try:
+        yield cfg
+    finally:
+        stop(cfg)
+
+
+def test_bulk_import_equals_transactional_load(bulk_server: ServerConfig, fixture_run: Path, driver: object) -> None:
+    def connect() -> object:
+        return open_driver(ConnectionSettings(bulk_server.bolt_uri, USER, read_password(bulk_server)))
+
+    with pytest.raises(RecordsError, match="pass --overwrite"):
+        bulk_import(bulk_server, [fixture_run], connect)
+    with pytest.raises(RecordsError, match="not a run folder"):
+        bulk_import(bulk_server, [fixture_run.parent / "nothing"], connect, overwrite=True)
+    summary = bulk_import(bulk_server, [fixture_run, fixture_run], connect, overwrite=True)  # duplicates dropped
+    ref = Ref.load(fixture_run)
+    nodes, rels = ref.counts()
+    assert summary.relationships == sum(rels.values()) - rels["USES"] - rels.get("GAINED", 0)
+    bulk_driver = connect()
+    try:
+        bulk, loaded = Store(bulk_driver), Store(ensure_loaded(driver, fixture_run))  # type: ignore[arg-type]
+        assert bulk.counts() == (nodes, rels)
+        model = ref.model_id
+        for config in [c.config for c in loaded.configs(model)]:
+            assert _close(bulk.pathway_counts(config), loaded.pathway_counts(config))
+            assert _close(bulk.variant_overlap(model, config), loaded.variant_overlap(model, config))
+            assert _close(bulk.hijacked_neurons(model, config, "pgd", limit=50),
+                          loaded.hijacked_neurons(model, config, "pgd", limit=50))
+            assert np.allclose(bulk.similarity_matrix(model, config).jaccard,
+                               loaded.similarity_matrix(model, config).jaccard, rtol=1e-9)
+        original = loaded.images(model, kind="original", limit=1)[0].id
+        ia, ib = bulk.image(original), loaded.image(original)
+        assert dataclasses.replace(ia, variants=sorted(ia.variants)) == \
+            dataclasses.replace(ib, variants=sorted(ib.variants))
+        for a, b in zip(bulk.pathways_of_image(original), loaded.pathways_of_image(original), strict=True):
+            assert (a.id, a.size, a.saliency.tolist()) == (b.id, b.size, b.saliency.tolist())
+            assert np.array_equal(a.gaps, b.gaps, equal_nan=True)
+            ga, gb = bulk.pathway_graph(a.id), loaded.pathway_graph(b.id)
+            assert sorted(ga.edges(data=True)) == sorted(gb.edges(data=True))
+    finally:
+        bulk_driver.close()  # type: ignore[attr-defined]
