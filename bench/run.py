@@ -1,8 +1,11 @@
 """``make bench``: measured speed and memory, written to bench/results/*.json and bench/results/README.md.
 
-Every figure is a ratio or rate measured in this one run, on this machine (described in the
-output). Sections: extraction (vs plain PyTorch and Captum), peak memory while streaming
-records, loading into a private Neo4j (batched vs one query per row), named-query latency.
+Every figure is a ratio or rate measured in one run, on this machine (described in the output).
+Sections: ``extraction`` (vs plain PyTorch and Captum), ``memory`` (peak RSS while streaming
+records), ``store`` (loading the demo-sized run into a private Neo4j, batched vs one query per
+row, and named-query latency), ``scale`` (a synthetic 10,000-image x 3-method run bulk-imported:
+size, query latency, UI first paint) and ``scale100k`` (100,000 images, one method).
+``--sections a,b`` re-runs only those and keeps the others' last results (each carries its date).
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,6 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
+
+from store_scale import query_latency, scale  # noqa: E402  (bench/ is put on the path just above)
 
 
 def machine() -> dict[str, Any]:
@@ -114,7 +118,7 @@ def loading_and_queries(home: Path) -> dict[str, Any]:
         with driver.session(database="neo4j") as s:
             s.run("MATCH ()-[f:FLOWS_TO]->() WHERE f.pathway STARTS WITH 'naive/' DELETE f").consume()
         print(f"naive loader: {naive:,.0f}/s", flush=True)
-        out["queries"] = query_latency(Store(driver))
+        out["queries"] = query_latency(Store(driver), repeats=20)
         driver.close()
     finally:
         stop(cfg)
@@ -122,66 +126,68 @@ def loading_and_queries(home: Path) -> dict[str, Any]:
     return out
 
 
-def query_latency(store: Any, repeats: int = 20) -> dict[str, dict[str, float]]:
-    model = store.default_model()
-    config = store.default_config(model)
-    classes = store.classes(model)
-    variant = store.images(model, kind="pgd", limit=1)[0].id
-    original = store.images(model, kind="original", limit=1)[0].id
-    pathway = store.pathways_of_image(original)[0].id
-    named = {
-        "summary": lambda: store.summary(),
-        "top_neurons": lambda: store.top_neurons(classes[3].id, config),
-        "shared_pathways": lambda: store.shared_pathways(classes[1].id, classes[7].id, config),
-        "similarity_matrix": lambda: store.similarity_matrix(model, config),
-        "class_signature": lambda: store.class_signature(classes[2].id, config),
-        "adversarial_shift": lambda: store.adversarial_shift(variant, config),
-        "hijacked_neurons": lambda: store.hijacked_neurons(model, config, "pgd"),
-        "pathway_counts": lambda: store.pathway_counts(config),
-        "variant_overlap": lambda: store.variant_overlap(model, config, "occlude"),
-        "similar_images": lambda: store.similar_images(original, config),
-        "method_agreement": lambda: store.method_agreement(original),
-        "pathway_graph": lambda: store.pathway_graph(pathway),
-    }
-    out = {}
-    for name, fn in named.items():
-        fn()
-        samples = []
-        for _ in range(repeats):
-            began = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - began) * 1000)
-        samples.sort()
-        out[name] = {"p50_ms": statistics.median(samples), "p95_ms": samples[int(0.95 * (len(samples) - 1))]}
-        print(f"query {name}: p50 {out[name]['p50_ms']:.1f} ms p95 {out[name]['p95_ms']:.1f} ms", flush=True)
-    return out
+def _scale_lines(r: dict[str, Any], title: str) -> list[str]:
+    b = r["bulk"]
+    lines = ["", f"### {title}", "",
+             f"{r['images']:,} synthetic images ({', '.join(r['methods'])}): {b['nodes']:,} nodes, "
+             f"{b['relationships']:,} relationships; records {r['records_mib']:.0f} MiB, store on disk "
+             f"{r['store_mib']:,.0f} MiB.", "",
+             "| bulk import phase | seconds |", "|---|---|",
+             f"| records → CSV (Python, pyarrow) | {b['csv_s']:.1f} |",
+             f"| `neo4j-admin database import full` | {b['import_s']:.1f} ({b['import_relationships_per_s']:,.0f} "
+             "relationships/s; target ≥ 300,000/s) |",
+             f"| restart, schema, class and variant aggregates | {b['finish_s']:.1f} |",
+             f"| end to end | {b['csv_s'] + b['import_s'] + b['finish_s']:.1f} "
+             f"({b['end_to_end_relationships_per_s']:,.0f} relationships/s) |", "",
+             "| named query | p50 ms | p95 ms | p95 ≤ 100 ms |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v['p50_ms']:.1f} | {v['p95_ms']:.1f} | {'yes' if v['p95_ms'] <= 100 else 'no'} |"
+              for k, v in r["queries"].items()]
+    if r.get("ui"):
+        lines += ["", "| UI page (Chromium, warm) | first paint s | main figure s | cold figure s |",
+                  "|---|---|---|---|"]
+        lines += [f"| {k} | {v['first_paint_s']:.2f} | {v['figure_s']:.2f} | {v['cold_figure_s']:.2f} |"
+                  for k, v in r["ui"].items()]
+    return lines
 
 
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
+    dates = results.get("dates", {})
     lines = [f"Machine: {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}, torch {m['torch']} "
-             f"({m['threads']} threads), {m['date']}.", "",
-             "| model | batch | (a) plain fwd+bwd s | (b)/(a) | (c)/(a) | (d)/(b) | (e)/(c) | images/s with edges | "
-             "max diff (b)-(d), (c)-(e) |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in results["extraction"]:
-        lines.append(f"| {r['model']} {r['input']}px | {r['batch']} | {r['a_plain_s']:.3f} | {r['ratio_b_a']:.2f} | "
-                     f"{r['ratio_c_a']:.2f} | {r['ratio_d_b']:.1f} | {r['ratio_e_c']:.1f} | "
-                     f"{r['images_per_s_with_edges']:.1f} | {r['max_abs_diff_b_vs_d']:.1e}, "
-                     f"{r['max_abs_diff_c_vs_e'] or 0:.1e} |")
-    if results.get("skipped"):
-        lines += ["", f"Left out of this run (--skip): {', '.join(results['skipped'])}."]
-    lines += ["", "Targets: (b)/(a) ≤ 1.3, (c)/(a) ≤ 3, (d)/(b) ≥ 5, (e)/(c) ≥ 20. (e) is timed on "
-              f"{results['extraction'][0]['e_targets_timed']} target neurons per configuration and scaled to all.", ""]
-    mem = results["memory"]
-    lines += ["| images extracted (streamed to Parquet) | peak RSS MiB |", "|---|---|"]
-    lines += [f"| {r['images']} | {r['peak_rss_mib']:.0f} |" for r in mem]
-    load = results["store"]["load"]
-    lines += ["", f"Neo4j start: {results['store']['neo4j_start_s']:.1f} s. Load: {load['relationships']:,} "
-              f"relationships at {load['relationships_per_s']:,.0f}/s batched (target ≥ 50,000/s) vs "
-              f"{load['naive_relationships_per_s']:,.0f}/s one query per row ({load['ratio_batched_naive']:.0f}×).",
-              "", "| named query (demo-sized store) | p50 ms | p95 ms |", "|---|---|---|"]
-    lines += [f"| {k} | {v['p50_ms']:.1f} | {v['p95_ms']:.1f} |" for k, v in results["store"]["queries"].items()]
+             f"({m['threads']} threads). Sections measured: "
+             + ", ".join(f"{k} {v}" for k, v in sorted(dates.items())) + "."]
+    if "extraction" in results:
+        lines += ["", "### Extraction", "",
+                  "| model | batch | (a) plain fwd+bwd s | (b)/(a) | (c)/(a) | (d)/(b) | (e)/(c) | "
+                  "images/s with edges | max diff (b)-(d), (c)-(e) |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in results["extraction"]:
+            lines.append(f"| {r['model']} {r['input']}px | {r['batch']} | {r['a_plain_s']:.3f} | "
+                         f"{r['ratio_b_a']:.2f} | {r['ratio_c_a']:.2f} | {r['ratio_d_b']:.1f} | {r['ratio_e_c']:.1f} | "
+                         f"{r['images_per_s_with_edges']:.1f} | {r['max_abs_diff_b_vs_d']:.1e}, "
+                         f"{r['max_abs_diff_c_vs_e'] or 0:.1e} |")
+        if results.get("skipped"):
+            lines += ["", f"Left out of this run (--skip): {', '.join(results['skipped'])}."]
+        lines += ["", "Targets: (b)/(a) ≤ 1.3, (c)/(a) ≤ 3, (d)/(b) ≥ 5, (e)/(c) ≥ 20. (e) is timed on "
+                  f"{results['extraction'][0]['e_targets_timed']} target neurons per configuration and scaled to all."]
+    if "memory" in results:
+        lines += ["", "### Memory", "", "| images extracted (streamed to Parquet) | peak RSS MiB |", "|---|---|"]
+        lines += [f"| {r['images']} | {r['peak_rss_mib']:.0f} |" for r in results["memory"]]
+    if "store" in results:
+        load = results["store"]["load"]
+        lines += ["", "### Loading through Bolt and queries on the demo-sized store", "",
+                  f"Neo4j start: {results['store']['neo4j_start_s']:.1f} s. Load: {load['relationships']:,} "
+                  f"relationships at {load['relationships_per_s']:,.0f}/s batched (target ≥ 50,000/s) vs "
+                  f"{load['naive_relationships_per_s']:,.0f}/s one query per row ({load['ratio_batched_naive']:.0f}×).",
+                  "", "| named query (demo-sized store) | p50 ms | p95 ms |", "|---|---|---|"]
+        lines += [f"| {k} | {v['p50_ms']:.1f} | {v['p95_ms']:.1f} |" for k, v in results["store"]["queries"].items()]
+    if "scale" in results:
+        lines += _scale_lines(results["scale"], "Synthetic store, bulk import, query latency, UI first paint")
+    if "scale100k" in results:
+        lines += _scale_lines(results["scale100k"], "100,000 images end to end")
     return "\n".join(lines) + "\n"
+
+
+SECTIONS = ("extraction", "memory", "store", "scale", "scale100k")
 
 
 def main() -> None:
@@ -192,12 +198,28 @@ def main() -> None:
     home = default_home()
     quick = "--quick" in sys.argv
     skip = frozenset(sys.argv[sys.argv.index("--skip") + 1].split(",")) if "--skip" in sys.argv else frozenset()
-    results: dict[str, Any] = {"machine": machine(), "skipped": sorted(skip)}
-    results["extraction"] = extraction.run((1,) if quick else (1, 16), skip=skip)
-    results["memory"] = memory(home)
-    results["store"] = loading_and_queries(home)
+    wanted = sys.argv[sys.argv.index("--sections") + 1].split(",") if "--sections" in sys.argv else list(SECTIONS)
+    unknown = sorted(set(wanted) - set(SECTIONS))
+    if unknown:
+        raise SystemExit(f"unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
+    path = RESULTS / "results.json"
+    results: dict[str, Any] = json.loads(path.read_text()) if path.exists() and len(wanted) < len(SECTIONS) else {}
+    results["machine"] = machine()
+    dated = results.setdefault("dates", {})
+    runners = {
+        "extraction": lambda: extraction.run((1,) if quick else (1, 16), skip=skip),
+        "memory": lambda: memory(home),
+        "store": lambda: loading_and_queries(home),
+        "scale": lambda: scale(home, 1000 if quick else 10_000, ("mct", "intgrad", "correlation"), ui=True),
+        "scale100k": lambda: scale(home, 100_000, ("mct",), ui=False, repeats=10),
+    }
+    for name in wanted:
+        results[name] = runners[name]()
+        dated[name] = time.strftime("%Y-%m-%d %H:%M")
+        if name == "extraction":
+            results["skipped"] = sorted(skip)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "results.json").write_text(json.dumps(results, indent=1))
+    path.write_text(json.dumps(results, indent=1))
     (RESULTS / "README.md").write_text(markdown(results))
     print(markdown(results))
 

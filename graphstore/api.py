@@ -24,6 +24,7 @@ from graphstore.connection import DATABASE
 from graphstore.errors import NotFound
 
 PER_IMAGE_KEYS = ("target", "seed", "top", "left")
+EDGE_SUPPORT_FLOOR = 0.05  # class edge supports below this are not kept as CLASS_FLOW aggregates
 
 
 @dataclass(frozen=True)
@@ -411,10 +412,12 @@ class Store:
                          sum(1 for n in sa.keys() & sb.keys() if sa[n].layer_index == li))
             for li, site in sorted(layers.items())
         ]
+        # stored aggregates hold supports >= the floor; below it, count from the pathways themselves
+        edges = Q.CLASS_EDGE_SUPPORT_STORED if min_support >= EDGE_SUPPORT_FLOOR else Q.CLASS_EDGE_SUPPORT
         ea = {(r["src"], r["dst"]): r["support"] for r in
-              self._run(Q.CLASS_EDGE_SUPPORT, class_id=class_a, config=config, min_support=float(min_support))}
+              self._run(edges, class_id=class_a, config=config, min_support=float(min_support))}
         eb = {(r["src"], r["dst"]): r["support"] for r in
-              self._run(Q.CLASS_EDGE_SUPPORT, class_id=class_b, config=config, min_support=float(min_support))}
+              self._run(edges, class_id=class_b, config=config, min_support=float(min_support))}
         def key(s: NeuronScore) -> tuple[int, int]:
             return (s.layer_index, s.channel)
 
@@ -427,36 +430,56 @@ class Store:
             shared_edges=sorted((k[0], k[1], ea[k], eb[k]) for k in ea.keys() & eb.keys()),
         )
 
-    def similarity_matrix(self, model_id: str, config: str, min_support: float = 0.5) -> ClassSimilarity:
+    def _support_matrix(self, model_id: str, config: str) -> tuple[list[ClassInfo], list[NeuronScore], np.ndarray,
+                                                                    np.ndarray]:
+        """Classes, neurons, and ``support``, ``mean_contribution`` as ``[classes, neurons]`` arrays."""
         classes = self.classes(model_id)
         table = self._support(model_id, config)
-        sets = [{n for n, s in table.get(c.index, {}).items() if s.support >= min_support} for c in classes]
-        weights = [{n: s.support * abs(s.mean_contribution) for n, s in table.get(c.index, {}).items()}
-                   for c in classes]
-        k = len(classes)
-        jac = np.zeros((k, k))
-        wj = np.zeros((k, k))
-        for i, j in itertools.product(range(k), repeat=2):
-            jac[i, j] = _jaccard(sets[i], sets[j])
-            keys = weights[i].keys() | weights[j].keys()
-            num = sum(min(weights[i].get(n, 0.0), weights[j].get(n, 0.0)) for n in keys)
-            den = sum(max(weights[i].get(n, 0.0), weights[j].get(n, 0.0)) for n in keys)
-            wj[i, j] = num / den if den else 1.0
+        neurons = {n: s for row in table.values() for n, s in row.items()}
+        order = sorted(neurons)
+        col = {n: j for j, n in enumerate(order)}
+        row = {c.index: i for i, c in enumerate(classes)}
+        support = np.zeros((len(classes), len(order)))
+        mean = np.zeros((len(classes), len(order)))
+        for ci, scores in table.items():
+            for n, s in scores.items():
+                support[row[ci], col[n]] = s.support
+                mean[row[ci], col[n]] = s.mean_contribution
+        return classes, [neurons[n] for n in order], support, mean
+
+    def similarity_matrix(self, model_id: str, config: str, min_support: float = 0.5) -> ClassSimilarity:
+        """Jaccard of the classes' neuron sets (support >= s) and weighted Jaccard of support x |contribution|."""
+        classes, _, support, mean = self._support_matrix(model_id, config)
+        member = (support >= min_support).astype(np.int64)
+        inter = member @ member.T
+        sizes = member.sum(axis=1)
+        union = sizes[:, None] + sizes[None, :] - inter
+        jac = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+        w = support * np.abs(mean)
+        wj = np.ones((len(classes), len(classes)))
+        for i in range(len(classes)):
+            num = np.minimum(w[i], w).sum(axis=1)
+            den = np.maximum(w[i], w).sum(axis=1)
+            wj[i] = np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
         return ClassSimilarity([c.name for c in classes], jac, wj)
 
     def class_signature(self, class_id: str, config: str, min_support: float = 0.5,
                         max_other: float = 0.2) -> list[SignatureNeuron]:
+        """Neurons with support >= s in the class and <= ``max_other`` in every other class."""
         model_id, ci = self._class_index(class_id)
-        table = self._support(model_id, config)
-        others = [c.index for c in self.classes(model_id) if c.index != ci]
-        out = []
-        for n, s in table.get(ci, {}).items():
-            other = [table.get(o, {}).get(n) for o in others]
-            vals = [o.support if o is not None else 0.0 for o in other]
-            mx = max(vals) if vals else 0.0
-            if s.support >= min_support and mx <= max_other:
-                out.append(SignatureNeuron(n, s.site, s.layer_index, s.channel, s.support, mx,
-                                           s.support - (float(np.mean(vals)) if vals else 0.0)))
+        classes, neurons, support, _ = self._support_matrix(model_id, config)
+        rows = [i for i, c in enumerate(classes) if c.index == ci]
+        if not rows:
+            return []
+        own = support[rows[0]]
+        others = np.delete(support, rows[0], axis=0)
+        mx = others.max(axis=0) if len(others) else np.zeros_like(own)
+        mean_other = others.mean(axis=0) if len(others) else np.zeros_like(own)
+        table = self._support(model_id, config).get(ci, {})
+        out = [SignatureNeuron(n.neuron, n.site, n.layer_index, n.channel, table[n.neuron].support, float(mx[j]),
+                               table[n.neuron].support - float(mean_other[j]))
+               for j, n in enumerate(neurons)
+               if n.neuron in table and own[j] >= min_support and mx[j] <= max_other]
         return sorted(out, key=lambda x: (-x.specificity, x.neuron))
 
     # -- variants and attacks --------------------------------------------------------------
@@ -474,10 +497,10 @@ class Store:
         detail = self.image(variant_id)
         if detail.original is None:
             raise NotFound(f"image {variant_id!r} is an original, not a variant")
-        pv = self.pathway_of(variant_id, config)
-        po = self.pathway_of(detail.original, config)
-        sets = self._neuron_sets([po.id, pv.id])
-        so, sv = sets[po.id], sets[pv.id]
+        pv = self._require(Q.PATHWAY_ID_OF, "pathway for image", image_id=variant_id, config=config)["id"]
+        po = self._require(Q.PATHWAY_ID_OF, "pathway for image", image_id=detail.original, config=config)["id"]
+        sets = self._neuron_sets([po, pv])
+        so, sv = sets[po], sets[pv]
         info = {**so, **sv}
 
         def change(n: str) -> NeuronChange:

@@ -23,12 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from extractor.records import ModelInfo, RecordsFormatError, class_id, iter_parts, read_manifest
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from extractor.records import ModelInfo, PathwayRecord, RecordsFormatError, class_id, iter_parts, read_manifest
 from graphstore.errors import RecordsError, ServerError
 from graphstore.loader import (
     _groups,
-    _include_rows,
-    edge_rows,
+    _keys,
     ensure_schema,
     image_row,
     model_rows,
@@ -42,7 +45,6 @@ log = logging.getLogger(__name__)
 
 ARRAY = ";"
 _JAVA_SPECIAL = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}  # what Double.parseDouble reads
-INCLUDE_KEYS = ("contribution", "score", "rank", "elements", "dead", "gained")
 
 
 @dataclass
@@ -89,7 +91,10 @@ def _cell(value: Any) -> str:
     if isinstance(value, bytes | bytearray):
         return ARRAY.join(str(b - 256 if b > 127 else b) for b in value)
     if isinstance(value, list | tuple):
-        return ARRAY.join(_cell(v) for v in value)
+        if value and isinstance(value[0], float):
+            text = ARRAY.join(map(repr, value))  # fast path; only nan/inf spell an "n"
+            return text if "n" not in text else ARRAY.join(map(_cell, value))
+        return ARRAY.join(map(_cell, value))
     return str(value)
 
 
@@ -110,6 +115,54 @@ class _Table:
 
     def close(self) -> None:
         self.fh.close()
+
+
+class _ArrowTable:
+    """A relationship CSV written a part at a time from columns (pyarrow's CSV writer, no Python loop)."""
+
+    def __init__(self, path: Path, header: list[str]) -> None:
+        self.path = path
+        self.names = header
+        path.write_text(",".join(header) + "\n")
+        self.rows = 0
+
+    def write(self, columns: list[Any]) -> None:
+        table = pa.table(dict(zip(self.names, columns, strict=True)))
+        with open(self.path, "ab") as fh:
+            pacsv.write_csv(table, fh, write_options=pacsv.WriteOptions(include_header=False))
+        self.rows += table.num_rows
+
+
+def _neuron_index(model: ModelInfo) -> tuple[np.ndarray, np.ndarray]:
+    """Flat neuron ids ``[sum of channels]`` and each site's offset into them ``[S]``."""
+    ids = np.array([n for site in neuron_table(model) for n in site], dtype=object)
+    offsets = np.cumsum([0, *[s.channels for s in model.sites[:-1]]])
+    return ids, offsets
+
+
+def _relationship_columns(pws: list[PathwayRecord], originals: dict[str, PathwayRecord], ids: np.ndarray,
+                          offsets: np.ndarray) -> tuple[list[Any], list[Any]]:
+    """INCLUDES and FLOWS_TO columns of ``pws``, the same values the loader writes."""
+    def cat(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
+        return np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype)
+
+    sizes = [len(p.neuron_site) for p in pws]
+    site, channel = cat([p.neuron_site for p in pws], np.int64), cat([p.neuron_channel for p in pws], np.int64)
+    gained = [g for p in pws for g in (
+        (~np.isin(_keys(p), _keys(originals[p.pathway_id]))).tolist() if p.pathway_id in originals
+        else [None] * len(p.neuron_site))]
+    includes = [np.repeat(np.array([p.pathway_id for p in pws], dtype=object), sizes), ids[offsets[site] + channel],
+                cat([p.neuron_contribution for p in pws], np.float64), cat([p.neuron_score for p in pws], np.float64),
+                cat([p.neuron_rank for p in pws], np.int64), cat([p.neuron_elements for p in pws], np.int64),
+                cat([p.neuron_dead for p in pws], bool), pa.array(gained, type=pa.bool_())]
+    n_edges = [len(p.edge_weight) for p in pws]
+    flows = [ids[offsets[cat([p.edge_src_site for p in pws], np.int64)] + cat([p.edge_src_channel for p in pws],
+                                                                               np.int64)],
+             ids[offsets[cat([p.edge_dst_site for p in pws], np.int64)] + cat([p.edge_dst_channel for p in pws],
+                                                                               np.int64)],
+             np.repeat(np.array([p.pathway_id for p in pws], dtype=object), n_edges),
+             cat([p.edge_weight for p in pws], np.float64)]
+    return includes, flows
 
 
 def _schema(rows: Iterable[dict[str, Any]], skip: tuple[str, ...] = ("id",)) -> dict[str, str]:
@@ -186,15 +239,16 @@ def write_csv(run_dirs: list[Path], out: Path) -> tuple[list[tuple[str, Path]], 
         "LABELED_AS": rel("LABELED_AS", "Image", "Class"),
         "VARIANT_OF": rel("VARIANT_OF", "Image", "Image", variant_types),
         "FOR_IMAGE": rel("FOR_IMAGE", "Pathway", "Image"), "EXPLAINS": rel("EXPLAINS", "Pathway", "Class"),
-        "INCLUDES": rel("INCLUDES", "Pathway", "Neuron", {
-            "contribution": "double", "score": "double", "rank": "long", "elements": "long", "dead": "boolean",
-            "gained": "boolean"}),
-        "FLOWS_TO": rel("FLOWS_TO", "Neuron", "Neuron", {"pathway": "string", "weight": "double"}),
     }
+    includes = _ArrowTable(out / "rel-includes.csv", [":START_ID(Pathway)", ":END_ID(Neuron)", "contribution:double",
+                                                      "score:double", "rank:long", "elements:long", "dead:boolean",
+                                                      "gained:boolean"])
+    flows = _ArrowTable(out / "rel-flows_to.csv", [":START_ID(Neuron)", ":END_ID(Neuron)", "pathway:string",
+                                                   "weight:double"])
     models: set[str] = set()
     images: set[str] = set()
     pathways: set[str] = set()
-    tables: dict[str, list[list[str]]] = {}
+    index: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     try:
         for model, part in _records(run_dirs):
             if model.model_id not in models:
@@ -212,8 +266,9 @@ def write_csv(run_dirs: list[Path], out: Path) -> tuple[list[tuple[str, Path]], 
                 for c in rows.classes:
                     n["Class"].write([c["id"]], {**c, "model_id": model.model_id})
                     r["HAS_CLASS"].write([model.model_id, c["id"]], {})
-                tables[model.model_id] = neuron_table(model)
-            table = tables[model.model_id]
+                index[model.model_id] = _neuron_index(model)
+            fresh: list[PathwayRecord] = []
+            links: dict[str, PathwayRecord] = {}
             for group in _groups(part.images, part.pathways):
                 for im in group.images:
                     if im.image_id in images:
@@ -232,18 +287,21 @@ def write_csv(run_dirs: list[Path], out: Path) -> tuple[list[tuple[str, Path]], 
                         continue
                     pathways.add(pw.pathway_id)
                     original = originals.get(pw.pathway_id)
+                    if original is not None:
+                        links[pw.pathway_id] = original
+                    fresh.append(pw)
                     n["Pathway"].write([pw.pathway_id], pathway_row(pw, model, original)["props"])
                     r["FOR_IMAGE"].write([pw.pathway_id, pw.image_id], {})
                     r["EXPLAINS"].write([pw.pathway_id, class_id(model.model_id, pw.target)], {})
-                    for inc in _include_rows(pw, table, original):
-                        r["INCLUDES"].write([pw.pathway_id, inc[0]], dict(zip(INCLUDE_KEYS, inc[1:], strict=True)))
-                    for e in edge_rows(pw, table):
-                        r["FLOWS_TO"].write([e[0], e[1]], {"pathway": e[2], "weight": e[3]})
+            inc_columns, flow_columns = _relationship_columns(fresh, links, *index[model.model_id])
+            includes.write(inc_columns)
+            flows.write(flow_columns)
     finally:
         for t in [*n.values(), *r.values()]:
             t.close()
-    return ([(k, t.path) for k, t in n.items()], [(k, t.path) for k, t in r.items()],
-            sum(t.rows for t in n.values()), sum(t.rows for t in r.values()))
+    rel_files = [(k, t.path) for k, t in r.items()] + [("INCLUDES", includes.path), ("FLOWS_TO", flows.path)]
+    return ([(k, t.path) for k, t in n.items()], rel_files, sum(t.rows for t in n.values()),
+            sum(t.rows for t in r.values()) + includes.rows + flows.rows)
 
 
 def _run_importer(config: ServerConfig, nodes: list[tuple[str, Path]], rels: list[tuple[str, Path]]) -> None:

@@ -38,7 +38,7 @@ from extractor.records import (
     read_manifest,
 )
 from graphstore import queries as Q
-from graphstore.api import PER_IMAGE_KEYS
+from graphstore.api import EDGE_SUPPORT_FLOOR, PER_IMAGE_KEYS
 from graphstore.connection import DATABASE
 from graphstore.errors import RecordsError
 
@@ -280,7 +280,7 @@ def _write_groups(
 
 
 def refresh_aggregates(driver: neo4j.Driver, model_id: str, database: str = DATABASE) -> list[str]:
-    """Recompute ``USES`` and the ``VariantStat`` aggregates for every pathway setting of the model."""
+    """Recompute ``USES``, ``CLASS_FLOW`` and ``VariantStat`` aggregates for every pathway setting of the model."""
     records, _, _ = driver.execute_query(Q.CONFIGS_OF_MODEL, model_id=model_id, database_=database)
     configs = sorted(r["config"] for r in records)
     for config in configs:
@@ -288,6 +288,8 @@ def refresh_aggregates(driver: neo4j.Driver, model_id: str, database: str = DATA
             tx.run(Q.LOCK_MODEL, model_id=model_id).consume()
             tx.run(Q.CLEAR_AGGREGATES, model_id=model_id, config=cfg).consume()
             tx.run(Q.REFRESH_AGGREGATES, model_id=model_id, config=cfg).consume()
+            tx.run(Q.CLEAR_CLASS_FLOWS, model_id=model_id, config=cfg).consume()
+            tx.run(Q.REFRESH_CLASS_FLOWS, model_id=model_id, config=cfg, floor=EDGE_SUPPORT_FLOOR).consume()
             tx.run(Q.CLEAR_VARIANT_STATS, model_id=model_id, config=cfg).consume()
             tx.run(Q.REFRESH_VARIANT_STATS, model_id=model_id, config=cfg).consume()
 

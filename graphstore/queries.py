@@ -13,6 +13,7 @@ Schema (README holds the picture)::
     (:Pathway)-[:INCLUDES {contribution, rank, elements, dead}]->(:Neuron)
     (:Neuron)-[:FLOWS_TO {pathway, weight}]->(:Neuron)
     (:Class)-[:USES {config, support, mean_contribution, pathways}]->(:Neuron)   (aggregates)
+    (:Neuron)-[:CLASS_FLOW {class_id, model_id, config, support, mean_weight, pathways}]->(:Neuron)  (aggregates)
     (:VariantStat {model_id, config, kind, setting, label, pairs, changed, jaccard_sum})
         -[:GAINED {count}]->(:Neuron)                                             (aggregates)
 
@@ -40,6 +41,8 @@ SCHEMA: tuple[str, ...] = (
     "CREATE INDEX neuron_layer IF NOT EXISTS FOR (n:Neuron) ON (n.layer_id)",
     "CREATE INDEX flows_pathway IF NOT EXISTS FOR ()-[r:FLOWS_TO]-() ON (r.pathway)",
     "CREATE INDEX uses_config IF NOT EXISTS FOR ()-[r:USES]-() ON (r.config)",
+    "CREATE INDEX class_flow IF NOT EXISTS FOR ()-[r:CLASS_FLOW]-() ON (r.class_id, r.config)",
+    "CREATE INDEX class_flow_model IF NOT EXISTS FOR ()-[r:CLASS_FLOW]-() ON (r.model_id, r.config)",
     "CREATE INDEX variant_stat IF NOT EXISTS FOR (n:VariantStat) ON (n.model_id, n.config)",
     "CREATE INDEX pathway_model IF NOT EXISTS FOR (n:Pathway) ON (n.model_id)",
 )
@@ -193,6 +196,25 @@ UNWIND ps AS p
 MATCH (p)-[inc:INCLUDES]->(nr:Neuron)
 WITH c, n, nr, count(p) AS k, avg(inc.contribution) AS mc
 CREATE (c)-[:USES {config: $config, support: toFloat(k) / n, mean_contribution: mc, pathways: k}]->(nr)
+"""
+
+CLEAR_CLASS_FLOWS = """
+MATCH ()-[f:CLASS_FLOW {model_id: $model_id, config: $config}]->()
+DELETE f
+"""
+
+# Support of an edge in a class, kept where it is at least $floor (so at most mean edges per
+# pathway / floor of them per class): share of the class's original pathways that hold it.
+REFRESH_CLASS_FLOWS = """
+MATCH (c:Class {model_id: $model_id})<-[:EXPLAINS]-(p:Pathway {config: $config})-[:FOR_IMAGE]->(:Image {kind: 'original'})
+WITH c, collect(p.id) AS pids
+WITH c, pids, size(pids) AS n
+UNWIND pids AS pid
+MATCH (a:Neuron)-[f:FLOWS_TO {pathway: pid}]->(b:Neuron)
+WITH c, n, a, b, count(f) AS k, avg(f.weight) AS mean_weight
+WHERE toFloat(k) / n >= $floor
+CREATE (a)-[:CLASS_FLOW {class_id: c.id, model_id: $model_id, config: $config, support: toFloat(k) / n,
+                         mean_weight: mean_weight, pathways: k}]->(b)
 """
 
 CLEAR_VARIANT_STATS = """
@@ -378,6 +400,14 @@ WITH a, b, n, count(f) AS k, avg(f.weight) AS mean_weight
 WHERE toFloat(k) / n >= $min_support
 RETURN a.id AS src, b.id AS dst, toFloat(k) / n AS support, mean_weight
 """
+
+CLASS_EDGE_SUPPORT_STORED = """
+MATCH (a:Neuron)-[f:CLASS_FLOW {class_id: $class_id, config: $config}]->(b:Neuron)
+WHERE f.support >= $min_support
+RETURN a.id AS src, b.id AS dst, f.support AS support, f.mean_weight AS mean_weight
+"""
+
+PATHWAY_ID_OF = "MATCH (p:Pathway {image_id: $image_id, config: $config}) RETURN p.id AS id"
 
 VARIANT_PAIRS = """
 MATCH (v:Image)-[r:VARIANT_OF]->(o:Image)

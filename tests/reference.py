@@ -75,12 +75,21 @@ class Ref:
                 "FOR_IMAGE": len(self.pathways), "EXPLAINS": len(self.pathways),
                 "INCLUDES": sum(len(p.neuron_channel) for p in self.pathways),
                 "FLOWS_TO": sum(len(p.edge_weight) for p in self.pathways), "USES": uses}
+        flows = sum(len(self.edge_support(cfg, c)) for cfg in configs for c in range(m.num_classes))
+        if flows:
+            rels["CLASS_FLOW"] = flows
         stats, gained = self.variant_stats()
         if stats:
             nodes["VariantStat"] = len(stats)
         if gained:
             rels["GAINED"] = len(gained)
         return nodes, rels
+
+    def edge_support(self, config: str, cls: int, floor: float = 0.05) -> dict[tuple[str, str], float]:
+        """Edges held by at least ``floor`` of the class's original pathways: (src, dst) -> support."""
+        pws = [p for p in self.of_config(config) if p.target == cls and self.images[p.image_id].kind == "original"]
+        counts: Counter[tuple[str, str]] = Counter(e for p in pws for e in self.edges(p))
+        return {e: k / len(pws) for e, k in counts.items() if k / len(pws) >= floor}
 
     def variant_stats(self) -> tuple[set[tuple[str, str, str, int]], set[tuple[str, str, str, int, str]]]:
         """(config, kind, setting, label) groups of variant pairs, and their gained neurons."""

@@ -113,16 +113,20 @@ def test_shared_pathways_and_signature(store: Store, ref: Ref, config: str) -> N
     for o in res.per_layer:
         assert o.shared == sum(1 for n in sa & sb if n.split("/")[1] == o.site)
     # edge support recomputed per class with networkx
-    def edge_support(c: int) -> dict[tuple[str, str], float]:
+    def edge_support(c: int, floor: float) -> dict[tuple[str, str], float]:
         pws = [p for p in ref.of_config(config) if p.target == c and ref.images[p.image_id].kind == "original"]
         g = nx.DiGraph()
         for p in pws:
             for e in ref.edges(p):
                 g.add_edge(*e, k=g.edges[e]["k"] + 1 if g.has_edge(*e) else 1)
-        return {(u, v): d["k"] / len(pws) for u, v, d in g.edges(data=True) if d["k"] / len(pws) >= 0.5}
+        return {(u, v): d["k"] / len(pws) for u, v, d in g.edges(data=True) if d["k"] / len(pws) >= floor}
 
-    ea, eb = edge_support(a), edge_support(b)
-    assert {(s, d) for s, d, _, _ in res.shared_edges} == ea.keys() & eb.keys()
+    # 0.5 reads the stored CLASS_FLOW aggregates, 0.02 (below their floor) counts from the pathways
+    for floor in (0.5, 0.02):
+        ea, eb = edge_support(a, floor), edge_support(b, floor)
+        got = store.shared_pathways(ids[a], ids[b], config, floor).shared_edges
+        assert {(s, d) for s, d, _, _ in got} == ea.keys() & eb.keys()
+        assert all(sa_ == pytest.approx(ea[(s, d)]) and sb_ == pytest.approx(eb[(s, d)]) for s, d, sa_, sb_ in got)
     sig = store.class_signature(ids[a], config, 0.5, 0.2)
     want = set()
     for n, (s, _) in support[a].items():

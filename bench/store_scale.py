@@ -1,0 +1,155 @@
+"""Store-side figures at scale: a synthetic run bulk-imported into a private Neo4j, named-query
+latency over it, the store's size on disk, and each UI page's time to first paint in Chromium."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from synthetic import write_synthetic
+
+CHROMIUM = "/usr/bin/chromium"
+PAGES = [("overview", "Overview", "svg.main-svg"), ("image", "Image", "svg .node"),
+         ("compare", "Compare classes", "svg .node"), ("adversarial", "Adversarial", "svg .node"),
+         ("variants", "Variants", "svg.main-svg"), ("cypher", "Cypher", "textarea")]
+
+
+def query_latency(store: Any, repeats: int = 20) -> dict[str, dict[str, float]]:
+    """p50 and p95 (ms) of each named query over ``repeats`` calls after one warm-up call."""
+    model = store.default_model()
+    config = store.default_config(model)
+    classes = store.classes(model)
+    variant = store.images(model, kind="pgd", limit=1)[0].id
+    original = store.images(model, kind="original", limit=1)[0].id
+    pathway = store.pathways_of_image(original)[0].id
+    named: dict[str, Callable[[], Any]] = {
+        "summary": lambda: store.summary(),
+        "top_neurons": lambda: store.top_neurons(classes[3].id, config),
+        "shared_pathways": lambda: store.shared_pathways(classes[1].id, classes[7].id, config),
+        "similarity_matrix": lambda: store.similarity_matrix(model, config),
+        "class_signature": lambda: store.class_signature(classes[2].id, config),
+        "adversarial_shift": lambda: store.adversarial_shift(variant, config),
+        "hijacked_neurons": lambda: store.hijacked_neurons(model, config, "pgd"),
+        "pathway_counts": lambda: store.pathway_counts(config),
+        "variant_overlap": lambda: store.variant_overlap(model, config),
+        "similar_images": lambda: store.similar_images(original, config),
+        "method_agreement": lambda: store.method_agreement(original),
+        "pathway_graph": lambda: store.pathway_graph(pathway),
+    }
+    out = {}
+    for name, fn in named.items():
+        fn()
+        samples = []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - began) * 1000)
+        samples.sort()
+        out[name] = {"p50_ms": statistics.median(samples), "p95_ms": samples[int(0.95 * (len(samples) - 1))]}
+        print(f"query {name}: p50 {out[name]['p50_ms']:.1f} ms p95 {out[name]['p95_ms']:.1f} ms", flush=True)
+    return out
+
+
+def _du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def first_paint(env: dict[str, str], repeats: int = 3) -> dict[str, dict[str, float]]:
+    """Per UI page: seconds from navigation to its title (first paint) and to its main figure."""
+    from playwright.sync_api import sync_playwright
+
+    from graphstore.server import free_port
+    from pathx.cli import ui_command
+
+    port = free_port()
+    proc = subprocess.Popen(ui_command(port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    out: dict[str, dict[str, float]] = {}
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.read() == b"ok":
+                        break
+            except OSError:
+                time.sleep(0.5)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                        args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+            try:
+                for path, title, drawn in PAGES:
+                    paints, figures = [], []
+                    for _ in range(repeats + 1):  # the first visit warms Streamlit's caches; not counted
+                        page = browser.new_page(viewport={"width": 1400, "height": 2200})
+                        began = time.perf_counter()
+                        page.goto(f"{url}/{path}")
+                        page.get_by_role("heading", name=title).first.wait_for(timeout=120_000)
+                        paints.append(time.perf_counter() - began)
+                        page.locator(drawn).first.wait_for(timeout=120_000)
+                        figures.append(time.perf_counter() - began)
+                        page.close()
+                    out[path] = {"first_paint_s": statistics.median(paints[1:]),
+                                 "figure_s": statistics.median(figures[1:]), "cold_figure_s": figures[0]}
+                    print(f"ui {path}: first paint {out[path]['first_paint_s']:.2f} s, figure "
+                          f"{out[path]['figure_s']:.2f} s (cold {figures[0]:.2f} s)", flush=True)
+            finally:
+                browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return out
+
+
+def scale(home: Path, images: int, methods: tuple[str, ...], ui: bool, repeats: int = 20) -> dict[str, Any]:
+    """Synthetic run of ``images`` images -> bulk import -> size, query latency (and UI paint)."""
+    from graphstore.api import Store
+    from graphstore.bulk import bulk_import
+    from graphstore.connection import ConnectionSettings, open_driver
+    from graphstore.server import USER, ServerConfig, fetch_jars, free_port, read_password, stop
+
+    base = ServerConfig.default(home)
+    fetch_jars(base)
+    tmp = Path(tempfile.mkdtemp(prefix="pathx-scale-"))
+    cfg = ServerConfig(lib_dir=base.lib_dir, instance_dir=tmp / "neo4j", bolt_port=free_port(),
+                       http_port=free_port(), heap_initial="2g", heap_max="4g", pagecache="4g")
+    out: dict[str, Any] = {"images": images, "methods": list(methods)}
+    try:
+        began = time.perf_counter()
+        run = write_synthetic(tmp / "run", images, methods)
+        out["generate_s"] = time.perf_counter() - began
+        out["records_mib"] = _du(run) / 2**20
+
+        def connect() -> Any:
+            return open_driver(ConnectionSettings(cfg.bolt_uri, USER, read_password(cfg)))
+
+        summary = bulk_import(cfg, [run], connect, overwrite=True)
+        out["bulk"] = {"nodes": summary.nodes, "relationships": summary.relationships,
+                       "csv_s": summary.csv_seconds, "import_s": summary.import_seconds,
+                       "finish_s": summary.finish_seconds,
+                       "import_relationships_per_s": summary.relationships_per_second,
+                       "end_to_end_relationships_per_s": summary.relationships / (
+                           summary.csv_seconds + summary.import_seconds + summary.finish_seconds)}
+        out["store_mib"] = _du(cfg.instance_dir / "data") / 2**20
+        print(f"scale {images}: {summary.relationships:,} relationships, import {summary.import_seconds:.1f} s "
+              f"({summary.relationships_per_second:,.0f}/s), store {out['store_mib']:.0f} MiB", flush=True)
+        driver = connect()
+        try:
+            out["queries"] = query_latency(Store(driver), repeats)
+        finally:
+            driver.close()
+        if ui:
+            env = dict(os.environ, NEO4J_URI=cfg.bolt_uri, NEO4J_USER=USER, NEO4J_PASSWORD=read_password(cfg))
+            out["ui"] = first_paint(env)
+    finally:
+        stop(cfg)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
