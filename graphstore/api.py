@@ -475,11 +475,9 @@ class Store:
         others = np.delete(support, rows[0], axis=0)
         mx = others.max(axis=0) if len(others) else np.zeros_like(own)
         mean_other = others.mean(axis=0) if len(others) else np.zeros_like(own)
-        table = self._support(model_id, config).get(ci, {})
-        out = [SignatureNeuron(n.neuron, n.site, n.layer_index, n.channel, table[n.neuron].support, float(mx[j]),
-                               table[n.neuron].support - float(mean_other[j]))
-               for j, n in enumerate(neurons)
-               if n.neuron in table and own[j] >= min_support and mx[j] <= max_other]
+        out = [SignatureNeuron(n.neuron, n.site, n.layer_index, n.channel, float(own[j]), float(mx[j]),
+                               float(own[j] - mean_other[j]))
+               for j, n in enumerate(neurons) if own[j] > 0 and own[j] >= min_support and mx[j] <= max_other]
         return sorted(out, key=lambda x: (-x.specificity, x.neuron))
 
     # -- variants and attacks --------------------------------------------------------------

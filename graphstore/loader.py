@@ -280,7 +280,7 @@ def _write_groups(
 
 
 def refresh_aggregates(driver: neo4j.Driver, model_id: str, database: str = DATABASE) -> list[str]:
-    """Recompute ``USES``, ``CLASS_FLOW`` and ``VariantStat`` aggregates for every pathway setting of the model."""
+    """Recompute the ``USES``, ``CLASS_FLOW``, ``CountStat`` and ``VariantStat`` aggregates of every setting."""
     records, _, _ = driver.execute_query(Q.CONFIGS_OF_MODEL, model_id=model_id, database_=database)
     configs = sorted(r["config"] for r in records)
     for config in configs:
@@ -290,6 +290,8 @@ def refresh_aggregates(driver: neo4j.Driver, model_id: str, database: str = DATA
             tx.run(Q.REFRESH_AGGREGATES, model_id=model_id, config=cfg).consume()
             tx.run(Q.CLEAR_CLASS_FLOWS, model_id=model_id, config=cfg).consume()
             tx.run(Q.REFRESH_CLASS_FLOWS, model_id=model_id, config=cfg, floor=EDGE_SUPPORT_FLOOR).consume()
+            tx.run(Q.CLEAR_COUNT_STATS, model_id=model_id, config=cfg).consume()
+            tx.run(Q.REFRESH_COUNT_STATS, model_id=model_id, config=cfg).consume()
             tx.run(Q.CLEAR_VARIANT_STATS, model_id=model_id, config=cfg).consume()
             tx.run(Q.REFRESH_VARIANT_STATS, model_id=model_id, config=cfg).consume()
 

@@ -16,6 +16,7 @@ Schema (README holds the picture)::
     (:Neuron)-[:CLASS_FLOW {class_id, model_id, config, support, mean_weight, pathways}]->(:Neuron)  (aggregates)
     (:VariantStat {model_id, config, kind, setting, label, pairs, changed, jaccard_sum})
         -[:GAINED {count}]->(:Neuron)                                             (aggregates)
+    (:CountStat {model_id, config, kind, setting, pathways, totals, nonzero})    (aggregates)
 
 A variant's pathway carries ``layer_jaccard`` (per site, against its original's pathway of the
 same setting) and its ``INCLUDES`` carry ``gained`` (the original's pathway lacks the neuron);
@@ -43,6 +44,7 @@ SCHEMA: tuple[str, ...] = (
     "CREATE INDEX uses_config IF NOT EXISTS FOR ()-[r:USES]-() ON (r.config)",
     "CREATE INDEX class_flow IF NOT EXISTS FOR ()-[r:CLASS_FLOW]-() ON (r.class_id, r.config)",
     "CREATE INDEX class_flow_model IF NOT EXISTS FOR ()-[r:CLASS_FLOW]-() ON (r.model_id, r.config)",
+    "CREATE INDEX count_stat IF NOT EXISTS FOR (n:CountStat) ON (n.config)",
     "CREATE INDEX variant_stat IF NOT EXISTS FOR (n:VariantStat) ON (n.model_id, n.config)",
     "CREATE INDEX pathway_model IF NOT EXISTS FOR (n:Pathway) ON (n.model_id)",
 )
@@ -217,6 +219,20 @@ CREATE (a)-[:CLASS_FLOW {class_id: c.id, model_id: $model_id, config: $config, s
                          mean_weight: mean_weight, pathways: k}]->(b)
 """
 
+CLEAR_COUNT_STATS = """
+MATCH (s:CountStat {model_id: $model_id, config: $config})
+DELETE s
+"""
+
+REFRESH_COUNT_STATS = """
+MATCH (p:Pathway {model_id: $model_id, config: $config})-[:FOR_IMAGE]->(i:Image)
+WITH i.kind AS kind, coalesce(i.setting, '') AS setting, collect(p.layer_sizes) AS sizes
+WITH kind, setting, sizes, range(0, size(sizes[0]) - 1) AS sites
+CREATE (:CountStat {model_id: $model_id, config: $config, kind: kind, setting: setting, pathways: size(sizes),
+                    totals: [i IN sites | reduce(t = 0, x IN sizes | t + x[i])],
+                    nonzero: [i IN sites | reduce(t = 0, x IN sizes | t + CASE WHEN x[i] > 0 THEN 1 ELSE 0 END)]})
+"""
+
 CLEAR_VARIANT_STATS = """
 MATCH (s:VariantStat {model_id: $model_id, config: $config})
 DETACH DELETE s
@@ -294,16 +310,15 @@ RETURN r.kind AS kind, r.setting AS setting, r.eps AS eps, count(v) AS images,
 ORDER BY kind, eps, setting
 """
 
-# ``layer_sizes`` (neurons per site) is written with each pathway, so this reads pathway nodes only.
+# Read from the CountStat aggregates (per config, image kind and sweep setting: per-site totals of
+# pathway neurons and how many pathways have any there), built from ``Pathway.layer_sizes``.
 PATHWAY_SIZE_BY_LAYER = """
-MATCH (p:Pathway {config: $config})-[:FOR_IMAGE]->(i:Image)
-WITH p.model_id AS model_id, i.kind AS kind, coalesce(i.setting, '') AS setting, p.layer_sizes AS sizes
-UNWIND range(0, size(sizes) - 1) AS layer_index
-WITH model_id, kind, setting, layer_index, sizes[layer_index] AS k
-WHERE k > 0
-WITH model_id, kind, setting, layer_index, avg(k) AS mean_neurons, count(*) AS pathways
-MATCH (:Model {id: model_id})-[:HAS_LAYER]->(l:Layer {index: layer_index})
-RETURN kind, setting, layer_index, l.site AS site, mean_neurons, pathways
+MATCH (s:CountStat {config: $config})
+UNWIND range(0, size(s.totals) - 1) AS layer_index
+WITH s, layer_index WHERE s.nonzero[layer_index] > 0
+MATCH (:Model {id: s.model_id})-[:HAS_LAYER]->(l:Layer {index: layer_index})
+RETURN s.kind AS kind, s.setting AS setting, layer_index, l.site AS site,
+       toFloat(s.totals[layer_index]) / s.nonzero[layer_index] AS mean_neurons, s.nonzero[layer_index] AS pathways
 ORDER BY kind, setting, layer_index
 """
 

@@ -78,6 +78,9 @@ class Ref:
         flows = sum(len(self.edge_support(cfg, c)) for cfg in configs for c in range(m.num_classes))
         if flows:
             rels["CLASS_FLOW"] = flows
+        nodes["CountStat"] = len({(p.config, self.images[p.image_id].kind,
+                                   self.setting(self.images[p.image_id]) if self.images[p.image_id].variant_of else "")
+                                  for p in self.pathways})
         stats, gained = self.variant_stats()
         if stats:
             nodes["VariantStat"] = len(stats)
