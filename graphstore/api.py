@@ -388,11 +388,13 @@ class Store:
         return [NeuronScore(**r) for r in self._run(Q.TOP_NEURONS_OF_CLASS, class_id=class_id, config=config,
                                                       layer=layer, limit=int(limit))]
 
-    def _support(self, model_id: str, config: str) -> dict[int, dict[str, NeuronScore]]:
+    def _support(self, model_id: str, config: str, classes: list[int] | None = None
+                 ) -> dict[int, dict[str, NeuronScore]]:
+        """class index -> neuron -> score (only ``classes`` when given)."""
+        cols = self._run(Q.CLASS_SUPPORT, model_id=model_id, config=config, classes=classes)[0]
         table: dict[int, dict[str, NeuronScore]] = defaultdict(dict)
-        for r in self._run(Q.CLASS_SUPPORT, model_id=model_id, config=config):
-            c = r.pop("class_index")
-            table[c][r["neuron"]] = NeuronScore(**r)
+        for c, n, site, li, ch, sup, mc in zip(*cols.values(), strict=True):
+            table[c][n] = NeuronScore(n, site, li, ch, sup, mc)
         return table
 
     def _class_index(self, class_id: str) -> tuple[str, int]:
@@ -402,7 +404,7 @@ class Store:
     def shared_pathways(self, class_a: str, class_b: str, config: str, min_support: float = 0.5) -> SharedPathways:
         model_a, ia = self._class_index(class_a)
         _, ib = self._class_index(class_b)
-        table = self._support(model_a, config)
+        table = self._support(model_a, config, [ia, ib])
         sa = {n: s for n, s in table.get(ia, {}).items() if s.support >= min_support}
         sb = {n: s for n, s in table.get(ib, {}).items() if s.support >= min_support}
         layers = {r["index"]: r["site"] for r in self.layers(model_a)}
@@ -434,18 +436,18 @@ class Store:
                                                                     np.ndarray]:
         """Classes, neurons, and ``support``, ``mean_contribution`` as ``[classes, neurons]`` arrays."""
         classes = self.classes(model_id)
-        table = self._support(model_id, config)
-        neurons = {n: s for row in table.values() for n, s in row.items()}
-        order = sorted(neurons)
-        col = {n: j for j, n in enumerate(order)}
-        row = {c.index: i for i, c in enumerate(classes)}
-        support = np.zeros((len(classes), len(order)))
-        mean = np.zeros((len(classes), len(order)))
-        for ci, scores in table.items():
-            for n, s in scores.items():
-                support[row[ci], col[n]] = s.support
-                mean[row[ci], col[n]] = s.mean_contribution
-        return classes, [neurons[n] for n in order], support, mean
+        cols = self._run(Q.CLASS_SUPPORT, model_id=model_id, config=config, classes=None)[0]
+        names, first, col = np.unique(np.asarray(cols["neuron"], dtype=object).astype(str), return_index=True,
+                                      return_inverse=True)
+        row_of = {c.index: i for i, c in enumerate(classes)}
+        rows = np.asarray([row_of[c] for c in cols["class_index"]], dtype=np.int64)
+        support = np.zeros((len(classes), len(names)))
+        mean = np.zeros((len(classes), len(names)))
+        support[rows, col] = cols["support"]
+        mean[rows, col] = cols["mean_contribution"]
+        neurons = [NeuronScore(str(names[j]), cols["site"][f], cols["layer_index"][f], cols["channel"][f], 0.0, 0.0)
+                   for j, f in enumerate(first.tolist())]
+        return classes, neurons, support, mean
 
     def similarity_matrix(self, model_id: str, config: str, min_support: float = 0.5) -> ClassSimilarity:
         """Jaccard of the classes' neuron sets (support >= s) and weighted Jaccard of support x |contribution|."""

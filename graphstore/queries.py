@@ -399,10 +399,13 @@ OPTIONAL MATCH (c)<-[:EXPLAINS]-(p:Pathway {config: $config})-[:FOR_IMAGE]->(:Im
 RETURN c.id AS id, c.index AS index, c.name AS name, count(p) AS pathways ORDER BY c.index
 """
 
+# One row of parallel lists: thousands of small records cost the driver far more than one big one.
 CLASS_SUPPORT = """
 MATCH (c:Class {model_id: $model_id})-[u:USES {config: $config}]->(n:Neuron)
-RETURN c.index AS class_index, n.id AS neuron, n.site AS site, n.layer_index AS layer_index, n.channel AS channel,
-       u.support AS support, u.mean_contribution AS mean_contribution
+WHERE $classes IS NULL OR c.index IN $classes
+RETURN collect(c.index) AS class_index, collect(n.id) AS neuron, collect(n.site) AS site,
+       collect(n.layer_index) AS layer_index, collect(n.channel) AS channel, collect(u.support) AS support,
+       collect(u.mean_contribution) AS mean_contribution
 """
 
 CLASS_EDGE_SUPPORT = """
