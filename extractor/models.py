@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,7 @@ class ModelBundle:
             raise ExtractionError(
                 f"images have shape {tuple(x.shape[1:])} but the model takes {expected} (channels, height, width)"
             )
-        if not torch.isfinite(x).all():
+        if x.numel() and not all(math.isfinite(float(v)) for v in torch.aminmax(x)):
             raise ExtractionError("images contain NaN or Inf values")
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from extractor.errors import ExtractionError
+from extractor.mixing import find_mixing, mixing_edge_weights
 from extractor.models import ModelBundle
 from extractor.sites import SiteHooks
 
@@ -162,9 +163,17 @@ def forward_with_sites(bundle: ModelBundle, x: torch.Tensor) -> tuple[torch.Tens
     return logits, [rec.acts[s.index] for s in bundle.sites]
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t`` (one min/max reduction: ~20x cheaper than ``isfinite(t).all()``)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t.detach())
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
 def _check_finite(name: str, tensors: list[torch.Tensor]) -> None:
     for t in tensors:
-        if not torch.isfinite(t).all():
+        if not all_finite(t):
             raise ExtractionError(f"{name} contain NaN or Inf; check the model and inputs")
 
 
@@ -333,45 +342,62 @@ def edge_weights_for_pair(
     return torch.cat(out, 0).permute(1, 0, 2)  # [B, M, Ci]
 
 
+def _no_edges(gaps: torch.Tensor) -> Edges:
+    z = [np.zeros(0, dtype=t) for t in (np.int64, np.int32, np.int32, np.int32, np.int32, np.float32)]
+    return Edges(*z, gaps.numpy())
+
+
 def compute_edges(
-    contrib: Contributions, sel: Selection, attached: list[torch.Tensor], settings: PathwaySettings
+    contrib: Contributions, sel: Selection, attached: list[torch.Tensor], settings: PathwaySettings,
+    fast: bool = True,
 ) -> Edges:
-    """Weighted edges between kept channels of consecutive sites, and completeness gaps."""
+    """Weighted edges between kept channels of consecutive sites, and completeness gaps.
+
+    With ``fast`` a segment whose only channel-mixing layer is one conv/linear gets its weights
+    from that layer (:mod:`extractor.mixing`); other segments, or ``fast=False``, use batched VJPs.
+    """
     B = contrib.logits.shape[0]
     n_pairs = max(0, len(attached) - 1)
-    gaps = np.zeros((B, n_pairs), dtype=np.float32)
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("b", "ss", "sc", "ds", "dc", "w")}
+    gaps = torch.zeros((B, n_pairs), dtype=torch.float32)
+    if n_pairs == 0:
+        return _no_edges(gaps)
+    kept_counts = torch.stack([k.sum(1).max() for k in sel.kept[1:]]).tolist()  # one device sync
+    parts: list[torch.Tensor] = []  # per pair [5, B * M * n_src]: b, src site, src ch, dst ch, ok
+    weights: list[torch.Tensor] = []
     for l in range(n_pairs):
         kept_dst, kept_src = sel.kept[l + 1], sel.kept[l]
         chan_dst = contrib.channel[l + 1]
         score = chan_dst.abs().masked_fill(~kept_dst, -1.0)
-        M = min(settings.edge_targets, int(kept_dst.sum(1).max().item()) or 1)
+        M = min(settings.edge_targets, int(kept_counts[l]) or 1)
         top = score.topk(M, dim=1)
         targets = torch.where(top.values >= 0, top.indices, torch.full_like(top.indices, -1))
         if not attached[l + 1].requires_grad or not attached[l].requires_grad:
             continue
-        W = edge_weights_for_pair(attached[l], attached[l + 1], contrib.grads[l + 1], targets)  # [B, M, Ci]
+        mix = find_mixing(attached[l], attached[l + 1], attached) if fast else None
+        if mix is not None:
+            W = mixing_edge_weights(mix, attached[l + 1], contrib.grads[l + 1], targets)  # [B, M, Ci]
+        else:
+            W = edge_weights_for_pair(attached[l], attached[l + 1], contrib.grads[l + 1], targets)
+        W = W.detach()
         c_j = chan_dst.gather(1, targets.clamp(min=0))
-        gap = (W.sum(-1) - c_j).abs().masked_fill(targets < 0, 0.0)
-        gaps[:, l] = gap.max(1).values.detach().cpu().numpy()
+        gaps[:, l] = (W.sum(-1) - c_j).abs().masked_fill(targets < 0, 0.0).max(1).values.cpu()
         Wk = W.masked_fill(~kept_src[:, None, :], 0.0)
         n_src = min(settings.edges_per_target, Wk.shape[2])
-        top_src = Wk.abs().topk(n_src, dim=2)
+        top_src = Wk.abs().topk(n_src, dim=2)  # [B, M, n]
         ok = (top_src.values > 0) & (targets[..., None] >= 0)
-        bb, mm, rr = torch.nonzero(ok, as_tuple=True)
-        src = top_src.indices[bb, mm, rr]
-        cols["b"].append(bb.cpu().numpy())
-        cols["ss"].append(np.full(len(bb), l, dtype=np.int32))
-        cols["sc"].append(src.cpu().numpy())
-        cols["ds"].append(np.full(len(bb), l + 1, dtype=np.int32))
-        cols["dc"].append(targets[bb, mm].cpu().numpy())
-        cols["w"].append(Wk[bb, mm, src].detach().cpu().numpy())
-
-    def cat(key: str, dtype: type) -> np.ndarray:
-        return np.concatenate(cols[key]).astype(dtype) if cols[key] else np.zeros(0, dtype=dtype)
-
-    return Edges(cat("b", np.int64), cat("ss", np.int32), cat("sc", np.int32), cat("ds", np.int32),
-                 cat("dc", np.int32), cat("w", np.float32), gaps)
+        shape = top_src.indices.shape
+        bb = torch.arange(B, device=W.device).view(B, 1, 1).expand(shape)
+        parts.append(torch.stack([bb, torch.full_like(bb, l), top_src.indices,
+                                  targets[..., None].expand(shape), ok.long()]).flatten(1))
+        weights.append(Wk.gather(2, top_src.indices).flatten())
+    if not parts:
+        return _no_edges(gaps)
+    rows = torch.cat(parts, 1).cpu().numpy()
+    w = torch.cat(weights).cpu().numpy()
+    keep = rows[4] == 1
+    rows, w = rows[:, keep], w[keep]
+    return Edges(rows[0].astype(np.int64), rows[1].astype(np.int32), rows[2].astype(np.int32),
+                 (rows[1] + 1).astype(np.int32), rows[3].astype(np.int32), w.astype(np.float32), gaps.numpy())
 
 
 @dataclass

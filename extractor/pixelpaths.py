@@ -205,6 +205,23 @@ class PixelPathways:
     pixels: torch.Tensor
 
 
+def _chain_masks(bundle: ModelBundle, chains: torch.Tensor, l: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Per site a channel mask ``[N, C]``: only the chain's map open at sites before ``l``, all open after.
+
+    ``chains`` ``[N, l]`` holds one map index per site ``0 .. l-1``.
+    """
+    n = chains.shape[0]
+    masks = []
+    for s2 in bundle.sites:
+        if s2.index < l:
+            m = torch.zeros((n, s2.channels), dtype=dtype, device=chains.device)
+            m[torch.arange(n, device=chains.device), chains[:, s2.index]] = 1.0
+        else:
+            m = torch.ones((n, s2.channels), dtype=dtype, device=chains.device)
+        masks.append(m)
+    return masks
+
+
 def trace_pixels(bundle: ModelBundle, x: torch.Tensor, settings: PixelSettings) -> PixelPathways:
     """Beam search of every traced pixel's largest chains through the gated network of ``x`` ``[1, C, H, W]``."""
     S = len(bundle.sites)
@@ -221,16 +238,13 @@ def trace_pixels(bundle: ModelBundle, x: torch.Tensor, settings: PixelSettings) 
             Bm = chains.shape[1]
             z = imp.repeat_interleave(Bm, 0)  # [P * Bm, ...], pixel-major
             flat = chains.reshape(P * Bm, l)
-            masks = []
-            for s2 in bundle.sites:
-                if s2.index < l:
-                    m = torch.zeros((P * Bm, s2.channels), dtype=x.dtype, device=x.device)
-                    m[torch.arange(P * Bm), flat[:, s2.index]] = 1.0
-                else:
-                    m = torch.ones((P * Bm, s2.channels), dtype=x.dtype, device=x.device)
-                masks.append(m)
-            # R(z) = G_m(z) - G_m(0): the bias response depends on the masks, so it is run per item
-            resp = net.site_output(z, site.index, masks) - net.site_output(torch.zeros_like(z), site.index, masks)
+            # R(z) = G_m(z) - G_m(0): the bias response depends only on the chain prefix (the masks),
+            # and many pixels share prefixes, so it runs once per distinct prefix
+            prefixes, inverse = torch.unique(flat, dim=0, return_inverse=True) if l else (flat[:1], None)
+            bias = net.site_output(torch.zeros_like(z[: len(prefixes)]), site.index,
+                                   _chain_masks(bundle, prefixes, l, x.dtype))
+            resp = net.site_output(z, site.index, _chain_masks(bundle, flat, l, x.dtype))
+            resp = resp - (bias[inverse] if inverse is not None else bias)
             size = resp.abs().flatten(2).sum(-1) if resp.dim() > 2 else resp.abs()  # [P * Bm, C_l]
             size = size.view(P, Bm, -1)
             cand = size.flatten(1)  # [P, Bm * C_l]

@@ -25,6 +25,9 @@ from graphstore.errors import NotFound
 
 PER_IMAGE_KEYS = ("target", "seed", "top", "left")
 EDGE_SUPPORT_FLOOR = 0.05  # class edge supports below this are not kept as CLASS_FLOW aggregates
+SIGNATURE_DIMENSIONS = 128  # Pathway.signature: the neuron set as a random +-1 projection (cosine ~ overlap)
+EXACT_SIMILAR_LIMIT = 5_000  # similar_images scans exactly up to this many pathways of a setting
+SIMILAR_CANDIDATES = 400  # nearest signatures fetched before exact re-ranking
 
 
 @dataclass(frozen=True)
@@ -578,11 +581,25 @@ class Store:
         return [LayerCount(**r) for r in self._run(Q.PATHWAY_SIZE_BY_LAYER, config=config)]
 
     def similar_images(
-        self, image_id: str, config: str, limit: int = 10, kind: str | None = None
+        self, image_id: str, config: str, limit: int = 10, kind: str | None = None, exact: bool | None = None
     ) -> list[SimilarImage]:
+        """Images whose pathway under ``config`` shares the most neurons (Jaccard) with this image's.
+
+        ``exact``: scan every pathway through the image's neurons (cost grows with the store);
+        otherwise take candidates from the ``pathway_signature`` vector index and rank them by exact
+        Jaccard. ``None`` picks the scan up to ``EXACT_SIMILAR_LIMIT`` pathways of the setting. The
+        index answer can miss a neighbour the signature ranks low; it falls back to the scan when
+        it finds fewer than ``limit`` images.
+        """
         self._require(Q.IMAGE_EXISTS, "image", image_id=image_id)
-        return [SimilarImage(**r) for r in self._run(Q.SIMILAR_IMAGES, image_id=image_id, config=config,
-                                                       limit=int(limit), kind=kind)]
+        params = {"image_id": image_id, "config": config, "limit": int(limit), "kind": kind}
+        if exact is None:
+            exact = self._run(Q.PATHWAYS_OF_CONFIG, config=config)[0]["n"] <= EXACT_SIMILAR_LIMIT
+        if not exact:
+            rows = self._run(Q.SIMILAR_IMAGES_INDEXED, candidates=max(SIMILAR_CANDIDATES, 20 * int(limit)), **params)
+            if len(rows) >= limit:
+                return [SimilarImage(**r) for r in rows]
+        return [SimilarImage(**r) for r in self._run(Q.SIMILAR_IMAGES, **params)]
 
     def method_agreement(self, image_id: str) -> list[Agreement]:
         """Jaccard between the neuron sets of the image's pathways of different settings."""

@@ -12,13 +12,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +42,7 @@ from extractor.records import (
     read_manifest,
 )
 from graphstore import queries as Q
-from graphstore.api import EDGE_SUPPORT_FLOOR, PER_IMAGE_KEYS
+from graphstore.api import EDGE_SUPPORT_FLOOR, PER_IMAGE_KEYS, SIGNATURE_DIMENSIONS
 from graphstore.connection import DATABASE
 from graphstore.errors import RecordsError
 
@@ -46,6 +50,7 @@ log = logging.getLogger(__name__)
 
 TX_EDGE_BUDGET = 40_000
 ROW_BATCH = 10_000
+LOAD_WORKERS = 2
 
 
 @dataclass
@@ -57,12 +62,17 @@ class LoadSummary:
     pathways_existing: int = 0
     includes: int = 0
     edges: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # all of it: schema, model, repair, writes, aggregates
     repaired: int = 0  # incomplete pathways found in the store and removed before loading
+    write_seconds: float = 0.0  # the image-group transactions only
 
     @property
     def relationships_per_second(self) -> float:
         return (self.includes + self.edges) / self.seconds if self.seconds else 0.0
+
+    @property
+    def write_relationships_per_second(self) -> float:
+        return (self.includes + self.edges) / self.write_seconds if self.write_seconds else 0.0
 
 
 def ensure_schema(driver: neo4j.Driver, database: str = DATABASE) -> None:
@@ -161,6 +171,29 @@ def layer_jaccard(variant: PathwayRecord, original: PathwayRecord, sites: int) -
     return out
 
 
+@lru_cache(maxsize=8)
+def _projection(model_id: str, sizes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-site offsets ``[S]`` and a random +-1 matrix ``[neurons, SIGNATURE_DIMENSIONS]`` seeded by the model id."""
+    seed = int.from_bytes(hashlib.sha256(model_id.encode()).digest()[:8], "little")
+    rng = np.random.default_rng(seed)
+    signs = rng.integers(0, 2, size=(sum(sizes), SIGNATURE_DIMENSIONS), dtype=np.int8) * 2 - 1
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64), signs.astype(np.float32)
+
+
+def signature(pw: PathwayRecord, model: ModelInfo) -> list[float] | None:
+    """The pathway's neuron set projected to ``SIGNATURE_DIMENSIONS`` (unit length; ``None`` when empty).
+
+    The cosine of two signatures estimates |A & B| / sqrt(|A| |B|) (Johnson-Lindenstrauss), which
+    ranks like Jaccard for equal sizes: good for fetching candidates, never for the final answer.
+    """
+    if len(pw.neuron_channel) == 0:
+        return None
+    offsets, signs = _projection(model.model_id, tuple(s.channels for s in model.sites))
+    v = signs[offsets[pw.neuron_site.astype(np.int64)] + pw.neuron_channel.astype(np.int64)].sum(0)
+    norm = float(np.linalg.norm(v))
+    return [float(x) for x in v / norm] if norm > 0 else None
+
+
 def pathway_row(pw: PathwayRecord, model: ModelInfo, original: PathwayRecord | None = None) -> dict[str, Any]:
     n = len(pw.neuron_channel)
     props = {
@@ -175,6 +208,9 @@ def pathway_row(pw: PathwayRecord, model: ModelInfo, original: PathwayRecord | N
         **{k: float(v) for k, v in pw.extra.items() if isinstance(v, int | float)},
         **{k: v for k, v in pw.extra.items() if isinstance(v, str)},
     }
+    sig = signature(pw, model)
+    if sig is not None:
+        props["signature"] = sig
     if original is not None:
         props["original_pathway"] = original.pathway_id
         props["layer_jaccard"] = layer_jaccard(pw, original, len(model.sites))
@@ -311,8 +347,72 @@ def remove_incomplete(driver: neo4j.Driver, model_id: str, database: str = DATAB
     return len(ids)
 
 
-def load_run(driver: neo4j.Driver, run_dir: Path, database: str = DATABASE, progress: bool = True) -> LoadSummary:
-    """Load every part of ``run_dir``; safe to repeat and to resume after a crash."""
+def _batches(parts: Sequence[Any]) -> list[list[_Group]]:
+    """Whole groups packed into transactions of at most ``TX_EDGE_BUDGET`` rows (one group may exceed it)."""
+    out: list[list[_Group]] = []
+    for part in parts:
+        batch: list[_Group] = []
+        budget = 0
+        for group in _groups(part.images, part.pathways):
+            if batch and budget + group.weight > TX_EDGE_BUDGET:
+                out.append(batch)
+                batch, budget = [], 0
+            batch.append(group)
+            budget += group.weight
+        if batch:
+            out.append(batch)
+    return out
+
+
+def _write_batches(driver: neo4j.Driver, database: str, batches: list[list[_Group]], model: ModelInfo,
+                   table: list[list[str]], summary: LoadSummary, bar: tqdm, workers: int) -> None:
+    """Each batch in its own write transaction, ``workers`` at a time (one session per thread).
+
+    Batches hold disjoint images, so concurrent transactions only meet on shared Neuron and
+    Class nodes; the driver retries the transient lock errors that can cause. On an error the
+    batches not yet started are cancelled; committed ones stay whole (see ``remove_incomplete``).
+    """
+    local = threading.local()
+    sessions: list[neo4j.Session] = []
+    lock = threading.Lock()
+
+    def run(batch: list[_Group]) -> None:
+        if not hasattr(local, "session"):
+            local.session = driver.session(database=database)
+            with lock:
+                sessions.append(local.session)
+        new, old, inc, edg = local.session.execute_write(_write_groups, batch, model, table)
+        n_img = sum(len(g.images) for g in batch)
+        with lock:
+            summary.pathways_new += new
+            summary.pathways_existing += old
+            summary.includes += inc
+            summary.edges += edg
+            summary.images += n_img
+            bar.update(n_img)
+
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="pathx-load")
+    futures: list[Future[None]] = []
+    try:
+        futures = [pool.submit(run, b) for b in batches]
+        for fut in as_completed(futures):
+            fut.result()
+    except BaseException:
+        for fut in futures:
+            fut.cancel()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+        for session in sessions:
+            session.close()
+
+
+def load_run(driver: neo4j.Driver, run_dir: Path, database: str = DATABASE, progress: bool = True,
+             workers: int = LOAD_WORKERS) -> LoadSummary:
+    """Load every part of ``run_dir``; safe to repeat and to resume after a crash.
+
+    ``workers`` transactions run at once (Python builds one batch's rows while Neo4j writes another's).
+    """
     try:
         manifest = read_manifest(run_dir)
     except RecordsFormatError as exc:
@@ -335,29 +435,12 @@ def load_run(driver: neo4j.Driver, run_dir: Path, database: str = DATABASE, prog
                 raise RecordsError(f"pathway {pw.pathway_id} belongs to model {pw.model_id}, not {model.model_id}")
     total = sum(len(p.images) for p in parts)
     bar = tqdm(total=total, desc="load", unit="img", disable=not progress)
+    began_writes = time.perf_counter()
     try:
-        with driver.session(database=database) as session:
-            for part in parts:
-                batch: list[_Group] = []
-                budget = 0
-                for group in [*_groups(part.images, part.pathways), None]:
-                    if group is not None and (not batch or budget + group.weight <= TX_EDGE_BUDGET):
-                        batch.append(group)
-                        budget += group.weight
-                        continue
-                    if batch:
-                        new, old, inc, edg = session.execute_write(_write_groups, batch, model, table)
-                        summary.pathways_new += new
-                        summary.pathways_existing += old
-                        summary.includes += inc
-                        summary.edges += edg
-                        n_img = sum(len(g.images) for g in batch)
-                        summary.images += n_img
-                        bar.update(n_img)
-                    batch = [group] if group is not None else []
-                    budget = group.weight if group is not None else 0
+        _write_batches(driver, database, _batches(parts), model, table, summary, bar, workers)
     finally:
         bar.close()
+    summary.write_seconds = time.perf_counter() - began_writes
     refresh_aggregates(driver, model.model_id, database)
     summary.seconds = time.perf_counter() - began
     log.info("loaded %d images, %d new pathways, %d relationships in %.1f s", summary.images,

@@ -47,8 +47,11 @@ SCHEMA: tuple[str, ...] = (
     "CREATE INDEX count_stat IF NOT EXISTS FOR (n:CountStat) ON (n.config)",
     "CREATE INDEX variant_stat IF NOT EXISTS FOR (n:VariantStat) ON (n.model_id, n.config)",
     "CREATE INDEX pathway_model IF NOT EXISTS FOR (n:Pathway) ON (n.model_id)",
+    # approximate nearest pathways by neuron set (see graphstore.api.SIGNATURE_DIMENSIONS)
+    "CREATE VECTOR INDEX pathway_signature IF NOT EXISTS FOR (n:Pathway) ON (n.signature) "
+    "OPTIONS {indexConfig: {`vector.dimensions`: 128, `vector.similarity_function`: 'cosine'}}",
 )
-AWAIT_INDEXES = "CALL db.awaitIndexes(300)"
+AWAIT_INDEXES = "CALL db.awaitIndexes(1800)"
 
 # --- loading ------------------------------------------------------------------------------
 
@@ -471,6 +474,24 @@ RETURN i.id AS image_id, i.source AS source, i.kind AS kind, i.label AS label, i
 ORDER BY jaccard DESC, image_id
 LIMIT $limit
 """
+
+# The same answer from candidates: the pathways nearest by signature (HNSW vector index), then
+# exact Jaccard over their INCLUDES (expanded into from both ends, so dense neurons are not scanned).
+SIMILAR_IMAGES_INDEXED = """
+MATCH (p:Pathway {image_id: $image_id, config: $config})
+CALL db.index.vector.queryNodes('pathway_signature', $candidates, p.signature) YIELD node AS q
+WITH p, q WHERE q.config = $config AND q <> p
+  AND ($kind IS NULL OR EXISTS { (q)-[:FOR_IMAGE]->(:Image {kind: $kind}) })
+WITH p, q, COUNT { (p)-[:INCLUDES]->(:Neuron)<-[:INCLUDES]-(q) } AS inter
+WHERE inter > 0
+MATCH (q)-[:FOR_IMAGE]->(i:Image)
+RETURN i.id AS image_id, i.source AS source, i.kind AS kind, i.label AS label, i.predicted AS predicted,
+       toFloat(inter) / (p.size + q.size - inter) AS jaccard
+ORDER BY jaccard DESC, image_id
+LIMIT $limit
+"""
+
+PATHWAYS_OF_CONFIG = "MATCH (p:Pathway {config: $config}) RETURN count(p) AS n"
 
 ORIGINAL_PATHWAYS = """
 MATCH (p:Pathway {config: $config})-[:FOR_IMAGE]->(i:Image {kind: 'original'})

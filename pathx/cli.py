@@ -283,7 +283,11 @@ def extract(
 
 
 @app.command("load")
-def load(run_dir: Annotated[Path, typer.Argument(help="Run folder written by `pathx extract`.")]) -> None:
+def load(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder written by `pathx extract`.")],
+    workers: Annotated[int, typer.Option(min=1, max=32,
+                                         help="Write transactions in flight at once (1 = sequential).")] = 2,
+) -> None:
     """Load a run into Neo4j (idempotent; resumes after a crash)."""
     from extractor.records import read_manifest
     from graphstore.loader import load_run
@@ -292,7 +296,7 @@ def load(run_dir: Annotated[Path, typer.Argument(help="Run folder written by `pa
         read_manifest(run_dir)  # bad input fails before any connection is made
         driver = _driver()
         try:
-            s = load_run(driver, run_dir)
+            s = load_run(driver, run_dir, workers=workers)
         finally:
             driver.close()
         typer.echo(f"{s.images} images, {s.pathways_new} new pathways ({s.pathways_existing} already there), "

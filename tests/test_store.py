@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from extractor.records import pathway_to_networkx
-from graphstore.api import Store
+from graphstore import queries as Q
+from graphstore.api import SIMILAR_CANDIDATES, SimilarImage, Store
 from graphstore.errors import NotFound
 from graphstore.loader import load_run
 from graphstore.server import USER, read_password
@@ -201,6 +202,16 @@ def test_similar_images_and_method_agreement(store: Store, ref: Ref, config: str
                 want[p.image_id] = inter / len(mine.keys() | other.keys())
     got = store.similar_images(original.image_id, config, limit=10_000)
     assert {s.image_id: s.jaccard for s in got} == pytest.approx(want)
+    # the vector-index route: exact Jaccard of its candidates, and the same top-10 values as the scan
+    indexed = store._run(Q.SIMILAR_IMAGES_INDEXED, image_id=original.image_id, config=config, limit=10, kind=None,
+                         candidates=SIMILAR_CANDIDATES)
+    assert len(indexed) == 10
+    assert {r["image_id"]: r["jaccard"] for r in indexed} == pytest.approx({r["image_id"]: want[r["image_id"]]
+                                                                          for r in indexed})
+    assert [r["jaccard"] for r in indexed] == pytest.approx(sorted(want.values(), reverse=True)[:10])
+    assert store.similar_images(original.image_id, config, limit=10, exact=False) == [SimilarImage(**r)
+                                                                                      for r in indexed]
+    assert store.similar_images(original.image_id, config, limit=10) == got[:10]
     agreement = store.method_agreement(original.image_id)
     pws = [p for p in ref.pathways if p.image_id == original.image_id]
     assert len(agreement) == len(pws) * (len(pws) - 1) // 2

@@ -1,0 +1,135 @@
+"""The fast edge path (one mixing layer per segment) against batched VJPs, and when it must not apply."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from extractor.mixing import find_mixing, mixing_edge_weights
+from extractor.models import ModelBundle, make_bundle
+from extractor.pathways import (
+    PathwaySettings,
+    compute_edges,
+    edge_weights_for_pair,
+    mct_contributions,
+    select,
+)
+
+
+def _pairs(bundle: ModelBundle, x: torch.Tensor) -> tuple[int, int, float]:
+    """(pairs, fast pairs, worst |fast - VJP| relative to the pair's largest weight)."""
+    contrib, att = mct_contributions(bundle, x)
+    fast, worst = 0, 0.0
+    for l in range(len(att) - 1):
+        mix = find_mixing(att[l], att[l + 1], att)
+        if mix is None:
+            continue
+        fast += 1
+        m = min(6, att[l + 1].shape[1])
+        targets = contrib.channel[l + 1].abs().topk(m, 1).indices
+        targets[0, -1] = -1  # padding must give zero rows on both paths
+        got = mixing_edge_weights(mix, att[l + 1], contrib.grads[l + 1], targets)
+        ref = edge_weights_for_pair(att[l], att[l + 1], contrib.grads[l + 1], targets)
+        assert got.shape == ref.shape
+        assert torch.all(got[0, -1] == 0)
+        worst = max(worst, float((got - ref).abs().max()) / max(float(ref.abs().max()), 1e-30))
+    return len(att) - 1, fast, worst
+
+
+@pytest.mark.parametrize(("name", "all_fast"), [("resnet18", True), ("vgg11", True), ("mobilenet_v3_small", False)])
+def test_fast_path_equals_vjp_on_torchvision(name: str, all_fast: bool) -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, num_classes=7).double().eval()
+    bundle = make_bundle(model, name, (3, 32, 32))
+    pairs, fast, worst = _pairs(bundle, torch.rand(3, 3, 32, 32, dtype=torch.float64))
+    assert worst < 1e-10
+    assert fast == pairs if all_fast else 0 < fast < pairs  # MobileNet: SE blocks and hardswish gates fall back
+
+
+def test_fast_path_on_the_demo_cnn(demo: tuple) -> None:
+    bundle, data = demo
+    pairs, fast, worst = _pairs(bundle, data.x_test[:4])
+    assert (pairs, fast) == (4, 4)  # conv, pool+conv, conv, pool+flatten+linear
+    assert worst < 1e-5
+
+
+class _Net(nn.Module):
+    def __init__(self, body: nn.Module, channels: int) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        self.body = body
+        self.head = nn.Linear(channels, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.stem(x)).mean((2, 3)))
+
+
+class _Residual(nn.Module):  # relu(conv(a) + a): a path skips the mixing layer
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(a) + a)
+
+
+class _ChannelMix(nn.Module):  # a per-pixel channel mean multiplies every channel after the conv
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        z = self.conv(a)
+        return self.act(z * z.mean(1, keepdim=True))
+
+
+@pytest.mark.parametrize(("body", "fast"), [
+    (nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.BatchNorm2d(6), nn.ReLU()), True),
+    (nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2), nn.ReLU()), True),
+    (nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.GELU()), True),
+    (_Residual(), False),
+    (_ChannelMix(), False),
+    (nn.Sequential(nn.ConvTranspose2d(4, 4, 3, padding=1), nn.ReLU()), False),
+    (nn.Sequential(nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1), nn.ReLU()), False),  # two mixing layers
+])
+def test_fast_path_applies_exactly_where_it_is_exact(body: nn.Module, fast: bool) -> None:
+    torch.manual_seed(1)
+    channels = [m for m in body.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))][-1].out_channels
+    net = _Net(body, channels).double().eval()
+    with torch.no_grad():  # non-trivial batch-norm statistics
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    bundle = make_bundle(net, "segment", (1, 12, 12))
+    x = torch.rand(3, 1, 12, 12, dtype=torch.float64)
+    pairs, n_fast, worst = _pairs(bundle, x)
+    assert (pairs, n_fast) == (1, 1 if fast else 0)
+    assert worst < 1e-10
+    # whichever path runs, compute_edges gives the VJP's edges
+    settings = PathwaySettings(k=4, edge_targets=4, edges_per_target=4)
+    contrib, att = mct_contributions(bundle, x)
+    sel = select(contrib, settings)
+    a, b = compute_edges(contrib, sel, att, settings), compute_edges(contrib, sel, att, settings, fast=False)
+    for key in ("b", "src_site", "src_channel", "dst_site", "dst_channel"):
+        assert np.array_equal(getattr(a, key), getattr(b, key))
+    np.testing.assert_allclose(a.weight, b.weight, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(a.gap, b.gap, rtol=1e-9, atol=1e-12)
+
+
+def test_frozen_linear_falls_back() -> None:
+    """A linear layer whose weight needs no gradient does not keep its input: the VJP path is used."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(),
+                          nn.Linear(6, 3)).double().eval()
+    model[3].requires_grad_(False)
+    bundle = make_bundle(model, "frozen", (1, 4, 4))
+    pairs, fast, worst = _pairs(bundle, torch.rand(2, 1, 4, 4, dtype=torch.float64))
+    assert (pairs, fast) == (1, 0)
+    model[3].requires_grad_(True)
+    pairs, fast, worst = _pairs(bundle, torch.rand(2, 1, 4, 4, dtype=torch.float64))
+    assert (pairs, fast) == (1, 1)
+    assert worst < 1e-10
