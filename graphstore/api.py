@@ -26,7 +26,7 @@ from graphstore.errors import NotFound
 PER_IMAGE_KEYS = ("target", "seed", "top", "left")
 EDGE_SUPPORT_FLOOR = 0.05  # class edge supports below this are not kept as CLASS_FLOW aggregates
 SIGNATURE_DIMENSIONS = 128  # Pathway.signature: the neuron set as a random +-1 projection (cosine ~ overlap)
-EXACT_SIMILAR_LIMIT = 5_000  # similar_images scans exactly up to this many pathways of a setting
+EXACT_SIMILAR_LIMIT = 200  # similar_images scans exactly up to this many pathways of a setting
 SIMILAR_CANDIDATES = 400  # nearest signatures fetched before exact re-ranking
 
 
@@ -594,7 +594,8 @@ class Store:
         self._require(Q.IMAGE_EXISTS, "image", image_id=image_id)
         params = {"image_id": image_id, "config": config, "limit": int(limit), "kind": kind}
         if exact is None:
-            exact = self._run(Q.PATHWAYS_OF_CONFIG, config=config)[0]["n"] <= EXACT_SIMILAR_LIMIT
+            cap = EXACT_SIMILAR_LIMIT + 1
+            exact = self._run(Q.PATHWAYS_OF_CONFIG, config=config, cap=cap)[0]["n"] < cap
         if not exact:
             rows = self._run(Q.SIMILAR_IMAGES_INDEXED, candidates=max(SIMILAR_CANDIDATES, 20 * int(limit)), **params)
             if len(rows) >= limit:

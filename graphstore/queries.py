@@ -476,22 +476,25 @@ LIMIT $limit
 """
 
 # The same answer from candidates: the pathways nearest by signature (HNSW vector index), then
-# exact Jaccard over their INCLUDES (expanded into from both ends, so dense neurons are not scanned).
+# exact Jaccard, counting each candidate's own INCLUDES against the image's neuron ids (so dense
+# neurons are never scanned).
 SIMILAR_IMAGES_INDEXED = """
-MATCH (p:Pathway {image_id: $image_id, config: $config})
+MATCH (p:Pathway {image_id: $image_id, config: $config}) WHERE p.signature IS NOT NULL
+WITH p, COLLECT { MATCH (p)-[:INCLUDES]->(n:Neuron) RETURN elementId(n) } AS mine
 CALL db.index.vector.queryNodes('pathway_signature', $candidates, p.signature) YIELD node AS q
-WITH p, q WHERE q.config = $config AND q <> p
-  AND ($kind IS NULL OR EXISTS { (q)-[:FOR_IMAGE]->(:Image {kind: $kind}) })
-WITH p, q, COUNT { (p)-[:INCLUDES]->(:Neuron)<-[:INCLUDES]-(q) } AS inter
+WITH p, mine, q WHERE q.config = $config AND q <> p
+WITH p, q, size([(q)-[:INCLUDES]->(n:Neuron) WHERE elementId(n) IN mine | n]) AS inter
 WHERE inter > 0
-MATCH (q)-[:FOR_IMAGE]->(i:Image)
+MATCH (i:Image {id: q.image_id})
+WHERE $kind IS NULL OR i.kind = $kind
 RETURN i.id AS image_id, i.source AS source, i.kind AS kind, i.label AS label, i.predicted AS predicted,
        toFloat(inter) / (p.size + q.size - inter) AS jaccard
 ORDER BY jaccard DESC, image_id
 LIMIT $limit
 """
 
-PATHWAYS_OF_CONFIG = "MATCH (p:Pathway {config: $config}) RETURN count(p) AS n"
+# stops counting at $cap: enough to tell a small setting from a large one
+PATHWAYS_OF_CONFIG = "MATCH (p:Pathway {config: $config}) WITH p LIMIT $cap RETURN count(p) AS n"
 
 ORIGINAL_PATHWAYS = """
 MATCH (p:Pathway {config: $config})-[:FOR_IMAGE]->(i:Image {kind: 'original'})

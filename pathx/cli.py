@@ -286,7 +286,8 @@ def extract(
 def load(
     run_dir: Annotated[Path, typer.Argument(help="Run folder written by `pathx extract`.")],
     workers: Annotated[int, typer.Option(min=1, max=32,
-                                         help="Write transactions in flight at once (1 = sequential).")] = 2,
+                                         help="Write transactions in flight at once (more cores: try 2-4; "
+                                              "lock conflicts are retried).")] = 1,
 ) -> None:
     """Load a run into Neo4j (idempotent; resumes after a crash)."""
     from extractor.records import read_manifest

