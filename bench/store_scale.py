@@ -6,10 +6,8 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,9 +15,6 @@ from typing import Any
 from synthetic import write_synthetic
 
 CHROMIUM = "/usr/bin/chromium"
-PAGES = [("overview", "Overview", "svg.main-svg"), ("image", "Image", "svg .node"),
-         ("compare", "Compare classes", "svg .node"), ("adversarial", "Adversarial", "svg .node"),
-         ("variants", "Variants", "svg.main-svg"), ("cypher", "Cypher", "textarea")]
 
 
 def query_latency(store: Any, repeats: int = 20) -> dict[str, dict[str, float]]:
@@ -66,27 +61,15 @@ def first_paint(env: dict[str, str], repeats: int = 3) -> dict[str, dict[str, fl
     """Per UI page: seconds from navigation to its title (first paint) and to its main figure."""
     from playwright.sync_api import sync_playwright
 
-    from graphstore.server import free_port
-    from pathx.cli import ui_command
+    from pathx.cli import UI_PAGES, running_ui
 
-    port = free_port()
-    proc = subprocess.Popen(ui_command(port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
     out: dict[str, dict[str, float]] = {}
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.read() == b"ok":
-                        break
-            except OSError:
-                time.sleep(0.5)
+    with running_ui(env) as url:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
                                         args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
             try:
-                for path, title, drawn in PAGES:
+                for path, title, drawn in UI_PAGES:
                     paints, figures = [], []
                     for _ in range(repeats + 1):  # the first visit warms Streamlit's caches; not counted
                         page = browser.new_page(viewport={"width": 1400, "height": 2200})
@@ -103,9 +86,6 @@ def first_paint(env: dict[str, str], repeats: int = 3) -> dict[str, dict[str, fl
                           f"{out[path]['figure_s']:.2f} s (cold {figures[0]:.2f} s)", flush=True)
             finally:
                 browser.close()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     return out
 
 

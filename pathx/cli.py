@@ -461,6 +461,43 @@ def ui_command(port: int, address: str = "127.0.0.1") -> list[str]:
             "--server.fileWatcherType", "none", "--theme.base", "light"]
 
 
+# The app's pages: URL path, heading, and a CSS selector of the page's main figure (browser checks).
+UI_PAGES: tuple[tuple[str, str, str], ...] = (
+    ("overview", "Overview", "svg.main-svg"), ("image", "Image", "svg .node"),
+    ("compare", "Compare classes", "svg .node"), ("adversarial", "Adversarial", "svg .node"),
+    ("variants", "Variants", "svg.main-svg"), ("cypher", "Cypher", "textarea"),
+)
+
+
+@contextmanager
+def running_ui(env: dict[str, str], timeout: float = 60.0) -> Iterator[str]:
+    """Serve the UI in the background on a free loopback port; yields its URL once Streamlit's
+    health check answers ``ok`` (``RuntimeError`` after ``timeout`` seconds); stops it on exit."""
+    import time
+    import urllib.request
+
+    from graphstore.server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(ui_command(port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.read() == b"ok":
+                        break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"the UI did not start within {timeout:.0f} s") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 @app.command("ui")
 def ui(
     port: Annotated[int, typer.Option(help="Port of the UI.")] = UI_PORT,

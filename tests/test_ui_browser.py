@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from graphstore.server import USER, free_port, read_password
-from pathx.cli import ui_command
+from graphstore.server import USER, read_password
+from pathx.cli import UI_PAGES, running_ui, ui_command
 from tests.conftest import ensure_loaded
 
 pytestmark = [pytest.mark.store, pytest.mark.browser]
@@ -20,37 +17,18 @@ pytestmark = [pytest.mark.store, pytest.mark.browser]
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
-PAGES = [("overview", "Overview", "svg.main-svg"), ("image", "Image", "svg .node"),
-         ("compare", "Compare classes", "svg .node"), ("adversarial", "Adversarial", "svg .node"),
-         ("variants", "Variants", "svg.main-svg"), ("cypher", "Cypher", "textarea")]
 
 
 @pytest.fixture(scope="module")
 def ui_server(driver: object, fixture_run: Path, neo4j_server: object) -> Iterator[str]:
     ensure_loaded(driver, fixture_run)
-    port = free_port()
     env = dict(os.environ, NEO4J_URI=neo4j_server.bolt_uri, NEO4J_USER=USER,  # type: ignore[attr-defined]
                NEO4J_PASSWORD=read_password(neo4j_server))  # type: ignore[arg-type]
-    proc = subprocess.Popen(ui_command(port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.read() == b"ok":
-                        break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("streamlit did not start within 60 s")
+    with running_ui(env) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
-@pytest.mark.parametrize(("path", "title", "drawn"), PAGES)
+@pytest.mark.parametrize(("path", "title", "drawn"), UI_PAGES)
 def test_page_in_chromium(ui_server: str, artifacts: Path, path: str, title: str, drawn: str) -> None:
     from playwright.sync_api import sync_playwright
 
