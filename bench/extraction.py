@@ -59,7 +59,8 @@ def _captum_d(bundle: ModelBundle, x: torch.Tensor, target: torch.Tensor) -> lis
     for site in bundle.sites:
         lga = LayerGradientXActivation(bundle.forward, named[site.module_path])
         attr = lga.attribute(x, target=target)
-        out.append(attr if not isinstance(attr, list) else attr[0])
+        # detached: an attribution still attached to its forward graph keeps that whole graph alive
+        out.append((attr if not isinstance(attr, list) else attr[0]).detach())
     return out
 
 
@@ -90,6 +91,7 @@ def _captum_edge(bundle: ModelBundle, x: torch.Tensor, src: int, dst: int, j: to
 
     lga = LayerGradientXActivation(forward, named[s_src.module_path])
     attr = lga.attribute(x)
+    attr = attr.detach()
     return attr.flatten(2).sum(-1) if attr.dim() > 2 else attr
 
 
@@ -137,7 +139,7 @@ def run(batch_sizes: tuple[int, ...] = (1, 16), captum_targets: int = 4,
             b_t = _time(lambda b=bundle, xx=x: _ours_b(b, xx), repeats)
             c_t = _time(lambda b=bundle, xx=x, st=settings: _ours_c(b, xx, st), repeats)
             contrib, sel, edges = _ours_c(bundle, x, settings)
-            _, att = mct_contributions(bundle, x)
+            _, att = mct_contributions(bundle, x[:1])
             fast_pairs = sum(find_mixing(att[i], att[i + 1], att) is not None for i in range(len(att) - 1))
             del att
             if repeats > 1:

@@ -34,6 +34,7 @@ import torch
 from torch.autograd.graph import GradientEdge
 
 MIXING = frozenset({"ConvolutionBackward0", "AddmmBackward0", "MmBackward0"})
+_UNFOLD_BUDGET = 16_000_000  # elements of unfolded input per weight-gradient call (bounds peak memory)
 # ops on a_src's side of the mixing layer: channel-preserving and positively homogeneous
 PRE_OK = frozenset({
     "CloneBackward0", "MaxPool2DWithIndicesBackward0", "AvgPool2DBackward0", "AdaptiveAvgPool2DBackward0",
@@ -211,9 +212,16 @@ def mixing_edge_weights(mix: Mixing, a_dst: torch.Tensor, g_dst: torch.Tensor, t
             cols = first[..., None] + torch.arange(per_group, device=w.device)  # [B, M, Ci/g]
             dense.scatter_(2, cols.view(B, M, per_group, 1, 1).expand_as(w_sel), w_sel)
             w_sel = dense
-        grad_w = torch.nn.grad.conv2d_weight(
-            u.reshape(1, B * ci, *u.shape[2:]), (B * M, ci, *w.shape[2:]), gsel.reshape(1, B * M, *spatial),
-            stride=tuple(node._saved_stride), padding=tuple(node._saved_padding),
-            dilation=tuple(node._saved_dilation), groups=B,
-        )  # [B * M, Ci, kh, kw]: dC_j/dW[j] per image
-        return (grad_w.view(B, M, ci, -1) * w_sel.reshape(B, M, ci, -1)).sum(-1)
+        # images per call bounded so the unfolded input (Ci * kh * kw * output pixels per image) stays small
+        per_image = ci * w.shape[2] * w.shape[3] * max(1, gsel[0, 0].numel())
+        chunk = max(1, _UNFOLD_BUDGET // per_image)
+        out = []
+        for s in range(0, B, chunk):
+            n = min(chunk, B - s)
+            grad_w = torch.nn.grad.conv2d_weight(
+                u[s:s + n].reshape(1, n * ci, *u.shape[2:]), (n * M, ci, *w.shape[2:]),
+                gsel[s:s + n].reshape(1, n * M, *spatial), stride=tuple(node._saved_stride),
+                padding=tuple(node._saved_padding), dilation=tuple(node._saved_dilation), groups=n,
+            )  # [n * M, Ci, kh, kw]: dC_j/dW[j] per image
+            out.append((grad_w.view(n, M, ci, -1) * w_sel[s:s + n].reshape(n, M, ci, -1)).sum(-1))
+        return torch.cat(out, 0)
