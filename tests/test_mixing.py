@@ -133,3 +133,16 @@ def test_frozen_linear_falls_back() -> None:
     pairs, fast, worst = _pairs(bundle, torch.rand(2, 1, 4, 4, dtype=torch.float64))
     assert (pairs, fast) == (1, 1)
     assert worst < 1e-10
+
+
+def test_fast_path_in_image_chunks_equals_one_call(demo: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Big inputs split the weight-gradient call over images (memory bound); the weights do not change."""
+    import extractor.mixing as mixing
+
+    bundle, data = demo
+    x = data.x_test[:5]
+    _, _, whole = _pairs(bundle, x)
+    monkeypatch.setattr(mixing, "_UNFOLD_BUDGET", 1)  # one image per call
+    pairs, fast, chunked = _pairs(bundle, x)
+    assert (pairs, fast) == (4, 4)
+    assert chunked < 1e-5 and whole < 1e-5
