@@ -37,6 +37,20 @@ def _time(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(samples)
 
 
+def _interleaved(fns: list[Callable[[], Any]], repeats: int) -> list[float]:
+    """Median seconds of each function, timed in alternating rounds (a, b, c, a, b, c, ...) so the
+    machine's drift over the run touches all of them alike; one warm-up call each first."""
+    for fn in fns:
+        fn()
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            began = time.perf_counter()
+            fn()
+            samples[i].append(time.perf_counter() - began)
+    return [statistics.median(s) for s in samples]
+
+
 def _plain(bundle: ModelBundle, x: torch.Tensor) -> None:
     xr = x.detach().requires_grad_(True)
     logits = bundle.forward(xr)
@@ -134,10 +148,10 @@ def run(batch_sizes: tuple[int, ...] = (1, 16), captum_targets: int = 4,
             x = torch.rand(batch, channels, size, size)
             settings = PathwaySettings(k=K, edge_targets=K, edges_per_target=K)
             probe = _time(lambda b=bundle, xx=x: _plain(b, xx), 1)
-            repeats = max(1, min(25, int(3.0 / max(probe, 1e-4))))  # ~3 s of samples per figure, medians
-            a = _time(lambda b=bundle, xx=x: _plain(b, xx), repeats)
-            b_t = _time(lambda b=bundle, xx=x: _ours_b(b, xx), repeats)
-            c_t = _time(lambda b=bundle, xx=x, st=settings: _ours_c(b, xx, st), repeats)
+            repeats = max(3, min(25, int(3.0 / max(probe, 1e-4))))  # >= 3 rounds, ~3 s of samples each
+            a, b_t, c_t = _interleaved([lambda b=bundle, xx=x: _plain(b, xx),
+                                        lambda b=bundle, xx=x: _ours_b(b, xx),
+                                        lambda b=bundle, xx=x, st=settings: _ours_c(b, xx, st)], repeats)
             contrib, sel, edges = _ours_c(bundle, x, settings)
             _, att = mct_contributions(bundle, x[:1])
             fast_pairs = sum(find_mixing(att[i], att[i + 1], att) is not None for i in range(len(att) - 1))

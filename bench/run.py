@@ -40,7 +40,7 @@ def machine() -> dict[str, Any]:
 
 
 MEMORY_CHILD = """
-import resource, sys
+import sys
 from pathlib import Path
 from extractor.demo import demo_bundle
 from extractor.pathways import PathwaySettings
@@ -49,7 +49,9 @@ home, out, n = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 bundle, _ = demo_bundle(home)
 images = load_images("demo:train", bundle, home)
 extract_run(bundle, images, [PathwaySettings(k=8)], [], out, batch_size=32, limit=n, progress=False)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec, so a child of a big process
+# would report its parent's size
+print(next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmHWM:")))
 """
 
 
