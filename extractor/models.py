@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,16 +135,8 @@ def load_torchvision(
             f"unknown model {name!r}; torchvision classifiers: {', '.join(sorted(available)[:8])}, ..."
         )
     model = torchvision.models.get_model(name, weights=None)
-    class_names: Sequence[str] | None = None
     if weights_file is not None:
-        path = Path(weights_file)
-        if not path.is_file():
-            raise ExtractionError(f"weights file {path} does not exist")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
-        except Exception as exc:
-            raise ExtractionError(f"cannot load weights from {path} into {name}: {exc}") from exc
+        load_weights(model, Path(weights_file), name)
     elif not untrained:
         weights = torchvision.models.get_model_weights(name).DEFAULT
         filename = Path(weights.url).name
@@ -153,6 +147,181 @@ def load_torchvision(
                 "machine with network access, pass --weights-file PATH, or use --untrained"
             )
         model.load_state_dict(torch.load(cached, map_location="cpu", weights_only=True))
-        class_names = weights.meta.get("categories")
+    class_names = _bundled_categories(name, model)
     return make_bundle(model, name, (3, input_size, input_size), class_names, IMAGENET_MEAN, IMAGENET_STD,
                        site_modules)
+
+
+def _bundled_categories(name: str, model: nn.Module) -> tuple[str, ...] | None:
+    """The category names torchvision ships in its code for ``name``'s weights (no download),
+    when the model's head has that many outputs."""
+    import torchvision
+
+    try:
+        categories = torchvision.models.get_model_weights(name).DEFAULT.meta.get("categories")
+    except (ValueError, KeyError, AttributeError):
+        return None
+    heads = [m.out_features for m in model.modules() if isinstance(m, nn.Linear)]
+    convs = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]  # SqueezeNet's conv head
+    if categories and len(categories) in heads[-1:] + convs[-1:]:
+        return tuple(categories)
+    return None
+
+
+def load_weights(model: nn.Module, path: Path, what: str) -> None:
+    """Load a ``state_dict`` (or a checkpoint holding one under ``state_dict``) into ``model``."""
+    if not path.is_file():
+        raise ExtractionError(f"weights file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExtractionError(f"cannot load weights from {path} into {what}: {first}") from exc
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """What a user's model needs besides its module; ``None`` = take it from the module's own
+    attributes (``input_shape`` or ``input_size``, ``mean``, ``std``, ``class_names``) or the default
+    (3 x 224 x 224, no normalisation, names "0".."K-1")."""
+
+    input_size: int | None = None
+    channels: int | None = None
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    class_names: Sequence[str] | None = None
+    sites: Sequence[str] | None = None
+
+
+def is_user_model(spec: str) -> bool:
+    """``file.py:factory``, ``package.module:factory`` or a TorchScript file (not a torchvision name)."""
+    if ":" in spec and not spec.startswith("demo"):
+        return True
+    return Path(spec).suffix.lower() in (".py", ".pt", ".pth", ".ts", ".torchscript", ".jit")
+
+
+def _factory(spec: str) -> tuple[nn.Module, str]:
+    import importlib
+    import importlib.util
+    import sys
+
+    target, _, func = spec.rpartition(":")
+    if not target or not func.isidentifier():
+        raise ExtractionError(f"--model {spec!r}: expected FILE.py:FUNCTION or package.module:FUNCTION")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise ExtractionError(f"model file {path} does not exist")
+        name = f"pathx_user_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]}"
+        mod_spec = importlib.util.spec_from_file_location(name, path)
+        if mod_spec is None or mod_spec.loader is None:
+            raise ExtractionError(f"cannot import {path} as Python")
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[name] = module
+        try:
+            mod_spec.loader.exec_module(module)
+        except Exception as exc:
+            sys.modules.pop(name, None)
+            raise ExtractionError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
+    else:
+        try:
+            module = importlib.import_module(target)
+        except Exception as exc:
+            raise ExtractionError(f"cannot import module {target!r}: {type(exc).__name__}: {exc}") from exc
+    fn = getattr(module, func, None)
+    if fn is None or not callable(fn):
+        raise ExtractionError(f"{target} has no function {func!r}")
+    try:
+        model = fn()
+    except Exception as exc:
+        raise ExtractionError(f"{func}() raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ExtractionError(f"{func}() returned {type(model).__name__}, not a torch nn.Module")
+    return model, func
+
+
+class CompiledLayer(nn.Module):
+    """A Python module around one compiled TorchScript layer, so forward hooks can see its output
+    (TorchScript modules take no Python hooks). ``original_name`` is the layer's class name."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.original_name = str(getattr(inner, "original_name", type(inner).__name__))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def _unscript(module: torch.jit.ScriptModule, path: Path) -> nn.Module:
+    """A Python module over a TorchScript model built from ``nn.Sequential`` containers.
+
+    Compiled code runs without Python's forward hooks, so activations inside it cannot be seen.
+    Sequentials (at any depth) are rebuilt as Python ``nn.Sequential`` around the scripted
+    layers, which then run one by one from Python; any other compiled container is refused.
+    """
+    kind = getattr(module, "original_name", type(module).__name__)
+    children = list(module.named_children())
+    if not children:
+        return CompiledLayer(module)  # a leaf layer: its compiled forward is fine, hooks go on the wrapper
+    if kind != "Sequential":
+        raise ExtractionError(
+            f"TorchScript model {path}: its {kind} runs compiled code that activation hooks cannot see; "
+            "pass the Python model as --model FILE.py:FACTORY (and --weights-file) instead"
+        )
+    return nn.Sequential(OrderedDict((name, _unscript(child, path)) for name, child in children))
+
+
+def _torchscript(path: Path) -> nn.Module:
+    if not path.is_file():
+        raise ExtractionError(f"model file {path} does not exist")
+    try:
+        with warnings.catch_warnings():  # TorchScript is deprecated upstream; users still bring such files
+            warnings.simplefilter("ignore", FutureWarning)
+            scripted = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:
+        raise ExtractionError(
+            f"{path} is not a TorchScript file ({type(exc).__name__}); a state_dict needs "
+            "--model ARCH_OR_FACTORY --weights-file FILE"
+        ) from exc
+    return _unscript(scripted, path)
+
+
+def _attr_shape(model: nn.Module, opts: ModelOptions) -> tuple[int, int, int]:
+    shape = getattr(model, "input_shape", None)
+    size = getattr(model, "input_size", None)
+    c, h, w = 3, 224, 224
+    if isinstance(shape, (tuple, list)) and len(shape) == 3:
+        c, h, w = (int(v) for v in shape)
+    elif isinstance(size, int):
+        h = w = size
+    elif isinstance(size, (tuple, list)) and len(size) == 2:
+        h, w = (int(v) for v in size)
+    if opts.input_size is not None:
+        h = w = opts.input_size
+    if opts.channels is not None:
+        c = opts.channels
+    return c, h, w
+
+
+def load_user_model(spec: str, weights_file: Path | None = None, opts: ModelOptions | None = None) -> ModelBundle:
+    """The user's own classifier from ``FILE.py:FACTORY``, ``package.module:FACTORY`` or a TorchScript file.
+
+    Every way this can go wrong raises ``ExtractionError`` with one line; nothing is written.
+    """
+    opts = opts or ModelOptions()
+    if ":" in spec or spec.endswith(".py"):
+        model, arch = _factory(spec)
+    else:
+        model, arch = _torchscript(Path(spec)), Path(spec).stem
+    if weights_file is not None:
+        load_weights(model, Path(weights_file), spec)
+    shape = _attr_shape(model, opts)
+    mean = opts.mean if opts.mean is not None else getattr(model, "mean", None)
+    std = opts.std if opts.std is not None else getattr(model, "std", None)
+    names = opts.class_names if opts.class_names is not None else getattr(model, "class_names", None)
+    for what, value in (("mean", mean), ("std", std)):
+        if value is not None and len(value) != shape[0]:
+            raise ExtractionError(f"{what} has {len(value)} values for {shape[0]} input channels")
+    return make_bundle(model, arch, shape, names, mean, std, opts.sites)

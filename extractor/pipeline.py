@@ -8,6 +8,7 @@ an interrupted extraction resumes without recomputing finished images.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -20,28 +21,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 from extractor.errors import ExtractionError
+from extractor.inputs import FileImages, ImageSource, SkippedImage, TensorImages, block_loader, scan_folder
 from extractor.models import ModelBundle
 from extractor.pathways import BatchPathways, PathwaySettings, extract_batch
-from extractor.records import SCHEMA_VERSION, ImageRecord, Manifest, PathwayRecord, RunWriter, config_key
+from extractor.records import SCHEMA_VERSION, ImageRecord, Manifest, PathwayRecord, RunWriter, Shard, config_key
 from extractor.variants import VariantSpec, make_variant
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SALIENCY_MAX_SIDE = 64
-
-
-@dataclass
-class ImageSet:
-    """Originals ``x`` ``[N, C, H, W]`` in ``[0, 1]``, labels ``[N]`` (-1 unknown), source names."""
-
-    x: torch.Tensor
-    labels: torch.Tensor
-    sources: list[str]
 
 
 def image_id(x: torch.Tensor) -> str:
@@ -59,38 +51,8 @@ def to_png(x: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
-def load_image_files(paths: Sequence[Path], bundle: ModelBundle, root: Path | None = None) -> ImageSet:
-    """Read files into the model's input shape (resize shorter side, centre crop).
-
-    Labels come from the parent folder name (ImageFolder layout) when it names a class.
-    """
-    if not paths:
-        raise ExtractionError("no image files found")
-    C, H, W = bundle.info.input_shape
-    names = {name: i for i, name in enumerate(bundle.info.class_names)}
-    xs, labels, sources = [], [], []
-    for path in paths:
-        try:
-            with Image.open(path) as img:
-                img.load()
-                img = img.convert("L" if C == 1 else "RGB")
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise ExtractionError(f"cannot read image {path}: {type(exc).__name__}") from exc
-        arr = torch.tensor(np.asarray(img, dtype=np.float32) / 255.0)
-        t = arr[None] if arr.dim() == 2 else arr.permute(2, 0, 1)
-        scale = max(H / t.shape[1], W / t.shape[2])
-        size = (max(H, round(t.shape[1] * scale)), max(W, round(t.shape[2] * scale)))
-        t = F.interpolate(t[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
-        top, left = (t.shape[1] - H) // 2, (t.shape[2] - W) // 2
-        xs.append(t[:, top:top + H, left:left + W].clamp(0, 1))
-        parent = path.parent.name if root is not None and path.parent != root else ""
-        labels.append(names.get(parent, int(parent) if parent.isdigit() and int(parent) < len(names) else -1))
-        sources.append(str(path.relative_to(root)) if root is not None else str(path))
-    return ImageSet(torch.stack(xs), torch.tensor(labels, dtype=torch.long), sources)
-
-
-def load_images(spec: str, bundle: ModelBundle, demo_home: Path | None = None) -> ImageSet:
-    """``demo:test`` / ``demo:train``, a folder (one sub-folder per class) or one file."""
+def load_images(spec: str, bundle: ModelBundle, demo_home: Path | None = None) -> ImageSource:
+    """``demo:test`` / ``demo:train``, a folder (one sub-folder per class) or one file, read lazily."""
     if spec.startswith("demo:"):
         from extractor.demo import demo_model, demo_split
 
@@ -99,16 +61,26 @@ def load_images(spec: str, bundle: ModelBundle, demo_home: Path | None = None) -
         _, data, _ = demo_model(demo_home or Path(".cache"))
         split = spec.split(":", 1)[1]
         x, y = demo_split(data, split)
-        return ImageSet(x, y, [f"demo:{split}/{i}" for i in range(len(y))])
+        return TensorImages(x, y, [f"demo:{split}/{i}" for i in range(len(y))])
     path = Path(spec)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not files:
-            raise ExtractionError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {path}")
-        return load_image_files(files, bundle, root=path)
+        return FileImages(path, scan_folder(path), bundle.info.input_shape, bundle.info.class_names)
     if path.is_file():
-        return load_image_files([path], bundle)
+        return FileImages(path.parent, [path], bundle.info.input_shape, bundle.info.class_names)
     raise ExtractionError(f"images {spec!r}: no such file or folder (or use demo:test / demo:train)")
+
+
+def adopt_folder_names(bundle: ModelBundle, images: ImageSource) -> ModelBundle:
+    """The bundle with class names from the image folders, where the model has none of its own.
+
+    Applies when labels came from ImageFolder's sorted-name rule, there is one folder per class,
+    and the model's names are the placeholders ``"0"`` .. ``"K-1"``; the user's model is not touched.
+    """
+    names = images.folder_class_names()
+    info = bundle.info
+    if not names or len(names) != info.num_classes or info.class_names != tuple(map(str, range(info.num_classes))):
+        return bundle
+    return dataclasses.replace(bundle, info=dataclasses.replace(info, class_names=tuple(names)))
 
 
 @dataclass
@@ -118,8 +90,10 @@ class ExtractSummary:
     images: int = 0
     pathways: int = 0
     edges: int = 0
-    skipped_originals: int = 0
+    skipped_originals: int = 0  # already in the run folder (resumed)
     seconds: float = 0.0
+    bad: list[SkippedImage] = field(default_factory=list)  # unreadable images skipped in this call
+    shard: Shard = field(default_factory=Shard)
     correct: dict[str, list[int]] = field(default_factory=dict)  # variant key -> [correct, total]
 
     def accuracy(self) -> dict[str, float]:
@@ -186,9 +160,17 @@ def _batches(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + size))
 
 
+def shard_blocks(n: int, batch_size: int, shard: Shard) -> list[range]:
+    """This shard's blocks of image indices: blocks of ``batch_size`` consecutive indices, block
+    ``b`` to shard ``b mod N``. Every image is in one block of one shard, and a block is the same
+    batch whether the run is sharded or not (so the numbers are too)."""
+    blocks = [range(s.start, s.stop) for s in _batches(n, batch_size)]
+    return blocks[shard.index::shard.count]
+
+
 def extract_run(
     bundle: ModelBundle,
-    images: ImageSet,
+    images: ImageSource,
     settings: Sequence[PathwaySettings],
     variants: Sequence[VariantSpec],
     out_dir: Path,
@@ -196,44 +178,82 @@ def extract_run(
     limit: int | None = None,
     device: str = "cpu",
     progress: bool = True,
+    workers: int = 0,
+    shard: Shard | None = None,
+    strict: bool = False,
 ) -> ExtractSummary:
-    """Extract pathways of ``images`` and their variants into ``out_dir`` (resumable)."""
+    """Extract pathways of ``images`` and their variants into ``out_dir``, streaming (resumable).
+
+    Images are decoded block by block by a ``DataLoader`` with ``workers`` processes; only the
+    first ``limit`` images are ever read. Unreadable images are skipped with a warning and
+    listed in the shard's status file (``strict``: the first one is an error). ``shard`` takes
+    a deterministic share of the blocks; shards may run at once into one ``out_dir``.
+    """
     if batch_size < 1:
         raise ExtractionError(f"batch size must be at least 1; got {batch_size}")
     if limit is not None and limit < 1:
         raise ExtractionError(f"limit must be at least 1; got {limit}")
-    x_all = images.x[:limit] if limit else images.x
-    bundle.check_input(x_all)
+    if workers < 0:
+        raise ExtractionError(f"loader workers must be 0 or more; got {workers}")
+    shard = shard or Shard()
+    bundle = adopt_folder_names(bundle, images)
+    n = min(len(images), limit) if limit else len(images)
     manifest = Manifest(SCHEMA_VERSION, bundle.info, {
         "pathways": [{"method": s.method, "selection": s.selection, "params": s.params()} for s in settings],
         "variants": [{"kind": v.kind, "params": v.params} for v in variants],
     })
-    writer = RunWriter(out_dir, manifest)
+    writer = RunWriter(out_dir, manifest, shard)
     done = writer.done_sources()
-    ids = [image_id(x) for x in x_all]
-    todo = [i for i, img in enumerate(ids) if img not in done]
-    summary = ExtractSummary(skipped_originals=len(ids) - len(todo))
+    blocks: list[list[int]] = []
+    summary = ExtractSummary(shard=shard)
+    for block in shard_blocks(n, batch_size, shard):
+        todo = [i for i in block if images.source(i) not in done]
+        summary.skipped_originals += len(block) - len(todo)
+        if todo:
+            blocks.append(todo)
     model_device = torch.device(device)
+    first = next(bundle.model.parameters())
+    dtype, home_device = first.dtype, first.device
+    loader = block_loader(images, blocks, workers=workers if not isinstance(images, TensorImages) else 0,
+                          pin_memory=model_device.type == "cuda")
     bundle.model.to(model_device)
     began = time.perf_counter()
-    bar = tqdm(total=len(todo), desc="extract", unit="img", disable=not progress)
+    bar = tqdm(total=sum(map(len, blocks)), desc="extract", unit="img", disable=not progress)
     try:
-        for sl in _batches(len(todo), batch_size):
-            idx = todo[sl]
-            x = x_all[idx].to(model_device, next(bundle.model.parameters()).dtype)
-            labels = images.labels[:limit][idx] if limit else images.labels[idx]
-            part_images, part_pathways = _extract_batch(bundle, x, labels.to(model_device),
-                                                        [ids[i] for i in idx], [images.sources[i] for i in idx],
+        for block in loader:
+            for i, reason in block.bad:
+                src = images.source(i)
+                if strict:
+                    raise ExtractionError(f"image {src}: {reason} (without --strict it would be skipped)")
+                log.warning("skipped image %s: %s", src, reason)
+                writer.skip(src, reason)
+                summary.bad.append(SkippedImage(src, reason))
+            bar.update(len(block.bad))
+            if block.x is None:
+                continue
+            bundle.check_input(block.x)
+            ids = [image_id(x) for x in block.x]
+            keep = [b for b, img in enumerate(ids) if img not in done]
+            summary.skipped_originals += len(ids) - len(keep)
+            bar.update(len(ids) - len(keep))
+            if not keep:
+                continue
+            x = block.x[keep].to(model_device, dtype, non_blocking=True)
+            labels = torch.tensor([block.labels[b] for b in keep], dtype=torch.long)
+            part_images, part_pathways = _extract_batch(bundle, x, labels.to(model_device), [ids[b] for b in keep],
+                                                        [images.source(block.good[b]) for b in keep],
                                                         settings, variants, batch_size, summary)
             writer.write_part(part_images, part_pathways)
+            done.update(ids[b] for b in keep)
             summary.images += len(part_images)
             summary.pathways += len(part_pathways)
             summary.edges += sum(len(p.edge_weight) for p in part_pathways)
-            bar.update(len(idx))
+            bar.update(len(keep))
     finally:
         bar.close()
-        bundle.model.to("cpu")
+        bundle.model.to(home_device)  # the user's model goes back where it was
     summary.seconds = time.perf_counter() - began
+    writer.finish(images=summary.images, pathways=summary.pathways, limit=limit)
     return summary
 
 

@@ -239,49 +239,168 @@ def _pathways_table(pathways: Sequence[PathwayRecord]) -> pa.Table:
     return pa.table(cols, schema=_PATHWAY_SCHEMA)
 
 
-class RunWriter:
-    """Writes a run folder part by part; each part is complete or absent."""
+SHARDS = "shards"
 
-    def __init__(self, run_dir: Path, manifest: Manifest) -> None:
+
+@dataclass(frozen=True)
+class Shard:
+    """Share ``index`` of ``count`` (0-based) of a run's images; ``Shard(0, 1)`` is the whole run."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise ValueError(f"shard {self.index}/{self.count}: need 0 <= I < N")
+
+    @property
+    def tag(self) -> str:
+        return f"{self.index:05d}-of-{self.count:05d}"
+
+    @property
+    def part_prefix(self) -> str:
+        return "part-" if self.count == 1 else f"part-s{self.tag}-"
+
+
+class RunWriter:
+    """Writes a run folder part by part; each part is complete or absent.
+
+    Several writers (one per shard, in separate processes) may share one folder: each names
+    its parts after its shard and keeps its own status file ``shards/I-of-N.json`` with
+    ``complete`` and the images it had to skip. The first writer creates ``manifest.json``;
+    the others check that it describes the same model and settings.
+    """
+
+    def __init__(self, run_dir: Path, manifest: Manifest, shard: Shard | None = None) -> None:
         self.run_dir = Path(run_dir)
+        self.shard = shard or Shard()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / MANIFEST
-        if path.exists():
-            existing = read_manifest(self.run_dir)
-            if existing.model.model_id != manifest.model.model_id or existing.settings != manifest.settings:
-                raise RecordsFormatError(
-                    f"{self.run_dir} holds a run of another model or other settings; choose a new --out folder"
-                )
-        else:
-            tmp = path.with_suffix(".tmp")
+        if not path.exists():
+            tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(manifest.to_json(), indent=1, sort_keys=True))
-            os.replace(tmp, path)
-        self._next = len(_part_dirs(self.run_dir))
+            try:
+                os.link(tmp, path)  # atomic create-if-absent: a concurrent shard may have won
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+        existing = read_manifest(self.run_dir)
+        if existing.model.model_id != manifest.model.model_id or existing.settings != manifest.settings:
+            raise RecordsFormatError(
+                f"{self.run_dir} holds a run of another model or other settings; choose a new --out folder"
+            )
+        self.status_path = self.run_dir / SHARDS / f"{self.shard.tag}.json"
+        self.status_path.parent.mkdir(exist_ok=True)
+        old = _read_status(self.status_path)
+        self.skipped: dict[str, str] = dict(old.get("skipped", {}))
+        self._write_status(complete=False)
+
+    def _write_status(self, complete: bool, **extra: Any) -> None:
+        data = {"shard": self.shard.index, "shards": self.shard.count, "complete": complete,
+                "skipped": self.skipped, **extra}
+        tmp = self.status_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, self.status_path)
 
     def done_sources(self) -> set[str]:
-        """Image ids of the originals already written (for resuming)."""
+        """Image ids and sources of the originals already written by any shard (for resuming)."""
         done: set[str] = set()
         for part in _part_dirs(self.run_dir):
-            table = pq.read_table(part / "images.parquet", columns=["image_id", "kind"])
-            for image_id, kind in zip(table["image_id"].to_pylist(), table["kind"].to_pylist(), strict=True):
+            table = pq.read_table(part / "images.parquet", columns=["image_id", "source", "kind"])
+            for image_id, source, kind in zip(table["image_id"].to_pylist(), table["source"].to_pylist(),
+                                              table["kind"].to_pylist(), strict=True):
                 if kind == "original":
                     done.add(image_id)
+                    done.add(source)
         return done
 
+    def skip(self, source: str, reason: str) -> None:
+        """Record an image that could not be used (kept in the shard's status file)."""
+        self.skipped[source] = reason
+
     def write_part(self, images: Sequence[ImageRecord], pathways: Sequence[PathwayRecord]) -> Path:
-        final = self.run_dir / f"part-{self._next:05d}"
-        tmp = self.run_dir / f".part-{self._next:05d}.tmp"
+        prefix = self.shard.part_prefix
+        taken = [p.name[len(prefix):] for p in self.run_dir.glob(f"{prefix}*")]
+        k = max((int(t) for t in taken if t.isdigit()), default=-1) + 1
+        tmp = self.run_dir / f".{prefix}{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         pq.write_table(_images_table(images), tmp / "images.parquet")
         pq.write_table(_pathways_table(pathways), tmp / "pathways.parquet")
-        os.replace(tmp, final)
-        self._next += 1
+        while True:
+            final = self.run_dir / f"{prefix}{k:05d}"
+            try:
+                os.rename(tmp, final)  # fails if a part of that name exists (never overwrites one)
+                break
+            except OSError:
+                if not final.exists():
+                    raise
+                k += 1
+        self._write_status(complete=False)
         return final
+
+    def finish(self, **summary: Any) -> None:
+        """Mark this shard complete (``pathx load`` waits for every shard)."""
+        self._write_status(complete=True, **summary)
 
 
 def _part_dirs(run_dir: Path) -> list[Path]:
     return sorted(p for p in Path(run_dir).glob("part-*") if p.is_dir())
+
+
+def _read_status(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RecordsFormatError(f"{path} is not valid JSON") from exc
+    return data if isinstance(data, dict) else {}
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """Whether every shard of a run has finished, and the images the run skipped."""
+
+    complete: bool
+    shards: dict[int, list[int]]  # shard count N -> indices of its finished shards
+    skipped: dict[str, str]  # source -> reason
+
+    def problem(self) -> str | None:
+        """One line saying why the run is not ready to load, or ``None``."""
+        if self.complete:
+            return None
+        parts = []
+        for n, done in sorted(self.shards.items()):
+            missing = [str(i) for i in range(n) if i not in done]
+            parts.append(f"shard{'s' if len(missing) > 1 else ''} {', '.join(missing)} of {n} not finished")
+        return "; ".join(parts)
+
+
+def run_status(run_dir: Path) -> RunStatus:
+    """Read every shard's status file. A run without any (an older run) counts as complete."""
+    files = sorted((Path(run_dir) / SHARDS).glob("*.json"))
+    shards: dict[int, list[int]] = {}
+    skipped: dict[str, str] = {}
+    for f in files:
+        data = _read_status(f)
+        n = int(data.get("shards", 1))
+        shards.setdefault(n, [])
+        if data.get("complete"):
+            shards[n].append(int(data.get("shard", 0)))
+        skipped.update(data.get("skipped", {}))
+    complete = not files or any(sorted(done) == list(range(n)) for n, done in shards.items())
+    return RunStatus(complete, shards, skipped)
+
+
+def require_complete(run_dir: Path) -> None:
+    """``RecordsFormatError`` unless every shard of the run has finished."""
+    problem = run_status(run_dir).problem()
+    if problem:
+        raise RecordsFormatError(
+            f"{run_dir} is not finished ({problem}); run the same `pathx extract` again to finish it, then load"
+        )
 
 
 def read_manifest(run_dir: Path) -> Manifest:

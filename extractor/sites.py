@@ -28,6 +28,8 @@ ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
     nn.Hardswish, nn.Mish, nn.Hardtanh,
 )
 
+_ACTIVATION_NAMES = frozenset(t.__name__ for t in ACTIVATION_TYPES)
+
 # Transform applied to a site's output inside the forward pass: (site index, output) -> output.
 SiteTransform = Callable[[int, torch.Tensor], torch.Tensor]
 
@@ -39,7 +41,16 @@ def _resolve_modules(model: nn.Module, names: Sequence[str] | None) -> dict[nn.M
         if unknown:
             raise ExtractionError(f"no module named {unknown[0]!r} in the model (see model.named_modules())")
         return {named[n]: n for n in names}
-    return {m: n for n, m in named.items() if isinstance(m, ACTIVATION_TYPES)}
+    return {m: n for n, m in named.items() if is_activation(m)}
+
+
+def is_activation(module: nn.Module) -> bool:
+    """A ReLU-like module, also a Python wrapper around one compiled by TorchScript (known by its
+    ``original_name``; the compiled module itself takes no hooks)."""
+    if isinstance(module, ACTIVATION_TYPES):
+        return True
+    compiled = isinstance(module, torch.jit.ScriptModule)
+    return not compiled and getattr(module, "original_name", None) in _ACTIVATION_NAMES
 
 
 class _CallCounter:

@@ -7,6 +7,7 @@ over small answers (overlaps, departures) happens here, never in the UI.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from collections import defaultdict
@@ -18,6 +19,7 @@ from typing import Any
 import neo4j
 import networkx as nx
 import numpy as np
+import pandas as pd
 
 from graphstore import queries as Q
 from graphstore.connection import DATABASE
@@ -271,17 +273,69 @@ class Agreement:
     per_layer: list[LayerOverlap] = field(default_factory=list)
 
 
+def to_frame(result: Any) -> pd.DataFrame:
+    """A query result as a ``pandas.DataFrame``: one row per item of a list of results or dicts;
+    for one result object, one row per item of each of its list fields (column ``part`` names the
+    field), with its scalar fields in ``frame.attrs``."""
+    def row(item: Any) -> dict[str, Any]:
+        if dataclasses.is_dataclass(item) and not isinstance(item, type):
+            return {f.name: getattr(item, f.name) for f in dataclasses.fields(item)}
+        return dict(item) if isinstance(item, dict) else {"value": item}
+
+    if isinstance(result, (list, tuple)):
+        return pd.DataFrame([row(r) for r in result])
+    if isinstance(result, dict):
+        return pd.DataFrame([result])
+    fields = row(result)
+    lists = {k: v for k, v in fields.items() if isinstance(v, list) and v and not isinstance(v[0], (int, float, str))}
+    if not lists:
+        return pd.DataFrame([fields])
+    frame = pd.concat([pd.DataFrame([row(r) for r in v]).assign(part=k) for k, v in lists.items()],
+                      ignore_index=True)
+    frame.attrs.update({k: v for k, v in fields.items() if k not in lists})
+    return frame
+
+
 def _jaccard(a: set[Any], b: set[Any]) -> float:
     union = a | b
     return len(a & b) / len(union) if union else 1.0
 
 
 class Store:
-    """Named, parameterised questions over one Neo4j database."""
+    """Named, parameterised questions over one Neo4j database.
+
+    ``with Store.connect() as store: ...`` talks to ``NEO4J_URI`` (and ``NEO4J_DATABASE``) or the
+    project's local server, and closes the connection at the end of the block.
+    """
 
     def __init__(self, driver: neo4j.Driver, database: str = DATABASE) -> None:
         self.driver = driver
         self.database = database
+
+    @classmethod
+    def connect(cls, home: Path | None = None) -> Store:
+        """A store over ``NEO4J_URI``/``NEO4J_USER``/``NEO4J_PASSWORD``/``NEO4J_DATABASE`` when set,
+        else the local server under ``home`` (default ``PATHX_HOME`` or ``.cache``)."""
+        from graphstore.connection import open_driver, settings_from_env
+
+        settings = settings_from_env(home)
+        return cls(open_driver(settings), settings.database)
+
+    def close(self) -> None:
+        self.driver.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def table(self, name: str, *args: Any, **kwargs: Any) -> pd.DataFrame:
+        """The named query ``name`` (a method of this class, e.g. ``"top_neurons"``) as a DataFrame."""
+        method = getattr(self, name, None)
+        if name.startswith("_") or not callable(method) or name in ("table", "close", "connect"):
+            raise NotFound(f"unknown query {name!r}")
+        return to_frame(method(*args, **kwargs))
 
     # -- plumbing --------------------------------------------------------------------------
     def _run(self, query: str, **params: Any) -> list[dict[str, Any]]:

@@ -27,7 +27,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from extractor.records import ModelInfo, PathwayRecord, RecordsFormatError, class_id, iter_parts, read_manifest
+from extractor.records import (
+    ModelInfo,
+    PathwayRecord,
+    RecordsFormatError,
+    class_id,
+    iter_parts,
+    read_manifest,
+    require_complete,
+)
 from graphstore.errors import RecordsError, ServerError
 from graphstore.loader import (
     _groups,
@@ -335,6 +343,7 @@ def bulk_import(
     for run in run_dirs:  # bad input fails before the server is touched
         try:
             read_manifest(run)
+            require_complete(run)
         except RecordsFormatError as exc:
             raise RecordsError(str(exc)) from exc
     summary = BulkSummary()

@@ -40,6 +40,7 @@ from extractor.records import (
     layer_id,
     neuron_id,
     read_manifest,
+    require_complete,
 )
 from graphstore import queries as Q
 from graphstore.api import EDGE_SUPPORT_FLOOR, PER_IMAGE_KEYS, SIGNATURE_DIMENSIONS
@@ -415,6 +416,7 @@ def load_run(driver: neo4j.Driver, run_dir: Path, database: str = DATABASE, prog
     """
     try:
         manifest = read_manifest(run_dir)
+        require_complete(run_dir)
     except RecordsFormatError as exc:
         raise RecordsError(str(exc)) from exc
     model = manifest.model

@@ -148,11 +148,15 @@ def db_import(
     overwrite: Annotated[bool, typer.Option(help="Required: the import replaces the whole database.")] = False,
 ) -> None:
     """Bulk-load runs into a fresh local database with neo4j-admin (replaces its content)."""
+    from extractor.records import read_manifest, require_complete
     from graphstore.bulk import bulk_import
     from graphstore.errors import GraphStoreError
     from graphstore.server import ServerConfig, load_state
 
     with _errors():
+        for run in run_dirs:  # bad input first, before anything about the server
+            read_manifest(run)
+            require_complete(run)
         if _external():
             raise GraphStoreError("bulk import writes the local server's files; it cannot import into NEO4J_URI "
                                   "(use `pathx load`, or run neo4j-admin on that server)")
@@ -180,7 +184,7 @@ def _driver() -> Any:
 def _store() -> Any:
     from graphstore.api import Store
 
-    return Store(_driver())
+    return Store.connect(_home())
 
 
 # --- extraction -----------------------------------------------------------------------------
@@ -196,24 +200,22 @@ def train_demo() -> None:
         typer.echo(f"demo model {path} test accuracy {accuracy(model, data.x_test, data.y_test):.3f}")
 
 
-def _bundle(model: str, weights_file: Path | None, untrained: bool, input_size: int, sites: str | None) -> Any:
-    from extractor.demo import demo_bundle
-    from extractor.models import load_torchvision
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    from extractor.errors import ExtractionError
 
-    site_list = [s for s in (sites or "").split(",") if s] or None
-    if model == "demo":
-        bundle, _ = demo_bundle(_home())
-        return bundle
-    if Path(model).suffix in (".pt", ".pth") and Path(model).exists():
-        from extractor.errors import ExtractionError
-
-        raise ExtractionError("a bare weights file needs --model ARCH --weights-file FILE")
-    return load_torchvision(model, weights_file, untrained, input_size, site_list)
+    if not text:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise ExtractionError(f"{flag} must be comma-separated numbers, e.g. 0.485,0.456,0.406") from exc
 
 
 @app.command("extract")
 def extract(
-    model: Annotated[str, typer.Option(help="'demo' or a torchvision classifier name (resnet18, vgg16, ...).")],
+    model: Annotated[str, typer.Option(
+        help="'demo', a torchvision classifier name (resnet18, ...), FILE.py:FACTORY, package.module:FACTORY "
+             "or a TorchScript file.")],
     images: Annotated[str, typer.Option(help="demo:test, demo:train, a folder (one sub-folder per class) or a file.")],
     out: Annotated[Path, typer.Option(help="Run folder for the record files.")],
     method: Annotated[str, typer.Option(
@@ -223,13 +225,24 @@ def extract(
     granularity: Annotated[str, typer.Option(help="element or channel (percentile rule).")] = "element",
     variants: Annotated[str, typer.Option(
         help="e.g. fgsm,pgd,occlude,shift,deform,affine or pgd:eps=0.1:steps=5.")] = "",
-    limit: Annotated[int | None, typer.Option(help="Only the first N images.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N images (files in sorted order); "
+                                                    "nothing past them is read.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
-    weights_file: Annotated[Path | None, typer.Option(help="Local weights for a torchvision model.")] = None,
+    weights_file: Annotated[Path | None, typer.Option(help="Local weights (a state_dict) for the model.")] = None,
     untrained: Annotated[bool, typer.Option(help="Random weights (structure and speed only).")] = False,
-    input_size: Annotated[int, typer.Option(help="Input side for torchvision models.")] = 224,
+    input_size: Annotated[int | None, typer.Option(
+        help="Input side (default 224, or the model's input_size / input_shape attribute).")] = None,
+    channels: Annotated[int | None, typer.Option(help="Input channels of your own model (default 3).")] = None,
+    mean: Annotated[str | None, typer.Option(help="Your model's per-channel mean, e.g. 0.5,0.5,0.5.")] = None,
+    std: Annotated[str | None, typer.Option(help="Your model's per-channel std.")] = None,
+    class_names: Annotated[Path | None, typer.Option(
+        help="Class names: a text file (one per line) or JSON (list, or index -> name).")] = None,
     sites: Annotated[str | None, typer.Option(help="Comma-separated module paths to use as sites.")] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK).")] = "cpu",
+    loader_workers: Annotated[int, typer.Option(help="Processes decoding images (0 = in this process).")] = 2,
+    shard: Annotated[str | None, typer.Option(
+        help="I/N: this process takes share I of N (0-based); under torchrun RANK/WORLD_SIZE.")] = None,
+    strict: Annotated[bool, typer.Option(help="Stop at the first unreadable image instead of skipping it.")] = False,
     pixel_stride: Annotated[int, typer.Option(help="Pixel pathways: trace every n-th pixel.")] = 2,
     pixel_beam: Annotated[int, typer.Option(help="Pixel pathways: beam width.")] = 3,
     pixel_top: Annotated[int, typer.Option(help="Pixel pathways: chains kept per pixel.")] = 3,
@@ -239,42 +252,32 @@ def extract(
     variant_kinds: Annotated[str, typer.Option(
         help="METHOD=KIND+KIND,...: run METHOD on variants of these kinds only, e.g. pixel=deform+occlude.")] = "",
 ) -> None:
-    """Extract pathways (and variants) into record files."""
-    from extractor.errors import ExtractionError
-    from extractor.pathways import PathwaySettings
+    """Extract pathways (and variants) into record files, streaming the images."""
+    from extractor.config import build_settings, model_from_spec, parse_shard, parse_variant_kinds, shard_device
+    from extractor.inputs import read_class_names
+    from extractor.models import ModelOptions
     from extractor.pipeline import extract_run, load_images
-    from extractor.variants import KINDS, VariantSpec
+    from extractor.variants import VariantSpec
 
     with _errors():
-        if sparsity is not None and top_k is not None:
-            raise ExtractionError("give either --sparsity or --top-k, not both")
-        only: dict[str, tuple[str, ...]] = {}
-        for item in filter(None, (i.strip() for i in variant_kinds.split(","))):
-            name, sep, kinds = item.partition("=")
-            if not sep or not kinds:
-                raise ExtractionError(f"--variant-kinds item {item!r} must look like METHOD=KIND+KIND")
-            unknown = [k for k in kinds.split("+") if k not in KINDS]
-            if unknown:
-                raise ExtractionError(f"unknown variant kind {unknown[0]!r}; choose from {', '.join(KINDS)}")
-            only[name.strip()] = tuple(kinds.split("+"))
-        settings = []
-        for m in (m.strip() for m in method.split(",")):
-            if not m:
-                continue
-            resampling = m in ("correlation", "precision", "pixel")
-            settings.append(PathwaySettings(
-                method=m, selection="percentile" if sparsity is not None and not resampling else "topk",
-                k=top_k if top_k is not None else 8, sparsity=sparsity if sparsity is not None else 90.0,
-                granularity=granularity, beam=pixel_beam, top=pixel_top, stride=pixel_stride,
-                originals_only=m in originals_only.split(","), resamples=resamples, variant_kinds=only.get(m, ())))
+        settings = build_settings(method.split(","), top_k, sparsity, granularity, pixel_beam, pixel_top,
+                                  pixel_stride, originals_only.split(","), resamples,
+                                  parse_variant_kinds(variant_kinds))
         specs = VariantSpec.parse(variants)
-        bundle = _bundle(model, weights_file, untrained, input_size, sites)
+        part = parse_shard(shard)
+        opts = ModelOptions(input_size=input_size, channels=channels, mean=_floats(mean, "--mean"),
+                            std=_floats(std, "--std"),
+                            class_names=read_class_names(class_names) if class_names else None,
+                            sites=[s for s in (sites or "").split(",") if s] or None)
+        bundle = model_from_spec(model, _home(), weights_file, untrained, opts)
         image_set = load_images(images, bundle, _home())
         summary = extract_run(bundle, image_set, settings, specs, out, batch_size=batch_size, limit=limit,
-                              device=device)
+                              device=shard_device(device), workers=loader_workers, shard=part, strict=strict)
         rate = summary.images / summary.seconds if summary.seconds else 0.0
+        where = f" (shard {part.index}/{part.count})" if part.count > 1 else ""
         typer.echo(f"{summary.images} images, {summary.pathways} pathways, {summary.edges} edges in "
-                   f"{summary.seconds:.1f} s ({rate:.1f} images/s); {summary.skipped_originals} originals already done")
+                   f"{summary.seconds:.1f} s ({rate:.1f} images/s){where}; {summary.skipped_originals} originals "
+                   f"already done; {len(summary.bad)} unreadable images skipped")
         for key, acc in summary.accuracy().items():
             typer.echo(f"  accuracy {key}: {acc:.3f}")
 
@@ -290,11 +293,12 @@ def load(
                                               "lock conflicts are retried).")] = 1,
 ) -> None:
     """Load a run into Neo4j (idempotent; resumes after a crash)."""
-    from extractor.records import read_manifest
+    from extractor.records import read_manifest, require_complete
     from graphstore.loader import load_run
 
     with _errors():
         read_manifest(run_dir)  # bad input fails before any connection is made
+        require_complete(run_dir)
         driver = _driver()
         try:
             s = load_run(driver, run_dir, workers=workers)
@@ -538,11 +542,13 @@ def demo(
     step("step 2/5: demo model")
     train_demo()
     step("step 3/5: extraction (originals, FGSM, PGD, occluded, shifted, deformed)")
-    extract(model="demo", images="demo:test", out=out, method="mct,intgrad,correlation,precision,pixel",
-            sparsity=None, top_k=8, granularity="element", variants="fgsm,pgd,occlude,shift,deform,affine", limit=limit,
-            batch_size=32, weights_file=None, untrained=False, input_size=224, sites=None, device="cpu",
-            pixel_stride=4, pixel_beam=3, pixel_top=3, originals_only="correlation,precision", resamples=50,
-            variant_kinds="pixel=deform")
+    from pathx.api import extract as run_extraction
+
+    done = run_extraction(
+        "demo", "demo:test", out, methods=("mct", "intgrad", "correlation", "precision", "pixel"), top_k=8,
+        variants="fgsm,pgd,occlude,shift,deform,affine", limit=limit, pixel_stride=4,
+        originals_only=("correlation", "precision"), variant_kinds={"pixel": ("deform",)})
+    typer.echo(f"{done.summary.images} images, {done.summary.pathways} pathways, {done.summary.edges} edges")
     step("step 4/5: load into Neo4j")
     load(out)
     step(f"set-up done in {time.perf_counter() - began:.1f} s")

@@ -33,7 +33,7 @@ def pathx(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
     (["extract", "--model", "demo", "--images", "demo:test", "--out", "/tmp/x", "--variant-kinds", "pixel"],
      "must look like METHOD=KIND+KIND"),
     (["load", "/no/such/run"], "not a run folder"),
-    (["db", "import", "/no/such/run", "--overwrite"], "cannot import into NEO4J_URI"),
+    (["db", "import", "/no/such/run", "--overwrite"], "not a run folder"),
 ])
 def test_bad_input_is_one_line(args: list[str], message: str, tmp_path: Path) -> None:
     env = dict(os.environ, NEO4J_URI=f"bolt://127.0.0.1:{free_port()}", NEO4J_PASSWORD="x")

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from extractor.demo import accuracy, demo_model
 from extractor.errors import ExtractionError
@@ -111,25 +109,6 @@ def test_incompatible_record_version(tmp_path: Path, demo: tuple, home: Path) ->
         read_manifest(out)
     with pytest.raises(RecordsFormatError, match="not a run folder"):
         list(iter_parts(tmp_path))
-
-
-def test_image_folder_and_bad_files(tmp_path: Path, demo: tuple) -> None:
-    bundle, _ = demo
-    folder = tmp_path / "imgs"
-    (folder / "digit 3").mkdir(parents=True)
-    arr = (np.random.default_rng(0).random((40, 48)) * 255).astype(np.uint8)
-    Image.fromarray(arr).save(folder / "digit 3" / "a.png")
-    Image.fromarray(arr).convert("RGB").save(folder / "digit 3" / "b.jpg")
-    got = load_images(str(folder), bundle)
-    assert got.x.shape == (2, 1, 32, 32) and got.labels.tolist() == [3, 3]
-    (folder / "digit 3" / "c.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    with pytest.raises(ExtractionError, match=r"cannot read image .*c\.png"):
-        load_images(str(folder), bundle)
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ExtractionError, match="no images"):
-        load_images(str(tmp_path / "empty"), bundle)
-    with pytest.raises(ExtractionError, match="no such file"):
-        load_images(str(tmp_path / "missing"), bundle)
 
 
 def test_settings_limited_to_some_variant_kinds(demo: tuple, home: Path, tmp_path: Path) -> None:

@@ -1,0 +1,121 @@
+"""What an extraction is asked to do, from the words a user types: settings, variant kinds, shards.
+
+The CLI and the Python API both build their ``PathwaySettings`` here, so ``--method
+mct,pixel --top-k 8`` and ``pathx.extract(methods=("mct", "pixel"), top_k=8)`` are the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from extractor.errors import ExtractionError
+from extractor.models import ModelBundle, ModelOptions
+from extractor.pathways import RESAMPLING_METHODS, PathwaySettings
+from extractor.records import Shard
+from extractor.variants import KINDS
+
+
+def parse_variant_kinds(text: str) -> dict[str, tuple[str, ...]]:
+    """``METHOD=KIND+KIND,...`` -> {method: kinds}."""
+    only: dict[str, tuple[str, ...]] = {}
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        name, sep, kinds = item.partition("=")
+        if not sep or not kinds:
+            raise ExtractionError(f"--variant-kinds item {item!r} must look like METHOD=KIND+KIND")
+        unknown = [k for k in kinds.split("+") if k not in KINDS]
+        if unknown:
+            raise ExtractionError(f"unknown variant kind {unknown[0]!r}; choose from {', '.join(KINDS)}")
+        only[name.strip()] = tuple(kinds.split("+"))
+    return only
+
+
+def build_settings(
+    methods: Sequence[str],
+    top_k: int | None = None,
+    sparsity: float | None = None,
+    granularity: str = "element",
+    pixel_beam: int = 3,
+    pixel_top: int = 3,
+    pixel_stride: int = 2,
+    originals_only: Sequence[str] = (),
+    resamples: int = 50,
+    variant_kinds: Mapping[str, Sequence[str]] | None = None,
+) -> list[PathwaySettings]:
+    """One ``PathwaySettings`` per method: top-k per site (default 8) or the global percentile
+    ``sparsity`` (Khakzar's rule; resampling and pixel methods always select top-k)."""
+    if sparsity is not None and top_k is not None:
+        raise ExtractionError("give either --sparsity or --top-k, not both")
+    only = dict(variant_kinds or {})
+    out = []
+    for m in (m.strip() for m in methods):
+        if not m:
+            continue
+        resampling = m in (*RESAMPLING_METHODS, "pixel")
+        out.append(PathwaySettings(
+            method=m, selection="percentile" if sparsity is not None and not resampling else "topk",
+            k=top_k if top_k is not None else 8, sparsity=sparsity if sparsity is not None else 90.0,
+            granularity=granularity, beam=pixel_beam, top=pixel_top, stride=pixel_stride,
+            originals_only=m in originals_only, resamples=resamples, variant_kinds=tuple(only.get(m, ()))))
+    if not out:
+        raise ExtractionError("no method given; choose from mct, intgrad, correlation, precision, pixel")
+    return out
+
+
+def parse_shard(text: str | None, env: Mapping[str, str] | None = None) -> Shard:
+    """``I/N`` (0-based) -> ``Shard``; without it, ``RANK``/``WORLD_SIZE`` as set by ``torchrun``."""
+    env = os.environ if env is None else env
+    if text:
+        left, sep, right = text.partition("/")
+        if not sep or not left.strip().isdigit() or not right.strip().isdigit():
+            raise ExtractionError(f"--shard {text!r} must look like I/N, e.g. 0/4")
+        i, n = int(left), int(right)
+        if n < 1 or i >= n:
+            raise ExtractionError(f"--shard {text}: need 0 <= I < N")
+        return Shard(i, n)
+    if "WORLD_SIZE" in env and "RANK" in env:
+        try:
+            return Shard(int(env["RANK"]), int(env["WORLD_SIZE"]))
+        except ValueError as exc:
+            raise ExtractionError(f"RANK={env['RANK']!r} / WORLD_SIZE={env['WORLD_SIZE']!r} are not a shard") \
+                from exc
+    return Shard()
+
+
+def shard_device(device: str, env: Mapping[str, str] | None = None) -> str:
+    """Under ``torchrun`` each process takes its own GPU: ``cuda`` -> ``cuda:LOCAL_RANK``."""
+    env = os.environ if env is None else env
+    if device == "cuda" and "LOCAL_RANK" in env:
+        return f"cuda:{int(env['LOCAL_RANK'])}"
+    return device
+
+
+def model_from_spec(
+    spec: str,
+    home: Path,
+    weights_file: Path | None = None,
+    untrained: bool = False,
+    opts: ModelOptions | None = None,
+) -> ModelBundle:
+    """``demo``, a torchvision classifier name, ``FILE.py:FACTORY``, ``package.module:FACTORY`` or
+    a TorchScript file -> a ``ModelBundle``; ``opts.class_names`` replace the model's own names."""
+    from extractor.demo import demo_bundle
+    from extractor.models import is_user_model, load_torchvision, load_user_model
+
+    opts = opts or ModelOptions()
+    if spec == "demo":
+        bundle, _ = demo_bundle(home)
+    elif is_user_model(spec):
+        return load_user_model(spec, weights_file, opts)
+    else:
+        bundle = load_torchvision(spec, weights_file, untrained, opts.input_size or 224, opts.sites)
+    return with_class_names(bundle, opts.class_names) if opts.class_names is not None else bundle
+
+
+def with_class_names(bundle: ModelBundle, names: Sequence[str]) -> ModelBundle:
+    """The bundle with other class names (one per output); the module is shared, not copied."""
+    if len(names) != bundle.info.num_classes:
+        raise ExtractionError(f"{len(names)} class names given for a model with {bundle.info.num_classes} outputs")
+    return dataclasses.replace(bundle, info=dataclasses.replace(bundle.info, class_names=tuple(names)))
