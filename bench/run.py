@@ -2,7 +2,8 @@
 
 Every figure is a ratio or rate measured in one run, on this machine (described in the output).
 Sections: ``extraction`` (vs plain PyTorch and Captum), ``pixel`` (pixel pathways per second),
-``memory`` (peak RSS while streaming records), ``store`` (loading the demo-sized run into a
+``memory`` (peak RSS while streaming records), ``folders`` (generated JPEG folders up to 50,000:
+peak RSS of ``--limit`` and full runs, images/s by loader workers), ``store`` (loading the demo-sized run into a
 private Neo4j, batched vs one query per row, and named-query latency), ``scale`` (a synthetic
 10,000-image x 3-method run bulk-imported: size, query latency, UI first paint) and
 ``scale100k`` (100,000 images, one method).
@@ -27,7 +28,8 @@ RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from store_scale import query_latency, scale  # noqa: E402  (bench/ is put on the path just above)
+import folders  # noqa: E402  (bench/ is put on the path just above)
+from store_scale import query_latency, scale  # noqa: E402
 
 
 def machine() -> dict[str, Any]:
@@ -185,6 +187,8 @@ def markdown(results: dict[str, Any]) -> str:
     if "memory" in results:
         lines += ["", "### Memory", "", "| images extracted (streamed to Parquet) | peak RSS MiB |", "|---|---|"]
         lines += [f"| {r['images']} | {r['peak_rss_mib']:.0f} |" for r in results["memory"]]
+    if "folders" in results:
+        lines += folders.markdown(results["folders"])
     if "store" in results:
         load = results["store"]["load"]
         lines += ["", "### Loading through Bolt and queries on the demo-sized store", "",
@@ -202,7 +206,7 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-SECTIONS = ("extraction", "pixel", "memory", "store", "scale", "scale100k")
+SECTIONS = ("extraction", "pixel", "memory", "folders", "store", "scale", "scale100k")
 
 
 def main() -> None:
@@ -225,6 +229,7 @@ def main() -> None:
         "extraction": lambda: extraction.run((1,) if quick else (1, 16), skip=skip),
         "pixel": extraction.pixel_rates,
         "memory": lambda: memory(home),
+        "folders": lambda: folders.folders_memory(quick),
         "store": lambda: loading_and_queries(home),
         "scale": lambda: scale(home, 1000 if quick else 10_000, ("mct", "intgrad", "correlation"), ui=True),
         "scale100k": lambda: scale(home, 100_000, ("mct",), ui=False, repeats=10),

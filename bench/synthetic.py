@@ -123,4 +123,5 @@ def write_synthetic(out: Path, images: int, methods: tuple[str, ...] = tuple(MET
                                         (probs / probs.sum()).astype(np.float32), logits, pngs[o % len(pngs)]))
                 pws.extend(_pathway(rng, prefs[predicted], image_id, m, predicted, model) for m in methods)
         writer.write_part(imgs, pws)
+    writer.finish(images=images)
     return out

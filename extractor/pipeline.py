@@ -25,10 +25,20 @@ from PIL import Image
 from tqdm import tqdm
 
 from extractor.errors import ExtractionError
+from extractor.exemplars import ExemplarTracker
 from extractor.inputs import FileImages, ImageSource, SkippedImage, TensorImages, block_loader, scan_folder
 from extractor.models import ModelBundle
 from extractor.pathways import BatchPathways, PathwaySettings, extract_batch
-from extractor.records import SCHEMA_VERSION, ImageRecord, Manifest, PathwayRecord, RunWriter, Shard, config_key
+from extractor.records import (
+    SCHEMA_VERSION,
+    ExemplarRows,
+    ImageRecord,
+    Manifest,
+    PathwayRecord,
+    RunWriter,
+    Shard,
+    config_key,
+)
 from extractor.variants import VariantSpec, make_variant
 
 log = logging.getLogger(__name__)
@@ -181,6 +191,7 @@ def extract_run(
     workers: int = 0,
     shard: Shard | None = None,
     strict: bool = False,
+    exemplars: int = 9,
 ) -> ExtractSummary:
     """Extract pathways of ``images`` and their variants into ``out_dir``, streaming (resumable).
 
@@ -188,6 +199,7 @@ def extract_run(
     first ``limit`` images are ever read. Unreadable images are skipped with a warning and
     listed in the shard's status file (``strict``: the first one is an error). ``shard`` takes
     a deterministic share of the blocks; shards may run at once into one ``out_dir``.
+    ``exemplars``: top-N original images kept per channel (0 = none; see ``extractor.exemplars``).
     """
     if batch_size < 1:
         raise ExtractionError(f"batch size must be at least 1; got {batch_size}")
@@ -195,14 +207,18 @@ def extract_run(
         raise ExtractionError(f"limit must be at least 1; got {limit}")
     if workers < 0:
         raise ExtractionError(f"loader workers must be 0 or more; got {workers}")
+    if exemplars < 0:
+        raise ExtractionError(f"exemplars must be 0 or more; got {exemplars}")
     shard = shard or Shard()
     bundle = adopt_folder_names(bundle, images)
     n = min(len(images), limit) if limit else len(images)
     manifest = Manifest(SCHEMA_VERSION, bundle.info, {
         "pathways": [{"method": s.method, "selection": s.selection, "params": s.params()} for s in settings],
         "variants": [{"kind": v.kind, "params": v.params} for v in variants],
+        "exemplars": exemplars,
     })
     writer = RunWriter(out_dir, manifest, shard)
+    tracker = ExemplarTracker(bundle, exemplars) if exemplars else None
     done = writer.done_sources()
     blocks: list[list[int]] = []
     summary = ExtractSummary(shard=shard)
@@ -240,10 +256,10 @@ def extract_run(
                 continue
             x = block.x[keep].to(model_device, dtype, non_blocking=True)
             labels = torch.tensor([block.labels[b] for b in keep], dtype=torch.long)
-            part_images, part_pathways = _extract_batch(bundle, x, labels.to(model_device), [ids[b] for b in keep],
-                                                        [images.source(block.good[b]) for b in keep],
-                                                        settings, variants, batch_size, summary)
-            writer.write_part(part_images, part_pathways)
+            part_images, part_pathways, delta = _extract_batch(
+                bundle, x, labels.to(model_device), [ids[b] for b in keep],
+                [images.source(block.good[b]) for b in keep], settings, variants, batch_size, summary, tracker)
+            writer.write_part(part_images, part_pathways, delta)
             done.update(ids[b] for b in keep)
             summary.images += len(part_images)
             summary.pathways += len(part_pathways)
@@ -260,8 +276,8 @@ def extract_run(
 def _extract_batch(
     bundle: ModelBundle, x: torch.Tensor, labels: torch.Tensor, ids: list[str], sources: list[str],
     settings: Sequence[PathwaySettings], variants: Sequence[VariantSpec], batch_size: int,
-    summary: ExtractSummary,
-) -> tuple[list[ImageRecord], list[PathwayRecord]]:
+    summary: ExtractSummary, tracker: ExemplarTracker | None = None,
+) -> tuple[list[ImageRecord], list[PathwayRecord], ExemplarRows | None]:
     with torch.no_grad():
         pred = bundle.forward(x).argmax(1)
     attack_labels = torch.where(labels >= 0, labels, pred)
@@ -274,7 +290,10 @@ def _extract_batch(
         groups.append((var.x, [image_id(v) for v in var.x], list(ids), var.kind, var.params))
     img_records: list[ImageRecord] = []
     pw_records: list[PathwayRecord] = []
+    deltas: list[ExemplarRows] = []
     seen: set[str] = set()
+    # exemplars follow the first contribution-based setting (pixel pathways have no contributions)
+    lead = next((s for s in settings if s.method != "pixel"), None)
     for gx, gids, parents, kind, params in groups:
         with torch.no_grad():
             logits = bundle.forward(gx)
@@ -305,8 +324,11 @@ def _extract_batch(
                     continue
                 res = extract_batch(bundle, gx[rows], s, seeds=[int(gids[r][:8], 16) for r in rows], shared=shared)
                 pw_records.extend(pathway_records(bundle, [gids[r] for r in rows], res))
+                if tracker is not None and kind == "original" and s is lead:
+                    inside = [e * m for e, m in zip(res.contrib.element, res.sel.masks, strict=True)]
+                    deltas.append(tracker.update([gids[r] for r in rows], res.contrib.acts, inside))
     uniq: dict[str, PathwayRecord] = {p.pathway_id: p for p in pw_records}
-    return img_records, list(uniq.values())
+    return img_records, list(uniq.values()), ExemplarRows.concat(deltas) if tracker is not None else None
 
 
 def _shared(params: list[dict[str, object]]) -> dict[str, object]:

@@ -24,6 +24,7 @@ import pandas as pd
 from graphstore import queries as Q
 from graphstore.connection import DATABASE
 from graphstore.errors import NotFound
+from graphstore.names import setting_name, variant_name
 
 PER_IMAGE_KEYS = ("target", "seed", "top", "left")
 EDGE_SUPPORT_FLOOR = 0.05  # class edge supports below this are not kept as CLASS_FLOW aggregates
@@ -51,6 +52,7 @@ class ConfigInfo:
     selection: str
     params: str
     pathways: int
+    name: str = ""  # as a researcher writes it, e.g. "MCT · p = 90 (elements)"
 
 
 @dataclass(frozen=True)
@@ -211,12 +213,17 @@ class Hijack:
 
 @dataclass(frozen=True)
 class LayerCount:
+    """Per layer, for originals or one variant setting: mean pathway neurons and mean contribution
+    mass (sum of |contribution| of the pathway's neurons there) over pathways with any there."""
+
     kind: str
     setting: str
     layer_index: int
     site: str
     mean_neurons: float
+    mean_mass: float
     pathways: int
+    name: str = ""  # the variant setting as a researcher writes it
 
 
 @dataclass(frozen=True)
@@ -230,6 +237,60 @@ class VariantOverlap:
     mean_jaccard: float
     pairs: int
     prediction_changed: float  # share of pairs whose prediction differs from the original's
+    name: str = ""  # the variant setting as a researcher writes it
+
+
+@dataclass(frozen=True)
+class Exemplar:
+    """One of a neuron's top images: ``kind`` 'activation' or 'contribution', ``box`` (y0, x0, y1, x1;
+    half-open, pixels of ``png``) around the peak ``position`` (y, x in the site's map; -1 for units)."""
+
+    kind: str
+    rank: int
+    value: float
+    image_id: str
+    source: str
+    label: int
+    predicted: int
+    box: list[int]
+    position: list[int]
+    png: bytes
+
+
+@dataclass(frozen=True)
+class NeuronEdge:
+    neuron: str
+    site: str
+    class_name: str
+    support: float
+    mean_weight: float
+
+
+@dataclass(frozen=True)
+class AttackEffect:
+    """How attacks of one kind and strength change a neuron: pathways that gain or lose it, of ``pairs``."""
+
+    kind: str
+    setting: str
+    name: str
+    pairs: int
+    gained: int
+    lost: int
+
+
+@dataclass
+class NeuronCard:
+    """Everything a neuron card shows: exemplars, class support, strongest edges, attack effects."""
+
+    neuron: str
+    site: str
+    layer_index: int
+    channel: int
+    exemplars: list[Exemplar]
+    classes: list[dict[str, Any]]
+    incoming: list[NeuronEdge]
+    outgoing: list[NeuronEdge]
+    attacks: list[AttackEffect]
 
 
 @dataclass(frozen=True)
@@ -294,6 +355,14 @@ def to_frame(result: Any) -> pd.DataFrame:
                       ignore_index=True)
     frame.attrs.update({k: v for k, v in fields.items() if k not in lists})
     return frame
+
+
+def _setting(text: str | None) -> dict[str, Any]:
+    try:
+        data = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _jaccard(a: set[Any], b: set[Any]) -> float:
@@ -371,7 +440,8 @@ class Store:
         return str(models[0]["id"])
 
     def configs(self, model_id: str | None = None) -> list[ConfigInfo]:
-        return [ConfigInfo(**r) for r in self._run(Q.LIST_CONFIGS, model_id=model_id)]
+        return [ConfigInfo(**r, name=setting_name(r["method"], r["selection"], r["params"]))
+                for r in self._run(Q.LIST_CONFIGS, model_id=model_id)]
 
     def default_config(self, model_id: str | None = None) -> str:
         configs = self.configs(model_id)
@@ -391,7 +461,13 @@ class Store:
         return self._run(Q.ACCURACY_BY_CLASS, model_id=model_id)
 
     def accuracy_by_variant(self, model_id: str) -> list[dict[str, Any]]:
-        return self._run(Q.ACCURACY_BY_VARIANT, model_id=model_id)
+        """Per variant kind and sweep setting: images and accuracy; ``name`` reads like "PGD ε = 0.1, 10 steps"
+        and ``targeted`` says whether the attack aimed at a chosen class."""
+        rows = self._run(Q.ACCURACY_BY_VARIANT, model_id=model_id)
+        for r in rows:
+            r["name"] = variant_name(r["kind"], r["setting"])
+            r["targeted"] = bool(_setting(r["setting"]).get("targeted", False))
+        return rows
 
     # -- images and pathways ---------------------------------------------------------------
     def images(self, model_id: str, kind: str | None = None, label: int | None = None,
@@ -434,6 +510,33 @@ class Store:
 
     def neuron(self, neuron_id: str, config: str) -> dict[str, Any]:
         return self._require(Q.NEURON_DETAIL, "neuron", neuron_id=neuron_id, config=config)
+
+    def neuron_card(self, neuron_id: str, config: str, edges: int = 5) -> NeuronCard:
+        """What the neuron sees (exemplar images with boxes), which classes use it, its strongest
+        class-level edges in and out, and how many attacked images gain or lose it, per strength."""
+        info = self.neuron(neuron_id, config)
+        model_id = neuron_id.rsplit("/", 2)[0]
+        exemplars = [Exemplar(**{**r, "png": bytes(r["png"]), "box": list(r["box"]), "position": list(r["position"])})
+                     for r in self._run(Q.NEURON_EXEMPLARS, neuron_id=neuron_id)]
+        flows_in = [NeuronEdge(**r) for r in self._run(Q.NEURON_FLOWS_IN, neuron_id=neuron_id, config=config,
+                                                        limit=edges)]
+        flows_out = [NeuronEdge(**r) for r in self._run(Q.NEURON_FLOWS_OUT, neuron_id=neuron_id, config=config,
+                                                         limit=edges)]
+        pairs = {(r["kind"], r["setting"]): int(r["pairs"])
+                 for r in self._run(Q.VARIANT_PAIR_COUNTS, model_id=model_id, config=config)}
+        gained = {(r["kind"], r["setting"]): int(r["gained"])
+                  for r in self._run(Q.NEURON_GAINED, model_id=model_id, config=config, neuron_id=neuron_id)}
+        lost = {(r["kind"], r["setting"]): int(r["lost"])
+                for r in self._run(Q.NEURON_LOST, neuron_id=neuron_id, config=config)}
+        attacks = [AttackEffect(k, st, variant_name(k, st), n, gained.get((k, st), 0), lost.get((k, st), 0))
+                   for (k, st), n in sorted(pairs.items())]
+        return NeuronCard(neuron_id, info["site"], int(info["layer_index"]), int(info["channel"]), exemplars,
+                          [c for c in info["classes"] if c is not None], flows_in, flows_out, attacks)
+
+    def top_exemplars(self, neuron_ids: Sequence[str]) -> dict[str, tuple[bytes, list[int]]]:
+        """Each neuron's best activation exemplar: (png, box), for hover previews."""
+        return {r["neuron"]: (bytes(r["png"]), list(r["box"]))
+                for r in self._run(Q.TOP_EXEMPLAR_OF_NEURONS, neuron_ids=list(neuron_ids))}
 
     def neuron_top_images(self, neuron_id: str, config: str, limit: int = 10) -> list[dict[str, Any]]:
         self._require(Q.NEURON_EXISTS, "neuron", neuron_id=neuron_id)
@@ -627,12 +730,13 @@ class Store:
         for key in sorted(sums):
             mean = sums[key] / pairs[key]
             out.extend(VariantOverlap(key[0], key[1], li, site, float(mean[li]), pairs[key],
-                                      changed[key] / pairs[key]) for li, site in layers)
+                                      changed[key] / pairs[key], variant_name(key[0], key[1])) for li, site in layers)
         return out
 
     def pathway_counts(self, config: str) -> list[LayerCount]:
         """Mean pathway neurons per layer for originals and for each variant kind and setting."""
-        return [LayerCount(**r) for r in self._run(Q.PATHWAY_SIZE_BY_LAYER, config=config)]
+        return [LayerCount(**r, name=variant_name(r["kind"], r["setting"]))
+                for r in self._run(Q.PATHWAY_SIZE_BY_LAYER, config=config)]
 
     def similar_images(
         self, image_id: str, config: str, limit: int = 10, kind: str | None = None, exact: bool | None = None

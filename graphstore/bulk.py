@@ -28,11 +28,14 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from extractor.records import (
+    ExemplarRows,
     ModelInfo,
     PathwayRecord,
     RecordsFormatError,
     class_id,
     iter_parts,
+    merge_exemplar_rows,
+    read_exemplars,
     read_manifest,
     require_complete,
 )
@@ -41,6 +44,7 @@ from graphstore.loader import (
     _groups,
     _keys,
     ensure_schema,
+    exemplar_rows,
     image_row,
     model_rows,
     neuron_table,
@@ -253,6 +257,8 @@ def write_csv(run_dirs: list[Path], out: Path) -> tuple[list[tuple[str, Path]], 
                                                       "gained:boolean"])
     flows = _ArrowTable(out / "rel-flows_to.csv", [":START_ID(Neuron)", ":END_ID(Neuron)", "pathway:string",
                                                    "weight:double"])
+    exemplars = rel("EXEMPLAR", "Neuron", "Image", {"kind": "string", "rank": "long", "value": "double",
+                                                    "position": "long[]", "box": "long[]"})
     models: set[str] = set()
     images: set[str] = set()
     pathways: set[str] = set()
@@ -304,12 +310,30 @@ def write_csv(run_dirs: list[Path], out: Path) -> tuple[list[tuple[str, Path]], 
             inc_columns, flow_columns = _relationship_columns(fresh, links, *index[model.model_id])
             includes.write(inc_columns)
             flows.write(flow_columns)
+        _write_exemplars(run_dirs, exemplars)
     finally:
-        for t in [*n.values(), *r.values()]:
+        for t in [*n.values(), *r.values(), exemplars]:
             t.close()
-    rel_files = [(k, t.path) for k, t in r.items()] + [("INCLUDES", includes.path), ("FLOWS_TO", flows.path)]
+    rel_files = [(k, t.path) for k, t in r.items()] + [("INCLUDES", includes.path), ("FLOWS_TO", flows.path),
+                                                       ("EXEMPLAR", exemplars.path)]
     return ([(k, t.path) for k, t in n.items()], rel_files, sum(t.rows for t in n.values()),
-            sum(t.rows for t in r.values()) + includes.rows + flows.rows)
+            sum(t.rows for t in r.values()) + includes.rows + flows.rows + exemplars.rows)
+
+
+def _write_exemplars(run_dirs: list[Path], table: _Table) -> None:
+    """EXEMPLAR rows: per model, the top N over all runs' exemplars (as the loader merges them)."""
+    by_model: dict[str, tuple[ModelInfo, int, list[ExemplarRows]]] = {}
+    for run in run_dirs:
+        manifest = read_manifest(run)
+        n = int(manifest.settings.get("exemplars", 0))
+        model, top, rows = by_model.get(manifest.model.model_id, (manifest.model, 0, []))
+        by_model[manifest.model.model_id] = (model, max(top, n), [*rows, read_exemplars(run, n)] if n else rows)
+    for model, n, rows in by_model.values():
+        if not n:
+            continue
+        merged = merge_exemplar_rows(ExemplarRows.concat(rows), n)
+        for nid, image, kind, rank, value, pos, box in exemplar_rows(merged, neuron_table(model)):
+            table.write([nid, image], {"kind": kind, "rank": rank, "value": value, "position": pos, "box": box})
 
 
 def _run_importer(config: ServerConfig, nodes: list[tuple[str, Path]], rels: list[tuple[str, Path]]) -> None:

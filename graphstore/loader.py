@@ -31,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from extractor.records import (
+    ExemplarRows,
     ImageRecord,
     ModelInfo,
     PathwayRecord,
@@ -38,7 +39,9 @@ from extractor.records import (
     class_id,
     iter_parts,
     layer_id,
+    merge_exemplar_rows,
     neuron_id,
+    read_exemplars,
     read_manifest,
     require_complete,
 )
@@ -66,6 +69,7 @@ class LoadSummary:
     seconds: float = 0.0  # all of it: schema, model, repair, writes, aggregates
     repaired: int = 0  # incomplete pathways found in the store and removed before loading
     write_seconds: float = 0.0  # the image-group transactions only
+    exemplars: int = 0  # EXEMPLAR relationships of the model after this load
 
     @property
     def relationships_per_second(self) -> float:
@@ -206,6 +210,8 @@ def pathway_row(pw: PathwayRecord, model: ModelInfo, original: PathwayRecord | N
         "saliency": [float(v) for v in pw.saliency.ravel()], "saliency_shape": list(pw.saliency.shape),
         "gaps": [float(g) for g in pw.site_gap],
         "layer_sizes": np.bincount(pw.neuron_site.astype(np.int64), minlength=len(model.sites)).tolist(),
+        "layer_mass": np.bincount(pw.neuron_site.astype(np.int64), weights=np.abs(pw.neuron_contribution),
+                                  minlength=len(model.sites)).astype(float).tolist(),
         **{k: float(v) for k, v in pw.extra.items() if isinstance(v, int | float)},
         **{k: v for k, v in pw.extra.items() if isinstance(v, str)},
     }
@@ -443,8 +449,64 @@ def load_run(driver: neo4j.Driver, run_dir: Path, database: str = DATABASE, prog
     finally:
         bar.close()
     summary.write_seconds = time.perf_counter() - began_writes
+    summary.exemplars = load_exemplars(driver, run_dir, model, int(manifest.settings.get("exemplars", 0)), database)
     refresh_aggregates(driver, model.model_id, database)
     summary.seconds = time.perf_counter() - began
     log.info("loaded %d images, %d new pathways, %d relationships in %.1f s", summary.images,
              summary.pathways_new, summary.includes + summary.edges, summary.seconds)
     return summary
+
+
+def _exemplar_rows_of(records: list[Any]) -> ExemplarRows:
+    """``EXEMPLARS_OF_MODEL`` records as ``ExemplarRows``."""
+    def col(name: str, dtype: Any) -> np.ndarray:
+        return np.asarray([r[name] for r in records], dtype)
+
+    pos = np.asarray([r["position"] for r in records], np.int32).reshape(-1, 2)
+    return ExemplarRows(site=col("site", np.int32), channel=col("channel", np.int32), kind=col("kind", object),
+                        image_id=col("image_id", object), value=col("value", np.float32), y=pos[:, 0], x=pos[:, 1],
+                        box=np.asarray([r["box"] for r in records], np.int32).reshape(-1, 4))
+
+
+def exemplar_rows(rows: ExemplarRows, table: list[list[str]]) -> list[list[Any]]:
+    """CREATE_EXEMPLARS rows ``[neuron element id or id, image id, kind, rank, value, position, box]``."""
+    assert rows.rank is not None
+    return [[table[int(s)][int(c)], str(i), str(k), int(r), float(v), [int(y), int(x)], [int(b) for b in box]]
+            for s, c, i, k, r, v, y, x, box in zip(rows.site, rows.channel, rows.image_id, rows.kind, rows.rank,
+                                                   rows.value, rows.y, rows.x, rows.box, strict=True)]
+
+
+def load_exemplars(driver: neo4j.Driver, run_dir: Path, model: ModelInfo, n: int, database: str = DATABASE) -> int:
+    """Merge the run's exemplars with those already stored for the model (top ``n`` per neuron and
+    kind over both) and replace them in one transaction; returns how many are stored."""
+    if n <= 0:
+        return 0
+    try:
+        run_rows = read_exemplars(run_dir, n)
+    except RecordsFormatError as exc:
+        raise RecordsError(str(exc)) from exc
+    records, _, _ = driver.execute_query(Q.NEURON_ELEMENT_IDS, model_id=model.model_id, database_=database)
+    element = {r["id"]: r["element_id"] for r in records}
+    table = [[element[nid] for nid in site] for site in neuron_table(model)]
+
+    def write(tx: neo4j.ManagedTransaction) -> int:
+        tx.run(Q.LOCK_MODEL, model_id=model.model_id).consume()
+        merged = merge_exemplar_rows(ExemplarRows.concat([stored_exemplars_tx(tx, model), run_rows]), n)
+        tx.run(Q.DELETE_EXEMPLARS, model_id=model.model_id).consume()
+        rows = exemplar_rows(merged, table)
+        made = 0
+        for chunk in _chunks(rows, 5000):
+            made += tx.run(Q.CREATE_EXEMPLARS, rows=list(chunk)).single()["created"]
+        if made != len(rows):
+            raise RecordsError(f"{len(rows) - made} exemplar images are not in the store; load their run first")
+        return made
+
+    with driver.session(database=database) as session:
+        return int(session.execute_write(write))
+
+
+def stored_exemplars_tx(tx: neo4j.ManagedTransaction, model: ModelInfo) -> ExemplarRows:
+    records = list(tx.run(Q.EXEMPLARS_OF_MODEL, model_id=model.model_id))
+    if not records:
+        return ExemplarRows.empty()
+    return _exemplar_rows_of(records)

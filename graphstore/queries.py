@@ -16,7 +16,8 @@ Schema (README holds the picture)::
     (:Neuron)-[:CLASS_FLOW {class_id, model_id, config, support, mean_weight, pathways}]->(:Neuron)  (aggregates)
     (:VariantStat {model_id, config, kind, setting, label, pairs, changed, jaccard_sum})
         -[:GAINED {count}]->(:Neuron)                                             (aggregates)
-    (:CountStat {model_id, config, kind, setting, pathways, totals, nonzero})    (aggregates)
+    (:CountStat {model_id, config, kind, setting, pathways, totals, mass, nonzero})  (aggregates)
+    (:Neuron)-[:EXEMPLAR {kind, rank, value, position, box}]->(:Image)           (top-N images per neuron)
 
 A variant's pathway carries ``layer_jaccard`` (per site, against its original's pathway of the
 same setting) and its ``INCLUDES`` carry ``gained`` (the original's pathway lacks the neuron);
@@ -229,10 +230,12 @@ DELETE s
 
 REFRESH_COUNT_STATS = """
 MATCH (p:Pathway {model_id: $model_id, config: $config})-[:FOR_IMAGE]->(i:Image)
-WITH i.kind AS kind, coalesce(i.setting, '') AS setting, collect(p.layer_sizes) AS sizes
-WITH kind, setting, sizes, range(0, size(sizes[0]) - 1) AS sites
+WITH i.kind AS kind, coalesce(i.setting, '') AS setting, collect(p.layer_sizes) AS sizes,
+     collect(coalesce(p.layer_mass, [x IN p.layer_sizes | 0.0])) AS masses
+WITH kind, setting, sizes, masses, range(0, size(sizes[0]) - 1) AS sites
 CREATE (:CountStat {model_id: $model_id, config: $config, kind: kind, setting: setting, pathways: size(sizes),
                     totals: [i IN sites | reduce(t = 0, x IN sizes | t + x[i])],
+                    mass: [i IN sites | reduce(t = 0.0, x IN masses | t + x[i])],
                     nonzero: [i IN sites | reduce(t = 0, x IN sizes | t + CASE WHEN x[i] > 0 THEN 1 ELSE 0 END)]})
 """
 
@@ -321,7 +324,8 @@ UNWIND range(0, size(s.totals) - 1) AS layer_index
 WITH s, layer_index WHERE s.nonzero[layer_index] > 0
 MATCH (:Model {id: s.model_id})-[:HAS_LAYER]->(l:Layer {index: layer_index})
 RETURN s.kind AS kind, s.setting AS setting, layer_index, l.site AS site,
-       toFloat(s.totals[layer_index]) / s.nonzero[layer_index] AS mean_neurons, s.nonzero[layer_index] AS pathways
+       toFloat(s.totals[layer_index]) / s.nonzero[layer_index] AS mean_neurons,
+       coalesce(s.mass[layer_index], 0.0) / s.nonzero[layer_index] AS mean_mass, s.nonzero[layer_index] AS pathways
 ORDER BY kind, setting, layer_index
 """
 
@@ -519,3 +523,70 @@ RETURN nodes, collect(CASE WHEN f IS NULL THEN NULL ELSE {src: a.id, dst: b.id, 
 """
 
 PING = "RETURN 1 AS ok"
+
+
+# --- exemplars (top-N images per neuron; merged over every run loaded for the model) -------
+
+EXEMPLARS_OF_MODEL = """
+MATCH (n:Neuron {model_id: $model_id})-[e:EXEMPLAR]->(i:Image)
+RETURN n.layer_index AS site, n.channel AS channel, e.kind AS kind, i.id AS image_id, e.value AS value,
+       e.position AS position, e.box AS box
+"""
+
+DELETE_EXEMPLARS = """
+MATCH (n:Neuron {model_id: $model_id})-[e:EXEMPLAR]->()
+DELETE e
+"""
+
+CREATE_EXEMPLARS = """
+UNWIND $rows AS r
+MATCH (n:Neuron) WHERE elementId(n) = r[0]
+MATCH (i:Image {id: r[1]})
+CREATE (n)-[:EXEMPLAR {kind: r[2], rank: r[3], value: r[4], position: r[5], box: r[6]}]->(i)
+RETURN count(*) AS created
+"""
+
+NEURON_EXEMPLARS = """
+MATCH (:Neuron {id: $neuron_id})-[e:EXEMPLAR]->(i:Image)
+RETURN e.kind AS kind, e.rank AS rank, e.value AS value, e.position AS position, e.box AS box, i.id AS image_id,
+       i.source AS source, i.label AS label, i.predicted AS predicted, i.png AS png
+ORDER BY kind, rank
+"""
+
+TOP_EXEMPLAR_OF_NEURONS = """
+UNWIND $neuron_ids AS nid
+MATCH (:Neuron {id: nid})-[e:EXEMPLAR {kind: 'activation', rank: 1}]->(i:Image)
+RETURN nid AS neuron, e.box AS box, i.png AS png
+"""
+
+NEURON_FLOWS_OUT = """
+MATCH (:Neuron {id: $neuron_id})-[f:CLASS_FLOW {config: $config}]->(m:Neuron)
+MATCH (c:Class {id: f.class_id})
+RETURN m.id AS neuron, m.site AS site, c.name AS class_name, f.support AS support, f.mean_weight AS mean_weight
+ORDER BY abs(f.mean_weight) * f.support DESC, neuron LIMIT $limit
+"""
+
+NEURON_FLOWS_IN = """
+MATCH (m:Neuron)-[f:CLASS_FLOW {config: $config}]->(:Neuron {id: $neuron_id})
+MATCH (c:Class {id: f.class_id})
+RETURN m.id AS neuron, m.site AS site, c.name AS class_name, f.support AS support, f.mean_weight AS mean_weight
+ORDER BY abs(f.mean_weight) * f.support DESC, neuron LIMIT $limit
+"""
+
+NEURON_GAINED = """
+MATCH (s:VariantStat {model_id: $model_id, config: $config})-[g:GAINED]->(:Neuron {id: $neuron_id})
+RETURN s.kind AS kind, s.setting AS setting, sum(g.count) AS gained
+"""
+
+NEURON_LOST = """
+MATCH (n:Neuron {id: $neuron_id})<-[:INCLUDES]-(po:Pathway {config: $config})-[:FOR_IMAGE]->(o:Image {kind: 'original'})
+MATCH (v:Image)-[r:VARIANT_OF]->(o)
+MATCH (pv:Pathway {image_id: v.id, config: $config})
+WHERE NOT (pv)-[:INCLUDES]->(n)
+RETURN r.kind AS kind, r.setting AS setting, count(*) AS lost
+"""
+
+VARIANT_PAIR_COUNTS = """
+MATCH (s:VariantStat {model_id: $model_id, config: $config})
+RETURN s.kind AS kind, s.setting AS setting, sum(s.pairs) AS pairs
+"""

@@ -310,7 +310,7 @@ def load(
 
 
 QUERY_NAMES = ("summary", "configs", "classes", "accuracy", "top-neurons", "shared", "similarity", "signature",
-               "shift", "hijacked", "counts", "similar", "agreement", "pathway")
+               "shift", "hijacked", "counts", "similar", "agreement", "pathway", "neuron")
 
 
 @app.command("query")
@@ -324,6 +324,7 @@ def query(
     model: Annotated[str | None, typer.Option(help="Model id (default: the first).")] = None,
     kind: Annotated[str | None, typer.Option(help="Variant kind (hijacked, similar).")] = None,
     layer: Annotated[str | None, typer.Option(help="Site id, e.g. features.1#0.")] = None,
+    neuron: Annotated[str | None, typer.Option(help="Neuron id (neuron card).")] = None,
     min_support: Annotated[float, typer.Option(help="Support threshold s.")] = 0.5,
     max_other: Annotated[float, typer.Option(help="Largest support elsewhere (signature).")] = 0.2,
     limit: Annotated[int, typer.Option(help="Rows.")] = 20,
@@ -331,7 +332,7 @@ def query(
     """Run a named query and print JSON."""
     with _errors():
         _echo_json(_run_query(name, cls, cls_b, image, pathway, config, model, kind, layer, min_support,
-                              max_other, limit))
+                              max_other, limit, neuron))
 
 
 def _resolve_class(store: Any, model_id: str, value: str | None) -> str:
@@ -347,7 +348,7 @@ def _resolve_class(store: Any, model_id: str, value: str | None) -> str:
 
 def _run_query(name: str, cls: str | None, cls_b: str | None, image: str | None, pathway: str | None,
                config: str | None, model: str | None, kind: str | None, layer: str | None,
-               min_support: float, max_other: float, limit: int) -> Any:
+               min_support: float, max_other: float, limit: int, neuron: str | None = None) -> Any:
     from graphstore.errors import NotFound
 
     if name not in QUERY_NAMES:
@@ -379,6 +380,7 @@ def _run_query(name: str, cls: str | None, cls_b: str | None, image: str | None,
         "similar": lambda: store.similar_images(need(image, "--image"), cfg, limit, kind),
         "agreement": lambda: store.method_agreement(need(image, "--image")),
         "pathway": lambda: _graph_json(store.pathway_graph(need(pathway, "--pathway"))),
+        "neuron": lambda: store.neuron_card(need(neuron, "--neuron"), cfg),
     }
     try:
         return handlers[name]()

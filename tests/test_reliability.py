@@ -69,7 +69,9 @@ def test_records_round_trip_parquet_neo4j_query(driver: object, tmp_path_factory
     run = tmp_path_factory.mktemp("prop") / "run"
     image = ImageRecord("img0", MODEL.model_id, source, 1, None, "original", "{}", 0,
                         np.asarray([0.5, 0.3, 0.2], np.float32), np.asarray([2.0, 1.0, 0.5], np.float32), b"png")
-    RunWriter(run, Manifest(SCHEMA_VERSION, MODEL, {})).write_part([image], [pw])
+    writer = RunWriter(run, Manifest(SCHEMA_VERSION, MODEL, {}))
+    writer.write_part([image], [pw])
+    writer.finish()
     wipe(driver)
     load_run(driver, run, progress=False)  # type: ignore[arg-type]
     store = Store(driver)  # type: ignore[arg-type]

@@ -8,7 +8,8 @@ Graphviz and Plotly; no CDN).
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping
+import io
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
@@ -17,10 +18,12 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
+from PIL import Image, ImageDraw
 
-from graphstore.api import Store
+from graphstore.api import ConfigInfo, Store
 from graphstore.connection import open_driver, settings_from_env
 from graphstore.errors import GraphStoreError
+from graphstore.names import number
 
 COLORS = {"kept": "#4c78a8", "lost": "#e45756", "gained": "#54a24b", "a": "#f58518", "b": "#4c78a8",
           "shared": "#72b7b2", "node": "#4c78a8"}
@@ -53,9 +56,72 @@ def context() -> tuple[str, str]:
     if not configs:
         st.info("This model has no pathways yet.")
         st.stop()
-    labels = {c.config: f"{c.config} · {c.params} ({c.pathways} pathways)" for c in configs}
+    labels = {c.config: f"{c.name} ({c.pathways:,} pathways)" for c in configs}
     config = st.sidebar.selectbox("Pathway setting", list(labels), format_func=labels.__getitem__, key="config")
+    st.sidebar.caption(f"setting id `{config}`")
     return str(model_id), str(config)
+
+
+def config_info(model_id: str, config: str) -> ConfigInfo:
+    """The chosen setting's description (method, selection rule, readable name)."""
+    return next(c for c in store().configs(model_id) if c.config == config)
+
+
+def setting_names(model_id: str) -> dict[str, str]:
+    """Setting id -> readable name, for tables and legends."""
+    return {c.config: c.name for c in store().configs(model_id)}
+
+
+def patch(png: bytes, box: Sequence[int], size: int = 96) -> Image.Image:
+    """The image cropped around ``box`` (y0, x0, y1, x1; half-open) with a margin, enlarged to about
+    ``size`` pixels, the box outlined in red."""
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    y0, x0, y1, x1 = (int(v) for v in box)
+    m = max(2, (y1 - y0) // 4, (x1 - x0) // 4)
+    top, left = max(0, y0 - m), max(0, x0 - m)
+    bottom, right = min(img.height, y1 + m), min(img.width, x1 + m)
+    crop = img.crop((left, top, right, bottom))
+    scale = max(1, round(size / max(crop.width, crop.height)))
+    crop = crop.resize((crop.width * scale, crop.height * scale), Image.Resampling.NEAREST)
+    draw = ImageDraw.Draw(crop)
+    draw.rectangle([(x0 - left) * scale, (y0 - top) * scale, (x1 - left) * scale - 1, (y1 - top) * scale - 1],
+                   outline=(228, 87, 86), width=max(1, scale // 3))
+    return crop
+
+
+EXEMPLAR_TITLES = {"activation": "Images that excite it most (activation)",
+                   "contribution": "Images whose pathway it serves most (contribution)"}
+
+
+def neuron_card(neuron_id: str, config: str, key: str) -> None:
+    """A neuron's card: exemplar patches, class support, strongest edges, attack effects."""
+    card = store().neuron_card(neuron_id, config)
+    with st.container(border=True, key=f"card_{key}"):
+        st.markdown(f"**Neuron {short(neuron_id)}** · site `{card.site}`, channel {card.channel}")
+        for kind, title in EXEMPLAR_TITLES.items():
+            shown = [e for e in card.exemplars if e.kind == kind]
+            st.caption(title)
+            if shown:
+                st.image([patch(e.png, e.box) for e in shown], width=88,
+                         caption=[f"#{e.rank} · {number(e.value)}" for e in shown])
+            else:
+                st.write("none: it is not positive on any original image of the loaded runs")
+        c1, c2 = st.columns(2)
+        with c1:
+            st.caption("Classes whose pathways use it (support)")
+            st.dataframe(pd.DataFrame(card.classes), hide_index=True, key=f"{key}_classes")
+            if card.attacks:
+                st.caption("Attacked or varied images whose pathway gains / loses it")
+                st.dataframe(pd.DataFrame([{"variant": a.name, "pairs": a.pairs, "gained": a.gained,
+                                            "lost": a.lost} for a in card.attacks]), hide_index=True,
+                             key=f"{key}_attacks")
+        with c2:
+            for title, edges in (("Strongest incoming edges", card.incoming),
+                                 ("Strongest outgoing edges", card.outgoing)):
+                st.caption(title + " (class aggregates)")
+                st.dataframe(pd.DataFrame([{"neuron": short(e.neuron), "class": e.class_name,
+                                            "support": e.support, "mean weight": e.mean_weight} for e in edges]),
+                             hide_index=True, key=f"{key}_{title.split()[1]}")
 
 
 def table(rows: Any) -> pd.DataFrame:
@@ -103,7 +169,7 @@ def pathway_dot(
         for n, d in sorted(layers[li], key=lambda t: int(t[1].get("channel", 0))):
             size = 0.18 + 0.42 * abs(d.get("contribution") or 0.0) / cmax
             color = colors.get(n, COLORS["node"])
-            tip = html.escape(f"{short(n)} contribution {d.get('contribution', 0.0):.4g}")
+            tip = html.escape(f"{short(n)} contribution {number(d.get('contribution', 0.0), 4)}")
             lines.append(f'"{html.escape(n)}" [width={size:.2f}, fillcolor="{color}", tooltip="{tip}", '
                          f'xlabel="{int(d.get("channel", 0))}"];')
         lines.append("}")

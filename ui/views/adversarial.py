@@ -10,7 +10,8 @@ import plotly.express as px
 import streamlit as st
 from PIL import Image
 
-from ui.common import COLORS, class_names, context, pathway_dot, store, table
+from graphstore.names import variant_name
+from ui.common import COLORS, class_names, context, neuron_card, pathway_dot, setting_names, short, store, table
 
 st.title("Adversarial")
 model_id, config = context()
@@ -19,14 +20,15 @@ names = class_names(model_id)
 attack = st.selectbox("Attack", ["pgd", "fgsm"], key="adv_kind")
 pairs = s.variant_pairs(model_id, config, attack)
 if not pairs:
-    st.info(f"No {attack} variants with pathways of setting {config} in the store.")
+    st.info(f"No {attack} variants with pathways of the setting {setting_names(model_id)[config]} in the store.")
     st.stop()
 originals = sorted({p["original"] for p in pairs})
 sources = {im.id: im.source for im in s.images(model_id, kind="original", limit=100_000)}
 original = st.selectbox("Original image", originals, format_func=lambda i: sources.get(i, i), key="adv_orig")
 mine = [p for p in pairs if p["original"] == original]
 settings = [p["setting"] for p in mine]
-setting = st.select_slider("Strength", options=settings, key="adv_strength") if len(settings) > 1 else settings[0]
+setting = (st.select_slider("Strength", options=settings, key="adv_strength",
+                            format_func=lambda v: variant_name(attack, v)) if len(settings) > 1 else settings[0])
 pair = next(p for p in mine if p["setting"] == setting)
 
 orig, adv = s.image(pair["original"]), s.image(pair["variant"])
@@ -34,7 +36,8 @@ c1, c2, c3 = st.columns(3)
 with c1:
     st.image(orig.png, width=180, caption=f"original: {names.get(orig.predicted)} ({orig.prob:.2f})")
 with c2:
-    st.image(adv.png, width=180, caption=f"{attack}: {names.get(adv.predicted)} ({adv.prob:.2f})")
+    st.image(adv.png, width=180, caption=f"{variant_name(attack, setting)}: {names.get(adv.predicted)} "
+                                         f"({adv.prob:.2f})")
 with c3:
     a = np.asarray(Image.open(io.BytesIO(orig.png)), dtype=np.float32)
     b = np.asarray(Image.open(io.BytesIO(adv.png)), dtype=np.float32)
@@ -72,16 +75,25 @@ st.plotly_chart(px.line(overlap, x="site", y="jaccard", markers=True, range_y=[0
 st.dataframe(table([{"neuron": c.neuron, "site": c.site, "original": c.original, "variant": c.variant,
                      "delta": c.delta} for c in shift.kept + shift.lost + shift.gained]),
              hide_index=True, key="adv_changes")
+changed = [(g, c.neuron) for g, cs in (("lost", shift.lost), ("gained", shift.gained), ("kept", shift.kept))
+           for c in cs]
+if changed:
+    pick = st.selectbox("Neuron card", changed, format_func=lambda t: f"{short(t[1])} ({t[0]})", key="adv_neuron")
+    neuron_card(pick[1], config, "adv")
 
 st.subheader("Most hijacked neurons")
 label = st.selectbox("Class of the originals", [None, *names], format_func=lambda i: "all" if i is None else names[i],
                      key="adv_class")
 hijacked = s.hijacked_neurons(model_id, config, attack, label, 15)
 if hijacked:
-    rows = [{"neuron": h.neuron, "site": h.site, "setting": k, "share": v} for h in hijacked
-            for k, v in h.by_setting.items()]
-    st.plotly_chart(px.bar(table(rows), x="neuron", y="share", color="setting", barmode="group",
+    rows = [{"neuron": short(h.neuron), "site": h.site, "strength": variant_name(attack, k), "share": v}
+            for h in hijacked for k, v in h.by_setting.items()]
+    st.plotly_chart(px.bar(table(rows), x="neuron", y="share", color="strength", barmode="group",
                            title="Share of attacked images that gain the neuron, by strength"), key="adv_hijack")
-    st.dataframe(table(hijacked), hide_index=True, key="adv_hijack_table")
+    st.dataframe(table([{"neuron": short(h.neuron), "site": h.site, "gained by": h.count, "share": h.share}
+                        for h in hijacked]), hide_index=True, key="adv_hijack_table")
+    pick_h = st.selectbox("Neuron card (hijacked)", [h.neuron for h in hijacked], format_func=short,
+                          key="adv_hijack_neuron")
+    neuron_card(pick_h, config, "hij")
 else:
     st.info("No gained neurons for this selection.")

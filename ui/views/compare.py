@@ -6,7 +6,7 @@ import networkx as nx
 import plotly.express as px
 import streamlit as st
 
-from ui.common import COLORS, class_names, context, heatmap_figure, pathway_dot, store, table
+from ui.common import COLORS, class_names, context, heatmap_figure, neuron_card, pathway_dot, short, store, table
 
 st.title("Compare classes")
 model_id, config = context()
@@ -46,6 +46,13 @@ for src, dst, sa, sb in shared.shared_edges:
         graph.add_edge(src, dst, weight=(sa + sb) / 2)
 st.caption(f"teal: shared · orange: only {names[a]} · blue: only {names[b]} · edges: shared by both classes")
 st.graphviz_chart(pathway_dot(graph, colors))
+
+groups = {"shared": [na for na, _ in shared.shared], f"only {names[a]}": shared.only_a,
+          f"only {names[b]}": shared.only_b}
+choices = [(g, n.neuron) for g, ns in groups.items() for n in ns]
+if choices:
+    pick = st.selectbox("Neuron card", choices, format_func=lambda t: f"{short(t[1])} ({t[0]})", key="cmp_neuron")
+    neuron_card(pick[1], config, "cmp")
 
 overlap = table(shared.per_layer)
 if not overlap.empty:

@@ -5,7 +5,18 @@ from __future__ import annotations
 import streamlit as st
 
 from graphstore.errors import NotFound
-from ui.common import class_names, context, pathway_dot, saliency_figure, short, store, table
+from graphstore.names import number, variant_name
+from ui.common import (
+    class_names,
+    context,
+    neuron_card,
+    pathway_dot,
+    saliency_figure,
+    setting_names,
+    short,
+    store,
+    table,
+)
 
 st.title("Image")
 model_id, config = context()
@@ -24,13 +35,14 @@ if not images:
     st.stop()
 by_id = {im.id: im for im in images}
 image_id = st.selectbox("Image", list(by_id), key="img_id",
-                        format_func=lambda i: f"{by_id[i].source} · {by_id[i].setting or 'original'}")
+                        format_func=lambda i: f"{by_id[i].source} · {variant_name(by_id[i].kind, by_id[i].setting)}")
 detail = s.image(image_id)
 try:
     pathway = s.pathway_of(image_id, config)
 except NotFound:
     st.image(detail.png, width=180, caption=detail.source)
-    st.info(f"This image has no pathway of setting {config} (that method ran on originals only). "
+    st.info(f"This image has no pathway of the setting {setting_names(model_id)[config]} (that method ran on "
+            "originals only). "
             "Pick another setting in the sidebar or an original image.")
     st.stop()
 
@@ -41,7 +53,7 @@ with c2:
     st.metric("Prediction", names.get(detail.predicted, str(detail.predicted)), f"p = {detail.prob:.3f}",
               delta_color="off")
     st.metric("Label", names.get(detail.label, "unknown"))
-    st.metric("Masked logit / full logit", f"{pathway.logit_ratio:.3f}")
+    st.metric("Masked logit / full logit", number(pathway.logit_ratio))
     st.caption(f"pathway {pathway.id} · {pathway.size} neurons")
 with c3:
     title = "Largest pixel pathway per pixel" if pathway.method == "pixel" else "Pathway Gradient"
@@ -54,13 +66,11 @@ st.graphviz_chart(pathway_dot(graph, max_edges=max_edges))
 
 st.subheader("Neuron")
 neurons = sorted(graph.nodes(data=True), key=lambda t: t[1]["rank"])
-neuron = st.selectbox("Neuron (by rank)", [n for n, _ in neurons], format_func=short, key="img_neuron")
-info = s.neuron(neuron, config)
-n1, n2 = st.columns(2)
+neuron = st.selectbox("Neuron (by rank in this pathway)", [n for n, _ in neurons], key="img_neuron",
+                      format_func=lambda n: f"{short(n)} · contribution {number(graph.nodes[n]['contribution'], 4)}")
+n1, n2 = st.columns([3, 2])
 with n1:
-    st.metric("Contribution in this pathway", f"{graph.nodes[neuron]['contribution']:.4g}")
-    st.caption("Support of this neuron in each class")
-    st.dataframe(table(info["classes"]), hide_index=True, key="neuron_classes")
+    neuron_card(neuron, config, "img")
 with n2:
     st.caption("Images whose pathways use it most")
     st.dataframe(table(s.neuron_top_images(neuron, config, 10)), hide_index=True, key="neuron_images")
@@ -68,10 +78,13 @@ with n2:
 st.subheader("Nearest images by pathway overlap")
 st.dataframe(table(s.similar_images(image_id, config, 8)), hide_index=True, key="similar")
 st.subheader("Pathways of this image")
-st.dataframe(table([{"config": p.config, "method": p.method, "neurons": p.size, "logit ratio": p.logit_ratio,
+names_of = setting_names(model_id)
+st.dataframe(table([{"setting": names_of.get(p.config, p.config), "neurons": p.size, "logit ratio": p.logit_ratio,
                      "dead fraction": p.dead_fraction, "corr/prec overlap": p.corr_prec_overlap}
                     for p in s.pathways_of_image(image_id)]), hide_index=True, key="img_pathways")
 agreement = s.method_agreement(image_id)
 if agreement:
     st.subheader("Agreement between pathway settings (Jaccard)")
-    st.dataframe(table(agreement)[["config_a", "config_b", "jaccard"]], hide_index=True, key="agreement")
+    st.dataframe(table([{"setting A": names_of.get(a.config_a, a.config_a), "setting B": names_of.get(a.config_b,
+                                                                                                      a.config_b),
+                         "jaccard": a.jaccard} for a in agreement]), hide_index=True, key="agreement")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import plotly.express as px
 import streamlit as st
 
-from ui.common import context, store, table
+from ui.common import config_info, context, store, table
 
 st.title("Overview")
 model_id, config = context()
@@ -35,17 +35,20 @@ with right:
     if by_var.empty:
         st.info("No variants in the store.")
     else:
-        st.dataframe(by_var, hide_index=True, width="stretch", key="acc_variant")
+        st.dataframe(by_var[["name", "images", "accuracy"]].rename(columns={"name": "variant"}), hide_index=True,
+                     width="stretch", key="acc_variant")
         attacks = by_var[by_var["eps"].notna()]
         if not attacks.empty:
-            attacks = attacks.assign(attack=attacks["kind"] + " " + attacks["setting"].str.contains(
-                '"targeted": true').map({True: "targeted", False: "untargeted"}))
+            attacks = attacks.assign(attack=attacks["kind"].str.upper() + attacks["targeted"].map(
+                {True: " targeted", False: " untargeted"}))
             fig = px.line(attacks, x="eps", y="accuracy", color="attack", markers=True, range_y=[0, 1])
             st.plotly_chart(fig, key="acc_eps")
 
-st.subheader("Pathway size per layer")
+fixed_size = config_info(model_id, config).selection == "topk"  # top-k keeps k per site: sizes cannot vary
+st.subheader("Contribution mass per layer" if fixed_size else "Pathway size per layer")
 counts = table(s.pathway_counts(config))
 if not counts.empty:
-    counts["group"] = counts["kind"] + " " + counts["setting"]
-    fig = px.line(counts, x="site", y="mean_neurons", color="group", markers=True)
+    fig = px.line(counts, x="site", y="mean_mass" if fixed_size else "mean_neurons", color="name", markers=True,
+                  labels={"mean_mass": "mean Σ|contribution| of pathway neurons", "mean_neurons": "mean neurons",
+                          "name": "images"})
     st.plotly_chart(fig, key="size_layer")

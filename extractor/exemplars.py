@@ -1,0 +1,142 @@
+"""What each neuron sees: its top-N original images, with the receptive-field box of the peak.
+
+Two lists per channel of every site: ``activation`` (the images whose maximum activation in
+the channel is largest) and ``contribution`` (the images whose pathway the channel contributes
+most to, under the run's first pathway setting). Only positive values count: a channel that
+never fires has no exemplars. Ties are broken by image id, so the lists do not depend on the
+order images arrive in.
+
+Memory is O(channels x N): the tracker keeps the running top-N and, per batch, hands back
+only the rows that entered it (the *delta*). Each part stores its delta; since every entry of
+a final top-N entered some running top-N, the top-N over all deltas of all parts (shards and
+resumed runs included) is exactly the top-N over all images (``records.merge_exemplar_rows``).
+
+The box of a position is its receptive field in input pixels, clipped to the image: the
+bounding box of the support of d activation(position) / d input, measured once per site on
+random inputs at a central position and translated by the site's stride. A site whose central
+field already reaches an image border gets the whole image (a superset, never too small).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from extractor.models import ModelBundle
+from extractor.records import EXEMPLAR_KINDS, ExemplarRows, merge_exemplar_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SiteField:
+    """Receptive field of a site's positions: ``box0`` (y0, x0, y1, x1; half-open) at position
+    ``p0``, moved by ``stride`` per position; ``whole`` = every position sees the whole image."""
+
+    box0: tuple[int, int, int, int]
+    p0: tuple[int, int]
+    stride: tuple[int, int]
+    whole: bool
+
+
+class ReceptiveFields:
+    """Boxes in input pixels for positions of every site of a model."""
+
+    def __init__(self, bundle: ModelBundle, probes: int = 4, seed: int = 0) -> None:
+        self.height, self.width = bundle.info.input_shape[1:]
+        self.fields: list[SiteField | None] = [self._probe(bundle, s.index, probes, seed) if len(s.shape) == 3
+                                               else None for s in bundle.sites]
+
+    def _support_box(self, bundle: ModelBundle, site: int, pos: tuple[int, int], probes: int,
+                     seed: int) -> tuple[int, int, int, int]:
+        from extractor.pathways import forward_with_sites
+
+        gen = torch.Generator().manual_seed(seed)
+        dtype = next(bundle.model.parameters()).dtype
+        x = torch.rand((probes, *bundle.info.input_shape), generator=gen, dtype=dtype).requires_grad_(True)
+        _, acts = forward_with_sites(bundle, x)
+        g = torch.autograd.grad(acts[site][:, :, pos[0], pos[1]].sum(), x)[0]
+        support = (g.abs().sum((0, 1)) > 0).nonzero()
+        if len(support) == 0:
+            return 0, 0, self.height, self.width
+        (y0, x0), (y1, x1) = support.min(0).values.tolist(), support.max(0).values.tolist()
+        return y0, x0, y1 + 1, x1 + 1
+
+    def _probe(self, bundle: ModelBundle, site: int, probes: int, seed: int) -> SiteField:
+        _, hs, ws = bundle.sites[site].shape
+        p0 = (hs // 2, ws // 2)
+        box0 = self._support_box(bundle, site, p0, probes, seed)
+        touches = box0[0] == 0 or box0[1] == 0 or box0[2] == self.height or box0[3] == self.width
+        if touches or hs * ws == 1:
+            return SiteField(box0, p0, (0, 0), whole=touches)
+        p1 = (min(hs - 1, p0[0] + 1), min(ws - 1, p0[1] + 1))
+        box1 = self._support_box(bundle, site, p1, probes, seed)
+        sy = (box1[0] - box0[0]) // max(1, p1[0] - p0[0])
+        sx = (box1[1] - box0[1]) // max(1, p1[1] - p0[1])
+        return SiteField(box0, p0, (sy, sx), whole=False)
+
+    def boxes(self, site: int, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        """Boxes ``[n, 4]`` (y0, x0, y1, x1; half-open, clipped) of positions ``ys``, ``xs`` ``[n]``."""
+        f = self.fields[site]
+        n = len(ys)
+        if f is None or f.whole:
+            return np.tile(np.array([0, 0, self.height, self.width], np.int32), (n, 1))
+        dy = (ys - f.p0[0]) * f.stride[0]
+        dx = (xs - f.p0[1]) * f.stride[1]
+        out = np.stack([f.box0[0] + dy, f.box0[1] + dx, f.box0[2] + dy, f.box0[3] + dx], 1)
+        out[:, [0, 2]] = out[:, [0, 2]].clip(0, self.height)
+        out[:, [1, 3]] = out[:, [1, 3]].clip(0, self.width)
+        return out.astype(np.int32)
+
+
+def _peaks(t: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per image and channel of ``t`` ``[B, C, H, W]`` or ``[B, C]``: max value ``[B, C]`` and its
+    position (y, x) ``[B, C]`` each (-1 for unit vectors)."""
+    t = t.detach().float().cpu()
+    if t.dim() == 2:
+        minus = -np.ones(t.shape, np.int32)
+        return t.numpy(), minus, minus
+    W = t.shape[-1]
+    values, idx = t.flatten(2).max(-1)
+    idx_np = idx.numpy()
+    return values.numpy(), (idx_np // W).astype(np.int32), (idx_np % W).astype(np.int32)
+
+
+class ExemplarTracker:
+    """Running top-``n`` images per (site, channel, kind) over the batches of one extraction."""
+
+    def __init__(self, bundle: ModelBundle, n: int) -> None:
+        self.n = n
+        self.fields = ReceptiveFields(bundle)
+        self.top = ExemplarRows.empty()
+
+    def update(self, ids: Sequence[str], acts: Sequence[torch.Tensor], contributions: Sequence[torch.Tensor]
+               ) -> ExemplarRows:
+        """Add one batch of originals; returns the rows that entered the running top-N (the delta).
+
+        ``acts[s]`` and ``contributions[s]`` (element contributions inside the pathway's mask) are
+        ``[B, C, H, W]`` or ``[B, C]`` for site ``s``; ``ids`` ``[B]`` are the images' ids.
+        """
+        batch = [self._rows(ids, kind, s, t) for kind, ts in zip(EXEMPLAR_KINDS, (acts, contributions), strict=True)
+                 for s, t in enumerate(ts)]
+        candidates = ExemplarRows.concat([self.top, *batch])
+        self.top = merge_exemplar_rows(candidates, self.n)
+        fresh = np.isin(self.top.image_id, np.asarray(list(ids), dtype=object))
+        return self.top.take(np.nonzero(fresh)[0])
+
+    def _rows(self, ids: Sequence[str], kind: str, site: int, t: torch.Tensor) -> ExemplarRows:
+        if kind == "contribution":  # value: the channel's summed contribution; position: its largest element
+            values = (t.detach().float().cpu().flatten(2).sum(-1) if t.dim() > 2 else t.detach().float().cpu())
+            _, ys, xs = _peaks(t)
+            values = values.numpy()
+        else:
+            values, ys, xs = _peaks(t)
+        b, c = np.nonzero(values > 0)
+        y, x = ys[b, c], xs[b, c]
+        return ExemplarRows(site=np.full(len(b), site, np.int32), channel=c.astype(np.int32),
+                            kind=np.full(len(b), kind, dtype=object), image_id=np.asarray(ids, dtype=object)[b],
+                            value=values[b, c].astype(np.float32), y=y, x=x, box=self.fields.boxes(site, y, x))
