@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from extractor.records import ImageRecord, Manifest, PathwayRecord, class_id, neuron_id, read_run
+from extractor.records import ImageRecord, Manifest, PathwayRecord, class_id, neuron_id, read_exemplars, read_run
 
 PER_IMAGE = ("target", "seed", "top", "left")
 
@@ -19,11 +19,12 @@ class Ref:
     manifest: Manifest
     images: dict[str, ImageRecord]
     pathways: list[PathwayRecord]
+    exemplars: int = 0  # exemplar rows of the run (checked against brute force in test_exemplars)
 
     @classmethod
     def load(cls, run: Path) -> Ref:
         manifest, images, pathways = read_run(run)
-        return cls(manifest, {i.image_id: i for i in images}, pathways)
+        return cls(manifest, {i.image_id: i for i in images}, pathways, len(read_exemplars(run)))
 
     @property
     def model_id(self) -> str:
@@ -86,6 +87,8 @@ class Ref:
             nodes["VariantStat"] = len(stats)
         if gained:
             rels["GAINED"] = len(gained)
+        if self.exemplars:
+            rels["EXEMPLAR"] = self.exemplars
         return nodes, rels
 
     def edge_support(self, config: str, cls: int, floor: float = 0.05) -> dict[tuple[str, str], float]:

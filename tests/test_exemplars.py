@@ -126,3 +126,47 @@ def test_merging_halves_resumes_and_shards_equals_one_run(digits: tuple, tmp_pat
     assert len(parts) == 7
     channels = sum(s.channels for s in bundle.sites)
     assert len(read_exemplars(tmp_path / "one")) <= 2 * channels * N
+
+
+@pytest.mark.store
+def test_exemplars_in_the_store_and_readme_query(loaded_store: object, fixture_run: Path) -> None:
+    import re
+
+    from graphstore.api import Store
+    from graphstore.console import run_read_only
+    from graphstore.loader import load_run
+    from tests.reference import Ref
+
+    rows = read_exemplars(fixture_run)
+    store = Store(loaded_store)  # type: ignore[arg-type]
+    _, rels = store.counts()
+    assert rels["EXEMPLAR"] == len(rows) > 0
+    # loading again changes nothing (merged with what is stored, one row per neuron, kind and image)
+    load_run(loaded_store, fixture_run, progress=False)  # type: ignore[arg-type]
+    assert store.counts()[1]["EXEMPLAR"] == len(rows)
+    # README's query against a recomputation from the record files
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    query = re.search(r"(// the 9 images that most excite.*?ORDER BY neuron)\n", readme, re.S)
+    assert query
+    got = run_read_only(loaded_store, query.group(1), {}, timeout_s=30, max_rows=10_000)
+    ref = Ref.load(fixture_run)
+    model = ref.manifest.model
+    names = {n: i for i, n in enumerate(model.class_names)}
+    shared = set()
+    for cfg in {p.config for p in ref.pathways}:
+        sup = ref.support(cfg)
+        a, b = sup.get(names["digit 3"], {}), sup.get(names["digit 8"], {})
+        shared |= {n for n in a if a[n][0] >= 0.5 and n in b and b[n][0] >= 0.5}
+    source = {i.image_id: i.source for i in ref.images.values()}
+    want = {}
+    for i in np.argsort(rows.rank, kind="stable"):
+        nid = f"{model.model_id}/{model.sites[int(rows.site[i])].site_id}/{int(rows.channel[i])}"
+        if nid in shared and rows.kind[i] == "activation":
+            want.setdefault(nid, []).append(source[str(rows.image_id[i])])
+    assert want and {r["neuron"]: r["images"] for r in got.rows} == want
+    assert all(len(v) <= 9 for v in want.values())
+    # the neuron card reads the same rows
+    nid = next(iter(want))
+    card = store.neuron_card(nid, store.default_config(model.model_id))
+    assert [e.source for e in card.exemplars if e.kind == "activation"] == want[nid]
+    assert all(e.png.startswith(b"\x89PNG") for e in card.exemplars)

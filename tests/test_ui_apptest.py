@@ -8,6 +8,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from graphstore.api import Store
+from graphstore.names import number
 from graphstore.server import USER, read_password
 
 pytestmark = pytest.mark.store
@@ -28,6 +29,18 @@ def open_page(name: str) -> AppTest:
         at.switch_page(str(UI / "views" / f"{name}.py")).run()
     assert not at.exception, [e.value for e in at.exception]
     return at
+
+
+def card_images(at: AppTest) -> list[object]:
+    """The exemplar patches the page's neuron cards draw (captioned "#rank · value")."""
+    return [c for group in at.get("image") for c in group.captions if c.startswith("#")]
+
+
+def assert_no_json(at: AppTest) -> None:
+    """Setting and variant names read as words: no JSON in selectbox options, captions or tables."""
+    texts = [o for sb in at.selectbox for o in sb.options] + [c.value for c in at.caption]
+    texts += [str(v) for df in at.dataframe for col in df.value.columns for v in df.value[col].tolist()]
+    assert not [t for t in texts if '{"' in t or "{'" in t], [t for t in texts if "{" in t][:3]
 
 
 def metrics(at: AppTest) -> dict[str, str]:
@@ -52,9 +65,14 @@ def test_image_page(app: Store) -> None:
     names = {c.index: c.name for c in app.classes(model)}
     assert metrics(at)["Prediction"] == names[detail.predicted]
     pathway = app.pathway_of(image_id, config)
-    assert metrics(at)["Masked logit / full logit"] == f"{pathway.logit_ratio:.3f}"
+    assert metrics(at)["Masked logit / full logit"] == number(pathway.logit_ratio)
     dot = at.get("graphviz_chart")[0].proto.spec
     assert dot.count("fillcolor=") == pathway.size
+    # the neuron card: the selected neuron's exemplar patches, as the store holds them
+    neuron = at.selectbox(key="img_neuron").value
+    card = app.neuron_card(neuron, config)
+    assert card.exemplars and len(card_images(at)) == len(card.exemplars)
+    assert_no_json(at)
     at.selectbox(key="img_kind").set_value("pgd").run()
     assert not at.exception
     assert app.image(at.selectbox(key="img_id").value).kind == "pgd"
@@ -81,6 +99,9 @@ def test_compare_page(app: Store) -> None:
     assert got["Shared neurons"] == str(len(shared.shared))
     assert got["Shared edges"] == str(len(shared.shared_edges))
     assert at.get("plotly_chart")
+    pick = at.selectbox(key="cmp_neuron").value
+    assert len(card_images(at)) == len(app.neuron_card(pick[1], config).exemplars) > 0
+    assert_no_json(at)
 
 
 def test_adversarial_page(app: Store) -> None:
@@ -93,16 +114,21 @@ def test_adversarial_page(app: Store) -> None:
     got = metrics(at)
     assert got["Kept"] == str(len(shift.kept)) and got["Lost"] == str(len(shift.lost))
     assert got["Gained"] == str(len(shift.gained))
+    shown = [app.neuron_card(at.selectbox(key=k).value if k == "adv_hijack_neuron" else at.selectbox(key=k).value[1],
+                             config) for k in ("adv_neuron", "adv_hijack_neuron")]
+    assert len(card_images(at)) == sum(len(c.exemplars) for c in shown) > 0
+    assert_no_json(at)
 
 
 def test_variants_page(app: Store) -> None:
     at = open_page("variants")
     model, config = at.selectbox(key="model").value, at.selectbox(key="config").value
     df = at.dataframe[0].value
-    want = {(o.kind, o.setting): o.prediction_changed for k in ("occlude", "shift", "deform", "affine")
+    want = {o.name: o.prediction_changed for k in ("occlude", "shift", "deform", "affine")
             for o in app.variant_overlap(model, config, k)}
-    got = {(r.kind, r.setting): r.prediction_changed for r in df.itertuples()}
-    assert got == pytest.approx(want)
+    got = {r.variant: r.prediction_changed for r in df.itertuples()}
+    assert got == pytest.approx(want) and len(got) == 4
+    assert_no_json(at)
 
 
 def test_cypher_page(app: Store) -> None:

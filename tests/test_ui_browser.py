@@ -28,6 +28,25 @@ def ui_server(driver: object, fixture_run: Path, neo4j_server: object) -> Iterat
         yield url
 
 
+# Neuron cards (container keys) each page shows: their exemplar patches must render as images.
+CARDS = {"image": ("card_img",), "compare": ("card_cmp",), "adversarial": ("card_adv", "card_hij")}
+
+
+def test_root_opens_the_overview(ui_server: str) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(ui_server)
+            page.get_by_role("heading", name="Overview").first.wait_for(timeout=60_000)
+            page.wait_for_url("**/overview", timeout=30_000)
+            assert "Page not found" not in page.locator("body").inner_text()
+        finally:
+            browser.close()
+
+
 @pytest.mark.parametrize(("path", "title", "drawn"), UI_PAGES)
 def test_page_in_chromium(ui_server: str, artifacts: Path, path: str, title: str, drawn: str) -> None:
     from playwright.sync_api import sync_playwright
@@ -49,6 +68,20 @@ def test_page_in_chromium(ui_server: str, artifacts: Path, path: str, title: str
             page.wait_for_timeout(1500)
             assert page.locator('[data-testid="stException"]').count() == 0
             assert page.locator('[data-testid="stAlertContentError"]').count() == 0
+            body = page.locator("body").inner_text()
+            assert "Page not found" not in body and page.url.rstrip("/").endswith(path)
+            if path != "cypher":  # settings, variants and legends read as words, never as JSON
+                assert '{"' not in body and '"}' not in body
+                legends = " ".join(page.locator("g.legend text").all_inner_texts())
+                assert "{" not in legends
+            for card in CARDS.get(path, ()):
+                box = page.locator(f".st-key-{card}")
+                box.first.wait_for(timeout=60_000)
+                box.first.scroll_into_view_if_needed()
+                images = box.first.locator("img")
+                images.first.wait_for(timeout=30_000)
+                widths = images.evaluate_all("els => els.map(e => e.complete ? e.naturalWidth : 0)")
+                assert len(widths) >= 2 and min(widths) > 0, (card, widths)
             page.screenshot(path=str(artifacts / f"ui-{path}.png"), full_page=True)
         finally:
             browser.close()

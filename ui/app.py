@@ -9,12 +9,15 @@ import streamlit as st
 HERE = Path(__file__).resolve().parent
 
 st.set_page_config(page_title="Pathway Explorer", layout="wide")
-pages = [
-    st.Page(str(HERE / "views" / "overview.py"), title="Overview", default=True, url_path="overview"),
-    st.Page(str(HERE / "views" / "image.py"), title="Image", url_path="image"),
-    st.Page(str(HERE / "views" / "compare.py"), title="Compare classes", url_path="compare"),
-    st.Page(str(HERE / "views" / "adversarial.py"), title="Adversarial", url_path="adversarial"),
-    st.Page(str(HERE / "views" / "variants.py"), title="Variants", url_path="variants"),
-    st.Page(str(HERE / "views" / "cypher.py"), title="Cypher", url_path="cypher"),
-]
-st.navigation(pages).run()
+# (file, title, URL path): every page has its own URL, the root included (it opens the overview).
+PAGES = (("overview.py", "Overview", "overview"), ("image.py", "Image", "image"),
+         ("compare.py", "Compare classes", "compare"), ("adversarial.py", "Adversarial", "adversarial"),
+         ("variants.py", "Variants", "variants"), ("cypher.py", "Cypher", "cypher"))
+pages = [st.Page(str(HERE / "views" / f), title=t, url_path=u) for f, t, u in PAGES]
+
+
+def _home() -> None:
+    st.switch_page(pages[0])
+
+
+st.navigation([st.Page(_home, title="Pathway Explorer", default=True, visibility="hidden"), *pages]).run()
