@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     import networkx as nx
     from torch import nn
 
+    from extractor.pathways import PathwaySettings
     from extractor.pipeline import ExtractSummary
     from extractor.records import ImageRecord, Manifest, PathwayRecord, RunStatus
     from graphstore.api import Store
@@ -101,6 +102,8 @@ def extract(
     variant_kinds: Mapping[str, Sequence[str]] | None = None,
     granularity: str = "element",
     pixel_stride: int = 2,
+    exemplars: int = 9,
+    extra_settings: Sequence[PathwaySettings] = (),
     progress: bool = True,
 ) -> Extraction:
     """Extract critical pathways of ``images`` through ``model`` into the run folder ``out``.
@@ -109,8 +112,10 @@ def extract(
     default ``(3, 224, 224)``, and ``mean``/``std`` if it expects normalised input) or a model spec
     string as on the command line. ``methods``: ``mct``, ``intgrad``, ``correlation``,
     ``precision``, ``pixel``. ``variants``: e.g. ``"fgsm,pgd:eps=0.1"``. ``shard``: ``"I/N"``
-    (default: ``RANK``/``WORLD_SIZE`` under torchrun). The run resumes if ``out`` already holds
-    part of it. Raises ``ExtractionError`` (one line) for anything the user can fix.
+    (default: ``RANK``/``WORLD_SIZE`` under torchrun). ``exemplars``: top-N images kept per neuron.
+    ``extra_settings``: more ``PathwaySettings`` beside those ``methods`` makes (e.g. a percentile
+    rule next to top-k). The run resumes if ``out`` already holds part of it. Raises
+    ``ExtractionError`` (one line) for anything the user can fix.
     """
     from torch import nn
 
@@ -134,12 +139,12 @@ def extract(
     else:
         raise ExtractionError(f"model must be an nn.Module or a model name; got {type(model).__name__}")
     settings = build_settings(list(methods), top_k, sparsity, granularity, pixel_stride=pixel_stride,
-                              originals_only=originals_only, variant_kinds=variant_kinds)
+                              originals_only=originals_only, variant_kinds=variant_kinds) + list(extra_settings)
     specs = VariantSpec.parse(variants if isinstance(variants, str) else ",".join(variants))
     source = _images(images, bundle)
     summary = extract_run(bundle, source, settings, specs, Path(out), batch_size=batch_size, limit=limit,
                           device=shard_device(device), progress=progress, workers=workers,
-                          shard=parse_shard(shard), strict=strict)
+                          shard=parse_shard(shard), strict=strict, exemplars=exemplars)
     log.info("%d images, %d pathways, %d unreadable skipped", summary.images, summary.pathways, len(summary.bad))
     return Extraction(Path(out), summary)
 

@@ -243,6 +243,7 @@ def extract(
     shard: Annotated[str | None, typer.Option(
         help="I/N: this process takes share I of N (0-based); under torchrun RANK/WORLD_SIZE.")] = None,
     strict: Annotated[bool, typer.Option(help="Stop at the first unreadable image instead of skipping it.")] = False,
+    exemplars: Annotated[int, typer.Option(help="Top-N images kept per neuron (0 = none).")] = 9,
     pixel_stride: Annotated[int, typer.Option(help="Pixel pathways: trace every n-th pixel.")] = 2,
     pixel_beam: Annotated[int, typer.Option(help="Pixel pathways: beam width.")] = 3,
     pixel_top: Annotated[int, typer.Option(help="Pixel pathways: chains kept per pixel.")] = 3,
@@ -272,7 +273,8 @@ def extract(
         bundle = model_from_spec(model, _home(), weights_file, untrained, opts)
         image_set = load_images(images, bundle, _home())
         summary = extract_run(bundle, image_set, settings, specs, out, batch_size=batch_size, limit=limit,
-                              device=shard_device(device), workers=loader_workers, shard=part, strict=strict)
+                              device=shard_device(device), workers=loader_workers, shard=part, strict=strict,
+                              exemplars=exemplars)
         rate = summary.images / summary.seconds if summary.seconds else 0.0
         where = f" (shard {part.index}/{part.count})" if part.count > 1 else ""
         typer.echo(f"{summary.images} images, {summary.pathways} pathways, {summary.edges} edges in "
@@ -522,6 +524,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/demo"),
     serve: Annotated[bool, typer.Option(help="Serve the UI at the end.")] = True,
     port: Annotated[int, typer.Option(help="Port of the UI.")] = UI_PORT,
+    percentile: Annotated[bool, typer.Option(help="Also Khakzar's own rule: MCT, global percentile p = 90.")] = True,
 ) -> None:
     """Start Neo4j, train the demo model, extract the test split with variants, load, serve the UI."""
     import time
@@ -544,12 +547,15 @@ def demo(
     step("step 2/5: demo model")
     train_demo()
     step("step 3/5: extraction (originals, FGSM, PGD, occluded, shifted, deformed)")
+    from extractor.pathways import PathwaySettings
     from pathx.api import extract as run_extraction
 
+    khakzar = PathwaySettings("mct", "percentile", sparsity=90.0, granularity="element")  # the paper's own rule
     done = run_extraction(
         "demo", "demo:test", out, methods=("mct", "intgrad", "correlation", "precision", "pixel"), top_k=8,
         variants="fgsm,pgd,occlude,shift,deform,affine", limit=limit, pixel_stride=4,
-        originals_only=("correlation", "precision"), variant_kinds={"pixel": ("deform",)})
+        originals_only=("correlation", "precision"), variant_kinds={"pixel": ("deform",)},
+        extra_settings=(khakzar,) if percentile else ())
     typer.echo(f"{done.summary.images} images, {done.summary.pathways} pathways, {done.summary.edges} edges")
     step("step 4/5: load into Neo4j")
     load(out)
