@@ -218,3 +218,35 @@ def pixel_rates() -> list[dict[str, Any]]:
                      "pixels_per_s": pixels / seconds, "sites": len(bundle.sites)})
         print(f"pixel pathways {name}: {pixels} pixels in {seconds:.1f}s", flush=True)
     return rows
+
+
+def exemplar_overhead(rounds: int = 3) -> list[dict[str, Any]]:
+    """Extraction with ``--exemplars 9`` over ``--exemplars 0``: whole ``extract_run`` calls (receptive-field
+    probing, tracking and the parts' exemplar files included), timed in alternating rounds."""
+    import tempfile
+    from pathlib import Path
+
+    from extractor.demo import demo_bundle
+    from extractor.inputs import TensorImages
+    from extractor.pipeline import extract_run
+    from graphstore.server import default_home
+
+    torch.set_num_threads(2)
+    demo, _ = demo_bundle(default_home())
+    cases = [("demo-cnn", demo, 32, 512, 32), ("resnet18", make_bundle(torchvision.models.resnet18(weights=None),
+                                                                       "resnet18", (3, 224, 224)), 224, 32, 16)]
+    rows = []
+    for name, bundle, size, n, batch in cases:
+        torch.manual_seed(0)
+        images = TensorImages(torch.rand(n, bundle.info.input_shape[0], size, size))
+
+        def run(exemplars: int, b: ModelBundle = bundle, im: TensorImages = images, bs: int = batch) -> None:
+            with tempfile.TemporaryDirectory() as tmp:
+                extract_run(b, im, [PathwaySettings(k=K)], [], Path(tmp) / "run", batch_size=bs,
+                            exemplars=exemplars, progress=False)
+
+        off, on = _interleaved([lambda: run(0), lambda: run(9)], rounds)
+        rows.append({"model": name, "input": size, "images": n, "batch": batch, "seconds_off": off,
+                     "seconds_on": on, "ratio": on / off})
+        print(f"exemplars {name}: {on / off:.3f} ({off:.1f} s -> {on:.1f} s)", flush=True)
+    return rows

@@ -3,7 +3,8 @@
 Every figure is a ratio or rate measured in one run, on this machine (described in the output).
 Sections: ``extraction`` (vs plain PyTorch and Captum), ``pixel`` (pixel pathways per second),
 ``memory`` (peak RSS while streaming records), ``folders`` (generated JPEG folders up to 50,000:
-peak RSS of ``--limit`` and full runs, images/s by loader workers), ``store`` (loading the demo-sized run into a
+peak RSS of ``--limit`` and full runs, images/s by loader workers), ``exemplars`` (cost of
+``--exemplars 9`` over 0, extra store size and load time), ``store`` (loading the demo-sized run into a
 private Neo4j, batched vs one query per row, and named-query latency), ``scale`` (a synthetic
 10,000-image x 3-method run bulk-imported: size, query latency, UI first paint) and
 ``scale100k`` (100,000 images, one method).
@@ -133,6 +134,64 @@ def loading_and_queries(home: Path) -> dict[str, Any]:
     return out
 
 
+def exemplar_store(home: Path) -> dict[str, Any]:
+    """What exemplars add to the store: the demo-sized run extracted with ``--exemplars 0`` and 9, each
+    loaded into an empty private Neo4j: load seconds, EXEMPLAR relationships, store and record size."""
+    from extractor.demo import demo_bundle
+    from extractor.pathways import PathwaySettings
+    from extractor.pipeline import extract_run, load_images
+    from extractor.variants import VariantSpec
+    from graphstore.connection import ConnectionSettings, open_driver
+    from graphstore.loader import load_run
+    from graphstore.server import USER, ServerConfig, fetch_jars, free_port, read_password, start, stop
+
+    def du(path: Path) -> int:
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+    base = ServerConfig.default(home)
+    fetch_jars(base)
+    bundle, _ = demo_bundle(home)
+    images = load_images("demo:test", bundle, home)
+    out: dict[str, Any] = {}
+    for n in (0, 9):
+        tmp = Path(tempfile.mkdtemp(prefix="pathx-bench-ex-"))
+        cfg = ServerConfig(lib_dir=base.lib_dir, instance_dir=tmp / "neo4j", bolt_port=free_port(),
+                           http_port=free_port())
+        try:
+            run = tmp / "run"
+            extract_run(bundle, images, [PathwaySettings(k=8), PathwaySettings("intgrad", k=8)],
+                        VariantSpec.parse("fgsm,pgd,occlude"), run, limit=120, exemplars=n, progress=False)
+            start(cfg)
+            driver = open_driver(ConnectionSettings(cfg.bolt_uri, USER, read_password(cfg)))
+            summary = load_run(driver, run, progress=False)
+            driver.execute_query("CALL db.checkpoint()")
+            driver.close()
+            out[str(n)] = {"load_s": summary.seconds, "exemplars": summary.exemplars,
+                           "store_mib": du(cfg.instance_dir / "data") / 2**20, "records_mib": du(run) / 2**20}
+            print(f"exemplars {n}: load {summary.seconds:.1f} s, {summary.exemplars} EXEMPLAR, store "
+                  f"{out[str(n)]['store_mib']:.1f} MiB", flush=True)
+        finally:
+            stop(cfg)
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _exemplar_lines(results: dict[str, Any]) -> list[str]:
+    lines = ["", "### Exemplars (`--exemplars 9` vs `--exemplars 0`)", "",
+             "| model | images (batch) | seconds with 0 | seconds with 9 | ratio (target ≤ 1.10) |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['model']} {r['input']}px | {r['images']} ({r['batch']}) | {r['seconds_off']:.2f} | "
+              f"{r['seconds_on']:.2f} | {r['ratio']:.3f} |" for r in results.get("exemplars", {}).get("extraction", [])]
+    st = results.get("exemplars", {}).get("store")
+    if st:
+        a, b = st["0"], st["9"]
+        lines += ["", f"Demo-sized run (120 originals, mct + intgrad, FGSM/PGD/occlusion): {b['exemplars']:,} EXEMPLAR "
+                  f"relationships; load {a['load_s']:.1f} s → {b['load_s']:.1f} s; store on disk "
+                  f"{a['store_mib']:.1f} → {b['store_mib']:.1f} MiB; record files {a['records_mib']:.1f} → "
+                  f"{b['records_mib']:.1f} MiB."]
+    return lines
+
+
 def _scale_lines(r: dict[str, Any], title: str) -> list[str]:
     b = r["bulk"]
     lines = ["", f"### {title}", "",
@@ -187,6 +246,8 @@ def markdown(results: dict[str, Any]) -> str:
     if "memory" in results:
         lines += ["", "### Memory", "", "| images extracted (streamed to Parquet) | peak RSS MiB |", "|---|---|"]
         lines += [f"| {r['images']} | {r['peak_rss_mib']:.0f} |" for r in results["memory"]]
+    if "exemplars" in results:
+        lines += _exemplar_lines(results)
     if "folders" in results:
         lines += folders.markdown(results["folders"])
     if "store" in results:
@@ -206,7 +267,7 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-SECTIONS = ("extraction", "pixel", "memory", "folders", "store", "scale", "scale100k")
+SECTIONS = ("extraction", "pixel", "memory", "exemplars", "folders", "store", "scale", "scale100k")
 
 
 def main() -> None:
@@ -230,6 +291,7 @@ def main() -> None:
         "pixel": extraction.pixel_rates,
         "memory": lambda: memory(home),
         "folders": lambda: folders.folders_memory(quick),
+        "exemplars": lambda: {"extraction": extraction.exemplar_overhead(), "store": exemplar_store(home)},
         "store": lambda: loading_and_queries(home),
         "scale": lambda: scale(home, 1000 if quick else 10_000, ("mct", "intgrad", "correlation"), ui=True),
         "scale100k": lambda: scale(home, 100_000, ("mct",), ui=False, repeats=10),

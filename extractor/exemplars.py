@@ -47,34 +47,34 @@ class ReceptiveFields:
     """Boxes in input pixels for positions of every site of a model."""
 
     def __init__(self, bundle: ModelBundle, probes: int = 4, seed: int = 0) -> None:
-        self.height, self.width = bundle.info.input_shape[1:]
-        self.fields: list[SiteField | None] = [self._probe(bundle, s.index, probes, seed) if len(s.shape) == 3
-                                               else None for s in bundle.sites]
-
-    def _support_box(self, bundle: ModelBundle, site: int, pos: tuple[int, int], probes: int,
-                     seed: int) -> tuple[int, int, int, int]:
         from extractor.pathways import forward_with_sites
 
+        self.height, self.width = bundle.info.input_shape[1:]
         gen = torch.Generator().manual_seed(seed)
         dtype = next(bundle.model.parameters()).dtype
         x = torch.rand((probes, *bundle.info.input_shape), generator=gen, dtype=dtype).requires_grad_(True)
-        _, acts = forward_with_sites(bundle, x)
-        g = torch.autograd.grad(acts[site][:, :, pos[0], pos[1]].sum(), x)[0]
+        _, acts = forward_with_sites(bundle, x)  # one forward; one backward per site and probed position
+        self.fields: list[SiteField | None] = [self._probe(x, acts[s.index]) if len(s.shape) == 3 else None
+                                               for s in bundle.sites]
+
+    def _support_box(self, x: torch.Tensor, act: torch.Tensor, pos: tuple[int, int]) -> tuple[int, int, int, int]:
+        """Bounding box of the pixels that reach position ``pos`` of ``act`` ``[P, C, h, w]`` in any probe."""
+        g = torch.autograd.grad(act[:, :, pos[0], pos[1]].sum(), x, retain_graph=True)[0]
         support = (g.abs().sum((0, 1)) > 0).nonzero()
         if len(support) == 0:
             return 0, 0, self.height, self.width
         (y0, x0), (y1, x1) = support.min(0).values.tolist(), support.max(0).values.tolist()
         return y0, x0, y1 + 1, x1 + 1
 
-    def _probe(self, bundle: ModelBundle, site: int, probes: int, seed: int) -> SiteField:
-        _, hs, ws = bundle.sites[site].shape
+    def _probe(self, x: torch.Tensor, act: torch.Tensor) -> SiteField:
+        hs, ws = act.shape[-2:]
         p0 = (hs // 2, ws // 2)
-        box0 = self._support_box(bundle, site, p0, probes, seed)
+        box0 = self._support_box(x, act, p0)
         touches = box0[0] == 0 or box0[1] == 0 or box0[2] == self.height or box0[3] == self.width
         if touches or hs * ws == 1:
             return SiteField(box0, p0, (0, 0), whole=touches)
         p1 = (min(hs - 1, p0[0] + 1), min(ws - 1, p0[1] + 1))
-        box1 = self._support_box(bundle, site, p1, probes, seed)
+        box1 = self._support_box(x, act, p1)
         sy = (box1[0] - box0[0]) // max(1, p1[0] - p0[0])
         sx = (box1[1] - box0[1]) // max(1, p1[1] - p0[1])
         return SiteField(box0, p0, (sy, sx), whole=False)

@@ -127,7 +127,10 @@ def neuron_card(neuron_id: str, config: str, key: str) -> None:
 def table(rows: Any) -> pd.DataFrame:
     """Dataclasses or dicts as a DataFrame."""
     items = [asdict(r) if is_dataclass(r) and not isinstance(r, type) else dict(r) for r in rows]
-    return pd.DataFrame(items)
+    frame = pd.DataFrame(items)
+    for col in frame.select_dtypes("float").columns:
+        frame[col] = frame[col] + 0.0  # -0.0 + 0.0 == 0.0: no "-0" on screen
+    return frame
 
 
 def class_names(model_id: str) -> dict[int, str]:

@@ -1,0 +1,39 @@
+"""Settings and variants as words: the names the UI and CLI show, and numbers without "-0"."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from extractor.pathways import PathwaySettings
+from extractor.variants import KINDS, VariantSpec
+from graphstore.names import number, setting_name, variant_name
+
+
+@pytest.mark.parametrize(("settings", "name"), [
+    (PathwaySettings("intgrad", "topk", k=8), "IntGrad · top-8 per site"),
+    (PathwaySettings("mct", "percentile", sparsity=90.0), "MCT · p = 90 (elements)"),
+    (PathwaySettings("mct", "percentile", sparsity=75.5, granularity="channel"), "MCT · p = 75.5 (channels)"),
+    (PathwaySettings("pixel", stride=4, originals_only=True),
+     "Pixel pathways · beam 3, 3 chains per pixel, stride 4 · originals only"),
+    (PathwaySettings("correlation", k=5, resamples=20), "Correlation · top-5 per site · 20 resamples"),
+    (PathwaySettings("mct", k=4, variant_kinds=("deform", "pgd")), "MCT · top-4 per site · originals + deform, PGD"),
+])
+def test_setting_names(settings: PathwaySettings, name: str) -> None:
+    assert setting_name(settings.method, settings.selection, settings.params_json()) == name
+
+
+def test_variant_names_cover_every_default_sweep() -> None:
+    names = [variant_name(s.kind, s.params_json()) for k in KINDS for s in VariantSpec.defaults(k)]
+    assert names == ["FGSM ε = 0.05", "FGSM ε = 0.1", "FGSM ε = 0.2", "PGD ε = 0.05, 10 steps", "PGD ε = 0.1, 10 steps",
+                     "PGD ε = 0.2, 10 steps", "PGD ε = 0.2, 20 steps, targeted", "occlude 37.5 % patch",
+                     "shift 4 px down, 4 px right", "deform α = 3, σ = 4", "rotate 15°, scale 0.9"]
+    assert not any("{" in n or '"' in n for n in names)
+    assert variant_name("original", "") == "original"
+    assert variant_name("blur", json.dumps({"radius": 2, "seed": 7})) == "blur radius 2"  # per-image keys dropped
+
+
+def test_numbers_never_show_minus_zero() -> None:
+    assert [number(v) for v in (-0.0, 0.0, -1e-12, 0.12345, -2.5, 3, None, True)] == \
+        ["0", "0", "-1e-12", "0.123", "-2.5", "3", "–", "true"]
