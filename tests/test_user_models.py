@@ -165,11 +165,17 @@ def test_user_model_from_cli(user_files: Path) -> None:
 ])
 def test_user_model_errors_are_one_line_and_write_nothing(user_files: Path, spec: str, extra: list[str],
                                                           message: str) -> None:
+    from typer.testing import CliRunner
+
+    from pathx.cli import app
+
     d = str(user_files)
     (user_files / "notes.pt").write_bytes(b"not a zip")
     out = user_files / "never"
-    res = _pathx("extract", "--model", spec.format(d=d), "--images", str(user_files / "photos"), "--out", str(out),
-                 *[e.format(d=d) for e in extra])
+    res = CliRunner().invoke(app, ["extract", "--model", spec.format(d=d), "--images", str(user_files / "photos"),
+                                   "--out", str(out), *[e.format(d=d) for e in extra]])
     lines = res.stderr.strip().splitlines()
-    assert res.returncode == 1 and len(lines) == 1 and message.format(d=d) in lines[0], res.stderr
-    assert "Traceback" not in res.stderr and not out.exists()
+    assert res.exit_code == 1 and len(lines) == 1 and message.format(d=d) in lines[0], res.output
+    assert lines[0].startswith("error: ") and "Traceback" not in res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)  # a clean exit, not a crash
+    assert not out.exists()
