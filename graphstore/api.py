@@ -533,11 +533,6 @@ class Store:
         return NeuronCard(neuron_id, info["site"], int(info["layer_index"]), int(info["channel"]), exemplars,
                           [c for c in info["classes"] if c is not None], flows_in, flows_out, attacks)
 
-    def top_exemplars(self, neuron_ids: Sequence[str]) -> dict[str, tuple[bytes, list[int]]]:
-        """Each neuron's best activation exemplar: (png, box), for hover previews."""
-        return {r["neuron"]: (bytes(r["png"]), list(r["box"]))
-                for r in self._run(Q.TOP_EXEMPLAR_OF_NEURONS, neuron_ids=list(neuron_ids))}
-
     def neuron_top_images(self, neuron_id: str, config: str, limit: int = 10) -> list[dict[str, Any]]:
         self._require(Q.NEURON_EXISTS, "neuron", neuron_id=neuron_id)
         return self._run(Q.NEURON_TOP_IMAGES, neuron_id=neuron_id, config=config, limit=int(limit))

@@ -553,12 +553,6 @@ RETURN e.kind AS kind, e.rank AS rank, e.value AS value, e.position AS position,
 ORDER BY kind, rank
 """
 
-TOP_EXEMPLAR_OF_NEURONS = """
-UNWIND $neuron_ids AS nid
-MATCH (:Neuron {id: nid})-[e:EXEMPLAR {kind: 'activation', rank: 1}]->(i:Image)
-RETURN nid AS neuron, e.box AS box, i.png AS png
-"""
-
 NEURON_FLOWS_OUT = """
 MATCH (:Neuron {id: $neuron_id})-[f:CLASS_FLOW {config: $config}]->(m:Neuron)
 MATCH (c:Class {id: f.class_id})

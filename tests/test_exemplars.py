@@ -170,3 +170,30 @@ def test_exemplars_in_the_store_and_readme_query(loaded_store: object, fixture_r
     card = store.neuron_card(nid, store.default_config(model.model_id))
     assert [e.source for e in card.exemplars if e.kind == "activation"] == want[nid]
     assert all(e.png.startswith(b"\x89PNG") for e in card.exemplars)
+    assert card.classes and card.attacks and any(a.gained or a.lost for a in card.attacks)
+
+
+@pytest.mark.store
+def test_neuron_query_from_cli(loaded_store: object, neo4j_server: object, fixture_run: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from graphstore.server import USER, read_password
+    from pathx.cli import app
+
+    rows = read_exemplars(fixture_run)
+    from extractor.records import read_manifest
+
+    model = read_manifest(fixture_run).model
+    i = int(np.nonzero((rows.rank == 1) & (rows.kind == "activation"))[0][0])
+    nid = f"{model.model_id}/{model.sites[int(rows.site[i])].site_id}/{int(rows.channel[i])}"
+    env = {"NEO4J_URI": neo4j_server.bolt_uri, "NEO4J_USER": USER,  # type: ignore[attr-defined]
+           "NEO4J_PASSWORD": read_password(neo4j_server)}  # type: ignore[arg-type]
+    res = CliRunner().invoke(app, ["query", "neuron", "--neuron", nid], env=env)
+    assert res.exit_code == 0, res.output
+    card = json.loads(res.stdout)
+    assert card["neuron"] == nid and card["exemplars"][0]["image_id"] == rows.image_id[i]
+    assert card["exemplars"][0]["box"] == rows.box[i].tolist() and card["exemplars"][0]["png"].endswith("bytes>")
+    bad = CliRunner().invoke(app, ["query", "neuron", "--neuron", "nope"], env=env)
+    assert bad.exit_code == 1 and "unknown neuron 'nope'" in bad.stderr

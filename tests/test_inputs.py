@@ -111,6 +111,15 @@ def test_bad_files_are_skipped_listed_and_strict_fails(demo: tuple, tmp_path: Pa
     status = run_status(tmp_path / "run")
     assert status.complete and status.skipped == reasons
     assert len(read_run(tmp_path / "run")[1]) == 7
+    # the command line says so in its summary
+    from typer.testing import CliRunner
+
+    from pathx.cli import app
+
+    res = CliRunner().invoke(app, ["extract", "--model", "demo", "--images", str(folder), "--out",
+                                   str(tmp_path / "cli"), "--top-k", "2", "--loader-workers", "0"])
+    assert res.exit_code == 0, res.output
+    assert "7 images, 7 pathways" in res.stdout and "4 unreadable images skipped" in res.stdout
     with pytest.raises(ExtractionError, match=r"image digit 2/deep\.png: mode I;16"):
         extract_run(bundle, load_images(str(folder), bundle), [PathwaySettings(k=2)], [], tmp_path / "strict",
                     batch_size=3, strict=True, progress=False)

@@ -109,7 +109,9 @@ def neuron_card(neuron_id: str, config: str, key: str) -> None:
         c1, c2 = st.columns(2)
         with c1:
             st.caption("Classes whose pathways use it (support)")
-            st.dataframe(pd.DataFrame(card.classes), hide_index=True, key=f"{key}_classes")
+            st.dataframe(pd.DataFrame([{"class": c["class_name"], "support": c["support"],
+                                        "mean contribution": c["mean_contribution"]} for c in card.classes]),
+                         hide_index=True, key=f"{key}_classes")
             if card.attacks:
                 st.caption("Attacked or varied images whose pathway gains / loses it")
                 st.dataframe(pd.DataFrame([{"variant": a.name, "pairs": a.pairs, "gained": a.gained,
