@@ -46,7 +46,7 @@ class SiteField:
 class ReceptiveFields:
     """Boxes in input pixels for positions of every site of a model."""
 
-    def __init__(self, bundle: ModelBundle, probes: int = 4, seed: int = 0) -> None:
+    def __init__(self, bundle: ModelBundle, probes: int = 2, seed: int = 0) -> None:
         from extractor.pathways import forward_with_sites
 
         self.height, self.width = bundle.info.input_shape[1:]
@@ -113,6 +113,10 @@ class ExemplarTracker:
         self.n = n
         self.fields = ReceptiveFields(bundle)
         self.top = ExemplarRows.empty()
+        # per (kind, site): the n-th best value so far per channel (-inf until n are kept); a candidate
+        # below it can never enter, so it is dropped before the merge (which then sorts few rows)
+        self.floor = {(k, s.index): np.full(s.channels, -np.inf, np.float32) for k in EXEMPLAR_KINDS
+                      for s in bundle.sites}
 
     def update(self, ids: Sequence[str], acts: Sequence[torch.Tensor], contributions: Sequence[torch.Tensor]
                ) -> ExemplarRows:
@@ -125,6 +129,10 @@ class ExemplarTracker:
                  for s, t in enumerate(ts)]
         candidates = ExemplarRows.concat([self.top, *batch])
         self.top = merge_exemplar_rows(candidates, self.n)
+        assert self.top.rank is not None
+        full = np.nonzero(self.top.rank == self.n)[0]
+        for i in full:
+            self.floor[(str(self.top.kind[i]), int(self.top.site[i]))][int(self.top.channel[i])] = self.top.value[i]
         fresh = np.isin(self.top.image_id, np.asarray(list(ids), dtype=object))
         return self.top.take(np.nonzero(fresh)[0])
 
@@ -135,7 +143,8 @@ class ExemplarTracker:
             values = values.numpy()
         else:
             values, ys, xs = _peaks(t)
-        b, c = np.nonzero(values > 0)
+        # ties with the floor may still enter (the smaller image id wins), so keep values equal to it
+        b, c = np.nonzero((values > 0) & (values >= self.floor[(kind, site)][None, :]))
         y, x = ys[b, c], xs[b, c]
         return ExemplarRows(site=np.full(len(b), site, np.int32), channel=c.astype(np.int32),
                             kind=np.full(len(b), kind, dtype=object), image_id=np.asarray(ids, dtype=object)[b],
