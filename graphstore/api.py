@@ -23,6 +23,7 @@ import pandas as pd
 
 from graphstore import queries as Q
 from graphstore.connection import DATABASE
+from graphstore.console import CypherResult, run_read_only
 from graphstore.errors import NotFound
 from graphstore.names import setting_name, variant_name
 
@@ -399,10 +400,17 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def cypher(self, query: str, params: dict[str, Any] | None = None, timeout_s: float = 10.0,
+               max_rows: int = 1000) -> CypherResult:
+        """The user's own read-only Cypher (see ``graphstore.console``): ``QueryRefused`` in one line
+        for writes, admin commands, errors and time-outs."""
+        return run_read_only(self.driver, query, params, timeout_s=timeout_s, max_rows=max_rows,
+                             database=self.database)
+
     def table(self, name: str, *args: Any, **kwargs: Any) -> pd.DataFrame:
         """The named query ``name`` (a method of this class, e.g. ``"top_neurons"``) as a DataFrame."""
         method = getattr(self, name, None)
-        if name.startswith("_") or not callable(method) or name in ("table", "close", "connect"):
+        if name.startswith("_") or not callable(method) or name in ("table", "close", "connect", "cypher"):
             raise NotFound(f"unknown query {name!r}")
         return to_frame(method(*args, **kwargs))
 

@@ -301,11 +301,8 @@ def load(
     with _errors():
         read_manifest(run_dir)  # bad input fails before any connection is made
         require_complete(run_dir)
-        driver = _driver()
-        try:
-            s = load_run(driver, run_dir, workers=workers)
-        finally:
-            driver.close()
+        with _store() as store:
+            s = load_run(store.driver, run_dir, database=store.database, workers=workers)
         typer.echo(f"{s.images} images, {s.pathways_new} new pathways ({s.pathways_existing} already there), "
                    f"{s.includes + s.edges} relationships in {s.seconds:.1f} s "
                    f"({s.relationships_per_second:.0f}/s)")
@@ -404,7 +401,6 @@ def cypher(
     max_rows: Annotated[int, typer.Option(help="Row cap.")] = 1000,
 ) -> None:
     """Run read-only Cypher (writes, schema changes, LOAD CSV and admin commands are refused)."""
-    from graphstore.console import run_read_only
     from graphstore.errors import QueryRefused
 
     with _errors():
@@ -414,11 +410,8 @@ def cypher(
             raise QueryRefused(f"--params is not valid JSON: {exc}") from exc
         if not isinstance(parsed, dict):
             raise QueryRefused("--params must be a JSON object")
-        driver = _driver()
-        try:
-            res = run_read_only(driver, text, parsed, timeout_s=timeout, max_rows=max_rows)
-        finally:
-            driver.close()
+        with _store() as store:
+            res = store.cypher(text, parsed, timeout_s=timeout, max_rows=max_rows)
         _echo_json({"columns": res.columns, "rows": res.rows, "truncated": res.truncated})
 
 

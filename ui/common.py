@@ -21,7 +21,6 @@ import streamlit as st
 from PIL import Image, ImageDraw
 
 from graphstore.api import ConfigInfo, Store
-from graphstore.connection import open_driver, settings_from_env
 from graphstore.errors import GraphStoreError
 from graphstore.names import number
 
@@ -31,7 +30,7 @@ COLORS = {"kept": "#4c78a8", "lost": "#e45756", "gained": "#54a24b", "a": "#f585
 
 @st.cache_resource(show_spinner=False)
 def _store() -> Store:
-    return Store(open_driver(settings_from_env()))
+    return Store.connect()  # NEO4J_URI / NEO4J_DATABASE, or the local server
 
 
 def store() -> Store:

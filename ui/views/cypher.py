@@ -6,7 +6,6 @@ import networkx as nx
 import pandas as pd
 import streamlit as st
 
-from graphstore.console import run_read_only
 from graphstore.errors import QueryRefused
 from graphstore.examples import EXAMPLES, SCHEMA_TEXT
 from ui.common import pathway_dot, store
@@ -19,7 +18,7 @@ example = st.selectbox("Example", list(EXAMPLES), key="cy_example")
 query = st.text_area("Query", EXAMPLES[example], height=160, key=f"cy_text_{example}")
 if st.button("Run", type="primary", key="cy_run"):
     try:
-        res = run_read_only(store().driver, query, timeout_s=10.0, max_rows=1000)
+        res = store().cypher(query, timeout_s=10.0, max_rows=1000)
     except QueryRefused as exc:
         st.error(str(exc))
         st.stop()
