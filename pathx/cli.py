@@ -239,7 +239,8 @@ def extract(
         help="Class names: a text file (one per line) or JSON (list, or index -> name).")] = None,
     sites: Annotated[str | None, typer.Option(help="Comma-separated module paths to use as sites.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK).")] = "cpu",
-    loader_workers: Annotated[int, typer.Option(help="Processes decoding images (0 = in this process).")] = 2,
+    loader_workers: Annotated[int | None, typer.Option(
+        help="Processes decoding images (0 = in this process; default: cores - 2, at most 4).")] = None,
     shard: Annotated[str | None, typer.Option(
         help="I/N: this process takes share I of N (0-based); under torchrun RANK/WORLD_SIZE.")] = None,
     strict: Annotated[bool, typer.Option(help="Stop at the first unreadable image instead of skipping it.")] = False,
@@ -273,7 +274,9 @@ def extract(
         bundle = model_from_spec(model, _home(), weights_file, untrained, opts)
         image_set = load_images(images, bundle, _home())
         summary = extract_run(bundle, image_set, settings, specs, out, batch_size=batch_size, limit=limit,
-                              device=shard_device(device), workers=loader_workers, shard=part, strict=strict,
+                              device=shard_device(device), shard=part, strict=strict,
+                              workers=loader_workers if loader_workers is not None
+                              else min(4, max(0, (os.cpu_count() or 1) - 2)),
                               exemplars=exemplars)
         rate = summary.images / summary.seconds if summary.seconds else 0.0
         where = f" (shard {part.index}/{part.count})" if part.count > 1 else ""
