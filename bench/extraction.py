@@ -1,8 +1,9 @@
 """Extraction speed, side by side in one process: plain PyTorch, ours, and Captum.
 
 (a) forward + backward to the input; (b) our channel contributions at all sites; (c) (b) plus
-top-8 edges per consecutive site pair (the fast path through each segment's mixing layer where
-it applies, see extractor/mixing.py); (d) Captum ``LayerGradientXActivation`` site by site;
+top-8 edges into each site from its predecessors in the site graph (one cut forward; the fast
+path through a segment's one mixing layer where it applies, see extractor/mixing.py);
+(d) Captum ``LayerGradientXActivation`` site by site;
 (e) the same edges as (c) the way a Captum user gets them: one ``LayerGradientXActivation``
 call per target neuron j with a forward function returning C_j. (e) is timed on a sample of
 targets and scaled to all targets of (c); the JSON says how many were timed.
@@ -20,9 +21,12 @@ import torchvision
 from captum.attr import LayerGradientXActivation
 from torch import nn
 
-from extractor.mixing import find_mixing
+from extractor.contributions import mct_contributions
+from extractor.edges import compute_edges, segment_routes
 from extractor.models import ModelBundle, make_bundle
-from extractor.pathways import PathwaySettings, compute_edges, mct_contributions, select
+from extractor.selection import select
+from extractor.settings import PathwaySettings
+from extractor.sites import cut_forward
 
 K = 8
 
@@ -63,8 +67,17 @@ def _ours_b(bundle: ModelBundle, x: torch.Tensor) -> Any:
 
 def _ours_c(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings) -> Any:
     contrib, attached = mct_contributions(bundle, x)
+    del attached
     sel = select(contrib, settings)
-    return contrib, sel, compute_edges(contrib, sel, attached, settings)
+    cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x))
+    return contrib, sel, compute_edges(bundle.sites, contrib, sel, cut, settings)
+
+
+def fast_routes(bundle: ModelBundle, x: torch.Tensor) -> tuple[int, int]:
+    """(edges of the site graph, those whose weights come from the fast path), on one image."""
+    cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x[:1]))
+    routes = segment_routes(bundle.sites, cut)
+    return len(routes), sum(routes.values())
 
 
 def _captum_d(bundle: ModelBundle, x: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor]:
@@ -153,9 +166,7 @@ def run(batch_sizes: tuple[int, ...] = (1, 16), captum_targets: int = 4,
                                         lambda b=bundle, xx=x: _ours_b(b, xx),
                                         lambda b=bundle, xx=x, st=settings: _ours_c(b, xx, st)], repeats)
             contrib, sel, edges = _ours_c(bundle, x, settings)
-            _, att = mct_contributions(bundle, x[:1])
-            fast_pairs = sum(find_mixing(att[i], att[i + 1], att) is not None for i in range(len(att) - 1))
-            del att
+            n_pairs, fast_pairs = fast_routes(bundle, x)
             if repeats > 1:
                 d_t = _time(lambda b=bundle, xx=x, t=contrib.target: _captum_d(b, xx, t), max(1, repeats // 5))
                 ref = _captum_d(bundle, x, contrib.target)
@@ -165,23 +176,24 @@ def run(batch_sizes: tuple[int, ...] = (1, 16), captum_targets: int = 4,
                 d_t = time.perf_counter() - began
             diff_d = max(float((r - e).detach().abs().max()) for r, e, s in zip(ref, contrib.element, bundle.sites,
                                                                        strict=True) if once(s))
-            # (e): time a sample of targets of the first and the deepest site pair, scale to all; values are
-            # compared where the source module runs once (Captum hooks a module, not one of its calls)
-            n_pairs = len(bundle.sites) - 1
+            # (e): time a sample of targets of the first and the last edge of the site graph whose target
+            # reads one site only (there Captum's total derivative is our partial one), scale to all
+            # targets; values are compared where the source module runs once (Captum hooks a module)
             total_targets = n_pairs * K
+            single = [(s.preds[0], s.index) for s in bundle.sites if len(s.preds) == 1]
             timed, diffs, spent = 0, [], 0.0
-            for pair in (0, n_pairs - 1):
-                kept = sel.kept[pair + 1][0]
+            for src, dst in (single[0], single[-1]):
+                kept = sel.kept[dst][0]
                 js = torch.nonzero(kept).flatten()[: max(1, captum_targets // 2)]
                 for j in js.tolist():
                     jj = torch.full((batch,), j, dtype=torch.long)
                     began = time.perf_counter()
-                    w = _captum_edge(bundle, x, pair, pair + 1, jj, contrib.grads[pair + 1])
+                    w = _captum_edge(bundle, x, src, dst, jj, contrib.grads[dst])
                     spent += time.perf_counter() - began
                     timed += 1
-                    if not once(bundle.sites[pair]):
+                    if not once(bundle.sites[src]):
                         continue  # Captum sees the last call of a reused module: no like-for-like value
-                    mask = (edges.b == 0) & (edges.src_site == pair) & (edges.dst_channel == j)
+                    mask = (edges.b == 0) & (edges.src_site == src) & (edges.dst_site == dst) & (edges.dst_channel == j)
                     for sc, wt in zip(edges.src_channel[mask], edges.weight[mask], strict=True):
                         diffs.append(abs(float(w[0, int(sc)].detach()) - float(wt)))
             e_t = spent / timed * total_targets
@@ -200,12 +212,13 @@ def run(batch_sizes: tuple[int, ...] = (1, 16), captum_targets: int = 4,
 
 
 def pixel_rates() -> list[dict[str, Any]]:
-    """Pixel pathways (beam 3, top 3) traced per second: demo CNN every 2nd pixel, ResNet18 every 112th."""
+    """Pixel pathways (beam 3, top 3) traced per second: demo CNN every 2nd pixel, VGG16 every 112th
+    (pixel pathways need a chain of sites; ResNets branch and are refused)."""
     from extractor.pixelpaths import PixelSettings, trace_pixels
 
     torch.set_num_threads(2)
     rows = []
-    for (name, make, size), stride in zip(models()[:2], (2, 112), strict=True):
+    for (name, make, size), stride in zip(models()[::2], (2, 112), strict=True):
         bundle = make()
         torch.manual_seed(1)
         x = torch.rand(1, bundle.info.input_shape[0], size, size)

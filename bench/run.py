@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
 import folders  # noqa: E402  (bench/ is put on the path just above)
+import zoo  # noqa: E402
 from store_scale import query_latency, scale  # noqa: E402
 
 
@@ -46,7 +47,7 @@ MEMORY_CHILD = """
 import sys
 from pathlib import Path
 from extractor.demo import demo_bundle
-from extractor.pathways import PathwaySettings
+from extractor.settings import PathwaySettings
 from extractor.pipeline import extract_run, load_images
 home, out, n = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 bundle, _ = demo_bundle(home)
@@ -73,8 +74,8 @@ def memory(home: Path) -> list[dict[str, Any]]:
 
 def _bench_run(home: Path, out: Path) -> Path:
     from extractor.demo import demo_bundle
-    from extractor.pathways import PathwaySettings
     from extractor.pipeline import extract_run, load_images
+    from extractor.settings import PathwaySettings
     from extractor.variants import VariantSpec
 
     bundle, _ = demo_bundle(home)
@@ -138,8 +139,8 @@ def exemplar_store(home: Path) -> dict[str, Any]:
     """What exemplars add to the store: the demo-sized run extracted with ``--exemplars 0`` and 9, each
     loaded into an empty private Neo4j: load seconds, EXEMPLAR relationships, store and record size."""
     from extractor.demo import demo_bundle
-    from extractor.pathways import PathwaySettings
     from extractor.pipeline import extract_run, load_images
+    from extractor.settings import PathwaySettings
     from extractor.variants import VariantSpec
     from graphstore.connection import ConnectionSettings, open_driver
     from graphstore.loader import load_run
@@ -238,6 +239,8 @@ def markdown(results: dict[str, Any]) -> str:
             lines += ["", f"Left out of this run (--skip): {', '.join(results['skipped'])}."]
         lines += ["", "Targets: (b)/(a) ≤ 1.3, (c)/(a) ≤ 3, (d)/(b) ≥ 5, (e)/(c) ≥ 20. (e) is timed on "
                   f"{results['extraction'][0]['e_targets_timed']} target neurons per configuration and scaled to all."]
+    if "zoo" in results:
+        lines += zoo.markdown(results["zoo"])
     if "pixel" in results:
         lines += ["", "### Pixel pathways", "", "| model | pixels traced (stride) | seconds | pixels/s |",
                   "|---|---|---|---|"]
@@ -267,7 +270,7 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-SECTIONS = ("extraction", "pixel", "memory", "exemplars", "folders", "store", "scale", "scale100k")
+SECTIONS = ("extraction", "zoo", "pixel", "memory", "exemplars", "folders", "store", "scale", "scale100k")
 
 
 def main() -> None:
@@ -288,6 +291,7 @@ def main() -> None:
     dated = results.setdefault("dates", {})
     runners = {
         "extraction": lambda: extraction.run((1,) if quick else (1, 16), skip=skip),
+        "zoo": lambda: zoo.run(600.0),
         "pixel": extraction.pixel_rates,
         "memory": lambda: memory(home),
         "folders": lambda: folders.folders_memory(quick),

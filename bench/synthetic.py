@@ -44,7 +44,8 @@ CLASSES = 10
 
 
 def model_info() -> ModelInfo:
-    sites = tuple(SiteInfo(i, path, 0, "ReLU", shape) for i, (path, shape) in enumerate(SITES))
+    sites = tuple(SiteInfo(i, path, 0, "ReLU", shape, "channels_first" if len(shape) == 3 else "vector",
+                           (i - 1,) if i else (), i) for i, (path, shape) in enumerate(SITES))
     return ModelInfo("synthetic-demo-cnn/0", "synthetic-demo-cnn", CLASSES,
                      tuple(f"digit {i}" for i in range(CLASSES)), (1, 32, 32), sites)
 
@@ -86,7 +87,8 @@ def _pathway(rng: np.random.Generator, prefs: list[np.ndarray], image_id: str, m
         edge_src_site=np.concatenate(src_s).astype(np.int32), edge_src_channel=np.concatenate(src_c).astype(np.int32),
         edge_dst_site=np.concatenate(dst_s).astype(np.int32), edge_dst_channel=np.concatenate(dst_c).astype(np.int32),
         edge_weight=rng.normal(0, 1, n_edges).astype(np.float32),
-        site_gap=rng.random(len(SITES) - 1).astype(np.float32), saliency=rng.random((32, 32)).astype(np.float32),
+        site_gap=np.concatenate([[np.nan], rng.random(len(SITES) - 1)]).astype(np.float32),
+        saliency=rng.random((32, 32)).astype(np.float32),
     )
 
 

@@ -1,5 +1,5 @@
 """Pathway extraction: neuron contributions, critical pathways and weighted edges of CNNs.
 
-Import submodules directly (``extractor.pathways``, ``extractor.records``, ...). This package
+Import submodules directly (``extractor.methods``, ``extractor.records``, ...). This package
 file imports nothing heavy, so ``extractor.records`` stays usable without torch.
 """

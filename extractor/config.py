@@ -13,8 +13,8 @@ from pathlib import Path
 
 from extractor.errors import ExtractionError
 from extractor.models import ModelBundle, ModelOptions
-from extractor.pathways import RESAMPLING_METHODS, PathwaySettings
 from extractor.records import Shard
+from extractor.settings import RESAMPLING_METHODS, PathwaySettings
 from extractor.variants import KINDS
 
 

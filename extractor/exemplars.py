@@ -47,7 +47,7 @@ class ReceptiveFields:
     """Boxes in input pixels for positions of every site of a model."""
 
     def __init__(self, bundle: ModelBundle, probes: int = 2, seed: int = 0) -> None:
-        from extractor.pathways import forward_with_sites
+        from extractor.contributions import forward_with_sites
 
         self.height, self.width = bundle.info.input_shape[1:]
         gen = torch.Generator().manual_seed(seed)

@@ -20,7 +20,7 @@ That is ``M / C_out`` of one convolution instead of ``M`` backward passes. The s
 verified on the autograd graph of each batch (node types, one mixing node on all paths,
 parameters not depending on ``a_src``); anything else (depthwise or grouped convs are fine,
 transposed convs, attention, a residual taken from ``a_src`` itself, frozen linear weights)
-falls back to the batched VJP in :func:`extractor.pathways.edge_weights_for_pair`. The two
+falls back to the batched VJP in :func:`extractor.edges.edge_weights_vjp`. The two
 paths are tested equal on the demo CNN, ResNet, VGG, MobileNet and hand-made segments.
 """
 
@@ -58,8 +58,9 @@ POST_OK = frozenset({
 class Mixing:
     """The verified mixing layer of one segment: its autograd node and how ``u`` maps to channels.
 
-    ``kind`` is ``"conv"`` (``u`` ``[B, Ci, H, W]``, weight ``[C_out, Ci / groups, kh, kw]``) or
-    ``"linear"`` (``u`` ``[B, Ci * r]``, feature ``f`` belongs to source channel ``f // r``).
+    ``kind`` is ``"conv"`` (``u`` ``[B, Ci, H, W]``, weight ``[C_out, Ci / groups, kh, kw]``),
+    ``"linear"`` (``u`` ``[B, Ci * r]``, feature ``f`` belongs to source channel ``f // r``) or
+    ``"identity"`` (no mixing layer, per-channel ops only; ``node`` is ``None``).
     """
 
     node: Any
@@ -119,6 +120,8 @@ def find_mixing(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable
     memo: dict[Any, bool] = {}
     on_path = [n for n in _visited(dst, stops | {src}) if _reaches(n, src, stops, memo)]
     mixers = [n for n in on_path if n.name() in MIXING]
+    if not mixers:
+        return _identity(on_path, a_src, a_dst)
     if len(mixers) != 1:
         return None
     mx = mixers[0]
@@ -134,6 +137,16 @@ def find_mixing(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable
     if any(n.name() not in POST_OK for n in post):
         return None
     return _shape_check(mx, kind, flattened, a_src, a_dst)
+
+
+def _identity(on_path: list[Any], a_src: torch.Tensor, a_dst: torch.Tensor) -> Mixing | None:
+    """A segment of per-channel ops only (an identity skip into an addition, pooling, a per-channel
+    scale): channel ``i`` reaches channel ``i`` alone, so ``w(i -> j) = 0`` unless ``i = j``."""
+    if not on_path or a_src.shape[1] != a_dst.shape[1]:
+        return None
+    if any((n.name() not in POST_OK and n.name() not in PRE_OK) or n.name() in FLATTEN for n in on_path):
+        return None
+    return Mixing(None, "identity", 1)
 
 
 def _mixing_parts(mx: Any) -> tuple[str, Any, list[Any]]:
@@ -158,7 +171,13 @@ def _pre_chain(start: Any, src: Any) -> tuple[set[Any] | None, bool]:
     flattened = False
     node = start
     while node is not src:
-        if node is None or node.name() not in PRE_OK or len(_next(node)) != 1:
+        if node is not None and node.name() == "torch::autograd::CopyBackwards":  # in-place F.relu(x, inplace)
+            chain.add(node)  # the overwritten value gets no gradient; follow the value copied in
+            node = node.next_functions[1][0]
+            continue
+        spatial_mean = node is not None and node.name() == "MeanBackward1" and all(
+            d % len(node._saved_self_sym_sizes) >= 2 for d in node._saved_dim)
+        if node is None or (node.name() not in PRE_OK and not spatial_mean) or len(_next(node)) != 1:
             return None, False
         flattened = flattened or node.name() in FLATTEN
         chain.add(node)
@@ -182,13 +201,20 @@ def _shape_check(mx: Any, kind: str, flattened: bool, a_src: torch.Tensor, a_dst
     return Mixing(mx, "linear", u.shape[1] // c_src)
 
 
-def mixing_edge_weights(mix: Mixing, a_dst: torch.Tensor, g_dst: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``w[b, m, i]`` as in :func:`extractor.pathways.edge_weights_for_pair`, through ``mix``.
+def mixing_edge_weights(mix: Mixing, a_src: torch.Tensor, a_dst: torch.Tensor, g_dst: torch.Tensor,
+                        targets: torch.Tensor) -> torch.Tensor:
+    """``w[b, m, i]`` as in :func:`extractor.edges.edge_weights_vjp`, through ``mix``.
 
-    ``a_dst`` ``[B, Cj, ...]`` attached, ``g_dst`` its fixed gradient, ``targets`` ``[B, M]``
-    (``-1`` = padding, weight 0). Returns ``[B, M, Ci]``.
+    ``a_src`` ``[B, Ci, ...]`` and ``a_dst`` ``[B, Cj, ...]`` attached, ``g_dst`` the fixed gradient,
+    ``targets`` ``[B, M]`` (``-1`` = padding, weight 0). Returns ``[B, M, Ci]``.
     """
     B, M = targets.shape
+    if mix.kind == "identity":  # one plain VJP; channel j reaches channel j only
+        (g,) = torch.autograd.grad(a_dst, a_src, grad_outputs=g_dst, retain_graph=True)
+        per = (g * a_src.detach()).flatten(2).sum(-1) if g.dim() > 2 else g * a_src.detach()  # [B, C]
+        idx = targets.clamp(min=0)
+        vals = per.gather(1, idx) * (targets >= 0).to(per.dtype)
+        return per.new_zeros(B, M, per.shape[1]).scatter_(2, idx[..., None], vals[..., None])
     (gbar,) = torch.autograd.grad(a_dst, GradientEdge(mix.node, 0), grad_outputs=g_dst, retain_graph=True)
     valid = targets >= 0
     idx = targets.clamp(min=0)

@@ -134,7 +134,14 @@ def load_torchvision(
         raise ExtractionError(
             f"unknown model {name!r}; torchvision classifiers: {', '.join(sorted(available)[:8])}, ..."
         )
-    model = torchvision.models.get_model(name, weights=None)
+    kwargs: dict[str, object] = {}
+    if name.startswith("vit_"):
+        kwargs["image_size"] = input_size  # position embeddings are built for one input size
+    if name in ("googlenet", "inception_v3"):
+        kwargs["init_weights"] = True  # the original initialisation, without torchvision's warning
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    if untrained and weights_file is None:
+        _no_zero_layers(model)
     if weights_file is not None:
         load_weights(model, Path(weights_file), name)
     elif not untrained:
@@ -150,6 +157,17 @@ def load_torchvision(
     class_names = _bundled_categories(name, model)
     return make_bundle(model, name, (3, input_size, input_size), class_names, IMAGENET_MEAN, IMAGENET_STD,
                        site_modules)
+
+
+def _no_zero_layers(model: nn.Module) -> None:
+    """Untrained models only: give linear layers that torchvision initialises to zero (ViT's head)
+    small random weights (seeded), so contributions and pathways are not identically zero."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and not m.weight.any():
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * 0.02)
+                log.info("untrained %s: a zero-initialised linear layer got random weights", type(model).__name__)
 
 
 def _bundled_categories(name: str, model: nn.Module) -> tuple[str, ...] | None:

@@ -24,11 +24,12 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from extractor.batch import BatchPathways
 from extractor.errors import ExtractionError
 from extractor.exemplars import ExemplarTracker
 from extractor.inputs import FileImages, ImageSource, SkippedImage, TensorImages, block_loader, scan_folder
+from extractor.methods import extract_batch
 from extractor.models import ModelBundle
-from extractor.pathways import BatchPathways, PathwaySettings, extract_batch
 from extractor.records import (
     SCHEMA_VERSION,
     ExemplarRows,
@@ -39,6 +40,7 @@ from extractor.records import (
     Shard,
     config_key,
 )
+from extractor.settings import PathwaySettings
 from extractor.variants import VariantSpec, make_variant
 
 log = logging.getLogger(__name__)

@@ -31,12 +31,19 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from extractor.batch import BatchPathways
+from extractor.contributions import mct_contributions
+from extractor.edges import Edges
 from extractor.errors import ExtractionError
 from extractor.models import ModelBundle
+from extractor.pathway_gradient import pathway_gradient
+from extractor.selection import Selection, channel_mask
+from extractor.settings import PathwaySettings
 
 GATED_TYPES = (nn.ReLU, nn.MaxPool2d)
 
@@ -60,6 +67,20 @@ class PixelSettings:
 
     def params_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+
+def require_chain(bundle: ModelBundle) -> None:
+    """Raise unless the site graph is one chain (each site reads exactly the site before it).
+
+    A pixel pathway is one map per site, traced site by site; on a network whose sites branch
+    or skip (ResNet, DenseNet, Inception) a chain through call order would not be a path of the
+    network, so such models are refused.
+    """
+    for s in bundle.sites[1:]:
+        if s.preds != (s.index - 1,):
+            reads = ", ".join(bundle.sites[i].site_id for i in s.preds) or "no site"
+            raise ExtractionError(f"pixel pathways need a chain of sites; {s.site_id} reads {reads}, so this "
+                                  "model branches (use mct, intgrad, correlation or precision)")
 
 
 class GatedNetwork:
@@ -118,6 +139,7 @@ class GatedNetwork:
         self._pre[id(module)] = inp[0].clone() if getattr(module, "inplace", False) else inp[0]
 
     def __enter__(self) -> GatedNetwork:
+        require_chain(self.bundle)
         named = dict(self.bundle.model.named_modules())
         site_paths = {s.module_path for s in self.bundle.sites}
         try:
@@ -277,7 +299,10 @@ def gated_decomposition(
         return total, bias, clean
 
 
-def pixel_batch(bundle: ModelBundle, x: torch.Tensor, settings: Any, target: torch.Tensor | None = None) -> Any:
+def pixel_batch(
+    bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings, target: torch.Tensor | None = None,
+    seeds: list[int] | None = None, shared: dict[str, object] | None = None,
+) -> BatchPathways:
     """Pixel pathways of each image of ``x`` ``[B, C, H, W]`` as a ``BatchPathways``.
 
     Kept neurons = maps crossed by any pixel's top chains; their score is the pathway count
@@ -285,15 +310,6 @@ def pixel_batch(bundle: ModelBundle, x: torch.Tensor, settings: Any, target: tor
     edges = map transitions, weighted by the number of chains using them; saliency = per
     pixel the size of its largest chain. Per-pixel best chains go into ``extra``.
     """
-    from extractor.pathways import (
-        BatchPathways,
-        Edges,
-        Selection,
-        channel_mask,
-        mct_contributions,
-        pathway_gradient,
-    )
-
     px = PixelSettings(beam=settings.beam, top=settings.top, stride=settings.stride)
     contrib, attached = mct_contributions(bundle, x, target)
     del attached
@@ -331,13 +347,11 @@ def pixel_batch(bundle: ModelBundle, x: torch.Tensor, settings: Any, target: tor
     masks = [channel_mask(k, e) for k, e in zip(kept, contrib.element, strict=True)]
     grad, logit_masked = pathway_gradient(bundle, x, contrib.target, masks)
     del grad
-    import numpy as np
-
     def arr(key: str, dtype: type) -> np.ndarray:
         return np.asarray(cols[key], dtype=dtype)
 
     edges = Edges(arr("b", np.int64), arr("ss", np.int32), arr("sc", np.int32), arr("ds", np.int32),
-                  arr("dc", np.int32), arr("w", np.float32), np.full((B, max(0, S - 1)), np.nan, dtype=np.float32))
+                  arr("dc", np.int32), arr("w", np.float32), np.full((B, S), np.nan, dtype=np.float32))
     logit_full = contrib.logits.gather(1, contrib.target[:, None]).squeeze(1)
     return BatchPathways(settings, contrib, Selection(masks, [k.to(x.device) for k in kept]), edges, sal,
                          logit_full, logit_masked, counts, extra)

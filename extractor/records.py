@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 
 
@@ -65,9 +65,13 @@ def class_id(model_id: str, index: int) -> str:
 
 @dataclass(frozen=True)
 class SiteInfo:
-    """One call of an activation module, in call order.
+    """One activation call (module or functional), in call order.
 
-    ``shape`` is the per-image output shape: ``(C, H, W)`` for feature maps, ``(C,)`` for units.
+    ``shape`` is the per-image shape channels first: ``(C, H, W)`` for feature maps (also of
+    channels-last sites, whose raw output is ``[H, W, C]``), ``(C, N)`` for tokens, ``(C,)`` for
+    units. ``layout`` is how the raw output holds it (see ``extractor.sites.LAYOUTS``).
+    ``preds``: indices of the sites it reads directly (the site graph); ``depth``: the longest
+    path from a site without predecessors.
     """
 
     index: int
@@ -75,6 +79,9 @@ class SiteInfo:
     call_index: int
     kind: str
     shape: tuple[int, ...]
+    layout: str = "channels_first"
+    preds: tuple[int, ...] = ()
+    depth: int = 0
 
     @property
     def site_id(self) -> str:
@@ -104,7 +111,8 @@ class ModelInfo:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelInfo:
         sites = tuple(
-            SiteInfo(s["index"], s["module_path"], s["call_index"], s["kind"], tuple(s["shape"]))
+            SiteInfo(s["index"], s["module_path"], s["call_index"], s["kind"], tuple(s["shape"]), s["layout"],
+                     tuple(s["preds"]), int(s["depth"]))
             for s in data["sites"]
         )
         return cls(
@@ -140,9 +148,11 @@ class ImageRecord:
 class PathwayRecord:
     """A critical pathway of one image at channel granularity.
 
-    Neuron arrays have shape ``[N]``; edge arrays ``[E]``; ``site_gap`` ``[S - 1]`` holds, per
-    consecutive site pair, the largest completeness gap ``|sum_i w(i->j) - C_j|`` over the
-    pair's target channels ``j``; ``saliency`` ``[H, W]`` is the Pathway Gradient map.
+    Neuron arrays have shape ``[N]``; edge arrays ``[E]`` (from a predecessor site in the site
+    graph to a site); ``site_gap`` ``[S]`` holds, per site, the largest completeness gap
+    ``|sum over all predecessor channels w(i->j) - C_j|`` over the site's target channels ``j``
+    (NaN for a site without predecessors, and for pixel pathways); ``saliency`` ``[H, W]`` is
+    the Pathway Gradient map.
     """
 
     pathway_id: str

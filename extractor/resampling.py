@@ -19,7 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
+from extractor.batch import BatchPathways, finish_batch
+from extractor.contributions import check_finite, mct_contributions
 from extractor.models import ModelBundle
+from extractor.selection import Selection, channel_mask
+from extractor.settings import PathwaySettings
 from extractor.sites import SiteHooks
 
 MIN_MEAN_ACTIVATION = 0.1
@@ -92,3 +96,32 @@ def set_overlap(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[torch.Ten
     paper = inter / sizes.clamp_min(1)
     jac = inter / union.clamp_min(1)
     return paper.float(), jac.float()
+
+
+def resampling_batch(
+    bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings, target: torch.Tensor | None = None,
+    seeds: list[int] | None = None, shared: dict[str, object] | None = None,
+) -> BatchPathways:
+    """``correlation`` or ``precision`` pathways: the top-k channels per site by the method's score.
+
+    Contributions (for the records and edges) are the usual ``a * dlogit/da``; ``shared`` (one dict
+    per batch) holds the resampling scores, so both methods on one batch cost one set of copies.
+    """
+    contrib, attached = mct_contributions(bundle, x, target)
+    del attached
+    check_finite("contributions", contrib.element)
+    key = f"resampling:{settings.resamples}:{settings.noise}"
+    rs = shared.get(key) if shared is not None else None
+    if not isinstance(rs, ResamplingScores):
+        rs = resampling_scores(bundle, x, contrib.target, seeds or [0] * x.shape[0], settings.resamples,
+                               settings.noise)
+        if shared is not None:
+            shared[key] = rs
+    corr, prec = topk_sets(rs.correlation, settings.k), topk_sets(rs.precision, settings.k)
+    paper, jac = set_overlap(corr, prec)
+    extra: list[dict[str, object]] = [{"corr_prec_overlap": float(paper[b]), "corr_prec_jaccard": float(jac[b])}
+                                      for b in range(x.shape[0])]
+    kept = corr if settings.method == "correlation" else prec
+    scores = rs.correlation if settings.method == "correlation" else rs.precision
+    masks = [channel_mask(k, e) for k, e in zip(kept, contrib.element, strict=True)]
+    return finish_batch(bundle, x, settings, contrib, Selection(masks, kept), scores, extra)

@@ -1,22 +1,45 @@
-"""Activation sites: discovery in call order, and hooks that capture or mask them.
+"""Activation sites: discovery, layouts, the site graph, and the one hook manager.
 
-A *site* is one call of an activation module. torchvision ResNets call one in-place
-``nn.ReLU`` two or three times per block; each call is its own site (``layer1.0.relu#0``,
-``#1``, ``#2``). The capture hook hands the rest of the network a fresh tensor, so later
-in-place operations can never overwrite what was captured, and it counts calls per module
-so reuse is resolved exactly. Every hook is removed in ``__exit__`` (also on exceptions);
-the model is never otherwise modified.
+A *site* is one call of an activation, module or functional:
+
+* a ReLU-like module (``nn.ReLU``, ``nn.GELU``, ...): site id ``module path#call index``.
+  torchvision ResNets call one in-place ``nn.ReLU`` two or three times per block; each call
+  is its own site (``layer1.0.relu#0``, ``#1``, ``#2``);
+* a functional call (``F.relu``, ``torch.relu``, ``Tensor.relu_``, ``F.gelu``, ``F.silu``, ...)
+  made directly in some module's ``forward`` (GoogLeNet's and Inception's ``BasicConv2d``,
+  DenseNet's last ``F.relu``): site id ``enclosing module path.function()#call index``, e.g.
+  ``inception3a.branch1.relu()#0``. Calls made inside an activation module are that module's
+  site, never a second one.
+
+*Layouts.* Each site's channel axis is read off the autograd graph of its output: the nearest
+channel-mixing op upstream (a convolution: axis 1; a linear layer: the last axis), followed
+through permutes and transposes. Site tensors are always handed to the methods channels-first
+(``[B, C, ...]``): a channels-last site (``[B, H, W, C]``, ConvNeXt, Swin, MaxViT) or a token
+site (``[B, N, C]``, ViT) is moved to ``[B, C, H, W]`` / ``[B, C, N]`` when captured and moved
+back for the rest of the network, so channel sums, masks and edges always use the right axis.
+
+*The site graph.* A *cut* forward hands the rest of the network a fresh leaf copy of every
+site's output. Site ``j``'s output then depends on the sites it reads directly, and no further:
+its predecessors are the sites whose leaves its autograd graph reaches (the nearest sites
+upstream on every dataflow path). The same cut forward gives the edges their segments.
+
+:class:`SiteHooks` serves capture, masking and scaling (``transform``), cut forwards and
+discovery. Everything it installs (forward hooks, module-stack hooks, the torch function mode)
+is removed in ``__exit__``, also on exceptions; the model is never otherwise modified.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from extractor.errors import ExtractionError
 from extractor.records import SiteInfo
@@ -27,21 +50,28 @@ ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
     nn.Hardswish, nn.Mish, nn.Hardtanh,
 )
-
 _ACTIVATION_NAMES = frozenset(t.__name__ for t in ACTIVATION_TYPES)
 
-# Transform applied to a site's output inside the forward pass: (site index, output) -> output.
+# functional activations: the function -> (site name, out-of-place twin or None when already out of place)
+_FUNCTIONS: dict[Any, tuple[str, Any]] = {}
+for _name, _fns in {
+    "relu": ((F.relu, None), (torch.relu, None), (torch.Tensor.relu, None), (F.relu_, torch.relu),
+             (torch.relu_, torch.relu), (torch.Tensor.relu_, torch.Tensor.relu)),
+    "relu6": ((F.relu6, None),), "gelu": ((F.gelu, None),), "silu": ((F.silu, None),),
+    "hardswish": ((F.hardswish, None),), "mish": ((F.mish, None),), "selu": ((F.selu, None),),
+    "celu": ((F.celu, None),), "elu": ((F.elu, None), (F.elu_, F.elu)),
+    "leaky_relu": ((F.leaky_relu, None), (F.leaky_relu_, F.leaky_relu)),
+    "hardtanh": ((F.hardtanh, None), (F.hardtanh_, F.hardtanh)),
+}.items():
+    for _fn, _twin in _fns:
+        _FUNCTIONS[_fn] = (_name, _twin)
+
+LAYOUTS = ("channels_first", "channels_last", "tokens", "vector")
+_LINEAR = frozenset({"AddmmBackward0", "MmBackward0", "BmmBackward0"})
+_VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
+
+# Transform applied to a site's output (channels-first) inside the forward pass: (site index, output) -> output.
 SiteTransform = Callable[[int, torch.Tensor], torch.Tensor]
-
-
-def _resolve_modules(model: nn.Module, names: Sequence[str] | None) -> dict[nn.Module, str]:
-    named = dict(model.named_modules())
-    if names:
-        unknown = [n for n in names if n not in named]
-        if unknown:
-            raise ExtractionError(f"no module named {unknown[0]!r} in the model (see model.named_modules())")
-        return {named[n]: n for n in names}
-    return {m: n for n, m in named.items() if is_activation(m)}
 
 
 def is_activation(module: nn.Module) -> bool:
@@ -53,101 +83,247 @@ def is_activation(module: nn.Module) -> bool:
     return not compiled and getattr(module, "original_name", None) in _ACTIVATION_NAMES
 
 
-class _CallCounter:
-    def __init__(self) -> None:
-        self.counts: dict[int, int] = {}
-
-    def next(self, module: nn.Module) -> int:
-        key = id(module)
-        idx = self.counts.get(key, 0)
-        self.counts[key] = idx + 1
-        return idx
+def is_functional_path(path: str) -> bool:
+    """Whether a site path names a functional call (``...name()``), not a module."""
+    return path.endswith("()")
 
 
-def discover_sites(
-    model: nn.Module, example: torch.Tensor, modules: Sequence[str] | None = None
-) -> tuple[SiteInfo, ...]:
-    """Find the sites of ``model`` by running ``example`` (shape ``[1, C, H, W]``) once.
+def to_channels_first(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """A site tensor as the methods see it: ``[B, C, ...]`` (a view)."""
+    return t.movedim(-1, 1) if layout in ("channels_last", "tokens") else t
 
-    Keeps calls whose output is a feature map ``[1, C, H, W]`` or a unit vector ``[1, C]``.
-    ``modules`` restricts the search to those module paths (any module type).
+
+def from_channels_first(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """Inverse of :func:`to_channels_first` (a view)."""
+    return t.movedim(1, -1) if layout in ("channels_last", "tokens") else t
+
+
+def detect_layout(out: torch.Tensor) -> str:
+    """The layout of a site output ``[B, ...]``, read off its autograd graph.
+
+    Walks back from ``out`` through single-input ops, following permutes and transposes,
+    to the nearest convolution (channel axis 1) or linear layer (last axis). Without a graph
+    (frozen model) or a mixing op within reach: 4-D channels-first, 3-D tokens, 2-D vector.
     """
-    targets = _resolve_modules(model, modules)
-    if not targets:
-        raise ExtractionError("the model has no activation sites (no ReLU-like modules); name modules to use")
-    found: list[tuple[str, int, str, tuple[int, ...]]] = []
-    counter = _CallCounter()
-
-    def hook(module: nn.Module, _inp: Any, out: Any) -> None:
-        idx = counter.next(module)
-        if isinstance(out, torch.Tensor) and out.dim() in (2, 4):
-            found.append((targets[module], idx, type(module).__name__, tuple(out.shape[1:])))
-
-    handles = [m.register_forward_hook(hook) for m in targets]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-    if not found:
-        raise ExtractionError("no activation call produced a feature map or unit vector; name modules to use")
-    return tuple(SiteInfo(i, path, call, kind, shape) for i, (path, call, kind, shape) in enumerate(found))
+    dim = out.dim()
+    if dim == 2:
+        return "vector"
+    fallback = "tokens" if dim == 3 else "channels_first"
+    axes = list(range(dim))  # axes[k]: the axis of the current node's output that is out's axis k
+    node = out.grad_fn
+    for _ in range(64):
+        if node is None:
+            return fallback
+        name = node.name()
+        nxt = [n for n, _ in node.next_functions if n is not None]
+        if name == "ConvolutionBackward0":
+            channel = 1
+            break
+        if name in _LINEAR or (name in _VIEWS and nxt and nxt[0].name() in _LINEAR):
+            channel = dim - 1  # a linear layer acts on the last axis of its (viewed) output
+            break
+        if name in _VIEWS:
+            return fallback
+        if name == "PermuteBackward0":
+            dims = [d % dim for d in node._saved_dims]
+            axes = [dims[a] for a in axes]
+        elif name == "TransposeBackward0":
+            d0, d1 = node._saved_dim0 % dim, node._saved_dim1 % dim
+            axes = [d1 if a == d0 else d0 if a == d1 else a for a in axes]
+        node = nxt[0] if nxt else None
+    else:
+        return fallback
+    axis = axes.index(channel) if channel in axes else 1
+    if axis == 1:
+        return "channels_first"
+    if axis == dim - 1:
+        return "tokens" if dim == 3 else "channels_last"
+    return fallback
 
 
 @dataclass
 class SiteRecorder:
-    """Captures site outputs during one forward pass.
+    """What one forward pass captured, by site index, channels-first ``[B, C, ...]``.
 
-    ``acts[i]`` is site ``i``'s output tensor ``[B, C, ...]`` as seen by the rest of the
-    network (after ``transform``), still attached to the autograd graph.
+    ``acts``: the site outputs as the rest of the network saw them (after ``transform``),
+    attached to the autograd graph. In a cut forward also ``sources``: the copies the rest of
+    the network read (each a fresh leaf's clone, so a segment ends there); ``acts[j]`` then
+    depends on its predecessors' ``sources`` only.
     """
 
-    acts: dict[int, torch.Tensor]
+    acts: dict[int, torch.Tensor] = field(default_factory=dict)
+    sources: dict[int, torch.Tensor] = field(default_factory=dict)
+    found: list[tuple[str, int, str, tuple[int, ...], str]] = field(default_factory=list)
+
+
+class _Functional(TorchFunctionMode):
+    """Sees functional activation calls and hands them to the hook manager."""
+
+    def __init__(self, owner: SiteHooks) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        try:
+            entry = _FUNCTIONS.get(func)
+        except TypeError:  # unhashable callables
+            entry = None
+        if entry is None or not args or not isinstance(args[0], torch.Tensor):
+            return func(*args, **kwargs)
+        return self.owner._functional(func, entry, args, kwargs)
+
+
+def _out_of_place(func: Any, twin: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any, Any, bool]:
+    """The out-of-place version of an activation call: (function, args, kwargs, was in place)."""
+    if twin is not None:
+        return twin, args, kwargs, True
+    try:
+        bound = inspect.signature(func).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return func, args, kwargs, False
+    if not bound.arguments.get("inplace", False):
+        return func, args, kwargs, False
+    bound.arguments["inplace"] = False
+    return func, bound.args, bound.kwargs, True
 
 
 class SiteHooks:
-    """Context manager: hooks on every site module for the duration of the ``with`` block.
+    """Context manager: the one hook manager for sites, for the duration of the ``with`` block.
 
-    With ``transform`` the site's output becomes ``transform(index, output)`` (masking,
-    scaling). The captured tensor is kept and the rest of the network gets a clone of it,
-    so in-place operations downstream cannot corrupt what was captured (gradients flow
-    through the clone). ``begin()`` must be called before each forward pass.
+    * ``sites`` given: captures those sites (``begin()`` before each forward returns the
+      :class:`SiteRecorder`). With ``transform`` a site's output becomes ``transform(index,
+      output)`` (masking, scaling, gating). With ``cut`` the rest of the network reads a leaf
+      copy of every site (see the module docstring). The captured tensor is kept and the rest
+      of the network gets a clone, so in-place operations downstream cannot corrupt it.
+    * ``sites=None``: discovery; every activation call is listed in ``recorder.found`` as
+      (path, call, kind, raw shape, layout). ``names`` restricts discovery to those module paths
+      (any module type) and functional paths (``...relu()``).
+
+    Functional sites need the torch function mode and a module stack (pre/post hooks on every
+    module); they are installed only when some site is functional (or on discovery).
     """
 
-    def __init__(self, model: nn.Module, sites: Sequence[SiteInfo],
-                 transform: SiteTransform | None = None) -> None:
+    def __init__(self, model: nn.Module, sites: Sequence[SiteInfo] | None,
+                 transform: SiteTransform | None = None, cut: bool = False,
+                 names: Sequence[str] | None = None) -> None:
         self.model = model
-        self.sites = tuple(sites)
+        self.sites = None if sites is None else tuple(sites)
         self.transform = transform
-        self._by_call = {(s.module_path, s.call_index): s.index for s in self.sites}
+        self.cut = cut
+        self.names = tuple(names) if names else None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._counter = _CallCounter()
-        self.recorder = SiteRecorder({})
+        self._mode: _Functional | None = None
+        self._stack: list[str] = []
+        self._counts: dict[str, int] = {}
+        self._module_sites: set[str] = set()
+        self.recorder = SiteRecorder()
+        if self.sites is not None:
+            self._by_call = {(s.module_path, s.call_index): s for s in self.sites}
+            self._functional_paths = {s.module_path for s in self.sites if is_functional_path(s.module_path)}
 
+    # --- per forward -------------------------------------------------------------------------
     def begin(self) -> SiteRecorder:
-        self._counter = _CallCounter()
-        self.recorder = SiteRecorder({})
+        self._counts = {}
+        self._stack = []
+        self.recorder = SiteRecorder()
         return self.recorder
 
+    def _count(self, path: str) -> int:
+        idx = self._counts.get(path, 0)
+        self._counts[path] = idx + 1
+        return idx
+
+    def _site(self, path: str, kind: str, out: Any) -> torch.Tensor | None:
+        """Handle one call of ``path``; returns what the rest of the network reads, or ``None``."""
+        call = self._count(path)
+        if not isinstance(out, torch.Tensor):
+            return None
+        if self.sites is None:
+            if out.dim() in (2, 3, 4):
+                self.recorder.found.append((path, call, kind, tuple(out.shape[1:]), detect_layout(out)))
+            return None
+        site = self._by_call.get((path, call))
+        if site is None:
+            return None
+        canon = to_channels_first(out, site.layout)
+        rec = self.recorder
+        if self.cut:
+            rec.acts[site.index] = canon
+            source = canon.detach().requires_grad_(True).clone()
+            rec.sources[site.index] = source
+            return from_channels_first(source, site.layout).clone()
+        captured = self.transform(site.index, canon) if self.transform is not None else canon
+        rec.acts[site.index] = captured
+        return from_channels_first(captured, site.layout).clone()
+
+    # --- module sites ------------------------------------------------------------------------
     def _hook(self, path: str) -> Callable[[nn.Module, Any, Any], torch.Tensor | None]:
         def hook(module: nn.Module, _inp: Any, out: Any) -> torch.Tensor | None:
-            idx = self._by_call.get((path, self._counter.next(module)))
-            if idx is None or not isinstance(out, torch.Tensor):
-                return None
-            captured = self.transform(idx, out) if self.transform is not None else out
-            self.recorder.acts[idx] = captured
-            return captured.clone()  # downstream (possibly in-place) ops get their own tensor
+            kind = str(getattr(module, "original_name", type(module).__name__))
+            return self._site(path, kind, out)
 
         return hook
+
+    # --- functional sites --------------------------------------------------------------------
+    def _push(self, path: str) -> Callable[[nn.Module, Any], None]:
+        def pre(_module: nn.Module, _inp: Any) -> None:
+            self._stack.append(path)
+
+        return pre
+
+    def _pop(self, _module: nn.Module, _inp: Any, _out: Any) -> None:
+        if self._stack:
+            self._stack.pop()
+
+    def _functional(self, func: Any, entry: tuple[str, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        enclosing = self._stack[-1] if self._stack else ""
+        if enclosing in self._module_sites:  # the activation module's own call: already its site
+            return func(*args, **kwargs)
+        name, twin = entry
+        path = f"{enclosing}.{name}()" if enclosing else f"{name}()"
+        wanted = (self.names is None or path in self.names) if self.sites is None else path in self._functional_paths
+        if not wanted:
+            return func(*args, **kwargs)
+        fn, a, kw, inplace = _out_of_place(func, twin, args, kwargs)
+        out = fn(*a, **kw)
+        new = self._site(path, f"{name}()", out)
+        result = out if new is None else new
+        if inplace:  # the caller may keep using its input tensor: it becomes the site's output
+            args[0].copy_(result)  # (its old value gets zero gradient; the site graph ignores that link)
+            return args[0]
+        return result
+
+    # --- install / remove --------------------------------------------------------------------
+    def _targets(self, named: dict[str, nn.Module]) -> tuple[list[str], bool]:
+        """Module paths to hook and whether functional calls are watched."""
+        if self.sites is None:
+            if self.names:
+                unknown = [n for n in self.names if n not in named and not is_functional_path(n)]
+                if unknown:
+                    raise ExtractionError(f"no module named {unknown[0]!r} in the model (see model.named_modules())")
+                return [n for n in self.names if n in named], any(is_functional_path(n) for n in self.names)
+            return [n for n, m in named.items() if is_activation(m)], True
+        paths = list(dict.fromkeys(s.module_path for s in self.sites))
+        modules = [p for p in paths if not is_functional_path(p)]
+        for p in modules:
+            if p not in named:
+                raise ExtractionError(f"site module {p!r} is not in the model")
+        return modules, len(modules) < len(paths)
 
     def __enter__(self) -> SiteHooks:
         named = dict(self.model.named_modules())
         try:
-            for path in dict.fromkeys(s.module_path for s in self.sites):
-                if path not in named:
-                    raise ExtractionError(f"site module {path!r} is not in the model")
+            modules, functional = self._targets(named)
+            self._module_sites = set(modules)
+            for path in modules:
                 self._handles.append(named[path].register_forward_hook(self._hook(path)))
+            if functional:
+                for path, module in named.items():
+                    self._handles.append(module.register_forward_pre_hook(self._push(path)))
+                    self._handles.append(module.register_forward_hook(self._pop, always_call=True))
+                self._mode = _Functional(self)
+                self._mode.__enter__()
         except BaseException:
             self._remove()
             raise
@@ -157,9 +333,93 @@ class SiteHooks:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._mode is not None:
+            mode, self._mode = self._mode, None
+            mode.__exit__(None, None, None)
 
     def __exit__(self, *exc: object) -> None:
         self._remove()
+
+
+def predecessors(acts: dict[int, torch.Tensor], sources: dict[int, torch.Tensor]) -> dict[int, tuple[int, ...]]:
+    """Per site of a cut forward, the sites whose sources its output's autograd graph reaches."""
+    leaf_site: dict[Any, int] = {}
+    for idx, src in sources.items():
+        if src.grad_fn is not None:  # CloneBackward0 -> AccumulateGrad of the site's leaf
+            leaf_site[src.grad_fn] = idx
+    memo: dict[Any, frozenset[int]] = {}
+
+    def reach(start: Any) -> frozenset[int]:
+        stack: list[tuple[Any, bool]] = [(start, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if node in memo:
+                continue
+            if node in leaf_site:
+                memo[node] = frozenset({leaf_site[node]})
+                continue
+            children = [n for n, _ in node.next_functions if n is not None]
+            if node.name() == "torch::autograd::CopyBackwards":  # an in-place copy: the overwritten value
+                children = [n for n, _ in node.next_functions[1:] if n is not None]  # gets no gradient
+            if expanded:
+                found: set[int] = set()
+                for c in children:
+                    found |= memo.get(c, frozenset())
+                memo[node] = frozenset(found)
+            else:
+                stack.append((node, True))
+                stack.extend((c, False) for c in children if c not in memo)
+        return memo[start]
+
+    return {j: (tuple(sorted(reach(a.grad_fn))) if a.grad_fn is not None else ()) for j, a in acts.items()}
+
+
+def cut_forward(model: nn.Module, sites: Sequence[SiteInfo], forward: Callable[[], Any]) -> SiteRecorder:
+    """Run ``forward()`` once with every site cut (see :class:`SiteHooks`); returns what was captured."""
+    with torch.enable_grad(), SiteHooks(model, sites, cut=True) as hooks:
+        rec = hooks.begin()
+        forward()
+    return rec
+
+
+def discover_sites(
+    model: nn.Module, example: torch.Tensor, modules: Sequence[str] | None = None
+) -> tuple[SiteInfo, ...]:
+    """Find the sites of ``model`` by running ``example`` (shape ``[1, C, H, W]``, model space) twice.
+
+    Keeps calls whose output is a feature map (4-D, channels first or last), a token sequence
+    ``[1, N, C]`` or a unit vector ``[1, C]``. ``modules`` restricts the search to those module
+    paths (any module type) and functional paths (``...relu()``). The second, cut forward gives
+    each site its predecessors and depth.
+    """
+    x = example.detach().clone().requires_grad_(True)
+    with torch.enable_grad(), SiteHooks(model, None, names=modules) as hooks:
+        rec = hooks.begin()
+        model(x)
+    if not rec.found:
+        if modules:
+            raise ExtractionError("no named module or function produced a feature map, token sequence or unit "
+                                  "vector; name other modules")
+        raise ExtractionError("the model has no activation sites (no ReLU-like modules or functional activations); "
+                              "name modules to use with --sites")
+    sites = []
+    for i, (path, call, kind, shape, layout) in enumerate(rec.found):
+        canon = shape if layout in ("channels_first", "vector") else (shape[-1], *shape[:-1])
+        sites.append(SiteInfo(i, path, call, kind, tuple(int(v) for v in canon), layout))
+    cut = cut_forward(model, sites, lambda: model(x))
+    missing = [s.site_id for s in sites if s.index not in cut.acts]
+    if missing:
+        raise ExtractionError(f"site {missing[0]} did not fire twice the same way; the model's calls depend on the "
+                              "input")
+    preds = predecessors(cut.acts, cut.sources)
+    depth: dict[int, int] = {}
+    out = []
+    for s in sites:
+        p = preds.get(s.index, ())
+        depth[s.index] = 1 + max((depth[i] for i in p), default=-1)
+        out.append(replace(s, preds=p, depth=depth[s.index]))
+    log.debug("found %d sites, depth %d", len(out), max(depth.values()))
+    return tuple(out)
 
 
 def hook_count(model: nn.Module) -> int:
@@ -169,3 +429,8 @@ def hook_count(model: nn.Module) -> int:
         total += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
         total += len(getattr(m, "_backward_pre_hooks", {}))
     return total
+
+
+def function_modes_active() -> int:
+    """Number of torch function modes on the stack (0 after extraction)."""
+    return int(torch._C._len_torch_function_stack())

@@ -131,6 +131,7 @@ class LayerOverlap:
     a: int
     b: int
     shared: int
+    depth: int = 0  # the layer's depth in the site graph
 
     @property
     def jaccard(self) -> float:
@@ -196,8 +197,8 @@ class Shift:
     lost: list[NeuronChange]
     gained: list[NeuronChange]
     per_layer: list[LayerOverlap]
-    first_change: int | None  # first layer index whose neuron set differs
-    first_departure: int | None  # first layer index with Jaccard < threshold
+    first_change: int | None  # the shallowest layer (site-graph depth, then index) whose neuron set differs
+    first_departure: int | None  # the shallowest layer with Jaccard < threshold
 
 
 @dataclass(frozen=True)
@@ -670,13 +671,14 @@ class Store:
             li, site, _ = info[n]
             return NeuronChange(n, site, li, so[n][2] if n in so else None, sv[n][2] if n in sv else None)
 
-        layers = {r["index"]: r["site"] for r in self.layers(detail.model_id)}
+        layers = {r["index"]: (r["site"], r["depth"] or 0) for r in self.layers(detail.model_id)}
         per_layer = [LayerOverlap(li, site, sum(1 for v in so.values() if v[0] == li),
                                   sum(1 for v in sv.values() if v[0] == li),
-                                  sum(1 for n in so.keys() & sv.keys() if so[n][0] == li))
-                     for li, site in sorted(layers.items())]
-        first_change = next((o.layer_index for o in per_layer if o.shared != o.a or o.shared != o.b), None)
-        first_dep = next((o.layer_index for o in per_layer if o.jaccard < threshold), None)
+                                  sum(1 for n in so.keys() & sv.keys() if so[n][0] == li), depth)
+                     for li, (site, depth) in sorted(layers.items())]
+        by_depth = sorted(per_layer, key=lambda o: (o.depth, o.layer_index))
+        first_change = next((o.layer_index for o in by_depth if o.shared != o.a or o.shared != o.b), None)
+        first_dep = next((o.layer_index for o in by_depth if o.jaccard < threshold), None)
         params = json.loads(detail.params or "{}")
         def order(c: NeuronChange) -> tuple[int, str]:
             return (c.layer_index, c.neuron)

@@ -231,10 +231,11 @@ def write_csv(run_dirs: list[Path], out: Path) -> tuple[list[tuple[str, Path]], 
                                                                   "input_shape": "long[]"}),
         "Layer": _Table(out / "layers.csv", ["id:ID(Layer)"], {
             "model_id": "string", "site": "string", "module_path": "string", "call_index": "long",
-            "kind": "string", "index": "long", "channels": "long", "shape": "long[]"}),
+            "kind": "string", "index": "long", "channels": "long", "shape": "long[]", "layout": "string",
+            "depth": "long"}),
         "Neuron": _Table(out / "neurons.csv", ["id:ID(Neuron)"], {
             "layer_id": "string", "model_id": "string", "site": "string", "layer_index": "long",
-            "channel": "long"}),
+            "depth": "long", "channel": "long"}),
         "Class": _Table(out / "classes.csv", ["id:ID(Class)"], {"model_id": "string", "index": "long",
                                                                  "name": "string"}),
         "Image": _Table(out / "images.csv", ["id:ID(Image)"], image_types),
@@ -245,7 +246,7 @@ def write_csv(run_dirs: list[Path], out: Path) -> tuple[list[tuple[str, Path]], 
         return _Table(out / f"rel-{name.lower()}.csv", [f":START_ID({start})", f":END_ID({end})"], props or {})
 
     r = {
-        "HAS_LAYER": rel("HAS_LAYER", "Model", "Layer"), "NEXT": rel("NEXT", "Layer", "Layer"),
+        "HAS_LAYER": rel("HAS_LAYER", "Model", "Layer"), "FEEDS": rel("FEEDS", "Layer", "Layer"),
         "HAS_NEURON": rel("HAS_NEURON", "Layer", "Neuron"), "HAS_CLASS": rel("HAS_CLASS", "Model", "Class"),
         "PREDICTED_AS": rel("PREDICTED_AS", "Image", "Class", {"prob": "double", "logit": "double"}),
         "LABELED_AS": rel("LABELED_AS", "Image", "Class"),
@@ -273,7 +274,7 @@ def write_csv(run_dirs: list[Path], out: Path) -> tuple[list[tuple[str, Path]], 
                     n["Layer"].write([ly["id"]], {**ly, "model_id": model.model_id})
                     r["HAS_LAYER"].write([model.model_id, ly["id"]], {})
                 for pair in rows.pairs:
-                    r["NEXT"].write([pair["src"], pair["dst"]], {})
+                    r["FEEDS"].write([pair["src"], pair["dst"]], {})
                 for nr in rows.neurons:
                     n["Neuron"].write([nr["id"]], {**nr, "model_id": model.model_id})
                     r["HAS_NEURON"].write([nr["layer_id"], nr["id"]], {})

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 SCHEMA_TEXT = """\
-(:Model {id, arch, num_classes})-[:HAS_LAYER]->(:Layer {id, site, index, kind, channels})
-(:Layer)-[:HAS_NEURON]->(:Neuron {id, site, layer_index, channel})      (:Layer)-[:NEXT]->(:Layer)
+(:Model {id, arch, num_classes})-[:HAS_LAYER]->(:Layer {id, site, index, kind, channels, layout, depth})
+(:Layer)-[:HAS_NEURON]->(:Neuron {id, site, layer_index, depth, channel})
+(:Layer)-[:FEEDS]->(:Layer)                 # the site graph: a layer's direct predecessors
 (:Model)-[:HAS_CLASS]->(:Class {id, index, name})
 (:Image {id, source, kind, label, predicted, prob, setting})-[:LABELED_AS]->(:Class)
 (:Image)-[:PREDICTED_AS {prob, logit}]->(:Class)

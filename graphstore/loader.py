@@ -1,7 +1,7 @@
 """Load a run folder of records into Neo4j: idempotent, atomic per image group, batched.
 
 - Schema (constraints, indexes) first, ``IF NOT EXISTS``.
-- Model, layers (with ``NEXT``), every neuron of every site, and classes: ``MERGE``.
+- Model, layers (with ``FEEDS``, the site graph), every neuron of every site, and classes: ``MERGE``.
 - Then groups of originals with their variants and all their pathways, each group in one
   managed write transaction (retried by the driver on transient errors). A pathway is
   claimed with ``MERGE`` and only a transaction that *created* it writes its ``INCLUDES``
@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import threading
@@ -94,7 +93,7 @@ def _chunks(rows: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
 
 @dataclass(frozen=True)
 class ModelRows:
-    """Rows for the model's structure: its node, layers, layer pairs, neurons and classes."""
+    """Rows for the model's structure: its node, layers, site-graph edges (``pairs``), neurons and classes."""
 
     model: dict[str, Any]
     layers: list[dict[str, Any]]
@@ -107,15 +106,15 @@ def model_rows(model: ModelInfo) -> ModelRows:
     layers = [
         {"id": layer_id(model.model_id, s.site_id), "site": s.site_id, "module_path": s.module_path,
          "call_index": s.call_index, "kind": s.kind, "index": s.index, "channels": s.channels,
-         "shape": list(s.shape)}
+         "shape": list(s.shape), "layout": s.layout, "depth": s.depth}
         for s in model.sites
     ]
     meta = {"id": model.model_id, "arch": model.arch, "num_classes": model.num_classes,
             "input_shape": list(model.input_shape)}
-    pairs = [{"src": a["id"], "dst": b["id"]} for a, b in itertools.pairwise(layers)]
+    pairs = [{"src": layers[i]["id"], "dst": layers[s.index]["id"]} for s in model.sites for i in s.preds]
     neurons = [
         {"id": neuron_id(model.model_id, s.site_id, c), "layer_id": layer_id(model.model_id, s.site_id),
-         "site": s.site_id, "layer_index": s.index, "channel": c}
+         "site": s.site_id, "layer_index": s.index, "depth": s.depth, "channel": c}
         for s in model.sites for c in range(s.channels)
     ]
     classes = [{"id": class_id(model.model_id, i), "index": i, "name": name}
@@ -124,7 +123,7 @@ def model_rows(model: ModelInfo) -> ModelRows:
 
 
 def load_model(driver: neo4j.Driver, model: ModelInfo, database: str = DATABASE) -> None:
-    """Model, layers, ``NEXT`` links, all neurons and classes (MERGE; safe to repeat)."""
+    """Model, layers, ``FEEDS`` links (the site graph), all neurons and classes (MERGE; safe to repeat)."""
     rows = model_rows(model)
     driver.execute_query(Q.MERGE_MODEL, model=rows.model, layers=rows.layers, database_=database)
     driver.execute_query(Q.LINK_LAYERS, pairs=rows.pairs, database_=database)

@@ -5,7 +5,7 @@ arrives as a ``$parameter``. ``graphstore.api`` runs them and types the results.
 
 Schema (README holds the picture)::
 
-    (:Model)-[:HAS_LAYER]->(:Layer)-[:HAS_NEURON]->(:Neuron)     (:Layer)-[:NEXT]->(:Layer)
+    (:Model)-[:HAS_LAYER]->(:Layer)-[:HAS_NEURON]->(:Neuron)     (:Layer)-[:FEEDS]->(:Layer)  (the site graph)
     (:Model)-[:HAS_CLASS]->(:Class)
     (:Image)-[:LABELED_AS]->(:Class)   (:Image)-[:PREDICTED_AS {prob, logit}]->(:Class)
     (:Image)-[:VARIANT_OF {kind, params, eps, steps, targeted, target}]->(:Image)
@@ -63,7 +63,8 @@ WITH m
 UNWIND $layers AS l
 MERGE (ly:Layer {id: l.id})
 SET ly.model_id = $model.id, ly.site = l.site, ly.module_path = l.module_path, ly.call_index = l.call_index,
-    ly.kind = l.kind, ly.index = l.index, ly.channels = l.channels, ly.shape = l.shape
+    ly.kind = l.kind, ly.index = l.index, ly.channels = l.channels, ly.shape = l.shape, ly.layout = l.layout,
+    ly.depth = l.depth
 MERGE (m)-[:HAS_LAYER]->(ly)
 """
 
@@ -71,7 +72,7 @@ LINK_LAYERS = """
 UNWIND $pairs AS p
 MATCH (a:Layer {id: p.src})
 MATCH (b:Layer {id: p.dst})
-MERGE (a)-[:NEXT]->(b)
+MERGE (a)-[:FEEDS]->(b)
 """
 
 MERGE_NEURONS = """
@@ -79,7 +80,7 @@ UNWIND $neurons AS n
 MATCH (ly:Layer {id: n.layer_id})
 MERGE (nr:Neuron {id: n.id})
 SET nr.layer_id = n.layer_id, nr.model_id = $model_id, nr.site = n.site, nr.layer_index = n.layer_index,
-    nr.channel = n.channel
+    nr.depth = n.depth, nr.channel = n.channel
 MERGE (ly)-[:HAS_NEURON]->(nr)
 """
 
@@ -297,7 +298,11 @@ RETURN c.id AS id, c.index AS index, c.name AS name ORDER BY c.index
 
 LIST_LAYERS = """
 MATCH (:Model {id: $model_id})-[:HAS_LAYER]->(l:Layer)
-RETURN l.id AS id, l.site AS site, l.index AS index, l.kind AS kind, l.channels AS channels ORDER BY l.index
+OPTIONAL MATCH (p:Layer)-[:FEEDS]->(l)
+WITH l, collect(p.index) AS preds
+RETURN l.id AS id, l.site AS site, l.index AS index, l.kind AS kind, l.channels AS channels, l.depth AS depth,
+       l.layout AS layout, preds
+ORDER BY l.index
 """
 
 ACCURACY_BY_CLASS = """

@@ -27,9 +27,9 @@ if TYPE_CHECKING:
     import networkx as nx
     from torch import nn
 
-    from extractor.pathways import PathwaySettings
     from extractor.pipeline import ExtractSummary
     from extractor.records import ImageRecord, Manifest, PathwayRecord, RunStatus
+    from extractor.settings import PathwaySettings
     from graphstore.api import Store
 
 log = logging.getLogger(__name__)

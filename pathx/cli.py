@@ -543,7 +543,7 @@ def demo(
     step("step 2/5: demo model")
     train_demo()
     step("step 3/5: extraction (originals, FGSM, PGD, occluded, shifted, deformed)")
-    from extractor.pathways import PathwaySettings
+    from extractor.settings import PathwaySettings
     from pathx.api import extract as run_extraction
 
     khakzar = PathwaySettings("mct", "percentile", sparsity=90.0, granularity="element")  # the paper's own rule

@@ -22,9 +22,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 from torch import nn
 
+from extractor.methods import extract_batch
 from extractor.models import ModelBundle
-from extractor.pathways import PathwaySettings, extract_batch
 from extractor.pixelpaths import PixelSettings, trace_pixels
+from extractor.settings import PathwaySettings
 from extractor.variants import deform, pgd
 from graphstore.api import Store
 

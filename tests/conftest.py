@@ -89,8 +89,8 @@ def demo(home: Path) -> tuple[object, object]:
 def fixture_run(tmp_path_factory: pytest.TempPathFactory, demo: tuple[object, object], home: Path) -> Path:
     """24 test digits with FGSM/PGD/occlusion/shift/deformation variants; mct, intgrad, correlation
     (all images) and pixel pathways (originals)."""
-    from extractor.pathways import PathwaySettings
     from extractor.pipeline import extract_run, load_images
+    from extractor.settings import PathwaySettings
     from extractor.variants import VariantSpec
 
     bundle, _ = demo

@@ -69,7 +69,7 @@ class Ref:
         uses = sum(len(t) for cfg in configs for t in self.support(cfg).values())
         nodes = {"Model": 1, "Layer": len(m.sites), "Neuron": sum(s.channels for s in m.sites),
                  "Class": m.num_classes, "Image": len(self.images), "Pathway": len(self.pathways)}
-        rels = {"HAS_LAYER": len(m.sites), "NEXT": len(m.sites) - 1, "HAS_NEURON": nodes["Neuron"],
+        rels = {"HAS_LAYER": len(m.sites), "FEEDS": sum(len(s.preds) for s in m.sites), "HAS_NEURON": nodes["Neuron"],
                 "HAS_CLASS": m.num_classes, "PREDICTED_AS": len(self.images),
                 "LABELED_AS": sum(1 for i in self.images.values() if i.label >= 0),
                 "VARIANT_OF": sum(1 for i in self.images.values() if i.variant_of),

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from extractor.contributions import forward_with_sites
 from extractor.exemplars import ReceptiveFields
-from extractor.pathways import PathwaySettings, extract_batch, forward_with_sites
+from extractor.methods import extract_batch
 from extractor.pipeline import extract_run, image_id, load_images
 from extractor.records import ExemplarRows, Shard, merge_exemplar_rows, read_exemplars
+from extractor.settings import PathwaySettings
 
 N = 4
 SETTINGS = [PathwaySettings("mct", "topk", k=3)]

@@ -8,35 +8,39 @@ import torch
 import torchvision
 from torch import nn
 
+from extractor.contributions import mct_contributions
+from extractor.edges import compute_edges, edge_weights_for_pair, segment_routes
 from extractor.mixing import find_mixing, mixing_edge_weights
 from extractor.models import ModelBundle, make_bundle
-from extractor.pathways import (
-    PathwaySettings,
-    compute_edges,
-    edge_weights_for_pair,
-    mct_contributions,
-    select,
-)
+from extractor.selection import select
+from extractor.settings import PathwaySettings
+from extractor.sites import cut_forward
 
 
 def _pairs(bundle: ModelBundle, x: torch.Tensor) -> tuple[int, int, float]:
-    """(pairs, fast pairs, worst |fast - VJP| relative to the pair's largest weight)."""
-    contrib, att = mct_contributions(bundle, x)
-    fast, worst = 0, 0.0
-    for l in range(len(att) - 1):
-        mix = find_mixing(att[l], att[l + 1], att)
-        if mix is None:
-            continue
-        fast += 1
-        m = min(6, att[l + 1].shape[1])
-        targets = contrib.channel[l + 1].abs().topk(m, 1).indices
-        targets[0, -1] = -1  # padding must give zero rows on both paths
-        got = mixing_edge_weights(mix, att[l + 1], contrib.grads[l + 1], targets)
-        ref = edge_weights_for_pair(att[l], att[l + 1], contrib.grads[l + 1], targets)
-        assert got.shape == ref.shape
-        assert torch.all(got[0, -1] == 0)
-        worst = max(worst, float((got - ref).abs().max()) / max(float(ref.abs().max()), 1e-30))
-    return len(att) - 1, fast, worst
+    """(site-graph edges, fast ones, worst |fast - VJP| relative to the pair's largest weight)."""
+    contrib, _ = mct_contributions(bundle, x)
+    cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x))
+    sources = list(cut.sources.values())
+    pairs, fast, worst = 0, 0, 0.0
+    for site in bundle.sites:
+        j = site.index
+        for i in site.preds:
+            pairs += 1
+            mix = find_mixing(cut.sources[i], cut.acts[j], sources)
+            if mix is None:
+                continue
+            fast += 1
+            m = min(6, cut.acts[j].shape[1])
+            targets = contrib.channel[j].abs().topk(m, 1).indices
+            targets[0, -1] = -1  # padding must give zero rows on both paths
+            got = mixing_edge_weights(mix, cut.sources[i], cut.acts[j], contrib.grads[j], targets)
+            ref = edge_weights_for_pair(cut.sources[i], cut.acts[j], contrib.grads[j], targets)
+            assert got.shape == ref.shape
+            assert torch.all(got[0, -1] == 0)
+            worst = max(worst, float((got - ref).abs().max()) / max(float(ref.abs().max()), 1e-30))
+    assert sum(segment_routes(bundle.sites, cut).values()) == fast
+    return pairs, fast, worst
 
 
 @pytest.mark.parametrize(("name", "all_fast"), [("resnet18", True), ("vgg11", True), ("mobilenet_v3_small", False)])
@@ -46,7 +50,8 @@ def test_fast_path_equals_vjp_on_torchvision(name: str, all_fast: bool) -> None:
     bundle = make_bundle(model, name, (3, 32, 32))
     pairs, fast, worst = _pairs(bundle, torch.rand(3, 3, 32, 32, dtype=torch.float64))
     assert worst < 1e-10
-    assert fast == pairs if all_fast else 0 < fast < pairs  # MobileNet: SE blocks and hardswish gates fall back
+    assert fast == pairs if all_fast else 0 < fast < pairs  # MobileNet: two convs in a row, gates fall back
+    assert pairs > len(bundle.sites) - 1 if name == "resnet18" else True  # skips are edges of the site graph
 
 
 def test_fast_path_on_the_demo_cnn(demo: tuple) -> None:
@@ -111,9 +116,11 @@ def test_fast_path_applies_exactly_where_it_is_exact(body: nn.Module, fast: bool
     assert worst < 1e-10
     # whichever path runs, compute_edges gives the VJP's edges
     settings = PathwaySettings(k=4, edge_targets=4, edges_per_target=4)
-    contrib, att = mct_contributions(bundle, x)
+    contrib, _ = mct_contributions(bundle, x)
     sel = select(contrib, settings)
-    a, b = compute_edges(contrib, sel, att, settings), compute_edges(contrib, sel, att, settings, fast=False)
+    cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x))
+    a = compute_edges(bundle.sites, contrib, sel, cut, settings)
+    b = compute_edges(bundle.sites, contrib, sel, cut, settings, fast=False)
     for key in ("b", "src_site", "src_channel", "dst_site", "dst_channel"):
         assert np.array_equal(getattr(a, key), getattr(b, key))
     np.testing.assert_allclose(a.weight, b.weight, rtol=1e-9, atol=1e-12)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from extractor.pathways import PathwaySettings
+from extractor.settings import PathwaySettings
 from extractor.variants import KINDS, VariantSpec
 from graphstore.names import number, setting_name, variant_name
 

@@ -10,7 +10,6 @@ import torch
 
 from extractor.demo import accuracy, demo_model
 from extractor.errors import ExtractionError
-from extractor.pathways import PathwaySettings
 from extractor.pipeline import extract_run, load_images
 from extractor.records import (
     SCHEMA_VERSION,
@@ -20,6 +19,7 @@ from extractor.records import (
     read_manifest,
     read_run,
 )
+from extractor.settings import PathwaySettings
 from extractor.variants import VariantSpec, affine, fgsm, pgd, shift
 
 

@@ -33,7 +33,7 @@ from tests.conftest import wipe
 pytestmark = pytest.mark.store
 
 MODEL = ModelInfo("prop-0123456789ab", "prop", 3, ("a'b", 'c"d', "e\\f"), (1, 4, 4),
-                  (SiteInfo(0, "s0", 0, "ReLU", (4, 2, 2)), SiteInfo(1, "s1", 0, "ReLU", (3,))))
+                  (SiteInfo(0, "s0", 0, "ReLU", (4, 2, 2)), SiteInfo(1, "s1", 0, "ReLU", (3,), "vector", (0,), 1)))
 
 
 @st.composite
@@ -57,7 +57,7 @@ def pathway(draw: st.DrawFn) -> PathwayRecord:
         neuron_elements=np.ones(len(contrib), np.int32), neuron_dead=np.zeros(len(contrib), bool),
         edge_src_site=np.zeros(len(edges), np.int32), edge_src_channel=np.asarray([e[0] for e in edges], np.int32),
         edge_dst_site=np.ones(len(edges), np.int32), edge_dst_channel=np.asarray([e[1] for e in edges], np.int32),
-        edge_weight=np.asarray([e[2] for e in edges], np.float32), site_gap=np.zeros(1, np.float32),
+        edge_weight=np.asarray([e[2] for e in edges], np.float32), site_gap=np.asarray([np.nan, 0.0], np.float32),
         saliency=np.zeros((4, 4), np.float32),
     )
 

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from extractor.contributions import forward_with_sites
 from extractor.errors import ExtractionError
-from extractor.pathways import PathwaySettings, extract_batch, forward_with_sites
+from extractor.methods import extract_batch
 from extractor.resampling import perturbed_copies, resampling_scores, set_overlap, topk_sets
+from extractor.settings import PathwaySettings
 
 
 def test_copies_grow_noise_linearly() -> None:

@@ -274,8 +274,8 @@ NASTY = ["it's \"quoted\"", "back\\slash", "'}) MATCH (n) DETACH DELETE n //", "
 def test_hostile_class_names_round_trip(empty_store: object, tmp_path: Path) -> None:
     from extractor.inputs import ImageSet
     from extractor.models import make_bundle
-    from extractor.pathways import PathwaySettings
     from extractor.pipeline import extract_run
+    from extractor.settings import PathwaySettings
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, len(NASTY)))

@@ -71,6 +71,11 @@ def setting_names(model_id: str) -> dict[str, str]:
     return {c.config: c.name for c in store().configs(model_id)}
 
 
+def layer_depths(model_id: str) -> dict[int, int]:
+    """Layer index -> depth in the site graph (columns of the pathway drawings)."""
+    return {int(r["index"]): int(r["depth"] or 0) for r in store().layers(model_id)}
+
+
 def patch(png: bytes, box: Sequence[int], size: int = 96) -> Image.Image:
     """The image cropped around ``box`` (y0, x0, y1, x1; half-open) with a margin, enlarged to about
     ``size`` pixels, the box outlined in red."""
@@ -148,8 +153,11 @@ def pathway_dot(
     colors: Mapping[str, str] | None = None,
     max_edges: int = 300,
     title: str = "",
+    depths: Mapping[int, int] | None = None,
 ) -> str:
-    """A layered DOT drawing: one column per layer, node size ~ |contribution|, pen ~ |weight|.
+    """A layered DOT drawing of the site graph: one column per depth (``depths``: layer index ->
+    depth in the site graph; default one column per layer), parallel branches in the same column,
+    node size ~ |contribution|, pen ~ |weight|.
 
     Only the ``max_edges`` strongest edges are drawn so large pathways stay readable.
     """
@@ -159,18 +167,23 @@ def pathway_dot(
     cmax = float(contrib.max()) if contrib.size and contrib.max() > 0 else 1.0
     edges = sorted(graph.edges(data=True), key=lambda e: -abs(e[2].get("weight", 0.0)))[:max_edges]
     wmax = max((abs(e[2].get("weight", 0.0)) for e in edges), default=1.0) or 1.0
-    layers: dict[int, list[tuple[str, dict[str, Any]]]] = {}
+    layers: dict[int, list[tuple[str, dict[str, Any]]]] = {}  # depth -> nodes
     for n, d in nodes:
-        layers.setdefault(int(d.get("layer_index", 0)), []).append((n, d))
+        li = int(d.get("layer_index", 0))
+        layers.setdefault(int(depths.get(li, li)) if depths is not None else li, []).append((n, d))
     lines = ["digraph P {", 'rankdir=LR; splines=false; nodesep=0.08; ranksep=1.1; bgcolor="transparent";',
              'node [shape=circle, style=filled, fontname="Helvetica", fontsize=8, fixedsize=true, label=""];',
              'edge [arrowsize=0.3];']
     if title:
         lines.append(f'label="{html.escape(title)}"; labelloc=t; fontname="Helvetica";')
     for li in sorted(layers):
-        site = html.escape(str(layers[li][0][1].get("site", li)))
-        lines.append(f'subgraph cluster_{li} {{ label="{site}"; fontsize=9; color="#dddddd";')
-        for n, d in sorted(layers[li], key=lambda t: int(t[1].get("channel", 0))):
+        sites = list(dict.fromkeys(str(d.get("site", li)) for _, d in
+                                   sorted(layers[li], key=lambda t: int(t[1].get("layer_index", 0)))))
+        label = sites[0] if len(sites) == 1 else f"{len(sites)} branches: " + ", ".join(sites[:3]) + \
+            (", …" if len(sites) > 3 else "")
+        lines.append(f'subgraph cluster_{li} {{ label="{html.escape(label)}"; fontsize=9; color="#dddddd"; '
+                     'rank=same;')
+        for n, d in sorted(layers[li], key=lambda t: (int(t[1].get("layer_index", 0)), int(t[1].get("channel", 0)))):
             size = 0.18 + 0.42 * abs(d.get("contribution") or 0.0) / cmax
             color = colors.get(n, COLORS["node"])
             tip = html.escape(f"{short(n)} contribution {number(d.get('contribution', 0.0), 4)}")

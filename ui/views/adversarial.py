@@ -11,7 +11,18 @@ import streamlit as st
 from PIL import Image
 
 from graphstore.names import variant_name
-from ui.common import COLORS, class_names, context, neuron_card, pathway_dot, setting_names, short, store, table
+from ui.common import (
+    COLORS,
+    class_names,
+    context,
+    layer_depths,
+    neuron_card,
+    pathway_dot,
+    setting_names,
+    short,
+    store,
+    table,
+)
 
 st.title("Adversarial")
 model_id, config = context()
@@ -66,7 +77,7 @@ for pid in (pair["original_pathway"], pair["variant_pathway"]):
     for u, v, d in s.pathway_graph(pid).edges(data=True):
         graph.add_edge(u, v, weight=d["weight"])
 st.caption("blue: kept · red: lost (only in the original's pathway) · green: gained (only under attack)")
-st.graphviz_chart(pathway_dot(graph, colors, max_edges=250))
+st.graphviz_chart(pathway_dot(graph, colors, max_edges=250, depths=layer_depths(model_id)))
 
 overlap = table(shift.per_layer)
 overlap["jaccard"] = [o.jaccard for o in shift.per_layer]

@@ -6,7 +6,18 @@ import networkx as nx
 import plotly.express as px
 import streamlit as st
 
-from ui.common import COLORS, class_names, context, heatmap_figure, neuron_card, pathway_dot, short, store, table
+from ui.common import (
+    COLORS,
+    class_names,
+    context,
+    heatmap_figure,
+    layer_depths,
+    neuron_card,
+    pathway_dot,
+    short,
+    store,
+    table,
+)
 
 st.title("Compare classes")
 model_id, config = context()
@@ -45,7 +56,7 @@ for src, dst, sa, sb in shared.shared_edges:
     if src in graph and dst in graph:
         graph.add_edge(src, dst, weight=(sa + sb) / 2)
 st.caption(f"teal: shared · orange: only {names[a]} · blue: only {names[b]} · edges: shared by both classes")
-st.graphviz_chart(pathway_dot(graph, colors))
+st.graphviz_chart(pathway_dot(graph, colors, depths=layer_depths(model_id)))
 
 groups = {"shared": [na for na, _ in shared.shared], f"only {names[a]}": shared.only_a,
           f"only {names[b]}": shared.only_b}

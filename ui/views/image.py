@@ -9,6 +9,7 @@ from graphstore.names import number, variant_name
 from ui.common import (
     class_names,
     context,
+    layer_depths,
     neuron_card,
     pathway_dot,
     saliency_figure,
@@ -62,7 +63,7 @@ with c3:
 st.subheader("Pathway")
 max_edges = st.slider("Strongest edges shown", 20, 1000, 200, step=20, key="img_edges")
 graph = s.pathway_graph(pathway.id)
-st.graphviz_chart(pathway_dot(graph, max_edges=max_edges))
+st.graphviz_chart(pathway_dot(graph, max_edges=max_edges, depths=layer_depths(model_id)))
 
 st.subheader("Neuron")
 neurons = sorted(graph.nodes(data=True), key=lambda t: t[1]["rank"])

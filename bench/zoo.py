@@ -1,0 +1,118 @@
+"""Model zoo: every torchvision classifier at 224 px, batch 1, untrained (structure and speed only).
+
+Per model, in a child process of its own (a time budget; a crash or an out-of-memory cannot take
+the bench down): sites found and their layouts, edges of the site graph and how many take the fast
+path, and (a) plain forward + backward, (b) contributions, (c) contributions + top-8 edges along
+the site graph, timed in interleaved rounds (medians). Run: ``python bench/zoo.py [--limit-s S]
+[--only a,b]``; results go to ``bench/results/zoo.json`` and into ``make bench``'s report.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "results" / "zoo.json"
+MEMORY_GIB = 24
+
+
+def measure(name: str, rounds: int = 3) -> dict[str, Any]:
+    """One model's row (runs in the child)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    sys.path.insert(0, str(ROOT))
+    from extraction import _interleaved, _ours_b, _ours_c, _plain, fast_routes
+
+    from extractor.models import load_torchvision
+    from extractor.settings import PathwaySettings
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    size = 299 if name == "inception_v3" else 224
+    bundle = load_torchvision(name, untrained=True, input_size=size)
+    x = torch.rand(1, 3, size, size)
+    settings = PathwaySettings(k=8, edge_targets=8, edges_per_target=8)
+    a, b, c = _interleaved([lambda: _plain(bundle, x), lambda: _ours_b(bundle, x),
+                            lambda: _ours_c(bundle, x, settings)], rounds)
+    edges, fast = fast_routes(bundle, x)
+    layouts: dict[str, int] = {}
+    for s in bundle.sites:
+        layouts[s.layout] = layouts.get(s.layout, 0) + 1
+    params = sum(p.numel() for p in bundle.model.parameters())
+    return {"model": name, "input": size, "params_m": params / 1e6, "sites": len(bundle.sites),
+            "layouts": layouts, "graph_edges": edges, "fast_edges": fast, "a_s": a, "b_s": b, "c_s": c,
+            "ratio_b_a": b / a, "ratio_c_a": c / a, "images_per_s_with_edges": 1 / c}
+
+
+def run(limit_s: float, only: list[str] | None = None) -> dict[str, Any]:
+    import torchvision
+
+    names = only or sorted(torchvision.models.list_models(module=torchvision.models))
+    done: dict[str, Any] = json.loads(OUT.read_text()) if OUT.exists() else {"rows": {}, "left_out": {}}
+    for name in names:
+        began = time.perf_counter()
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True, text=True,
+                                  timeout=limit_s, cwd=ROOT)
+        except subprocess.TimeoutExpired:
+            done["left_out"][name] = f"over the {limit_s:.0f} s budget per model on this machine"
+            done["rows"].pop(name, None)
+            print(f"{name}: over budget", flush=True)
+            continue
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ZOO ")]
+        if proc.returncode != 0 or not lines:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
+            reason = f"out of memory ({MEMORY_GIB} GiB)" if proc.returncode in (-9, 137) else tail
+            done["left_out"][name] = reason
+            done["rows"].pop(name, None)
+            print(f"{name}: {reason}", flush=True)
+            continue
+        row = json.loads(lines[-1][4:])
+        row["wall_s"] = time.perf_counter() - began
+        done["rows"][name] = row
+        done["left_out"].pop(name, None)
+        print(f"{name}: c/a {row['ratio_c_a']:.2f} b/a {row['ratio_b_a']:.2f} fast {row['fast_edges']}/"
+              f"{row['graph_edges']}", flush=True)
+        OUT.parent.mkdir(parents=True, exist_ok=True)
+        OUT.write_text(json.dumps(done, indent=1, sort_keys=True))
+    done["date"] = time.strftime("%Y-%m-%d")
+    done["listed"] = len(torchvision.models.list_models(module=torchvision.models))
+    OUT.write_text(json.dumps(done, indent=1, sort_keys=True))
+    return done
+
+
+def markdown(z: dict[str, Any]) -> list[str]:
+    rows = sorted(z["rows"].values(), key=lambda r: r["model"])
+    if not rows:
+        return []
+    worst = max(rows, key=lambda r: r["ratio_c_a"])
+    lines = ["", "### Model zoo (torchvision classifiers, 224 px, batch 1, untrained)", "",
+             f"Coverage: {len(rows)} of {z.get('listed', '?')} torchvision classifiers measured ({z.get('date', '')}); "
+             f"worst (c)/(a) {worst['ratio_c_a']:.2f} ({worst['model']}); median (c)/(a) "
+             f"{statistics.median(r['ratio_c_a'] for r in rows):.2f}. Targets: (b)/(a) ≤ 1.3, (c)/(a) ≤ 3.", "",
+             "| model | params M | sites (layouts) | site-graph edges, fast | (a) s | (b)/(a) | (c)/(a) | images/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lay = ", ".join(f"{k} {v}" for k, v in sorted(r["layouts"].items()))
+        lines.append(f"| {r['model']} | {r['params_m']:.1f} | {r['sites']} ({lay}) | {r['graph_edges']}, "
+                     f"{r['fast_edges']} | {r['a_s']:.3f} | {r['ratio_b_a']:.2f} | {r['ratio_c_a']:.2f} | "
+                     f"{r['images_per_s_with_edges']:.2f} |")
+    if z.get("left_out"):
+        lines += ["", "Not measured: " + "; ".join(f"{k}: {v}" for k, v in sorted(z["left_out"].items())) + "."]
+    return lines
+
+
+if __name__ == "__main__":
+    if "--child" in sys.argv:
+        print("ZOO " + json.dumps(measure(sys.argv[sys.argv.index("--child") + 1])), flush=True)
+    else:
+        limit = float(sys.argv[sys.argv.index("--limit-s") + 1]) if "--limit-s" in sys.argv else 600.0
+        only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
+        run(limit, only)

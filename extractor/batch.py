@@ -1,0 +1,43 @@
+"""What one batch yields under one setting: the type every method returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from extractor.contributions import Contributions
+from extractor.edges import Edges, compute_edges
+from extractor.models import ModelBundle
+from extractor.pathway_gradient import pathway_gradient, saliency_map
+from extractor.selection import Selection
+from extractor.settings import PathwaySettings
+from extractor.sites import cut_forward
+
+
+@dataclass
+class BatchPathways:
+    """Everything the records need for a batch under one setting (tensors on CPU)."""
+
+    settings: PathwaySettings
+    contrib: Contributions
+    sel: Selection
+    edges: Edges
+    saliency: torch.Tensor  # [B, H, W]
+    logit_full: torch.Tensor  # [B]
+    logit_masked: torch.Tensor  # [B]
+    scores: list[torch.Tensor]  # resampling methods: per site [B, C] score of each channel; else empty
+    extra: list[dict[str, object]]  # per image: method-specific figures
+
+
+def finish_batch(
+    bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings, contrib: Contributions, sel: Selection,
+    scores: list[torch.Tensor], extra: list[dict[str, object]],
+) -> BatchPathways:
+    """Edges along the site graph (one cut forward) and Pathway Gradient for a selected batch."""
+    cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x.detach()))
+    edges = compute_edges(bundle.sites, contrib, sel, cut, settings)
+    del cut
+    grad, logit_masked = pathway_gradient(bundle, x, contrib.target, sel.masks)
+    logit_full = contrib.logits.gather(1, contrib.target[:, None]).squeeze(1)
+    return BatchPathways(settings, contrib, sel, edges, saliency_map(grad), logit_full, logit_masked, scores, extra)

@@ -1,0 +1,128 @@
+"""Neuron contributions at every site (Khakzar et al., CVPR 2021, step 1).
+
+``mct``: one forward and one backward of the unmasked network give, at every site,
+``a * d(logit_t)/da`` (signed, element granularity ``[B, C, ...]``, channels first), summed over
+positions to channels ``[B, C]``. ``intgrad``: the layer-wise integrated variant: site ``l``'s
+output is scaled by ``alpha`` in ``[0, 1]`` (``m`` points, trapezoid rule; all ``alpha`` values
+run as one batch) and the averaged gradient multiplies the activation. (The authors' code
+accumulates alpha as 0, .1, .3, .6, ...; here it is linear.)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from extractor.errors import ExtractionError
+from extractor.models import ModelBundle
+from extractor.sites import SiteHooks
+
+
+@dataclass
+class Contributions:
+    """Per-site contributions of a batch.
+
+    ``acts[l]`` and ``element[l]``: ``[B, C, H, W]`` or ``[B, C]`` (detached);
+    ``grads[l]``: the gradient that multiplies the activation (plain or integrated);
+    ``channel[l]``: ``[B, C]``; ``logits``: ``[B, K]``; ``target``: ``[B]``.
+    """
+
+    logits: torch.Tensor
+    target: torch.Tensor
+    acts: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    element: list[torch.Tensor]
+    channel: list[torch.Tensor]
+
+
+def _channel_sum(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(2).sum(-1) if t.dim() > 2 else t
+
+
+def _pick_target(logits: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    if target is None:
+        return logits.argmax(1)
+    target = target.to(logits.device).long()
+    if (target < 0).any() or (target >= logits.shape[1]).any():
+        raise ExtractionError(f"target class out of range [0, {logits.shape[1]})")
+    return target
+
+
+def forward_with_sites(bundle: ModelBundle, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits ``[B, K]`` and site outputs (attached to the graph) of one unmasked forward."""
+    with SiteHooks(bundle.model, bundle.sites) as hooks:
+        rec = hooks.begin()
+        logits = bundle.forward(x)
+    missing = [s.site_id for s in bundle.sites if s.index not in rec.acts]
+    if missing:
+        raise ExtractionError(f"sites {missing[:3]} did not fire; the model's call graph depends on the input")
+    return logits, [rec.acts[s.index] for s in bundle.sites]
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t`` (one min/max reduction: ~20x cheaper than ``isfinite(t).all()``)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t.detach())
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
+def check_finite(name: str, tensors: list[torch.Tensor]) -> None:
+    for t in tensors:
+        if not all_finite(t):
+            raise ExtractionError(f"{name} contain NaN or Inf; check the model and inputs")
+
+
+def mct_contributions(
+    bundle: ModelBundle, x: torch.Tensor, target: torch.Tensor | None = None
+) -> tuple[Contributions, list[torch.Tensor]]:
+    """``a * dlogit/da`` at every site; also returns the attached site tensors (for edges)."""
+    x = x.detach().requires_grad_(True)
+    logits, acts = forward_with_sites(bundle, x)
+    tgt = _pick_target(logits.detach(), target)
+    selected = logits.gather(1, tgt[:, None]).sum()
+    grads = torch.autograd.grad(selected, acts, retain_graph=True)
+    det = [a.detach() for a in acts]
+    check_finite("activations", det)
+    element = [a * g for a, g in zip(det, grads, strict=True)]
+    contrib = Contributions(logits.detach(), tgt, det, [g.detach() for g in grads], element,
+                            [_channel_sum(e) for e in element])
+    return contrib, acts
+
+
+def intgrad_contributions(
+    bundle: ModelBundle, x: torch.Tensor, target: torch.Tensor, steps: int, acts: list[torch.Tensor]
+) -> Contributions:
+    """Layer-wise integrated gradients (zero baseline) at every site, alpha on a trapezoid grid.
+
+    ``acts`` are the clean site outputs (detached). For each site one forward/backward of a
+    batch of ``steps * B`` images scales that site's output by ``alpha``.
+    """
+    B = x.shape[0]
+    alphas = torch.linspace(0.0, 1.0, steps, dtype=x.dtype, device=x.device)
+    weights = torch.full((steps,), 1.0 / (steps - 1), dtype=x.dtype, device=x.device)
+    weights[0] = weights[-1] = 0.5 / (steps - 1)
+    xs = x.detach().repeat(steps, 1, 1, 1)  # [steps * B, C, H, W], alpha-major
+    tgt_rep = target.repeat(steps)
+    grads: list[torch.Tensor] = []
+    for site in bundle.sites:
+        view = (-1,) + (1,) * (acts[site.index].dim() - 1)
+        scale = alphas.repeat_interleave(B).view(view)
+
+        def transform(idx: int, out: torch.Tensor, _s: int = site.index,
+                      _scale: torch.Tensor = scale) -> torch.Tensor:
+            return out * _scale if idx == _s else out
+
+        with SiteHooks(bundle.model, bundle.sites, transform) as hooks:
+            rec = hooks.begin()
+            logits = bundle.forward(xs)
+        scaled = rec.acts[site.index]
+        g = torch.autograd.grad(logits.gather(1, tgt_rep[:, None]).sum(), scaled)[0]
+        g = g.view(steps, B, *g.shape[1:])
+        grads.append((g * weights.view((steps,) + (1,) * (g.dim() - 1))).sum(0).detach())
+    element = [a * g for a, g in zip(acts, grads, strict=True)]
+    with torch.no_grad():
+        logits = bundle.forward(x)
+    return Contributions(logits, target, acts, grads, element, [_channel_sum(e) for e in element])

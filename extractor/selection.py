@@ -1,0 +1,65 @@
+"""Selecting a pathway's neurons from the contributions (Khakzar et al., step 2).
+
+``percentile``: one global percentile ``p`` over the |scores| of all neurons of all sites
+(elements or channels); the lowest ``floor(p% * N)`` are dropped, so ``p = 0`` keeps
+everything. ``topk``: the ``k`` channels of largest |contribution| per site.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from extractor.contributions import Contributions
+from extractor.settings import PathwaySettings
+
+
+@dataclass
+class Selection:
+    """Masks ``[B, C, H, W]``/``[B, C]`` per site (1 = in the pathway) and kept channels ``[B, C]``."""
+
+    masks: list[torch.Tensor]
+    kept: list[torch.Tensor]
+
+
+def channel_mask(kept: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Kept channels ``[B, C]`` (bool) as a mask shaped and typed like ``like`` ``[B, C, ...]``."""
+    return kept.to(like.device).view(*kept.shape, *([1] * (like.dim() - 2))).expand_as(like).to(like.dtype)
+
+
+def select(contrib: Contributions, settings: PathwaySettings) -> Selection:
+    """Apply the selection rule to the contributions (scores are absolute values)."""
+    element_scores = [e.abs() for e in contrib.element]
+    if settings.selection == "topk":
+        masks, kept = [], []
+        for chan, e in zip(contrib.channel, contrib.element, strict=True):
+            k = min(settings.k, chan.shape[1])
+            idx = chan.abs().topk(k, dim=1).indices
+            keep = torch.zeros_like(chan, dtype=torch.bool).scatter_(1, idx, True)
+            kept.append(keep)
+            masks.append(channel_mask(keep, e))
+        return Selection(masks, kept)
+    B = contrib.logits.shape[0]
+    if settings.granularity == "element":
+        flat = torch.cat([s.reshape(B, -1) for s in element_scores], dim=1)
+    else:
+        flat = torch.cat([c.abs() for c in contrib.channel], dim=1)
+    n_drop = math.floor(settings.sparsity / 100.0 * flat.shape[1])
+    if n_drop == 0:
+        thr = torch.full((B, 1), -1.0, dtype=flat.dtype, device=flat.device)
+    else:
+        thr = flat.kthvalue(n_drop, dim=1, keepdim=True).values  # score <= thr is dropped
+    masks, kept = [], []
+    for scores, chan, e in zip(element_scores, contrib.channel, contrib.element, strict=True):
+        view = (B,) + (1,) * (e.dim() - 1)
+        if settings.granularity == "element":
+            m = scores > thr.view(view)
+            kept.append(m.flatten(2).any(-1) if m.dim() > 2 else m)
+        else:
+            keep = chan.abs() > thr.view(B, 1)
+            kept.append(keep)
+            m = channel_mask(keep, e)
+        masks.append(m.to(e.dtype))
+    return Selection(masks, kept)
