@@ -320,6 +320,8 @@ class SiteHooks:
                 self._handles.append(named[path].register_forward_hook(self._hook(path)))
             if functional:
                 for path, module in named.items():
+                    if isinstance(module, torch.jit.ScriptModule):
+                        continue  # compiled code takes no Python hooks (and calls no Python functions)
                     self._handles.append(module.register_forward_pre_hook(self._push(path)))
                     self._handles.append(module.register_forward_hook(self._pop, always_call=True))
                 self._mode = _Functional(self)
