@@ -11,7 +11,6 @@ targets and scaled to all targets of (c); the JSON says how many were timed.
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,65 +18,13 @@ from typing import Any
 import torch
 import torchvision
 from captum.attr import LayerGradientXActivation
+from timing import _interleaved, _ours_b, _ours_c, _plain, _time, fast_routes
 from torch import nn
 
-from extractor.contributions import mct_contributions
-from extractor.edges import compute_edges, segment_routes
 from extractor.models import ModelBundle, make_bundle
-from extractor.selection import select
 from extractor.settings import PathwaySettings
-from extractor.sites import cut_forward
 
 K = 8
-
-
-def _time(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up
-    samples = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - began)
-    return statistics.median(samples)
-
-
-def _interleaved(fns: list[Callable[[], Any]], repeats: int) -> list[float]:
-    """Median seconds of each function, timed in alternating rounds (a, b, c, a, b, c, ...) so the
-    machine's drift over the run touches all of them alike; one warm-up call each first."""
-    for fn in fns:
-        fn()
-    samples: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            began = time.perf_counter()
-            fn()
-            samples[i].append(time.perf_counter() - began)
-    return [statistics.median(s) for s in samples]
-
-
-def _plain(bundle: ModelBundle, x: torch.Tensor) -> None:
-    xr = x.detach().requires_grad_(True)
-    logits = bundle.forward(xr)
-    torch.autograd.grad(logits.max(1).values.sum(), xr)
-
-
-def _ours_b(bundle: ModelBundle, x: torch.Tensor) -> Any:
-    return mct_contributions(bundle, x)
-
-
-def _ours_c(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings) -> Any:
-    contrib, attached = mct_contributions(bundle, x)
-    del attached
-    sel = select(contrib, settings)
-    cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x))
-    return contrib, sel, compute_edges(bundle.sites, contrib, sel, cut, settings)
-
-
-def fast_routes(bundle: ModelBundle, x: torch.Tensor) -> tuple[int, int]:
-    """(edges of the site graph, those whose weights come from the fast path), on one image."""
-    cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x[:1]))
-    routes = segment_routes(bundle.sites, cut)
-    return len(routes), sum(routes.values())
 
 
 def _captum_d(bundle: ModelBundle, x: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor]:

@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
 import folders  # noqa: E402  (bench/ is put on the path just above)
+import gpu  # noqa: E402
 import zoo  # noqa: E402
 from store_scale import query_latency, scale  # noqa: E402
 
@@ -241,6 +242,8 @@ def markdown(results: dict[str, Any]) -> str:
                   f"{results['extraction'][0]['e_targets_timed']} target neurons per configuration and scaled to all."]
     if "zoo" in results:
         lines += zoo.markdown(results["zoo"])
+    if gpu.RESULTS.exists():  # taken on a lent GPU machine with bench/gpu.py, not by `make bench`
+        lines += gpu.markdown(json.loads(gpu.RESULTS.read_text()))
     if "pixel" in results:
         lines += ["", "### Pixel pathways", "", "| model | pixels traced (stride) | seconds | pixels/s |",
                   "|---|---|---|---|"]

@@ -28,7 +28,7 @@ def measure(name: str, rounds: int = 3) -> dict[str, Any]:
 
     sys.path.insert(0, str(ROOT / "bench"))
     sys.path.insert(0, str(ROOT))
-    from extraction import _interleaved, _ours_b, _ours_c, _plain, fast_routes
+    from timing import _interleaved, _ours_b, _ours_c, _plain, fast_routes
 
     from extractor.models import load_torchvision
     from extractor.settings import PathwaySettings

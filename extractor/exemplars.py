@@ -93,17 +93,13 @@ class ReceptiveFields:
         return out.astype(np.int32)
 
 
-def _peaks(t: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per image and channel of ``t`` ``[B, C, H, W]`` or ``[B, C]``: max value ``[B, C]`` and its
-    position (y, x) ``[B, C]`` each (-1 for unit vectors)."""
-    t = t.detach().float().cpu()
+def _peaks(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image and channel of ``t`` ``[B, C, H, W]`` or ``[B, C]``: max value and its flat
+    position ``[B, C]`` each (-1 for unit vectors), on ``t``'s device."""
+    t = t.detach().float()
     if t.dim() == 2:
-        minus = -np.ones(t.shape, np.int32)
-        return t.numpy(), minus, minus
-    W = t.shape[-1]
-    values, idx = t.flatten(2).max(-1)
-    idx_np = idx.numpy()
-    return values.numpy(), (idx_np // W).astype(np.int32), (idx_np % W).astype(np.int32)
+        return t, torch.full(t.shape, -1, dtype=torch.long, device=t.device)
+    return t.flatten(2).max(-1)
 
 
 class ExemplarTracker:
@@ -130,22 +126,33 @@ class ExemplarTracker:
         candidates = ExemplarRows.concat([self.top, *batch])
         self.top = merge_exemplar_rows(candidates, self.n)
         assert self.top.rank is not None
-        full = np.nonzero(self.top.rank == self.n)[0]
-        for i in full:
-            self.floor[(str(self.top.kind[i]), int(self.top.site[i]))][int(self.top.channel[i])] = self.top.value[i]
-        fresh = np.isin(self.top.image_id, np.asarray(list(ids), dtype=object))
+        full = self.top.rank == self.n
+        for kind in EXEMPLAR_KINDS:
+            of_kind = full & (self.top.kind == kind)
+            for site in np.unique(self.top.site[of_kind]):
+                m = of_kind & (self.top.site == site)
+                self.floor[(kind, int(site))][self.top.channel[m]] = self.top.value[m]
+        fresh = np.isin(self.top.image_id.astype(str), np.asarray(list(ids), dtype=str))
         return self.top.take(np.nonzero(fresh)[0])
 
     def _rows(self, ids: Sequence[str], kind: str, site: int, t: torch.Tensor) -> ExemplarRows:
         if kind == "contribution":  # value: the channel's summed contribution; position: its largest element
-            values = (t.detach().float().cpu().flatten(2).sum(-1) if t.dim() > 2 else t.detach().float().cpu())
-            _, ys, xs = _peaks(t)
-            values = values.numpy()
+            d = t.detach().float()
+            values = d.flatten(2).sum(-1) if d.dim() > 2 else d
+            _, flat = _peaks(t)
         else:
-            values, ys, xs = _peaks(t)
-        # ties with the floor may still enter (the smaller image id wins), so keep values equal to it
-        b, c = np.nonzero((values > 0) & (values >= self.floor[(kind, site)][None, :]))
-        y, x = ys[b, c], xs[b, c]
-        return ExemplarRows(site=np.full(len(b), site, np.int32), channel=c.astype(np.int32),
-                            kind=np.full(len(b), kind, dtype=object), image_id=np.asarray(ids, dtype=object)[b],
-                            value=values[b, c].astype(np.float32), y=y, x=x, box=self.fields.boxes(site, y, x))
+            values, flat = _peaks(t)
+        # on the model's device, only the candidates that can enter: positive, not below the running
+        # n-th best (ties may still enter: the smaller image id wins), and not below this batch's own
+        # n-th best (all ties kept), so a batch sends at most ~n rows per channel to the CPU
+        floor = torch.as_tensor(self.floor[(kind, site)], device=values.device)
+        nth = values.topk(min(self.n, values.shape[0]), dim=0).values[-1]  # [C]
+        b, c = torch.nonzero((values > 0) & (values >= torch.maximum(floor, nth)), as_tuple=True)
+        vals, pos = values[b, c].cpu().numpy(), flat[b, c].cpu().numpy()
+        b_np, c_np = b.cpu().numpy(), c.cpu().numpy()
+        width = t.shape[-1] if t.dim() > 2 else 1
+        y = np.where(pos < 0, -1, pos // width).astype(np.int32)
+        x = np.where(pos < 0, -1, pos % width).astype(np.int32)
+        return ExemplarRows(site=np.full(len(b_np), site, np.int32), channel=c_np.astype(np.int32),
+                            kind=np.full(len(b_np), kind, dtype=object), image_id=np.asarray(ids, dtype=object)[b_np],
+                            value=vals.astype(np.float32), y=y, x=x, box=self.fields.boxes(site, y, x))

@@ -315,16 +315,20 @@ def merge_exemplar_rows(rows: ExemplarRows, n: int) -> ExemplarRows:
     gives the same answer."""
     if not len(rows):
         return ExemplarRows.empty()
-    kind = np.searchsorted(np.asarray(EXEMPLAR_KINDS), rows.kind.astype(str))
-    ids = rows.image_id.astype(str)
-    order = np.lexsort((ids, -rows.value, rows.channel, kind, rows.site))
-    group = np.stack([rows.site[order], kind[order], rows.channel[order]], 1)
-    # one row per (group, image): the first in sorted order has the largest value
-    _, first = np.unique(np.concatenate([group.astype(str), ids[order][:, None]], 1), axis=0, return_index=True)
+    kind = np.searchsorted(np.asarray(EXEMPLAR_KINDS), rows.kind.astype(str)).astype(np.int64)
+    # image ids as integer codes in sorted order (ties go to the smaller id); all keys integers
+    _, img = np.unique(rows.image_id.astype(str), return_inverse=True)
+    img = img.reshape(-1).astype(np.int64)
+    site, channel = rows.site.astype(np.int64), rows.channel.astype(np.int64)
+    order = np.lexsort((img, -rows.value, channel, kind, site))
+    group = (site * len(EXEMPLAR_KINDS) + kind) * (int(channel.max()) + 1) + channel
+    # one row per (group, image): the first in sorted order has the largest value (stable unique)
+    key = group[order] * (int(img.max()) + 1) + img[order]
+    _, first = np.unique(key, return_index=True)
     order = order[np.sort(first)]
-    group = np.stack([rows.site[order], kind[order], rows.channel[order]], 1)
+    g = group[order]
     starts = np.ones(len(order), bool)
-    starts[1:] = (group[1:] != group[:-1]).any(1)
+    starts[1:] = g[1:] != g[:-1]
     start_idx = np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))
     rank = np.arange(len(order)) - start_idx + 1
     keep = rank <= n

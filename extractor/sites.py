@@ -153,7 +153,7 @@ class SiteRecorder:
 
     acts: dict[int, torch.Tensor] = field(default_factory=dict)
     sources: dict[int, torch.Tensor] = field(default_factory=dict)
-    found: list[tuple[str, int, str, tuple[int, ...], str]] = field(default_factory=list)
+    found: list[tuple[str, int, str, tuple[int, ...], str, int]] = field(default_factory=list)  # ..., batch
 
 
 class _Functional(TorchFunctionMode):
@@ -241,7 +241,8 @@ class SiteHooks:
             return None
         if self.sites is None:
             if out.dim() in (2, 3, 4):
-                self.recorder.found.append((path, call, kind, tuple(out.shape[1:]), detect_layout(out)))
+                self.recorder.found.append((path, call, kind, tuple(out.shape[1:]), detect_layout(out),
+                                            int(out.shape[0])))
             return None
         site = self._by_call.get((path, call))
         if site is None:
@@ -390,22 +391,28 @@ def discover_sites(
     """Find the sites of ``model`` by running ``example`` (shape ``[1, C, H, W]``, model space) twice.
 
     Keeps calls whose output is a feature map (4-D, channels first or last), a token sequence
-    ``[1, N, C]`` or a unit vector ``[1, C]``. ``modules`` restricts the search to those module
-    paths (any module type) and functional paths (``...relu()``). The second, cut forward gives
-    each site its predecessors and depth.
+    ``[B, N, C]`` or a unit vector ``[B, C]``, one per image: the example runs as a batch of two,
+    and a call whose output does not have two rows is computed once for all images (Swin V2's
+    position-bias MLP reads a fixed coordinate table), so it is no neuron of an image and no site.
+    ``modules`` restricts the search to those module paths (any module type) and functional paths
+    (``...relu()``). The second, cut forward gives each site its predecessors and depth.
     """
-    x = example.detach().clone().requires_grad_(True)
+    x = example.detach()[:1].expand(2, *example.shape[1:]).clone().requires_grad_(True)
     with torch.enable_grad(), SiteHooks(model, None, names=modules) as hooks:
         rec = hooks.begin()
         model(x)
-    if not rec.found:
+    found = [f for f in rec.found if f[5] == 2]
+    if len(found) < len(rec.found):
+        log.info("left out %d activation calls that do not depend on the image (first: %s)",
+                 len(rec.found) - len(found), next(f[0] for f in rec.found if f[5] != 2))
+    if not found:
         if modules:
             raise ExtractionError("no named module or function produced a feature map, token sequence or unit "
-                                  "vector; name other modules")
+                                  "vector per image; name other modules")
         raise ExtractionError("the model has no activation sites (no ReLU-like modules or functional activations); "
                               "name modules to use with --sites")
     sites = []
-    for i, (path, call, kind, shape, layout) in enumerate(rec.found):
+    for i, (path, call, kind, shape, layout, _) in enumerate(found):
         canon = shape if layout in ("channels_first", "vector") else (shape[-1], *shape[:-1])
         sites.append(SiteInfo(i, path, call, kind, tuple(int(v) for v in canon), layout))
     cut = cut_forward(model, sites, lambda: model(x))

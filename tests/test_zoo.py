@@ -51,7 +51,9 @@ def test_torchvision_family_extracts_with_edges_along_the_site_graph(name: str, 
     assert {s.layout for s in bundle.sites} == layouts
     assert all(i < s.index for s in bundle.sites for i in s.preds)  # a DAG in call order
     assert all(s.depth == 1 + max((bundle.sites[i].depth for i in s.preds), default=-1) for s in bundle.sites)
-    x = torch.rand(1, 3, size, size)
+    # no site is computed once for all images (Swin V2's position-bias MLP is left out)
+    assert not any("cpb_mlp" in i for i in ids)
+    x = torch.rand(2, 3, size, size)  # a batch: per-image sites keep their images apart
     with torch.no_grad():
         before = bundle.forward(x)
     res = extract_batch(bundle, x, PathwaySettings(k=3, edge_targets=3, edges_per_target=4))
@@ -63,7 +65,7 @@ def test_torchvision_family_extracts_with_edges_along_the_site_graph(name: str, 
     assert np.isfinite(edges.gap[0, has_preds]).all() and np.isnan(edges.gap[0, ~has_preds]).all()
     for s in bundle.sites:  # contributions are channel sums over the channel axis of the layout
         assert tuple(res.contrib.element[s.index].shape[1:]) == s.shape
-        assert res.contrib.channel[s.index].shape == (1, s.channels)
+        assert res.contrib.channel[s.index].shape == (2, s.channels)
     assert hook_count(model) == 0 and function_modes_active() == 0
     with torch.no_grad():
         assert torch.equal(bundle.forward(x), before)

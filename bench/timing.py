@@ -1,0 +1,81 @@
+"""The timed operations shared by the bench sections (no Captum: this module also runs on GPU machines).
+
+(a) plain forward + backward to the input; (b) our channel contributions at every site; (c) (b)
+plus top-8 edges along the site graph. On CUDA every sample ends with a synchronisation, so a
+sample is the work itself and not the launch of it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from extractor.contributions import mct_contributions
+from extractor.edges import compute_edges, segment_routes
+from extractor.models import ModelBundle
+from extractor.selection import select
+from extractor.settings import PathwaySettings
+from extractor.sites import cut_forward
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _time(fn: Callable[[], Any], repeats: int) -> float:
+    """Median seconds of ``fn`` over ``repeats`` calls, after one warm-up call."""
+    fn()  # warm-up
+    samples = []
+    for _ in range(repeats):
+        _sync()
+        began = time.perf_counter()
+        fn()
+        _sync()
+        samples.append(time.perf_counter() - began)
+    return statistics.median(samples)
+
+
+def _interleaved(fns: list[Callable[[], Any]], repeats: int) -> list[float]:
+    """Median seconds of each function, timed in alternating rounds (a, b, c, a, b, c, ...) so the
+    machine's drift over the run touches all of them alike; one warm-up call each first."""
+    for fn in fns:
+        fn()
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            _sync()
+            began = time.perf_counter()
+            fn()
+            _sync()
+            samples[i].append(time.perf_counter() - began)
+    return [statistics.median(s) for s in samples]
+
+
+def _plain(bundle: ModelBundle, x: torch.Tensor) -> None:
+    xr = x.detach().requires_grad_(True)
+    logits = bundle.forward(xr)
+    torch.autograd.grad(logits.max(1).values.sum(), xr)
+
+
+def _ours_b(bundle: ModelBundle, x: torch.Tensor) -> Any:
+    return mct_contributions(bundle, x)
+
+
+def _ours_c(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings) -> Any:
+    contrib, attached = mct_contributions(bundle, x)
+    del attached
+    sel = select(contrib, settings)
+    cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x))
+    return contrib, sel, compute_edges(bundle.sites, contrib, sel, cut, settings)
+
+
+def fast_routes(bundle: ModelBundle, x: torch.Tensor) -> tuple[int, int]:
+    """(edges of the site graph, those whose weights come from the fast path), on one image."""
+    cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x[:1]))
+    routes = segment_routes(bundle.sites, cut)
+    return len(routes), sum(routes.values())
