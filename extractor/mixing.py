@@ -66,6 +66,8 @@ class Mixing:
     node: Any
     kind: str
     group: int  # linear: features per source channel (r); conv: 1
+    src_offset: int = 0  # source channel i is channel src_offset + i of u (a concatenation before the layer)
+    dst_offset: int = 0  # channel c of z is channel dst_offset + c of a_dst (a concatenation after it)
 
 
 def _next(node: Any) -> list[Any]:
@@ -130,13 +132,16 @@ def find_mixing(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable
     kind, inp, params = _mixing_parts(mx)
     if kind == "" or any(_reaches(p, src, stops, memo) for p in params if p is not None):
         return None
-    pre, flattened = _pre_chain(inp, src)
+    pre, flattened, src_offset = _pre_chain(inp, src, stops, memo)
     if pre is None:
         return None
     post = set(on_path) - {mx} - pre
-    if any(n.name() not in POST_OK for n in post):
+    if any(n.name() not in POST_OK and n.name() != "CatBackward0" for n in post):
         return None
-    return _shape_check(mx, kind, flattened, a_src, a_dst)
+    dst_offset = _post_offset(dst, mx, post) if any(n.name() == "CatBackward0" for n in post) else 0
+    if dst_offset is None:
+        return None
+    return _shape_check(mx, kind, flattened, a_src, a_dst, src_offset, dst_offset)
 
 
 def _identity(on_path: list[Any], a_src: torch.Tensor, a_dst: torch.Tensor) -> Mixing | None:
@@ -165,40 +170,97 @@ def _mixing_parts(mx: Any) -> tuple[str, Any, list[Any]]:
     return "linear", nxt[0], nxt[1:]
 
 
-def _pre_chain(start: Any, src: Any) -> tuple[set[Any] | None, bool]:
-    """Nodes of the simple chain ``u -> a_src`` if it holds only channel-preserving homogeneous ops."""
+def _cat_offset(node: Any, k: int) -> int | None:
+    """Channel offset of input ``k`` in the output of a concatenation node, or ``None`` if it
+    does not concatenate channels (axis 1). Read by running the node's backward on a tensor
+    holding each output channel's index: input ``k``'s share starts at its offset."""
+    shape = list(node._input_metadata[0].shape)
+    if len(shape) < 2 or int(node._saved_dim) % len(shape) != 1:
+        return None
+    meta = node._input_metadata[0]
+    index = torch.arange(shape[1], dtype=meta.dtype, device=meta.device)
+    index = index.view(1, -1, *([1] * (len(shape) - 2))).expand(shape).contiguous()
+    with torch.no_grad():
+        parts = node(index)
+    part = parts[k] if isinstance(parts, tuple) else parts
+    return None if part is None else int(part.select(1, 0).flatten()[0])
+
+
+def _pre_chain(start: Any, src: Any, stops: set[Any], memo: dict[Any, bool]) -> tuple[set[Any] | None, bool, int]:
+    """Nodes of the chain ``u -> a_src`` if it holds only channel-preserving homogeneous ops, whether
+    it flattens, and the channel offset of ``a_src`` in ``u``. Along the chain a concatenation over
+    channels shifts the offset, and a product with a factor that does not depend on ``a_src`` (a
+    squeeze-excite gate computed from another site) scales channels; both stay linear in ``a_src``."""
     chain: set[Any] = set()
     flattened = False
+    offset = 0
     node = start
     while node is not src:
         if node is not None and node.name() == "torch::autograd::CopyBackwards":  # in-place F.relu(x, inplace)
             chain.add(node)  # the overwritten value gets no gradient; follow the value copied in
             node = node.next_functions[1][0]
             continue
+        if node is not None and node.name() in ("CatBackward0", "MulBackward0"):
+            kids = [(k, n) for k, (n, _) in enumerate(node.next_functions)
+                    if n is not None and (n is src or _reaches(n, src, stops, memo))]
+            if len(kids) != 1:
+                return None, False, 0
+            k, child = kids[0]
+            if node.name() == "CatBackward0":
+                shift = _cat_offset(node, k)
+                if shift is None:
+                    return None, False, 0
+                offset += shift
+            chain.add(node)
+            node = child
+            continue
         spatial_mean = node is not None and node.name() == "MeanBackward1" and all(
             d % len(node._saved_self_sym_sizes) >= 2 for d in node._saved_dim)
         if node is None or (node.name() not in PRE_OK and not spatial_mean) or len(_next(node)) != 1:
-            return None, False
+            return None, False, 0
         flattened = flattened or node.name() in FLATTEN
         chain.add(node)
         node = _next(node)[0]
-    return chain, flattened
+    return chain, flattened, offset
 
 
-def _shape_check(mx: Any, kind: str, flattened: bool, a_src: torch.Tensor, a_dst: torch.Tensor) -> Mixing | None:
+def _post_offset(dst: Any, mx: Any, post: set[Any]) -> int | None:
+    """Channel offset of the mixing layer's output ``z`` in ``a_dst`` when concatenations lie
+    between them: only along a single chain of per-channel ops (else ``None``)."""
+    offset = 0
+    node = dst
+    while node is not mx:
+        kids = [(k, n) for k, (n, _) in enumerate(node.next_functions) if n is mx or n in post]
+        if len(kids) != 1:
+            return None
+        k, child = kids[0]
+        if node.name() == "CatBackward0":
+            shift = _cat_offset(node, k)
+            if shift is None:
+                return None
+            offset += shift
+        node = child
+    return offset
+
+
+def _shape_check(mx: Any, kind: str, flattened: bool, a_src: torch.Tensor, a_dst: torch.Tensor,
+                 src_offset: int = 0, dst_offset: int = 0) -> Mixing | None:
     c_src, c_dst = a_src.shape[1], a_dst.shape[1]
     if kind == "conv":
         u, w = mx._saved_input, mx._saved_weight
-        if flattened or u.dim() != 4 or u.shape[1] != c_src or w.shape[0] != c_dst:
+        if flattened or u.dim() != 4 or u.shape[1] < src_offset + c_src or dst_offset + w.shape[0] > c_dst:
             return None
-        return Mixing(mx, "conv", 1)
+        if u.shape[1] != c_src and int(mx._saved_groups) != 1:
+            return None  # a grouped conv over a concatenation: source channels not one block
+        return Mixing(mx, "conv", 1, src_offset, dst_offset)
     u = mx._saved_mat1 if mx.name() == "AddmmBackward0" else mx._saved_self
     w_t = mx._saved_mat2
-    if u is None or w_t is None or u.dim() != 2 or w_t.shape[1] != c_dst or u.shape[1] % c_src:
+    if src_offset or u is None or w_t is None or u.dim() != 2 or dst_offset + w_t.shape[1] > c_dst \
+            or u.shape[1] % c_src:
         return None
     if (a_src.dim() == 2) == flattened:  # 4-D sources must be flattened; 2-D ones must not
         return None
-    return Mixing(mx, "linear", u.shape[1] // c_src)
+    return Mixing(mx, "linear", u.shape[1] // c_src, 0, dst_offset)
 
 
 def mixing_edge_weights(mix: Mixing, a_src: torch.Tensor, a_dst: torch.Tensor, g_dst: torch.Tensor,
@@ -216,8 +278,9 @@ def mixing_edge_weights(mix: Mixing, a_src: torch.Tensor, a_dst: torch.Tensor, g
         vals = per.gather(1, idx) * (targets >= 0).to(per.dtype)
         return per.new_zeros(B, M, per.shape[1]).scatter_(2, idx[..., None], vals[..., None])
     (gbar,) = torch.autograd.grad(a_dst, GradientEdge(mix.node, 0), grad_outputs=g_dst, retain_graph=True)
-    valid = targets >= 0
-    idx = targets.clamp(min=0)
+    z_idx = targets - mix.dst_offset  # target channel of a_dst -> channel of z (outside z: weight 0)
+    valid = (targets >= 0) & (z_idx >= 0) & (z_idx < gbar.shape[1])
+    idx = z_idx.clamp(0, gbar.shape[1] - 1)
     spatial = gbar.shape[2:]
     gsel = gbar.gather(1, idx.view(B, M, *([1] * len(spatial))).expand(B, M, *spatial))
     gsel = gsel * valid.view(B, M, *([1] * len(spatial))).to(gsel.dtype)  # [B, M, ...]
@@ -229,6 +292,10 @@ def mixing_edge_weights(mix: Mixing, a_src: torch.Tensor, a_dst: torch.Tensor, g
             per_feature = u.detach()[:, None, :] * w_sel * gsel[..., None]
             return per_feature.view(B, M, -1, mix.group).sum(-1)
         u, w = node._saved_input.detach(), node._saved_weight.detach()  # [B, Ci, H, W], [Co, Ci/g, kh, kw]
+        c_src = a_src.shape[1]
+        if u.shape[1] != c_src:  # a concatenation before the layer: the source's block of input channels
+            u = u[:, mix.src_offset:mix.src_offset + c_src]
+            w = w[:, mix.src_offset:mix.src_offset + c_src]
         ci, groups = u.shape[1], int(node._saved_groups)
         per_group = ci // groups
         w_sel = w[idx]  # [B, M, Ci/g, kh, kw]
