@@ -1,27 +1,32 @@
-"""Edge weights read off the one channel-mixing layer between two sites (the fast path).
+"""Edge weights read off the channel-mixing layer between two sites (the fast path).
 
 The general edge weight ``w(i -> j) = sum_p a_i(p) * dC_j/da_i(p)`` (``C_j = sum_q a_j(q) g_j(q)``,
 ``g_j`` fixed) costs one vector-Jacobian product of the whole segment per target ``j``.
-Most segments between consecutive sites of a CNN have a simple shape::
+Most segments between neighbouring sites of a CNN have a simple shape::
 
-    a_src --[pre: clone / max- or average-pool / flatten]--> u --[conv2d or linear]--> z
-          --[post: per-channel ops: batch norm, activations, pooling, adding a skip]--> a_dst
+    a_src --[pre: clone / max- or average-pool / flatten / concatenation / a gate not from a_src]--> u
+          --[conv2d or linear]--> z
+          --[post: per-channel ops: batch norm, activations, pooling, adding a skip, concatenation]--> a_dst
 
 If *every* path from ``a_dst`` back to ``a_src`` runs through that one mixing layer, then
 
-* ``dC_j/dz`` is ``(dC/dz)`` restricted to channel ``j`` (post ops never mix channels), so one
-  plain VJP ``gbar = dC/dz`` (all channels at once) serves every target; and
+* ``dC_j/dz`` is ``(dC/dz)`` restricted to channel ``j`` (post ops never mix channels; a
+  concatenation only shifts them), so one plain VJP ``gbar = dC/dz`` serves every target; and
 * the pre ops are positively homogeneous per channel (``P(a) = S a`` locally), so Euler's
   identity turns ``sum_p a_i(p) dC_j/da_i(p)`` into ``sum_f u_i(f) dC_j/du_i(f)``, which for a
   convolution is ``sum_tap W[j, i, tap] * dC_j/dW[j, i, tap]``: the per-image weight gradient of
   the target rows, computed for all images at once as one grouped weight-gradient convolution.
 
-That is ``M / C_out`` of one convolution instead of ``M`` backward passes. The shape is
-verified on the autograd graph of each batch (node types, one mixing node on all paths,
-parameters not depending on ``a_src``); anything else (depthwise or grouped convs are fine,
-transposed convs, attention, a residual taken from ``a_src`` itself, frozen linear weights)
-falls back to the batched VJP in :func:`extractor.edges.edge_weights_vjp`. The two
-paths are tested equal on the demo CNN, ResNet, VGG, MobileNet and hand-made segments.
+That is ``M / C_out`` of one convolution instead of ``M`` backward passes. A *linear bottleneck*
+(conv -> batch norm, a skip added -> 1x1 conv, as in MobileNet, EfficientNet and MNASNet) is one
+convolution too: the two layers compose to ``W2 diag(s) W1`` when ``s``, the derivative between
+them, is one constant per channel (computed and checked on each batch). The shape is verified on
+the autograd graph of each batch (node types, every path through the mixing layer(s), parameters
+not depending on ``a_src``); anything else (transposed convs, attention, layer norm, a residual
+taken from ``a_src`` itself, a gate computed from ``a_src``, frozen linear weights) falls back to
+the batched VJP in :func:`extractor.edges.edge_weights_vjp`. The two paths are tested equal on
+hand-made segments and on ResNet, VGG, MobileNet v2/v3, EfficientNet, SqueezeNet, GoogLeNet,
+DenseNet and Inception-v3.
 """
 
 from __future__ import annotations
@@ -68,6 +73,8 @@ class Mixing:
     group: int  # linear: features per source channel (r); conv: 1
     src_offset: int = 0  # source channel i is channel src_offset + i of u (a concatenation before the layer)
     dst_offset: int = 0  # channel c of z is channel dst_offset + c of a_dst (a concatenation after it)
+    first: Any = None  # two convs in a row: the first one (its input u and geometry); ``node`` is the second
+    weight: torch.Tensor | None = None  # ... and their composite weight [C_out, Ci, kh, kw]
 
 
 def _next(node: Any) -> list[Any]:
@@ -124,6 +131,8 @@ def find_mixing(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable
     mixers = [n for n in on_path if n.name() in MIXING]
     if not mixers:
         return _identity(on_path, a_src, a_dst)
+    if len(mixers) == 2:
+        return _two_convs(mixers, on_path, src, dst, stops, memo, a_src, a_dst)
     if len(mixers) != 1:
         return None
     mx = mixers[0]
@@ -142,6 +151,64 @@ def find_mixing(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable
     if dst_offset is None:
         return None
     return _shape_check(mx, kind, flattened, a_src, a_dst, src_offset, dst_offset)
+
+
+# ops allowed between two convs: together a per-channel constant scale (checked numerically too)
+MID_OK = frozenset({"NativeBatchNormBackward0", "CudnnBatchNormBackward0", "MiopenBatchNormBackward0", "AddBackward0",
+                    "SubBackward0", "CloneBackward0", "MulBackward0", "DivBackward0"})
+
+
+def _two_convs(mixers: list[Any], on_path: list[Any], src: Any, dst: Any, stops: set[Any], memo: dict[Any, bool],
+               a_src: torch.Tensor, a_dst: torch.Tensor) -> Mixing | None:
+    """``a_src -> pre -> conv1 -> per-channel scale -> conv2 (1x1) -> post -> a_dst`` (a linear
+    bottleneck: MobileNet, EfficientNet, MNASNet). ``conv2 . diag(s) . conv1`` is one convolution
+    with conv1's geometry and weight ``W2 diag(s) W1``, so the segment is read off that composite
+    like a one-layer segment. ``s`` is the derivative of conv2's input by conv1's output, computed
+    and required to be one constant per channel (batch norm in eval mode, a skip added)."""
+    if any(m.name() != "ConvolutionBackward0" for m in mixers):
+        return None
+    m2, m1 = mixers if _reaches(mixers[0], mixers[1], stops | {src}, {}) else mixers[::-1]
+    if not _reaches(m2, m1, stops | {src}, {}):
+        return None
+    w2 = m2._saved_weight
+    if (m2._saved_transposed or m1._saved_transposed or len(m1._saved_stride) != 2 or tuple(w2.shape[2:]) != (1, 1)
+            or tuple(m2._saved_stride) != (1, 1) or tuple(m2._saved_padding) != (0, 0) or int(m2._saved_groups) != 1):
+        return None
+    mid_in = m2.next_functions[0][0]
+    if _reaches(dst, src, stops | {m2}, {}) or mid_in is None or _reaches(mid_in, src, stops | {m1}, {}):
+        return None  # a path that skips a conv
+    params = [n for n, _ in m2.next_functions[1:]] + [n for n, _ in m1.next_functions[1:]]
+    if any(_reaches(p, src, stops, memo) for p in params if p is not None):
+        return None
+    pre, flattened, src_offset = _pre_chain(m1.next_functions[0][0], src, stops, memo)
+    if pre is None or flattened:
+        return None
+    on = set(on_path)
+    post = {n for n in _visited(dst, stops | {src, m2})} & on
+    mid = {n for n in _visited(mid_in, stops | {src, m1})} & on
+    if any(n.name() not in POST_OK and n.name() != "CatBackward0" for n in post) \
+            or any(n.name() not in MID_OK for n in mid):
+        return None
+    dst_offset = _post_offset(dst, m2, post) if any(n.name() == "CatBackward0" for n in post) else 0
+    u, w1 = m1._saved_input, m1._saved_weight
+    if dst_offset is None or u.dim() != 4 or u.shape[1] < src_offset + a_src.shape[1] \
+            or dst_offset + w2.shape[0] > a_dst.shape[1]:
+        return None
+    y = m2._saved_input
+    (scale,) = torch.autograd.grad(y, GradientEdge(m1, 0), grad_outputs=torch.ones_like(y), retain_graph=True)
+    per_channel = scale[:1, :, :1, :1]
+    if not torch.allclose(scale, per_channel.expand_as(scale), rtol=1e-5, atol=0.0):
+        return None
+    groups = int(m1._saved_groups)
+    dense = w1.detach()
+    if groups > 1:  # block-diagonal as a dense [C_mid, Ci, kh, kw]
+        c_mid, per = w1.shape[0], u.shape[1] // groups
+        dense = w1.new_zeros(c_mid, u.shape[1], *w1.shape[2:])
+        for g in range(groups):
+            rows = slice(g * (c_mid // groups), (g + 1) * (c_mid // groups))
+            dense[rows, g * per:(g + 1) * per] = w1.detach()[rows]
+    composite = torch.einsum("jo,o,oikl->jikl", w2.detach()[:, :, 0, 0], per_channel.detach().flatten(), dense)
+    return Mixing(m2, "conv", 1, src_offset, dst_offset, first=m1, weight=composite)
 
 
 def _identity(on_path: list[Any], a_src: torch.Tensor, a_dst: torch.Tensor) -> Mixing | None:
@@ -291,12 +358,14 @@ def mixing_edge_weights(mix: Mixing, a_src: torch.Tensor, a_dst: torch.Tensor, g
             w_sel = node._saved_mat2.T[idx]  # [B, M, F]
             per_feature = u.detach()[:, None, :] * w_sel * gsel[..., None]
             return per_feature.view(B, M, -1, mix.group).sum(-1)
-        u, w = node._saved_input.detach(), node._saved_weight.detach()  # [B, Ci, H, W], [Co, Ci/g, kh, kw]
+        geo = mix.first if mix.first is not None else node  # the layer whose input and geometry are read
+        u = geo._saved_input.detach()  # [B, Ci, H, W]
+        w = (mix.weight if mix.weight is not None else node._saved_weight).detach()  # [Co, Ci/g, kh, kw]
         c_src = a_src.shape[1]
         if u.shape[1] != c_src:  # a concatenation before the layer: the source's block of input channels
             u = u[:, mix.src_offset:mix.src_offset + c_src]
             w = w[:, mix.src_offset:mix.src_offset + c_src]
-        ci, groups = u.shape[1], int(node._saved_groups)
+        ci, groups = u.shape[1], 1 if mix.weight is not None else int(node._saved_groups)
         per_group = ci // groups
         w_sel = w[idx]  # [B, M, Ci/g, kh, kw]
         if groups > 1:  # place each target's group block in a dense [Ci] row
@@ -313,8 +382,8 @@ def mixing_edge_weights(mix: Mixing, a_src: torch.Tensor, a_dst: torch.Tensor, g
             n = min(chunk, B - s)
             grad_w = torch.nn.grad.conv2d_weight(
                 u[s:s + n].reshape(1, n * ci, *u.shape[2:]), (n * M, ci, *w.shape[2:]),
-                gsel[s:s + n].reshape(1, n * M, *spatial), stride=tuple(node._saved_stride),
-                padding=tuple(node._saved_padding), dilation=tuple(node._saved_dilation), groups=n,
+                gsel[s:s + n].reshape(1, n * M, *spatial), stride=tuple(geo._saved_stride),
+                padding=tuple(geo._saved_padding), dilation=tuple(geo._saved_dilation), groups=n,
             )  # [n * M, Ci, kh, kw]: dC_j/dW[j] per image
             out.append((grad_w.view(n, M, ci, -1) * w_sel[s:s + n].reshape(n, M, ci, -1)).sum(-1))
         return torch.cat(out, 0)

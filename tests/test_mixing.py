@@ -45,7 +45,9 @@ def _pairs(bundle: ModelBundle, x: torch.Tensor) -> tuple[int, int, float]:
 
 @pytest.mark.parametrize(("name", "size", "expected"), [
     ("resnet18", 32, (24, 24)), ("vgg11", 32, (9, 9)),
-    ("mobilenet_v3_small", 32, (56, 21)),  # two convs in a row (linear bottlenecks) fall back
+    ("mobilenet_v2", 32, (50, 50)),  # linear bottlenecks: project 1x1 -> batch norm (+ skip) -> expand 1x1
+    ("mobilenet_v3_small", 32, (56, 40)),  # squeeze-excite: the gate's own site feeds three layers (VJP)
+    ("efficientnet_b0", 32, (92, 62)),
     ("squeezenet1_1", 48, (33, 33)),  # concatenations before the next fire's squeeze conv
     ("googlenet", 48, (152, 152)),  # branches concatenated, max-pooled, read by the next module's convs
     ("densenet121", 32, (655, 648)),  # a layer's conv output concatenated into every later layer's input
@@ -137,7 +139,27 @@ class _Gate(nn.Module):  # a per-channel gate that does not depend on the source
         return self.act(self.conv(a * g))
 
 
+class _Bottleneck(nn.Module):  # conv -> batch norm (+ a skip not from the source) -> 1x1 conv: one composite conv
+    out_channels = 6
+
+    def __init__(self, first: nn.Conv2d, skip: bool = True) -> None:
+        super().__init__()
+        mid = first.out_channels
+        self.first, self.norm, self.skip = first, nn.BatchNorm2d(mid), skip
+        self.bias = nn.Parameter(torch.rand(1, mid, 1, 1))
+        self.second, self.act = nn.Conv2d(mid, 6, 1), nn.ReLU()
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.first(a))
+        return self.act(self.second(y + self.bias if self.skip else y * y))
+
+
 @pytest.mark.parametrize(("body", "fast"), [
+    (_Bottleneck(nn.Conv2d(4, 5, 1)), True),
+    (_Bottleneck(nn.Conv2d(4, 5, 3, stride=2, padding=1)), True),
+    (_Bottleneck(nn.Conv2d(4, 8, 3, padding=1, groups=4)), True),  # depthwise-like first conv
+    (_Bottleneck(nn.Conv2d(4, 5, 1), skip=False), False),  # y * y between: not a per-channel scale
+    (nn.Sequential(nn.Conv2d(4, 5, 3, padding=1), nn.Conv2d(5, 6, 3, padding=1), nn.ReLU()), False),  # 3x3 second
     (_CatBefore(), True),
     (_CatAfter(), True),
     (_Gate(own=False), True),
@@ -148,7 +170,7 @@ class _Gate(nn.Module):  # a per-channel gate that does not depend on the source
     (_Residual(), False),
     (_ChannelMix(), False),
     (nn.Sequential(nn.ConvTranspose2d(4, 4, 3, padding=1), nn.ReLU()), False),
-    (nn.Sequential(nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1), nn.ReLU()), False),  # two mixing layers
+    (nn.Sequential(nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1), nn.ReLU()), False),  # three
 ])
 def test_fast_path_applies_exactly_where_it_is_exact(body: nn.Module, fast: bool) -> None:
     torch.manual_seed(1)
