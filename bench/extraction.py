@@ -19,10 +19,10 @@ import torch
 import torchvision
 from captum.attr import LayerGradientXActivation
 from timing import _interleaved, _ours_b, _ours_c, _plain, _time, fast_routes
-from torch import nn
 
 from extractor.models import ModelBundle, make_bundle
 from extractor.settings import PathwaySettings
+from extractor.sites import SiteHooks
 
 K = 8
 
@@ -44,22 +44,12 @@ def _captum_edge(bundle: ModelBundle, x: torch.Tensor, src: int, dst: int, j: to
     named = dict(bundle.model.named_modules())
     s_dst = bundle.sites[dst]
     s_src = bundle.sites[src]
-    captured: dict[str, torch.Tensor] = {}
 
     def forward(inp: torch.Tensor) -> torch.Tensor:
-        calls = {"n": 0}
-
-        def hook(_m: nn.Module, _i: Any, o: torch.Tensor) -> None:
-            if calls["n"] == s_dst.call_index:
-                captured["a"] = o
-            calls["n"] += 1
-
-        h = named[s_dst.module_path].register_forward_hook(hook)
-        try:
+        with SiteHooks(bundle.model, [s_dst]) as hooks:  # the one hook manager captures a_j
+            rec = hooks.begin()
             bundle.forward(inp)
-        finally:
-            h.remove()
-        a = captured["a"]
+        a = rec.acts[s_dst.index]
         sel = a[torch.arange(a.shape[0]), j] * g_dst[torch.arange(a.shape[0]), j]
         return sel.flatten(1).sum(1) if sel.dim() > 1 else sel
 

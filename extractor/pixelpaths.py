@@ -27,9 +27,7 @@ gated network is still not linear (functional activations, other nonlinear modul
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -44,12 +42,9 @@ from extractor.models import ModelBundle
 from extractor.pathway_gradient import pathway_gradient
 from extractor.selection import Selection, channel_mask
 from extractor.settings import PathwaySettings
+from extractor.sites import SiteHooks, StopForward
 
 GATED_TYPES = (nn.ReLU, nn.MaxPool2d)
-
-
-class _Stop(Exception):
-    """Raised inside a hook to end a forward pass once the wanted site is computed."""
 
 
 @dataclass(frozen=True)
@@ -88,74 +83,52 @@ class GatedNetwork:
 
     Inside the block ``forward(z, masks)`` runs the affine network on a batch ``z``
     ``[N, C, H, W]``; ``masks[l]`` ``[N, C_l]`` multiplies site ``l``'s output (1 = open).
-    Returns the logits and the site outputs ``[N, C_l, ...]``.
+    Returns the logits and the site outputs ``[N, C_l, ...]``. The hooks are
+    :class:`extractor.sites.SiteHooks`' (gating every ReLU and max-pool module, masking sites).
     """
 
     def __init__(self, bundle: ModelBundle, x: torch.Tensor) -> None:
         self.bundle = bundle
         self.x = x  # [1, C, H, W]
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._calls: dict[int, int] = {}
-        self._state: dict[tuple[int, int], torch.Tensor] = {}
+        self._state: dict[tuple[str, int], torch.Tensor] = {}
         self._recording = True
         self._masks: list[torch.Tensor] | None = None
-        self._acts: dict[int, torch.Tensor] = {}
-        self._pre: dict[int, torch.Tensor] = {}
-        self._stop_after: int | None = None
-        self._site_of = {(s.module_path, s.call_index): s.index for s in bundle.sites}
+        self._hooks = SiteHooks(bundle.model, bundle.sites, transform=self._mask, gate=(GATED_TYPES, self._gate))
 
-    def _hook(self, path: str) -> Callable[[nn.Module, Any, Any], torch.Tensor]:
-        def hook(module: nn.Module, inp: Any, out: torch.Tensor) -> torch.Tensor:
-            call = self._calls.get(id(module), 0)
-            self._calls[id(module)] = call + 1
-            key = (id(module), call)
-            x_in = self._pre.pop(id(module))  # the input as it was before an in-place ReLU overwrote it
-            if isinstance(module, nn.MaxPool2d):
-                if self._recording:
-                    _, idx = F.max_pool2d(x_in, module.kernel_size, module.stride, module.padding,
-                                          module.dilation, module.ceil_mode, return_indices=True)
-                    self._state[key] = idx
-                idx = self._state[key].expand(x_in.shape[0], *self._state[key].shape[1:])
-                new = x_in.flatten(2).gather(2, idx.flatten(2)).view(*idx.shape)
-            else:
-                if self._recording:
-                    self._state[key] = (out > 0).to(out.dtype)
-                new = x_in * self._state[key]
-            site = self._site_of.get((path, call))
-            if site is None:
-                return new
-            if self._masks is not None:
-                m = self._masks[site]
-                new = new * m.view(*m.shape, *([1] * (new.dim() - 2)))
-            self._acts[site] = new
-            if site == self._stop_after:
-                raise _Stop
-            return new.clone()  # the stored site output stays safe from in-place ops downstream
+    def _gate(self, path: str, call: int, module: nn.Module, x_in: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        key = (path, call)
+        if isinstance(module, nn.MaxPool2d):
+            if self._recording:
+                _, idx = F.max_pool2d(x_in, module.kernel_size, module.stride, module.padding,
+                                      module.dilation, module.ceil_mode, return_indices=True)
+                self._state[key] = idx
+            idx = self._state[key].expand(x_in.shape[0], *self._state[key].shape[1:])
+            return x_in.flatten(2).gather(2, idx.flatten(2)).view(*idx.shape)
+        if self._recording:
+            self._state[key] = (out > 0).to(out.dtype)
+        return x_in * self._state[key]
 
-        return hook
-
-    def _pre_hook(self, module: nn.Module, inp: Any) -> None:
-        # only an in-place ReLU overwrites its input; keep a copy of the pre-activation for it
-        self._pre[id(module)] = inp[0].clone() if getattr(module, "inplace", False) else inp[0]
+    def _mask(self, site: int, a: torch.Tensor) -> torch.Tensor:
+        if self._masks is None:
+            return a
+        m = self._masks[site]
+        return a * m.view(*m.shape, *([1] * (a.dim() - 2)))
 
     def __enter__(self) -> GatedNetwork:
         require_chain(self.bundle)
         named = dict(self.bundle.model.named_modules())
-        site_paths = {s.module_path for s in self.bundle.sites}
+        missing = {s.module_path for s in self.bundle.sites} - {
+            p for p, m in named.items() if isinstance(m, GATED_TYPES)}
+        if missing:
+            raise ExtractionError(f"pixel pathways need ReLU sites; {sorted(missing)[0]!r} is not an nn.ReLU")
+        self._hooks.__enter__()
         try:
-            for path, module in named.items():
-                if isinstance(module, GATED_TYPES):
-                    self._handles.append(module.register_forward_pre_hook(self._pre_hook))
-                    self._handles.append(module.register_forward_hook(self._hook(path)))
-            missing = site_paths - {p for p, m in named.items() if isinstance(m, GATED_TYPES)}
-            if missing:
-                raise ExtractionError(f"pixel pathways need ReLU sites; {sorted(missing)[0]!r} is not an nn.ReLU")
             with torch.no_grad():
-                self._calls = {}
+                self._hooks.begin()
                 self.bundle.forward(self.x)
             self._recording = False
         except BaseException:
-            self.__exit__()
+            self._hooks.__exit__()
             raise
         return self
 
@@ -163,30 +136,28 @@ class GatedNetwork:
         self, z: torch.Tensor, masks: list[torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits and all site outputs of the gated network on ``z`` (model space)."""
-        self._calls, self._acts, self._masks, self._stop_after = {}, {}, masks, None
-        self._pre.clear()
+        self._masks = masks
+        rec = self._hooks.begin()
         with torch.no_grad():
             logits = self.bundle.model(z)
-        return logits, [self._acts[s.index] for s in self.bundle.sites]
+        return logits, [rec.acts[s.index] for s in self.bundle.sites]
 
     def site_output(self, z: torch.Tensor, site: int, masks: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Output of one site only; the forward pass stops there."""
-        self._calls, self._acts, self._masks, self._stop_after = {}, {}, masks, site
-        self._pre.clear()
+        self._masks = masks
+        rec = self._hooks.begin()
+        self._hooks.stop_after = site
         try:
             with torch.no_grad():
                 self.bundle.model(z)
-        except _Stop:
+        except StopForward:
             pass
         finally:
-            self._stop_after = None
-            self._pre.clear()
-        return self._acts[site]
+            self._hooks.stop_after = None
+        return rec.acts[site]
 
     def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._hooks.__exit__()
 
 
 def pixel_impulses(

@@ -23,13 +23,15 @@ site's output. Site ``j``'s output then depends on the sites it reads directly, 
 its predecessors are the sites whose leaves its autograd graph reaches (the nearest sites
 upstream on every dataflow path). The same cut forward gives the edges their segments.
 
-:class:`SiteHooks` serves capture, masking and scaling (``transform``), cut forwards and
-discovery. Everything it installs (forward hooks, module-stack hooks, the torch function mode)
-is removed in ``__exit__``, also on exceptions; the model is never otherwise modified.
+:class:`SiteHooks` serves capture, masking and scaling (``transform``), gating (pixel
+pathways), cut forwards, forwards that stop at a site, and discovery. Everything it installs
+(forward hooks, module-stack hooks, the torch function mode) is removed in ``__exit__``, also on
+exceptions; the model is never otherwise modified.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import Callable, Sequence
@@ -72,6 +74,12 @@ _VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackwar
 
 # Transform applied to a site's output (channels-first) inside the forward pass: (site index, output) -> output.
 SiteTransform = Callable[[int, torch.Tensor], torch.Tensor]
+# gating: (module path, call index, module, its input as it was before an in-place op, its output) -> new output
+GateFn = Callable[[str, int, nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class StopForward(Exception):
+    """Raised by the hooks once ``SiteHooks.stop_after``'s output is captured: the forward ends there."""
 
 
 def is_activation(module: nn.Module) -> bool:
@@ -174,12 +182,18 @@ class _Functional(TorchFunctionMode):
         return self.owner._functional(func, entry, args, kwargs)
 
 
+@functools.lru_cache(maxsize=64)
+def _signature(func: Any) -> inspect.Signature:
+    """The signature of an activation function (read once per function: it is on every call's path)."""
+    return inspect.signature(func)
+
+
 def _out_of_place(func: Any, twin: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any, Any, bool]:
     """The out-of-place version of an activation call: (function, args, kwargs, was in place)."""
     if twin is not None:
         return twin, args, kwargs, True
     try:
-        bound = inspect.signature(func).bind(*args, **kwargs)
+        bound = _signature(func).bind(*args, **kwargs)
     except (TypeError, ValueError):
         return func, args, kwargs, False
     if not bound.arguments.get("inplace", False):
@@ -199,6 +213,10 @@ class SiteHooks:
     * ``sites=None``: discovery; every activation call is listed in ``recorder.found`` as
       (path, call, kind, raw shape, layout). ``names`` restricts discovery to those module paths
       (any module type) and functional paths (``...relu()``).
+    * ``gate=(types, fn)``: every module of those types (sites or not) has its output replaced
+      by ``fn(path, call, module, input, output)`` (pixel pathways freeze ReLU and max-pool
+      switches this way); a gated site's new output then goes through capture as above.
+    * ``stop_after``: the forward ends (:class:`StopForward`) once that site is captured.
 
     Functional sites need the torch function mode and a module stack (pre/post hooks on every
     module); they are installed only when some site is functional (or on discovery).
@@ -206,8 +224,12 @@ class SiteHooks:
 
     def __init__(self, model: nn.Module, sites: Sequence[SiteInfo] | None,
                  transform: SiteTransform | None = None, cut: bool = False,
-                 names: Sequence[str] | None = None) -> None:
+                 names: Sequence[str] | None = None,
+                 gate: tuple[tuple[type[nn.Module], ...], GateFn] | None = None) -> None:
         self.model = model
+        self.gate = gate
+        self.stop_after: int | None = None
+        self._inputs: dict[int, torch.Tensor] = {}
         self.sites = None if sites is None else tuple(sites)
         self.transform = transform
         self.cut = cut
@@ -226,6 +248,7 @@ class SiteHooks:
     def begin(self) -> SiteRecorder:
         self._counts = {}
         self._stack = []
+        self._inputs.clear()
         self.recorder = SiteRecorder()
         return self.recorder
 
@@ -247,6 +270,10 @@ class SiteHooks:
         site = self._by_call.get((path, call))
         if site is None:
             return None
+        return self._deliver(site, out)
+
+    def _deliver(self, site: SiteInfo, out: torch.Tensor) -> torch.Tensor:
+        """Capture one site's output; returns what the rest of the network reads."""
         canon = to_channels_first(out, site.layout)
         rec = self.recorder
         if self.cut:
@@ -256,7 +283,23 @@ class SiteHooks:
             return from_channels_first(source, site.layout).clone()
         captured = self.transform(site.index, canon) if self.transform is not None else canon
         rec.acts[site.index] = captured
+        if site.index == self.stop_after:
+            raise StopForward
         return from_channels_first(captured, site.layout).clone()
+
+    # --- gated modules -----------------------------------------------------------------------
+    def _keep_input(self, module: nn.Module, inp: Any) -> None:
+        # an in-place op overwrites its input: keep a copy of the value it read
+        self._inputs[id(module)] = inp[0].clone() if getattr(module, "inplace", False) else inp[0]
+
+    def _gated(self, path: str, fn: GateFn) -> Callable[[nn.Module, Any, Any], torch.Tensor]:
+        def hook(module: nn.Module, _inp: Any, out: torch.Tensor) -> torch.Tensor:
+            call = self._count(path)
+            new = fn(path, call, module, self._inputs.pop(id(module)), out)
+            site = self._by_call.get((path, call)) if self.sites is not None else None
+            return new if site is None else self._deliver(site, new)
+
+        return hook
 
     # --- module sites ------------------------------------------------------------------------
     def _hook(self, path: str) -> Callable[[nn.Module, Any, Any], torch.Tensor | None]:
@@ -317,8 +360,17 @@ class SiteHooks:
         try:
             modules, functional = self._targets(named)
             self._module_sites = set(modules)
+            gated: set[str] = set()
+            if self.gate is not None:
+                types, fn = self.gate
+                for path, module in named.items():
+                    if isinstance(module, types) and not isinstance(module, torch.jit.ScriptModule):
+                        gated.add(path)
+                        self._handles.append(module.register_forward_pre_hook(self._keep_input))
+                        self._handles.append(module.register_forward_hook(self._gated(path, fn)))
             for path in modules:
-                self._handles.append(named[path].register_forward_hook(self._hook(path)))
+                if path not in gated:  # a gated module's hook delivers its site itself
+                    self._handles.append(named[path].register_forward_hook(self._hook(path)))
             if functional:
                 for path, module in named.items():
                     if isinstance(module, torch.jit.ScriptModule):
