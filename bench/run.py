@@ -90,11 +90,12 @@ NAIVE = "MATCH (a:Neuron {id: $src}) MATCH (b:Neuron {id: $dst}) CREATE (a)-[:FL
 
 
 def loading_and_queries(home: Path) -> dict[str, Any]:
-    from extractor.records import read_run
     from graphstore.api import Store
     from graphstore.connection import ConnectionSettings, open_driver
-    from graphstore.loader import edge_rows, load_run, neuron_table
+    from graphstore.loader import load_run
+    from graphstore.rows import edge_rows, neuron_table
     from graphstore.server import USER, ServerConfig, fetch_jars, free_port, read_password, start, stop
+    from records import read_run
 
     base = ServerConfig.default(home)
     fetch_jars(base)

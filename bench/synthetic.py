@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from extractor.records import (
+from records import (
     SCHEMA_VERSION,
     ImageRecord,
     Manifest,

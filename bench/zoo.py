@@ -55,6 +55,8 @@ def run(limit_s: float, only: list[str] | None = None) -> dict[str, Any]:
     import torchvision
 
     names = only or sorted(torchvision.models.list_models(module=torchvision.models))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()
     done: dict[str, Any] = json.loads(OUT.read_text()) if OUT.exists() else {"rows": {}, "left_out": {}}
     for name in names:
         began = time.perf_counter()
@@ -76,6 +78,7 @@ def run(limit_s: float, only: list[str] | None = None) -> dict[str, Any]:
             continue
         row = json.loads(lines[-1][4:])
         row["wall_s"] = time.perf_counter() - began
+        row["commit"] = commit
         done["rows"][name] = row
         done["left_out"].pop(name, None)
         print(f"{name}: c/a {row['ratio_c_a']:.2f} b/a {row['ratio_b_a']:.2f} fast {row['fast_edges']}/"
@@ -104,6 +107,10 @@ def markdown(z: dict[str, Any]) -> list[str]:
         lines.append(f"| {r['model']} | {r['params_m']:.1f} | {r['sites']} ({lay}) | {r['graph_edges']}, "
                      f"{r['fast_edges']} | {r['a_s']:.3f} | {r['ratio_b_a']:.2f} | {r['ratio_c_a']:.2f} | "
                      f"{r['images_per_s_with_edges']:.2f} |")
+    commits = sorted({r.get("commit", "?") for r in rows})
+    if len(commits) > 1:
+        lines += ["", "Measured at commits: " + "; ".join(
+            f"{c}: {', '.join(r['model'] for r in rows if r.get('commit', '?') == c)}" for c in commits) + "."]
     if z.get("left_out"):
         lines += ["", "Not measured: " + "; ".join(f"{k}: {v}" for k, v in sorted(z["left_out"].items())) + "."]
     return lines

@@ -1,5 +1,5 @@
 """Pathway extraction: neuron contributions, critical pathways and weighted edges of CNNs.
 
-Import submodules directly (``extractor.methods``, ``extractor.records``, ...). This package
-file imports nothing heavy, so ``extractor.records`` stays usable without torch.
+Import submodules directly (``extractor.methods``, ``extractor.pipeline``, ...). Results are
+written as records (the top-level, torch-free ``records`` package).
 """

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from extractor.errors import ExtractionError
 from extractor.models import ModelBundle, ModelOptions
-from extractor.records import Shard
 from extractor.settings import RESAMPLING_METHODS, PathwaySettings
 from extractor.variants import KINDS
+from records import Shard
 
 
 def parse_variant_kinds(text: str) -> dict[str, tuple[str, ...]]:

@@ -28,10 +28,10 @@ import torch
 
 from extractor.contributions import Contributions
 from extractor.mixing import find_mixing, mixing_edge_weights
-from extractor.records import SiteInfo
 from extractor.selection import Selection
 from extractor.settings import PathwaySettings
 from extractor.sites import SiteRecorder
+from records import SiteInfo
 
 log = logging.getLogger(__name__)
 

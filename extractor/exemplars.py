@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from extractor.models import ModelBundle
-from extractor.records import EXEMPLAR_KINDS, ExemplarRows, merge_exemplar_rows
+from records import EXEMPLAR_KINDS, ExemplarRows, merge_exemplar_rows
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from extractor.errors import ExtractionError
-from extractor.records import ModelInfo, SiteInfo
 from extractor.sites import discover_sites
+from records import ModelInfo, SiteInfo
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,9 @@ from extractor.exemplars import ExemplarTracker
 from extractor.inputs import FileImages, ImageSource, SkippedImage, TensorImages, block_loader, scan_folder
 from extractor.methods import extract_batch
 from extractor.models import ModelBundle
-from extractor.records import (
+from extractor.settings import PathwaySettings
+from extractor.variants import VariantSpec, make_variant
+from records import (
     SCHEMA_VERSION,
     ExemplarRows,
     ImageRecord,
@@ -39,9 +41,8 @@ from extractor.records import (
     RunWriter,
     Shard,
     config_key,
+    variant_setting,
 )
-from extractor.settings import PathwaySettings
-from extractor.variants import VariantSpec, make_variant
 
 log = logging.getLogger(__name__)
 
@@ -300,10 +301,10 @@ def _extract_batch(
         with torch.no_grad():
             logits = bundle.forward(gx)
         probs = logits.softmax(1)
-        key = kind if kind == "original" else f"{kind}:{json.dumps(_shared(params), sort_keys=True)}"
-        hit = summary.correct.setdefault(key, [0, 0])
         keep: list[int] = []
         for b, img in enumerate(gids):
+            setting = variant_setting(kind, params[b])  # the sweep setting, as the record will carry it
+            hit = summary.correct.setdefault(kind if kind == "original" else f"{kind}:{setting}", [0, 0])
             hit[0] += int(logits[b].argmax() == attack_labels[b])
             hit[1] += 1
             if img in seen:  # a variant identical to an image already in this part
@@ -314,7 +315,7 @@ def _extract_batch(
                 image_id=img, model_id=bundle.info.model_id,
                 source=sources[b] if kind == "original" else f"{sources[b]}~{kind}",
                 label=int(labels[b]), variant_of=parents[b], kind=kind,
-                params=json.dumps(params[b], sort_keys=True), predicted=int(logits[b].argmax()),
+                params=json.dumps(params[b], sort_keys=True), setting=setting, predicted=int(logits[b].argmax()),
                 probs=probs[b].detach().cpu().numpy().astype(np.float32),
                 logits=logits[b].detach().cpu().numpy().astype(np.float32), png=to_png(gx[b]),
             ))
@@ -333,8 +334,3 @@ def _extract_batch(
     return img_records, list(uniq.values()), ExemplarRows.concat(deltas) if tracker is not None else None
 
 
-def _shared(params: list[dict[str, object]]) -> dict[str, object]:
-    """Parameters common to all images of a variant batch (the sweep setting)."""
-    if not params:
-        return {}
-    return {k: v for k, v in params[0].items() if all(p.get(k) == v for p in params)}

@@ -44,7 +44,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from extractor.errors import ExtractionError
-from extractor.records import SiteInfo
+from records import SiteInfo
 
 log = logging.getLogger(__name__)
 

@@ -7,12 +7,11 @@ over small answers (overlaps, departures) happens here, never in the UI.
 
 from __future__ import annotations
 
-import dataclasses
+import io
 import itertools
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,343 +19,46 @@ import neo4j
 import networkx as nx
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from graphstore import queries as Q
 from graphstore.connection import DATABASE
 from graphstore.console import CypherResult, run_read_only
 from graphstore.errors import NotFound
 from graphstore.names import setting_name, variant_name
+from graphstore.results import (
+    Agreement,
+    AttackEffect,
+    ClassInfo,
+    ClassSimilarity,
+    ConfigInfo,
+    Exemplar,
+    GroupedGraph,
+    Hijack,
+    ImageDetail,
+    ImageInfo,
+    LayerAgreement,
+    LayerConsistency,
+    LayerCount,
+    NeuronCard,
+    NeuronChange,
+    NeuronEdge,
+    NeuronScore,
+    PathwayInfo,
+    Perturbation,
+    SharedPathways,
+    Shift,
+    SignatureNeuron,
+    SimilarImage,
+    Summary,
+    VariantOverlap,
+    to_frame,
+)
+from graphstore.rows import EDGE_SUPPORT_FLOOR
+from records import jaccard, layer_overlaps, parse_class_id, parse_neuron_id, variant_setting
 
-PER_IMAGE_KEYS = ("target", "seed", "top", "left")
-EDGE_SUPPORT_FLOOR = 0.05  # class edge supports below this are not kept as CLASS_FLOW aggregates
-SIGNATURE_DIMENSIONS = 128  # Pathway.signature: the neuron set as a random +-1 projection (cosine ~ overlap)
 EXACT_SIMILAR_LIMIT = 200  # similar_images scans exactly up to this many pathways of a setting
 SIMILAR_CANDIDATES = 400  # nearest signatures fetched before exact re-ranking
-
-
-@dataclass(frozen=True)
-class Summary:
-    models: int
-    classes: int
-    images: int
-    originals: int
-    pathways: int
-    edges: int
-
-
-@dataclass(frozen=True)
-class ConfigInfo:
-    """One pathway setting present in the store."""
-
-    config: str
-    method: str
-    selection: str
-    params: str
-    pathways: int
-    name: str = ""  # as a researcher writes it, e.g. "MCT · p = 90 (elements)"
-
-
-@dataclass(frozen=True)
-class ClassInfo:
-    id: str
-    index: int
-    name: str
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    id: str
-    source: str
-    kind: str
-    label: int
-    predicted: int
-    prob: float
-    variant_of: str | None
-    setting: str
-
-
-@dataclass(frozen=True)
-class ImageDetail:
-    id: str
-    model_id: str
-    source: str
-    kind: str
-    params: str
-    label: int
-    predicted: int
-    prob: float
-    probs: list[float]
-    png: bytes
-    original: str | None
-    variants: list[str]
-
-
-@dataclass(frozen=True)
-class PathwayInfo:
-    """A pathway's header; ``saliency`` has shape ``saliency_shape`` (Pathway Gradient map)."""
-
-    id: str
-    config: str
-    method: str
-    selection: str
-    params: str
-    target: int
-    logit_full: float
-    logit_masked: float
-    size: int
-    saliency: np.ndarray
-    gaps: list[float]
-    dead_fraction: float  # share of the pathway's neurons that are dead (all zero) in the clean pass
-    corr_prec_overlap: float | None  # resampling methods: Lengerich's overlap of the two selections
-
-    @property
-    def logit_ratio(self) -> float:
-        return self.logit_masked / self.logit_full if self.logit_full else float("nan")
-
-
-@dataclass(frozen=True)
-class NeuronScore:
-    neuron: str
-    site: str
-    layer_index: int
-    channel: int
-    support: float
-    mean_contribution: float
-
-
-@dataclass(frozen=True)
-class LayerOverlap:
-    layer_index: int
-    site: str
-    a: int
-    b: int
-    shared: int
-    depth: int = 0  # the layer's depth in the site graph
-
-    @property
-    def jaccard(self) -> float:
-        union = self.a + self.b - self.shared
-        return self.shared / union if union else 1.0
-
-
-@dataclass
-class SharedPathways:
-    """Neurons (and edges) with support >= s in both classes, plus per-layer overlap."""
-
-    class_a: str
-    class_b: str
-    shared: list[tuple[NeuronScore, NeuronScore]]
-    only_a: list[NeuronScore]
-    only_b: list[NeuronScore]
-    per_layer: list[LayerOverlap]
-    shared_edges: list[tuple[str, str, float, float]]  # src, dst, support in a, support in b
-
-
-@dataclass
-class ClassSimilarity:
-    """``jaccard[i, j]`` over neuron sets with support >= s; ``weighted`` uses support x |contribution|."""
-
-    class_names: list[str]
-    jaccard: np.ndarray
-    weighted: np.ndarray
-
-
-@dataclass(frozen=True)
-class SignatureNeuron:
-    neuron: str
-    site: str
-    layer_index: int
-    channel: int
-    support: float
-    max_other: float
-    specificity: float  # support - mean support in the other classes
-
-
-@dataclass(frozen=True)
-class NeuronChange:
-    neuron: str
-    site: str
-    layer_index: int
-    original: float | None  # contribution in the original's pathway (None: absent)
-    variant: float | None
-
-    @property
-    def delta(self) -> float:
-        return (self.variant or 0.0) - (self.original or 0.0)
-
-
-@dataclass
-class Shift:
-    """How a variant's pathway differs from its original's, layer by layer."""
-
-    variant: str
-    original: str
-    kind: str
-    setting: str
-    kept: list[NeuronChange]
-    lost: list[NeuronChange]
-    gained: list[NeuronChange]
-    per_layer: list[LayerOverlap]
-    first_change: int | None  # the shallowest layer (site-graph depth, then index) whose neuron set differs
-    first_departure: int | None  # the shallowest layer with Jaccard < threshold
-
-
-@dataclass(frozen=True)
-class Hijack:
-    """A neuron gained by attacked images: share of pairs, overall and per setting."""
-
-    neuron: str
-    site: str
-    layer_index: int
-    count: int
-    share: float
-    by_setting: dict[str, float]
-
-
-@dataclass(frozen=True)
-class LayerCount:
-    """Per layer, for originals or one variant setting: mean pathway neurons and mean contribution
-    mass (sum of |contribution| of the pathway's neurons there) over pathways with any there."""
-
-    kind: str
-    setting: str
-    layer_index: int
-    site: str
-    mean_neurons: float
-    mean_mass: float
-    pathways: int
-    name: str = ""  # the variant setting as a researcher writes it
-
-
-@dataclass(frozen=True)
-class VariantOverlap:
-    """Mean per-layer Jaccard between variants' and originals' pathways, per kind and setting."""
-
-    kind: str
-    setting: str
-    layer_index: int
-    site: str
-    mean_jaccard: float
-    pairs: int
-    prediction_changed: float  # share of pairs whose prediction differs from the original's
-    name: str = ""  # the variant setting as a researcher writes it
-
-
-@dataclass(frozen=True)
-class Exemplar:
-    """One of a neuron's top images: ``kind`` 'activation' or 'contribution', ``box`` (y0, x0, y1, x1;
-    half-open, pixels of ``png``) around the peak ``position`` (y, x in the site's map; -1 for units)."""
-
-    kind: str
-    rank: int
-    value: float
-    image_id: str
-    source: str
-    label: int
-    predicted: int
-    box: list[int]
-    position: list[int]
-    png: bytes
-
-
-@dataclass(frozen=True)
-class NeuronEdge:
-    neuron: str
-    site: str
-    class_name: str
-    support: float
-    mean_weight: float
-
-
-@dataclass(frozen=True)
-class AttackEffect:
-    """How attacks of one kind and strength change a neuron: pathways that gain or lose it, of ``pairs``."""
-
-    kind: str
-    setting: str
-    name: str
-    pairs: int
-    gained: int
-    lost: int
-
-
-@dataclass
-class NeuronCard:
-    """Everything a neuron card shows: exemplars, class support, strongest edges, attack effects."""
-
-    neuron: str
-    site: str
-    layer_index: int
-    channel: int
-    exemplars: list[Exemplar]
-    classes: list[dict[str, Any]]
-    incoming: list[NeuronEdge]
-    outgoing: list[NeuronEdge]
-    attacks: list[AttackEffect]
-
-
-@dataclass(frozen=True)
-class LayerAgreement:
-    """Per layer, over images with pathways of both settings: Lengerich's overlap (max 0.5) and Jaccard."""
-
-    layer_index: int
-    site: str
-    overlap: float
-    jaccard: float
-    images: int
-
-
-@dataclass(frozen=True)
-class LayerConsistency:
-    """Per layer: mean Jaccard of originals' neuron sets within a class and across classes."""
-
-    layer_index: int
-    site: str
-    within: float
-    across: float
-    pairs_within: int
-    pairs_across: int
-
-
-@dataclass(frozen=True)
-class SimilarImage:
-    image_id: str
-    source: str
-    kind: str
-    label: int
-    predicted: int
-    jaccard: float
-
-
-@dataclass(frozen=True)
-class Agreement:
-    config_a: str
-    config_b: str
-    jaccard: float
-    per_layer: list[LayerOverlap] = field(default_factory=list)
-
-
-def to_frame(result: Any) -> pd.DataFrame:
-    """A query result as a ``pandas.DataFrame``: one row per item of a list of results or dicts;
-    for one result object, one row per item of each of its list fields (column ``part`` names the
-    field), with its scalar fields in ``frame.attrs``."""
-    def row(item: Any) -> dict[str, Any]:
-        if dataclasses.is_dataclass(item) and not isinstance(item, type):
-            return {f.name: getattr(item, f.name) for f in dataclasses.fields(item)}
-        return dict(item) if isinstance(item, dict) else {"value": item}
-
-    if isinstance(result, (list, tuple)):
-        return pd.DataFrame([row(r) for r in result])
-    if isinstance(result, dict):
-        return pd.DataFrame([result])
-    fields = row(result)
-    lists = {k: v for k, v in fields.items() if isinstance(v, list) and v and not isinstance(v[0], (int, float, str))}
-    if not lists:
-        return pd.DataFrame([fields])
-    frame = pd.concat([pd.DataFrame([row(r) for r in v]).assign(part=k) for k, v in lists.items()],
-                      ignore_index=True)
-    frame.attrs.update({k: v for k, v in fields.items() if k not in lists})
-    return frame
 
 
 def _setting(text: str | None) -> dict[str, Any]:
@@ -365,11 +67,6 @@ def _setting(text: str | None) -> dict[str, Any]:
     except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _jaccard(a: set[Any], b: set[Any]) -> float:
-    union = a | b
-    return len(a & b) / len(union) if union else 1.0
 
 
 class Store:
@@ -524,7 +221,7 @@ class Store:
         """What the neuron sees (exemplar images with boxes), which classes use it, its strongest
         class-level edges in and out, and how many attacked images gain or lose it, per strength."""
         info = self.neuron(neuron_id, config)
-        model_id = neuron_id.rsplit("/", 2)[0]
+        model_id = parse_neuron_id(neuron_id).model_id
         exemplars = [Exemplar(**{**r, "png": bytes(r["png"]), "box": list(r["box"]), "position": list(r["position"])})
                      for r in self._run(Q.NEURON_EXEMPLARS, neuron_id=neuron_id)]
         flows_in = [NeuronEdge(**r) for r in self._run(Q.NEURON_FLOWS_IN, neuron_id=neuron_id, config=config,
@@ -563,7 +260,7 @@ class Store:
 
     def _class_index(self, class_id: str) -> tuple[str, int]:
         row = self._require(Q.CLASS_EXISTS, "class", class_id=class_id)
-        return str(row["model_id"]), int(class_id.rsplit("/", 1)[1])
+        return str(row["model_id"]), parse_class_id(class_id)[1]
 
     def shared_pathways(self, class_a: str, class_b: str, config: str, min_support: float = 0.5) -> SharedPathways:
         model_a, ia = self._class_index(class_a)
@@ -571,13 +268,9 @@ class Store:
         table = self._support(model_a, config, [ia, ib])
         sa = {n: s for n, s in table.get(ia, {}).items() if s.support >= min_support}
         sb = {n: s for n, s in table.get(ib, {}).items() if s.support >= min_support}
-        layers = {r["index"]: r["site"] for r in self.layers(model_a)}
-        per_layer = [
-            LayerOverlap(li, site, sum(1 for s in sa.values() if s.layer_index == li),
-                         sum(1 for s in sb.values() if s.layer_index == li),
-                         sum(1 for n in sa.keys() & sb.keys() if sa[n].layer_index == li))
-            for li, site in sorted(layers.items())
-        ]
+        layers = {r["index"]: (r["site"], r["depth"] or 0) for r in self.layers(model_a)}
+        per_layer = layer_overlaps({n: s.layer_index for n, s in sa.items()},
+                                   {n: s.layer_index for n, s in sb.items()}, layers)
         # stored aggregates hold supports >= the floor; below it, count from the pathways themselves
         edges = Q.CLASS_EDGE_SUPPORT_STORED if min_support >= EDGE_SUPPORT_FLOOR else Q.CLASS_EDGE_SUPPORT
         ea = {(r["src"], r["dst"]): r["support"] for r in
@@ -657,6 +350,55 @@ class Store:
                       label: int | None = None) -> list[dict[str, Any]]:
         return self._run(Q.VARIANT_PAIRS, model_id=model_id, config=config, kind=kind, label=label)
 
+    def variant_kinds(self, model_id: str, attacks: bool | None = None) -> list[str]:
+        """The variant kinds stored for the model (``attacks``: only those with an ε, or only the others)."""
+        rows = self._run(Q.VARIANT_KINDS, model_id=model_id)
+        return [r["kind"] for r in rows if attacks is None or r["attack"] == attacks]
+
+    def perturbation(self, original_id: str, variant_id: str) -> Perturbation:
+        """The variant minus its original as a picture (grey = no change, scaled to the largest change)."""
+        a = np.asarray(Image.open(io.BytesIO(self.image(original_id).png)), dtype=np.float32)
+        b = np.asarray(Image.open(io.BytesIO(self.image(variant_id).png)), dtype=np.float32)
+        diff = b - a
+        lim = float(np.abs(diff).max()) or 1.0
+        buf = io.BytesIO()
+        Image.fromarray(((diff / lim) * 127 + 128).clip(0, 255).astype(np.uint8)).save(buf, format="PNG")
+        return Perturbation(buf.getvalue(), lim / 255)
+
+    def shift_graph(self, shift: Shift, original_pathway: str, variant_pathway: str) -> GroupedGraph:
+        """Both pathways of an attacked pair as one graph; groups kept / lost / gained."""
+        graph = nx.DiGraph()
+        groups: dict[str, str] = {}
+        for group, changes in (("kept", shift.kept), ("lost", shift.lost), ("gained", shift.gained)):
+            for c in changes:
+                graph.add_node(c.neuron, site=c.site, layer_index=c.layer_index,
+                               channel=parse_neuron_id(c.neuron).channel,
+                               contribution=c.variant if c.variant is not None else c.original)
+                groups[c.neuron] = group
+        for pid in (original_pathway, variant_pathway):
+            for u, v, d in self.pathway_graph(pid).edges(data=True):
+                graph.add_edge(u, v, weight=d["weight"])
+        return GroupedGraph(graph, groups)
+
+    def shared_graph(self, shared: SharedPathways) -> GroupedGraph:
+        """Two classes' pathways as one graph: shared neurons (mean contribution of the two classes),
+        neurons of one class only, and the edges both classes hold (mean support)."""
+        graph = nx.DiGraph()
+        groups: dict[str, str] = {}
+        for na, nb in shared.shared:
+            graph.add_node(na.neuron, site=na.site, layer_index=na.layer_index, channel=na.channel,
+                           contribution=(na.mean_contribution + nb.mean_contribution) / 2)
+            groups[na.neuron] = "shared"
+        for group, scores in (("a", shared.only_a), ("b", shared.only_b)):
+            for n in scores:
+                graph.add_node(n.neuron, site=n.site, layer_index=n.layer_index, channel=n.channel,
+                               contribution=n.mean_contribution)
+                groups[n.neuron] = group
+        for src, dst, sa, sb in shared.shared_edges:
+            if src in graph and dst in graph:
+                graph.add_edge(src, dst, weight=(sa + sb) / 2)
+        return GroupedGraph(graph, groups)
+
     def adversarial_shift(self, variant_id: str, config: str, threshold: float = 0.5) -> Shift:
         detail = self.image(variant_id)
         if detail.original is None:
@@ -672,10 +414,7 @@ class Store:
             return NeuronChange(n, site, li, so[n][2] if n in so else None, sv[n][2] if n in sv else None)
 
         layers = {r["index"]: (r["site"], r["depth"] or 0) for r in self.layers(detail.model_id)}
-        per_layer = [LayerOverlap(li, site, sum(1 for v in so.values() if v[0] == li),
-                                  sum(1 for v in sv.values() if v[0] == li),
-                                  sum(1 for n in so.keys() & sv.keys() if so[n][0] == li), depth)
-                     for li, (site, depth) in sorted(layers.items())]
+        per_layer = layer_overlaps({n: v[0] for n, v in so.items()}, {n: v[0] for n, v in sv.items()}, layers)
         by_depth = sorted(per_layer, key=lambda o: (o.depth, o.layer_index))
         first_change = next((o.layer_index for o in by_depth if o.shared != o.a or o.shared != o.b), None)
         first_dep = next((o.layer_index for o in by_depth if o.jaccard < threshold), None)
@@ -683,7 +422,7 @@ class Store:
         def order(c: NeuronChange) -> tuple[int, str]:
             return (c.layer_index, c.neuron)
 
-        setting = json.dumps({k: v for k, v in params.items() if k not in PER_IMAGE_KEYS}, sort_keys=True)
+        setting = variant_setting(detail.kind, params)
         return Shift(
             variant_id, detail.original, detail.kind, setting,
             kept=sorted((change(n) for n in so.keys() & sv.keys()), key=order),
@@ -771,7 +510,7 @@ class Store:
         sets = self._neuron_sets([p.id for p in pathways])
         out = []
         for a, b in itertools.combinations(pathways, 2):
-            out.append(Agreement(a.config, b.config, _jaccard(set(sets[a.id]), set(sets[b.id]))))
+            out.append(Agreement(a.config, b.config, jaccard(set(sets[a.id]), set(sets[b.id]))))
         return out
 
     def _original_sets(self, model_id: str, config: str) -> tuple[list[dict[str, Any]],
@@ -794,7 +533,7 @@ class Store:
                 sb = {n for n, v in b.items() if v[0] == li}
                 inter += len(sa & sb)
                 sizes += len(sa) + len(sb)
-                jac.append(_jaccard(sa, sb))
+                jac.append(jaccard(sa, sb))
             out.append(LayerAgreement(li, site, inter / sizes if sizes else 0.0,
                                       float(np.mean(jac)) if jac else 0.0, len(pairs)))
         return out
@@ -810,7 +549,7 @@ class Store:
             within, across = [], []
             for i, j in pairs:
                 (within if rows[i]["label"] == rows[j]["label"] else across).append(
-                    _jaccard(layer_sets[i], layer_sets[j]))
+                    jaccard(layer_sets[i], layer_sets[j]))
             out.append(LayerConsistency(li, site, float(np.mean(within)) if within else float("nan"),
                                         float(np.mean(across)) if across else float("nan"), len(within), len(across)))
         return out

@@ -27,7 +27,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from extractor.records import (
+from graphstore.errors import RecordsError, ServerError
+from graphstore.loader import ensure_schema, refresh_aggregates
+from graphstore.rows import exemplar_rows, gained, groups, image_row, model_rows, neuron_table, pathway_row
+from graphstore.server import ADMIN_ENTRY_POINT, ServerConfig, java_executable, read_pid, start, stop
+from records import (
     ExemplarRows,
     ModelInfo,
     PathwayRecord,
@@ -39,19 +43,6 @@ from extractor.records import (
     read_manifest,
     require_complete,
 )
-from graphstore.errors import RecordsError, ServerError
-from graphstore.loader import (
-    _groups,
-    _keys,
-    ensure_schema,
-    exemplar_rows,
-    image_row,
-    model_rows,
-    neuron_table,
-    pathway_row,
-    refresh_aggregates,
-)
-from graphstore.server import ADMIN_ENTRY_POINT, ServerConfig, _java, _read_pid, start, stop
 
 log = logging.getLogger(__name__)
 
@@ -160,13 +151,11 @@ def _relationship_columns(pws: list[PathwayRecord], originals: dict[str, Pathway
 
     sizes = [len(p.neuron_site) for p in pws]
     site, channel = cat([p.neuron_site for p in pws], np.int64), cat([p.neuron_channel for p in pws], np.int64)
-    gained = [g for p in pws for g in (
-        (~np.isin(_keys(p), _keys(originals[p.pathway_id]))).tolist() if p.pathway_id in originals
-        else [None] * len(p.neuron_site))]
+    gains = [g for p in pws for g in gained(p, originals.get(p.pathway_id))]
     includes = [np.repeat(np.array([p.pathway_id for p in pws], dtype=object), sizes), ids[offsets[site] + channel],
                 cat([p.neuron_contribution for p in pws], np.float64), cat([p.neuron_score for p in pws], np.float64),
                 cat([p.neuron_rank for p in pws], np.int64), cat([p.neuron_elements for p in pws], np.int64),
-                cat([p.neuron_dead for p in pws], bool), pa.array(gained, type=pa.bool_())]
+                cat([p.neuron_dead for p in pws], bool), pa.array(gains, type=pa.bool_())]
     n_edges = [len(p.edge_weight) for p in pws]
     flows = [ids[offsets[cat([p.edge_src_site for p in pws], np.int64)] + cat([p.edge_src_channel for p in pws],
                                                                                np.int64)],
@@ -205,7 +194,7 @@ def _image_and_pathway_schema(run_dirs: list[Path]) -> tuple[dict[str, str], dic
     variants: dict[str, str] = {}
     pathways: dict[str, str] = {}
     for model, part in _records(run_dirs):
-        for group in _groups(part.images, part.pathways):
+        for group in groups(part.images, part.pathways):
             rows = [image_row(im, model) for im in group.images]
             images.update({k: v for k, v in _schema(r["props"] for r in rows).items() if k not in images})
             variants.update({k: v for k, v in _schema(r["variant"] for r in rows if r["variant"]).items()
@@ -284,7 +273,7 @@ def write_csv(run_dirs: list[Path], out: Path) -> tuple[list[tuple[str, Path]], 
                 index[model.model_id] = _neuron_index(model)
             fresh: list[PathwayRecord] = []
             links: dict[str, PathwayRecord] = {}
-            for group in _groups(part.images, part.pathways):
+            for group in groups(part.images, part.pathways):
                 for im in group.images:
                     if im.image_id in images:
                         continue
@@ -338,7 +327,8 @@ def _write_exemplars(run_dirs: list[Path], table: _Table) -> None:
 
 
 def _run_importer(config: ServerConfig, nodes: list[tuple[str, Path]], rels: list[tuple[str, Path]]) -> None:
-    args = [_java(), "-Xmx2g", "-cp", f"{config.lib_dir}/*", ADMIN_ENTRY_POINT, "database", "import", "full", "neo4j",
+    args = [java_executable(), "-Xmx2g", "-cp", f"{config.lib_dir}/*", ADMIN_ENTRY_POINT, "database", "import",
+            "full", "neo4j",
             "--overwrite-destination=true", f"--array-delimiter={ARRAY}", "--bad-tolerance=0",
             f"--report-file={config.instance_dir / 'logs' / 'import.report'}",
             *[f"--nodes={label}={path}" for label, path in nodes],
@@ -379,7 +369,7 @@ def bulk_import(
         summary.csv_seconds = time.perf_counter() - began
         if not config.password_file.exists():  # first use: create the instance and its password
             start(config)
-        if _read_pid(config) is not None:
+        if read_pid(config) is not None:
             stop(config)
         began = time.perf_counter()
         _run_importer(config, nodes, rels)

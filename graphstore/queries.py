@@ -48,7 +48,7 @@ SCHEMA: tuple[str, ...] = (
     "CREATE INDEX count_stat IF NOT EXISTS FOR (n:CountStat) ON (n.config)",
     "CREATE INDEX variant_stat IF NOT EXISTS FOR (n:VariantStat) ON (n.model_id, n.config)",
     "CREATE INDEX pathway_model IF NOT EXISTS FOR (n:Pathway) ON (n.model_id)",
-    # approximate nearest pathways by neuron set (see graphstore.api.SIGNATURE_DIMENSIONS)
+    # approximate nearest pathways by neuron set (see graphstore.rows.SIGNATURE_DIMENSIONS)
     "CREATE VECTOR INDEX pathway_signature IF NOT EXISTS FOR (n:Pathway) ON (n.signature) "
     "OPTIONS {indexConfig: {`vector.dimensions`: 128, `vector.similarity_function`: 'cosine'}}",
 )
@@ -450,6 +450,13 @@ RETURN v.id AS variant, o.id AS original, r.kind AS kind, r.setting AS setting, 
 ORDER BY kind, eps, setting, original
 """
 
+VARIANT_KINDS = """
+MATCH (v:Image {model_id: $model_id})-[r:VARIANT_OF]->(:Image)
+WITH r.kind AS kind, count(*) AS images, max(r.eps) AS eps
+RETURN kind, images, eps IS NOT NULL AS attack
+ORDER BY attack DESC, kind
+"""
+
 VARIANT_STATS = """
 MATCH (s:VariantStat {model_id: $model_id, config: $config})
 WHERE ($kind IS NULL OR s.kind = $kind) AND ($label IS NULL OR s.label = $label)
@@ -589,3 +596,39 @@ VARIANT_PAIR_COUNTS = """
 MATCH (s:VariantStat {model_id: $model_id, config: $config})
 RETURN s.kind AS kind, s.setting AS setting, sum(s.pairs) AS pairs
 """
+
+# --- the console's example queries (shown to users, run read-only) --------------------------
+
+EXAMPLES: dict[str, str] = {
+    "Store contents": "MATCH (n) RETURN labels(n)[0] AS label, count(*) AS nodes ORDER BY label",
+    "Top neurons of each class": """\
+MATCH (c:Class)-[u:USES]->(n:Neuron)
+WHERE u.support >= 0.9
+RETURN c.name AS class, n.site AS site, n.channel AS channel, u.support AS support
+ORDER BY class, support DESC LIMIT 50""",
+    "Neurons shared by two classes": """\
+MATCH (a:Class {index: 3})-[ua:USES]->(n:Neuron)<-[ub:USES]-(b:Class {index: 8})
+WHERE ua.config = ub.config AND ua.support >= 0.5 AND ub.support >= 0.5
+RETURN n.site AS site, n.channel AS channel, ua.support AS support_3, ub.support AS support_8
+ORDER BY site, channel""",
+    "Attacks that flip the prediction": """\
+MATCH (v:Image)-[r:VARIANT_OF]->(o:Image)
+WHERE v.predicted <> o.predicted
+RETURN r.kind AS kind, r.setting AS setting, count(*) AS flipped ORDER BY kind, setting""",
+    "Strongest edges of one pathway": """\
+MATCH (p:Pathway) WITH p LIMIT 1
+MATCH (a:Neuron)-[f:FLOWS_TO {pathway: p.id}]->(b:Neuron)
+RETURN a, f, b ORDER BY abs(f.weight) DESC LIMIT 40""",
+    "Method agreement on originals": """\
+MATCH (a:Pathway)-[:FOR_IMAGE]->(i:Image {kind: 'original'})<-[:FOR_IMAGE]-(b:Pathway)
+WHERE a.method < b.method
+MATCH (a)-[:INCLUDES]->(n:Neuron)
+WITH a, b, count(n) AS na, collect(n) AS ns
+WITH a, b, na, size([n IN ns WHERE (b)-[:INCLUDES]->(n)]) AS both
+RETURN a.method AS method_a, b.method AS method_b, avg(toFloat(both) / (na + b.size - both)) AS mean_jaccard
+ORDER BY method_a, method_b""",
+    "Pathway size by variant kind": """\
+MATCH (p:Pathway)-[:FOR_IMAGE]->(i:Image)
+RETURN i.kind AS kind, p.config AS config, avg(p.size) AS mean_size, avg(p.logit_ratio) AS mean_logit_ratio
+ORDER BY kind, config""",
+}

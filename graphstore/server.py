@@ -141,7 +141,7 @@ def fetch_jars(config: ServerConfig) -> Path:
     return config.lib_dir
 
 
-def _java() -> str:
+def java_executable() -> str:
     java = shutil.which("java")
     if java is None:
         raise ServerError("Java 17 ('java') is not on PATH; Neo4j 5.26 needs it")
@@ -226,7 +226,7 @@ def _set_initial_password(config: ServerConfig) -> None:
     env = dict(os.environ, NEO4J_HOME=str(config.instance_dir), NEO4J_CONF=str(config.conf_dir))
     try:
         proc = subprocess.run(
-            [_java(), "-cp", f"{config.lib_dir}/*", f"@{argfile}"],
+            [java_executable(), "-cp", f"{config.lib_dir}/*", f"@{argfile}"],
             capture_output=True, text=True, env=env, check=False, cwd=config.instance_dir,
         )
     finally:
@@ -236,7 +236,7 @@ def _set_initial_password(config: ServerConfig) -> None:
         raise ServerError("neo4j-admin could not set the initial password: " + proc.stderr.strip()[-300:])
 
 
-def _read_pid(config: ServerConfig) -> int | None:
+def read_pid(config: ServerConfig) -> int | None:
     try:
         pid = int(config.pid_file.read_text().strip())
     except (FileNotFoundError, ValueError):
@@ -293,7 +293,7 @@ def start(config: ServerConfig, timeout: float = 240.0) -> ServerStatus:
     Returns at once when this instance already runs. Raises ``ServerError`` naming the port
     when a port is taken, and with the log's tail when the server does not come up.
     """
-    pid = _read_pid(config)
+    pid = read_pid(config)
     if pid is not None:
         running = load_state(config)
         if _bolt_ready(running.bolt_uri, read_password(running)):
@@ -312,7 +312,7 @@ def start(config: ServerConfig, timeout: float = 240.0) -> ServerStatus:
         _set_initial_password(config)
     password = read_password(config)
     cmd = [
-        _java(), f"-Xms{config.heap_initial}", f"-Xmx{config.heap_max}", "-XX:+UseG1GC",
+        java_executable(), f"-Xms{config.heap_initial}", f"-Xmx{config.heap_max}", "-XX:+UseG1GC",
         "-XX:-OmitStackTraceInFastThrow", "-Dfile.encoding=UTF-8",
         "-cp", _classpath(config), ENTRY_POINT,
         f"--home-dir={config.instance_dir}", f"--config-dir={config.conf_dir}", "--console-mode",
@@ -348,7 +348,7 @@ def stop(config: ServerConfig, timeout: float = 90.0) -> bool:
 
     Returns True when a process was stopped, False when none ran.
     """
-    pid = _read_pid(config)
+    pid = read_pid(config)
     if pid is None:
         config.pid_file.unlink(missing_ok=True)
         return False
@@ -380,7 +380,7 @@ def stop(config: ServerConfig, timeout: float = 90.0) -> bool:
 def status(config: ServerConfig) -> ServerStatus:
     """Whether this instance runs and answers on Bolt."""
     config = load_state(config)
-    pid = _read_pid(config)
+    pid = read_pid(config)
     if pid is None:
         return ServerStatus(False, None, config.bolt_uri, config.browser_url, "not running")
     try:

@@ -28,9 +28,9 @@ if TYPE_CHECKING:
     from torch import nn
 
     from extractor.pipeline import ExtractSummary
-    from extractor.records import ImageRecord, Manifest, PathwayRecord, RunStatus
     from extractor.settings import PathwaySettings
     from graphstore.api import Store
+    from records import ImageRecord, Manifest, PathwayRecord, RunStatus
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class Run:
 
     def graph(self, pathway_id: str) -> nx.DiGraph:
         """One pathway as a directed graph over neuron ids (``contribution``, ``weight`` attributes)."""
-        from extractor.records import pathway_to_networkx
+        from records import pathway_to_networkx
 
         for p in self.pathways:
             if p.pathway_id == pathway_id:
@@ -174,8 +174,8 @@ class Run:
 
 def read_run(path: str | Path | Extraction) -> Run:
     """Read a whole run folder (records, no torch); ``RecordsFormatError`` for a damaged one."""
-    from extractor.records import read_run as read_records
-    from extractor.records import run_status
+    from records import read_run as read_records
+    from records import run_status
 
     folder = path.path if isinstance(path, Extraction) else Path(path)
     manifest, images, pathways = read_records(folder)

@@ -38,8 +38,8 @@ def _errors() -> Iterator[None]:
     import neo4j.exceptions
 
     from extractor.errors import ExtractionError
-    from extractor.records import RecordsFormatError
     from graphstore.errors import GraphStoreError
+    from records import RecordsFormatError
 
     try:
         yield
@@ -148,10 +148,10 @@ def db_import(
     overwrite: Annotated[bool, typer.Option(help="Required: the import replaces the whole database.")] = False,
 ) -> None:
     """Bulk-load runs into a fresh local database with neo4j-admin (replaces its content)."""
-    from extractor.records import read_manifest, require_complete
     from graphstore.bulk import bulk_import
     from graphstore.errors import GraphStoreError
     from graphstore.server import ServerConfig, load_state
+    from records import read_manifest, require_complete
 
     with _errors():
         for run in run_dirs:  # bad input first, before anything about the server
@@ -298,8 +298,8 @@ def load(
                                               "lock conflicts are retried).")] = 1,
 ) -> None:
     """Load a run into Neo4j (idempotent; resumes after a crash)."""
-    from extractor.records import read_manifest, require_complete
     from graphstore.loader import load_run
+    from records import read_manifest, require_complete
 
     with _errors():
         read_manifest(run_dir)  # bad input fails before any connection is made
@@ -543,8 +543,16 @@ def demo(
     step("step 2/5: demo model")
     train_demo()
     step("step 3/5: extraction (originals, FGSM, PGD, occluded, shifted, deformed)")
+    import shutil
+
     from extractor.settings import PathwaySettings
     from pathx.api import extract as run_extraction
+    from records import MANIFEST, SCHEMA_VERSION
+
+    manifest = out / MANIFEST
+    if manifest.exists() and json.loads(manifest.read_text()).get("schema_version") != SCHEMA_VERSION:
+        typer.echo(f"  {out} holds demo records of an older format; extracting them again")
+        shutil.rmtree(out)  # the demo's own generated run, never a user's
 
     khakzar = PathwaySettings("mct", "percentile", sparsity=90.0, granularity="element")  # the paper's own rule
     done = run_extraction(

@@ -108,8 +108,8 @@ def fixture_run(tmp_path_factory: pytest.TempPathFactory, demo: tuple[object, ob
 
 def ensure_loaded(driver: object, fixture_run: Path) -> object:
     """Make the database hold exactly the fixture run (reloaded only when something else ran)."""
-    from extractor.records import read_run
     from graphstore.loader import load_run
+    from records import read_run
 
     _, images, pathways = read_run(fixture_run)
     with driver.session(database="neo4j") as s:  # type: ignore[attr-defined]

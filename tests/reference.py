@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from extractor.records import ImageRecord, Manifest, PathwayRecord, class_id, neuron_id, read_exemplars, read_run
-
-PER_IMAGE = ("target", "seed", "top", "left")
+from records import ImageRecord, Manifest, PathwayRecord, class_id, neuron_id, read_exemplars, read_run
 
 
 @dataclass
@@ -80,7 +77,7 @@ class Ref:
         if flows:
             rels["CLASS_FLOW"] = flows
         nodes["CountStat"] = len({(p.config, self.images[p.image_id].kind,
-                                   self.setting(self.images[p.image_id]) if self.images[p.image_id].variant_of else "")
+                                   self.images[p.image_id].setting if self.images[p.image_id].variant_of else "")
                                   for p in self.pathways})
         stats, gained = self.variant_stats()
         if stats:
@@ -107,13 +104,10 @@ class Ref:
             po = by.get((im.variant_of, pv.config)) if im.variant_of else None
             if po is None:
                 continue
-            key = (pv.config, im.kind, self.setting(im), self.images[po.image_id].label)
+            key = (pv.config, im.kind, im.setting, self.images[po.image_id].label)
             stats.add(key)
             gained.update((*key, n) for n in set(self.neurons(pv)) - set(self.neurons(po)))
         return stats, gained
-
-    def setting(self, im: ImageRecord) -> str:
-        return json.dumps({k: v for k, v in json.loads(im.params).items() if k not in PER_IMAGE}, sort_keys=True)
 
     def pairs(self, config: str, kind: str | None = None) -> list[tuple[ImageRecord, PathwayRecord, PathwayRecord]]:
         out = []
@@ -126,7 +120,7 @@ class Ref:
         groups: dict[tuple[str, str], list[bool]] = defaultdict(list)
         for im in self.images.values():
             if im.variant_of:
-                groups[(im.kind, self.setting(im))].append(im.predicted == self.images[im.variant_of].label)
+                groups[(im.kind, im.setting)].append(im.predicted == self.images[im.variant_of].label)
         return {k: (len(v), float(np.mean(v))) for k, v in groups.items()}
 
     def class_ids(self) -> list[str]:

@@ -12,8 +12,8 @@ from extractor.contributions import forward_with_sites
 from extractor.exemplars import ReceptiveFields
 from extractor.methods import extract_batch
 from extractor.pipeline import extract_run, image_id, load_images
-from extractor.records import ExemplarRows, Shard, merge_exemplar_rows, read_exemplars
 from extractor.settings import PathwaySettings
+from records import ExemplarRows, Shard, merge_exemplar_rows, read_exemplars
 
 N = 4
 SETTINGS = [PathwaySettings("mct", "topk", k=3)]
@@ -185,7 +185,7 @@ def test_neuron_query_from_cli(loaded_store: object, neo4j_server: object, fixtu
     from pathx.cli import app
 
     rows = read_exemplars(fixture_run)
-    from extractor.records import read_manifest
+    from records import read_manifest
 
     model = read_manifest(fixture_run).model
     i = int(np.nonzero((rows.rank == 1) & (rows.kind == "activation"))[0][0])

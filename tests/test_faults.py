@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from extractor.records import pathway_to_networkx
 from graphstore.api import Store
 from graphstore.server import USER, read_password, start, stop
+from records import pathway_to_networkx
 from tests.conftest import wipe
 from tests.reference import Ref
 

@@ -19,9 +19,9 @@ from extractor.errors import ExtractionError
 from extractor.inputs import FileImages, TensorImages, decode_file, folder_labels, read_class_names, scan_folder
 from extractor.models import load_torchvision, make_bundle
 from extractor.pipeline import extract_run, load_images
-from extractor.records import RecordsFormatError, Shard, read_run, require_complete, run_status
 from extractor.settings import PathwaySettings
 from extractor.variants import VariantSpec
+from records import RecordsFormatError, Shard, read_run, require_complete, run_status
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,7 +11,9 @@ import torch
 from extractor.demo import accuracy, demo_model
 from extractor.errors import ExtractionError
 from extractor.pipeline import extract_run, load_images
-from extractor.records import (
+from extractor.settings import PathwaySettings
+from extractor.variants import VariantSpec, affine, fgsm, pgd, shift
+from records import (
     SCHEMA_VERSION,
     RecordsFormatError,
     iter_parts,
@@ -19,8 +21,6 @@ from extractor.records import (
     read_manifest,
     read_run,
 )
-from extractor.settings import PathwaySettings
-from extractor.variants import VariantSpec, affine, fgsm, pgd, shift
 
 
 def test_demo_model_accuracy_and_determinism(home: Path, demo: tuple) -> None:

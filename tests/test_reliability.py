@@ -14,7 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from extractor.records import (
+from graphstore.api import Store
+from graphstore.loader import load_run
+from graphstore.server import USER, read_password
+from pathx.cli import app
+from records import (
     SCHEMA_VERSION,
     ImageRecord,
     Manifest,
@@ -24,10 +28,6 @@ from extractor.records import (
     SiteInfo,
     pathway_to_networkx,
 )
-from graphstore.api import Store
-from graphstore.loader import load_run
-from graphstore.server import USER, read_password
-from pathx.cli import app
 from tests.conftest import wipe
 
 pytestmark = pytest.mark.store

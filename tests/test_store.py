@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import signal
@@ -15,14 +16,14 @@ import networkx as nx
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
-from extractor.records import pathway_to_networkx
-from graphstore import queries as Q
-from graphstore.api import SIMILAR_CANDIDATES, SimilarImage, Store
+from graphstore.api import Store
 from graphstore.errors import NotFound
 from graphstore.loader import load_run
 from graphstore.server import USER, read_password
+from records import pathway_to_networkx
 from tests.conftest import wipe
 from tests.reference import Ref
 
@@ -171,6 +172,7 @@ def test_adversarial_shift_and_hijacks(store: Store, ref: Ref, config: str) -> N
 def test_variant_overlap_counts_and_accuracy(store: Store, ref: Ref, config: str) -> None:
     rows = store.variant_overlap(ref.model_id, config, "occlude")
     pairs = ref.pairs(config, "occlude")
+    assert pairs and len(rows) == len(ref.manifest.model.sites) * len({im.setting for im, _, _ in pairs})
     for r in rows:
         vals = []
         for _, pv, po in pairs:
@@ -180,13 +182,16 @@ def test_variant_overlap_counts_and_accuracy(store: Store, ref: Ref, config: str
         assert r.mean_jaccard == pytest.approx(float(np.mean(vals)))
         assert r.pairs == len(pairs)
     counts = store.pathway_counts(config)
+    assert {c.kind for c in counts} == {ref.images[p.image_id].kind for p in ref.of_config(config)}
     for c in counts:
         pws = [p for p in ref.of_config(config) if ref.images[p.image_id].kind == c.kind
-               and (ref.setting(ref.images[p.image_id]) if c.kind != "original" else "") == c.setting]
+               and ref.images[p.image_id].setting == c.setting]
+        assert pws
         per = [int(np.sum(p.neuron_site == c.layer_index)) for p in pws]
         per = [x for x in per if x > 0]
         assert c.mean_neurons == pytest.approx(float(np.mean(per)))
     acc = {(r["kind"], r["setting"]): (r["images"], r["accuracy"]) for r in store.accuracy_by_variant(ref.model_id)}
+    assert acc and set(acc) == set(ref.accuracy_by_variant())
     assert_close_map(acc, ref.accuracy_by_variant())
 
 
@@ -203,14 +208,10 @@ def test_similar_images_and_method_agreement(store: Store, ref: Ref, config: str
     got = store.similar_images(original.image_id, config, limit=10_000)
     assert {s.image_id: s.jaccard for s in got} == pytest.approx(want)
     # the vector-index route: exact Jaccard of its candidates, and the same top-10 values as the scan
-    indexed = store._run(Q.SIMILAR_IMAGES_INDEXED, image_id=original.image_id, config=config, limit=10, kind=None,
-                         candidates=SIMILAR_CANDIDATES)
+    indexed = store.similar_images(original.image_id, config, limit=10, exact=False)
     assert len(indexed) == 10
-    assert {r["image_id"]: r["jaccard"] for r in indexed} == pytest.approx({r["image_id"]: want[r["image_id"]]
-                                                                          for r in indexed})
-    assert [r["jaccard"] for r in indexed] == pytest.approx(sorted(want.values(), reverse=True)[:10])
-    assert store.similar_images(original.image_id, config, limit=10, exact=False) == [SimilarImage(**r)
-                                                                                      for r in indexed]
+    assert {r.image_id: r.jaccard for r in indexed} == pytest.approx({r.image_id: want[r.image_id] for r in indexed})
+    assert [r.jaccard for r in indexed] == pytest.approx(sorted(want.values(), reverse=True)[:10])
     auto = store.similar_images(original.image_id, config, limit=10)  # either route: the same Jaccard values
     assert [s.jaccard for s in auto] == pytest.approx([s.jaccard for s in got[:10]])
     agreement = store.method_agreement(original.image_id)
@@ -232,13 +233,17 @@ def test_unknown_ids_give_not_found(store: Store, config: str) -> None:
 
 
 def test_export_graphml_and_gexf(store: Store, ref: Ref, tmp_path: Path) -> None:
-    ids = [p.pathway_id for p in ref.pathways[:3]]
-    g = store.export_pathways(ids, tmp_path / "p.graphml")
+    pws = ref.pathways[:3]
+    want = nx.compose_all([pathway_to_networkx(p, ref.manifest.model) for p in pws])  # from the records
+    assert want.number_of_edges() > 0
+    store.export_pathways([p.pathway_id for p in pws], tmp_path / "p.graphml")
+    store.export_pathways([p.pathway_id for p in pws], tmp_path / "p.gexf")
+    for back in (nx.read_graphml(tmp_path / "p.graphml"), nx.read_gexf(tmp_path / "p.gexf")):
+        assert set(back.nodes) == set(want.nodes)
+        assert set(back.edges) == set(want.edges)
     back = nx.read_graphml(tmp_path / "p.graphml")
-    assert back.number_of_nodes() == g.number_of_nodes() > 0
-    assert back.number_of_edges() == g.number_of_edges()
-    store.export_pathways(ids, tmp_path / "p.gexf")
-    assert nx.read_gexf(tmp_path / "p.gexf").number_of_nodes() == g.number_of_nodes()
+    for n, data in want.nodes(data=True):  # each neuron's channel and site as the records say
+        assert int(back.nodes[n]["channel"]) == data["channel"] and back.nodes[n]["site"] == data["site"]
 
 
 def _env(neo4j_server: object) -> dict[str, str]:
@@ -306,7 +311,7 @@ def test_accuracy_by_class_hijack_strength_and_neuron_images(store: Store, ref: 
     pairs = ref.pairs(config, "pgd")
     per_setting: dict[str, list[set[str]]] = {}
     for im, pv, po in pairs:
-        per_setting.setdefault(ref.setting(im), []).append(set(ref.neurons(pv)) - set(ref.neurons(po)))
+        per_setting.setdefault(im.setting, []).append(set(ref.neurons(pv)) - set(ref.neurons(po)))
     for h in store.hijacked_neurons(ref.model_id, config, "pgd", limit=1000):
         for setting, share in h.by_setting.items():
             gained = per_setting[setting]
@@ -349,3 +354,33 @@ def test_layer_agreement_and_class_consistency(store: Store, ref: Ref) -> None:
         for (a, la), (b, lb) in itertools.combinations(sets, 2):
             (within if la == lb else across).append(len(a & b) / len(a | b) if a | b else 1.0)
         assert c.within == pytest.approx(float(np.mean(within))) and c.across == pytest.approx(float(np.mean(across)))
+
+
+def test_what_the_pages_draw_comes_from_the_store(store: Store, ref: Ref, config: str) -> None:
+    """Variant kinds, the perturbation picture and the merged graphs of the Adversarial and Compare pages."""
+    kinds = {im.kind for im in ref.images.values() if im.variant_of}
+    assert set(store.variant_kinds(ref.model_id)) == kinds and len(kinds) >= 2
+    assert set(store.variant_kinds(ref.model_id, attacks=True)) == {k for k in kinds if k in ("fgsm", "pgd")}
+    im, pv, po = next((im, pv, po) for im, pv, po in ref.pairs(config) if im.kind in ("fgsm", "pgd"))
+    change = store.perturbation(im.variant_of, im.image_id)
+    a = np.asarray(Image.open(io.BytesIO(ref.images[im.variant_of].png)), dtype=np.float32)
+    b = np.asarray(Image.open(io.BytesIO(im.png)), dtype=np.float32)
+    lim = float(np.abs(b - a).max())
+    assert lim > 0 and change.max_abs == pytest.approx(lim / 255)
+    pic = np.asarray(Image.open(io.BytesIO(change.png)), dtype=np.float32)
+    np.testing.assert_allclose(pic, ((b - a) / lim * 127 + 128).clip(0, 255).astype(np.uint8))
+    shift = store.adversarial_shift(im.image_id, config)
+    drawn = store.shift_graph(shift, po.pathway_id, pv.pathway_id)
+    no, nv = ref.neurons(po), ref.neurons(pv)
+    assert set(drawn.graph.nodes) == no.keys() | nv.keys()
+    assert {n for n, g in drawn.groups.items() if g == "kept"} == no.keys() & nv.keys()
+    assert {n for n, g in drawn.groups.items() if g == "gained"} == nv.keys() - no.keys()
+    assert set(drawn.graph.edges) == ref.edges(po).keys() | ref.edges(pv).keys()
+    classes = ref.class_ids()
+    shared = store.shared_pathways(classes[0], classes[1], config, 0.3)
+    both = store.shared_graph(shared)
+    assert {n for n, g in both.groups.items() if g == "shared"} == {a.neuron for a, _ in shared.shared}
+    assert len(both.groups) == len(shared.shared) + len(shared.only_a) + len(shared.only_b) > 0
+    for na, nb in shared.shared:
+        assert both.graph.nodes[na.neuron]["contribution"] == pytest.approx(
+            (na.mean_contribution + nb.mean_contribution) / 2)

@@ -17,8 +17,8 @@ from torch import nn
 from extractor.config import model_from_spec
 from extractor.errors import ExtractionError
 from extractor.models import ModelOptions, load_user_model
-from extractor.records import read_run
 from extractor.sites import hook_count
+from records import read_run
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -20,9 +20,10 @@ import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image, ImageDraw
 
-from graphstore.api import ConfigInfo, Store
+from graphstore.api import Store
 from graphstore.errors import GraphStoreError
 from graphstore.names import number
+from graphstore.results import ConfigInfo
 
 COLORS = {"kept": "#4c78a8", "lost": "#e45756", "gained": "#54a24b", "a": "#f58518", "b": "#4c78a8",
           "shared": "#72b7b2", "node": "#4c78a8"}

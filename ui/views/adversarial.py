@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import io
-
-import networkx as nx
-import numpy as np
 import plotly.express as px
 import streamlit as st
-from PIL import Image
 
 from graphstore.names import variant_name
 from ui.common import (
@@ -28,7 +23,11 @@ st.title("Adversarial")
 model_id, config = context()
 s = store()
 names = class_names(model_id)
-attack = st.selectbox("Attack", ["pgd", "fgsm"], key="adv_kind")
+attacks = s.variant_kinds(model_id, attacks=True)
+if not attacks:
+    st.info("No attacked images (FGSM, PGD) in the store.")
+    st.stop()
+attack = st.selectbox("Attack", attacks, index=attacks.index("pgd") if "pgd" in attacks else 0, key="adv_kind")
 pairs = s.variant_pairs(model_id, config, attack)
 if not pairs:
     st.info(f"No {attack} variants with pathways of the setting {setting_names(model_id)[config]} in the store.")
@@ -50,12 +49,8 @@ with c2:
     st.image(adv.png, width=180, caption=f"{variant_name(attack, setting)}: {names.get(adv.predicted)} "
                                          f"({adv.prob:.2f})")
 with c3:
-    a = np.asarray(Image.open(io.BytesIO(orig.png)), dtype=np.float32)
-    b = np.asarray(Image.open(io.BytesIO(adv.png)), dtype=np.float32)
-    diff = b - a
-    lim = float(np.abs(diff).max()) or 1.0
-    vis = ((diff / lim) * 127 + 128).clip(0, 255).astype(np.uint8)
-    st.image(vis, width=180, caption=f"perturbation (max |Δ| = {lim / 255:.3f})")
+    change = s.perturbation(pair["original"], pair["variant"])
+    st.image(change.png, width=180, caption=f"perturbation (max |Δ| = {change.max_abs:.3f})")
 
 shift = s.adversarial_shift(pair["variant"], config)
 m1, m2, m3, m4 = st.columns(4)
@@ -66,18 +61,10 @@ first = shift.first_departure if shift.first_departure is not None else shift.fi
 site_of = {o.layer_index: o.site for o in shift.per_layer}
 m4.metric("First layer of departure", site_of.get(first, "none") if first is not None else "none")
 
-graph = nx.DiGraph()
-colors: dict[str, str] = {}
-for group, color in ((shift.kept, COLORS["kept"]), (shift.lost, COLORS["lost"]), (shift.gained, COLORS["gained"])):
-    for c in group:
-        graph.add_node(c.neuron, site=c.site, layer_index=c.layer_index, channel=int(c.neuron.rsplit("/", 1)[1]),
-                       contribution=c.variant if c.variant is not None else c.original)
-        colors[c.neuron] = color
-for pid in (pair["original_pathway"], pair["variant_pathway"]):
-    for u, v, d in s.pathway_graph(pid).edges(data=True):
-        graph.add_edge(u, v, weight=d["weight"])
+drawn = s.shift_graph(shift, pair["original_pathway"], pair["variant_pathway"])
 st.caption("blue: kept · red: lost (only in the original's pathway) · green: gained (only under attack)")
-st.graphviz_chart(pathway_dot(graph, colors, max_edges=250, depths=layer_depths(model_id)))
+st.graphviz_chart(pathway_dot(drawn.graph, {n: COLORS[g] for n, g in drawn.groups.items()}, max_edges=250,
+                               depths=layer_depths(model_id)))
 
 overlap = table(shift.per_layer)
 overlap["jaccard"] = [o.jaccard for o in shift.per_layer]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import networkx as nx
 import plotly.express as px
 import streamlit as st
 
@@ -41,22 +40,10 @@ m2.metric(f"Only {names[a]}", len(shared.only_a))
 m3.metric(f"Only {names[b]}", len(shared.only_b))
 m4.metric("Shared edges", len(shared.shared_edges))
 
-graph = nx.DiGraph()
-colors: dict[str, str] = {}
-for na, nb in shared.shared:
-    graph.add_node(na.neuron, site=na.site, layer_index=na.layer_index, channel=na.channel,
-                   contribution=(na.mean_contribution + nb.mean_contribution) / 2)
-    colors[na.neuron] = COLORS["shared"]
-for group, color in ((shared.only_a, COLORS["a"]), (shared.only_b, COLORS["b"])):
-    for n in group:
-        graph.add_node(n.neuron, site=n.site, layer_index=n.layer_index, channel=n.channel,
-                       contribution=n.mean_contribution)
-        colors[n.neuron] = color
-for src, dst, sa, sb in shared.shared_edges:
-    if src in graph and dst in graph:
-        graph.add_edge(src, dst, weight=(sa + sb) / 2)
+drawn = s.shared_graph(shared)
 st.caption(f"teal: shared · orange: only {names[a]} · blue: only {names[b]} · edges: shared by both classes")
-st.graphviz_chart(pathway_dot(graph, colors, depths=layer_depths(model_id)))
+st.graphviz_chart(pathway_dot(drawn.graph, {n: COLORS[g] for n, g in drawn.groups.items()},
+                               depths=layer_depths(model_id)))
 
 groups = {"shared": [na for na, _ in shared.shared], f"only {names[a]}": shared.only_a,
           f"only {names[b]}": shared.only_b}

@@ -25,7 +25,7 @@ s = store()
 names = class_names(model_id)
 
 f1, f2, f3 = st.columns(3)
-kinds = ["original", "fgsm", "pgd", "occlude", "shift", "deform", "affine"]
+kinds = ["original", *s.variant_kinds(model_id)]
 kind = f1.selectbox("Kind", kinds, key="img_kind")
 label = f2.selectbox("Label", [None, *names], format_func=lambda i: "any" if i is None else names[i], key="img_label")
 pred = f3.selectbox("Prediction", [None, *names], format_func=lambda i: "any" if i is None else names[i],

@@ -10,8 +10,7 @@ from ui.common import config_info, context, store, table
 st.title("Variants")
 model_id, config = context()
 s = store()
-kinds = st.multiselect("Kinds", ["occlude", "shift", "deform", "affine", "fgsm", "pgd"],
-                       default=["occlude", "shift", "deform", "affine"],
+kinds = st.multiselect("Kinds", s.variant_kinds(model_id), default=s.variant_kinds(model_id, attacks=False),
                        key="var_kinds")
 
 counts = table(s.pathway_counts(config))

@@ -1,4 +1,4 @@
-"""Torch-free records: the contract between the extractor and the graph store.
+"""Run folders: Parquet parts written atomically, shard status files, the manifest, reading back.
 
 A *run* is a folder::
 
@@ -6,205 +6,40 @@ A *run* is a folder::
       manifest.json              schema version, model, extraction settings
       part-00000/images.parquet  one row per image (originals and variants)
       part-00000/pathways.parquet one row per pathway, neurons and edges as list columns
-      part-00001/...
+      part-00000/exemplars.parquet the exemplar rows that entered the running top-N in this part
+      shards/I-of-N.json         per writer: complete or not, images skipped and why
 
 Parts are written to a temporary folder and renamed, so a part is either complete or
 absent; an interrupted extraction resumes by skipping originals already in a part.
-Only numpy, pyarrow and networkx are used here, so the graph store can read records on a
-machine without torch.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import networkx as nx
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-log = logging.getLogger(__name__)
+from records.types import SCHEMA_VERSION, ImageRecord, Manifest, ModelInfo, PathwayRecord, RecordsFormatError
 
-SCHEMA_VERSION = 2
+if TYPE_CHECKING:
+    from records.exemplars import ExemplarRows
+
 MANIFEST = "manifest.json"
-
-
-class RecordsFormatError(ValueError):
-    """Record files that are missing, corrupt or of another schema version."""
-
-
-def config_key(method: str, selection: str, params_json: str) -> str:
-    """Short key of a pathway setting, e.g. ``mct/topk/1a2b3c4d``; equal settings share it."""
-    import hashlib
-
-    digest = hashlib.sha256(f"{selection}:{params_json}".encode()).hexdigest()[:8]
-    return f"{method}/{selection}/{digest}"
-
-
-def layer_id(model_id: str, site_id: str) -> str:
-    """Stable layer id: ``model id / module path#call index``."""
-    return f"{model_id}/{site_id}"
-
-
-def neuron_id(model_id: str, site_id: str, channel: int) -> str:
-    """Stable neuron id: ``model id / module path#call index / channel``."""
-    return f"{model_id}/{site_id}/{int(channel)}"
-
-
-def class_id(model_id: str, index: int) -> str:
-    """Stable class id: ``model id / class index``."""
-    return f"{model_id}/{int(index)}"
-
-
-@dataclass(frozen=True)
-class SiteInfo:
-    """One activation call (module or functional), in call order.
-
-    ``shape`` is the per-image shape channels first: ``(C, H, W)`` for feature maps (also of
-    channels-last sites, whose raw output is ``[H, W, C]``), ``(C, N)`` for tokens, ``(C,)`` for
-    units. ``layout`` is how the raw output holds it (see ``extractor.sites.LAYOUTS``).
-    ``preds``: indices of the sites it reads directly (the site graph); ``depth``: the longest
-    path from a site without predecessors.
-    """
-
-    index: int
-    module_path: str
-    call_index: int
-    kind: str
-    shape: tuple[int, ...]
-    layout: str = "channels_first"
-    preds: tuple[int, ...] = ()
-    depth: int = 0
-
-    @property
-    def site_id(self) -> str:
-        return f"{self.module_path}#{self.call_index}"
-
-    @property
-    def channels(self) -> int:
-        return int(self.shape[0])
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """Identity and structure of the model a run was extracted from."""
-
-    model_id: str
-    arch: str
-    num_classes: int
-    class_names: tuple[str, ...]
-    input_shape: tuple[int, ...]
-    sites: tuple[SiteInfo, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["sites"] = [asdict(s) for s in self.sites]
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ModelInfo:
-        sites = tuple(
-            SiteInfo(s["index"], s["module_path"], s["call_index"], s["kind"], tuple(s["shape"]), s["layout"],
-                     tuple(s["preds"]), int(s["depth"]))
-            for s in data["sites"]
-        )
-        return cls(
-            model_id=data["model_id"], arch=data["arch"], num_classes=int(data["num_classes"]),
-            class_names=tuple(data["class_names"]), input_shape=tuple(data["input_shape"]), sites=sites,
-        )
-
-    def class_name(self, index: int) -> str:
-        return self.class_names[index] if 0 <= index < len(self.class_names) else str(index)
-
-
-@dataclass
-class ImageRecord:
-    """One image (an original or a variant of one) and the model's answer on it.
-
-    ``probs`` and ``logits`` have shape ``[num_classes]``; ``png`` is the image as shown.
-    """
-
-    image_id: str
-    model_id: str
-    source: str
-    label: int  # -1 when unknown
-    variant_of: str | None
-    kind: str  # "original", "fgsm", "pgd", "occlude", "shift", "deform"
-    params: str  # canonical JSON of the variant's parameters
-    predicted: int
-    probs: np.ndarray
-    logits: np.ndarray
-    png: bytes
-
-
-@dataclass
-class PathwayRecord:
-    """A critical pathway of one image at channel granularity.
-
-    Neuron arrays have shape ``[N]``; edge arrays ``[E]`` (from a predecessor site in the site
-    graph to a site); ``site_gap`` ``[S]`` holds, per site, the largest completeness gap
-    ``|sum over all predecessor channels w(i->j) - C_j|`` over the site's target channels ``j``
-    (NaN for a site without predecessors, and for pixel pathways); ``saliency`` ``[H, W]`` is
-    the Pathway Gradient map.
-    """
-
-    pathway_id: str
-    image_id: str
-    model_id: str
-    method: str  # "mct" | "intgrad" | ...
-    selection: str  # "topk" | "percentile"
-    params: str  # canonical JSON
-    target: int
-    logit_full: float
-    logit_masked: float
-    neuron_site: np.ndarray
-    neuron_channel: np.ndarray
-    neuron_contribution: np.ndarray
-    neuron_score: np.ndarray
-    neuron_rank: np.ndarray
-    neuron_elements: np.ndarray
-    neuron_dead: np.ndarray
-    edge_src_site: np.ndarray
-    edge_src_channel: np.ndarray
-    edge_dst_site: np.ndarray
-    edge_dst_channel: np.ndarray
-    edge_weight: np.ndarray
-    site_gap: np.ndarray
-    saliency: np.ndarray
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def config(self) -> str:
-        return config_key(self.method, self.selection, self.params)
-
-    @property
-    def logit_ratio(self) -> float:
-        return float(self.logit_masked / self.logit_full) if self.logit_full != 0 else float("nan")
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """What a run folder holds: schema version, the model and the extraction settings."""
-
-    schema_version: int
-    model: ModelInfo
-    settings: dict[str, Any]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"schema_version": self.schema_version, "model": self.model.to_json(), "settings": self.settings}
-
+EXEMPLARS = "exemplars.parquet"
 
 _IMAGE_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("model_id", pa.string()), ("source", pa.string()), ("label", pa.int32()),
     ("variant_of", pa.string()), ("kind", pa.string()), ("params", pa.string()), ("predicted", pa.int32()),
     ("probs", pa.list_(pa.float32())), ("logits", pa.list_(pa.float32())), ("png", pa.binary()),
+    ("setting", pa.string()),
 ])
 
 _PATHWAY_ARRAYS: dict[str, pa.DataType] = {
@@ -247,113 +82,6 @@ def _pathways_table(pathways: Sequence[PathwayRecord]) -> pa.Table:
         cols["saliency_shape"].append(list(sal.shape))
         cols["extra"].append(json.dumps(pw.extra, sort_keys=True))
     return pa.table(cols, schema=_PATHWAY_SCHEMA)
-
-
-EXEMPLAR_KINDS = ("activation", "contribution")
-EXEMPLARS = "exemplars.parquet"
-
-
-@dataclass
-class ExemplarRows:
-    """Exemplar candidates as columns, one row each: ``site``, ``channel``, ``kind``, ``image_id``,
-    ``value``, peak position ``y``, ``x`` (-1 for unit vectors) and ``box`` ``[n, 4]`` (y0, x0, y1,
-    x1; half-open, input pixels). After ``merge_exemplar_rows`` also ``rank`` (1 = best)."""
-
-    site: np.ndarray
-    channel: np.ndarray
-    kind: np.ndarray
-    image_id: np.ndarray
-    value: np.ndarray
-    y: np.ndarray
-    x: np.ndarray
-    box: np.ndarray
-    rank: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.site)
-
-    @classmethod
-    def empty(cls) -> ExemplarRows:
-        z = np.zeros(0, np.int32)
-        return cls(z, z, np.zeros(0, object), np.zeros(0, object), np.zeros(0, np.float32), z, z,
-                   np.zeros((0, 4), np.int32))
-
-    @classmethod
-    def concat(cls, parts: Sequence[ExemplarRows]) -> ExemplarRows:
-        parts = [p for p in parts if len(p)] or [cls.empty()]
-        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in _EXEMPLAR_COLUMNS))
-
-    def take(self, idx: np.ndarray) -> ExemplarRows:
-        rank = self.rank[idx] if self.rank is not None else None
-        return ExemplarRows(*(getattr(self, f)[idx] for f in _EXEMPLAR_COLUMNS), rank=rank)
-
-    def to_table(self) -> pa.Table:
-        return pa.table({
-            "site": pa.array(self.site, pa.int32()), "channel": pa.array(self.channel, pa.int32()),
-            "kind": pa.array(self.kind.tolist(), pa.string()),
-            "image_id": pa.array(self.image_id.tolist(), pa.string()),
-            "value": pa.array(self.value, pa.float32()), "y": pa.array(self.y, pa.int32()),
-            "x": pa.array(self.x, pa.int32()),
-            "box": pa.array(self.box.astype(np.int32).tolist(), pa.list_(pa.int32())),
-        })
-
-    @classmethod
-    def from_table(cls, table: pa.Table) -> ExemplarRows:
-        box = np.asarray(table["box"].to_pylist(), np.int32).reshape(-1, 4)
-        return cls(table["site"].to_numpy().astype(np.int32), table["channel"].to_numpy().astype(np.int32),
-                   np.asarray(table["kind"].to_pylist(), object), np.asarray(table["image_id"].to_pylist(), object),
-                   table["value"].to_numpy().astype(np.float32), table["y"].to_numpy().astype(np.int32),
-                   table["x"].to_numpy().astype(np.int32), box)
-
-
-_EXEMPLAR_COLUMNS = ("site", "channel", "kind", "image_id", "value", "y", "x", "box")
-
-
-def merge_exemplar_rows(rows: ExemplarRows, n: int) -> ExemplarRows:
-    """The top ``n`` rows per (site, channel, kind) by value, ties by image id, one row per image
-    (its largest value); ``rank`` 1..n. Order-independent: merging any split of the candidates
-    gives the same answer."""
-    if not len(rows):
-        return ExemplarRows.empty()
-    kind = np.searchsorted(np.asarray(EXEMPLAR_KINDS), rows.kind.astype(str)).astype(np.int64)
-    # image ids as integer codes in sorted order (ties go to the smaller id); all keys integers
-    _, img = np.unique(rows.image_id.astype(str), return_inverse=True)
-    img = img.reshape(-1).astype(np.int64)
-    site, channel = rows.site.astype(np.int64), rows.channel.astype(np.int64)
-    order = np.lexsort((img, -rows.value, channel, kind, site))
-    group = (site * len(EXEMPLAR_KINDS) + kind) * (int(channel.max()) + 1) + channel
-    # one row per (group, image): the first in sorted order has the largest value (stable unique)
-    key = group[order] * (int(img.max()) + 1) + img[order]
-    _, first = np.unique(key, return_index=True)
-    order = order[np.sort(first)]
-    g = group[order]
-    starts = np.ones(len(order), bool)
-    starts[1:] = g[1:] != g[:-1]
-    start_idx = np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))
-    rank = np.arange(len(order)) - start_idx + 1
-    keep = rank <= n
-    out = rows.take(order[keep])
-    out.rank = rank[keep].astype(np.int32)
-    return out
-
-
-def read_exemplars(run_dir: Path, n: int | None = None) -> ExemplarRows:
-    """The run's exemplars: the top ``n`` (default: the run's setting) over every part's delta,
-    merged part by part (memory O(channels x n))."""
-    manifest = read_manifest(run_dir)
-    n = n if n is not None else int(manifest.settings.get("exemplars", 0))
-    top = ExemplarRows.empty()
-    if n <= 0:
-        return top
-    for part in _part_dirs(Path(run_dir)):
-        path = part / EXEMPLARS
-        if path.exists():
-            delta = ExemplarRows.from_table(_read_table(path, _EXEMPLAR_SCHEMA))
-            top = merge_exemplar_rows(ExemplarRows.concat([top, delta]), n)
-    return top
-
-
-_EXEMPLAR_SCHEMA = ExemplarRows.empty().to_table().schema
 
 
 SHARDS = "shards"
@@ -423,7 +151,7 @@ class RunWriter:
     def done_sources(self) -> set[str]:
         """Image ids and sources of the originals already written by any shard (for resuming)."""
         done: set[str] = set()
-        for part in _part_dirs(self.run_dir):
+        for part in part_dirs(self.run_dir):
             table = pq.read_table(part / "images.parquet", columns=["image_id", "source", "kind"])
             for image_id, source, kind in zip(table["image_id"].to_pylist(), table["source"].to_pylist(),
                                               table["kind"].to_pylist(), strict=True):
@@ -465,7 +193,7 @@ class RunWriter:
         self._write_status(complete=True, **summary)
 
 
-def _part_dirs(run_dir: Path) -> list[Path]:
+def part_dirs(run_dir: Path) -> list[Path]:
     return sorted(p for p in Path(run_dir).glob("part-*") if p.is_dir())
 
 
@@ -543,7 +271,7 @@ def read_manifest(run_dir: Path) -> Manifest:
         raise RecordsFormatError(f"{path} is missing fields: {exc}") from exc
 
 
-def _read_table(path: Path, schema: pa.Schema) -> pa.Table:
+def read_table(path: Path, schema: pa.Schema) -> pa.Table:
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowInvalid) as exc:
@@ -583,9 +311,9 @@ class RunPart:
 def iter_parts(run_dir: Path) -> Iterator[RunPart]:
     """Yield each complete part of a run, in order."""
     read_manifest(run_dir)
-    for part in _part_dirs(Path(run_dir)):
-        images = _read_table(part / "images.parquet", _IMAGE_SCHEMA).to_pylist()
-        pathways = _read_table(part / "pathways.parquet", _PATHWAY_SCHEMA).to_pylist()
+    for part in part_dirs(Path(run_dir)):
+        images = read_table(part / "images.parquet", _IMAGE_SCHEMA).to_pylist()
+        pathways = read_table(part / "pathways.parquet", _PATHWAY_SCHEMA).to_pylist()
         yield RunPart([_image_from_row(r) for r in images], [_pathway_from_row(r) for r in pathways])
 
 
@@ -600,17 +328,3 @@ def read_run(run_dir: Path) -> tuple[Manifest, list[ImageRecord], list[PathwayRe
     return manifest, images, pathways
 
 
-def pathway_to_networkx(pathway: PathwayRecord, model: ModelInfo) -> nx.DiGraph:
-    """The pathway as a directed graph over neuron ids, with contributions and edge weights."""
-    graph = nx.DiGraph(pathway_id=pathway.pathway_id, image_id=pathway.image_id, method=pathway.method)
-    sites = model.sites
-    for s, c, contrib, score, rank in zip(pathway.neuron_site, pathway.neuron_channel, pathway.neuron_contribution,
-                                          pathway.neuron_score, pathway.neuron_rank, strict=True):
-        site = sites[int(s)]
-        graph.add_node(neuron_id(model.model_id, site.site_id, int(c)), site=site.site_id, layer=int(s),
-                       channel=int(c), contribution=float(contrib), score=float(score), rank=int(rank))
-    for ss, sc, ds, dc, w in zip(pathway.edge_src_site, pathway.edge_src_channel, pathway.edge_dst_site,
-                                 pathway.edge_dst_channel, pathway.edge_weight, strict=True):
-        graph.add_edge(neuron_id(model.model_id, sites[int(ss)].site_id, int(sc)),
-                       neuron_id(model.model_id, sites[int(ds)].site_id, int(dc)), weight=float(w))
-    return graph

@@ -1,0 +1,230 @@
+"""Record -> row builders for the graph store, and the constants both writers share.
+
+Used by the transactional loader (:mod:`graphstore.loader`) and the bulk importer
+(:mod:`graphstore.bulk`), which must write the same graph: one builder per node or
+relationship kind, so the two cannot drift. No Cypher and no driver here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from records import (
+    ExemplarRows,
+    ImageRecord,
+    ModelInfo,
+    PathwayRecord,
+    class_id,
+    layer_id,
+    neuron_id,
+)
+from records.overlap import jaccard_per_layer
+
+SIGNATURE_DIMENSIONS = 128  # Pathway.signature: the neuron set as a random +-1 projection (cosine ~ overlap)
+EDGE_SUPPORT_FLOOR = 0.05  # class edge supports below this are not kept as CLASS_FLOW aggregates
+
+
+@dataclass(frozen=True)
+class ModelRows:
+    """Rows for the model's structure: its node, layers, site-graph edges (``pairs``), neurons and classes."""
+
+    model: dict[str, Any]
+    layers: list[dict[str, Any]]
+    pairs: list[dict[str, str]]
+    neurons: list[dict[str, Any]]
+    classes: list[dict[str, Any]]
+
+
+def model_rows(model: ModelInfo) -> ModelRows:
+    layers = [
+        {"id": layer_id(model.model_id, s.site_id), "site": s.site_id, "module_path": s.module_path,
+         "call_index": s.call_index, "kind": s.kind, "index": s.index, "channels": s.channels,
+         "shape": list(s.shape), "layout": s.layout, "depth": s.depth}
+        for s in model.sites
+    ]
+    meta = {"id": model.model_id, "arch": model.arch, "num_classes": model.num_classes,
+            "input_shape": list(model.input_shape)}
+    pairs = [{"src": layers[i]["id"], "dst": layers[s.index]["id"]} for s in model.sites for i in s.preds]
+    neurons = [
+        {"id": neuron_id(model.model_id, s.site_id, c), "layer_id": layer_id(model.model_id, s.site_id),
+         "site": s.site_id, "layer_index": s.index, "depth": s.depth, "channel": c}
+        for s in model.sites for c in range(s.channels)
+    ]
+    classes = [{"id": class_id(model.model_id, i), "index": i, "name": name}
+               for i, name in enumerate(model.class_names)]
+    return ModelRows(meta, layers, pairs, neurons, classes)
+
+
+def image_row(im: ImageRecord, model: ModelInfo) -> dict[str, Any]:
+    params = json.loads(im.params or "{}")
+    setting = im.setting
+    props = {
+        "id": im.image_id, "model_id": im.model_id, "source": im.source, "kind": im.kind, "params": im.params,
+        "setting": setting, "label": int(im.label), "predicted": int(im.predicted),
+        "prob": float(im.probs[im.predicted]), "probs": [float(p) for p in im.probs], "png": bytes(im.png),
+        "variant_of": im.variant_of,
+    }
+    variant = None
+    if im.variant_of is not None:
+        variant = {"kind": im.kind, "params": im.params, "setting": setting,
+                   "eps": params.get("eps"), "steps": params.get("steps"),
+                   "targeted": params.get("targeted"), "target": params.get("target")}
+    return {
+        "id": im.image_id, "props": props, "predicted_class": class_id(model.model_id, im.predicted),
+        "prob": float(im.probs[im.predicted]), "logit": float(im.logits[im.predicted]),
+        "label_class": class_id(model.model_id, im.label) if 0 <= im.label < model.num_classes else None,
+        "variant_of": im.variant_of, "variant": variant,
+    }
+
+
+def neuron_keys(pw: PathwayRecord) -> np.ndarray:
+    """Neuron keys ``site * 2**32 + channel`` of a pathway, shape (n,)."""
+    return pw.neuron_site.astype(np.int64) * (1 << 32) + pw.neuron_channel.astype(np.int64)
+
+
+@lru_cache(maxsize=8)
+def _projection(model_id: str, sizes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-site offsets ``[S]`` and a random +-1 matrix ``[neurons, SIGNATURE_DIMENSIONS]`` seeded by the model id."""
+    seed = int.from_bytes(hashlib.sha256(model_id.encode()).digest()[:8], "little")
+    rng = np.random.default_rng(seed)
+    signs = rng.integers(0, 2, size=(sum(sizes), SIGNATURE_DIMENSIONS), dtype=np.int8) * 2 - 1
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64), signs.astype(np.float32)
+
+
+def signature(pw: PathwayRecord, model: ModelInfo) -> list[float] | None:
+    """The pathway's neuron set projected to ``SIGNATURE_DIMENSIONS`` (unit length; ``None`` when empty).
+
+    The cosine of two signatures estimates |A & B| / sqrt(|A| |B|) (Johnson-Lindenstrauss), which
+    ranks like Jaccard for equal sizes: good for fetching candidates, never for the final answer.
+    """
+    if len(pw.neuron_channel) == 0:
+        return None
+    offsets, signs = _projection(model.model_id, tuple(s.channels for s in model.sites))
+    v = signs[offsets[pw.neuron_site.astype(np.int64)] + pw.neuron_channel.astype(np.int64)].sum(0)
+    norm = float(np.linalg.norm(v))
+    return [float(x) for x in v / norm] if norm > 0 else None
+
+
+def pathway_row(pw: PathwayRecord, model: ModelInfo, original: PathwayRecord | None = None) -> dict[str, Any]:
+    n = len(pw.neuron_channel)
+    props = {
+        "id": pw.pathway_id, "image_id": pw.image_id, "model_id": pw.model_id, "method": pw.method,
+        "selection": pw.selection, "params": pw.params, "config": pw.config, "target": int(pw.target),
+        "logit_full": float(pw.logit_full), "logit_masked": float(pw.logit_masked),
+        "logit_ratio": float(pw.logit_ratio), "size": n,
+        "dead_fraction": float(np.mean(pw.neuron_dead)) if n else 0.0,
+        "saliency": [float(v) for v in pw.saliency.ravel()], "saliency_shape": list(pw.saliency.shape),
+        "gaps": [float(g) for g in pw.site_gap],
+        "layer_sizes": np.bincount(pw.neuron_site.astype(np.int64), minlength=len(model.sites)).tolist(),
+        "layer_mass": np.bincount(pw.neuron_site.astype(np.int64), weights=np.abs(pw.neuron_contribution),
+                                  minlength=len(model.sites)).astype(float).tolist(),
+        **{k: float(v) for k, v in pw.extra.items() if isinstance(v, int | float)},
+        **{k: v for k, v in pw.extra.items() if isinstance(v, str)},
+    }
+    sig = signature(pw, model)
+    if sig is not None:
+        props["signature"] = sig
+    if original is not None:
+        props["original_pathway"] = original.pathway_id
+        props["layer_jaccard"] = jaccard_per_layer(pw.neuron_site, pw.neuron_channel, original.neuron_site,
+                                                   original.neuron_channel, len(model.sites)).tolist()
+    return {"id": pw.pathway_id, "image_id": pw.image_id, "class_id": class_id(model.model_id, pw.target),
+            "props": props}
+
+
+def neuron_table(model: ModelInfo) -> list[list[str]]:
+    """Neuron ids by [site index][channel]."""
+    return [[neuron_id(model.model_id, s.site_id, c) for c in range(s.channels)] for s in model.sites]
+
+
+def gained(pw: PathwayRecord, original: PathwayRecord | None) -> list[bool | None]:
+    """Per neuron of a variant's pathway, whether its original's pathway lacks it (None for originals)."""
+    if original is None:
+        return [None] * len(pw.neuron_site)
+    return (~np.isin(neuron_keys(pw), neuron_keys(original))).tolist()
+
+
+def include_rows(pw: PathwayRecord, table: list[list[str]], original: PathwayRecord | None = None) -> list[list[Any]]:
+    """INCLUDES rows ``[neuron, contribution, score, rank, elements, dead, gained]`` (see :func:`gained`)."""
+    return [
+        [table[s][c], v, sc, r, e, d, g]
+        for s, c, v, sc, r, e, d, g in zip(pw.neuron_site.tolist(), pw.neuron_channel.tolist(),
+                                           pw.neuron_contribution.tolist(), pw.neuron_score.tolist(),
+                                           pw.neuron_rank.tolist(), pw.neuron_elements.tolist(),
+                                           pw.neuron_dead.tolist(), gained(pw, original), strict=True)
+    ]
+
+
+def edge_rows(pw: PathwayRecord, table: list[list[str]]) -> list[list[Any]]:
+    """FLOWS_TO rows ``[source neuron, target neuron, pathway id, weight]``."""
+    return [
+        [table[ss][sc], table[ds][dc], pw.pathway_id, w]
+        for ss, sc, ds, dc, w in zip(pw.edge_src_site.tolist(), pw.edge_src_channel.tolist(),
+                                     pw.edge_dst_site.tolist(), pw.edge_dst_channel.tolist(),
+                                     pw.edge_weight.tolist(), strict=True)
+    ]
+
+
+@dataclass
+class Group:
+    images: list[ImageRecord]
+    pathways: list[PathwayRecord]
+
+    def originals(self) -> dict[str, PathwayRecord]:
+        """Variant pathway id -> the original image's pathway of the same setting (when present)."""
+        of_image = {im.image_id: im.variant_of for im in self.images}
+        by = {(pw.image_id, pw.config): pw for pw in self.pathways}
+        out = {}
+        for pw in self.pathways:
+            source = of_image.get(pw.image_id)
+            if source is not None and (source, pw.config) in by:
+                out[pw.pathway_id] = by[(source, pw.config)]
+        return out
+
+    @property
+    def weight(self) -> int:
+        return sum(len(p.edge_weight) + len(p.neuron_channel) for p in self.pathways) + 1
+
+
+def groups(images: list[ImageRecord], pathways: list[PathwayRecord]) -> list[Group]:
+    """Originals with their variants and every pathway of those images."""
+    by_image: dict[str, list[PathwayRecord]] = defaultdict(list)
+    for pw in pathways:
+        by_image[pw.image_id].append(pw)
+    groups: dict[str, Group] = {}
+    for im in images:
+        key = im.variant_of or im.image_id
+        group = groups.setdefault(key, Group([], []))
+        group.images.append(im)
+        group.pathways.extend(by_image.get(im.image_id, []))
+    for group in groups.values():  # originals first, so VARIANT_OF finds them
+        group.images.sort(key=lambda i: i.variant_of is not None)
+    return list(groups.values())
+
+
+def exemplar_rows_of(records: list[Any]) -> ExemplarRows:
+    """``EXEMPLARS_OF_MODEL`` records as ``ExemplarRows``."""
+    def col(name: str, dtype: Any) -> np.ndarray:
+        return np.asarray([r[name] for r in records], dtype)
+
+    pos = np.asarray([r["position"] for r in records], np.int32).reshape(-1, 2)
+    return ExemplarRows(site=col("site", np.int32), channel=col("channel", np.int32), kind=col("kind", object),
+                        image_id=col("image_id", object), value=col("value", np.float32), y=pos[:, 0], x=pos[:, 1],
+                        box=np.asarray([r["box"] for r in records], np.int32).reshape(-1, 4))
+
+
+def exemplar_rows(rows: ExemplarRows, table: list[list[str]]) -> list[list[Any]]:
+    """CREATE_EXEMPLARS rows ``[neuron element id or id, image id, kind, rank, value, position, box]``."""
+    assert rows.rank is not None
+    return [[table[int(s)][int(c)], str(i), str(k), int(r), float(v), [int(y), int(x)], [int(b) for b in box]]
+            for s, c, i, k, r, v, y, x, box in zip(rows.site, rows.channel, rows.image_id, rows.kind, rows.rank,
+                                                   rows.value, rows.y, rows.x, rows.box, strict=True)]
+
+

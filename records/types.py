@@ -1,0 +1,161 @@
+"""The record types: what a run says about its model, images and pathways (no torch, no I/O)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from records.ids import config_key, variant_setting
+
+SCHEMA_VERSION = 3
+
+
+class RecordsFormatError(ValueError):
+    """Record files that are missing, corrupt or of another schema version."""
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """One activation call (module or functional), in call order.
+
+    ``shape`` is the per-image shape channels first: ``(C, H, W)`` for feature maps (also of
+    channels-last sites, whose raw output is ``[H, W, C]``), ``(C, N)`` for tokens, ``(C,)`` for
+    units. ``layout`` is how the raw output holds it (see ``extractor.sites.LAYOUTS``).
+    ``preds``: indices of the sites it reads directly (the site graph); ``depth``: the longest
+    path from a site without predecessors.
+    """
+
+    index: int
+    module_path: str
+    call_index: int
+    kind: str
+    shape: tuple[int, ...]
+    layout: str = "channels_first"
+    preds: tuple[int, ...] = ()
+    depth: int = 0
+
+    @property
+    def site_id(self) -> str:
+        return f"{self.module_path}#{self.call_index}"
+
+    @property
+    def channels(self) -> int:
+        return int(self.shape[0])
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identity and structure of the model a run was extracted from."""
+
+    model_id: str
+    arch: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    input_shape: tuple[int, ...]
+    sites: tuple[SiteInfo, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["sites"] = [asdict(s) for s in self.sites]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelInfo:
+        sites = tuple(
+            SiteInfo(s["index"], s["module_path"], s["call_index"], s["kind"], tuple(s["shape"]), s["layout"],
+                     tuple(s["preds"]), int(s["depth"]))
+            for s in data["sites"]
+        )
+        return cls(
+            model_id=data["model_id"], arch=data["arch"], num_classes=int(data["num_classes"]),
+            class_names=tuple(data["class_names"]), input_shape=tuple(data["input_shape"]), sites=sites,
+        )
+
+    def class_name(self, index: int) -> str:
+        return self.class_names[index] if 0 <= index < len(self.class_names) else str(index)
+
+
+@dataclass
+class ImageRecord:
+    """One image (an original or a variant of one) and the model's answer on it.
+
+    ``probs`` and ``logits`` have shape ``[num_classes]``; ``png`` is the image as shown.
+    """
+
+    image_id: str
+    model_id: str
+    source: str
+    label: int  # -1 when unknown
+    variant_of: str | None
+    kind: str  # "original", "fgsm", "pgd", "occlude", "shift", "deform"
+    params: str  # canonical JSON of the variant's parameters
+    predicted: int
+    probs: np.ndarray
+    logits: np.ndarray
+    png: bytes
+    setting: str = ""  # the variant's sweep setting (records.ids.variant_setting); "" for originals
+
+    def __post_init__(self) -> None:
+        if not self.setting:
+            self.setting = variant_setting(self.kind, self.params)
+
+
+@dataclass
+class PathwayRecord:
+    """A critical pathway of one image at channel granularity.
+
+    Neuron arrays have shape ``[N]``; edge arrays ``[E]`` (from a predecessor site in the site
+    graph to a site); ``site_gap`` ``[S]`` holds, per site, the largest completeness gap
+    ``|sum over all predecessor channels w(i->j) - C_j|`` over the site's target channels ``j``
+    (NaN for a site without predecessors, and for pixel pathways); ``saliency`` ``[H, W]`` is
+    the Pathway Gradient map.
+    """
+
+    pathway_id: str
+    image_id: str
+    model_id: str
+    method: str  # "mct" | "intgrad" | ...
+    selection: str  # "topk" | "percentile"
+    params: str  # canonical JSON
+    target: int
+    logit_full: float
+    logit_masked: float
+    neuron_site: np.ndarray
+    neuron_channel: np.ndarray
+    neuron_contribution: np.ndarray
+    neuron_score: np.ndarray
+    neuron_rank: np.ndarray
+    neuron_elements: np.ndarray
+    neuron_dead: np.ndarray
+    edge_src_site: np.ndarray
+    edge_src_channel: np.ndarray
+    edge_dst_site: np.ndarray
+    edge_dst_channel: np.ndarray
+    edge_weight: np.ndarray
+    site_gap: np.ndarray
+    saliency: np.ndarray
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> str:
+        return config_key(self.method, self.selection, self.params)
+
+    @property
+    def logit_ratio(self) -> float:
+        return float(self.logit_masked / self.logit_full) if self.logit_full != 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a run folder holds: schema version, the model and the extraction settings."""
+
+    schema_version: int
+    model: ModelInfo
+    settings: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema_version": self.schema_version, "model": self.model.to_json(), "settings": self.settings}
+
+

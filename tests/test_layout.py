@@ -1,0 +1,60 @@
+"""The house rules that a file list can check: the import map, Cypher's one home, shared constants."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from graphstore import queries as Q
+from graphstore.rows import SIGNATURE_DIMENSIONS
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("records", "extractor", "graphstore", "ui")
+NEVER = {"records": {"torch", "neo4j", "streamlit", "extractor", "graphstore", "ui"},
+         "extractor": {"neo4j", "streamlit", "graphstore", "ui"},
+         "graphstore": {"torch", "torchvision", "streamlit", "extractor", "ui"},
+         "ui": {"torch", "extractor", "records"}}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_data_flows_one_way() -> None:
+    for package in PACKAGES:
+        files = sorted((ROOT / package).rglob("*.py"))
+        assert files
+        for f in files:
+            bad = _imports(f) & NEVER[package]
+            assert not bad, f"{f.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_no_cypher_outside_the_queries_module() -> None:
+    cypher = re.compile(r"\b(MATCH|MERGE|CREATE|UNWIND)\s*\(|\bRETURN\s+\w+\s+AS\b")
+    for package in (*PACKAGES, "pathx"):
+        for f in (ROOT / package).rglob("*.py"):
+            if f.name == "queries.py" and f.parent.name == "graphstore":
+                continue
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                    assert not cypher.search(node.value), f"Cypher in {f.relative_to(ROOT)}: {node.value[:60]!r}"
+
+
+def test_the_vector_index_has_the_signature_dimensions() -> None:
+    index = next(q for q in Q.SCHEMA if "VECTOR INDEX" in q)
+    assert f"`vector.dimensions`: {SIGNATURE_DIMENSIONS}," in index
+
+
+def test_every_query_name_is_defined_once() -> None:
+    tree = ast.parse((ROOT / "graphstore" / "queries.py").read_text())
+    names = [t.id for node in tree.body if isinstance(node, ast.Assign | ast.AnnAssign)
+             for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)]
+    assert len(names) > 50 and len(names) == len(set(names)), [n for n in names if names.count(n) > 1]
