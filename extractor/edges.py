@@ -12,9 +12,10 @@ The completeness gap of site ``j`` is ``|sum over all predecessor channels w(i -
 ReLU networks, with branches, concatenations and dense blocks; it measures biases and inputs
 that come from no site (the image) otherwise.
 
-Routes: a segment whose only channel-mixing layer is one conv/linear gets its weights from
-that layer (:mod:`extractor.mixing`, the fast path); every other predecessor of ``j`` shares
-one batched vector-Jacobian product (``is_grads_batched``) for all targets of all images.
+Routes: when every predecessor's segment into ``j`` has a shape :mod:`extractor.mixing` reads
+off its mixing layer(s) (the fast path), each pair's weights come from there; otherwise all
+predecessors of ``j`` share one batched vector-Jacobian product (``is_grads_batched``) for all
+targets of all images (a fast pair beside a slow one would only add cost).
 """
 
 from __future__ import annotations
@@ -136,13 +137,14 @@ def compute_edges(
         top = score.topk(M, dim=1)
         targets = torch.where(top.values >= 0, top.indices, torch.full_like(top.indices, -1))
         W: dict[int, torch.Tensor] = {}
-        slow = []
-        for i in preds:
-            mix = find_mixing(cut.sources[i], a_dst, sources) if fast else None
-            if mix is None:
-                slow.append(i)
-            else:
-                W[i] = mixing_edge_weights(mix, cut.sources[i], a_dst, contrib.grads[j], targets)  # [B, M, Ci]
+        mixes = {i: find_mixing(cut.sources[i], a_dst, sources) for i in preds} if fast else {}
+        # one batched VJP serves every predecessor at once: the fast path pays only when it serves them all
+        slow = [i for i in preds if mixes.get(i) is None]
+        if slow:
+            slow = list(preds)
+        else:
+            for i in preds:
+                W[i] = mixing_edge_weights(mixes[i], cut.sources[i], a_dst, contrib.grads[j], targets)  # [B, M, Ci]
         if slow:
             for i, w in zip(slow, edge_weights_vjp([cut.sources[i] for i in slow], a_dst, contrib.grads[j], targets),
                             strict=True):
@@ -176,7 +178,13 @@ def compute_edges(
 
 
 def segment_routes(sites: Sequence[SiteInfo], cut: SiteRecorder) -> dict[tuple[int, int], bool]:
-    """For every edge of the site graph ``(i, j)``, whether it takes the fast path (one mixing layer)."""
+    """For every edge of the site graph ``(i, j)``, whether :func:`compute_edges` reads it off the
+    mixing layer(s) (the fast path): only when every predecessor of ``j`` can be (else one
+    batched VJP serves them all)."""
     sources = list(cut.sources.values())
-    return {(i, s.index): find_mixing(cut.sources[i], cut.acts[s.index], sources) is not None
-            for s in sites for i in s.preds if i in cut.sources and s.index in cut.acts}
+    out: dict[tuple[int, int], bool] = {}
+    for s in sites:
+        preds = [i for i in s.preds if i in cut.sources and s.index in cut.acts]
+        ok = all(find_mixing(cut.sources[i], cut.acts[s.index], sources) is not None for i in preds)
+        out.update({(i, s.index): ok for i in preds})
+    return out
