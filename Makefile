@@ -33,7 +33,7 @@ demo: install neo4j
 	$(BIN)/pathx demo
 
 lint: install
-	$(BIN)/ruff check extractor graphstore ui pathx tests bench
+	$(BIN)/ruff check records extractor graphstore ui pathx tests bench
 
 test: install chromium neo4j lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
