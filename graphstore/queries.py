@@ -1,7 +1,8 @@
 """Every Cypher statement of Pathway Explorer, named and parameterised.
 
 No value is ever formatted into these strings: everything a user or a record supplies
-arrives as a ``$parameter``. ``graphstore.api`` runs them and types the results.
+arrives as a ``$parameter``. ``graphstore.api`` runs them and types the results. (Longer than
+400 lines on purpose: the architecture keeps every Cypher string in this one module.)
 
 Schema (README holds the picture)::
 
