@@ -137,12 +137,16 @@ def compute_edges(
         top = score.topk(M, dim=1)
         targets = torch.where(top.values >= 0, top.indices, torch.full_like(top.indices, -1))
         W: dict[int, torch.Tensor] = {}
-        mixes = {i: find_mixing(cut.sources[i], a_dst, sources) for i in preds} if fast else {}
-        # one batched VJP serves every predecessor at once: the fast path pays only when it serves them all
-        slow = [i for i in preds if mixes.get(i) is None]
-        if slow:
-            slow = list(preds)
-        else:
+        # one batched VJP serves every predecessor at once: the fast path pays only when it serves them all,
+        # so the segments are checked until the first one it cannot read
+        mixes = {}
+        for i in preds if fast else ():
+            mix = find_mixing(cut.sources[i], a_dst, sources)
+            if mix is None:
+                break
+            mixes[i] = mix
+        slow = [] if len(mixes) == len(preds) and fast else list(preds)
+        if not slow:
             for i in preds:
                 W[i] = mixing_edge_weights(mixes[i], cut.sources[i], a_dst, contrib.grads[j], targets)  # [B, M, Ci]
         if slow:
