@@ -55,6 +55,7 @@ from graphstore.results import (
     to_frame,
 )
 from graphstore.rows import EDGE_SUPPORT_FLOOR
+from graphstore.schema import StoredSchema
 from records import jaccard, layer_overlaps, parse_class_id, parse_neuron_id, variant_setting
 
 EXACT_SIMILAR_LIMIT = 200  # similar_images scans exactly up to this many pathways of a setting
@@ -127,6 +128,24 @@ class Store:
         return rows[0]
 
     # -- inventory -------------------------------------------------------------------------
+    def stored_schema(self) -> StoredSchema:
+        """Labels, relationship types, properties with their types, and indexes, as the store reports them
+        (compare with ``graphstore.schema.stored_form()``; token lookup indexes left out)."""
+        nodes: dict[str, dict[str, str]] = defaultdict(dict)
+        rels: dict[str, dict[str, str]] = defaultdict(dict)
+        for r in self._run(Q.STORED_NODE_PROPERTIES):
+            for label in r["labels"]:
+                if r["property"] is not None:
+                    nodes[label][r["property"]] = "|".join(r["types"])
+        for r in self._run(Q.STORED_RELATIONSHIP_PROPERTIES):
+            props = rels[r["type"].lstrip(":").strip("`")]
+            if r["property"] is not None:
+                props[r["property"]] = "|".join(r["types"])
+        indexes = {r["name"]: ("unique" if r["constraint"] else r["type"].lower(), r["target"][0],
+                               tuple(r["properties"]))
+                   for r in self._run(Q.STORED_INDEXES) if r["type"] != "LOOKUP"}
+        return StoredSchema(dict(nodes), dict(rels), indexes)
+
     def summary(self) -> Summary:
         return Summary(**self._run(Q.STORE_SUMMARY)[0])
 

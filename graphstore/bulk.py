@@ -18,7 +18,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from graphstore.errors import RecordsError, ServerError
+from graphstore import schema
+from graphstore.errors import GraphStoreError, RecordsError, ServerError
 from graphstore.loader import ensure_schema, refresh_aggregates
 from graphstore.rows import exemplar_rows, gained, groups, image_row, model_rows, neuron_table, pathway_row
 from graphstore.server import ADMIN_ENTRY_POINT, ServerConfig, java_executable, read_pid, start, stop
@@ -66,24 +67,6 @@ class BulkSummary:
         return self.relationships / self.import_seconds if self.import_seconds else 0.0
 
 
-def _type(value: Any) -> str | None:
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "long"
-    if isinstance(value, float):
-        return "double"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, bytes | bytearray):
-        return "byte[]"
-    if isinstance(value, list | tuple) and value:
-        inner = _type(value[0])
-        if inner is not None and not inner.endswith("[]"):
-            return "double[]" if inner == "long" and any(isinstance(v, float) for v in value) else inner + "[]"
-    return None
-
-
 def _cell(value: Any) -> str:
     if value is None:
         return ""
@@ -104,15 +87,20 @@ def _cell(value: Any) -> str:
 class _Table:
     """One CSV file with a typed header, for nodes of a label or relationships of a type."""
 
-    def __init__(self, path: Path, fixed: list[str], props: dict[str, str]) -> None:
+    def __init__(self, path: Path, fixed: list[str], props: dict[str, str], strict: bool = False) -> None:
         self.path = path
         self.props = list(props)
+        self.strict = strict  # every property of a row must have a column (rows carry more keys otherwise)
         self.fh = open(path, "w", newline="", encoding="utf-8")
         self.writer = csv.writer(self.fh, quoting=csv.QUOTE_MINIMAL)
         self.writer.writerow(fixed + [f"{k}:{t}" for k, t in props.items()])
         self.rows = 0
 
     def write(self, fixed: list[str], props: dict[str, Any]) -> None:
+        if self.strict and not props.keys() <= {"id", *self.props}:
+            unknown = sorted(props.keys() - {"id", *self.props})
+            raise GraphStoreError(f"{self.path.name}: properties {unknown} are not in graphstore.schema; "
+                                  "add them there")
         self.writer.writerow(fixed + [_cell(props.get(k)) for k in self.props])
         self.rows += 1
 
@@ -166,18 +154,6 @@ def _relationship_columns(pws: list[PathwayRecord], originals: dict[str, Pathway
     return includes, flows
 
 
-def _schema(rows: Iterable[dict[str, Any]], skip: tuple[str, ...] = ("id",)) -> dict[str, str]:
-    types: dict[str, str] = {}
-    for row in rows:
-        for k, v in row.items():
-            t = _type(v)
-            if k in skip or t is None:
-                continue
-            if (types.get(k) == "long[]" and t == "double[]") or k not in types:
-                types[k] = t
-    return types
-
-
 def _records(run_dirs: list[Path]) -> Iterator[tuple[ModelInfo, Any]]:
     for run in run_dirs:
         try:
@@ -188,25 +164,6 @@ def _records(run_dirs: list[Path]) -> Iterator[tuple[ModelInfo, Any]]:
             raise RecordsError(str(exc)) from exc
 
 
-def _image_and_pathway_schema(run_dirs: list[Path]) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
-    """First pass: the property names and types of images, variant links and pathways."""
-    images: dict[str, str] = {}
-    variants: dict[str, str] = {}
-    pathways: dict[str, str] = {}
-    for model, part in _records(run_dirs):
-        for group in groups(part.images, part.pathways):
-            rows = [image_row(im, model) for im in group.images]
-            images.update({k: v for k, v in _schema(r["props"] for r in rows).items() if k not in images})
-            variants.update({k: v for k, v in _schema(r["variant"] for r in rows if r["variant"]).items()
-                             if k not in variants})
-            originals = group.originals()
-            for k, v in _schema(pathway_row(pw, model, originals.get(pw.pathway_id))["props"]
-                                for pw in group.pathways).items():
-                if k not in pathways or (pathways[k] == "long[]" and v == "double[]"):
-                    pathways[k] = v
-    return images, variants, pathways
-
-
 def write_csv(run_dirs: list[Path], out: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]], int, int]:
     """Write node and relationship CSV files for ``run_dirs`` (deduplicated by id).
 
@@ -214,41 +171,27 @@ def write_csv(run_dirs: list[Path], out: Path) -> tuple[list[tuple[str, Path]], 
     list ``(label or type, file)`` for the importer.
     """
     out.mkdir(parents=True, exist_ok=True)
-    image_types, variant_types, pathway_types = _image_and_pathway_schema(run_dirs)
-    n = {
-        "Model": _Table(out / "models.csv", ["id:ID(Model)"], {"arch": "string", "num_classes": "long",
-                                                                  "input_shape": "long[]"}),
-        "Layer": _Table(out / "layers.csv", ["id:ID(Layer)"], {
-            "model_id": "string", "site": "string", "module_path": "string", "call_index": "long",
-            "kind": "string", "index": "long", "channels": "long", "shape": "long[]", "layout": "string",
-            "depth": "long"}),
-        "Neuron": _Table(out / "neurons.csv", ["id:ID(Neuron)"], {
-            "layer_id": "string", "model_id": "string", "site": "string", "layer_index": "long",
-            "depth": "long", "channel": "long"}),
-        "Class": _Table(out / "classes.csv", ["id:ID(Class)"], {"model_id": "string", "index": "long",
-                                                                 "name": "string"}),
-        "Image": _Table(out / "images.csv", ["id:ID(Image)"], image_types),
-        "Pathway": _Table(out / "pathways.csv", ["id:ID(Pathway)"], pathway_types),
-    }
+    def node(label: str, file: str, strict: bool = False) -> _Table:
+        return _Table(out / file, [f"id:ID({label})"], schema.node(label).types(), strict)
 
-    def rel(name: str, start: str, end: str, props: dict[str, str] | None = None) -> _Table:
-        return _Table(out / f"rel-{name.lower()}.csv", [f":START_ID({start})", f":END_ID({end})"], props or {})
+    n = {"Model": node("Model", "models.csv"), "Layer": node("Layer", "layers.csv"),
+         "Neuron": node("Neuron", "neurons.csv"), "Class": node("Class", "classes.csv"),
+         "Image": node("Image", "images.csv", strict=True), "Pathway": node("Pathway", "pathways.csv", strict=True)}
 
-    r = {
-        "HAS_LAYER": rel("HAS_LAYER", "Model", "Layer"), "FEEDS": rel("FEEDS", "Layer", "Layer"),
-        "HAS_NEURON": rel("HAS_NEURON", "Layer", "Neuron"), "HAS_CLASS": rel("HAS_CLASS", "Model", "Class"),
-        "PREDICTED_AS": rel("PREDICTED_AS", "Image", "Class", {"prob": "double", "logit": "double"}),
-        "LABELED_AS": rel("LABELED_AS", "Image", "Class"),
-        "VARIANT_OF": rel("VARIANT_OF", "Image", "Image", variant_types),
-        "FOR_IMAGE": rel("FOR_IMAGE", "Pathway", "Image"), "EXPLAINS": rel("EXPLAINS", "Pathway", "Class"),
-    }
-    includes = _ArrowTable(out / "rel-includes.csv", [":START_ID(Pathway)", ":END_ID(Neuron)", "contribution:double",
-                                                      "score:double", "rank:long", "elements:long", "dead:boolean",
-                                                      "gained:boolean"])
-    flows = _ArrowTable(out / "rel-flows_to.csv", [":START_ID(Neuron)", ":END_ID(Neuron)", "pathway:string",
-                                                   "weight:double"])
-    exemplars = rel("EXEMPLAR", "Neuron", "Image", {"kind": "string", "rank": "long", "value": "double",
-                                                    "position": "long[]", "box": "long[]"})
+    def rel(name: str) -> _Table:
+        spec = schema.relationship(name)
+        return _Table(out / f"rel-{name.lower()}.csv", [f":START_ID({spec.start})", f":END_ID({spec.end})"],
+                      spec.types())
+
+    r = {name: rel(name) for name in ("HAS_LAYER", "FEEDS", "HAS_NEURON", "HAS_CLASS", "PREDICTED_AS",
+                                      "LABELED_AS", "VARIANT_OF", "FOR_IMAGE", "EXPLAINS")}
+
+    def columns(name: str) -> _ArrowTable:
+        spec = schema.relationship(name)
+        return _ArrowTable(out / f"rel-{name.lower()}.csv", [f":START_ID({spec.start})", f":END_ID({spec.end})",
+                                                             *(f"{k}:{t}" for k, t in spec.types().items())])
+
+    includes, flows, exemplars = columns("INCLUDES"), columns("FLOWS_TO"), rel("EXEMPLAR")
     models: set[str] = set()
     images: set[str] = set()
     pathways: set[str] = set()

@@ -4,21 +4,8 @@ No value is ever formatted into these strings: everything a user or a record sup
 arrives as a ``$parameter``. ``graphstore.api`` runs them and types the results. (Longer than
 400 lines on purpose: the architecture keeps every Cypher string in this one module.)
 
-Schema (README holds the picture)::
-
-    (:Model)-[:HAS_LAYER]->(:Layer)-[:HAS_NEURON]->(:Neuron)     (:Layer)-[:FEEDS]->(:Layer)  (the site graph)
-    (:Model)-[:HAS_CLASS]->(:Class)
-    (:Image)-[:LABELED_AS]->(:Class)   (:Image)-[:PREDICTED_AS {prob, logit}]->(:Class)
-    (:Image)-[:VARIANT_OF {kind, params, eps, steps, targeted, target}]->(:Image)
-    (:Pathway)-[:FOR_IMAGE]->(:Image)  (:Pathway)-[:EXPLAINS]->(:Class)
-    (:Pathway)-[:INCLUDES {contribution, rank, elements, dead}]->(:Neuron)
-    (:Neuron)-[:FLOWS_TO {pathway, weight}]->(:Neuron)
-    (:Class)-[:USES {config, support, mean_contribution, pathways}]->(:Neuron)   (aggregates)
-    (:Neuron)-[:CLASS_FLOW {class_id, model_id, config, support, mean_weight, pathways}]->(:Neuron)  (aggregates)
-    (:VariantStat {model_id, config, kind, setting, label, pairs, changed, jaccard_sum})
-        -[:GAINED {count}]->(:Neuron)                                             (aggregates)
-    (:CountStat {model_id, config, kind, setting, pathways, totals, mass, nonzero})  (aggregates)
-    (:Neuron)-[:EXEMPLAR {kind, rank, value, position, box}]->(:Image)           (top-N images per neuron)
+The schema (labels, properties, keys, indexes) is described once, in ``graphstore.schema``; ``SCHEMA``
+below is made from it.
 
 A variant's pathway carries ``layer_jaccard`` (per site, against its original's pathway of the
 same setting) and its ``INCLUDES`` carry ``gained`` (the original's pathway lacks the neuron);
@@ -28,31 +15,25 @@ kind and sweep setting, so adversarial and variant questions read a few hundred 
 
 from __future__ import annotations
 
+from graphstore.schema import INDEXES, Index
+
 # --- schema -------------------------------------------------------------------------------
 
-SCHEMA: tuple[str, ...] = (
-    "CREATE CONSTRAINT model_id IF NOT EXISTS FOR (n:Model) REQUIRE n.id IS UNIQUE",
-    "CREATE CONSTRAINT layer_id IF NOT EXISTS FOR (n:Layer) REQUIRE n.id IS UNIQUE",
-    "CREATE CONSTRAINT neuron_id IF NOT EXISTS FOR (n:Neuron) REQUIRE n.id IS UNIQUE",
-    "CREATE CONSTRAINT class_id IF NOT EXISTS FOR (n:Class) REQUIRE n.id IS UNIQUE",
-    "CREATE CONSTRAINT image_id IF NOT EXISTS FOR (n:Image) REQUIRE n.id IS UNIQUE",
-    "CREATE CONSTRAINT pathway_id IF NOT EXISTS FOR (n:Pathway) REQUIRE n.id IS UNIQUE",
-    "CREATE INDEX pathway_config IF NOT EXISTS FOR (n:Pathway) ON (n.config)",
-    "CREATE INDEX pathway_image IF NOT EXISTS FOR (n:Pathway) ON (n.image_id)",
-    "CREATE INDEX image_kind IF NOT EXISTS FOR (n:Image) ON (n.kind)",
-    "CREATE INDEX image_model IF NOT EXISTS FOR (n:Image) ON (n.model_id)",
-    "CREATE INDEX neuron_layer IF NOT EXISTS FOR (n:Neuron) ON (n.layer_id)",
-    "CREATE INDEX flows_pathway IF NOT EXISTS FOR ()-[r:FLOWS_TO]-() ON (r.pathway)",
-    "CREATE INDEX uses_config IF NOT EXISTS FOR ()-[r:USES]-() ON (r.config)",
-    "CREATE INDEX class_flow IF NOT EXISTS FOR ()-[r:CLASS_FLOW]-() ON (r.class_id, r.config)",
-    "CREATE INDEX class_flow_model IF NOT EXISTS FOR ()-[r:CLASS_FLOW]-() ON (r.model_id, r.config)",
-    "CREATE INDEX count_stat IF NOT EXISTS FOR (n:CountStat) ON (n.config)",
-    "CREATE INDEX variant_stat IF NOT EXISTS FOR (n:VariantStat) ON (n.model_id, n.config)",
-    "CREATE INDEX pathway_model IF NOT EXISTS FOR (n:Pathway) ON (n.model_id)",
-    # approximate nearest pathways by neuron set (see graphstore.rows.SIGNATURE_DIMENSIONS)
-    "CREATE VECTOR INDEX pathway_signature IF NOT EXISTS FOR (n:Pathway) ON (n.signature) "
-    "OPTIONS {indexConfig: {`vector.dimensions`: 128, `vector.similarity_function`: 'cosine'}}",
-)
+def _schema_statement(ix: Index) -> str:
+    """The statement creating one key or index of ``graphstore.schema.INDEXES`` (its names, labels and
+    numbers are the schema module's constants, never a user's value)."""
+    v = "r" if ix.relationship else "n"
+    pattern = f"()-[r:{ix.target}]-()" if ix.relationship else f"(n:{ix.target})"
+    props = ", ".join(f"{v}.{p}" for p in ix.props)
+    if ix.kind == "unique":
+        return f"CREATE CONSTRAINT {ix.name} IF NOT EXISTS FOR {pattern} REQUIRE {props} IS UNIQUE"
+    if ix.kind == "vector":
+        return (f"CREATE VECTOR INDEX {ix.name} IF NOT EXISTS FOR {pattern} ON ({props}) OPTIONS {{indexConfig: "
+                f"{{`vector.dimensions`: {ix.dimensions}, `vector.similarity_function`: '{ix.similarity}'}}}}")
+    return f"CREATE INDEX {ix.name} IF NOT EXISTS FOR {pattern} ON ({props})"
+
+
+SCHEMA: tuple[str, ...] = tuple(_schema_statement(ix) for ix in INDEXES)
 AWAIT_INDEXES = "CALL db.awaitIndexes(1800)"
 
 # --- loading ------------------------------------------------------------------------------
@@ -633,3 +614,20 @@ MATCH (p:Pathway)-[:FOR_IMAGE]->(i:Image)
 RETURN i.kind AS kind, p.config AS config, avg(p.size) AS mean_size, avg(p.logit_ratio) AS mean_logit_ratio
 ORDER BY kind, config""",
 }
+
+# --- the schema a store holds (checked against graphstore.schema) ---------------------------------
+
+STORED_NODE_PROPERTIES = """
+CALL db.schema.nodeTypeProperties() YIELD nodeLabels, propertyName, propertyTypes
+RETURN nodeLabels AS labels, propertyName AS property, propertyTypes AS types
+"""
+
+STORED_RELATIONSHIP_PROPERTIES = """
+CALL db.schema.relTypeProperties() YIELD relType, propertyName, propertyTypes
+RETURN relType AS type, propertyName AS property, propertyTypes AS types
+"""
+
+STORED_INDEXES = """
+SHOW INDEXES YIELD name, type, labelsOrTypes, properties, owningConstraint
+RETURN name, type, labelsOrTypes AS target, properties, owningConstraint AS constraint
+"""

@@ -40,3 +40,16 @@ def test_readme_python_example_runs(empty_store: object, neo4j_server: object, t
         rows = s.run("MATCH (i:Image {kind: 'original'})-[:LABELED_AS]->(c:Class) RETURN c.name AS n, c.index AS k "
                      "ORDER BY k").data()
         assert rows == [{"n": "palace", "k": 698}, {"n": "daisy", "k": 985}]  # folder names = class names
+
+
+def test_readme_schema_block_is_the_schema_in_code() -> None:
+    """README's schema block is ``graphstore.schema.schema_text()`` (regenerate it with
+    ``python -m graphstore.schema``)."""
+    from graphstore.schema import schema_text
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("\n## Graph schema\n"):]
+    match = re.search(r"```\n(.*?)```", section, re.S)
+    assert match, "README's schema section has no block"
+    assert match.group(1) == schema_text()
+    assert "(:Neuron)-[:CLASS_FLOW" in match.group(1) and "VariantStat" in match.group(1)

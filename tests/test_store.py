@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from graphstore import schema
 from graphstore.api import Store
 from graphstore.errors import NotFound
 from graphstore.loader import load_run
@@ -60,6 +61,16 @@ def test_counts_equal_records_and_reload_changes_nothing(store: Store, ref: Ref,
     summary = load_run(store.driver, fixture_run, progress=False)
     assert summary.pathways_new == 0 and summary.includes == 0 and summary.edges == 0
     assert store.counts() == (nodes, rels)
+
+
+def test_the_store_holds_exactly_the_schema_described_in_code(store: Store) -> None:
+    """Every label, relationship type, property (with its type) and index the loader writes is in
+    ``graphstore.schema``, and the fixture run (every method and variant kind) writes all of them."""
+    got, want = store.stored_schema(), schema.stored_form()
+    assert len(want.nodes) == 8 and len(want.relationships) == 15 and len(want.indexes) == 19
+    assert got.nodes == want.nodes
+    assert got.relationships == want.relationships
+    assert got.indexes == want.indexes
 
 
 def test_pathway_graph_equals_records(store: Store, ref: Ref) -> None:

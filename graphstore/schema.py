@@ -1,0 +1,231 @@
+"""The graph's schema, described once: labels, relationship types, their properties and types, keys, indexes.
+
+Everything else is made from this module or tested against it:
+
+- ``graphstore.queries.SCHEMA`` (the constraint and index statements) is built from ``INDEXES``;
+- the bulk importer's CSV headers take their property names and types from ``NODES``/``RELATIONSHIPS``;
+- README's schema block and the console's schema text are ``schema_text()`` (``python -m graphstore.schema``
+  prints it; a test compares README with it);
+- a test loads a run with every method and variant kind (through the loader and through the bulk importer)
+  and checks the store holds exactly these labels, relationship types, properties and types.
+
+Types are the bulk importer's names (``string``, ``long``, ``double``, ``boolean``, ``byte[]``,
+``long[]``, ``double[]``). No Cypher here.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from dataclasses import dataclass
+
+from graphstore.rows import EDGE_SUPPORT_FLOOR, SIGNATURE_DIMENSIONS
+
+# bulk importer's type names -> the names ``db.schema.nodeTypeProperties()`` reports
+STORED_TYPE = {"string": "String", "long": "Long", "double": "Double", "boolean": "Boolean", "byte[]": "ByteArray",
+               "long[]": "LongArray", "double[]": "DoubleArray"}
+
+
+@dataclass(frozen=True)
+class Prop:
+    """One property: ``optional`` ones are set on some nodes or relationships only (said in ``note``)."""
+
+    name: str
+    type: str
+    optional: bool = False
+
+
+def _props(text: str) -> tuple[Prop, ...]:
+    """``"id:string source:string eps?:double"`` -> props (``?``: optional)."""
+    out = []
+    for item in text.split():
+        name, type_ = item.split(":", 1)
+        out.append(Prop(name.rstrip("?"), type_, name.endswith("?")))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Node:
+    label: str
+    props: tuple[Prop, ...]
+    note: str = ""
+    aggregate: bool = False  # recomputed by the store after every load or import, not read from records
+
+    def types(self, skip: tuple[str, ...] = ("id",)) -> dict[str, str]:
+        """Property name -> type, without ``skip`` (the bulk importer's ID column)."""
+        return {p.name: p.type for p in self.props if p.name not in skip}
+
+
+@dataclass(frozen=True)
+class Rel:
+    type: str
+    start: str
+    end: str
+    props: tuple[Prop, ...] = ()
+    note: str = ""
+    aggregate: bool = False
+
+    def types(self) -> dict[str, str]:
+        return {p.name: p.type for p in self.props}
+
+
+@dataclass(frozen=True)
+class Index:
+    """A uniqueness constraint (``unique``), a range index or a vector index on a label or relationship type."""
+
+    name: str
+    kind: str  # unique | range | vector
+    target: str  # a label, or a relationship type when ``relationship``
+    props: tuple[str, ...]
+    relationship: bool = False
+    dimensions: int = 0  # vector indexes
+    similarity: str = ""
+
+
+NODES: tuple[Node, ...] = (
+    Node("Model", _props("id:string arch:string num_classes:long input_shape:long[]")),
+    Node("Layer", _props("id:string model_id:string site:string module_path:string call_index:long kind:string "
+                         "index:long channels:long shape:long[] layout:string depth:long"),
+         "one per site (module path, call index); depth: sites before it on the longest path from the input"),
+    Node("Neuron", _props("id:string model_id:string layer_id:string site:string layer_index:long depth:long "
+                          "channel:long")),
+    Node("Class", _props("id:string model_id:string index:long name:string")),
+    Node("Image", _props("id:string model_id:string source:string kind:string params:string setting:string "
+                         "label:long predicted:long prob:double probs:double[] png:byte[] variant_of?:string"),
+         "variant_of on variants"),
+    Node("Pathway", _props(
+        "id:string image_id:string model_id:string method:string selection:string params:string config:string "
+        "target:long logit_full:double logit_masked:double logit_ratio:double size:long dead_fraction:double "
+        "saliency:double[] saliency_shape:long[] gaps:double[] layer_sizes:long[] layer_mass:double[] "
+        "signature?:double[] original_pathway?:string layer_jaccard?:double[] corr_prec_overlap?:double "
+        "corr_prec_jaccard?:double pixels?:double chains?:double pixel_chains?:string"),
+         "signature on non-empty pathways; original_pathway, layer_jaccard on variants' pathways; "
+         "corr_prec_* on resampling pathways; pixels, chains, pixel_chains on pixel pathways"),
+    Node("VariantStat", _props("model_id:string config:string kind:string setting:string label:long pairs:long "
+                               "changed:long jaccard_sum:double[]"), aggregate=True),
+    Node("CountStat", _props("model_id:string config:string kind:string setting:string pathways:long "
+                             "totals:long[] mass:double[] nonzero:long[]"), aggregate=True),
+)
+
+RELATIONSHIPS: tuple[Rel, ...] = (
+    Rel("HAS_LAYER", "Model", "Layer"),
+    Rel("FEEDS", "Layer", "Layer", note="the site graph: a layer's direct predecessors"),
+    Rel("HAS_NEURON", "Layer", "Neuron"),
+    Rel("HAS_CLASS", "Model", "Class"),
+    Rel("LABELED_AS", "Image", "Class"),
+    Rel("PREDICTED_AS", "Image", "Class", _props("prob:double logit:double")),
+    Rel("VARIANT_OF", "Image", "Image", _props(
+        "kind:string params:string setting:string eps?:double steps?:long targeted?:boolean target?:long"),
+        "eps on attacks, steps on PGD"),
+    Rel("FOR_IMAGE", "Pathway", "Image"),
+    Rel("EXPLAINS", "Pathway", "Class"),
+    Rel("INCLUDES", "Pathway", "Neuron", _props(
+        "contribution:double score:double rank:long elements:long dead:boolean gained?:boolean"),
+        "gained on variants' pathways"),
+    Rel("FLOWS_TO", "Neuron", "Neuron", _props("pathway:string weight:double")),
+    Rel("EXEMPLAR", "Neuron", "Image", _props("kind:string rank:long value:double position:long[] box:long[]"),
+        "top-N original images per neuron; kind activation or contribution"),
+    Rel("USES", "Class", "Neuron", _props("config:string support:double mean_contribution:double pathways:long"),
+        aggregate=True),
+    Rel("CLASS_FLOW", "Neuron", "Neuron", _props(
+        "class_id:string model_id:string config:string support:double mean_weight:double pathways:long"),
+        f"support >= {EDGE_SUPPORT_FLOOR}", aggregate=True),
+    Rel("GAINED", "VariantStat", "Neuron", _props("count:long"), aggregate=True),
+)
+
+INDEXES: tuple[Index, ...] = (
+    *(Index(f"{label.lower()}_id", "unique", label, ("id",))
+      for label in ("Model", "Layer", "Neuron", "Class", "Image", "Pathway")),
+    Index("pathway_config", "range", "Pathway", ("config",)),
+    Index("pathway_image", "range", "Pathway", ("image_id",)),
+    Index("pathway_model", "range", "Pathway", ("model_id",)),
+    Index("image_kind", "range", "Image", ("kind",)),
+    Index("image_model", "range", "Image", ("model_id",)),
+    Index("neuron_layer", "range", "Neuron", ("layer_id",)),
+    Index("flows_pathway", "range", "FLOWS_TO", ("pathway",), relationship=True),
+    Index("uses_config", "range", "USES", ("config",), relationship=True),
+    Index("class_flow", "range", "CLASS_FLOW", ("class_id", "config"), relationship=True),
+    Index("class_flow_model", "range", "CLASS_FLOW", ("model_id", "config"), relationship=True),
+    Index("count_stat", "range", "CountStat", ("config",)),
+    Index("variant_stat", "range", "VariantStat", ("model_id", "config")),
+    # approximate nearest pathways by neuron set (graphstore.rows.signature)
+    Index("pathway_signature", "vector", "Pathway", ("signature",), dimensions=SIGNATURE_DIMENSIONS,
+          similarity="cosine"),
+)
+
+
+def node(label: str) -> Node:
+    return next(n for n in NODES if n.label == label)
+
+
+def relationship(type_: str) -> Rel:
+    return next(r for r in RELATIONSHIPS if r.type == type_)
+
+
+@dataclass(frozen=True)
+class StoredSchema:
+    """A schema in the form a store reports it: label -> property -> type (``String``, ``LongArray``, ...),
+    relationship type -> property -> type (``{}`` for none), index name -> (kind, label or type, properties)
+    with kind ``unique`` (a constraint's index), ``range`` or ``vector``."""
+
+    nodes: dict[str, dict[str, str]]
+    relationships: dict[str, dict[str, str]]
+    indexes: dict[str, tuple[str, str, tuple[str, ...]]]
+
+
+def stored_form() -> StoredSchema:
+    """What a store holding every kind of record must report (``Store.stored_schema()``)."""
+    return StoredSchema({n.label: {p.name: STORED_TYPE[p.type] for p in n.props} for n in NODES},
+                        {r.type: {p.name: STORED_TYPE[p.type] for p in r.props} for r in RELATIONSHIPS},
+                        {i.name: (i.kind, i.target, i.props) for i in INDEXES})
+
+
+def _wrap(head: str, names: list[str], tail: str, width: int = 110) -> list[str]:
+    """``head{a, b, ...}tail`` broken into lines of at most ``width`` characters."""
+    lines, line = [], head + "{"
+    indent = " " * len(line)
+    for i, name in enumerate(names):
+        piece = name + (", " if i < len(names) - 1 else "}")
+        if len(line) + len(piece.rstrip()) > width and line.strip() not in ("", head.strip() + "{"):
+            lines.append(line.rstrip())
+            line = indent
+        line += piece
+    lines.append(line + tail)
+    return lines
+
+
+def _names(props: tuple[Prop, ...]) -> list[str]:
+    return [p.name + ("?" if p.optional else "") for p in props]
+
+
+def _noted(lines: list[str], note: str) -> list[str]:
+    return [*textwrap.wrap(note, 110, initial_indent="// ", subsequent_indent="// "), *lines]
+
+
+def schema_text() -> str:
+    """The schema as a Cypher-like picture (README's block, the console's schema panel)."""
+    out = ["// nodes (? = on some nodes only)"]
+    for n in (n for n in NODES if not n.aggregate):
+        out += _noted(_wrap(f"(:{n.label} ", _names(n.props), ")"), n.note)
+    out.append("// relationships")
+    for r in (r for r in RELATIONSHIPS if not r.aggregate):
+        head = f"(:{r.start})-[:{r.type}"
+        lines = _wrap(head + " ", _names(r.props), f"]->(:{r.end})") if r.props else [f"{head}]->(:{r.end})"]
+        out += _noted(lines, r.note)
+    out.append("// aggregates, recomputed per config after every load or import")
+    for n in (n for n in NODES if n.aggregate):
+        out += _wrap(f"(:{n.label} ", _names(n.props), ")")
+    for r in (r for r in RELATIONSHIPS if r.aggregate):
+        out += _noted(_wrap(f"(:{r.start})-[:{r.type} ", _names(r.props), f"]->(:{r.end})"), r.note)
+    out.append("// keys and indexes")
+    unique = [f"{i.target}.{i.props[0]}" for i in INDEXES if i.kind == "unique"]
+    out += _wrap("unique ", unique, "")
+    ranged = [f"{i.target}({', '.join(i.props)})" for i in INDEXES if i.kind == "range"]
+    out += _wrap("range indexes ", ranged, "")
+    for i in (i for i in INDEXES if i.kind == "vector"):
+        out.append(f"vector index {i.name} on {i.target}.{i.props[0]} ({i.dimensions} dimensions, {i.similarity})")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":  # pragma: no cover - prints README's schema block
+    sys.stdout.write(schema_text())
