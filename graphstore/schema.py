@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import sys
 import textwrap
+from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 from graphstore.rows import EDGE_SUPPORT_FLOOR, SIGNATURE_DIMENSIONS
 
@@ -171,6 +173,25 @@ class StoredSchema:
     nodes: dict[str, dict[str, str]]
     relationships: dict[str, dict[str, str]]
     indexes: dict[str, tuple[str, str, tuple[str, ...]]]
+
+    @classmethod
+    def read(cls, node_rows: list[dict[str, Any]], rel_rows: list[dict[str, Any]],
+             index_rows: list[dict[str, Any]]) -> StoredSchema:
+        """From the rows of ``STORED_NODE_PROPERTIES``, ``STORED_RELATIONSHIP_PROPERTIES`` and
+        ``STORED_INDEXES`` (token lookup indexes left out)."""
+        nodes: dict[str, dict[str, str]] = defaultdict(dict)
+        rels: dict[str, dict[str, str]] = defaultdict(dict)
+        for r in node_rows:
+            for label in r["labels"]:
+                if r["property"] is not None:
+                    nodes[label][r["property"]] = "|".join(r["types"])
+        for r in rel_rows:
+            props = rels[r["type"].lstrip(":").strip("`")]
+            if r["property"] is not None:
+                props[r["property"]] = "|".join(r["types"])
+        indexes = {r["name"]: ("unique" if r["constraint"] else r["type"].lower(), r["target"][0],
+                               tuple(r["properties"])) for r in index_rows if r["type"] != "LOOKUP"}
+        return cls(dict(nodes), dict(rels), indexes)
 
 
 def stored_form() -> StoredSchema:

@@ -424,14 +424,10 @@ def export(
     pathway: Annotated[list[str], typer.Option(help="Pathway id (repeat for several).")],
 ) -> None:
     """Export pathways as one graph for Gephi or Cytoscape."""
-    with _errors():
-        store = _store()
-        try:
-            g = store.export_pathways(pathway, out)
-        except ValueError as exc:
-            _fail(str(exc))
-        finally:
-            store.driver.close()
+    from graphstore.export import export_pathways
+
+    with _errors(), _store() as store:
+        g = export_pathways(store, pathway, out)
         typer.echo(f"wrote {out}: {g.number_of_nodes()} neurons, {g.number_of_edges()} edges")
 
 

@@ -21,7 +21,8 @@ from torch import nn
 
 from graphstore import schema
 from graphstore.api import Store
-from graphstore.errors import NotFound
+from graphstore.errors import GraphStoreError, NotFound
+from graphstore.export import export_pathways
 from graphstore.loader import load_run
 from graphstore.server import USER, read_password
 from records import pathway_to_networkx
@@ -247,14 +248,25 @@ def test_export_graphml_and_gexf(store: Store, ref: Ref, tmp_path: Path) -> None
     pws = ref.pathways[:3]
     want = nx.compose_all([pathway_to_networkx(p, ref.manifest.model) for p in pws])  # from the records
     assert want.number_of_edges() > 0
-    store.export_pathways([p.pathway_id for p in pws], tmp_path / "p.graphml")
-    store.export_pathways([p.pathway_id for p in pws], tmp_path / "p.gexf")
+    export_pathways(store, [p.pathway_id for p in pws], tmp_path / "p.graphml")
+    export_pathways(store, [p.pathway_id for p in pws], tmp_path / "p.gexf")
+    with pytest.raises(GraphStoreError, match=r"use \.graphml or \.gexf"):
+        export_pathways(store, [pws[0].pathway_id], tmp_path / "p.csv")
+    assert not (tmp_path / "p.csv").exists()
     for back in (nx.read_graphml(tmp_path / "p.graphml"), nx.read_gexf(tmp_path / "p.gexf")):
         assert set(back.nodes) == set(want.nodes)
         assert set(back.edges) == set(want.edges)
     back = nx.read_graphml(tmp_path / "p.graphml")
     for n, data in want.nodes(data=True):  # each neuron's channel and site as the records say
         assert int(back.nodes[n]["channel"]) == data["channel"] and back.nodes[n]["site"] == data["site"]
+    one = pathway_to_networkx(pws[0], ref.manifest.model)
+    assert one.number_of_edges() > 0
+    export_pathways(store, [pws[0].pathway_id], tmp_path / "one.gexf")
+    back = nx.read_gexf(tmp_path / "one.gexf")
+    assert set(back.edges) == set(one.edges)
+    for u, v, data in one.edges(data=True):  # weights and the pathway of each edge, as recorded
+        assert float(back.edges[u, v]["weight"]) == pytest.approx(data["weight"], rel=1e-6)
+        assert back.edges[u, v]["pathway"] == pws[0].pathway_id
 
 
 def _env(neo4j_server: object) -> dict[str, str]:
