@@ -61,7 +61,7 @@ def first_paint(env: dict[str, str], repeats: int = 3) -> dict[str, dict[str, fl
     """Per UI page: seconds from navigation to its title (first paint) and to its main figure."""
     from playwright.sync_api import sync_playwright
 
-    from pathx.cli import UI_PAGES, running_ui
+    from ui.serve import PAGES, running_ui
 
     out: dict[str, dict[str, float]] = {}
     with running_ui(env) as url:
@@ -69,7 +69,7 @@ def first_paint(env: dict[str, str], repeats: int = 3) -> dict[str, dict[str, fl
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
                                         args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
             try:
-                for path, title, drawn in UI_PAGES:
+                for path, title, drawn in ((pg.path, pg.title, pg.figure) for pg in PAGES):
                     paints, figures = [], []
                     for _ in range(repeats + 1):  # the first visit warms Streamlit's caches; not counted
                         page = browser.new_page(viewport={"width": 1400, "height": 2200})

@@ -19,7 +19,7 @@ from extractor.edges import compute_edges, segment_routes
 from extractor.models import ModelBundle
 from extractor.selection import select
 from extractor.settings import PathwaySettings
-from extractor.sites import cut_forward
+from extractor.sitegraph import cut_forward
 
 
 def _sync() -> None:

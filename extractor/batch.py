@@ -12,7 +12,7 @@ from extractor.models import ModelBundle
 from extractor.pathway_gradient import pathway_gradient, saliency_map
 from extractor.selection import Selection
 from extractor.settings import PathwaySettings
-from extractor.sites import cut_forward
+from extractor.sitegraph import cut_forward
 
 
 @dataclass

@@ -7,15 +7,22 @@ mct,pixel --top-k 8`` and ``pathx.extract(methods=("mct", "pixel"), top_k=8)`` a
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from extractor.errors import ExtractionError
 from extractor.models import ModelBundle, ModelOptions
 from extractor.settings import RESAMPLING_METHODS, PathwaySettings
 from extractor.variants import KINDS
 from records import Shard
+
+if TYPE_CHECKING:
+    from extractor.pipeline import ExtractSummary
+
+log = logging.getLogger(__name__)
 
 
 def parse_variant_kinds(text: str) -> dict[str, tuple[str, ...]]:
@@ -62,6 +69,33 @@ def build_settings(
     if not out:
         raise ExtractionError("no method given; choose from mct, intgrad, correlation, precision, pixel")
     return out
+
+
+def parse_floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    """``"0.485,0.456,0.406"`` -> floats (``None`` for no text); ``flag`` names the option in the error."""
+    if not text:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise ExtractionError(f"{flag} must be comma-separated numbers, e.g. 0.485,0.456,0.406") from exc
+
+
+def model_options(input_size: int | None = None, channels: int | None = None, mean: str | None = None,
+                  std: str | None = None, class_names: Path | None = None, sites: str | None = None) -> ModelOptions:
+    """``ModelOptions`` from the command line's words: ``mean``/``std`` comma-separated, ``class_names`` a
+    file (text, one per line, or JSON), ``sites`` comma-separated module paths."""
+    from extractor.inputs import read_class_names
+
+    return ModelOptions(input_size=input_size, channels=channels, mean=parse_floats(mean, "--mean"),
+                        std=parse_floats(std, "--std"),
+                        class_names=read_class_names(class_names) if class_names else None,
+                        sites=[s for s in (sites or "").split(",") if s] or None)
+
+
+def default_workers() -> int:
+    """Image-decoding processes when none is asked for: cores - 2, at most 4 (0 = in this process)."""
+    return min(4, max(0, (os.cpu_count() or 1) - 2))
 
 
 def parse_shard(text: str | None, env: Mapping[str, str] | None = None) -> Shard:
@@ -119,3 +153,31 @@ def with_class_names(bundle: ModelBundle, names: Sequence[str]) -> ModelBundle:
     if len(names) != bundle.info.num_classes:
         raise ExtractionError(f"{len(names)} class names given for a model with {bundle.info.num_classes} outputs")
     return dataclasses.replace(bundle, info=dataclasses.replace(bundle.info, class_names=tuple(names)))
+
+
+def extract_demo(out: Path, home: Path, limit: int = 200, percentile: bool = True,
+                 progress: bool = True) -> ExtractSummary:
+    """The demo's run: the digits' test split (first ``limit``) through the demo CNN, every method (top-k 8;
+    resampling methods on originals, pixel pathways also on deformed images), every variant kind, and with
+    ``percentile`` also Khakzar's own rule (MCT, global percentile p = 90). A run folder of an older records
+    format (the demo's own, generated) is extracted again."""
+    import json
+    import shutil
+
+    from extractor.demo import demo_bundle
+    from extractor.pipeline import extract_run, load_images
+    from extractor.variants import VariantSpec
+    from records import MANIFEST, SCHEMA_VERSION
+
+    manifest = out / MANIFEST
+    if manifest.exists() and json.loads(manifest.read_text()).get("schema_version") != SCHEMA_VERSION:
+        log.warning("%s holds demo records of an older format; extracting them again", out)
+        shutil.rmtree(out)
+    settings = build_settings(("mct", "intgrad", "correlation", "precision", "pixel"), top_k=8, pixel_stride=4,
+                              originals_only=("correlation", "precision"), variant_kinds={"pixel": ("deform",)})
+    if percentile:
+        settings.append(PathwaySettings("mct", "percentile", sparsity=90.0, granularity="element"))
+    bundle, _ = demo_bundle(home)
+    return extract_run(bundle, load_images("demo:test", bundle, home), settings,
+                       VariantSpec.parse("fgsm,pgd,occlude,shift,deform,affine"), out, limit=limit,
+                       progress=progress, workers=0)

@@ -114,7 +114,7 @@ def compute_edges(
 ) -> Edges:
     """Weighted edges into the kept channels of every site from its predecessors' kept channels.
 
-    ``cut`` is a cut forward of the same batch (:func:`extractor.sites.cut_forward`). For each
+    ``cut`` is a cut forward of the same batch (:func:`extractor.sitegraph.cut_forward`). For each
     site ``j``, the ``edge_targets`` kept channels of largest |contribution| are targets; each
     keeps its ``edges_per_target`` strongest incoming edges over all predecessors' kept channels.
     With ``fast`` a segment with one conv/linear as its only mixing layer is read off that layer.

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from extractor.errors import ExtractionError
-from extractor.sites import discover_sites
+from extractor.sitegraph import discover_sites
 from records import ModelInfo, SiteInfo
 
 log = logging.getLogger(__name__)

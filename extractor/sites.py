@@ -1,4 +1,4 @@
-"""Activation sites: discovery, layouts, the site graph, and the one hook manager.
+"""Activation sites: what a site is, and the one hook manager that captures, changes and cuts them.
 
 A *site* is one call of an activation, module or functional:
 
@@ -11,17 +11,8 @@ A *site* is one call of an activation, module or functional:
   ``inception3a.branch1.relu()#0``. Calls made inside an activation module are that module's
   site, never a second one.
 
-*Layouts.* Each site's channel axis is read off the autograd graph of its output: the nearest
-channel-mixing op upstream (a convolution: axis 1; a linear layer: the last axis), followed
-through permutes and transposes. Site tensors are always handed to the methods channels-first
-(``[B, C, ...]``): a channels-last site (``[B, H, W, C]``, ConvNeXt, Swin, MaxViT) or a token
-site (``[B, N, C]``, ViT) is moved to ``[B, C, H, W]`` / ``[B, C, N]`` when captured and moved
-back for the rest of the network, so channel sums, masks and edges always use the right axis.
-
-*The site graph.* A *cut* forward hands the rest of the network a fresh leaf copy of every
-site's output. Site ``j``'s output then depends on the sites it reads directly, and no further:
-its predecessors are the sites whose leaves its autograd graph reaches (the nearest sites
-upstream on every dataflow path). The same cut forward gives the edges their segments.
+*Layouts* (:mod:`extractor.layouts`): site tensors are handed to the methods channels-first and
+moved back for the network. *The site graph* and discovery: :mod:`extractor.sitegraph`.
 
 :class:`SiteHooks` serves capture, masking and scaling (``transform``), gating (pixel
 pathways), cut forwards, forwards that stop at a site, and discovery. Everything it installs
@@ -35,7 +26,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,6 +35,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from extractor.errors import ExtractionError
+from extractor.layouts import detect_layout, from_channels_first, to_channels_first
 from records import SiteInfo
 
 log = logging.getLogger(__name__)
@@ -68,10 +60,6 @@ for _name, _fns in {
     for _fn, _twin in _fns:
         _FUNCTIONS[_fn] = (_name, _twin)
 
-LAYOUTS = ("channels_first", "channels_last", "tokens", "vector")
-_LINEAR = frozenset({"AddmmBackward0", "MmBackward0", "BmmBackward0"})
-_VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
-
 # Transform applied to a site's output (channels-first) inside the forward pass: (site index, output) -> output.
 SiteTransform = Callable[[int, torch.Tensor], torch.Tensor]
 # gating: (module path, call index, module, its input as it was before an in-place op, its output) -> new output
@@ -94,59 +82,6 @@ def is_activation(module: nn.Module) -> bool:
 def is_functional_path(path: str) -> bool:
     """Whether a site path names a functional call (``...name()``), not a module."""
     return path.endswith("()")
-
-
-def to_channels_first(t: torch.Tensor, layout: str) -> torch.Tensor:
-    """A site tensor as the methods see it: ``[B, C, ...]`` (a view)."""
-    return t.movedim(-1, 1) if layout in ("channels_last", "tokens") else t
-
-
-def from_channels_first(t: torch.Tensor, layout: str) -> torch.Tensor:
-    """Inverse of :func:`to_channels_first` (a view)."""
-    return t.movedim(1, -1) if layout in ("channels_last", "tokens") else t
-
-
-def detect_layout(out: torch.Tensor) -> str:
-    """The layout of a site output ``[B, ...]``, read off its autograd graph.
-
-    Walks back from ``out`` through single-input ops, following permutes and transposes,
-    to the nearest convolution (channel axis 1) or linear layer (last axis). Without a graph
-    (frozen model) or a mixing op within reach: 4-D channels-first, 3-D tokens, 2-D vector.
-    """
-    dim = out.dim()
-    if dim == 2:
-        return "vector"
-    fallback = "tokens" if dim == 3 else "channels_first"
-    axes = list(range(dim))  # axes[k]: the axis of the current node's output that is out's axis k
-    node = out.grad_fn
-    for _ in range(64):
-        if node is None:
-            return fallback
-        name = node.name()
-        nxt = [n for n, _ in node.next_functions if n is not None]
-        if name == "ConvolutionBackward0":
-            channel = 1
-            break
-        if name in _LINEAR or (name in _VIEWS and nxt and nxt[0].name() in _LINEAR):
-            channel = dim - 1  # a linear layer acts on the last axis of its (viewed) output
-            break
-        if name in _VIEWS:
-            return fallback
-        if name == "PermuteBackward0":
-            dims = [d % dim for d in node._saved_dims]
-            axes = [dims[a] for a in axes]
-        elif name == "TransposeBackward0":
-            d0, d1 = node._saved_dim0 % dim, node._saved_dim1 % dim
-            axes = [d1 if a == d0 else d0 if a == d1 else a for a in axes]
-        node = nxt[0] if nxt else None
-    else:
-        return fallback
-    axis = axes.index(channel) if channel in axes else 1
-    if axis == 1:
-        return "channels_first"
-    if axis == dim - 1:
-        return "tokens" if dim == 3 else "channels_last"
-    return fallback
 
 
 @dataclass
@@ -394,93 +329,6 @@ class SiteHooks:
 
     def __exit__(self, *exc: object) -> None:
         self._remove()
-
-
-def predecessors(acts: dict[int, torch.Tensor], sources: dict[int, torch.Tensor]) -> dict[int, tuple[int, ...]]:
-    """Per site of a cut forward, the sites whose sources its output's autograd graph reaches."""
-    leaf_site: dict[Any, int] = {}
-    for idx, src in sources.items():
-        if src.grad_fn is not None:  # CloneBackward0 -> AccumulateGrad of the site's leaf
-            leaf_site[src.grad_fn] = idx
-    memo: dict[Any, frozenset[int]] = {}
-
-    def reach(start: Any) -> frozenset[int]:
-        stack: list[tuple[Any, bool]] = [(start, False)]
-        while stack:
-            node, expanded = stack.pop()
-            if node in memo:
-                continue
-            if node in leaf_site:
-                memo[node] = frozenset({leaf_site[node]})
-                continue
-            children = [n for n, _ in node.next_functions if n is not None]
-            if node.name() == "torch::autograd::CopyBackwards":  # an in-place copy: the overwritten value
-                children = [n for n, _ in node.next_functions[1:] if n is not None]  # gets no gradient
-            if expanded:
-                found: set[int] = set()
-                for c in children:
-                    found |= memo.get(c, frozenset())
-                memo[node] = frozenset(found)
-            else:
-                stack.append((node, True))
-                stack.extend((c, False) for c in children if c not in memo)
-        return memo[start]
-
-    return {j: (tuple(sorted(reach(a.grad_fn))) if a.grad_fn is not None else ()) for j, a in acts.items()}
-
-
-def cut_forward(model: nn.Module, sites: Sequence[SiteInfo], forward: Callable[[], Any]) -> SiteRecorder:
-    """Run ``forward()`` once with every site cut (see :class:`SiteHooks`); returns what was captured."""
-    with torch.enable_grad(), SiteHooks(model, sites, cut=True) as hooks:
-        rec = hooks.begin()
-        forward()
-    return rec
-
-
-def discover_sites(
-    model: nn.Module, example: torch.Tensor, modules: Sequence[str] | None = None
-) -> tuple[SiteInfo, ...]:
-    """Find the sites of ``model`` by running ``example`` (shape ``[1, C, H, W]``, model space) twice.
-
-    Keeps calls whose output is a feature map (4-D, channels first or last), a token sequence
-    ``[B, N, C]`` or a unit vector ``[B, C]``, one per image: the example runs as a batch of two,
-    and a call whose output does not have two rows is computed once for all images (Swin V2's
-    position-bias MLP reads a fixed coordinate table), so it is no neuron of an image and no site.
-    ``modules`` restricts the search to those module paths (any module type) and functional paths
-    (``...relu()``). The second, cut forward gives each site its predecessors and depth.
-    """
-    x = example.detach()[:1].expand(2, *example.shape[1:]).clone().requires_grad_(True)
-    with torch.enable_grad(), SiteHooks(model, None, names=modules) as hooks:
-        rec = hooks.begin()
-        model(x)
-    found = [f for f in rec.found if f[5] == 2]
-    if len(found) < len(rec.found):
-        log.info("left out %d activation calls that do not depend on the image (first: %s)",
-                 len(rec.found) - len(found), next(f[0] for f in rec.found if f[5] != 2))
-    if not found:
-        if modules:
-            raise ExtractionError("no named module or function produced a feature map, token sequence or unit "
-                                  "vector per image; name other modules")
-        raise ExtractionError("the model has no activation sites (no ReLU-like modules or functional activations); "
-                              "name modules to use with --sites")
-    sites = []
-    for i, (path, call, kind, shape, layout, _) in enumerate(found):
-        canon = shape if layout in ("channels_first", "vector") else (shape[-1], *shape[:-1])
-        sites.append(SiteInfo(i, path, call, kind, tuple(int(v) for v in canon), layout))
-    cut = cut_forward(model, sites, lambda: model(x))
-    missing = [s.site_id for s in sites if s.index not in cut.acts]
-    if missing:
-        raise ExtractionError(f"site {missing[0]} did not fire twice the same way; the model's calls depend on the "
-                              "input")
-    preds = predecessors(cut.acts, cut.sources)
-    depth: dict[int, int] = {}
-    out = []
-    for s in sites:
-        p = preds.get(s.index, ())
-        depth[s.index] = 1 + max((depth[i] for i in p), default=-1)
-        out.append(replace(s, preds=p, depth=depth[s.index]))
-    log.debug("found %d sites, depth %d", len(out), max(depth.values()))
-    return tuple(out)
 
 
 def hook_count(model: nn.Module) -> int:

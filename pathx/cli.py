@@ -1,6 +1,9 @@
 """``pathx``: a thin command line over extractor, graphstore and ui.
 
-Every failure the user can fix ends in one line on stderr and exit code 1 (2 for usage).
+Every failure the user can fix ends in one line on stderr and exit code 1 (2 for usage). Each command
+parses its options, makes one call into the packages (extraction settings: ``extractor.config``; named
+queries: ``graphstore.ask``; serving the UI: ``ui.serve``; the demo's run: ``extractor.config.extract_demo``)
+and prints. (Over 400 lines because of the option declarations: ``extract`` alone has 27 documented options.)
 """
 
 from __future__ import annotations
@@ -9,23 +12,21 @@ import dataclasses
 import json
 import logging
 import os
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
+
+from ui.serve import PORT as UI_PORT
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Pathway Explorer: critical pathways of CNNs in Neo4j.")
 db_app = typer.Typer(no_args_is_help=True, help="The local Neo4j server (or NEO4J_URI).")
 app.add_typer(db_app, name="db")
 
-T = TypeVar("T")
 log = logging.getLogger("pathx")
-UI_PORT = 8501
 
 
 def _fail(message: str) -> None:
@@ -200,17 +201,6 @@ def train_demo() -> None:
         typer.echo(f"demo model {path} test accuracy {accuracy(model, data.x_test, data.y_test):.3f}")
 
 
-def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
-    from extractor.errors import ExtractionError
-
-    if not text:
-        return None
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError as exc:
-        raise ExtractionError(f"{flag} must be comma-separated numbers, e.g. 0.485,0.456,0.406") from exc
-
-
 @app.command("extract")
 def extract(
     model: Annotated[str, typer.Option(
@@ -255,9 +245,15 @@ def extract(
         help="METHOD=KIND+KIND,...: run METHOD on variants of these kinds only, e.g. pixel=deform+occlude.")] = "",
 ) -> None:
     """Extract pathways (and variants) into record files, streaming the images."""
-    from extractor.config import build_settings, model_from_spec, parse_shard, parse_variant_kinds, shard_device
-    from extractor.inputs import read_class_names
-    from extractor.models import ModelOptions
+    from extractor.config import (
+        build_settings,
+        default_workers,
+        model_from_spec,
+        model_options,
+        parse_shard,
+        parse_variant_kinds,
+        shard_device,
+    )
     from extractor.pipeline import extract_run, load_images
     from extractor.variants import VariantSpec
 
@@ -267,24 +263,23 @@ def extract(
                                   parse_variant_kinds(variant_kinds))
         specs = VariantSpec.parse(variants)
         part = parse_shard(shard)
-        opts = ModelOptions(input_size=input_size, channels=channels, mean=_floats(mean, "--mean"),
-                            std=_floats(std, "--std"),
-                            class_names=read_class_names(class_names) if class_names else None,
-                            sites=[s for s in (sites or "").split(",") if s] or None)
+        opts = model_options(input_size, channels, mean, std, class_names, sites)
         bundle = model_from_spec(model, _home(), weights_file, untrained, opts)
-        image_set = load_images(images, bundle, _home())
-        summary = extract_run(bundle, image_set, settings, specs, out, batch_size=batch_size, limit=limit,
-                              device=shard_device(device), shard=part, strict=strict,
-                              workers=loader_workers if loader_workers is not None
-                              else min(4, max(0, (os.cpu_count() or 1) - 2)),
+        summary = extract_run(bundle, load_images(images, bundle, _home()), settings, specs, out,
+                              batch_size=batch_size, limit=limit, device=shard_device(device), shard=part,
+                              strict=strict, workers=default_workers() if loader_workers is None else loader_workers,
                               exemplars=exemplars)
-        rate = summary.images / summary.seconds if summary.seconds else 0.0
         where = f" (shard {part.index}/{part.count})" if part.count > 1 else ""
-        typer.echo(f"{summary.images} images, {summary.pathways} pathways, {summary.edges} edges in "
-                   f"{summary.seconds:.1f} s ({rate:.1f} images/s){where}; {summary.skipped_originals} originals "
-                   f"already done; {len(summary.bad)} unreadable images skipped")
-        for key, acc in summary.accuracy().items():
-            typer.echo(f"  accuracy {key}: {acc:.3f}")
+        _echo_extraction(summary, where)
+
+
+def _echo_extraction(summary: Any, where: str = "") -> None:
+    rate = summary.images / summary.seconds if summary.seconds else 0.0
+    typer.echo(f"{summary.images} images, {summary.pathways} pathways, {summary.edges} edges in "
+               f"{summary.seconds:.1f} s ({rate:.1f} images/s){where}; {summary.skipped_originals} originals "
+               f"already done; {len(summary.bad)} unreadable images skipped")
+    for key, acc in summary.accuracy().items():
+        typer.echo(f"  accuracy {key}: {acc:.3f}")
 
 
 # --- graph store ----------------------------------------------------------------------------
@@ -311,13 +306,15 @@ def load(
                    f"({s.relationships_per_second:.0f}/s)")
 
 
-QUERY_NAMES = ("summary", "configs", "classes", "accuracy", "top-neurons", "shared", "similarity", "signature",
-               "shift", "hijacked", "counts", "similar", "agreement", "pathway", "neuron")
+def _query_names() -> str:
+    from graphstore.ask import QUERY_NAMES
+
+    return ", ".join(QUERY_NAMES)
 
 
 @app.command("query")
 def query(
-    name: Annotated[str, typer.Argument(help=f"One of: {', '.join(QUERY_NAMES)}.")],
+    name: Annotated[str, typer.Argument(help=f"One of: {_query_names()}.")],
     cls: Annotated[str | None, typer.Option("--class", help="Class index, name or id.")] = None,
     cls_b: Annotated[str | None, typer.Option("--class-b", help="Second class (shared).")] = None,
     image: Annotated[str | None, typer.Option(help="Image id.")] = None,
@@ -332,68 +329,14 @@ def query(
     limit: Annotated[int, typer.Option(help="Rows.")] = 20,
 ) -> None:
     """Run a named query and print JSON."""
-    with _errors():
-        _echo_json(_run_query(name, cls, cls_b, image, pathway, config, model, kind, layer, min_support,
-                              max_other, limit, neuron))
-
-
-def _resolve_class(store: Any, model_id: str, value: str | None) -> str:
-    from graphstore.errors import NotFound
-
-    if value is None:
-        raise NotFound("this query needs --class")
-    for c in store.classes(model_id):
-        if value in (c.id, c.name, str(c.index)):
-            return str(c.id)
-    raise NotFound(f"unknown class {value!r}")
-
-
-def _run_query(name: str, cls: str | None, cls_b: str | None, image: str | None, pathway: str | None,
-               config: str | None, model: str | None, kind: str | None, layer: str | None,
-               min_support: float, max_other: float, limit: int, neuron: str | None = None) -> Any:
-    from graphstore.errors import NotFound
-
-    if name not in QUERY_NAMES:
-        raise NotFound(f"unknown query {name!r}; choose from {', '.join(QUERY_NAMES)}")
-    store = _store()
-    model_id = model or store.default_model()
-    cfg = config or store.default_config(model_id)
-
-    def need(value: str | None, flag: str) -> str:
-        if not value:
-            raise NotFound(f"query {name} needs {flag}")
-        return value
-
-    handlers: dict[str, Callable[[], Any]] = {
-        "summary": store.summary,
-        "configs": lambda: store.configs(model_id),
-        "classes": lambda: store.classes(model_id),
-        "accuracy": lambda: {"by_class": store.accuracy_by_class(model_id),
-                             "by_variant": store.accuracy_by_variant(model_id)},
-        "top-neurons": lambda: store.top_neurons(_resolve_class(store, model_id, cls), cfg, layer, limit),
-        "shared": lambda: store.shared_pathways(_resolve_class(store, model_id, cls),
-                                                _resolve_class(store, model_id, cls_b), cfg, min_support),
-        "similarity": lambda: store.similarity_matrix(model_id, cfg, min_support),
-        "signature": lambda: store.class_signature(_resolve_class(store, model_id, cls), cfg, min_support,
-                                                   max_other),
-        "shift": lambda: store.adversarial_shift(need(image, "--image"), cfg),
-        "hijacked": lambda: store.hijacked_neurons(model_id, cfg, need(kind, "--kind"), None, limit),
-        "counts": lambda: store.pathway_counts(cfg),
-        "similar": lambda: store.similar_images(need(image, "--image"), cfg, limit, kind),
-        "agreement": lambda: store.method_agreement(need(image, "--image")),
-        "pathway": lambda: _graph_json(store.pathway_graph(need(pathway, "--pathway"))),
-        "neuron": lambda: store.neuron_card(need(neuron, "--neuron"), cfg),
-    }
-    try:
-        return handlers[name]()
-    finally:
-        store.driver.close()
-
-
-def _graph_json(graph: Any) -> dict[str, Any]:
     import networkx as nx
 
-    return nx.node_link_data(graph, edges="edges")
+    from graphstore.ask import QueryArgs, ask
+
+    args = QueryArgs(cls, cls_b, image, pathway, config, model, kind, layer, neuron, min_support, max_other, limit)
+    with _errors(), _store() as store:
+        answer = ask(store, name, args)
+        _echo_json(nx.node_link_data(answer, edges="edges") if isinstance(answer, nx.Graph) else answer)
 
 
 @app.command("cypher")
@@ -442,60 +385,12 @@ def report(
 
     with _errors():
         bundle, data = demo_bundle(_home())
-        store = _store()
-        try:
+        with _store() as store:
             path = build_report(bundle, data.x_test, data.y_test, store, out, n_model=images)
-        finally:
-            store.driver.close()
         typer.echo(f"wrote {path}")
 
 
 # --- UI and demo ----------------------------------------------------------------------------
-
-
-def ui_command(port: int, address: str = "127.0.0.1") -> list[str]:
-    """The command line that serves the Streamlit app."""
-    app_path = Path(__file__).resolve().parent.parent / "ui" / "app.py"
-    return [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.headless", "true",
-            "--server.address", address, "--server.port", str(port), "--browser.gatherUsageStats", "false",
-            "--server.fileWatcherType", "none", "--theme.base", "light"]
-
-
-# The app's pages: URL path, heading, and a CSS selector of the page's main figure (browser checks).
-UI_PAGES: tuple[tuple[str, str, str], ...] = (
-    ("overview", "Overview", "svg.main-svg"), ("image", "Image", "svg .node"),
-    ("compare", "Compare classes", "svg .node"), ("adversarial", "Adversarial", "svg .node"),
-    ("variants", "Variants", "svg.main-svg"), ("cypher", "Cypher", "textarea"),
-)
-
-
-@contextmanager
-def running_ui(env: dict[str, str], timeout: float = 60.0) -> Iterator[str]:
-    """Serve the UI in the background on a free loopback port; yields its URL once Streamlit's
-    health check answers ``ok`` (``RuntimeError`` after ``timeout`` seconds); stops it on exit."""
-    import time
-    import urllib.request
-
-    from graphstore.server import free_port
-
-    port = free_port()
-    proc = subprocess.Popen(ui_command(port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.read() == b"ok":
-                        break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"the UI did not start within {timeout:.0f} s") from None
-                time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @app.command("ui")
@@ -504,10 +399,12 @@ def ui(
     address: Annotated[str, typer.Option(help="Address to bind (default loopback only).")] = "127.0.0.1",
 ) -> None:
     """Serve the Streamlit UI over whatever the database holds."""
+    from ui.serve import serve
+
     with _errors():
         _driver().close()
     typer.echo(f"UI at http://{address}:{port}  (Ctrl-C to stop)")
-    raise typer.Exit(subprocess.call(ui_command(port, address)))
+    raise typer.Exit(serve(port, address))
 
 
 @app.command("demo")
@@ -521,7 +418,9 @@ def demo(
     """Start Neo4j, train the demo model, extract the test split with variants, load, serve the UI."""
     import time
 
+    from extractor.config import extract_demo
     from graphstore.server import ServerConfig
+    from ui import serve as ui_serve
 
     began = time.perf_counter()
     last = [began]
@@ -539,31 +438,15 @@ def demo(
     step("step 2/5: demo model")
     train_demo()
     step("step 3/5: extraction (originals, FGSM, PGD, occluded, shifted, deformed)")
-    import shutil
-
-    from extractor.settings import PathwaySettings
-    from pathx.api import extract as run_extraction
-    from records import MANIFEST, SCHEMA_VERSION
-
-    manifest = out / MANIFEST
-    if manifest.exists() and json.loads(manifest.read_text()).get("schema_version") != SCHEMA_VERSION:
-        typer.echo(f"  {out} holds demo records of an older format; extracting them again")
-        shutil.rmtree(out)  # the demo's own generated run, never a user's
-
-    khakzar = PathwaySettings("mct", "percentile", sparsity=90.0, granularity="element")  # the paper's own rule
-    done = run_extraction(
-        "demo", "demo:test", out, methods=("mct", "intgrad", "correlation", "precision", "pixel"), top_k=8,
-        variants="fgsm,pgd,occlude,shift,deform,affine", limit=limit, pixel_stride=4,
-        originals_only=("correlation", "precision"), variant_kinds={"pixel": ("deform",)},
-        extra_settings=(khakzar,) if percentile else ())
-    typer.echo(f"{done.summary.images} images, {done.summary.pathways} pathways, {done.summary.edges} edges")
+    with _errors():
+        _echo_extraction(extract_demo(out, _home(), limit, percentile))
     step("step 4/5: load into Neo4j")
     load(out)
     step(f"set-up done in {time.perf_counter() - began:.1f} s")
     browser = "your NEO4J_URI server" if _external() else ServerConfig.default(_home()).browser_url
     if serve:
         typer.echo(f"step 5/5: UI at http://127.0.0.1:{port}  |  Neo4j Browser: {browser}")
-        raise typer.Exit(subprocess.call(ui_command(port)))
+        raise typer.Exit(ui_serve.serve(port))
     typer.echo(f"done. Serve the UI with `pathx ui`; Neo4j Browser: {browser}")
 
 

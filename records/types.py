@@ -22,7 +22,7 @@ class SiteInfo:
 
     ``shape`` is the per-image shape channels first: ``(C, H, W)`` for feature maps (also of
     channels-last sites, whose raw output is ``[H, W, C]``), ``(C, N)`` for tokens, ``(C,)`` for
-    units. ``layout`` is how the raw output holds it (see ``extractor.sites.LAYOUTS``).
+    units. ``layout`` is how the raw output holds it (see ``extractor.layouts.LAYOUTS``).
     ``preds``: indices of the sites it reads directly (the site graph); ``depth``: the longest
     path from a site without predecessors.
     """

@@ -32,6 +32,8 @@ def pathx(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
      "unknown variant kind 'blur'"),
     (["extract", "--model", "demo", "--images", "demo:test", "--out", "/tmp/x", "--variant-kinds", "pixel"],
      "must look like METHOD=KIND+KIND"),
+    (["extract", "--model", "demo", "--images", "demo:test", "--out", "/tmp/x", "--mean", "0.5,x"],
+     "--mean must be comma-separated numbers"),
     (["load", "/no/such/run"], "not a run folder"),
     (["db", "import", "/no/such/run", "--overwrite"], "not a run folder"),
 ])
@@ -59,7 +61,7 @@ def test_queries_and_cypher_from_cli(loaded_store: object, neo4j_server: object)
     with loaded_store.session(database="neo4j") as s:  # type: ignore[attr-defined]
         assert summary["images"] == s.run("MATCH (i:Image) RETURN count(i) AS n").single()["n"]
     top = json.loads(pathx("query", "top-neurons", "--class", "digit 3", "--limit", "3", env=env).stdout)
-    assert len(top) <= 3
+    assert len(top) == 3 and top[0]["support"] >= top[-1]["support"]
     for name in ("configs", "classes", "accuracy", "similarity", "counts", "hijacked --kind pgd",
                  "shared --class 1 --class-b 7", "signature --class 2"):
         res = pathx("query", *name.split(), env=env)
@@ -71,3 +73,28 @@ def test_queries_and_cypher_from_cli(loaded_store: object, neo4j_server: object)
     assert out["rows"] == [{"n": 10}]
     refused = pathx("cypher", "CREATE (:Evil)", env=env)
     assert refused.returncode == 1 and "only read queries" in refused.stderr
+    for args, message in ((["nosuch"], "unknown query 'nosuch'"), (["shift"], "query shift needs --image")):
+        res = pathx("query", *args, env=env)
+        assert res.returncode == 1 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.store
+def test_pathway_query_and_export_from_cli(loaded_store: object, neo4j_server: object, fixture_run: Path,
+                                           tmp_path: Path) -> None:
+    import networkx as nx
+
+    from records import pathway_to_networkx, read_run
+
+    env = dict(os.environ, NEO4J_URI=neo4j_server.bolt_uri, NEO4J_USER=USER,  # type: ignore[attr-defined]
+               NEO4J_PASSWORD=read_password(neo4j_server))  # type: ignore[arg-type]
+    manifest, _, pathways = read_run(fixture_run)
+    pw = next(p for p in pathways if len(p.edge_weight))
+    want = pathway_to_networkx(pw, manifest.model)
+    data = json.loads(pathx("query", "pathway", "--pathway", pw.pathway_id, env=env).stdout)
+    assert {n["id"] for n in data["nodes"]} == set(want.nodes)
+    assert {(e["source"], e["target"]) for e in data["edges"]} == set(want.edges)
+    res = pathx("export", str(tmp_path / "p.gexf"), "--pathway", pw.pathway_id, env=env)
+    assert res.returncode == 0 and f"{want.number_of_edges()} edges" in res.stdout, res.stderr
+    assert set(nx.read_gexf(tmp_path / "p.gexf").edges) == set(want.edges)
+    bad = pathx("export", str(tmp_path / "p.txt"), "--pathway", pw.pathway_id, env=env)
+    assert bad.returncode == 1 and "use .graphml or .gexf" in bad.stderr and not (tmp_path / "p.txt").exists()

@@ -14,7 +14,7 @@ PACKAGES = ("records", "extractor", "graphstore", "ui")
 NEVER = {"records": {"torch", "neo4j", "streamlit", "extractor", "graphstore", "ui"},
          "extractor": {"neo4j", "streamlit", "graphstore", "ui"},
          "graphstore": {"torch", "torchvision", "streamlit", "extractor", "ui"},
-         "ui": {"torch", "extractor", "records"}}
+         "ui": {"torch", "extractor", "records", "numpy", "neo4j"}}  # ui draws; graphstore analyses
 
 
 def _imports(path: Path) -> set[str]:
@@ -35,6 +35,15 @@ def test_data_flows_one_way() -> None:
         for f in files:
             bad = _imports(f) & NEVER[package]
             assert not bad, f"{f.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_ui_reads_only_through_the_store() -> None:
+    allowed = {"graphstore.api", "graphstore.errors", "graphstore.names", "graphstore.results",
+               "graphstore.examples", "graphstore.server"}  # server: a free port for ui.serve
+    for f in (ROOT / "ui").rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("graphstore"):
+                assert node.module in allowed, f"{f.relative_to(ROOT)} imports {node.module}"
 
 
 def test_no_cypher_outside_the_queries_module() -> None:
@@ -58,3 +67,11 @@ def test_every_query_name_is_defined_once() -> None:
     names = [t.id for node in tree.body if isinstance(node, ast.Assign | ast.AnnAssign)
              for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)]
     assert len(names) > 50 and len(names) == len(set(names)), [n for n in names if names.count(n) > 1]
+
+
+def test_the_page_list_exists_once_and_names_every_view() -> None:
+    from ui.serve import PAGES
+
+    views = {f.name for f in (ROOT / "ui" / "views").glob("*.py")} - {"__init__.py"}
+    assert len(views) >= 6 and sorted(p.file for p in PAGES) == sorted(views)
+    assert len({p.path for p in PAGES}) == len(PAGES)

@@ -14,7 +14,7 @@ from extractor.mixing import find_mixing, mixing_edge_weights
 from extractor.models import ModelBundle, make_bundle
 from extractor.selection import select
 from extractor.settings import PathwaySettings
-from extractor.sites import cut_forward
+from extractor.sitegraph import cut_forward
 
 
 def _pairs(bundle: ModelBundle, x: torch.Tensor) -> tuple[int, int, float]:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from graphstore.server import USER, read_password
-from pathx.cli import UI_PAGES, running_ui, ui_command
 from tests.conftest import ensure_loaded
+from ui.serve import PAGES, running_ui, ui_command
 
 pytestmark = [pytest.mark.store, pytest.mark.browser]
 
@@ -48,7 +48,7 @@ def test_root_opens_the_overview(ui_server: str) -> None:
             browser.close()
 
 
-@pytest.mark.parametrize(("path", "title", "drawn"), UI_PAGES)
+@pytest.mark.parametrize(("path", "title", "drawn"), [(p.path, p.title, p.figure) for p in PAGES])
 def test_page_in_chromium(ui_server: str, artifacts: Path, path: str, title: str, drawn: str) -> None:
     from playwright.sync_api import sync_playwright
 

@@ -6,14 +6,13 @@ from pathlib import Path
 
 import streamlit as st
 
+from ui.serve import PAGES
+
 HERE = Path(__file__).resolve().parent
 
 st.set_page_config(page_title="Pathway Explorer", layout="wide")
-# (file, title, URL path): every page has its own URL, the root included (it opens the overview).
-PAGES = (("overview.py", "Overview", "overview"), ("image.py", "Image", "image"),
-         ("compare.py", "Compare classes", "compare"), ("adversarial.py", "Adversarial", "adversarial"),
-         ("variants.py", "Variants", "variants"), ("cypher.py", "Cypher", "cypher"))
-pages = [st.Page(str(HERE / "views" / f), title=t, url_path=u) for f, t, u in PAGES]
+# every page has its own URL, the root included (it opens the overview)
+pages = [st.Page(str(HERE / "views" / p.file), title=p.title, url_path=p.path) for p in PAGES]
 
 
 def _home() -> None:

@@ -14,7 +14,6 @@ from dataclasses import asdict, is_dataclass
 from typing import Any
 
 import networkx as nx
-import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
@@ -164,8 +163,7 @@ def pathway_dot(
     """
     colors = colors or {}
     nodes = list(graph.nodes(data=True))
-    contrib = np.array([abs(d.get("contribution") or 0.0) for _, d in nodes]) if nodes else np.zeros(0)
-    cmax = float(contrib.max()) if contrib.size and contrib.max() > 0 else 1.0
+    cmax = max((abs(d.get("contribution") or 0.0) for _, d in nodes), default=0.0) or 1.0
     edges = sorted(graph.edges(data=True), key=lambda e: -abs(e[2].get("weight", 0.0)))[:max_edges]
     wmax = max((abs(e[2].get("weight", 0.0)) for e in edges), default=1.0) or 1.0
     layers: dict[int, list[tuple[str, dict[str, Any]]]] = {}  # depth -> nodes
@@ -200,9 +198,9 @@ def pathway_dot(
     return "\n".join(lines)
 
 
-def saliency_figure(saliency: np.ndarray, title: str = "Pathway Gradient") -> go.Figure:
-    """Signed saliency as a diverging heatmap (image orientation)."""
-    lim = float(np.abs(saliency).max()) or 1.0
+def saliency_figure(saliency: Any, title: str = "Pathway Gradient") -> go.Figure:
+    """Signed saliency (a numpy array ``[H, W]``) as a diverging heatmap (image orientation)."""
+    lim = float(abs(saliency).max()) or 1.0
     fig = go.Figure(go.Heatmap(z=saliency, zmin=-lim, zmax=lim, colorscale="RdBu_r", showscale=True))
     fig.update_layout(title=title, height=300, margin={"l": 10, "r": 10, "t": 40, "b": 10},
                       yaxis={"autorange": "reversed", "scaleanchor": "x"}, xaxis={"visible": False})
@@ -210,9 +208,10 @@ def saliency_figure(saliency: np.ndarray, title: str = "Pathway Gradient") -> go
     return fig
 
 
-def heatmap_figure(matrix: np.ndarray, labels: list[str], title: str) -> go.Figure:
+def heatmap_figure(matrix: Any, labels: list[str], title: str) -> go.Figure:
+    """A ``[K, K]`` numpy matrix in [0, 1] as a labelled heatmap."""
     fig = go.Figure(go.Heatmap(z=matrix, x=labels, y=labels, colorscale="Viridis", zmin=0, zmax=1,
-                               text=np.round(matrix, 2), texttemplate="%{text}"))
+                               text=matrix.round(2), texttemplate="%{text}"))
     fig.update_layout(title=title, height=480, margin={"l": 10, "r": 10, "t": 40, "b": 10},
                       yaxis={"autorange": "reversed"})
     return fig

@@ -1,0 +1,110 @@
+"""The site graph: which sites each site reads directly, found by a *cut* forward, and site discovery.
+
+A cut forward hands the rest of the network a fresh leaf copy of every site's output. Site
+``j``'s output then depends on the sites it reads directly, and no further: its predecessors are
+the sites whose leaves its autograd graph reaches (the nearest sites upstream on every dataflow
+path). The same cut forward gives the edges their segments (:mod:`extractor.edges`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from extractor.errors import ExtractionError
+from extractor.sites import SiteHooks, SiteRecorder
+from records import SiteInfo
+
+log = logging.getLogger(__name__)
+
+
+def predecessors(acts: dict[int, torch.Tensor], sources: dict[int, torch.Tensor]) -> dict[int, tuple[int, ...]]:
+    """Per site of a cut forward, the sites whose sources its output's autograd graph reaches."""
+    leaf_site: dict[Any, int] = {}
+    for idx, src in sources.items():
+        if src.grad_fn is not None:  # CloneBackward0 -> AccumulateGrad of the site's leaf
+            leaf_site[src.grad_fn] = idx
+    memo: dict[Any, frozenset[int]] = {}
+
+    def reach(start: Any) -> frozenset[int]:
+        stack: list[tuple[Any, bool]] = [(start, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if node in memo:
+                continue
+            if node in leaf_site:
+                memo[node] = frozenset({leaf_site[node]})
+                continue
+            children = [n for n, _ in node.next_functions if n is not None]
+            if node.name() == "torch::autograd::CopyBackwards":  # an in-place copy: the overwritten value
+                children = [n for n, _ in node.next_functions[1:] if n is not None]  # gets no gradient
+            if expanded:
+                found: set[int] = set()
+                for c in children:
+                    found |= memo.get(c, frozenset())
+                memo[node] = frozenset(found)
+            else:
+                stack.append((node, True))
+                stack.extend((c, False) for c in children if c not in memo)
+        return memo[start]
+
+    return {j: (tuple(sorted(reach(a.grad_fn))) if a.grad_fn is not None else ()) for j, a in acts.items()}
+
+
+def cut_forward(model: nn.Module, sites: Sequence[SiteInfo], forward: Callable[[], Any]) -> SiteRecorder:
+    """Run ``forward()`` once with every site cut (see :class:`SiteHooks`); returns what was captured."""
+    with torch.enable_grad(), SiteHooks(model, sites, cut=True) as hooks:
+        rec = hooks.begin()
+        forward()
+    return rec
+
+
+def discover_sites(
+    model: nn.Module, example: torch.Tensor, modules: Sequence[str] | None = None
+) -> tuple[SiteInfo, ...]:
+    """Find the sites of ``model`` by running ``example`` (shape ``[1, C, H, W]``, model space) twice.
+
+    Keeps calls whose output is a feature map (4-D, channels first or last), a token sequence
+    ``[B, N, C]`` or a unit vector ``[B, C]``, one per image: the example runs as a batch of two,
+    and a call whose output does not have two rows is computed once for all images (Swin V2's
+    position-bias MLP reads a fixed coordinate table), so it is no neuron of an image and no site.
+    ``modules`` restricts the search to those module paths (any module type) and functional paths
+    (``...relu()``). The second, cut forward gives each site its predecessors and depth.
+    """
+    x = example.detach()[:1].expand(2, *example.shape[1:]).clone().requires_grad_(True)
+    with torch.enable_grad(), SiteHooks(model, None, names=modules) as hooks:
+        rec = hooks.begin()
+        model(x)
+    found = [f for f in rec.found if f[5] == 2]
+    if len(found) < len(rec.found):
+        log.info("left out %d activation calls that do not depend on the image (first: %s)",
+                 len(rec.found) - len(found), next(f[0] for f in rec.found if f[5] != 2))
+    if not found:
+        if modules:
+            raise ExtractionError("no named module or function produced a feature map, token sequence or unit "
+                                  "vector per image; name other modules")
+        raise ExtractionError("the model has no activation sites (no ReLU-like modules or functional activations); "
+                              "name modules to use with --sites")
+    sites = []
+    for i, (path, call, kind, shape, layout, _) in enumerate(found):
+        canon = shape if layout in ("channels_first", "vector") else (shape[-1], *shape[:-1])
+        sites.append(SiteInfo(i, path, call, kind, tuple(int(v) for v in canon), layout))
+    cut = cut_forward(model, sites, lambda: model(x))
+    missing = [s.site_id for s in sites if s.index not in cut.acts]
+    if missing:
+        raise ExtractionError(f"site {missing[0]} did not fire twice the same way; the model's calls depend on the "
+                              "input")
+    preds = predecessors(cut.acts, cut.sources)
+    depth: dict[int, int] = {}
+    out = []
+    for s in sites:
+        p = preds.get(s.index, ())
+        depth[s.index] = 1 + max((depth[i] for i in p), default=-1)
+        out.append(replace(s, preds=p, depth=depth[s.index]))
+    log.debug("found %d sites, depth %d", len(out), max(depth.values()))
+    return tuple(out)

@@ -1,0 +1,75 @@
+"""Serving the Streamlit app: its page list (the one list), the command line that serves it, and a
+background server for browser checks and benchmarks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from graphstore.server import free_port
+
+APP = Path(__file__).resolve().parent / "app.py"
+PORT = 8501
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page: its file under ``ui/views``, its title, its URL path, and a CSS selector of its main
+    figure (what the browser tests wait for)."""
+
+    file: str
+    title: str
+    path: str
+    figure: str
+
+
+PAGES: tuple[Page, ...] = (
+    Page("overview.py", "Overview", "overview", "svg.main-svg"),
+    Page("image.py", "Image", "image", "svg .node"),
+    Page("compare.py", "Compare classes", "compare", "svg .node"),
+    Page("adversarial.py", "Adversarial", "adversarial", "svg .node"),
+    Page("variants.py", "Variants", "variants", "svg.main-svg"),
+    Page("cypher.py", "Cypher", "cypher", "textarea"),
+)
+
+
+def ui_command(port: int = PORT, address: str = "127.0.0.1") -> list[str]:
+    """The command line that serves the app on ``address:port`` (headless, no usage statistics)."""
+    return [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true",
+            "--server.address", address, "--server.port", str(port), "--browser.gatherUsageStats", "false",
+            "--server.fileWatcherType", "none", "--theme.base", "light"]
+
+
+def serve(port: int = PORT, address: str = "127.0.0.1") -> int:
+    """Serve the app in the foreground until it stops (Ctrl-C); returns Streamlit's exit code."""
+    return subprocess.call(ui_command(port, address))
+
+
+@contextmanager
+def running_ui(env: dict[str, str], timeout: float = 60.0) -> Iterator[str]:
+    """Serve the app in the background on a free loopback port; yields its URL once Streamlit's
+    health check answers ``ok`` (``RuntimeError`` after ``timeout`` seconds); stops it on exit."""
+    port = free_port()
+    proc = subprocess.Popen(ui_command(port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.read() == b"ok":
+                        break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"the UI did not start within {timeout:.0f} s") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
