@@ -8,7 +8,7 @@ their one parser and the variant's sweep setting (:mod:`records.ids`), run folde
 networkx are used, so the graph store reads records on a machine without torch.
 """
 
-from records.exemplars import EXEMPLAR_KINDS, ExemplarRows, merge_exemplar_rows, read_exemplars
+from records.exemplars import EXEMPLAR_KINDS, merge_exemplar_rows, read_exemplars
 from records.graph import pathway_to_networkx
 from records.ids import (
     PER_IMAGE_KEYS,
@@ -39,6 +39,7 @@ from records.io import (
 from records.overlap import LayerOverlap, jaccard, layer_overlaps
 from records.types import (
     SCHEMA_VERSION,
+    ExemplarRows,
     ImageRecord,
     Manifest,
     ModelInfo,

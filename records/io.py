@@ -21,16 +21,21 @@ import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from records.types import SCHEMA_VERSION, ImageRecord, Manifest, ModelInfo, PathwayRecord, RecordsFormatError
-
-if TYPE_CHECKING:
-    from records.exemplars import ExemplarRows
+from records.types import (
+    SCHEMA_VERSION,
+    ExemplarRows,
+    ImageRecord,
+    Manifest,
+    ModelInfo,
+    PathwayRecord,
+    RecordsFormatError,
+)
 
 MANIFEST = "manifest.json"
 EXEMPLARS = "exemplars.parquet"

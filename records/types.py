@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from records.ids import config_key, variant_setting
 
@@ -159,3 +161,57 @@ class Manifest:
         return {"schema_version": self.schema_version, "model": self.model.to_json(), "settings": self.settings}
 
 
+@dataclass
+class ExemplarRows:
+    """Exemplar candidates as columns, one row each: ``site``, ``channel``, ``kind``, ``image_id``,
+    ``value``, peak position ``y``, ``x`` (-1 for unit vectors) and ``box`` ``[n, 4]`` (y0, x0, y1,
+    x1; half-open, input pixels). After ``merge_exemplar_rows`` also ``rank`` (1 = best)."""
+
+    site: np.ndarray
+    channel: np.ndarray
+    kind: np.ndarray
+    image_id: np.ndarray
+    value: np.ndarray
+    y: np.ndarray
+    x: np.ndarray
+    box: np.ndarray
+    rank: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.site)
+
+    @classmethod
+    def empty(cls) -> ExemplarRows:
+        z = np.zeros(0, np.int32)
+        return cls(z, z, np.zeros(0, object), np.zeros(0, object), np.zeros(0, np.float32), z, z,
+                   np.zeros((0, 4), np.int32))
+
+    @classmethod
+    def concat(cls, parts: Sequence[ExemplarRows]) -> ExemplarRows:
+        parts = [p for p in parts if len(p)] or [cls.empty()]
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in _EXEMPLAR_COLUMNS))
+
+    def take(self, idx: np.ndarray) -> ExemplarRows:
+        rank = self.rank[idx] if self.rank is not None else None
+        return ExemplarRows(*(getattr(self, f)[idx] for f in _EXEMPLAR_COLUMNS), rank=rank)
+
+    def to_table(self) -> pa.Table:
+        return pa.table({
+            "site": pa.array(self.site, pa.int32()), "channel": pa.array(self.channel, pa.int32()),
+            "kind": pa.array(self.kind.tolist(), pa.string()),
+            "image_id": pa.array(self.image_id.tolist(), pa.string()),
+            "value": pa.array(self.value, pa.float32()), "y": pa.array(self.y, pa.int32()),
+            "x": pa.array(self.x, pa.int32()),
+            "box": pa.array(self.box.astype(np.int32).tolist(), pa.list_(pa.int32())),
+        })
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> ExemplarRows:
+        box = np.asarray(table["box"].to_pylist(), np.int32).reshape(-1, 4)
+        return cls(table["site"].to_numpy().astype(np.int32), table["channel"].to_numpy().astype(np.int32),
+                   np.asarray(table["kind"].to_pylist(), object), np.asarray(table["image_id"].to_pylist(), object),
+                   table["value"].to_numpy().astype(np.float32), table["y"].to_numpy().astype(np.int32),
+                   table["x"].to_numpy().astype(np.int32), box)
+
+
+_EXEMPLAR_COLUMNS = ("site", "channel", "kind", "image_id", "value", "y", "x", "box")

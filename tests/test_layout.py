@@ -75,3 +75,28 @@ def test_the_page_list_exists_once_and_names_every_view() -> None:
     views = {f.name for f in (ROOT / "ui" / "views").glob("*.py")} - {"__init__.py"}
     assert len(views) >= 6 and sorted(p.file for p in PAGES) == sorted(views)
     assert len({p.path for p in PAGES}) == len(PAGES)
+
+
+def test_the_import_map_has_no_circle() -> None:
+    """Module to module imports inside the project (also those inside functions and under
+    ``TYPE_CHECKING``) form no cycle."""
+    import networkx as nx
+
+    modules: dict[str, Path] = {}
+    for package in (*PACKAGES, "pathx"):
+        for f in (ROOT / package).rglob("*.py"):
+            name = ".".join(f.relative_to(ROOT).with_suffix("").parts)
+            modules[name.removesuffix(".__init__")] = f
+    graph = nx.DiGraph()
+    for name, f in modules.items():
+        graph.add_node(name)
+        for node in ast.walk(ast.parse(f.read_text())):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            graph.add_edges_from((name, t) for t in targets if t in modules and t != name and
+                                 not name.startswith(f"{t}."))  # a package's own __init__ is no circle
+    assert graph.number_of_edges() > 100
+    assert list(nx.simple_cycles(graph)) == []
