@@ -8,7 +8,6 @@ transactions, and returns the typed results of ``graphstore.results``, numpy arr
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,7 +50,7 @@ from graphstore.results import (
 )
 from graphstore.rows import EDGE_SUPPORT_FLOOR
 from graphstore.schema import StoredSchema
-from records import parse_class_id, parse_neuron_id, variant_setting
+from records import parse_class_id, parse_neuron_id
 
 EXACT_SIMILAR_LIMIT = 200  # similar_images scans exactly up to this many pathways of a setting
 SIMILAR_CANDIDATES = 400  # nearest signatures fetched before exact re-ranking
@@ -328,8 +327,7 @@ class Store:
         pv = self._require(Q.PATHWAY_ID_OF, "pathway for image", image_id=variant_id, config=config)["id"]
         po = self._require(Q.PATHWAY_ID_OF, "pathway for image", image_id=detail.original, config=config)["id"]
         sets = self._neuron_sets([po, pv])
-        setting = variant_setting(detail.kind, json.loads(detail.params or "{}"))
-        return A.shift(variant_id, detail.original, detail.kind, setting, sets[po], sets[pv],
+        return A.shift(variant_id, detail.original, detail.kind, detail.setting, sets[po], sets[pv],
                        self._layer_depths(detail.model_id), threshold)
 
     def hijacked_neurons(self, model_id: str, config: str, kind: str, label: int | None = None,

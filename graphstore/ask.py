@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from graphstore.api import Store
 from graphstore.errors import NotFound
+
+if TYPE_CHECKING:  # the CLI reads QUERY_NAMES for its help at every start: no driver, pandas or numpy then
+    from graphstore.api import Store
 
 
 @dataclass(frozen=True)

@@ -90,15 +90,16 @@ class _Table:
     def __init__(self, path: Path, fixed: list[str], props: dict[str, str], strict: bool = False) -> None:
         self.path = path
         self.props = list(props)
-        self.strict = strict  # every property of a row must have a column (rows carry more keys otherwise)
+        # strict: every property of a row must have a column (other tables' rows carry more keys)
+        self.known = frozenset({"id", *self.props}) if strict else None
         self.fh = open(path, "w", newline="", encoding="utf-8")
         self.writer = csv.writer(self.fh, quoting=csv.QUOTE_MINIMAL)
         self.writer.writerow(fixed + [f"{k}:{t}" for k, t in props.items()])
         self.rows = 0
 
     def write(self, fixed: list[str], props: dict[str, Any]) -> None:
-        if self.strict and not props.keys() <= {"id", *self.props}:
-            unknown = sorted(props.keys() - {"id", *self.props})
+        if self.known is not None and not props.keys() <= self.known:
+            unknown = sorted(props.keys() - self.known)
             raise GraphStoreError(f"{self.path.name}: properties {unknown} are not in graphstore.schema; "
                                   "add them there")
         self.writer.writerow(fixed + [_cell(props.get(k)) for k in self.props])

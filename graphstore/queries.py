@@ -333,8 +333,8 @@ OPTIONAL MATCH (i)-[:VARIANT_OF]->(o:Image)
 OPTIONAL MATCH (v:Image)-[:VARIANT_OF]->(i)
 WITH i, o, collect(v.id) AS variants
 RETURN i.id AS id, i.model_id AS model_id, i.source AS source, i.kind AS kind, i.params AS params,
-       i.label AS label, i.predicted AS predicted, i.prob AS prob, i.probs AS probs, i.png AS png,
-       o.id AS original, variants
+       i.setting AS setting, i.label AS label, i.predicted AS predicted, i.prob AS prob, i.probs AS probs,
+       i.png AS png, o.id AS original, variants
 """
 
 PATHWAYS_OF_IMAGE = """

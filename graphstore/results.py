@@ -61,6 +61,7 @@ class ImageDetail:
     source: str
     kind: str
     params: str
+    setting: str  # the variant's sweep setting as its record says ("" for originals)
     label: int
     predicted: int
     prob: float

@@ -43,9 +43,12 @@ def layer_overlaps(a: Mapping[Hashable, int], b: Mapping[Hashable, int],
 def jaccard_per_layer(sites_a: np.ndarray, channels_a: np.ndarray, sites_b: np.ndarray, channels_b: np.ndarray,
                       n_layers: int) -> np.ndarray:
     """Jaccard of two pathways' (site, channel) sets per layer ``[n_layers]`` (1.0 where both are empty)."""
-    out = np.ones(n_layers, dtype=np.float64)
-    for li in range(n_layers):
-        sa = set(channels_a[sites_a == li].tolist())
-        sb = set(channels_b[sites_b == li].tolist())
-        out[li] = jaccard(sa, sb)
-    return out
+    ka = np.unique(sites_a.astype(np.int64) << 32 | channels_a.astype(np.int64))  # (site, channel) as one key
+    kb = np.unique(sites_b.astype(np.int64) << 32 | channels_b.astype(np.int64))
+
+    def per_layer(keys: np.ndarray) -> np.ndarray:
+        return np.bincount(keys >> 32, minlength=n_layers)[:n_layers]
+
+    shared = per_layer(np.intersect1d(ka, kb, assume_unique=True))
+    union = per_layer(ka) + per_layer(kb) - shared
+    return np.where(union > 0, shared / np.maximum(union, 1), 1.0)

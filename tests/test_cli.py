@@ -46,6 +46,14 @@ def test_bad_input_is_one_line(args: list[str], message: str, tmp_path: Path) ->
     assert "Traceback" not in res.stderr
 
 
+def test_the_command_line_starts_without_the_store_layer() -> None:
+    """Building every command (as each ``pathx`` start does) imports no driver, pandas or Store."""
+    code = ("import sys, typer.main, pathx.cli as c; typer.main.get_command(c.app); "
+            "print(sorted(m for m in ('graphstore.api', 'neo4j', 'pandas', 'torch') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert res.stdout.strip() == "[]", res.stdout
+
+
 def test_unanswering_database(tmp_path: Path) -> None:
     port = free_port()
     env = dict(os.environ, NEO4J_URI=f"bolt://127.0.0.1:{port}", NEO4J_PASSWORD="x")

@@ -17,15 +17,21 @@ NEVER = {"records": {"torch", "neo4j", "streamlit", "extractor", "graphstore", "
          "ui": {"torch", "extractor", "records", "numpy", "neo4j"}}  # ui draws; graphstore analyses
 
 
-def _imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
+def _imported(path: Path) -> set[str]:
+    """Every absolute import of a file (also inside functions and under TYPE_CHECKING): module names, and
+    ``module.name`` for each name taken from a module (a submodule when it is one)."""
     out: set[str] = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            out |= {a.name.split(".")[0] for a in node.names}
+            out |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out.add(node.module.split(".")[0])
+            out |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
     return out
+
+
+def _imports(path: Path) -> set[str]:
+    """The top-level packages a file imports."""
+    return {m.split(".")[0] for m in _imported(path)}
 
 
 def test_data_flows_one_way() -> None:
@@ -90,13 +96,7 @@ def test_the_import_map_has_no_circle() -> None:
     graph = nx.DiGraph()
     for name, f in modules.items():
         graph.add_node(name)
-        for node in ast.walk(ast.parse(f.read_text())):
-            targets: list[str] = []
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
-            graph.add_edges_from((name, t) for t in targets if t in modules and t != name and
-                                 not name.startswith(f"{t}."))  # a package's own __init__ is no circle
+        graph.add_edges_from((name, t) for t in _imported(f) if t in modules and t != name and
+                             not name.startswith(f"{t}."))  # a package's own __init__ is no circle
     assert graph.number_of_edges() > 100
     assert list(nx.simple_cycles(graph)) == []

@@ -69,5 +69,10 @@ def test_layer_overlaps_equal_a_brute_force_count() -> None:
     sites_a, ch_a = np.array([0, 0, 1, 2]), np.array([1, 2, 0, 5])
     sites_b, ch_b = np.array([0, 1, 1]), np.array([2, 0, 3])
     np.testing.assert_allclose(jaccard_per_layer(sites_a, ch_a, sites_b, ch_b, 4), [0.5, 0.5, 0.0, 1.0])
+    for _ in range(50):  # the vectorised form against the set definition, repeats included
+        na, nb = rng.integers(0, 25, 2)
+        sa, sb, ca, cb = rng.integers(0, 4, na), rng.integers(0, 4, nb), rng.integers(0, 5, na), rng.integers(0, 5, nb)
+        want = [jaccard(set(ca[sa == li].tolist()), set(cb[sb == li].tolist())) for li in range(4)]
+        np.testing.assert_allclose(jaccard_per_layer(sa, ca, sb, cb, 4), want)
     pairs = itertools.permutations([[1], [1, 2], []], 2)
     assert all(jaccard(set(x), set(y)) == jaccard(set(y), set(x)) for x, y in pairs)
