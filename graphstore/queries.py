@@ -322,7 +322,7 @@ WHERE ($kind IS NULL OR i.kind = $kind)
   AND ($label IS NULL OR i.label = $label)
   AND ($predicted IS NULL OR i.predicted = $predicted)
 RETURN i.id AS id, i.source AS source, i.kind AS kind, i.label AS label, i.predicted AS predicted,
-       i.prob AS prob, i.variant_of AS variant_of, i.setting AS setting
+       i.prob AS prob, i.variant_of AS variant_of, coalesce(i.setting, '') AS setting
 ORDER BY i.source, i.id
 LIMIT $limit
 """
@@ -333,8 +333,8 @@ OPTIONAL MATCH (i)-[:VARIANT_OF]->(o:Image)
 OPTIONAL MATCH (v:Image)-[:VARIANT_OF]->(i)
 WITH i, o, collect(v.id) AS variants
 RETURN i.id AS id, i.model_id AS model_id, i.source AS source, i.kind AS kind, i.params AS params,
-       i.setting AS setting, i.label AS label, i.predicted AS predicted, i.prob AS prob, i.probs AS probs,
-       i.png AS png, o.id AS original, variants
+       coalesce(i.setting, '') AS setting, i.label AS label, i.predicted AS predicted, i.prob AS prob,
+       i.probs AS probs, i.png AS png, o.id AS original, variants
 """
 
 PATHWAYS_OF_IMAGE = """

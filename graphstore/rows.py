@@ -67,7 +67,9 @@ def image_row(im: ImageRecord, model: ModelInfo) -> dict[str, Any]:
     setting = im.setting
     props = {
         "id": im.image_id, "model_id": im.model_id, "source": im.source, "kind": im.kind, "params": im.params,
-        "setting": setting, "label": int(im.label), "predicted": int(im.predicted),
+        # like variant_of, set on variants only: both writers then store the same (the bulk importer
+        # reads an empty CSV cell as no property, so an original's "" could not be stored there)
+        "setting": setting or None, "label": int(im.label), "predicted": int(im.predicted),
         "prob": float(im.probs[im.predicted]), "probs": [float(p) for p in im.probs], "png": bytes(im.png),
         "variant_of": im.variant_of,
     }

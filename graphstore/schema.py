@@ -92,9 +92,9 @@ NODES: tuple[Node, ...] = (
     Node("Neuron", _props("id:string model_id:string layer_id:string site:string layer_index:long depth:long "
                           "channel:long")),
     Node("Class", _props("id:string model_id:string index:long name:string")),
-    Node("Image", _props("id:string model_id:string source:string kind:string params:string setting:string "
+    Node("Image", _props("id:string model_id:string source:string kind:string params:string setting?:string "
                          "label:long predicted:long prob:double probs:double[] png:byte[] variant_of?:string"),
-         "variant_of on variants"),
+         "variant_of and setting (the sweep setting: parameters without per-image ones) on variants"),
     Node("Pathway", _props(
         "id:string image_id:string model_id:string method:string selection:string params:string config:string "
         "target:long logit_full:double logit_masked:double logit_ratio:double size:long dead_fraction:double "
