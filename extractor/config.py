@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from extractor.errors import ExtractionError
-from extractor.models import ModelBundle, ModelOptions
+from extractor.models import ModelBundle, ModelOptions, make_bundle
 from extractor.settings import RESAMPLING_METHODS, PathwaySettings
 from extractor.variants import KINDS
 from records import Shard
@@ -133,14 +133,23 @@ def model_from_spec(
     untrained: bool = False,
     opts: ModelOptions | None = None,
 ) -> ModelBundle:
-    """``demo``, a torchvision classifier name, ``FILE.py:FACTORY``, ``package.module:FACTORY`` or
-    a TorchScript file -> a ``ModelBundle``; ``opts.class_names`` replace the model's own names."""
+    """``demo``, a trained model that ships offline (:data:`extractor.trained.TRAINED`), a torchvision
+    classifier name, ``FILE.py:FACTORY``, ``package.module:FACTORY`` or a TorchScript file -> a
+    ``ModelBundle``; ``opts.class_names`` replace the model's own names."""
     from extractor.demo import demo_bundle
     from extractor.models import is_user_model, load_torchvision, load_user_model
+    from extractor.trained import TRAINED, load_trained
 
     opts = opts or ModelOptions()
     if spec == "demo":
         bundle, _ = demo_bundle(home)
+    elif spec in TRAINED:
+        source = TRAINED[spec]
+        if weights_file is not None:
+            raise ExtractionError(f"{spec} brings its own trained weights; --weights-file is for other models")
+        model = load_trained(source, untrained=untrained)
+        bundle = make_bundle(model, spec, (3, source.input_size, source.input_size), source.class_names(),
+                             source.mean, source.std, opts.sites)
     elif is_user_model(spec):
         return load_user_model(spec, weights_file, opts)
     else:

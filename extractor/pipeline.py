@@ -65,7 +65,8 @@ def to_png(x: torch.Tensor) -> bytes:
 
 
 def load_images(spec: str, bundle: ModelBundle, demo_home: Path | None = None) -> ImageSource:
-    """``demo:test`` / ``demo:train``, a folder (one sub-folder per class) or one file, read lazily."""
+    """``demo:test`` / ``demo:train``, a named source (``samples:imagenet``, ``fashion-mnist:test``, ...;
+    :mod:`extractor.datasets`), a folder (one sub-folder per class) or one file, read lazily."""
     if spec.startswith("demo:"):
         from extractor.demo import demo_model, demo_split
 
@@ -75,12 +76,18 @@ def load_images(spec: str, bundle: ModelBundle, demo_home: Path | None = None) -
         split = spec.split(":", 1)[1]
         x, y = demo_split(data, split)
         return TensorImages(x, y, [f"demo:{split}/{i}" for i in range(len(y))])
+    from extractor.datasets import SOURCES, named_source
+
+    named = named_source(spec, bundle.info.input_shape)
+    if named is not None:
+        return named
     path = Path(spec)
     if path.is_dir():
         return FileImages(path, scan_folder(path), bundle.info.input_shape, bundle.info.class_names)
     if path.is_file():
         return FileImages(path.parent, [path], bundle.info.input_shape, bundle.info.class_names)
-    raise ExtractionError(f"images {spec!r}: no such file or folder (or use demo:test / demo:train)")
+    raise ExtractionError(f"images {spec!r}: no such file or folder; named sources: demo:test, demo:train, "
+                          f"{', '.join(SOURCES)}")
 
 
 def adopt_folder_names(bundle: ModelBundle, images: ImageSource) -> ModelBundle:
@@ -89,7 +96,7 @@ def adopt_folder_names(bundle: ModelBundle, images: ImageSource) -> ModelBundle:
     Applies when labels came from ImageFolder's sorted-name rule, there is one folder per class,
     and the model's names are the placeholders ``"0"`` .. ``"K-1"``; the user's model is not touched.
     """
-    names = images.folder_class_names()
+    names = images.label_names()
     info = bundle.info
     if not names or len(names) != info.num_classes or info.class_names != tuple(map(str, range(info.num_classes))):
         return bundle

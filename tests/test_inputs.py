@@ -127,11 +127,11 @@ def test_bad_files_are_skipped_listed_and_strict_fails(demo: tuple, tmp_path: Pa
 
 def test_labels_from_folders_and_class_names(demo: tuple, tmp_path: Path) -> None:
     bundle, _ = demo
-    # WordNet-style folders: ImageFolder's rule, sorted names -> 0..K-1
+    # WordNet-style folders on a 10-way model: ImageFolder's rule, sorted names -> 0..K-1
     folder = write_folder(tmp_path / "wn", {"n03000134": 1, "n01440764": 2, "n02102040": 1}, size=(8, 8))
     src = load_images(str(folder), bundle)
     assert [src.label(i) for i in range(len(src))] == [0, 0, 1, 2]
-    assert src.folder_class_names() == ("n01440764", "n02102040", "n03000134")
+    assert src.label_names() == ("n01440764", "n02102040", "n03000134")
     # names of the model's classes map to those classes
     assert folder_labels(["digit 9", "digit 4"], bundle.info.class_names) == ({"digit 9": 9, "digit 4": 4}, True)
     assert folder_labels(["b", "a", "c"], ["x", "y"]) == ({"a": 0, "b": 1, "c": -1}, False)
@@ -230,3 +230,17 @@ def test_load_refuses_an_unfinished_shard(demo: tuple, home: Path, tmp_path: Pat
     p = _pathx("db", "import", str(out), "--overwrite", env=env)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 1 and "cannot import into NEO4J_URI" in err
+
+
+def test_wordnet_folders_get_their_imagenet_index() -> None:
+    """Imagenette's 10 wnid folders (any subset of the 1,000) map to their ImageNet indices on a
+    1,000-way model, also in the ``n01440764_tench`` style; a wnid outside ImageNet is one line."""
+    names = [str(i) for i in range(1000)]
+    imagenette = ["n01440764", "n02102040", "n02979186", "n03000684", "n03028079", "n03394916", "n03417042",
+                  "n03425413", "n03445777", "n03888257"]
+    labels, matched = folder_labels(imagenette, names)
+    assert matched and [labels[f] for f in imagenette] == [0, 217, 482, 491, 497, 566, 569, 571, 574, 701]
+    named = ["n02102040_English_springer", "n01440764-tench"]
+    assert folder_labels(named, names)[0] == {"n02102040_English_springer": 217, "n01440764-tench": 0}
+    with pytest.raises(ExtractionError, match=r"n99999999.*not one of ImageNet's"):
+        folder_labels(["n01440764", "n99999999"], names)

@@ -300,7 +300,7 @@ NASTY = ["it's \"quoted\"", "back\\slash", "'}) MATCH (n) DETACH DELETE n //", "
 
 
 def test_hostile_class_names_round_trip(empty_store: object, tmp_path: Path) -> None:
-    from extractor.inputs import ImageSet
+    from extractor.inputs import TensorImages
     from extractor.models import make_bundle
     from extractor.pipeline import extract_run
     from extractor.settings import PathwaySettings
@@ -308,7 +308,7 @@ def test_hostile_class_names_round_trip(empty_store: object, tmp_path: Path) -> 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, len(NASTY)))
     bundle = make_bundle(model, "tiny", (1, 6, 6), NASTY)
-    imgs = ImageSet(torch.rand(4, 1, 6, 6), torch.tensor([0, 1, 2, 3]), [f"x{i}" for i in range(4)])
+    imgs = TensorImages(torch.rand(4, 1, 6, 6), torch.tensor([0, 1, 2, 3]), [f"x{i}" for i in range(4)])
     extract_run(bundle, imgs, [PathwaySettings(k=2)], [], tmp_path / "run", progress=False)
     load_run(empty_store, tmp_path / "run", progress=False)  # type: ignore[arg-type]
     store = Store(empty_store)  # type: ignore[arg-type]
