@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 export PATHX_HOME ?= $(CURDIR)/.cache
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install chromium neo4j demo test lint bench clean stop
+.PHONY: install debian neo4j demo test lint bench clean stop
 
 install: $(STAMP)
 
@@ -19,27 +19,29 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-# Debian's Chromium for the browser tests (never a browser download), and docker-compose to lint
-# docker/compose.yml where no `docker compose` plugin exists.
-chromium:
-	@command -v chromium >/dev/null 2>&1 && { docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1; } \
-	  || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium docker-compose >/dev/null; }
+# Debian's packages: Chromium for the browser tests (never a browser download), docker-compose to lint
+# docker/compose.yml where no `docker compose` plugin exists, and Fashion-MNIST's 70,000 images (the demo's data).
+debian:
+	@command -v chromium >/dev/null 2>&1 && [ -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ] \
+	  && { docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1; } \
+	  || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium docker-compose \
+	       dataset-fashion-mnist >/dev/null; }
 
 # Neo4j 5.26 jars from Maven Central into $(PATHX_HOME)/neo4j/lib (once).
 neo4j: install
 	$(BIN)/pathx db fetch >/dev/null
 
-demo: install neo4j
+demo: install debian neo4j
 	$(BIN)/pathx demo
 
 lint: install
 	$(BIN)/ruff check records extractor graphstore ui pathx tests bench
 
-test: install chromium neo4j lint
+test: install debian neo4j lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # Speed and memory figures (not part of `make test`): bench/results/{results.json,README.md}.
-bench: install neo4j
+bench: install debian neo4j
 	$(BIN)/python bench/run.py
 
 stop:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +11,7 @@ from extractor.contributions import Contributions
 from extractor.edges import Edges, compute_edges
 from extractor.models import ModelBundle
 from extractor.pathway_gradient import pathway_gradient, saliency_map
+from extractor.reach import bundle_reach, cut_sites
 from extractor.selection import Selection
 from extractor.settings import PathwaySettings
 from extractor.sitegraph import cut_forward
@@ -35,6 +37,9 @@ def finish_batch(
     scores: list[torch.Tensor], extra: list[dict[str, object]],
 ) -> BatchPathways:
     """Edges along the site graph (one cut forward) and Pathway Gradient for a selected batch."""
+    for b, where in enumerate(cut_sites(sel.kept, bundle.sites, bundle_reach(bundle, x))):
+        if where:  # the selection is cut there: the records, the UI and `pathx query pathway` say so
+            extra[b]["cut_sites"] = json.dumps([bundle.sites[i].site_id for i in where])
     cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x.detach()))
     edges = compute_edges(bundle.sites, contrib, sel, cut, settings)
     del cut

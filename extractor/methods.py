@@ -19,6 +19,7 @@ from extractor.batch import BatchPathways, finish_batch
 from extractor.contributions import check_finite, intgrad_contributions, mct_contributions
 from extractor.models import ModelBundle
 from extractor.pixelpaths import pixel_batch
+from extractor.reach import bundle_reach
 from extractor.resampling import resampling_batch
 from extractor.selection import select
 from extractor.settings import PathwaySettings
@@ -39,7 +40,7 @@ def contribution_batch(
     if settings.method == "intgrad":
         contrib = intgrad_contributions(bundle, x, contrib.target, settings.intgrad_steps, contrib.acts)
     check_finite("contributions", contrib.element)
-    sel = select(contrib, settings)
+    sel = select(contrib, settings, bundle_reach(bundle, x) if settings.selection == "topk" else None)
     extra: list[dict[str, object]] = [{} for _ in range(x.shape[0])]
     return finish_batch(bundle, x, settings, contrib, sel, [], extra)  # scores: |contribution within the mask|
 

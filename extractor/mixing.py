@@ -387,3 +387,74 @@ def mixing_edge_weights(mix: Mixing, a_src: torch.Tensor, a_dst: torch.Tensor, g
             )  # [n * M, Ci, kh, kw]: dC_j/dW[j] per image
             out.append((grad_w.view(n, M, ci, -1) * w_sel[s:s + n].reshape(n, M, ci, -1)).sum(-1))
         return torch.cat(out, 0)
+
+
+def channel_reach(mix: Mixing, c_src: int, c_dst: int) -> torch.Tensor | None:
+    """Which source channels each destination channel reads through ``mix``: bool ``[c_dst, c_src]``,
+    or ``None`` when every destination channel reads every source channel (a dense layer).
+
+    Read off the layer's weights: an identity segment joins channel ``i`` to ``i`` alone, a
+    depthwise or grouped convolution joins a group's channels only, and weights that are exactly 0
+    join nothing. Destination channels outside the layer's output block (a concatenation after it)
+    read nothing from this source.
+    """
+    if mix.kind == "identity":
+        return torch.eye(c_dst, c_src, dtype=torch.bool)
+    node = mix.node
+    with torch.no_grad():
+        if mix.kind == "linear":
+            w = node._saved_mat2.detach().T  # [C_out, F], feature f from source channel f // group
+            nz = (w != 0).view(w.shape[0], c_src, mix.group).any(-1).cpu()
+        else:
+            w = (mix.weight if mix.weight is not None else node._saved_weight).detach()  # [C_out, Ci/g, kh, kw]
+            nz = (w != 0).flatten(2).any(-1).cpu()
+            groups = 1 if mix.weight is not None else int(node._saved_groups)
+            if groups > 1:  # block-diagonal over the groups
+                per_in, per_out = nz.shape[1], w.shape[0] // groups
+                cols = (torch.arange(w.shape[0]) // per_out)[:, None] * per_in + torch.arange(per_in)
+                nz = torch.zeros(w.shape[0], per_in * groups, dtype=torch.bool).scatter_(1, cols, nz)
+            nz = nz[:, mix.src_offset:mix.src_offset + c_src]
+    if mix.dst_offset == 0 and nz.shape[0] == c_dst and bool(nz.all()):
+        return None
+    out = torch.zeros(c_dst, c_src, dtype=torch.bool)
+    out[mix.dst_offset:mix.dst_offset + nz.shape[0]] = nz
+    return out
+
+
+# ops that keep channels apart whatever else they do (zero or edge padding included): for the channel structure
+# of a segment only; the fast edge path needs the stricter PRE_OK / POST_OK
+_CHANNELWISE = (PRE_OK | POST_OK | {"ConstantPadNdBackward0", "ReflectionPad2DBackward0",
+                                     "ReplicationPad2DBackward0", "HardtanhBackward0"}) - FLATTEN
+
+
+def segment_reach(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable[torch.Tensor]) \
+        -> torch.Tensor | None:
+    """:func:`channel_reach` of the segment ``a_src -> a_dst`` (attached site outputs ``[B, C, ...]``).
+
+    A segment the fast path reads (:func:`find_mixing`) gives its structure exactly. Otherwise a
+    segment whose only channel-mixing layer is one convolution of matching channel counts, with only
+    channel-wise ops (padding included) around it, gives that convolution's structure; a segment of
+    channel-wise ops only is the identity; anything else counts as dense (``None``).
+    """
+    mix = find_mixing(a_src, a_dst, site_tensors)
+    c_src, c_dst = a_src.shape[1], a_dst.shape[1]
+    if mix is not None:
+        return channel_reach(mix, c_src, c_dst)
+    src, dst = a_src.grad_fn, a_dst.grad_fn
+    if src is None or dst is None:
+        return None
+    stops = {t.grad_fn for t in site_tensors if t.grad_fn is not None} - {src, dst}
+    memo: dict[Any, bool] = {}
+    on_path = [n for n in _visited(dst, stops | {src}) if _reaches(n, src, stops, memo)]
+    mixers = [n for n in on_path if n.name() in MIXING]
+    others = [n for n in on_path if n.name() not in MIXING and n is not src]
+    if any(n.name() not in _CHANNELWISE for n in others):
+        return None
+    if not mixers:
+        return torch.eye(c_dst, c_src, dtype=torch.bool) if c_src == c_dst else None
+    if len(mixers) != 1 or mixers[0].name() != "ConvolutionBackward0" or mixers[0]._saved_transposed:
+        return None
+    w = mixers[0]._saved_weight
+    if w is None or w.shape[0] != c_dst or w.shape[1] * int(mixers[0]._saved_groups) != c_src:
+        return None
+    return channel_reach(Mixing(mixers[0], "conv", 1), c_src, c_dst)

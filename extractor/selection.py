@@ -2,7 +2,8 @@
 
 ``percentile``: one global percentile ``p`` over the |scores| of all neurons of all sites
 (elements or channels); the lowest ``floor(p% * N)`` are dropped, so ``p = 0`` keeps
-everything. ``topk``: the ``k`` channels of largest |contribution| per site.
+everything. ``topk``: the ``k`` channels of largest |contribution| per site, connected across
+depthwise and grouped segments (:mod:`extractor.reach`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from extractor.contributions import Contributions
+from extractor.reach import SiteReach, connected_topk
 from extractor.settings import PathwaySettings
 
 
@@ -29,18 +31,14 @@ def channel_mask(kept: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return kept.to(like.device).view(*kept.shape, *([1] * (like.dim() - 2))).expand_as(like).to(like.dtype)
 
 
-def select(contrib: Contributions, settings: PathwaySettings) -> Selection:
-    """Apply the selection rule to the contributions (scores are absolute values)."""
+def select(contrib: Contributions, settings: PathwaySettings, reach: SiteReach | None = None) -> Selection:
+    """Apply the selection rule to the contributions (scores are absolute values). Top-k keeps the
+    pathway connected through per-channel and grouped segments given their ``reach``
+    (:func:`extractor.reach.connected_topk`)."""
     element_scores = [e.abs() for e in contrib.element]
     if settings.selection == "topk":
-        masks, kept = [], []
-        for chan, e in zip(contrib.channel, contrib.element, strict=True):
-            k = min(settings.k, chan.shape[1])
-            idx = chan.abs().topk(k, dim=1).indices
-            keep = torch.zeros_like(chan, dtype=torch.bool).scatter_(1, idx, True)
-            kept.append(keep)
-            masks.append(channel_mask(keep, e))
-        return Selection(masks, kept)
+        kept = connected_topk([c.abs() for c in contrib.channel], settings.k, reach)
+        return Selection([channel_mask(k, e) for k, e in zip(kept, contrib.element, strict=True)], kept)
     B = contrib.logits.shape[0]
     if settings.granularity == "element":
         flat = torch.cat([s.reshape(B, -1) for s in element_scores], dim=1)

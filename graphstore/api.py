@@ -8,6 +8,7 @@ transactions, and returns the typed results of ``graphstore.results``, numpy arr
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -193,6 +194,7 @@ class Store:
         for r in self._run(Q.PATHWAYS_OF_IMAGE, image_id=image_id):
             shape = r.pop("saliency_shape")
             r["saliency"] = np.asarray(r["saliency"], dtype=np.float32).reshape(shape)
+            r["cut_sites"] = json.loads(r["cut_sites"])
             out.append(PathwayInfo(**r))
         return out
 
@@ -203,9 +205,10 @@ class Store:
         raise NotFound(f"image {image_id!r} has no pathway of setting {config!r}")
 
     def pathway_graph(self, pathway_id: str, max_edges: int | None = None) -> nx.DiGraph:
-        """Neurons (contribution, rank) and weighted edges of one pathway."""
-        self._require(Q.PATHWAY_EXISTS, "pathway", pathway_id=pathway_id)
-        graph = nx.DiGraph(pathway_id=pathway_id)
+        """Neurons (contribution, rank) and weighted edges of one pathway; the graph's ``cut_sites``
+        names the sites where the selection is cut (empty when it is connected)."""
+        head = self._require(Q.PATHWAY_EXISTS, "pathway", pathway_id=pathway_id)
+        graph = nx.DiGraph(pathway_id=pathway_id, cut_sites=json.loads(head["cut_sites"]))
         for r in self._run(Q.PATHWAY_NEURONS, pathway_id=pathway_id):
             graph.add_node(r.pop("neuron"), **r)
         edges = self._run(Q.PATHWAY_EDGES, pathway_id=pathway_id)

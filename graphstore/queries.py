@@ -342,7 +342,8 @@ MATCH (p:Pathway {image_id: $image_id})
 RETURN p.id AS id, p.config AS config, p.method AS method, p.selection AS selection, p.params AS params,
        p.target AS target, p.logit_full AS logit_full, p.logit_masked AS logit_masked, p.size AS size,
        p.saliency AS saliency, p.saliency_shape AS saliency_shape, p.gaps AS gaps,
-       coalesce(p.dead_fraction, 0.0) AS dead_fraction, p.corr_prec_overlap AS corr_prec_overlap
+       coalesce(p.dead_fraction, 0.0) AS dead_fraction, p.corr_prec_overlap AS corr_prec_overlap,
+       coalesce(p.cut_sites, '[]') AS cut_sites
 ORDER BY p.config
 """
 
@@ -501,7 +502,7 @@ RETURN p.id AS pathway, i.id AS image, i.label AS label, p.target AS target
 ORDER BY image
 """
 
-PATHWAY_EXISTS = "MATCH (p:Pathway {id: $pathway_id}) RETURN p.id AS id"
+PATHWAY_EXISTS = "MATCH (p:Pathway {id: $pathway_id}) RETURN p.id AS id, coalesce(p.cut_sites, '[]') AS cut_sites"
 IMAGE_EXISTS = "MATCH (i:Image {id: $image_id}) RETURN i.id AS id, i.model_id AS model_id"
 CLASS_EXISTS = "MATCH (c:Class {id: $class_id}) RETURN c.id AS id, c.model_id AS model_id"
 NEURON_EXISTS = "MATCH (n:Neuron {id: $neuron_id}) RETURN n.id AS id"

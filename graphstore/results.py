@@ -88,6 +88,7 @@ class PathwayInfo:
     gaps: list[float]
     dead_fraction: float  # share of the pathway's neurons that are dead (all zero) in the clean pass
     corr_prec_overlap: float | None  # resampling methods: Lengerich's overlap of the two selections
+    cut_sites: list[str]  # sites where the selection is cut (no kept neuron reads a kept one before it)
 
     @property
     def logit_ratio(self) -> float:

@@ -100,9 +100,10 @@ NODES: tuple[Node, ...] = (
         "target:long logit_full:double logit_masked:double logit_ratio:double size:long dead_fraction:double "
         "saliency:double[] saliency_shape:long[] gaps:double[] layer_sizes:long[] layer_mass:double[] "
         "signature?:double[] original_pathway?:string layer_jaccard?:double[] corr_prec_overlap?:double "
-        "corr_prec_jaccard?:double pixels?:double chains?:double pixel_chains?:string"),
+        "corr_prec_jaccard?:double pixels?:double chains?:double pixel_chains?:string cut_sites?:string"),
          "signature on non-empty pathways; original_pathway, layer_jaccard on variants' pathways; "
-         "corr_prec_* on resampling pathways; pixels, chains, pixel_chains on pixel pathways"),
+         "corr_prec_* on resampling pathways; pixels, chains, pixel_chains on pixel pathways; cut_sites (JSON "
+         "list of site ids) where the selection is cut: no kept neuron there reads a kept neuron before it"),
     Node("VariantStat", _props("model_id:string config:string kind:string setting:string label:long pairs:long "
                                "changed:long jaccard_sum:double[]"), aggregate=True),
     Node("CountStat", _props("model_id:string config:string kind:string setting:string pathways:long "

@@ -336,6 +336,10 @@ def query(
     args = QueryArgs(cls, cls_b, image, pathway, config, model, kind, layer, neuron, min_support, max_other, limit)
     with _errors(), _store() as store:
         answer = ask(store, name, args)
+        if isinstance(answer, nx.Graph) and answer.graph.get("cut_sites"):
+            cut = answer.graph["cut_sites"]
+            typer.echo(f"note: this pathway is cut at {len(cut)} site(s): {', '.join(cut)} (no neuron kept there "
+                       "reads a neuron kept before it)", err=True)
         _echo_json(nx.node_link_data(answer, edges="edges") if isinstance(answer, nx.Graph) else answer)
 
 

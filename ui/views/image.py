@@ -60,6 +60,12 @@ with c3:
     title = "Largest pixel pathway per pixel" if pathway.method == "pixel" else "Pathway Gradient"
     st.plotly_chart(saliency_figure(pathway.saliency, title), key="saliency")
 
+if pathway.cut_sites:
+    shown = ", ".join(pathway.cut_sites[:3]) + (", …" if len(pathway.cut_sites) > 3 else "")
+    st.warning(f"This pathway is cut at {len(pathway.cut_sites)} site(s) ({shown}): no neuron kept there reads a "
+               "neuron kept before it, so the signal reaches the output only around those sites (through skips), "
+               "or not at all (a Pathway Gradient of 0).")
+
 st.subheader("Pathway")
 max_edges = st.slider("Strongest edges shown", 20, 1000, 200, step=20, key="img_edges")
 graph = s.pathway_graph(pathway.id)
