@@ -18,6 +18,7 @@ import importlib.util
 import json
 import logging
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,11 +178,12 @@ def decode_file(path: Path, shape: Sequence[int]) -> torch.Tensor:
     try:
         if path.stat().st_size == 0:
             raise BadImage("empty file")
-        with Image.open(path) as img:
+        with warnings.catch_warnings(), Image.open(path) as img:  # the size check below refuses bombs
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             width, height = img.size
             if width * height > MAX_PIXELS:
-                raise BadImage(f"{width} x {height} pixels is over the {MAX_PIXELS:,}-pixel limit "
-                               "(a decompression bomb, or downscale it first)")
+                raise BadImage(f"refused as a decompression bomb: {width} x {height} pixels is over the "
+                               f"{MAX_PIXELS:,}-pixel limit (downscale it first)")
             if img.mode not in EIGHT_BIT_MODES:
                 raise BadImage(f"mode {img.mode} is not an 8-bit image (values would be clipped); convert it first")
             box = _aspect_box(width, height, W / H)
@@ -193,7 +195,9 @@ def decode_file(path: Path, shape: Sequence[int]) -> torch.Tensor:
                 img = img.crop(box)
     except BadImage:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # Pillow refuses at open past twice its limit
+        raise BadImage(f"refused as a decompression bomb: {str(exc).splitlines()[0]}") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise BadImage(f"cannot read: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") \
             from exc
     if C not in (1, 3):
@@ -310,9 +314,11 @@ class FileImages(ImageSource):
 
 def scan_folder(path: Path) -> list[Path]:
     """Image files under ``path`` in sorted order (names only; nothing is decoded)."""
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    everything = [p for p in path.rglob("*") if p.is_file()]
+    files = sorted(p for p in everything if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ExtractionError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {path}")
+        raise ExtractionError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {path}: "
+                              f"{len(everything)} other files skipped")
     return files
 
 

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from records import (
     RunWriter,
     Shard,
     config_key,
+    part_dirs,
     variant_setting,
 )
 
@@ -227,6 +229,7 @@ def extract_run(
         "variants": [{"kind": v.kind, "params": v.params} for v in variants],
         "exemplars": exemplars,
     })
+    fresh = not out_dir.exists()
     writer = RunWriter(out_dir, manifest, shard)
     tracker = ExemplarTracker(bundle, exemplars) if exemplars else None
     done = writer.done_sources()
@@ -279,6 +282,12 @@ def extract_run(
         bar.close()
         bundle.model.to(home_device)  # the user's model goes back where it was
     summary.seconds = time.perf_counter() - began
+    if summary.bad and not summary.images and not summary.skipped_originals and shard.count == 1:
+        if fresh and not part_dirs(out_dir):
+            shutil.rmtree(out_dir, ignore_errors=True)  # nothing to keep: leave no run folder behind
+        first = summary.bad[0]
+        raise ExtractionError(f"none of the {len(summary.bad)} images could be read ({len(summary.bad)} skipped; "
+                              f"first: {first.source}: {first.reason})")
     writer.finish(images=summary.images, pathways=summary.pathways, limit=limit)
     return summary
 
