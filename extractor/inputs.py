@@ -178,8 +178,10 @@ def decode_file(path: Path, shape: Sequence[int]) -> torch.Tensor:
     try:
         if path.stat().st_size == 0:
             raise BadImage("empty file")
-        with warnings.catch_warnings(), Image.open(path) as img:  # the size check below refuses bombs
+        with warnings.catch_warnings():  # Pillow warns of a bomb at open; the size check below refuses it
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             width, height = img.size
             if width * height > MAX_PIXELS:
                 raise BadImage(f"refused as a decompression bomb: {width} x {height} pixels is over the "

@@ -116,9 +116,12 @@ class ExtractSummary:
     seconds: float = 0.0
     bad: list[SkippedImage] = field(default_factory=list)  # unreadable images skipped in this call
     shard: Shard = field(default_factory=Shard)
-    correct: dict[str, list[int]] = field(default_factory=dict)  # variant key -> [correct, total]
+    # (kind, sweep setting) -> [correct, total], labelled images only
+    correct: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    unlabelled: int = 0  # originals without a label: no accuracy counts them
 
-    def accuracy(self) -> dict[str, float]:
+    def accuracy(self) -> dict[tuple[str, str], float]:
+        """Top-1 accuracy per (variant kind, sweep setting) over the labelled images."""
         return {k: c / t for k, (c, t) in self.correct.items() if t}
 
 
@@ -320,9 +323,12 @@ def _extract_batch(
         keep: list[int] = []
         for b, img in enumerate(gids):
             setting = variant_setting(kind, params[b])  # the sweep setting, as the record will carry it
-            hit = summary.correct.setdefault(kind if kind == "original" else f"{kind}:{setting}", [0, 0])
-            hit[0] += int(logits[b].argmax() == attack_labels[b])
-            hit[1] += 1
+            if labels[b] >= 0:  # accuracy only where a label exists (never against the model's own guess)
+                hit = summary.correct.setdefault((kind, setting), [0, 0])
+                hit[0] += int(logits[b].argmax() == labels[b])
+                hit[1] += 1
+            elif kind == "original":
+                summary.unlabelled += 1
             if img in seen:  # a variant identical to an image already in this part
                 continue
             seen.add(img)

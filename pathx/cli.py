@@ -278,8 +278,13 @@ def _echo_extraction(summary: Any, where: str = "") -> None:
     typer.echo(f"{summary.images} images, {summary.pathways} pathways, {summary.edges} edges in "
                f"{summary.seconds:.1f} s ({rate:.1f} images/s){where}; {summary.skipped_originals} originals "
                f"already done; {len(summary.bad)} unreadable images skipped")
-    for key, acc in summary.accuracy().items():
-        typer.echo(f"  accuracy {key}: {acc:.3f}")
+    from graphstore.names import variant_name
+
+    for (kind, setting), acc in summary.accuracy().items():
+        right, total = summary.correct[(kind, setting)]
+        typer.echo(f"  accuracy {variant_name(kind, setting)}: {acc:.3f} ({right} of {total} labelled)")
+    if summary.unlabelled:
+        typer.echo(f"  {summary.unlabelled} originals have no label: no accuracy for them")
 
 
 # --- graph store ----------------------------------------------------------------------------

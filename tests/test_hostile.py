@@ -103,6 +103,8 @@ def test_a_folder_of_hostile_files_finishes_and_lists_exactly_the_bad_ones(tmp_p
     assert res.returncode == 0, res.stderr[-2000:]
     assert "Traceback" not in res.stderr and "Traceback" not in res.stdout
     assert f"{len(ok)} images" in res.stdout and f"{len(bad)} unreadable images skipped" in res.stdout
+    # unlabelled files: no accuracy is claimed (the prediction never stands in for the label)
+    assert "accuracy original" not in res.stdout and f"{len(ok)} originals have no label" in res.stdout
     status = json.loads(next((tmp_path / "run" / "shards").glob("*.json")).read_text())
     assert set(status["skipped"]) == bad
     assert status["skipped"]["bomb.png"].startswith("refused as a decompression bomb")
