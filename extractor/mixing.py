@@ -142,7 +142,7 @@ def find_mixing(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable
     if kind == "" or any(_reaches(p, src, stops, memo) for p in params if p is not None):
         return None
     pre, flattened, src_offset = _pre_chain(inp, src, stops, memo)
-    if pre is None:
+    if pre is None or not _zero_padding(inp, mx._saved_input if kind == "conv" else None):
         return None
     post = set(on_path) - {mx} - pre
     if any(n.name() not in POST_OK and n.name() != "CatBackward0" for n in post):
@@ -181,7 +181,7 @@ def _two_convs(mixers: list[Any], on_path: list[Any], src: Any, dst: Any, stops:
     if any(_reaches(p, src, stops, memo) for p in params if p is not None):
         return None
     pre, flattened, src_offset = _pre_chain(m1.next_functions[0][0], src, stops, memo)
-    if pre is None or flattened:
+    if pre is None or flattened or not _zero_padding(m1.next_functions[0][0], m1._saved_input):
         return None
     on = set(on_path)
     post = {n for n in _visited(dst, stops | {src, m2})} & on
@@ -253,6 +253,24 @@ def _cat_offset(node: Any, k: int) -> int | None:
     return None if part is None else int(part.select(1, 0).flatten()[0])
 
 
+PAD = "ConstantPadNdBackward0"
+
+
+def _zero_padding(start: Any, u: torch.Tensor | None) -> bool:
+    """Whether the op feeding a mixing layer is no padding, or a padding of the last two axes whose
+    border in the layer's input ``u`` is all zeros (a zero pad keeps the segment homogeneous; its
+    value is not saved on the graph, so it is read off ``u``)."""
+    if start is None or start.name() != PAD:
+        return True
+    pad = tuple(int(v) for v in start._saved_pad)
+    if u is None or u.dim() != 4 or len(pad) != 4 or min(pad) < 0:
+        return False
+    left, right, top, bottom = pad
+    h, w = u.shape[2], u.shape[3]
+    borders = [u[..., :top, :], u[..., h - bottom:, :], u[..., :, :left], u[..., :, w - right:]]
+    return all(not bool(b.any()) for b in borders if b.numel())
+
+
 def _pre_chain(start: Any, src: Any, stops: set[Any], memo: dict[Any, bool]) -> tuple[set[Any] | None, bool, int]:
     """Nodes of the chain ``u -> a_src`` if it holds only channel-preserving homogeneous ops, whether
     it flattens, and the channel offset of ``a_src`` in ``u``. Along the chain a concatenation over
@@ -280,6 +298,10 @@ def _pre_chain(start: Any, src: Any, stops: set[Any], memo: dict[Any, bool]) -> 
                 offset += shift
             chain.add(node)
             node = child
+            continue
+        if node is start and node is not None and node.name() == PAD and len(_next(node)) == 1:
+            chain.add(node)  # padding right before the layer (TensorFlow's "same"): checked zero by the caller
+            node = _next(node)[0]
             continue
         spatial_mean = node is not None and node.name() == "MeanBackward1" and all(
             d % len(node._saved_self_sym_sizes) >= 2 for d in node._saved_dim)

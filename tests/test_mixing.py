@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torchvision
 from torch import nn
+from torch.nn import functional as F
 
 from extractor.contributions import mct_contributions
 from extractor.edges import compute_edges, edge_weights_for_pair, segment_routes
@@ -157,7 +160,25 @@ class _Bottleneck(nn.Module):  # conv -> batch norm (+ a skip not from the sourc
         return self.act(self.second(y + self.bias if self.skip else y * y))
 
 
+class _Padded(nn.Module):  # TensorFlow's "same" padding: F.pad right before the conv (EfficientNet-Lite, timm)
+    def __init__(self, value: float, groups: int = 1, bottleneck: bool = False) -> None:
+        super().__init__()
+        self.value, self.bottleneck = value, bottleneck
+        self.conv = nn.Conv2d(4, 4, 3, stride=2, groups=groups)
+        self.norm, self.second, self.act = nn.BatchNorm2d(4), nn.Conv2d(4, 6, 1), nn.ReLU()
+        self.out_channels = 6 if bottleneck else 4
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.conv(F.pad(a, [0, 1, 0, 1], value=self.value)))
+        return self.act(self.second(y) if self.bottleneck else y)
+
+
 @pytest.mark.parametrize(("body", "fast"), [
+    (_Padded(0.0), True),
+    (_Padded(0.0, groups=4), True),  # depthwise after a zero pad
+    (_Padded(0.0, groups=4, bottleneck=True), True),
+    (_Padded(0.5), False),  # a non-zero pad is not homogeneous
+    (_Padded(0.5, bottleneck=True), False),
     (_Bottleneck(nn.Conv2d(4, 5, 1)), True),
     (_Bottleneck(nn.Conv2d(4, 5, 3, stride=2, padding=1)), True),
     (_Bottleneck(nn.Conv2d(4, 8, 3, padding=1, groups=4)), True),  # depthwise-like first conv
@@ -229,3 +250,19 @@ def test_fast_path_in_image_chunks_equals_one_call(demo: tuple, monkeypatch: pyt
     pairs, fast, chunked = _pairs(bundle, x)
     assert (pairs, fast) == (4, 4)
     assert chunked < 1e-5 and whole < 1e-5
+
+
+@pytest.mark.slow
+def test_fast_path_on_efficientnet_lite0() -> None:
+    """The trained EfficientNet-Lite0 (zero "same" padding before every strided and depthwise conv):
+    the fast path reads its segments, equal to the VJP in float64."""
+    from extractor.config import model_from_spec
+
+    bundle = model_from_spec("efficientnet_lite0", Path("."))
+    bundle.model.double()
+    try:
+        pairs, fast, worst = _pairs(bundle, torch.rand(2, 3, 224, 224, dtype=torch.float64))
+    finally:
+        bundle.model.float()
+    assert worst < 1e-10
+    assert (pairs, fast) == (46, 46)
