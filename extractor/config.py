@@ -148,8 +148,9 @@ def model_from_spec(
         if weights_file is not None:
             raise ExtractionError(f"{spec} brings its own trained weights; --weights-file is for other models")
         model = load_trained(source, untrained=untrained)
+        title = f"{source.title.split(' (')[0]} (untrained)" if untrained else source.title
         bundle = make_bundle(model, spec, (3, source.input_size, source.input_size), source.class_names(),
-                             source.mean, source.std, opts.sites)
+                             source.mean, source.std, opts.sites, title)
     elif is_user_model(spec):
         return load_user_model(spec, weights_file, opts)
     else:

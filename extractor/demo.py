@@ -154,7 +154,7 @@ def demo_model(home: Path, settings: TrainSettings | None = None) -> tuple[DemoC
 def demo_bundle(home: Path) -> tuple[ModelBundle, DemoData]:
     """The demo model as a ``ModelBundle`` (inputs in ``[0, 1]``, no normalisation)."""
     model, data, _ = demo_model(home)
-    return make_bundle(model, "demo-cnn", (1, SIZE, SIZE), DIGIT_NAMES), data
+    return make_bundle(model, "demo-cnn", (1, SIZE, SIZE), DIGIT_NAMES, title="Digits CNN (scikit-learn digits)"), data
 
 
 def demo_split(data: DemoData, split: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -80,8 +80,10 @@ def make_bundle(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     site_modules: Sequence[str] | None = None,
+    title: str | None = None,
 ) -> ModelBundle:
     """Wrap a user's ``nn.Module`` classifier: checks its output, finds sites, computes its id.
+    ``title`` is how pages name it (default: ``arch``).
 
     The model is put in eval mode (its training flag is the only state we set; records
     describe eval-mode behaviour). Its parameters are not touched.
@@ -109,7 +111,7 @@ def make_bundle(
     sites = discover_sites(model, example, site_modules)
     info = ModelInfo(
         model_id=f"{arch}-{weights_hash(model)}", arch=arch, num_classes=num_classes, class_names=names,
-        input_shape=tuple(int(v) for v in input_shape), sites=sites,
+        input_shape=tuple(int(v) for v in input_shape), sites=sites, title=title or arch,
     )
     return ModelBundle(model=model, info=info, mean=mean_t, std=std_t)
 
@@ -155,8 +157,10 @@ def load_torchvision(
             )
         model.load_state_dict(torch.load(cached, map_location="cpu", weights_only=True))
     class_names = _bundled_categories(name, model)
+    title = f"{name} (untrained)" if untrained and weights_file is None else \
+        f"{name} (ImageNet)" if weights_file is None else name
     return make_bundle(model, name, (3, input_size, input_size), class_names, IMAGENET_MEAN, IMAGENET_STD,
-                       site_modules)
+                       site_modules, title)
 
 
 def _no_zero_layers(model: nn.Module) -> None:

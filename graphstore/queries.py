@@ -40,7 +40,7 @@ AWAIT_INDEXES = "CALL db.awaitIndexes(1800)"
 
 MERGE_MODEL = """
 MERGE (m:Model {id: $model.id})
-SET m.arch = $model.arch, m.num_classes = $model.num_classes, m.input_shape = $model.input_shape
+SET m.arch = $model.arch, m.title = $model.title, m.num_classes = $model.num_classes, m.input_shape = $model.input_shape
 WITH m
 UNWIND $layers AS l
 MERGE (ly:Layer {id: l.id})
@@ -264,7 +264,8 @@ LIST_MODELS = """
 MATCH (m:Model)
 OPTIONAL MATCH (m)-[:HAS_LAYER]->(l:Layer)
 WITH m, count(l) AS layers
-RETURN m.id AS id, m.arch AS arch, m.num_classes AS num_classes, layers ORDER BY id
+RETURN m.id AS id, m.arch AS arch, coalesce(m.title, m.arch) AS title, m.num_classes AS num_classes, layers
+ORDER BY id
 """
 
 LIST_CONFIGS = """

@@ -49,7 +49,8 @@ def model_rows(model: ModelInfo) -> ModelRows:
          "shape": list(s.shape), "layout": s.layout, "depth": s.depth}
         for s in model.sites
     ]
-    meta = {"id": model.model_id, "arch": model.arch, "num_classes": model.num_classes,
+    meta = {"id": model.model_id, "arch": model.arch, "title": model.title or model.arch,
+            "num_classes": model.num_classes,
             "input_shape": list(model.input_shape)}
     pairs = [{"src": layers[i]["id"], "dst": layers[s.index]["id"]} for s in model.sites for i in s.preds]
     neurons = [

@@ -57,6 +57,7 @@ class ModelInfo:
     class_names: tuple[str, ...]
     input_shape: tuple[int, ...]
     sites: tuple[SiteInfo, ...]
+    title: str = ""  # how pages name it, e.g. "EfficientNet-Lite0 (ImageNet)"; the arch when empty
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -73,6 +74,7 @@ class ModelInfo:
         return cls(
             model_id=data["model_id"], arch=data["arch"], num_classes=int(data["num_classes"]),
             class_names=tuple(data["class_names"]), input_shape=tuple(data["input_shape"]), sites=sites,
+            title=str(data.get("title") or data["arch"]),
         )
 
     def class_name(self, index: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -66,8 +67,13 @@ def test_image_page(app: Store) -> None:
     assert metrics(at)["Prediction"] == names[detail.predicted]
     pathway = app.pathway_of(image_id, config)
     assert metrics(at)["Masked logit / full logit"] == number(pathway.logit_ratio)
-    dot = at.get("graphviz_chart")[0].proto.spec
-    assert dot.count("fillcolor=") == pathway.size
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    graph = next(f for f in specs if any("customdata" in t for t in f["data"]))  # the pathway graph
+    nodes = next(t for t in graph["data"] if t.get("mode") == "markers")
+    saliency = next(f for f in specs if any(t["type"] == "heatmap" for t in f["data"]))
+    assert any(t["type"] == "image" for t in saliency["data"])  # the map lies over the photo
+    assert sorted(nodes["customdata"]) == sorted(app.pathway_graph(pathway.id).nodes)
+    assert len(nodes["customdata"]) == pathway.size
     # the neuron card: the selected neuron's exemplar patches, as the store holds them
     neuron = at.selectbox(key="img_neuron").value
     card = app.neuron_card(neuron, config)

@@ -7,7 +7,7 @@ Graphviz and Plotly; no CDN).
 
 from __future__ import annotations
 
-import html
+import base64
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, is_dataclass
@@ -44,13 +44,17 @@ def store() -> Store:
 
 
 def context() -> tuple[str, str]:
-    """Sidebar pickers for the model and the pathway setting; returns their ids."""
+    """Sidebar pickers for the model (``?model=ID`` in the URL preselects it) and the pathway setting;
+    returns their ids."""
     s = store()
-    models = [m["id"] for m in s.models()]
-    if not models:
+    titles = {m["id"]: f"{m['title']} · {m['id'].rsplit('-', 1)[-1]}" for m in s.models()}
+    if not titles:
         st.info("The store is empty. Load a run with `pathx load RUN_DIR` (or run `make demo`).")
         st.stop()
-    model_id = st.sidebar.selectbox("Model", models, key="model")
+    ids = list(titles)
+    asked = st.query_params.get("model")  # a link can name the model: /image?model=ID
+    model_id = st.sidebar.selectbox("Model", ids, format_func=titles.__getitem__, key="model",
+                                    index=ids.index(asked) if asked in ids else 0)
     configs = s.configs(model_id)
     if not configs:
         st.info("This model has no pathways yet.")
@@ -148,63 +152,109 @@ def short(neuron_id: str) -> str:
     return neuron_id.split("/", 1)[-1]
 
 
-def pathway_dot(
+EDGE_BINS = 4  # edges drawn in this many width classes (one Plotly trace each)
+LABEL_FONT = 11  # px: site labels on the pathway graph's axis
+
+
+def pathway_figure(
     graph: nx.DiGraph,
     colors: Mapping[str, str] | None = None,
     max_edges: int = 300,
     title: str = "",
     depths: Mapping[int, int] | None = None,
-) -> str:
-    """A layered DOT drawing of the site graph: one column per depth (``depths``: layer index ->
-    depth in the site graph; default one column per layer), parallel branches in the same column,
-    node size ~ |contribution|, pen ~ |weight|.
-
-    Only the ``max_edges`` strongest edges are drawn so large pathways stay readable.
+) -> go.Figure:
+    """The pathway laid out by depth, left to right: one column per depth in the site graph
+    (``depths``: layer index -> depth; default one column per layer), a column's sites stacked in it
+    (parallel branches), a site's neurons stacked in its block. Node size ~ |contribution|, edge
+    width ~ |weight| (red = negative). Plotly's zoom and pan work on it; the site of each column is
+    its axis label (thinned by Plotly where they would overlap, shown in full on zoom and in every
+    node's hover). Only the ``max_edges`` strongest edges are drawn.
     """
     colors = colors or {}
     nodes = list(graph.nodes(data=True))
+    columns: dict[int, dict[str, list[tuple[str, dict[str, Any]]]]] = {}  # depth -> site -> nodes
+    for n, d in nodes:
+        li = int(d.get("layer_index", 0))
+        depth = int(depths.get(li, li)) if depths is not None else li
+        columns.setdefault(depth, {}).setdefault(str(d.get("site", li)), []).append((n, d))
+    pos: dict[str, tuple[str, float]] = {}
+    labels: list[str] = []
+    for depth in sorted(columns):
+        sites = columns[depth]
+        label = next(iter(sites)) if len(sites) == 1 else f"{len(sites)} branches: {', '.join(list(sites)[:2])}, …"
+        label = f"{depth}. {label}"  # unique per column, in depth order
+        labels.append(label)
+        y = 0.0
+        blocks = []
+        for site in sorted(sites, key=lambda t: int(sites[t][0][1].get("layer_index", 0))):
+            members = sorted(sites[site], key=lambda t: int(t[1].get("channel", 0)))
+            blocks.append([(n, y + i) for i, (n, _) in enumerate(members)])
+            y += len(members) + 1.5  # a gap between the sites of one column
+        centre = (y - 1.5 - 1) / 2
+        for block in blocks:
+            for n, yy in block:
+                pos[n] = (label, yy - centre)
     cmax = max((abs(d.get("contribution") or 0.0) for _, d in nodes), default=0.0) or 1.0
     edges = sorted(graph.edges(data=True), key=lambda e: -abs(e[2].get("weight", 0.0)))[:max_edges]
     wmax = max((abs(e[2].get("weight", 0.0)) for e in edges), default=1.0) or 1.0
-    layers: dict[int, list[tuple[str, dict[str, Any]]]] = {}  # depth -> nodes
-    for n, d in nodes:
-        li = int(d.get("layer_index", 0))
-        layers.setdefault(int(depths.get(li, li)) if depths is not None else li, []).append((n, d))
-    lines = ["digraph P {", 'rankdir=LR; splines=false; nodesep=0.08; ranksep=1.1; bgcolor="transparent";',
-             'node [shape=circle, style=filled, fontname="Helvetica", fontsize=8, fixedsize=true, label=""];',
-             'edge [arrowsize=0.3];']
-    if title:
-        lines.append(f'label="{html.escape(title)}"; labelloc=t; fontname="Helvetica";')
-    for li in sorted(layers):
-        sites = list(dict.fromkeys(str(d.get("site", li)) for _, d in
-                                   sorted(layers[li], key=lambda t: int(t[1].get("layer_index", 0)))))
-        label = sites[0] if len(sites) == 1 else f"{len(sites)} branches: " + ", ".join(sites[:3]) + \
-            (", …" if len(sites) > 3 else "")
-        lines.append(f'subgraph cluster_{li} {{ label="{html.escape(label)}"; fontsize=9; color="#dddddd"; '
-                     'rank=same;')
-        for n, d in sorted(layers[li], key=lambda t: (int(t[1].get("layer_index", 0)), int(t[1].get("channel", 0)))):
-            size = 0.18 + 0.42 * abs(d.get("contribution") or 0.0) / cmax
-            color = colors.get(n, COLORS["node"])
-            tip = html.escape(f"{short(n)} contribution {number(d.get('contribution', 0.0), 4)}")
-            lines.append(f'"{html.escape(n)}" [width={size:.2f}, fillcolor="{color}", tooltip="{tip}", '
-                         f'xlabel="{int(d.get("channel", 0))}"];')
-        lines.append("}")
-    for u, v, d in edges:
-        w = float(d.get("weight", 0.0))
-        pen = 0.3 + 3.0 * abs(w) / wmax
-        color = "#e45756" if w < 0 else "#555555"
-        lines.append(f'"{html.escape(u)}" -> "{html.escape(v)}" [penwidth={pen:.2f}, color="{color}80"];')
-    lines.append("}")
-    return "\n".join(lines)
+    fig = go.Figure()
+    for sign, color in ((1, "rgba(85,85,85,0.45)"), (-1, "rgba(228,87,86,0.55)")):
+        for b in range(EDGE_BINS):
+            xs: list[Any] = []
+            ys: list[Any] = []
+            for u, v, d in edges:
+                w = float(d.get("weight", 0.0))
+                if (w < 0) != (sign < 0) or min(EDGE_BINS - 1, int(EDGE_BINS * abs(w) / wmax)) != b:
+                    continue
+                if u in pos and v in pos:
+                    xs += [pos[u][0], pos[v][0], None]
+                    ys += [pos[u][1], pos[v][1], None]
+            if xs:
+                fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", hoverinfo="skip", showlegend=False,
+                                         line={"width": 0.5 + 3.0 * (b + 0.5) / EDGE_BINS, "color": color}))
+    ordered = [(n, d) for n, d in nodes if n in pos]
+    fig.add_trace(go.Scatter(
+        x=[pos[n][0] for n, _ in ordered], y=[pos[n][1] for n, _ in ordered], mode="markers", showlegend=False,
+        customdata=[n for n, _ in ordered],
+        marker={"size": [6 + 16 * abs(d.get("contribution") or 0.0) / cmax for _, d in ordered],
+                "color": [colors.get(n, COLORS["node"]) for n, _ in ordered], "line": {"width": 0.5, "color": "#fff"}},
+        hovertext=[f"{short(n)}<br>contribution {number(d.get('contribution', 0.0), 4)}" for n, d in ordered],
+        hoverinfo="text"))
+    fig.update_layout(
+        title=title or None, height=max(420, min(900, 40 + 14 * max((len(c) for c in columns.values()), default=1)
+                                                  * max((len(v) for c in columns.values() for v in c.values()),
+                                                        default=1))),
+        margin={"l": 10, "r": 10, "t": 40 if title else 10, "b": 10}, dragmode="pan", plot_bgcolor="white",
+        xaxis={"type": "category", "categoryorder": "array", "categoryarray": labels, "tickangle": -90,
+               "tickfont": {"size": LABEL_FONT}, "showgrid": False, "automargin": True},
+        yaxis={"visible": False, "showgrid": False, "zeroline": False})
+    return fig
 
 
-def saliency_figure(saliency: Any, title: str = "Pathway Gradient") -> go.Figure:
-    """Signed saliency (a numpy array ``[H, W]``) as a diverging heatmap (image orientation)."""
-    lim = float(abs(saliency).max()) or 1.0
-    fig = go.Figure(go.Heatmap(z=saliency, zmin=-lim, zmax=lim, colorscale="RdBu_r", showscale=True))
-    fig.update_layout(title=title, height=300, margin={"l": 10, "r": 10, "t": 40, "b": 10},
-                      yaxis={"autorange": "reversed", "scaleanchor": "x"}, xaxis={"visible": False})
-    fig.update_yaxes(visible=False)
+def saliency_figure(saliency: Any, title: str = "Pathway Gradient", png: bytes | None = None) -> go.Figure:
+    """Signed saliency (a numpy array ``[H, W]``) as a diverging heatmap (image orientation); with the
+    image's ``png``, laid over the photo (the map stretched to the image, faint where it is small). The
+    colour scale ends at the 99th percentile of |saliency|, so a few extreme pixels do not wash out the rest."""
+    magnitude = abs(saliency).ravel()
+    lim = float(sorted(magnitude)[int(0.99 * (len(magnitude) - 1))]) or float(magnitude.max()) or 1.0
+    h, w = saliency.shape
+    fig = go.Figure()
+    scale = "RdBu_r"
+    if png is not None:
+        img = Image.open(io.BytesIO(png))
+        fig.add_trace(go.Image(source="data:image/png;base64," + base64.b64encode(png).decode(), x0=w / img.width / 2,
+                               y0=h / img.height / 2,
+                               dx=w / img.width, dy=h / img.height, hoverinfo="skip"))
+        # transparent near 0, opaque blue/red at the extremes, so the photo shows where the map is small
+        scale = [[0.0, "rgba(33,102,172,0.9)"], [0.3, "rgba(67,147,195,0.7)"], [0.44, "rgba(146,197,222,0.4)"],
+                 [0.5, "rgba(247,247,247,0)"], [0.56, "rgba(244,165,130,0.4)"], [0.7, "rgba(214,96,77,0.7)"],
+                 [1.0, "rgba(178,24,43,0.9)"]]
+    fig.add_trace(go.Heatmap(z=saliency, zmin=-lim, zmax=lim, colorscale=scale, showscale=True, x0=0.5, dx=1,
+                             colorbar={"tickformat": ".1e", "thickness": 12},
+                             y0=0.5, dy=1, hovertemplate="%{z:.3g}<extra></extra>"))
+    fig.update_layout(title=title, height=340, margin={"l": 10, "r": 10, "t": 40, "b": 10},
+                      yaxis={"autorange": "reversed", "scaleanchor": "x", "visible": False,
+                             "range": [h, 0]}, xaxis={"visible": False, "range": [0, w]})
     return fig
 
 

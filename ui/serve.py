@@ -31,9 +31,9 @@ class Page:
 
 PAGES: tuple[Page, ...] = (
     Page("overview.py", "Overview", "overview", "svg.main-svg"),
-    Page("image.py", "Image", "image", "svg .node"),
-    Page("compare.py", "Compare classes", "compare", "svg .node"),
-    Page("adversarial.py", "Adversarial", "adversarial", "svg .node"),
+    Page("image.py", "Image", "image", ".st-key-graph_img svg.main-svg"),
+    Page("compare.py", "Compare classes", "compare", ".st-key-graph_cmp svg.main-svg"),
+    Page("adversarial.py", "Adversarial", "adversarial", ".st-key-graph_adv svg.main-svg"),
     Page("variants.py", "Variants", "variants", "svg.main-svg"),
     Page("cypher.py", "Cypher", "cypher", "textarea"),
 )

@@ -12,7 +12,7 @@ from ui.common import (
     context,
     layer_depths,
     neuron_card,
-    pathway_dot,
+    pathway_figure,
     setting_names,
     short,
     store,
@@ -63,8 +63,8 @@ m4.metric("First layer of departure", site_of.get(first, "none") if first is not
 
 drawn = s.shift_graph(shift, pair["original_pathway"], pair["variant_pathway"])
 st.caption("blue: kept · red: lost (only in the original's pathway) · green: gained (only under attack)")
-st.graphviz_chart(pathway_dot(drawn.graph, {n: COLORS[g] for n, g in drawn.groups.items()}, max_edges=250,
-                               depths=layer_depths(model_id)))
+st.plotly_chart(pathway_figure(drawn.graph, {n: COLORS[g] for n, g in drawn.groups.items()}, max_edges=250,
+                               depths=layer_depths(model_id)), key="graph_adv")
 
 overlap = table(shift.per_layer)
 overlap["jaccard"] = [o.jaccard for o in shift.per_layer]

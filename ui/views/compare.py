@@ -12,7 +12,7 @@ from ui.common import (
     heatmap_figure,
     layer_depths,
     neuron_card,
-    pathway_dot,
+    pathway_figure,
     short,
     store,
     table,
@@ -42,8 +42,8 @@ m4.metric("Shared edges", len(shared.shared_edges))
 
 drawn = s.shared_graph(shared)
 st.caption(f"teal: shared · orange: only {names[a]} · blue: only {names[b]} · edges: shared by both classes")
-st.graphviz_chart(pathway_dot(drawn.graph, {n: COLORS[g] for n, g in drawn.groups.items()},
-                               depths=layer_depths(model_id)))
+st.plotly_chart(pathway_figure(drawn.graph, {n: COLORS[g] for n, g in drawn.groups.items()},
+                               depths=layer_depths(model_id)), key="graph_cmp")
 
 groups = {"shared": [na for na, _ in shared.shared], f"only {names[a]}": shared.only_a,
           f"only {names[b]}": shared.only_b}

@@ -8,7 +8,7 @@ import streamlit as st
 
 from graphstore.errors import QueryRefused
 from graphstore.examples import EXAMPLES, SCHEMA_TEXT
-from ui.common import pathway_dot, store
+from ui.common import pathway_figure, store
 
 st.title("Cypher")
 st.caption("Read-only: writes, schema changes, LOAD CSV and admin commands are refused. 10 s limit, 1,000 rows.")
@@ -30,4 +30,4 @@ if st.button("Run", type="primary", key="cy_run"):
             g.add_node(n, site=d.get("labels", ""), layer_index=0, channel=0, contribution=1.0)
         for u, v, d in res.graph.edges(data=True):
             g.add_edge(u, v, weight=float(d.get("weight", 1.0)))
-        st.graphviz_chart(pathway_dot(g, max_edges=300))
+        st.plotly_chart(pathway_figure(g, max_edges=300), key="graph_cy")

@@ -11,7 +11,7 @@ from ui.common import (
     context,
     layer_depths,
     neuron_card,
-    pathway_dot,
+    pathway_figure,
     saliency_figure,
     setting_names,
     short,
@@ -58,7 +58,7 @@ with c2:
     st.caption(f"pathway {pathway.id} · {pathway.size} neurons")
 with c3:
     title = "Largest pixel pathway per pixel" if pathway.method == "pixel" else "Pathway Gradient"
-    st.plotly_chart(saliency_figure(pathway.saliency, title), key="saliency")
+    st.plotly_chart(saliency_figure(pathway.saliency, title, detail.png), key="saliency")
 
 if pathway.cut_sites:
     shown = ", ".join(pathway.cut_sites[:3]) + (", …" if len(pathway.cut_sites) > 3 else "")
@@ -69,7 +69,8 @@ if pathway.cut_sites:
 st.subheader("Pathway")
 max_edges = st.slider("Strongest edges shown", 20, 1000, 200, step=20, key="img_edges")
 graph = s.pathway_graph(pathway.id)
-st.graphviz_chart(pathway_dot(graph, max_edges=max_edges, depths=layer_depths(model_id)))
+st.caption("Drag to pan, scroll or box-select to zoom, double-click to reset; hover a neuron for its id.")
+st.plotly_chart(pathway_figure(graph, max_edges=max_edges, depths=layer_depths(model_id)), key="graph_img")
 
 st.subheader("Neuron")
 neurons = sorted(graph.nodes(data=True), key=lambda t: t[1]["rank"])
