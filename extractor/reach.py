@@ -25,8 +25,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.autograd.graph import GradientEdge
 
-from extractor.mixing import segment_reach
+from extractor.mixing import POST_OK, find_mixing, segment_reach
 from extractor.models import ModelBundle
 from extractor.sitegraph import cut_forward
 from records import SiteInfo
@@ -75,6 +76,9 @@ def site_reach(model: nn.Module, sites: Sequence[SiteInfo], forward: Callable[[t
             succ.setdefault(i, []).append(s.index)
             ok = i in cut.sources and s.index in cut.acts
             r = segment_reach(cut.sources[i], cut.acts[s.index], tensors) if ok else None
+            if r is None and ok and find_mixing(cut.sources[i], cut.acts[s.index], tensors) is None \
+                    and {s.layout, sites[i].layout} <= {"channels_first", "vector"}:
+                r = probe_reach(cut.sources[i], cut.acts[s.index])  # a shape the weights cannot tell
             if r is not None:
                 reach[(i, s.index)] = r
             else:
@@ -83,6 +87,63 @@ def site_reach(model: nn.Module, sites: Sequence[SiteInfo], forward: Callable[[t
     out = SiteReach(reach=reach, succ={i: tuple(v) for i, v in succ.items()}, dense_fed=frozenset(dense_fed))
     per_model[key] = out
     return out
+
+
+ACTIVATIONS = frozenset(n for n in POST_OK if n.split("Backward")[0] in (
+    "Relu", "Threshold", "LeakyRelu", "Hardtanh", "Elu", "Gelu", "Silu", "Hardswish", "Hardsigmoid", "Mish",
+    "Sigmoid", "Tanh", "Softplus"))
+_PROBE_BUDGET = 32_000_000  # elements of source gradient per batched probe
+
+
+def _pre_activation(a: torch.Tensor) -> torch.Tensor | GradientEdge:
+    """What to differentiate for ``a``'s channels: the activation's input where ``a`` is an activation's
+    output (a channel the activation gates off still reads what its segment joins it to), else ``a``."""
+    node = a.grad_fn
+    if node is not None and node.name() in ACTIVATIONS and node.next_functions and node.next_functions[0][0]:
+        return GradientEdge(*node.next_functions[0])
+    return a
+
+
+def probe_reach(a_src: torch.Tensor, a_dst: torch.Tensor) -> torch.Tensor | None:
+    """The channel structure of a segment whose shape the weights cannot tell (channel shuffles, splits),
+    measured: bool ``[C_dst, C_src]``, or ``None`` when every destination channel reads every source channel.
+
+    One vector-Jacobian product with a random cotangent first: if every source channel receives
+    gradient, the segment is dense and that is all it costs. Otherwise one batched VJP per
+    destination channel gives its row. Both differentiate the destination's pre-activation.
+    """
+    out = _pre_activation(a_dst)
+    shape = a_dst.shape
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    cot = torch.randn(shape, generator=gen, dtype=a_dst.dtype).to(a_dst.device)
+    (g,) = torch.autograd.grad(out, a_src, grad_outputs=cot, retain_graph=True, allow_unused=True,
+                               materialize_grads=True)
+    if bool((_channel_mass(g, 0) > 0).all()):
+        return None
+    c_dst = shape[1]
+    chunk = max(1, _PROBE_BUDGET // max(1, a_src.numel()))
+    rows = []
+    for start in range(0, c_dst, chunk):
+        n = min(chunk, c_dst - start)
+        onehot = torch.zeros((n, *shape), dtype=a_dst.dtype, device=a_dst.device)
+        onehot[torch.arange(n), :, torch.arange(start, start + n)] = 1.0
+        try:
+            (gb,) = torch.autograd.grad(out, a_src, grad_outputs=onehot, retain_graph=True, allow_unused=True,
+                                        materialize_grads=True, is_grads_batched=True)
+        except RuntimeError:  # an op without a batching rule: one VJP per channel
+            gb = torch.stack([torch.autograd.grad(out, a_src, grad_outputs=o, retain_graph=True, allow_unused=True,
+                                                  materialize_grads=True)[0] for o in onehot])
+        if gb.dim() == a_src.dim():  # unreachable: no batch axis came back
+            gb = gb.unsqueeze(0).expand(n, *a_src.shape)
+        rows.append(_channel_mass(gb, 1) > 0)
+    reach = torch.cat(rows).cpu()
+    return None if bool(reach.all()) else reach
+
+
+def _channel_mass(g: torch.Tensor, axis: int) -> torch.Tensor:
+    """|g| summed over every axis but the channel axis ``axis + 1`` (and the leading ``axis`` ones)."""
+    moved = g.abs().movedim(axis + 1, axis)  # channel axis right after the leading ones
+    return moved.flatten(axis + 1).sum(-1) if axis else moved.flatten(1).sum(-1)
 
 
 def bundle_reach(bundle: ModelBundle, x: torch.Tensor) -> SiteReach:

@@ -75,8 +75,21 @@ def test_connected_topk_is_never_cut_and_independent_topk_is(net: tuple[ModelBun
     ref = reference_cut_sites(bundle, x, independent)
     ours = cut_sites(independent, bundle.sites, reach)
     assert [set(c) for c in ours] == ref
-    if reach.reach and any(reach.needs_cover(i) for i in range(len(bundle.sites))):
+    if bundle.info.arch in ("mobilenet_v2", "efficientnet_b0", "mnasnet0_5"):  # expand -> depthwise sites:
+        # independent random choices at the two ends of a depthwise conv are nearly always disjoint
         assert any(ref), f"{bundle.info.arch}: random independent top-4 should cut a per-channel segment"
+
+
+def test_mct_topk_pathway_gradient_is_nonzero_and_connected(net: tuple[ModelBundle, torch.Tensor]) -> None:
+    """MCT top-8 through ``extract_batch``: no cut site (reference walk) and a non-zero Pathway Gradient."""
+    from extractor.methods import extract_batch
+    from extractor.settings import PathwaySettings
+
+    bundle, x = net
+    res = extract_batch(bundle, x, PathwaySettings(k=8))
+    assert reference_cut_sites(bundle, x, res.sel.kept) == [set(), set()]
+    assert all("cut_sites" not in e for e in res.extra)
+    assert bool((res.saliency.abs().flatten(1).amax(1) > 0).all())
 
 
 def test_dense_nets_select_as_before() -> None:
