@@ -72,17 +72,25 @@ def site_reach(model: nn.Module, sites: Sequence[SiteInfo], forward: Callable[[t
     succ: dict[int, list[int]] = {}
     dense_fed: set[int] = set()
     for s in sites:
+        unknown = []
         for i in s.preds:
             succ.setdefault(i, []).append(s.index)
             ok = i in cut.sources and s.index in cut.acts
             r = segment_reach(cut.sources[i], cut.acts[s.index], tensors) if ok else None
             if r is None and ok and find_mixing(cut.sources[i], cut.acts[s.index], tensors) is None \
                     and {s.layout, sites[i].layout} <= {"channels_first", "vector"}:
-                r = probe_reach(cut.sources[i], cut.acts[s.index])  # a shape the weights cannot tell
-            if r is not None:
+                unknown.append(i)  # a shape the weights cannot tell: measured below
+            elif r is not None:
                 reach[(i, s.index)] = r
             else:
                 dense_fed.add(s.index)
+        if unknown:
+            for i, r in zip(unknown, probe_reach([cut.sources[i] for i in unknown], cut.acts[s.index]),
+                            strict=True):
+                if r is not None:
+                    reach[(i, s.index)] = r
+                else:
+                    dense_fed.add(s.index)
     del cut
     out = SiteReach(reach=reach, succ={i: tuple(v) for i, v in succ.items()}, dense_fed=frozenset(dense_fed))
     per_model[key] = out
@@ -104,40 +112,49 @@ def _pre_activation(a: torch.Tensor) -> torch.Tensor | GradientEdge:
     return a
 
 
-def probe_reach(a_src: torch.Tensor, a_dst: torch.Tensor) -> torch.Tensor | None:
-    """The channel structure of a segment whose shape the weights cannot tell (channel shuffles, splits),
-    measured: bool ``[C_dst, C_src]``, or ``None`` when every destination channel reads every source channel.
+def probe_reach(sources: list[torch.Tensor], a_dst: torch.Tensor) -> list[torch.Tensor | None]:
+    """The channel structure of segments whose shape the weights cannot tell (channel shuffles, splits),
+    measured, for all of a site's such predecessors at once: per source a bool ``[C_dst, C_src]``, or
+    ``None`` when every destination channel reads every source channel.
 
-    One vector-Jacobian product with a random cotangent first: if every source channel receives
-    gradient, the segment is dense and that is all it costs. Otherwise one batched VJP per
-    destination channel gives its row. Both differentiate the destination's pre-activation.
+    One vector-Jacobian product with a random cotangent first: a source whose every channel
+    receives gradient is dense, and if all are, that is all it costs. Otherwise batched VJPs, one
+    cotangent per destination channel, give the rows. Both differentiate the destination's
+    pre-activation.
     """
     out = _pre_activation(a_dst)
     shape = a_dst.shape
     gen = torch.Generator(device="cpu").manual_seed(0)
     cot = torch.randn(shape, generator=gen, dtype=a_dst.dtype).to(a_dst.device)
-    (g,) = torch.autograd.grad(out, a_src, grad_outputs=cot, retain_graph=True, allow_unused=True,
-                               materialize_grads=True)
-    if bool((_channel_mass(g, 0) > 0).all()):
-        return None
+    grads = torch.autograd.grad(out, sources, grad_outputs=cot, retain_graph=True, allow_unused=True,
+                                materialize_grads=True)
+    open_ = [k for k, g in enumerate(grads) if not bool((_channel_mass(g, 0) > 0).all())]
+    found: list[torch.Tensor | None] = [None] * len(sources)
+    if not open_:
+        return found
+    probed = [sources[k] for k in open_]
     c_dst = shape[1]
-    chunk = max(1, _PROBE_BUDGET // max(1, a_src.numel()))
-    rows = []
+    chunk = max(1, _PROBE_BUDGET // max(1, sum(s.numel() for s in probed)))
+    rows: list[list[torch.Tensor]] = [[] for _ in probed]
     for start in range(0, c_dst, chunk):
         n = min(chunk, c_dst - start)
         onehot = torch.zeros((n, *shape), dtype=a_dst.dtype, device=a_dst.device)
         onehot[torch.arange(n), :, torch.arange(start, start + n)] = 1.0
         try:
-            (gb,) = torch.autograd.grad(out, a_src, grad_outputs=onehot, retain_graph=True, allow_unused=True,
-                                        materialize_grads=True, is_grads_batched=True)
+            gb = torch.autograd.grad(out, probed, grad_outputs=onehot, retain_graph=True, allow_unused=True,
+                                     materialize_grads=True, is_grads_batched=True)
         except RuntimeError:  # an op without a batching rule: one VJP per channel
-            gb = torch.stack([torch.autograd.grad(out, a_src, grad_outputs=o, retain_graph=True, allow_unused=True,
-                                                  materialize_grads=True)[0] for o in onehot])
-        if gb.dim() == a_src.dim():  # unreachable: no batch axis came back
-            gb = gb.unsqueeze(0).expand(n, *a_src.shape)
-        rows.append(_channel_mass(gb, 1) > 0)
-    reach = torch.cat(rows).cpu()
-    return None if bool(reach.all()) else reach
+            per = [torch.autograd.grad(out, probed, grad_outputs=o, retain_graph=True, allow_unused=True,
+                                       materialize_grads=True) for o in onehot]
+            gb = tuple(torch.stack([p[k] for p in per]) for k in range(len(probed)))
+        for k, (g, src) in enumerate(zip(gb, probed, strict=True)):
+            if g.dim() == src.dim():  # unreachable: no batch axis came back
+                g = g.unsqueeze(0).expand(n, *src.shape)
+            rows[k].append(_channel_mass(g, 1) > 0)
+    for k, parts in zip(open_, rows, strict=True):
+        reach = torch.cat(parts).cpu()
+        found[k] = None if bool(reach.all()) else reach
+    return found
 
 
 def _channel_mass(g: torch.Tensor, axis: int) -> torch.Tensor:
