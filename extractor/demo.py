@@ -32,10 +32,10 @@ SIZE = 32
 class DemoCNN(nn.Module):
     """VGG-style: two conv blocks (conv-ReLU-conv-ReLU-maxpool), then two linear layers.
 
-    Input ``[B, 1, 32, 32]``; output logits ``[B, 10]``. Sites: five ReLUs.
+    Input ``[B, 1, size, size]`` (``size`` divisible by 4); output logits ``[B, 10]``. Sites: five ReLUs.
     """
 
-    def __init__(self, width: int = 16, hidden: int = 64, classes: int = 10) -> None:
+    def __init__(self, width: int = 16, hidden: int = 64, classes: int = 10, size: int = SIZE) -> None:
         super().__init__()
         w = width
         self.features = nn.Sequential(
@@ -45,7 +45,8 @@ class DemoCNN(nn.Module):
             nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(2 * w * 8 * 8, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, classes),
+            nn.Flatten(), nn.Linear(2 * w * (size // 4) ** 2, hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

