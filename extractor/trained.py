@@ -102,7 +102,8 @@ TRAINED: dict[str, TrainedSource] = {
     "fashion_cnn": TrainedSource(
         name="fashion_cnn", title="Fashion CNN (Fashion-MNIST)", package="pathway-explorer", module="extractor",
         weights="weights/fashion-cnn.pt", build=_fashion_cnn, input_size=28, channels=1, mean=(0.0,), std=(1.0,),
-        class_names=_fashion_names, dataset="Fashion-MNIST", sha256="fda8649aa0b4f22b52dac73bc7f75ee2ab6bf79eba95ce3bc33130687044b8b1",
+        class_names=_fashion_names, dataset="Fashion-MNIST",
+        sha256="fda8649aa0b4f22b52dac73bc7f75ee2ab6bf79eba95ce3bc33130687044b8b1",
     ),
 }
 

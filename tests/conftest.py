@@ -141,3 +141,14 @@ def copy_run(src: Path, dst: Path) -> Path:
 
 def replace_cfg(cfg: object, **changes: object) -> object:
     return dataclasses.replace(cfg, **changes)  # type: ignore[type-var]
+
+
+def fixture_schema() -> object:
+    """What the fixture store must hold: the whole schema but ``Pathway.cut_sites``, which only a selection
+    cut at a per-channel segment writes (the fixture's digits CNN is a dense chain; tests/test_connected.py
+    stores a cut pathway and checks the property)."""
+    from graphstore import schema
+
+    want = schema.stored_form()
+    want.nodes["Pathway"].pop("cut_sites")
+    return want

@@ -9,13 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from graphstore import schema
 from graphstore.api import Store
 from graphstore.bulk import bulk_import
 from graphstore.connection import ConnectionSettings, open_driver
 from graphstore.errors import RecordsError
 from graphstore.server import USER, ServerConfig, free_port, read_password, stop
-from tests.conftest import ensure_loaded
+from tests.conftest import ensure_loaded, fixture_schema
 from tests.reference import Ref
 
 pytestmark = [pytest.mark.store, pytest.mark.slow]
@@ -65,7 +64,7 @@ def test_bulk_import_equals_transactional_load(bulk_server: ServerConfig, fixtur
     try:
         bulk, loaded = Store(bulk_driver), Store(ensure_loaded(driver, fixture_run))  # type: ignore[arg-type]
         assert bulk.counts() == (nodes, rels)
-        assert bulk.stored_schema() == schema.stored_form()  # CSV headers typed from graphstore.schema
+        assert bulk.stored_schema() == fixture_schema()  # CSV headers typed from graphstore.schema
         model = ref.model_id
         for config in [c.config for c in loaded.configs(model)]:
             assert _close(bulk.pathway_counts(config), loaded.pathway_counts(config))

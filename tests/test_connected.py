@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from torch.autograd.graph import GradientEdge
 
 from extractor.models import ModelBundle, load_torchvision
@@ -122,3 +123,62 @@ def test_trained_efficientnet_lite0_top8_pathway_gradient_is_nonzero(tmp_path: P
     assert (res.logit_masked != 0).all()
     independent = connected_topk([c.abs() for c in res.contrib.channel], 8, None)
     assert sum(bool(c) for c in cut_sites(independent, bundle.sites, bundle_reach(bundle, x))) >= 15
+
+
+class _Depthwise(nn.Module):
+    """conv -> ReLU -> depthwise conv -> ReLU -> pool -> linear: one per-channel segment."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                                  nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@pytest.mark.store
+def test_a_cut_selection_is_recorded_stored_and_said(empty_store: object, neo4j_server: object,
+                                                     tmp_path: Path) -> None:
+    """Lengerich's resampling top-k chooses per site by definition, so across a depthwise conv it can be
+    cut: the pathway records the cut sites, the store holds them, `pathx query pathway` says so."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from extractor.inputs import TensorImages
+    from extractor.models import make_bundle
+    from extractor.pipeline import extract_run
+    from extractor.settings import PathwaySettings
+    from graphstore.api import Store
+    from graphstore.loader import load_run
+    from graphstore.server import USER, read_password
+    from records import read_run
+
+    bundle = make_bundle(_Depthwise(), "dwnet", (1, 8, 8))
+    gen = torch.Generator().manual_seed(3)
+    images = TensorImages(torch.rand(8, 1, 8, 8, generator=gen))
+    extract_run(bundle, images, [PathwaySettings("correlation", "topk", k=2, resamples=5)], [], tmp_path / "run",
+                progress=False, exemplars=0)
+    _, _, pathways = read_run(tmp_path / "run")
+    cut = {p.pathway_id: json.loads(p.extra["cut_sites"]) for p in pathways if "cut_sites" in p.extra}
+    assert cut and all(v == ["body.3#0"] for v in cut.values())  # the depthwise site, nothing else
+    reach = bundle_reach(bundle, images.x)
+    for p in pathways:  # the records' flag equals the structural check of their own neurons
+        kept = [torch.zeros(1, s.channels, dtype=torch.bool) for s in bundle.sites]
+        for site, ch in zip(p.neuron_site, p.neuron_channel, strict=True):
+            kept[int(site)][0, int(ch)] = True
+        assert bool(cut_sites(kept, bundle.sites, reach)[0]) == (p.pathway_id in cut)
+    load_run(empty_store, tmp_path / "run", progress=False)  # type: ignore[arg-type]
+    store = Store(empty_store)  # type: ignore[arg-type]
+    some = next(iter(cut))
+    assert store.pathway_graph(some).graph["cut_sites"] == ["body.3#0"]
+    assert store.pathway_of(pathways[0].image_id, pathways[0].config).cut_sites in ([], ["body.3#0"])
+    env = dict(os.environ, NEO4J_URI=neo4j_server.bolt_uri, NEO4J_USER=USER,  # type: ignore[attr-defined]
+               NEO4J_PASSWORD=read_password(neo4j_server))  # type: ignore[arg-type]
+    res = subprocess.run([str(Path(sys.executable).parent / "pathx"), "query", "pathway", "--pathway", some],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0 and "this pathway is cut at 1 site(s): body.3#0" in res.stderr
+    assert json.loads(res.stdout)["graph"]["cut_sites"] == ["body.3#0"]
