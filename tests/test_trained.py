@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from extractor.config import model_from_spec
 from extractor.errors import ExtractionError
@@ -108,3 +109,60 @@ def test_demo_smoke_run(empty_store: object, neo4j_server: object, tmp_path: Pat
         names = {r["n"] for r in s.run("MATCH (:Image {kind: 'original'})-[:LABELED_AS]->(c:Class) "
                                        "RETURN c.name AS n")}
         assert "bull mastiff" in names and names & {"Ankle boot", "Pullover", "Trouser", "Shirt"}
+
+
+class _PerCall(nn.Module):
+    """A reused activation module split into one module per call (reset before every forward), so
+    Captum can hook each call of EfficientNet-Lite0's shared ``_swish`` on its own."""
+
+    def __init__(self, calls: int) -> None:
+        super().__init__()
+        self.calls = nn.ModuleList(nn.ReLU6() for _ in range(calls))
+        self.n = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.calls[self.n](x)
+        self.n += 1
+        return out
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_contributions_equal_captum(home: Path) -> None:
+    """Float64, one photo: contributions equal Captum's LayerGradientXActivation on that call, at every
+    third site (both calls of the shared activation modules among them)."""
+    import copy
+
+    from captum.attr import LayerGradientXActivation
+
+    from extractor.contributions import mct_contributions
+
+    bundle = model_from_spec("efficientnet_lite0", home)
+    bundle.model.double()
+    try:
+        x = load_images("samples:imagenet", bundle).load(0)[None].double()
+        contrib, _ = mct_contributions(bundle, x)
+        twin = copy.deepcopy(bundle.model)
+        calls: dict[str, int] = {}
+        for s in bundle.sites:
+            calls[s.module_path] = max(calls.get(s.module_path, 0), s.call_index + 1)
+        split = {}
+        for path, n in calls.items():
+            parent, _, leaf = path.rpartition(".")
+            owner = twin.get_submodule(parent) if parent else twin
+            split[path] = _PerCall(n)
+            setattr(owner, leaf, split[path])
+
+        def forward(inp: torch.Tensor) -> torch.Tensor:
+            for m in split.values():
+                m.n = 0
+            return twin(bundle.normalize(inp))
+
+        checked = 0
+        for site in bundle.sites[::3]:
+            layer = split[site.module_path].calls[site.call_index]
+            ref = LayerGradientXActivation(forward, layer).attribute(x, target=contrib.target)
+            assert torch.allclose(ref, contrib.element[site.index], atol=1e-9, rtol=1e-6), site.site_id
+            checked += 1
+        assert checked == 11
+    finally:
+        bundle.model.float()
