@@ -60,7 +60,10 @@ def context() -> tuple[str, str]:
         st.info("This model has no pathways yet.")
         st.stop()
     labels = {c.config: f"{c.name} ({c.pathways:,} pathways)" for c in configs}
-    config = st.sidebar.selectbox("Pathway setting", list(labels), format_func=labels.__getitem__, key="config")
+    # first an MCT top-k setting where there is one: k neurons per site draw fast and read well on any network
+    first = next((i for i, c in enumerate(configs) if c.selection == "topk" and c.method == "mct"), 0)
+    config = st.sidebar.selectbox("Pathway setting", list(labels), format_func=labels.__getitem__, key="config",
+                                  index=first)
     st.sidebar.caption(f"setting id `{config}`")
     return str(model_id), str(config)
 
