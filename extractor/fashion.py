@@ -14,13 +14,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from extractor.demo import DemoCNN
+from extractor.demo import DemoCNN, TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -28,21 +27,12 @@ WEIGHTS = Path(__file__).resolve().parent / "weights" / "fashion-cnn.pt"
 SIZE = 28
 
 
-@dataclass(frozen=True, kw_only=True)
-class FashionRecipe:
-    """How the committed weights were trained."""
-
-    epochs: int = 2
-    batch_size: int = 64
-    lr: float = 2e-3
-    seed: int = 0
-    width: int = 16
-    hidden: int = 64
+# How the committed weights were trained: the small CNN's recipe, two epochs over 60,000 images.
+RECIPE = TrainSettings(epochs=2)
 
 
-def fashion_cnn(recipe: FashionRecipe | None = None) -> DemoCNN:
+def fashion_cnn(recipe: TrainSettings = RECIPE) -> DemoCNN:
     """The architecture, random weights (seeded)."""
-    recipe = recipe or FashionRecipe()
     torch.manual_seed(recipe.seed)
     return DemoCNN(recipe.width, recipe.hidden, 10, size=SIZE)
 
@@ -63,9 +53,8 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
     return right / len(y)
 
 
-def train_fashion_cnn(recipe: FashionRecipe | None = None) -> DemoCNN:
+def train_fashion_cnn(recipe: TrainSettings = RECIPE) -> DemoCNN:
     """Train on all 60,000 training images: Adam, fixed seed and order, one thread (deterministic)."""
-    recipe = recipe or FashionRecipe()
     x, y = split("train")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

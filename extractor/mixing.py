@@ -116,18 +116,28 @@ def _visited(start: Any, stops: set[Any]) -> Iterable[Any]:
         stack.extend(_next(node))
 
 
+def _segment(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable[torch.Tensor]) \
+        -> tuple[Any, Any, set[Any], dict[Any, bool], list[Any]] | None:
+    """The autograd nodes of the segment ``a_src -> a_dst``: (src node, dst node, the other sites' nodes
+    where paths stop, a reachability memo, the nodes on some path from ``a_dst`` back to ``a_src``)."""
+    src, dst = a_src.grad_fn, a_dst.grad_fn
+    if src is None or dst is None:
+        return None
+    stops = {t.grad_fn for t in site_tensors if t.grad_fn is not None} - {src, dst}
+    memo: dict[Any, bool] = {}
+    return src, dst, stops, memo, [n for n in _visited(dst, stops | {src}) if _reaches(n, src, stops, memo)]
+
+
 def find_mixing(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable[torch.Tensor]) -> Mixing | None:
     """The one mixing layer all paths ``a_dst -> a_src`` run through, or ``None`` if the segment has another shape.
 
     ``a_src`` and ``a_dst`` are attached site outputs (``[B, C, ...]``); ``site_tensors`` all
     site outputs of the forward pass (paths stop at other sites).
     """
-    src, dst = a_src.grad_fn, a_dst.grad_fn
-    if src is None or dst is None:
+    seg = _segment(a_src, a_dst, site_tensors)
+    if seg is None:
         return None
-    stops = {t.grad_fn for t in site_tensors if t.grad_fn is not None} - {src, dst}
-    memo: dict[Any, bool] = {}
-    on_path = [n for n in _visited(dst, stops | {src}) if _reaches(n, src, stops, memo)]
+    src, dst, stops, memo, on_path = seg
     mixers = [n for n in on_path if n.name() in MIXING]
     if not mixers:
         return _identity(on_path, a_src, a_dst)
@@ -462,12 +472,10 @@ def segment_reach(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterab
     c_src, c_dst = a_src.shape[1], a_dst.shape[1]
     if mix is not None:
         return channel_reach(mix, c_src, c_dst)
-    src, dst = a_src.grad_fn, a_dst.grad_fn
-    if src is None or dst is None:
+    seg = _segment(a_src, a_dst, site_tensors)
+    if seg is None:
         return None
-    stops = {t.grad_fn for t in site_tensors if t.grad_fn is not None} - {src, dst}
-    memo: dict[Any, bool] = {}
-    on_path = [n for n in _visited(dst, stops | {src}) if _reaches(n, src, stops, memo)]
+    src, _, _, _, on_path = seg
     mixers = [n for n in on_path if n.name() in MIXING]
     others = [n for n in on_path if n.name() not in MIXING and n is not src]
     if any(n.name() not in _CHANNELWISE for n in others):
