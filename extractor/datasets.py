@@ -166,10 +166,11 @@ def _mnist_5k(shape: Sequence[int]) -> ImageSource:
     return ArrayImages(table[:, :-1].reshape(-1, 28, 28), table[:, -1], "mnist:5k", shape, DIGIT_NAMES)
 
 
-def _imagenet_names() -> Sequence[str]:
-    from extractor.trained import imagenet_class_names
+def imagenet_class_names() -> tuple[str, ...]:
+    """ImageNet's 1,000 category names in class-index order, as torchvision ships them in its code."""
+    import torchvision
 
-    return imagenet_class_names()
+    return tuple(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,7 +183,7 @@ class NamedSource:
 
 
 SOURCES: dict[str, NamedSource] = {s.name: s for s in (
-    NamedSource(name="samples:imagenet", make=_samples("imagenet", _imagenet_names, photos=True),
+    NamedSource(name="samples:imagenet", make=_samples("imagenet", imagenet_class_names, photos=True),
                 about="20 labelled ImageNet photos (foolbox) + 8 unlabelled library photos"),
     NamedSource(name="samples:cifar10", make=_samples("cifar10", lambda: CIFAR10_NAMES),
                 about="20 labelled CIFAR-10 images (foolbox)"),

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from extractor.datasets import FASHION_NAMES, imagenet_class_names
 from extractor.errors import ExtractionError
 
 log = logging.getLogger(__name__)
@@ -61,13 +62,6 @@ class TrainedSource:
         return path
 
 
-def imagenet_class_names() -> tuple[str, ...]:
-    """ImageNet's 1,000 category names in class-index order, as torchvision ships them in its code."""
-    import torchvision
-
-    return tuple(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
-
-
 def _efficientnet_lite0() -> nn.Module:
     from efficientnet_lite_pytorch import EfficientNet
 
@@ -86,8 +80,6 @@ def _fashion_cnn() -> nn.Module:
 
 
 def _fashion_names() -> tuple[str, ...]:
-    from extractor.datasets import FASHION_NAMES
-
     return FASHION_NAMES
 
 
