@@ -97,7 +97,8 @@ def test_demo_smoke_run(empty_store: object, neo4j_server: object, tmp_path: Pat
     env = dict(os.environ, NEO4J_URI=neo4j_server.bolt_uri, NEO4J_USER=USER,  # type: ignore[attr-defined]
                NEO4J_PASSWORD=read_password(neo4j_server))  # type: ignore[arg-type]
     pathx = str(Path(sys.executable).parent / "pathx")
-    res = subprocess.run([pathx, "demo", "--limit", "4", "--photos", "2", "--no-serve", "--out", str(tmp_path / "d")],
+    res = subprocess.run([pathx, "demo", "--limit", "4", "--photos", "2", "--no-serve", "--no-percentile", "--out",
+                          str(tmp_path / "d")],
                          capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "set-up done in" in res.stdout and "[fashion]" in res.stdout and "[photos]" in res.stdout
