@@ -27,6 +27,7 @@ from extractor.settings import PathwaySettings
 from extractor.sites import SiteHooks
 
 MIN_MEAN_ACTIVATION = 0.1
+CHUNK_ELEMENTS = 1 << 25  # site activations of the copies held at once (float64: 256 MiB)
 
 
 @dataclass
@@ -48,32 +49,65 @@ def perturbed_copies(x: torch.Tensor, n: int, sigma: float, seeds: list[int]) ->
     return torch.stack(out)
 
 
+def _image_scores(bundle: ModelBundle, copies: torch.Tensor, target: int) -> tuple[list[torch.Tensor], ...]:
+    """Correlation and precision ``[C]`` per site for one image's copies ``[n, C, H, W]``.
+
+    The copies run in chunks of at most ``CHUNK_ELEMENTS`` site activations, and only running sums stay
+    (float64, shifted by the clean copy's values so that the one-pass variance does not cancel): a
+    224-px network's 50 copies never sit in memory at once.
+    """
+    n = copies.shape[0]
+    sums: list[list[torch.Tensor]] = []  # per site: sum d, sum d^2, sum d * dy, with d = a - a(copy 0)
+    shift: list[torch.Tensor] = []
+    sum_y = sum_yy = torch.zeros((), dtype=torch.float64)
+    y0 = torch.zeros((), dtype=torch.float64)
+    start, step = 0, 1  # copy 0 alone first: the shift, and the size of one copy's activations
+    while start < n:
+        chunk = copies[start:start + step]
+        with torch.no_grad(), SiteHooks(bundle.model, bundle.sites) as hooks:
+            rec = hooks.begin()
+            y = bundle.forward(chunk).softmax(1)[:, target].double()  # [m]
+        acts = [rec.acts[site.index].detach().double().reshape(len(chunk), site.channels, -1)
+                for site in bundle.sites]  # [m, C, P]
+        if not shift:
+            shift = [a[0] for a in acts]
+            y0 = y[0]
+            sums = [[torch.zeros_like(a[0]) for _ in range(3)] for a in acts]
+            step = max(1, CHUNK_ELEMENTS // sum(a[0].numel() for a in acts))
+        dy = y - y0
+        sum_y, sum_yy = sum_y + dy.sum(), sum_yy + (dy * dy).sum()
+        for a, a0, acc in zip(acts, shift, sums, strict=True):
+            d = a - a0
+            acc[0] += d.sum(0)
+            acc[1] += (d * d).sum(0)
+            acc[2] += (d * dy.view(-1, 1, 1)).sum(0)
+        start += len(chunk)
+    mean_y = sum_y / n
+    std_y = (sum_yy / n - mean_y * mean_y).clamp_min(0).sqrt()
+    corr, prec = [], []
+    for a0, (s1, s2, sy) in zip(shift, sums, strict=True):
+        mean_d = s1 / n
+        var = (s2 / n - mean_d * mean_d).clamp_min(0)  # [C, P], population variance over the copies
+        r = ((sy / n - mean_d * mean_y) / (var.sqrt() * std_y)).abs()
+        # positions whose activation does not vary are left out; "does not vary" allows float32 noise, as
+        # chunks of other batch sizes may take other kernels (a relative std below 1e-5)
+        r = r.masked_fill(var <= (1e-10 * a0 * a0).clamp_min(1e-30), float("nan"))
+        corr.append(torch.nan_to_num(r.nanmean(-1), nan=0.0))
+        skipped = (a0 + mean_d).mean(-1) < MIN_MEAN_ACTIVATION
+        prec.append((1.0 / var.mean(-1)).masked_fill(skipped, float("-inf")))
+    return corr, prec
+
+
 def resampling_scores(
     bundle: ModelBundle, x: torch.Tensor, target: torch.Tensor, seeds: list[int], n: int = 50,
     sigma: float = 0.1,
 ) -> ResamplingScores:
-    """Correlation and precision scores of every channel of every site, for each image."""
-    B = x.shape[0]
-    copies = perturbed_copies(x, n, sigma, seeds).reshape(B * n, *x.shape[1:])
-    with torch.no_grad(), SiteHooks(bundle.model, bundle.sites) as hooks:
-        rec = hooks.begin()
-        probs = bundle.forward(copies).softmax(1)
-    # statistics in float64: probabilities near 1 and tiny activation changes cancel badly in float32
-    y = probs.view(B, n, -1).gather(2, target.view(B, 1, 1).expand(B, n, 1)).squeeze(2).double()  # [B, n]
-    corr, prec = [], []
-    for site in bundle.sites:
-        a = rec.acts[site.index].detach().double().reshape(B, n, site.channels, -1)  # [B, n, C, P]
-        ac = a - a.mean(1, keepdim=True)
-        yc = (y - y.mean(1, keepdim=True)).view(B, n, 1, 1)
-        cov = (ac * yc).mean(1)
-        var = ac.pow(2).mean(1)  # [B, C, P], population variance over the copies
-        std_a = var.sqrt()
-        std_y = yc.pow(2).mean(1).sqrt()
-        r = (cov / (std_a * std_y)).abs()  # nan where the activation does not vary
-        corr.append(torch.nan_to_num(r.nanmean(-1), nan=0.0).to(x.dtype))
-        p = 1.0 / var.mean(-1)  # [B, C]
-        skipped = a.mean((1, 3)) < MIN_MEAN_ACTIVATION
-        prec.append(p.masked_fill(skipped, float("-inf")).to(x.dtype))
+    """Correlation and precision scores of every channel of every site, for each image (one at a time;
+    statistics in float64: probabilities near 1 and tiny activation changes cancel badly in float32)."""
+    per_image = [_image_scores(bundle, perturbed_copies(x[b:b + 1], n, sigma, [seed])[0], int(target[b]))
+                 for b, seed in enumerate(seeds)]
+    corr = [torch.stack([img[0][s] for img in per_image]).to(x.dtype) for s in range(len(bundle.sites))]
+    prec = [torch.stack([img[1][s] for img in per_image]).to(x.dtype) for s in range(len(bundle.sites))]
     return ResamplingScores(corr, prec)
 
 

@@ -22,7 +22,9 @@ def test_copies_grow_noise_linearly() -> None:
     assert rel[40].item() == pytest.approx(4.0, rel=0.1)
 
 
-def test_scores_equal_slow_reference(demo: tuple) -> None:
+@pytest.mark.parametrize("chunk", [1 << 25, 3000])  # all copies in one chunk, or a few copies per chunk
+def test_scores_equal_slow_reference(demo: tuple, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("extractor.resampling.CHUNK_ELEMENTS", chunk)
     bundle, data = demo
     x = data.x_test[:2]
     target = torch.tensor([int(data.y_test[0]), int(data.y_test[1])])
