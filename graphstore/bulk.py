@@ -4,8 +4,9 @@
 millions of edges into a *fresh* database, Neo4j's own offline importer is far faster: this
 module writes the same nodes, relationships and properties as the loader (it reuses the
 loader's row builders) as typed CSV files, runs the importer from the project's jars into the
-local server's ``neo4j`` database (the server is stopped for it), starts the server again and
-then creates the schema and the class/variant aggregates through Bolt, exactly as a load does.
+local server's ``neo4j`` database (the server is stopped for it) and starts the server again.
+The class and variant aggregates are computed while the CSV files are written
+(``graphstore.aggregates``) and imported with the rest; only the indexes are made after the restart.
 
 It replaces the database's content, so callers must ask for it (``overwrite=True``).
 """
@@ -28,10 +29,11 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from graphstore import schema
+from graphstore.aggregates import AggregateRows, Aggregates
 from graphstore.errors import GraphStoreError, RecordsError, ServerError
-from graphstore.loader import ensure_schema, refresh_aggregates
+from graphstore.loader import ensure_schema
 from graphstore.rows import exemplar_rows, gained, groups, image_row, model_rows, neuron_table, pathway_row
-from graphstore.server import ADMIN_ENTRY_POINT, ServerConfig, java_executable, read_pid, start, stop
+from graphstore.server import ADMIN_ENTRY_POINT, ServerConfig, java_executable, prepare, read_pid, start, stop
 from records import (
     ExemplarRows,
     ModelInfo,
@@ -193,6 +195,7 @@ def write_csv(run_dirs: list[Path], out: Path) -> tuple[list[tuple[str, Path]], 
                                                              *(f"{k}:{t}" for k, t in spec.types().items())])
 
     includes, flows, exemplars = columns("INCLUDES"), columns("FLOWS_TO"), rel("EXEMPLAR")
+    aggregates = Aggregates()
     models: set[str] = set()
     images: set[str] = set()
     pathways: set[str] = set()
@@ -224,6 +227,7 @@ def write_csv(run_dirs: list[Path], out: Path) -> tuple[list[tuple[str, Path]], 
                     images.add(im.image_id)
                     row = image_row(im, model)
                     n["Image"].write([im.image_id], row["props"])
+                    aggregates.image(row["props"])
                     r["PREDICTED_AS"].write([im.image_id, row["predicted_class"]], row)
                     if row["label_class"] is not None:
                         r["LABELED_AS"].write([im.image_id, row["label_class"]], {})
@@ -238,13 +242,17 @@ def write_csv(run_dirs: list[Path], out: Path) -> tuple[list[tuple[str, Path]], 
                     if original is not None:
                         links[pw.pathway_id] = original
                     fresh.append(pw)
-                    n["Pathway"].write([pw.pathway_id], pathway_row(pw, model, original)["props"])
+                    prow = pathway_row(pw, model, original)
+                    n["Pathway"].write([pw.pathway_id], prow["props"])
+                    aggregates.pathway(prow["props"], prow["class_id"])
                     r["FOR_IMAGE"].write([pw.pathway_id, pw.image_id], {})
                     r["EXPLAINS"].write([pw.pathway_id, class_id(model.model_id, pw.target)], {})
             inc_columns, flow_columns = _relationship_columns(fresh, links, *index[model.model_id])
             includes.write(inc_columns)
             flows.write(flow_columns)
+            aggregates.relationships(inc_columns, flow_columns)
         _write_exemplars(run_dirs, exemplars)
+        _write_aggregates(aggregates.rows(), n, r, out)
     finally:
         for t in [*n.values(), *r.values(), exemplars]:
             t.close()
@@ -252,6 +260,20 @@ def write_csv(run_dirs: list[Path], out: Path) -> tuple[list[tuple[str, Path]], 
                                                        ("EXEMPLAR", exemplars.path)]
     return ([(k, t.path) for k, t in n.items()], rel_files, sum(t.rows for t in n.values()),
             sum(t.rows for t in r.values()) + includes.rows + flows.rows + exemplars.rows)
+
+
+def _write_aggregates(rows: AggregateRows, nodes: dict[str, _Table], rels: dict[str, _Table], out: Path) -> None:
+    """The aggregates' nodes (keyed without an id property, as the Bolt path makes them) and relationships."""
+    for label, items in (("CountStat", rows.count_stats), ("VariantStat", rows.variant_stats)):
+        table = nodes[label] = _Table(out / f"{label.lower()}.csv", [f":ID({label})"], schema.node(label).types())
+        for key, props in items:
+            table.write([key], props)
+    for name, links in (("USES", rows.uses), ("CLASS_FLOW", rows.class_flows), ("GAINED", rows.gained)):
+        spec = schema.relationship(name)
+        table = rels[name] = _Table(out / f"rel-{name.lower()}.csv", [f":START_ID({spec.start})",
+                                                                       f":END_ID({spec.end})"], spec.types())
+        for src, dst, props in links:
+            table.write([src, dst], props)
 
 
 def _write_exemplars(run_dirs: list[Path], table: _Table) -> None:
@@ -311,8 +333,7 @@ def bulk_import(
     try:
         nodes, rels, summary.nodes, summary.relationships = write_csv(run_dirs, work)
         summary.csv_seconds = time.perf_counter() - began
-        if not config.password_file.exists():  # first use: create the instance and its password
-            start(config)
+        prepare(config)  # first use: the instance and its password, no start needed before an import
         if read_pid(config) is not None:
             stop(config)
         began = time.perf_counter()
@@ -325,9 +346,7 @@ def bulk_import(
     start(config)
     driver = open_driver()
     try:
-        ensure_schema(driver)
-        for model_id in sorted({read_manifest(run).model.model_id for run in run_dirs}):
-            refresh_aggregates(driver, model_id)
+        ensure_schema(driver)  # the aggregates came with the import (graphstore.aggregates)
     finally:
         driver.close()
     summary.finish_seconds = time.perf_counter() - began

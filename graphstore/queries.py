@@ -216,7 +216,8 @@ MATCH (p:Pathway {model_id: $model_id, config: $config})-[:FOR_IMAGE]->(i:Image)
 WITH i.kind AS kind, coalesce(i.setting, '') AS setting, collect(p.layer_sizes) AS sizes,
      collect(coalesce(p.layer_mass, [x IN p.layer_sizes | 0.0])) AS masses
 WITH kind, setting, sizes, masses, range(0, size(sizes[0]) - 1) AS sites
-CREATE (:CountStat {model_id: $model_id, config: $config, kind: kind, setting: setting, pathways: size(sizes),
+CREATE (:CountStat {model_id: $model_id, config: $config, kind: kind,
+                    setting: CASE setting WHEN '' THEN null ELSE setting END, pathways: size(sizes),
                     totals: [i IN sites | reduce(t = 0, x IN sizes | t + x[i])],
                     mass: [i IN sites | reduce(t = 0.0, x IN masses | t + x[i])],
                     nonzero: [i IN sites | reduce(t = 0, x IN sizes | t + CASE WHEN x[i] > 0 THEN 1 ELSE 0 END)]})
@@ -311,7 +312,7 @@ MATCH (s:CountStat {config: $config})
 UNWIND range(0, size(s.totals) - 1) AS layer_index
 WITH s, layer_index WHERE s.nonzero[layer_index] > 0
 MATCH (:Model {id: s.model_id})-[:HAS_LAYER]->(l:Layer {index: layer_index})
-RETURN s.kind AS kind, s.setting AS setting, layer_index, l.site AS site,
+RETURN s.kind AS kind, coalesce(s.setting, '') AS setting, layer_index, l.site AS site,
        toFloat(s.totals[layer_index]) / s.nonzero[layer_index] AS mean_neurons,
        coalesce(s.mass[layer_index], 0.0) / s.nonzero[layer_index] AS mean_mass, s.nonzero[layer_index] AS pathways
 ORDER BY kind, setting, layer_index

@@ -51,7 +51,7 @@ class Node:
     label: str
     props: tuple[Prop, ...]
     note: str = ""
-    aggregate: bool = False  # recomputed by the store after every load or import, not read from records
+    aggregate: bool = False  # not read from records: refreshed in Cypher after a load, computed for an import
 
     def types(self, skip: tuple[str, ...] = ("id",)) -> dict[str, str]:
         """Property name -> type, without ``skip`` (the bulk importer's ID column)."""
@@ -106,8 +106,9 @@ NODES: tuple[Node, ...] = (
          "list of site ids) where the selection is cut: no kept neuron there reads a kept neuron before it"),
     Node("VariantStat", _props("model_id:string config:string kind:string setting:string label:long pairs:long "
                                "changed:long jaccard_sum:double[]"), aggregate=True),
-    Node("CountStat", _props("model_id:string config:string kind:string setting:string pathways:long "
-                             "totals:long[] mass:double[] nonzero:long[]"), aggregate=True),
+    Node("CountStat", _props("model_id:string config:string kind:string setting?:string pathways:long "
+                             "totals:long[] mass:double[] nonzero:long[]"), "setting on variants' kinds, like "
+         "Image.setting", aggregate=True),
 )
 
 RELATIONSHIPS: tuple[Rel, ...] = (

@@ -287,6 +287,22 @@ def load_state(config: ServerConfig) -> ServerConfig:
     )
 
 
+def prepare(config: ServerConfig) -> None:
+    """Jars, folders, configuration and the initial password: all a first start or an offline import
+    needs, without starting the server."""
+    fetch_jars(config)
+    for sub in ("data", "logs", "run", "plugins", "import"):
+        (config.instance_dir / sub).mkdir(parents=True, exist_ok=True)
+    _write_conf(config)
+    if not config.password_file.exists():
+        _set_initial_password(config)
+
+
+def has_database(config: ServerConfig) -> bool:
+    """Whether the instance's ``neo4j`` database was ever created (by a start or an import)."""
+    return (config.instance_dir / "data" / "databases" / "neo4j").is_dir()
+
+
 def start(config: ServerConfig, timeout: float = 240.0) -> ServerStatus:
     """Start the server (fetching jars first if needed) and wait until Bolt answers.
 
@@ -304,12 +320,7 @@ def start(config: ServerConfig, timeout: float = 240.0) -> ServerStatus:
             raise ServerError(
                 f"{name} port {port} on 127.0.0.1 is already in use; stop what holds it or choose another port"
             )
-    fetch_jars(config)
-    for sub in ("data", "logs", "run", "plugins", "import"):
-        (config.instance_dir / sub).mkdir(parents=True, exist_ok=True)
-    _write_conf(config)
-    if not config.password_file.exists():
-        _set_initial_password(config)
+    prepare(config)
     password = read_password(config)
     cmd = [
         java_executable(), f"-Xms{config.heap_initial}", f"-Xmx{config.heap_max}", "-XX:+UseG1GC",

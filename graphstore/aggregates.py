@@ -1,0 +1,164 @@
+"""The class and variant aggregates of a bulk import, computed from the rows as they are written.
+
+A load through Bolt refreshes ``USES``, ``CLASS_FLOW``, ``CountStat``, ``VariantStat`` and ``GAINED``
+in Cypher (``queries.REFRESH_*``), over what the store holds. A bulk import writes a fresh store
+from records, so the same aggregates are computed here in pandas while the CSV files are written and
+imported with everything else: after the restart only the indexes remain to be made.
+``tests/test_bulk.py`` holds every aggregate equal to the Cypher one, row by row.
+
+Definitions (the Cypher's): over the original images' pathways of a setting, per explained class,
+``USES`` a neuron with support = share of the class's pathways that include it, and the mean
+contribution; ``CLASS_FLOW`` an edge with support >= ``EDGE_SUPPORT_FLOOR`` and its mean weight;
+per (image kind, sweep setting) a ``CountStat`` of per-site sums over all pathways; per
+(variant kind, sweep setting, original's label) a ``VariantStat`` of the variants' pathways, and
+``GAINED`` per neuron gained against the original's pathway.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.compute as pc
+
+from graphstore.rows import EDGE_SUPPORT_FLOOR
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Image:
+    kind: str
+    setting: str
+    predicted: int
+    label: int
+    variant_of: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Pathway:
+    model_id: str
+    config: str
+    class_id: str
+    image_id: str
+    layer_sizes: list[int]
+    layer_mass: list[float]
+    layer_jaccard: list[float] | None
+
+
+@dataclass
+class AggregateRows:
+    """What the importer writes: nodes ``(key, props)`` and relationships ``(start, end, props)``."""
+
+    count_stats: list[tuple[str, dict[str, Any]]]
+    variant_stats: list[tuple[str, dict[str, Any]]]
+    uses: list[tuple[str, str, dict[str, Any]]]
+    class_flows: list[tuple[str, str, dict[str, Any]]]
+    gained: list[tuple[str, str, dict[str, Any]]]
+
+
+@dataclass
+class Aggregates:
+    """Collects images, pathways and their relationship columns; :meth:`rows` computes the aggregates."""
+
+    images: dict[str, _Image] = field(default_factory=dict)
+    pathways: dict[str, _Pathway] = field(default_factory=dict)
+    _includes: list[pd.DataFrame] = field(default_factory=list)  # pathway, neuron, contribution, gained
+    _flows: list[pd.DataFrame] = field(default_factory=list)  # pathway, src, dst, weight (originals only)
+    _originals: set[str] = field(default_factory=set)  # pathways of original images
+
+    def image(self, props: dict[str, Any]) -> None:
+        """An Image node's properties (as written)."""
+        self.images[props["id"]] = _Image(kind=props["kind"], setting=props["setting"] or "",
+                                          predicted=props["predicted"], label=props["label"],
+                                          variant_of=props["variant_of"])
+
+    def pathway(self, props: dict[str, Any], class_id: str) -> None:
+        """A Pathway node's properties (as written) and the class it explains."""
+        self.pathways[props["id"]] = _Pathway(
+            model_id=props["model_id"], config=props["config"], class_id=class_id, image_id=props["image_id"],
+            layer_sizes=props["layer_sizes"], layer_mass=props["layer_mass"],
+            layer_jaccard=props.get("layer_jaccard"))
+        if self.images[props["image_id"]].kind == "original":
+            self._originals.add(props["id"])
+
+    def relationships(self, includes: list[Any], flows: list[Any]) -> None:
+        """One part's INCLUDES columns ``[pathway, neuron, contribution, score, rank, elements, dead, gained]``
+        (``gained`` a pyarrow boolean array, null on originals) and FLOWS_TO columns ``[source, target,
+        pathway, weight]``; only the rows an aggregate reads are kept."""
+        inc = pd.DataFrame({"pathway": includes[0], "neuron": includes[1], "contribution": includes[2],
+                            "gained": pc.fill_null(includes[7], False).to_numpy(zero_copy_only=False)})
+        self._includes.append(inc[inc["pathway"].isin(self._originals) | inc["gained"]])
+        flow = pd.DataFrame({"pathway": flows[2], "src": flows[0], "dst": flows[1], "weight": flows[3]})
+        self._flows.append(flow[flow["pathway"].isin(self._originals)])
+
+    def rows(self) -> AggregateRows:
+        pws = pd.DataFrame([{"pathway": pid, "model_id": p.model_id, "config": p.config, "class_id": p.class_id,
+                             "original": self.images[p.image_id].kind == "original"}
+                            for pid, p in self.pathways.items()],
+                           columns=["pathway", "model_id", "config", "class_id", "original"])
+        counts = pws[pws["original"]].groupby(["class_id", "config"]).size().rename("n").reset_index()
+        out = AggregateRows(self._count_stats(), [], self._uses(pws, counts), self._class_flows(pws, counts), [])
+        out.variant_stats, out.gained = self._variant_stats()
+        return out
+
+    def _uses(self, pws: pd.DataFrame, counts: pd.DataFrame) -> list[tuple[str, str, dict[str, Any]]]:
+        inc = pd.concat(self._includes, ignore_index=True) if self._includes else pd.DataFrame(
+            columns=["pathway", "neuron", "contribution", "gained"])
+        inc = inc.merge(pws[pws["original"]][["pathway", "class_id", "config"]], on="pathway")
+        agg = inc.groupby(["class_id", "config", "neuron"]).agg(k=("contribution", "size"),
+                                                                 mc=("contribution", "mean")).reset_index()
+        agg = agg.merge(counts, on=["class_id", "config"])
+        return [(r.class_id, r.neuron, {"config": r.config, "support": float(r.k) / r.n,
+                                        "mean_contribution": float(r.mc), "pathways": int(r.k)})
+                for r in agg.itertuples(index=False)]
+
+    def _class_flows(self, pws: pd.DataFrame, counts: pd.DataFrame) -> list[tuple[str, str, dict[str, Any]]]:
+        flows = pd.concat(self._flows, ignore_index=True) if self._flows else pd.DataFrame(
+            columns=["pathway", "src", "dst", "weight"])
+        flows = flows.merge(pws[["pathway", "class_id", "config", "model_id"]], on="pathway")
+        agg = flows.groupby(["class_id", "config", "model_id", "src", "dst"]).agg(
+            k=("weight", "size"), mw=("weight", "mean")).reset_index().merge(counts, on=["class_id", "config"])
+        agg = agg[agg["k"] / agg["n"] >= EDGE_SUPPORT_FLOOR]
+        return [(r.src, r.dst, {"class_id": r.class_id, "model_id": r.model_id, "config": r.config,
+                                "support": float(r.k) / r.n, "mean_weight": float(r.mw), "pathways": int(r.k)})
+                for r in agg.itertuples(index=False)]
+
+    def _count_stats(self) -> list[tuple[str, dict[str, Any]]]:
+        groups: dict[tuple[str, str, str, str], list[_Pathway]] = {}
+        for p in self.pathways.values():
+            im = self.images[p.image_id]
+            groups.setdefault((p.model_id, p.config, im.kind, im.setting), []).append(p)
+        out = []
+        for n, ((model_id, config, kind, setting), ps) in enumerate(sorted(groups.items())):
+            sizes = np.asarray([p.layer_sizes for p in ps], dtype=np.int64)
+            mass = np.asarray([p.layer_mass for p in ps], dtype=np.float64)
+            out.append((f"count-{n}", {"model_id": model_id, "config": config, "kind": kind, "setting": setting or None,
+                                       "pathways": len(ps), "totals": sizes.sum(0).tolist(),
+                                       "mass": mass.sum(0).tolist(), "nonzero": (sizes > 0).sum(0).tolist()}))
+        return out
+
+    def _variant_stats(self) -> tuple[list[tuple[str, dict[str, Any]]], list[tuple[str, str, dict[str, Any]]]]:
+        groups: dict[tuple[str, str, str, str, int], list[str]] = {}
+        for pid, p in self.pathways.items():
+            im = self.images[p.image_id]
+            if im.variant_of is None or p.layer_jaccard is None:
+                continue
+            label = self.images[im.variant_of].label
+            groups.setdefault((p.model_id, p.config, im.kind, im.setting, label), []).append(pid)
+        inc = pd.concat(self._includes, ignore_index=True) if self._includes else pd.DataFrame(
+            columns=["pathway", "neuron", "contribution", "gained"])
+        keys = {pid: f"variant-{n}" for n, (_, pids) in enumerate(sorted(groups.items())) for pid in pids}
+        gained = inc[inc["gained"]].assign(key=lambda d: d["pathway"].map(keys)).dropna(subset=["key"])
+        links = [(key, neuron, {"count": int(k)}) for (key, neuron), k in gained.groupby(["key", "neuron"]).size()
+                 .items()]
+        stats = []
+        for n, ((model_id, config, kind, setting, label), pids) in enumerate(sorted(groups.items())):
+            ps = [self.pathways[pid] for pid in pids]
+            changed = sum(self.images[p.image_id].predicted != self.images[self.images[p.image_id].variant_of or ""]
+                          .predicted for p in ps)
+            jac = np.asarray([p.layer_jaccard for p in ps], dtype=np.float64).sum(0)
+            stats.append((f"variant-{n}", {"model_id": model_id, "config": config, "kind": kind, "setting": setting,
+                                "label": label, "pairs": len(ps), "changed": int(changed),
+                                "jaccard_sum": jac.tolist()}))
+        return stats, links
