@@ -173,6 +173,13 @@ DEMO_PHOTOS = 10
 DEMO_PHOTO_VARIANTS = "fgsm:eps=0.004,fgsm:eps=0.012,pgd:eps=0.008:steps=5,occlude,shift,affine"
 
 
+def fashion_settings() -> list[PathwaySettings]:
+    """The demo's settings for the Fashion CNN (also the report's): every method at top-8; the resampling
+    methods on originals only, pixel pathways (stride 4) on originals and deformed images."""
+    return build_settings(("mct", "intgrad", "correlation", "precision", "pixel"), top_k=8, pixel_stride=4,
+                          originals_only=("correlation", "precision"), variant_kinds={"pixel": ("deform",)})
+
+
 def extract_demo(out: Path, home: Path, limit: int = DEMO_FASHION_IMAGES, photos: int = DEMO_PHOTOS,
                  percentile: bool = True, progress: bool = True) -> dict[str, ExtractSummary]:
     """The demo's runs, two trained models on real images, into ``out/fashion`` and ``out/photos``:
@@ -200,9 +207,7 @@ def extract_demo(out: Path, home: Path, limit: int = DEMO_FASHION_IMAGES, photos
             shutil.rmtree(folder)
     p90 = [PathwaySettings("mct", "percentile", sparsity=90.0, granularity="element")] if percentile else []
     fashion = model_from_spec("fashion_cnn", home)
-    settings = build_settings(("mct", "intgrad", "correlation", "precision", "pixel"), top_k=8, pixel_stride=4,
-                              originals_only=("correlation", "precision"), variant_kinds={"pixel": ("deform",)})
-    done = {"fashion": extract_run(fashion, load_images("fashion-mnist:test", fashion), settings + p90,
+    done = {"fashion": extract_run(fashion, load_images("fashion-mnist:test", fashion), fashion_settings() + p90,
                                    VariantSpec.parse("fgsm,pgd,occlude,shift,deform,affine"), runs["fashion"],
                                    limit=limit, progress=progress, workers=0)}
     lite = model_from_spec("efficientnet_lite0", home)
