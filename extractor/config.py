@@ -166,8 +166,8 @@ def with_class_names(bundle: ModelBundle, names: Sequence[str]) -> ModelBundle:
 
 
 # The demo's two runs. Sizes chosen for the set-up budget on 2 cores (README states the measured split).
-DEMO_FASHION_IMAGES = 100
-DEMO_PHOTOS = 10
+DEMO_FASHION_IMAGES = 60
+DEMO_PHOTOS = 8
 # ImageNet attacks at strengths a 224-px photo model feels (1/255 .. 3/255); the full default sweeps are
 # for 28-px images
 DEMO_PHOTO_VARIANTS = "fgsm:eps=0.004,fgsm:eps=0.012,pgd:eps=0.008:steps=5,occlude,shift,affine"

@@ -61,7 +61,7 @@ class BulkSummary:
     relationships: int = 0
     csv_seconds: float = 0.0
     import_seconds: float = 0.0
-    finish_seconds: float = 0.0  # restart, schema and aggregates
+    finish_seconds: float = 0.0  # restart and indexes (the aggregates came with the import)
 
     @property
     def relationships_per_second(self) -> float:

@@ -235,7 +235,7 @@ def schema_text() -> str:
         head = f"(:{r.start})-[:{r.type}"
         lines = _wrap(head + " ", _names(r.props), f"]->(:{r.end})") if r.props else [f"{head}]->(:{r.end})"]
         out += _noted(lines, r.note)
-    out.append("// aggregates, recomputed per config after every load or import")
+    out.append("// aggregates: refreshed per config in Cypher after a load, computed in pandas for an import")
     for n in (n for n in NODES if n.aggregate):
         out += _wrap(f"(:{n.label} ", _names(n.props), ")")
     for r in (r for r in RELATIONSHIPS if r.aggregate):

@@ -164,7 +164,7 @@ def db_import(
         cfg = load_state(ServerConfig.default(_home()))
         s = bulk_import(cfg, run_dirs, _driver, overwrite=overwrite)
         typer.echo(f"{s.nodes} nodes, {s.relationships} relationships: CSV {s.csv_seconds:.1f} s, import "
-                   f"{s.import_seconds:.1f} s ({s.relationships_per_second:.0f} rel/s), schema and aggregates "
+                   f"{s.import_seconds:.1f} s ({s.relationships_per_second:.0f} rel/s), restart and indexes "
                    f"{s.finish_seconds:.1f} s")
 
 
@@ -433,9 +433,9 @@ def ui(
 
 @app.command("demo")
 def demo(
-    limit: Annotated[int | None, typer.Option(help="Fashion-MNIST test images for the Fashion CNN (default 100).")]
+    limit: Annotated[int | None, typer.Option(help="Fashion-MNIST test images for the Fashion CNN (default 60).")]
     = None,
-    photos: Annotated[int | None, typer.Option(help="Labelled ImageNet photos for EfficientNet-Lite0 (default 10; "
+    photos: Annotated[int | None, typer.Option(help="Labelled ImageNet photos for EfficientNet-Lite0 (default 8; "
                                                     "at most 20).")] = None,
     out: Annotated[Path, typer.Option(help="Folder of the two run folders.")] = Path("runs/demo"),
     serve: Annotated[bool, typer.Option(help="Serve the UI at the end.")] = True,
