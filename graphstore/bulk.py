@@ -200,12 +200,14 @@ def write_csv(run_dirs: list[Path], out: Path) -> tuple[list[tuple[str, Path]], 
     images: set[str] = set()
     pathways: set[str] = set()
     index: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    model_props: dict[str, dict[str, Any]] = {}
+    covered: dict[str, int] = {}
     try:
         for model, part in _records(run_dirs):
             if model.model_id not in models:
                 models.add(model.model_id)
                 rows = model_rows(model)
-                n["Model"].write([model.model_id], rows.model)
+                model_props[model.model_id] = rows.model  # written last, with the pathways the aggregates cover
                 for ly in rows.layers:
                     n["Layer"].write([ly["id"]], {**ly, "model_id": model.model_id})
                     r["HAS_LAYER"].write([model.model_id, ly["id"]], {})
@@ -238,6 +240,7 @@ def write_csv(run_dirs: list[Path], out: Path) -> tuple[list[tuple[str, Path]], 
                     if pw.pathway_id in pathways:
                         continue
                     pathways.add(pw.pathway_id)
+                    covered[model.model_id] = covered.get(model.model_id, 0) + 1
                     original = originals.get(pw.pathway_id)
                     if original is not None:
                         links[pw.pathway_id] = original
@@ -253,6 +256,8 @@ def write_csv(run_dirs: list[Path], out: Path) -> tuple[list[tuple[str, Path]], 
             aggregates.relationships(inc_columns, flow_columns)
         _write_exemplars(run_dirs, exemplars)
         _write_aggregates(aggregates.rows(), n, r, out)
+        for model_id, props in model_props.items():
+            n["Model"].write([model_id], {**props, "aggregated_pathways": covered.get(model_id, 0)})
     finally:
         for t in [*n.values(), *r.values(), exemplars]:
             t.close()

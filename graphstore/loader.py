@@ -143,7 +143,11 @@ def _write_groups(
 
 
 def refresh_aggregates(driver: neo4j.Driver, model_id: str, database: str = DATABASE) -> list[str]:
-    """Recompute the ``USES``, ``CLASS_FLOW``, ``CountStat`` and ``VariantStat`` aggregates of every setting."""
+    """Recompute the ``USES``, ``CLASS_FLOW``, ``CountStat`` and ``VariantStat`` aggregates of every setting,
+    and record on the model how many pathways they cover (counted first: pathways written meanwhile make
+    the next load refresh again)."""
+    records, _, _ = driver.execute_query(Q.MODEL_PATHWAYS, model_id=model_id, database_=database)
+    covered = int(records[0]["pathways"])
     records, _, _ = driver.execute_query(Q.CONFIGS_OF_MODEL, model_id=model_id, database_=database)
     configs = sorted(r["config"] for r in records)
     for config in configs:
@@ -160,7 +164,15 @@ def refresh_aggregates(driver: neo4j.Driver, model_id: str, database: str = DATA
 
         with driver.session(database=database) as session:
             session.execute_write(work)
+    driver.execute_query(Q.MARK_AGGREGATED, model_id=model_id, pathways=covered, database_=database)
     return configs
+
+
+def aggregates_current(driver: neo4j.Driver, model_id: str, database: str = DATABASE) -> bool:
+    """Whether the model's aggregates cover exactly the pathways it has now."""
+    now, _, _ = driver.execute_query(Q.MODEL_PATHWAYS, model_id=model_id, database_=database)
+    done, _, _ = driver.execute_query(Q.AGGREGATED_PATHWAYS, model_id=model_id, database_=database)
+    return bool(done) and done[0]["pathways"] == now[0]["pathways"]
 
 
 def remove_incomplete(driver: neo4j.Driver, model_id: str, database: str = DATABASE) -> int:
@@ -270,7 +282,8 @@ def load_run(driver: neo4j.Driver, run_dir: Path, database: str = DATABASE, prog
         bar.close()
     summary.write_seconds = time.perf_counter() - began_writes
     summary.exemplars = load_exemplars(driver, run_dir, model, int(manifest.settings.get("exemplars", 0)), database)
-    refresh_aggregates(driver, model.model_id, database)
+    if summary.pathways_new or summary.repaired or not aggregates_current(driver, model.model_id, database):
+        refresh_aggregates(driver, model.model_id, database)
     summary.seconds = time.perf_counter() - began
     log.info("loaded %d images, %d new pathways, %d relationships in %.1f s", summary.images,
              summary.pathways_new, summary.includes + summary.edges, summary.seconds)
@@ -292,7 +305,10 @@ def load_exemplars(driver: neo4j.Driver, run_dir: Path, model: ModelInfo, n: int
 
     def write(tx: neo4j.ManagedTransaction) -> int:
         tx.run(Q.LOCK_MODEL, model_id=model.model_id).consume()
-        merged = merge_exemplar_rows(ExemplarRows.concat([stored_exemplars_tx(tx, model), run_rows]), n)
+        stored = stored_exemplars_tx(tx, model)
+        merged = merge_exemplar_rows(ExemplarRows.concat([stored, run_rows]), n)
+        if _exemplar_keys(merged) == _exemplar_keys(stored):
+            return len(stored)  # the run's exemplars are those already stored (a repeated load): nothing to write
         tx.run(Q.DELETE_EXEMPLARS, model_id=model.model_id).consume()
         rows = exemplar_rows(merged, table)
         made = 0
@@ -304,6 +320,12 @@ def load_exemplars(driver: neo4j.Driver, run_dir: Path, model: ModelInfo, n: int
 
     with driver.session(database=database) as session:
         return int(session.execute_write(write))
+
+
+def _exemplar_keys(rows: ExemplarRows) -> set[tuple[int, int, str, str]]:
+    """Which image is an exemplar of which neuron and kind (an image's value there is fixed by the image)."""
+    return set(zip(rows.site.tolist(), rows.channel.tolist(), rows.kind.astype(str).tolist(),
+                   rows.image_id.astype(str).tolist(), strict=True))
 
 
 def stored_exemplars_tx(tx: neo4j.ManagedTransaction, model: ModelInfo) -> ExemplarRows:

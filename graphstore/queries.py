@@ -164,6 +164,23 @@ RETURN DISTINCT p.config AS config
 
 # Taking a write lock on the model node serialises concurrent aggregate refreshes (two loaders
 # finishing at once would otherwise both clear and both recreate).
+MODEL_PATHWAYS = """
+MATCH (p:Pathway {model_id: $model_id})
+RETURN count(p) AS pathways
+"""
+
+# how many pathways the model's aggregates were last computed over: a load that adds nothing and finds
+# the same count skips the refresh
+AGGREGATED_PATHWAYS = """
+MATCH (m:Model {id: $model_id})
+RETURN m.aggregated_pathways AS pathways
+"""
+
+MARK_AGGREGATED = """
+MATCH (m:Model {id: $model_id})
+SET m.aggregated_pathways = $pathways
+"""
+
 LOCK_MODEL = """
 MATCH (m:Model {id: $model_id})
 SET m.aggregates_lock = true

@@ -85,7 +85,9 @@ class Index:
 
 
 NODES: tuple[Node, ...] = (
-    Node("Model", _props("id:string arch:string title:string num_classes:long input_shape:long[]")),
+    Node("Model", _props("id:string arch:string title:string num_classes:long input_shape:long[] "
+                         "aggregated_pathways:long"),
+         "aggregated_pathways: how many pathways the aggregates were last computed over"),
     Node("Layer", _props("id:string model_id:string site:string module_path:string call_index:long kind:string "
                          "index:long channels:long shape:long[] layout:string depth:long"),
          "one per site (module path, call index); depth: sites before it on the longest path from the input"),
