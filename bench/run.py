@@ -286,7 +286,8 @@ SECTIONS = ("extraction", "zoo", "pixel", "memory", "exemplars", "folders", "sto
 def retrain() -> dict[str, Any]:
     """The demo's Fashion-MNIST CNN trained again from its recipe: its test accuracy beside the committed
     weights' (must agree within 1 point), and whether the bytes are the same."""
-    from extractor.fashion import WEIGHTS, accuracy, split, train_fashion_cnn
+    from extractor.demo import accuracy
+    from extractor.fashion import WEIGHTS, split, train_fashion_cnn
     from extractor.trained import TRAINED, load_trained
 
     began = time.perf_counter()

@@ -96,13 +96,6 @@ def _batched_vjp(a_dst: torch.Tensor, sources: list[torch.Tensor], cot: torch.Te
             for g, s in zip(grads, sources, strict=True)]
 
 
-def edge_weights_for_pair(
-    a_src: torch.Tensor, a_dst: torch.Tensor, g_dst: torch.Tensor, targets: torch.Tensor
-) -> torch.Tensor:
-    """:func:`edge_weights_vjp` for one source: ``[B, M, Ci]``."""
-    return edge_weights_vjp([a_src], a_dst, g_dst, targets)[0]
-
-
 def _no_edges(gaps: torch.Tensor) -> Edges:
     z = [np.zeros(0, dtype=t) for t in (np.int64, np.int32, np.int32, np.int32, np.int32, np.float32)]
     return Edges(*z, gaps.numpy())

@@ -45,14 +45,6 @@ def split(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(pixels.astype("float32") / 255.0)[:, None], torch.from_numpy(labels.astype("int64"))
 
 
-def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 2000) -> float:
-    """Share of ``x`` ``[N, 1, 28, 28]`` classified as ``y``."""
-    model.eval()
-    with torch.no_grad():
-        right = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(y), batch))
-    return right / len(y)
-
-
 def train_fashion_cnn(recipe: TrainSettings = RECIPE) -> DemoCNN:
     """Train on all 60,000 training images: Adam, fixed seed and order, one thread (deterministic)."""
     x, y = split("train")

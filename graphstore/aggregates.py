@@ -38,6 +38,7 @@ class _Image:
 @dataclass(frozen=True, kw_only=True)
 class _Pathway:
     model_id: str
+    key: int
     config: str
     class_id: str
     image_id: str
@@ -64,8 +65,9 @@ class Aggregates:
     images: dict[str, _Image] = field(default_factory=dict)
     pathways: dict[str, _Pathway] = field(default_factory=dict)
     _includes: list[pd.DataFrame] = field(default_factory=list)  # pathway, neuron, contribution, gained
-    _flows: list[pd.DataFrame] = field(default_factory=list)  # pathway, src, dst, weight (originals only)
+    _flows: list[pd.DataFrame] = field(default_factory=list)  # key, src, dst, weight (originals only)
     _originals: set[str] = field(default_factory=set)  # pathways of original images
+    _original_keys: set[int] = field(default_factory=set)  # and their keys
 
     def image(self, props: dict[str, Any]) -> None:
         """An Image node's properties (as written)."""
@@ -76,27 +78,30 @@ class Aggregates:
     def pathway(self, props: dict[str, Any], class_id: str) -> None:
         """A Pathway node's properties (as written) and the class it explains."""
         self.pathways[props["id"]] = _Pathway(
-            model_id=props["model_id"], config=props["config"], class_id=class_id, image_id=props["image_id"],
+            model_id=props["model_id"], key=props["key"], config=props["config"], class_id=class_id,
+            image_id=props["image_id"],
             layer_sizes=props["layer_sizes"], layer_mass=props["layer_mass"],
             layer_jaccard=props.get("layer_jaccard"))
         if self.images[props["image_id"]].kind == "original":
             self._originals.add(props["id"])
+            self._original_keys.add(props["key"])
 
     def relationships(self, includes: list[Any], flows: list[Any]) -> None:
         """One part's INCLUDES columns ``[pathway, neuron, contribution, score, rank, elements, dead, gained]``
         (``gained`` a pyarrow boolean array, null on originals) and FLOWS_TO columns ``[source, target,
-        pathway, weight]``; only the rows an aggregate reads are kept."""
+        pathway key, weight]``; only the rows an aggregate reads are kept."""
         inc = pd.DataFrame({"pathway": includes[0], "neuron": includes[1], "contribution": includes[2],
                             "gained": pc.fill_null(includes[7], False).to_numpy(zero_copy_only=False)})
         self._includes.append(inc[inc["pathway"].isin(self._originals) | inc["gained"]])
-        flow = pd.DataFrame({"pathway": flows[2], "src": flows[0], "dst": flows[1], "weight": flows[3]})
-        self._flows.append(flow[flow["pathway"].isin(self._originals)])
+        flow = pd.DataFrame({"key": flows[2], "src": flows[0], "dst": flows[1], "weight": flows[3]})
+        self._flows.append(flow[flow["key"].isin(self._original_keys)])
 
     def rows(self) -> AggregateRows:
-        pws = pd.DataFrame([{"pathway": pid, "model_id": p.model_id, "config": p.config, "class_id": p.class_id,
+        pws = pd.DataFrame([{"pathway": pid, "key": p.key, "model_id": p.model_id, "config": p.config,
+                             "class_id": p.class_id,
                              "original": self.images[p.image_id].kind == "original"}
                             for pid, p in self.pathways.items()],
-                           columns=["pathway", "model_id", "config", "class_id", "original"])
+                           columns=["pathway", "key", "model_id", "config", "class_id", "original"])
         counts = pws[pws["original"]].groupby(["class_id", "config"]).size().rename("n").reset_index()
         out = AggregateRows(self._count_stats(), [], self._uses(pws, counts), self._class_flows(pws, counts), [])
         out.variant_stats, out.gained = self._variant_stats()
@@ -115,8 +120,8 @@ class Aggregates:
 
     def _class_flows(self, pws: pd.DataFrame, counts: pd.DataFrame) -> list[tuple[str, str, dict[str, Any]]]:
         flows = pd.concat(self._flows, ignore_index=True) if self._flows else pd.DataFrame(
-            columns=["pathway", "src", "dst", "weight"])
-        flows = flows.merge(pws[["pathway", "class_id", "config", "model_id"]], on="pathway")
+            columns=["key", "src", "dst", "weight"])
+        flows = flows.merge(pws[["key", "class_id", "config", "model_id"]], on="key")
         agg = flows.groupby(["class_id", "config", "model_id", "src", "dst"]).agg(
             k=("weight", "size"), mw=("weight", "mean")).reset_index().merge(counts, on=["class_id", "config"])
         agg = agg[agg["k"] / agg["n"] >= EDGE_SUPPORT_FLOOR]

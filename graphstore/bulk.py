@@ -30,7 +30,7 @@ import pyarrow.csv as pacsv
 
 from graphstore import schema
 from graphstore.aggregates import AggregateRows, Aggregates
-from graphstore.errors import GraphStoreError, RecordsError, ServerError
+from graphstore.errors import GraphStoreError, RecordsError, ServerError, reading_records
 from graphstore.loader import ensure_schema
 from graphstore.rows import exemplar_rows, gained, groups, image_row, model_rows, neuron_table, pathway_row
 from graphstore.server import ADMIN_ENTRY_POINT, ServerConfig, java_executable, prepare, read_pid, start, stop
@@ -38,10 +38,10 @@ from records import (
     ExemplarRows,
     ModelInfo,
     PathwayRecord,
-    RecordsFormatError,
     class_id,
     iter_parts,
     merge_exemplar_rows,
+    pathway_key,
     read_exemplars,
     read_manifest,
     require_complete,
@@ -152,19 +152,17 @@ def _relationship_columns(pws: list[PathwayRecord], originals: dict[str, Pathway
                                                                                np.int64)],
              ids[offsets[cat([p.edge_dst_site for p in pws], np.int64)] + cat([p.edge_dst_channel for p in pws],
                                                                                np.int64)],
-             np.repeat(np.array([p.pathway_id for p in pws], dtype=object), n_edges),
+             np.repeat(np.array([pathway_key(p.pathway_id) for p in pws], dtype=np.int64), n_edges),
              cat([p.edge_weight for p in pws], np.float64)]
     return includes, flows
 
 
 def _records(run_dirs: list[Path]) -> Iterator[tuple[ModelInfo, Any]]:
     for run in run_dirs:
-        try:
+        with reading_records():
             model = read_manifest(run).model
             for part in iter_parts(run):
                 yield model, part
-        except RecordsFormatError as exc:
-            raise RecordsError(str(exc)) from exc
 
 
 def write_csv(run_dirs: list[Path], out: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]], int, int]:
@@ -327,11 +325,9 @@ def bulk_import(
         raise RecordsError("bulk import replaces the whole database; pass --overwrite "
                            "(or use `pathx load` to add to it)")
     for run in run_dirs:  # bad input fails before the server is touched
-        try:
+        with reading_records():
             read_manifest(run)
             require_complete(run)
-        except RecordsFormatError as exc:
-            raise RecordsError(str(exc)) from exc
     summary = BulkSummary()
     work = config.instance_dir / "import" / f"bulk-{os.getpid()}"
     began = time.perf_counter()

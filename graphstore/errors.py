@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from records import RecordsFormatError
+
 
 class GraphStoreError(Exception):
     """Root of every error the graph store raises on purpose."""
@@ -25,3 +30,12 @@ class NotFound(GraphStoreError):
 
 class QueryRefused(GraphStoreError):
     """User Cypher that is not a read-only query (writes, schema, LOAD CSV, admin)."""
+
+
+@contextmanager
+def reading_records() -> Iterator[None]:
+    """Inside: a damaged or foreign run folder (``records.RecordsFormatError``) is this store's ``RecordsError``."""
+    try:
+        yield
+    except RecordsFormatError as exc:
+        raise RecordsError(str(exc)) from exc

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from graphstore import queries as Q
 from graphstore.connection import DATABASE
-from graphstore.errors import RecordsError
+from graphstore.errors import RecordsError, reading_records
 from graphstore.rows import (
     EDGE_SUPPORT_FLOOR,
     Group,
@@ -43,7 +43,6 @@ from graphstore.rows import (
 from records import (
     ExemplarRows,
     ModelInfo,
-    RecordsFormatError,
     iter_parts,
     merge_exemplar_rows,
     read_exemplars,
@@ -252,23 +251,24 @@ def load_run(driver: neo4j.Driver, run_dir: Path, database: str = DATABASE, prog
 
     ``workers`` transactions run at once (Python builds one batch's rows while Neo4j writes another's).
     """
-    try:
+    with reading_records():
         manifest = read_manifest(run_dir)
         require_complete(run_dir)
-    except RecordsFormatError as exc:
-        raise RecordsError(str(exc)) from exc
     model = manifest.model
     began = time.perf_counter()
+    old, _, _ = driver.execute_query(Q.PATHWAY_WITHOUT_KEY, database_=database)
+    if old:
+        raise RecordsError("this store was written by an older Pathway Explorer (its pathways have no key); "
+                           "import all runs again with `pathx db import RUN... --overwrite`, or load into an empty "
+                           "database")
     ensure_schema(driver, database)
     load_model(driver, model, database)
     summary = LoadSummary(repaired=remove_incomplete(driver, model.model_id, database))
     records, _, _ = driver.execute_query(Q.NEURON_ELEMENT_IDS, model_id=model.model_id, database_=database)
     element = {r["id"]: r["element_id"] for r in records}
     table = [[element[n] for n in site] for site in neuron_table(model)]
-    try:
+    with reading_records():
         parts = list(iter_parts(run_dir))
-    except RecordsFormatError as exc:
-        raise RecordsError(str(exc)) from exc
     for part in parts:
         for pw in part.pathways:
             if pw.model_id != model.model_id:
@@ -295,10 +295,8 @@ def load_exemplars(driver: neo4j.Driver, run_dir: Path, model: ModelInfo, n: int
     kind over both) and replace them in one transaction; returns how many are stored."""
     if n <= 0:
         return 0
-    try:
+    with reading_records():
         run_rows = read_exemplars(run_dir, n)
-    except RecordsFormatError as exc:
-        raise RecordsError(str(exc)) from exc
     records, _, _ = driver.execute_query(Q.NEURON_ELEMENT_IDS, model_id=model.model_id, database_=database)
     element = {r["id"]: r["element_id"] for r in records}
     table = [[element[nid] for nid in site] for site in neuron_table(model)]

@@ -126,8 +126,8 @@ RETURN p.id AS id
 DELETE_PATHWAYS = """
 UNWIND $pathway_ids AS pid
 MATCH (p:Pathway {id: pid})
-CALL (pid) {
-  MATCH ()-[f:FLOWS_TO {pathway: pid}]->()
+CALL (p) {
+  MATCH ()-[f:FLOWS_TO {pathway: p.key}]->()
   DELETE f
 }
 DETACH DELETE p
@@ -164,6 +164,12 @@ RETURN DISTINCT p.config AS config
 
 # Taking a write lock on the model node serialises concurrent aggregate refreshes (two loaders
 # finishing at once would otherwise both clear and both recreate).
+# a store written before pathways had keys (FLOWS_TO then held the id string) cannot take new loads
+PATHWAY_WITHOUT_KEY = """
+MATCH (p:Pathway) WHERE p.key IS NULL
+RETURN p.id AS id LIMIT 1
+"""
+
 MODEL_PATHWAYS = """
 MATCH (p:Pathway {model_id: $model_id})
 RETURN count(p) AS pathways
@@ -213,10 +219,10 @@ DELETE f
 # pathway / floor of them per class): share of the class's original pathways that hold it.
 REFRESH_CLASS_FLOWS = """
 MATCH (c:Class {model_id: $model_id})<-[:EXPLAINS]-(p:Pathway {config: $config})-[:FOR_IMAGE]->(:Image {kind: 'original'})
-WITH c, collect(p.id) AS pids
-WITH c, pids, size(pids) AS n
-UNWIND pids AS pid
-MATCH (a:Neuron)-[f:FLOWS_TO {pathway: pid}]->(b:Neuron)
+WITH c, collect(p.key) AS keys
+WITH c, keys, size(keys) AS n
+UNWIND keys AS key
+MATCH (a:Neuron)-[f:FLOWS_TO {pathway: key}]->(b:Neuron)
 WITH c, n, a, b, count(f) AS k, avg(f.weight) AS mean_weight
 WHERE toFloat(k) / n >= $floor
 CREATE (a)-[:CLASS_FLOW {class_id: c.id, model_id: $model_id, config: $config, support: toFloat(k) / n,
@@ -375,7 +381,8 @@ ORDER BY layer_index, channel
 """
 
 PATHWAY_EDGES = """
-MATCH (a:Neuron)-[f:FLOWS_TO {pathway: $pathway_id}]->(b:Neuron)
+MATCH (p:Pathway {id: $pathway_id})
+MATCH (a:Neuron)-[f:FLOWS_TO {pathway: p.key}]->(b:Neuron)
 RETURN a.id AS src, b.id AS dst, f.weight AS weight
 ORDER BY abs(f.weight) DESC
 """
@@ -407,12 +414,6 @@ ORDER BY support DESC, abs(mean_contribution) DESC, neuron
 LIMIT $limit
 """
 
-CLASS_PATHWAY_COUNTS = """
-MATCH (c:Class {model_id: $model_id})
-OPTIONAL MATCH (c)<-[:EXPLAINS]-(p:Pathway {config: $config})-[:FOR_IMAGE]->(:Image {kind: 'original'})
-RETURN c.id AS id, c.index AS index, c.name AS name, count(p) AS pathways ORDER BY c.index
-"""
-
 # One row of parallel lists: thousands of small records cost the driver far more than one big one.
 CLASS_SUPPORT = """
 MATCH (c:Class {model_id: $model_id})-[u:USES {config: $config}]->(n:Neuron)
@@ -424,10 +425,10 @@ RETURN collect(c.index) AS class_index, collect(n.id) AS neuron, collect(n.site)
 
 CLASS_EDGE_SUPPORT = """
 MATCH (c:Class {id: $class_id})<-[:EXPLAINS]-(p:Pathway {config: $config})-[:FOR_IMAGE]->(:Image {kind: 'original'})
-WITH collect(p.id) AS pids
-WITH pids, size(pids) AS n
-UNWIND pids AS pid
-MATCH (a:Neuron)-[f:FLOWS_TO {pathway: pid}]->(b:Neuron)
+WITH collect(p.key) AS keys
+WITH keys, size(keys) AS n
+UNWIND keys AS key
+MATCH (a:Neuron)-[f:FLOWS_TO {pathway: key}]->(b:Neuron)
 WITH a, b, n, count(f) AS k, avg(f.weight) AS mean_weight
 WHERE toFloat(k) / n >= $min_support
 RETURN a.id AS src, b.id AS dst, toFloat(k) / n AS support, mean_weight
@@ -527,18 +528,6 @@ CLASS_EXISTS = "MATCH (c:Class {id: $class_id}) RETURN c.id AS id, c.model_id AS
 NEURON_EXISTS = "MATCH (n:Neuron {id: $neuron_id}) RETURN n.id AS id"
 MODEL_EXISTS = "MATCH (m:Model {id: $model_id}) RETURN m.id AS id"
 
-SUBGRAPH_OF_PATHWAYS = """
-UNWIND $pathway_ids AS pid
-MATCH (p:Pathway {id: pid})-[inc:INCLUDES]->(n:Neuron)
-WITH collect(DISTINCT {id: n.id, site: n.site, layer_index: n.layer_index, channel: n.channel}) AS nodes
-UNWIND $pathway_ids AS pid
-OPTIONAL MATCH (a:Neuron)-[f:FLOWS_TO {pathway: pid}]->(b:Neuron)
-RETURN nodes, collect(CASE WHEN f IS NULL THEN NULL ELSE {src: a.id, dst: b.id, weight: f.weight, pathway: pid} END) AS edges
-"""
-
-PING = "RETURN 1 AS ok"
-
-
 # --- exemplars (top-N images per neuron; merged over every run loaded for the model) -------
 
 EXEMPLARS_OF_MODEL = """
@@ -619,7 +608,7 @@ WHERE v.predicted <> o.predicted
 RETURN r.kind AS kind, r.setting AS setting, count(*) AS flipped ORDER BY kind, setting""",
     "Strongest edges of one pathway": """\
 MATCH (p:Pathway) WITH p LIMIT 1
-MATCH (a:Neuron)-[f:FLOWS_TO {pathway: p.id}]->(b:Neuron)
+MATCH (a:Neuron)-[f:FLOWS_TO {pathway: p.key}]->(b:Neuron)
 RETURN a, f, b ORDER BY abs(f.weight) DESC LIMIT 40""",
     "Method agreement on originals": """\
 MATCH (a:Pathway)-[:FOR_IMAGE]->(i:Image {kind: 'original'})<-[:FOR_IMAGE]-(b:Pathway)

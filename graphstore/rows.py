@@ -24,6 +24,7 @@ from records import (
     class_id,
     layer_id,
     neuron_id,
+    pathway_key,
 )
 from records.overlap import jaccard_per_layer
 
@@ -118,7 +119,8 @@ def signature(pw: PathwayRecord, model: ModelInfo) -> list[float] | None:
 def pathway_row(pw: PathwayRecord, model: ModelInfo, original: PathwayRecord | None = None) -> dict[str, Any]:
     n = len(pw.neuron_channel)
     props = {
-        "id": pw.pathway_id, "image_id": pw.image_id, "model_id": pw.model_id, "method": pw.method,
+        "id": pw.pathway_id, "key": pathway_key(pw.pathway_id), "image_id": pw.image_id, "model_id": pw.model_id,
+        "method": pw.method,
         "selection": pw.selection, "params": pw.params, "config": pw.config, "target": int(pw.target),
         "logit_full": float(pw.logit_full), "logit_masked": float(pw.logit_masked),
         "logit_ratio": float(pw.logit_ratio), "size": n,
@@ -166,9 +168,10 @@ def include_rows(pw: PathwayRecord, table: list[list[str]], original: PathwayRec
 
 
 def edge_rows(pw: PathwayRecord, table: list[list[str]]) -> list[list[Any]]:
-    """FLOWS_TO rows ``[source neuron, target neuron, pathway id, weight]``."""
+    """FLOWS_TO rows ``[source neuron, target neuron, pathway key, weight]``."""
+    key = pathway_key(pw.pathway_id)
     return [
-        [table[ss][sc], table[ds][dc], pw.pathway_id, w]
+        [table[ss][sc], table[ds][dc], key, w]
         for ss, sc, ds, dc, w in zip(pw.edge_src_site.tolist(), pw.edge_src_channel.tolist(),
                                      pw.edge_dst_site.tolist(), pw.edge_dst_channel.tolist(),
                                      pw.edge_weight.tolist(), strict=True)

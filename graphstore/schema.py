@@ -98,7 +98,7 @@ NODES: tuple[Node, ...] = (
                          "label:long predicted:long prob:double probs:double[] png:byte[] variant_of?:string"),
          "variant_of and setting (the sweep setting: parameters without per-image ones) on variants"),
     Node("Pathway", _props(
-        "id:string image_id:string model_id:string method:string selection:string params:string config:string "
+        "id:string key:long image_id:string model_id:string method:string selection:string params:string config:string "
         "target:long logit_full:double logit_masked:double logit_ratio:double size:long dead_fraction:double "
         "saliency:double[] saliency_shape:long[] gaps:double[] layer_sizes:long[] layer_mass:double[] "
         "signature?:double[] original_pathway?:string layer_jaccard?:double[] corr_prec_overlap?:double "
@@ -128,7 +128,8 @@ RELATIONSHIPS: tuple[Rel, ...] = (
     Rel("INCLUDES", "Pathway", "Neuron", _props(
         "contribution:double score:double rank:long elements:long dead:boolean gained?:boolean"),
         "gained on variants' pathways"),
-    Rel("FLOWS_TO", "Neuron", "Neuron", _props("pathway:string weight:double")),
+    Rel("FLOWS_TO", "Neuron", "Neuron", _props("pathway:long weight:double"),
+        "pathway: the pathway's key (Pathway.key), a long, not its id string: 8 bytes inline per edge"),
     Rel("EXEMPLAR", "Neuron", "Image", _props("kind:string rank:long value:double position:long[] box:long[]"),
         "top-N original images per neuron; kind activation or contribution"),
     Rel("USES", "Class", "Neuron", _props("config:string support:double mean_contribution:double pathways:long"),
@@ -142,6 +143,7 @@ RELATIONSHIPS: tuple[Rel, ...] = (
 INDEXES: tuple[Index, ...] = (
     *(Index(f"{label.lower()}_id", "unique", label, ("id",))
       for label in ("Model", "Layer", "Neuron", "Class", "Image", "Pathway")),
+    Index("pathway_key", "unique", "Pathway", ("key",)),
     Index("pathway_config", "range", "Pathway", ("config",)),
     Index("pathway_image", "range", "Pathway", ("image_id",)),
     Index("pathway_model", "range", "Pathway", ("model_id",)),

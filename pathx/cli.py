@@ -196,7 +196,8 @@ def train_demo() -> None:
     """Train the demo's Fashion-MNIST CNN again (deterministic, ~2 min) and set it beside the committed weights."""
     import torch
 
-    from extractor.fashion import WEIGHTS, accuracy, file_sha256, split, train_fashion_cnn
+    from extractor.demo import accuracy
+    from extractor.fashion import WEIGHTS, file_sha256, split, train_fashion_cnn
     from extractor.trained import TRAINED, load_trained
 
     with _errors():

@@ -19,6 +19,7 @@ from records.ids import (
     neuron_id,
     parse_class_id,
     parse_neuron_id,
+    pathway_key,
     variant_setting,
 )
 from records.io import (
@@ -53,6 +54,6 @@ __all__ = [
     "ImageRecord", "LayerOverlap", "Manifest", "ModelInfo", "NeuronRef", "PathwayRecord", "RecordsFormatError",
     "RunPart", "RunStatus", "RunWriter", "Shard", "SiteInfo", "class_id", "config_key", "iter_parts", "jaccard",
     "layer_id", "layer_overlaps", "merge_exemplar_rows", "neuron_id", "parse_class_id", "parse_neuron_id",
-    "part_dirs", "pathway_to_networkx", "read_exemplars", "read_manifest", "read_run", "require_complete",
-    "run_status", "variant_setting",
+    "part_dirs", "pathway_key", "pathway_to_networkx", "read_exemplars", "read_manifest", "read_run",
+    "require_complete", "run_status", "variant_setting",
 ]

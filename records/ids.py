@@ -1,7 +1,8 @@
 """Stable ids, setting keys and the variant's sweep setting: made here, parsed here, nowhere else.
 
 Ids: layer ``model id / module path#call index``, neuron ``layer id / channel``, class
-``model id / class index``; a pathway setting's key ``method/selection/digest``.
+``model id / class index``; a pathway setting's key ``method/selection/digest``; a pathway's
+compact integer key.
 """
 
 from __future__ import annotations
@@ -20,6 +21,13 @@ def config_key(method: str, selection: str, params_json: str) -> str:
     """Short key of a pathway setting, e.g. ``mct/topk/1a2b3c4d``; equal settings share it."""
     digest = hashlib.sha256(f"{selection}:{params_json}".encode()).hexdigest()[:8]
     return f"{method}/{selection}/{digest}"
+
+
+def pathway_key(pathway_id: str) -> int:
+    """A pathway's compact key: the first 63 bits of the SHA-256 of its id (a non-negative long). What
+    relationships that name a pathway store instead of its ~80-character id (``FLOWS_TO.pathway``); a
+    unique index on ``Pathway.key`` in the store would refuse a collision."""
+    return int.from_bytes(hashlib.sha256(pathway_id.encode()).digest()[:8], "big") >> 1
 
 
 def layer_id(model_id: str, site_id: str) -> str:

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from extractor.contributions import mct_contributions
-from extractor.edges import compute_edges, edge_weights_for_pair, segment_routes
+from extractor.edges import compute_edges, edge_weights_vjp, segment_routes
 from extractor.mixing import find_mixing, mixing_edge_weights
 from extractor.models import ModelBundle, make_bundle
 from extractor.selection import select
@@ -38,7 +38,7 @@ def _pairs(bundle: ModelBundle, x: torch.Tensor) -> tuple[int, int, float]:
             targets = contrib.channel[j].abs().topk(m, 1).indices
             targets[0, -1] = -1  # padding must give zero rows on both paths
             got = mixing_edge_weights(mix, cut.sources[i], cut.acts[j], contrib.grads[j], targets)
-            ref = edge_weights_for_pair(cut.sources[i], cut.acts[j], contrib.grads[j], targets)
+            ref = edge_weights_vjp([cut.sources[i]], cut.acts[j], contrib.grads[j], targets)[0]
             assert got.shape == ref.shape
             assert torch.all(got[0, -1] == 0)
             worst = max(worst, float((got - ref).abs().max()) / max(float(ref.abs().max()), 1e-30))

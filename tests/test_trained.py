@@ -41,7 +41,8 @@ def test_efficientnet_lite0_is_imagenet_trained_offline(home: Path) -> None:
 
 
 def test_the_committed_fashion_cnn() -> None:
-    from extractor.fashion import WEIGHTS, accuracy, file_sha256, split
+    from extractor.demo import accuracy
+    from extractor.fashion import WEIGHTS, file_sha256, split
     from extractor.trained import load_trained
 
     source = TRAINED["fashion_cnn"]
