@@ -99,3 +99,15 @@ def test_parallel_load_writes_the_same_graph(driver: object, fixture_run: Path) 
     got = store.pathway_graph(pw.pathway_id)
     want = pathway_to_networkx(pw, ref.manifest.model)
     assert set(got.edges) == set(want.edges) and set(got.nodes) == set(want.nodes)
+
+
+def test_a_store_of_the_older_format_refuses_a_load_and_keeps_its_data(empty_store: object, fixture_run: Path) -> None:
+    """Pathways without a key (FLOWS_TO then named them by id) cannot mix with keyed ones: one line, nothing written."""
+    from graphstore.errors import RecordsError
+    from graphstore.loader import load_run
+
+    empty_store.execute_query("CREATE (:Pathway {id: 'old'})", database_="neo4j")  # type: ignore[attr-defined]
+    with pytest.raises(RecordsError, match="older Pathway Explorer"):
+        load_run(empty_store, fixture_run, progress=False)  # type: ignore[arg-type]
+    nodes, _ = Store(empty_store).counts()  # type: ignore[arg-type]
+    assert nodes == {"Pathway": 1}
