@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from records import RecordsFormatError
-
 
 class GraphStoreError(Exception):
     """Root of every error the graph store raises on purpose."""
@@ -35,6 +33,8 @@ class QueryRefused(GraphStoreError):
 @contextmanager
 def reading_records() -> Iterator[None]:
     """Inside: a damaged or foreign run folder (``records.RecordsFormatError``) is this store's ``RecordsError``."""
+    from records import RecordsFormatError  # here: `pathx` imports these errors at every start, records pulls pyarrow
+
     try:
         yield
     except RecordsFormatError as exc:
