@@ -34,8 +34,10 @@ neo4j: install
 demo: install debian neo4j
 	$(BIN)/pathx demo
 
+# ruff, and mypy (strict on records/, extractor/, graphstore/; the rest checked too: pyproject.toml [tool.mypy])
 lint: install
 	$(BIN)/ruff check records extractor graphstore ui pathx tests bench
+	$(BIN)/mypy
 
 test: install debian neo4j lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
@@ -48,4 +50,4 @@ stop:
 	-$(BIN)/pathx db stop
 
 clean: stop
-	rm -rf $(VENV) .cache runs test-artifacts
+	rm -rf $(VENV) .cache runs test-artifacts .mypy_cache

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from timing import _interleaved, _ours_b, _ours_c, _plain, _time, fast_routes
 
 from extractor.models import ModelBundle, make_bundle
 from extractor.settings import PathwaySettings
-from extractor.sites import SiteHooks
+from extractor.sites import Capture, SiteHooks
 
 K = 8
 
@@ -46,17 +47,19 @@ def _captum_edge(bundle: ModelBundle, x: torch.Tensor, src: int, dst: int, j: to
     s_src = bundle.sites[src]
 
     def forward(inp: torch.Tensor) -> torch.Tensor:
-        with SiteHooks(bundle.model, [s_dst]) as hooks:  # the one hook manager captures a_j
+        with SiteHooks(bundle.model, Capture([s_dst])) as hooks:  # the one hook manager captures a_j
             rec = hooks.begin()
             bundle.forward(inp)
         a = rec.acts[s_dst.index]
         sel = a[torch.arange(a.shape[0]), j] * g_dst[torch.arange(a.shape[0]), j]
-        return sel.flatten(1).sum(1) if sel.dim() > 1 else sel
+        out: torch.Tensor = sel.flatten(1).sum(1) if sel.dim() > 1 else sel
+        return out
 
     lga = LayerGradientXActivation(forward, named[s_src.module_path])
     attr = lga.attribute(x)
     attr = attr.detach()
-    return attr.flatten(2).sum(-1) if attr.dim() > 2 else attr
+    summed: torch.Tensor = attr.flatten(2).sum(-1) if attr.dim() > 2 else attr
+    return summed
 
 
 def models() -> list[tuple[str, Callable[[], ModelBundle], int]]:
@@ -97,15 +100,14 @@ def run(batch_sizes: tuple[int, ...] = (1, 16), captum_targets: int = 4,
             torch.manual_seed(1)
             x = torch.rand(batch, channels, size, size)
             settings = PathwaySettings(k=K, edge_targets=K, edges_per_target=K)
-            probe = _time(lambda b=bundle, xx=x: _plain(b, xx), 1)
+            probe = _time(partial(_plain, bundle, x), 1)
             repeats = max(3, min(25, int(3.0 / max(probe, 1e-4))))  # >= 3 rounds, ~3 s of samples each
-            a, b_t, c_t = _interleaved([lambda b=bundle, xx=x: _plain(b, xx),
-                                        lambda b=bundle, xx=x: _ours_b(b, xx),
-                                        lambda b=bundle, xx=x, st=settings: _ours_c(b, xx, st)], repeats)
+            a, b_t, c_t = _interleaved([partial(_plain, bundle, x), partial(_ours_b, bundle, x),
+                                        partial(_ours_c, bundle, x, settings)], repeats)
             contrib, sel, edges = _ours_c(bundle, x, settings)
             n_pairs, fast_pairs = fast_routes(bundle, x)
             if repeats > 1:
-                d_t = _time(lambda b=bundle, xx=x, t=contrib.target: _captum_d(b, xx, t), max(1, repeats // 5))
+                d_t = _time(partial(_captum_d, bundle, x, contrib.target), max(1, repeats // 5))
                 ref = _captum_d(bundle, x, contrib.target)
             else:  # a big configuration: its one reference run is also its timing (no warm-up needed)
                 began = time.perf_counter()

@@ -106,7 +106,7 @@ def folders_memory(quick: bool = False) -> dict[str, Any]:
 
 def markdown(r: dict[str, Any]) -> list[str]:
     lines = ["", "### Image folders (streaming input)", "",
-             "ResNet-18 (untrained) at 224 px, `--method mct --top-k 4 --batch-size 16`, generated JPEGs in five "
+             "ResNet-18 (untrained) at 224 px, `--methods mct --top-k 4 --batch-size 16`, generated JPEGs in five "
              "WordNet-style folders. Peak RSS = main process + largest loader worker.", "",
              "| folder | run | images extracted | seconds | peak RSS MiB (main + worker) |", "|---|---|---|---|---|"]
     lines += [f"| {m['folder']:,} | {m['mode']} | {m['images']} | {m['seconds']:.1f} | "

@@ -81,7 +81,7 @@ def _bench_run(home: Path, out: Path) -> Path:
 
     bundle, _ = demo_bundle(home)
     images = load_images("demo:test", bundle, home)
-    extract_run(bundle, images, [PathwaySettings(k=8), PathwaySettings("intgrad", k=8)],
+    extract_run(bundle, images, [PathwaySettings(k=8), PathwaySettings(method="intgrad", k=8)],
                 VariantSpec.parse("fgsm,pgd,occlude,shift,deform"), out, limit=120, progress=False)
     return out
 
@@ -108,7 +108,7 @@ def loading_and_queries(home: Path) -> dict[str, Any]:
         start(cfg)
         out["neo4j_start_s"] = time.perf_counter() - began
         run = _bench_run(home, tmp / "run")
-        driver = open_driver(ConnectionSettings(cfg.bolt_uri, USER, read_password(cfg)))
+        driver = open_driver(ConnectionSettings(uri=cfg.bolt_uri, user=USER, password=read_password(cfg)))
         summary = load_run(driver, run, progress=False)
         rels = summary.includes + summary.edges
         out["load"] = {"relationships": rels, "seconds": summary.seconds,
@@ -162,10 +162,10 @@ def exemplar_store(home: Path) -> dict[str, Any]:
                            http_port=free_port())
         try:
             run = tmp / "run"
-            extract_run(bundle, images, [PathwaySettings(k=8), PathwaySettings("intgrad", k=8)],
+            extract_run(bundle, images, [PathwaySettings(k=8), PathwaySettings(method="intgrad", k=8)],
                         VariantSpec.parse("fgsm,pgd,occlude"), run, limit=120, exemplars=n, progress=False)
             start(cfg)
-            driver = open_driver(ConnectionSettings(cfg.bolt_uri, USER, read_password(cfg)))
+            driver = open_driver(ConnectionSettings(uri=cfg.bolt_uri, user=USER, password=read_password(cfg)))
             summary = load_run(driver, run, progress=False)
             driver.close()
             stop(cfg)  # a clean stop flushes the store files before they are measured

@@ -109,7 +109,7 @@ def scale(home: Path, images: int, methods: tuple[str, ...], ui: bool, repeats: 
         out["records_mib"] = _du(run) / 2**20
 
         def connect() -> Any:
-            return open_driver(ConnectionSettings(cfg.bolt_uri, USER, read_password(cfg)))
+            return open_driver(ConnectionSettings(uri=cfg.bolt_uri, user=USER, password=read_password(cfg)))
 
         summary = bulk_import(cfg, [run], connect, overwrite=True)
         out["bulk"] = {"nodes": summary.nodes, "relationships": summary.relationships,

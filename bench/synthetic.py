@@ -44,10 +44,21 @@ CLASSES = 10
 
 
 def model_info() -> ModelInfo:
-    sites = tuple(SiteInfo(i, path, 0, "ReLU", shape, "channels_first" if len(shape) == 3 else "vector",
-                           (i - 1,) if i else (), i) for i, (path, shape) in enumerate(SITES))
-    return ModelInfo("synthetic-demo-cnn/0", "synthetic-demo-cnn", CLASSES,
-                     tuple(f"digit {i}" for i in range(CLASSES)), (1, 32, 32), sites)
+    sites = tuple(
+        SiteInfo(
+            index=i,
+            module_path=path,
+            call_index=0,
+            kind="ReLU",
+            shape=shape,
+            layout="channels_first" if len(shape) == 3 else "vector",
+            preds=(i - 1,) if i else (),
+            depth=i,
+        )
+        for i, (path, shape) in enumerate(SITES)
+    )
+    return ModelInfo(model_id="synthetic-demo-cnn/0", arch="synthetic-demo-cnn", num_classes=CLASSES,
+                     class_names=tuple(f"digit {i}" for i in range(CLASSES)), input_shape=(1, 32, 32), sites=sites)
 
 
 def _png(seed: int) -> bytes:
@@ -108,21 +119,33 @@ def write_synthetic(out: Path, images: int, methods: tuple[str, ...] = tuple(MET
         pws: list[PathwayRecord] = []
         for o in range(start, min(originals, start + part_originals)):
             label = o % CLASSES
-            members = [(hashlib.sha256(f"synthetic-{seed}-{o}".encode()).hexdigest(), "original", {}, None)]
+            members: list[tuple[str, str, dict[str, object], str | None]] = [
+                (hashlib.sha256(f"synthetic-{seed}-{o}".encode()).hexdigest(), "original", {}, None)]
             if originals + o < images:
                 kind, params = VARIANTS[o % len(VARIANTS)]
                 members.append((hashlib.sha256(f"synthetic-{seed}-{o}-v".encode()).hexdigest(), kind,
                                 dict(params), members[0][0]))
-            for image_id, kind, params, parent in members:
+            for image_id, kind, variant_params, parent in members:
                 attacked = kind == "pgd" and rng.random() < 0.8
                 predicted = (label + 1) % CLASSES if attacked else label
                 logits = rng.normal(0, 1, CLASSES).astype(np.float32)
                 logits[predicted] += 6.0
                 probs = np.exp(logits - logits.max())
-                imgs.append(ImageRecord(image_id, model.model_id, f"synthetic:{o}" + ("" if parent is None else
-                                                                                    f"~{kind}"),
-                                        label, parent, kind, json.dumps(params, sort_keys=True), predicted,
-                                        (probs / probs.sum()).astype(np.float32), logits, pngs[o % len(pngs)]))
+                imgs.append(
+                    ImageRecord(
+                        image_id=image_id,
+                        model_id=model.model_id,
+                        source=f"synthetic:{o}" + ("" if parent is None else f"~{kind}"),
+                        label=label,
+                        variant_of=parent,
+                        kind=kind,
+                        params=json.dumps(variant_params, sort_keys=True),
+                        predicted=predicted,
+                        probs=(probs / probs.sum()).astype(np.float32),
+                        logits=logits,
+                        png=pngs[o % len(pngs)],
+                    )
+                )
                 pws.extend(_pathway(rng, prefs[predicted], image_id, m, predicted, model) for m in methods)
         writer.write_part(imgs, pws)
     writer.finish(images=images)

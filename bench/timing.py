@@ -71,7 +71,7 @@ def _ours_c(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings) -> 
     del attached
     sel = select(contrib, settings)
     cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x))
-    return contrib, sel, compute_edges(bundle.sites, contrib, sel, cut, settings)
+    return contrib, sel, compute_edges(sites=bundle.sites, contrib=contrib, sel=sel, cut=cut, settings=settings)
 
 
 def fast_routes(bundle: ModelBundle, x: torch.Tensor) -> tuple[int, int]:

@@ -17,7 +17,7 @@ from extractor.settings import PathwaySettings
 from extractor.sitegraph import cut_forward
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BatchPathways:
     """Everything the records need for a batch under one setting (tensors on CPU)."""
 
@@ -33,7 +33,7 @@ class BatchPathways:
 
 
 def finish_batch(
-    bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings, contrib: Contributions, sel: Selection,
+    bundle: ModelBundle, x: torch.Tensor, *, settings: PathwaySettings, contrib: Contributions, sel: Selection,
     scores: list[torch.Tensor], extra: list[dict[str, object]],
 ) -> BatchPathways:
     """Edges along the site graph (one cut forward) and Pathway Gradient for a selected batch."""
@@ -41,8 +41,9 @@ def finish_batch(
         if where:  # the selection is cut there: the records, the UI and `pathx query pathway` say so
             extra[b]["cut_sites"] = json.dumps([bundle.sites[i].site_id for i in where])
     cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x.detach()))
-    edges = compute_edges(bundle.sites, contrib, sel, cut, settings)
+    edges = compute_edges(sites=bundle.sites, contrib=contrib, sel=sel, cut=cut, settings=settings)
     del cut
     grad, logit_masked = pathway_gradient(bundle, x, contrib.target, sel.masks)
     logit_full = contrib.logits.gather(1, contrib.target[:, None]).squeeze(1)
-    return BatchPathways(settings, contrib, sel, edges, saliency_map(grad), logit_full, logit_masked, scores, extra)
+    return BatchPathways(settings=settings, contrib=contrib, sel=sel, edges=edges, saliency=saliency_map(grad),
+                         logit_full=logit_full, logit_masked=logit_masked, scores=scores, extra=extra)

@@ -17,10 +17,10 @@ import torch
 
 from extractor.errors import ExtractionError
 from extractor.models import ModelBundle
-from extractor.sites import SiteHooks
+from extractor.sites import Capture, SiteHooks
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Contributions:
     """Per-site contributions of a batch.
 
@@ -52,7 +52,7 @@ def _pick_target(logits: torch.Tensor, target: torch.Tensor | None) -> torch.Ten
 
 def forward_with_sites(bundle: ModelBundle, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Logits ``[B, K]`` and site outputs (attached to the graph) of one unmasked forward."""
-    with SiteHooks(bundle.model, bundle.sites) as hooks:
+    with SiteHooks(bundle.model, Capture(bundle.sites)) as hooks:
         rec = hooks.begin()
         logits = bundle.forward(x)
     missing = [s.site_id for s in bundle.sites if s.index not in rec.acts]
@@ -87,8 +87,14 @@ def mct_contributions(
     det = [a.detach() for a in acts]
     check_finite("activations", det)
     element = [a * g for a, g in zip(det, grads, strict=True)]
-    contrib = Contributions(logits.detach(), tgt, det, [g.detach() for g in grads], element,
-                            [_channel_sum(e) for e in element])
+    contrib = Contributions(
+        logits=logits.detach(),
+        target=tgt,
+        acts=det,
+        grads=[g.detach() for g in grads],
+        element=element,
+        channel=[_channel_sum(e) for e in element],
+    )
     return contrib, acts
 
 
@@ -115,7 +121,7 @@ def intgrad_contributions(
                       _scale: torch.Tensor = scale) -> torch.Tensor:
             return out * _scale if idx == _s else out
 
-        with SiteHooks(bundle.model, bundle.sites, transform) as hooks:
+        with SiteHooks(bundle.model, Capture(bundle.sites, transform)) as hooks:
             rec = hooks.begin()
             logits = bundle.forward(xs)
         scaled = rec.acts[site.index]
@@ -125,4 +131,5 @@ def intgrad_contributions(
     element = [a * g for a, g in zip(acts, grads, strict=True)]
     with torch.no_grad():
         logits = bundle.forward(x)
-    return Contributions(logits, target, acts, grads, element, [_channel_sum(e) for e in element])
+    return Contributions(logits=logits, target=target, acts=acts, grads=grads, element=element,
+                         channel=[_channel_sum(e) for e in element])

@@ -50,10 +50,11 @@ class DemoCNN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        logits: torch.Tensor = self.classifier(self.features(x))
+        return logits
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class DemoData:
     """Images ``[N, 1, 32, 32]`` float32 in ``[0, 1]`` and labels ``[N]`` int64."""
 
@@ -75,10 +76,10 @@ def load_digits_data() -> DemoData:
     idx = np.arange(len(y))
     tr, te = train_test_split(idx, test_size=0.2, random_state=0, stratify=digits.target)
     tr, te = np.sort(tr), np.sort(te)
-    return DemoData(x[tr], y[tr], x[te], y[te])
+    return DemoData(x_train=x[tr], y_train=y[tr], x_test=x[te], y_test=y[te])
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class TrainSettings:
     """Training recipe of the demo model (part of its cache key)."""
 
@@ -156,7 +157,8 @@ def demo_model(home: Path, settings: TrainSettings | None = None) -> tuple[DemoC
 def demo_bundle(home: Path) -> tuple[ModelBundle, DemoData]:
     """The demo model as a ``ModelBundle`` (inputs in ``[0, 1]``, no normalisation)."""
     model, data, _ = demo_model(home)
-    return make_bundle(model, "demo-cnn", (1, SIZE, SIZE), DIGIT_NAMES, title="Digits CNN (scikit-learn digits)"), data
+    return make_bundle(model=model, arch="demo-cnn", input_shape=(1, SIZE, SIZE), class_names=DIGIT_NAMES,
+                       title="Digits CNN (scikit-learn digits)"), data
 
 
 def demo_split(data: DemoData, split: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 _EDGE_BUDGET = 48_000_000  # elements of cotangent per batched VJP chunk
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Edges:
     """Edges of a batch as flat arrays ``[E]`` with the image index ``b`` of each edge; ``gap``
     ``[B, S]``: per site the completeness gap of its incoming edges (NaN for a site without
@@ -97,13 +97,14 @@ def _batched_vjp(a_dst: torch.Tensor, sources: list[torch.Tensor], cot: torch.Te
 
 
 def _no_edges(gaps: torch.Tensor) -> Edges:
-    z = [np.zeros(0, dtype=t) for t in (np.int64, np.int32, np.int32, np.int32, np.int32, np.float32)]
-    return Edges(*z, gaps.numpy())
+    i32 = np.zeros(0, np.int32)
+    return Edges(b=np.zeros(0, np.int64), src_site=i32, src_channel=i32, dst_site=i32, dst_channel=i32,
+                 weight=np.zeros(0, np.float32), gap=gaps.numpy())
 
 
 def compute_edges(
-    sites: Sequence[SiteInfo], contrib: Contributions, sel: Selection, cut: SiteRecorder, settings: PathwaySettings,
-    fast: bool = True,
+    sites: Sequence[SiteInfo], *, contrib: Contributions, sel: Selection, cut: SiteRecorder,
+    settings: PathwaySettings, fast: bool = True,
 ) -> Edges:
     """Weighted edges into the kept channels of every site from its predecessors' kept channels.
 
@@ -167,11 +168,18 @@ def compute_edges(
     if not parts:
         return _no_edges(gaps)
     rows = torch.cat(parts, 1).cpu().numpy()
-    w = torch.cat(weights).cpu().numpy()
+    weight = torch.cat(weights).cpu().numpy()
     keep = rows[5] == 1
-    rows, w = rows[:, keep], w[keep]
-    return Edges(rows[0].astype(np.int64), rows[1].astype(np.int32), rows[2].astype(np.int32),
-                 rows[4].astype(np.int32), rows[3].astype(np.int32), w.astype(np.float32), gaps.numpy())
+    rows, weight = rows[:, keep], weight[keep]
+    return Edges(
+        b=rows[0].astype(np.int64),
+        src_site=rows[1].astype(np.int32),
+        src_channel=rows[2].astype(np.int32),
+        dst_site=rows[4].astype(np.int32),
+        dst_channel=rows[3].astype(np.int32),
+        weight=weight.astype(np.float32),
+        gap=gaps.numpy(),
+    )
 
 
 def segment_routes(sites: Sequence[SiteInfo], cut: SiteRecorder) -> dict[tuple[int, int], bool]:

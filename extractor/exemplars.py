@@ -32,7 +32,7 @@ from records import EXEMPLAR_KINDS, ExemplarRows, merge_exemplar_rows
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class SiteField:
     """Receptive field of a site's positions: ``box0`` (y0, x0, y1, x1; half-open) at position
     ``p0``, moved by ``stride`` per position; ``whole`` = every position sees the whole image."""
@@ -72,12 +72,12 @@ class ReceptiveFields:
         box0 = self._support_box(x, act, p0)
         touches = box0[0] == 0 or box0[1] == 0 or box0[2] == self.height or box0[3] == self.width
         if touches or hs * ws == 1:
-            return SiteField(box0, p0, (0, 0), whole=touches)
+            return SiteField(box0=box0, p0=p0, stride=(0, 0), whole=touches)
         p1 = (min(hs - 1, p0[0] + 1), min(ws - 1, p0[1] + 1))
         box1 = self._support_box(x, act, p1)
         sy = (box1[0] - box0[0]) // max(1, p1[0] - p0[0])
         sx = (box1[1] - box0[1]) // max(1, p1[1] - p0[1])
-        return SiteField(box0, p0, (sy, sx), whole=False)
+        return SiteField(box0=box0, p0=p0, stride=(sy, sx), whole=False)
 
     def boxes(self, site: int, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
         """Boxes ``[n, 4]`` (y0, x0, y1, x1; half-open, clipped) of positions ``ys``, ``xs`` ``[n]``."""

@@ -48,7 +48,7 @@ class SkippedImage:
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Item:
     """What a loader worker hands back for index ``i``: the image ``[C, H, W]`` or why not, and its label."""
 
@@ -88,9 +88,9 @@ class ImageSource(Dataset[Any]):
     def __getitem__(self, i: int) -> Item:
         try:
             x, y = self.read(i)
-            return Item(i, x, None, y)
+            return Item(index=i, x=x, reason=None, label=y)
         except BadImage as exc:
-            return Item(i, None, str(exc), -1)
+            return Item(index=i, x=None, reason=str(exc), label=-1)
 
 
 class BadImage(Exception):
@@ -131,7 +131,7 @@ class DatasetImages(ImageSource):
 
     def __init__(self, dataset: Dataset[Any], name: str = "item") -> None:
         try:
-            self.n = len(dataset)  # type: ignore[arg-type]
+            self.n = len(dataset)  # type: ignore[arg-type] # torch's Dataset declares no __len__; map-style ones have it
         except TypeError as exc:
             raise ExtractionError("the dataset must have a length (a map-style torch Dataset)") from exc
         self.dataset = dataset
@@ -190,11 +190,11 @@ def decode_file(path: Path, shape: Sequence[int]) -> torch.Tensor:
                 raise BadImage(f"mode {img.mode} is not an 8-bit image (values would be clipped); convert it first")
             box = _aspect_box(width, height, W / H)
             img.load()
-            img = img.convert("L" if C == 1 else "RGB")
+            img = img.convert("L" if C == 1 else "RGB")  # type: ignore[assignment] # any Image from here on
             if box is not None:
                 log.info("%s: %d x %d cropped to its centre %s before resizing (extreme aspect ratio)", path.name,
                          width, height, box)
-                img = img.crop(box)
+                img = img.crop(box)  # type: ignore[assignment] # as above
     except BadImage:
         raise
     except Image.DecompressionBombError as exc:  # Pillow refuses at open past twice its limit
@@ -352,7 +352,7 @@ def read_class_names(path: Path) -> tuple[str, ...]:
     return names
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Block:
     """A decoded block: the indices it asked for, the good images ``x`` ``[B, C, H, W]`` with
     their indices, and the bad ones with a reason."""
@@ -365,20 +365,19 @@ class Block:
 
 def collate(items: list[Item]) -> Block:
     """DataLoader collate: stack the readable images, keep the others' reasons."""
-    good = [it for it in items if it.x is not None]
+    good = [(it, it.x) for it in items if it.x is not None]
     bad = [(it.index, it.reason or "unreadable") for it in items if it.x is None]
     if good:  # only user datasets can mix shapes; files are resized to the model's shape
-        first = tuple(good[0].x.shape)  # type: ignore[union-attr]
-        bad += [(it.index, f"shape {tuple(it.x.shape)} differs from {first}")  # type: ignore[union-attr]
-                for it in good if tuple(it.x.shape) != first]  # type: ignore[union-attr]
-        good = [it for it in good if tuple(it.x.shape) == first]  # type: ignore[union-attr]
-    x = torch.stack([it.x for it in good]) if good else None  # type: ignore[misc]
-    return Block([it.index for it in good], x, [it.label for it in good], bad)
+        first = tuple(good[0][1].shape)
+        bad += [(it.index, f"shape {tuple(x.shape)} differs from {first}") for it, x in good if tuple(x.shape) != first]
+        good = [(it, x) for it, x in good if tuple(x.shape) == first]
+    stacked = torch.stack([x for _, x in good]) if good else None
+    return Block(good=[it.index for it, _ in good], x=stacked, labels=[it.label for it, _ in good], bad=bad)
 
 
 def block_loader(source: ImageSource, blocks: Sequence[Sequence[int]], workers: int = 0,
                  pin_memory: bool = False) -> DataLoader[Any]:
     """A ``DataLoader`` that decodes ``blocks`` (lists of indices) in order, one ``Block`` each."""
-    return DataLoader(source, batch_sampler=[list(b) for b in blocks], num_workers=workers,  # type: ignore[arg-type]
+    return DataLoader(source, batch_sampler=[list(b) for b in blocks], num_workers=workers,
                       collate_fn=collate, pin_memory=pin_memory,
                       persistent_workers=False, prefetch_factor=2 if workers else None)

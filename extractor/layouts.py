@@ -54,10 +54,10 @@ def detect_layout(out: torch.Tensor) -> str:
         if name in _VIEWS:
             return fallback
         if name == "PermuteBackward0":
-            dims = [d % dim for d in node._saved_dims]
+            dims = [d % dim for d in getattr(node, "_saved_dims")]  # noqa: B009 - autograd's saved attribute, untyped
             axes = [dims[a] for a in axes]
         elif name == "TransposeBackward0":
-            d0, d1 = node._saved_dim0 % dim, node._saved_dim1 % dim
+            d0, d1 = getattr(node, "_saved_dim0") % dim, getattr(node, "_saved_dim1") % dim  # noqa: B009 - as above
             axes = [d1 if a == d0 else d0 if a == d1 else a for a in axes]
         node = nxt[0] if nxt else None
     else:

@@ -42,7 +42,8 @@ def contribution_batch(
     check_finite("contributions", contrib.element)
     sel = select(contrib, settings, bundle_reach(bundle, x) if settings.selection == "topk" else None)
     extra: list[dict[str, object]] = [{} for _ in range(x.shape[0])]
-    return finish_batch(bundle, x, settings, contrib, sel, [], extra)  # scores: |contribution within the mask|
+    # scores: |contribution within the mask|
+    return finish_batch(bundle, x, settings=settings, contrib=contrib, sel=sel, scores=[], extra=extra)
 
 
 METHOD_RUNNERS: dict[str, MethodRunner] = {

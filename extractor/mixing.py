@@ -59,7 +59,7 @@ POST_OK = frozenset({
 })
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Mixing:
     """The verified mixing layer of one segment: its autograd node and how ``u`` maps to channels.
 
@@ -142,7 +142,8 @@ def find_mixing(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable
     if not mixers:
         return _identity(on_path, a_src, a_dst)
     if len(mixers) == 2:
-        return _two_convs(mixers, on_path, src, dst, stops, memo, a_src, a_dst)
+        return _two_convs(mixers=mixers, on_path=on_path, src=src, dst=dst, stops=stops, memo=memo, a_src=a_src,
+                          a_dst=a_dst)
     if len(mixers) != 1:
         return None
     mx = mixers[0]
@@ -160,7 +161,8 @@ def find_mixing(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable
     dst_offset = _post_offset(dst, mx, post) if any(n.name() == "CatBackward0" for n in post) else 0
     if dst_offset is None:
         return None
-    return _shape_check(mx, kind, flattened, a_src, a_dst, src_offset, dst_offset)
+    return _shape_check(mx=mx, kind=kind, flattened=flattened, a_src=a_src, a_dst=a_dst, src_offset=src_offset,
+                        dst_offset=dst_offset)
 
 
 # ops allowed between two convs: together a per-channel constant scale (checked numerically too)
@@ -168,7 +170,7 @@ MID_OK = frozenset({"NativeBatchNormBackward0", "CudnnBatchNormBackward0", "Miop
                     "SubBackward0", "CloneBackward0", "MulBackward0", "DivBackward0"})
 
 
-def _two_convs(mixers: list[Any], on_path: list[Any], src: Any, dst: Any, stops: set[Any], memo: dict[Any, bool],
+def _two_convs(mixers: list[Any], on_path: list[Any], *, src: Any, dst: Any, stops: set[Any], memo: dict[Any, bool],
                a_src: torch.Tensor, a_dst: torch.Tensor) -> Mixing | None:
     """``a_src -> pre -> conv1 -> per-channel scale -> conv2 (1x1) -> post -> a_dst`` (a linear
     bottleneck: MobileNet, EfficientNet, MNASNet). ``conv2 . diag(s) . conv1`` is one convolution
@@ -218,7 +220,8 @@ def _two_convs(mixers: list[Any], on_path: list[Any], src: Any, dst: Any, stops:
             rows = slice(g * (c_mid // groups), (g + 1) * (c_mid // groups))
             dense[rows, g * per:(g + 1) * per] = w1.detach()[rows]
     composite = torch.einsum("jo,o,oikl->jikl", w2.detach()[:, :, 0, 0], per_channel.detach().flatten(), dense)
-    return Mixing(m2, "conv", 1, src_offset, dst_offset, first=m1, weight=composite)
+    return Mixing(node=m2, kind="conv", group=1, src_offset=src_offset, dst_offset=dst_offset, first=m1,
+                  weight=composite)
 
 
 def _identity(on_path: list[Any], a_src: torch.Tensor, a_dst: torch.Tensor) -> Mixing | None:
@@ -228,7 +231,7 @@ def _identity(on_path: list[Any], a_src: torch.Tensor, a_dst: torch.Tensor) -> M
         return None
     if any((n.name() not in POST_OK and n.name() not in PRE_OK) or n.name() in FLATTEN for n in on_path):
         return None
-    return Mixing(None, "identity", 1)
+    return Mixing(node=None, kind="identity", group=1)
 
 
 def _mixing_parts(mx: Any) -> tuple[str, Any, list[Any]]:
@@ -342,7 +345,7 @@ def _post_offset(dst: Any, mx: Any, post: set[Any]) -> int | None:
     return offset
 
 
-def _shape_check(mx: Any, kind: str, flattened: bool, a_src: torch.Tensor, a_dst: torch.Tensor,
+def _shape_check(mx: Any, kind: str, *, flattened: bool, a_src: torch.Tensor, a_dst: torch.Tensor,
                  src_offset: int = 0, dst_offset: int = 0) -> Mixing | None:
     c_src, c_dst = a_src.shape[1], a_dst.shape[1]
     if kind == "conv":
@@ -351,7 +354,7 @@ def _shape_check(mx: Any, kind: str, flattened: bool, a_src: torch.Tensor, a_dst
             return None
         if u.shape[1] != c_src and int(mx._saved_groups) != 1:
             return None  # a grouped conv over a concatenation: source channels not one block
-        return Mixing(mx, "conv", 1, src_offset, dst_offset)
+        return Mixing(node=mx, kind="conv", group=1, src_offset=src_offset, dst_offset=dst_offset)
     u = mx._saved_mat1 if mx.name() == "AddmmBackward0" else mx._saved_self
     w_t = mx._saved_mat2
     if src_offset or u is None or w_t is None or u.dim() != 2 or dst_offset + w_t.shape[1] > c_dst \
@@ -359,7 +362,7 @@ def _shape_check(mx: Any, kind: str, flattened: bool, a_src: torch.Tensor, a_dst
         return None
     if (a_src.dim() == 2) == flattened:  # 4-D sources must be flattened; 2-D ones must not
         return None
-    return Mixing(mx, "linear", u.shape[1] // c_src, 0, dst_offset)
+    return Mixing(node=mx, kind="linear", group=u.shape[1] // c_src, src_offset=0, dst_offset=dst_offset)
 
 
 def mixing_edge_weights(mix: Mixing, a_src: torch.Tensor, a_dst: torch.Tensor, g_dst: torch.Tensor,
@@ -389,7 +392,8 @@ def mixing_edge_weights(mix: Mixing, a_src: torch.Tensor, a_dst: torch.Tensor, g
             u = node._saved_mat1 if node.name() == "AddmmBackward0" else node._saved_self  # [B, F]
             w_sel = node._saved_mat2.T[idx]  # [B, M, F]
             per_feature = u.detach()[:, None, :] * w_sel * gsel[..., None]
-            return per_feature.view(B, M, -1, mix.group).sum(-1)
+            summed: torch.Tensor = per_feature.view(B, M, -1, mix.group).sum(-1)
+            return summed
         geo = mix.first if mix.first is not None else node  # the layer whose input and geometry are read
         u = geo._saved_input.detach()  # [B, Ci, H, W]
         w = (mix.weight if mix.weight is not None else node._saved_weight).detach()  # [Co, Ci/g, kh, kw]
@@ -412,7 +416,7 @@ def mixing_edge_weights(mix: Mixing, a_src: torch.Tensor, a_dst: torch.Tensor, g
         out = []
         for s in range(0, B, chunk):
             n = min(chunk, B - s)
-            grad_w = torch.nn.grad.conv2d_weight(
+            grad_w = torch.nn.grad.conv2d_weight(  # type: ignore[attr-defined] # torch.nn.grad is not re-exported
                 u[s:s + n].reshape(1, n * ci, *u.shape[2:]), (n * M, ci, *w.shape[2:]),
                 gsel[s:s + n].reshape(1, n * M, *spatial), stride=tuple(geo._saved_stride),
                 padding=tuple(geo._saved_padding), dilation=tuple(geo._saved_dilation), groups=n,
@@ -487,4 +491,4 @@ def segment_reach(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterab
     w = mixers[0]._saved_weight
     if w is None or w.shape[0] != c_dst or w.shape[1] * int(mixers[0]._saved_groups) != c_src:
         return None
-    return channel_reach(Mixing(mixers[0], "conv", 1), c_src, c_dst)
+    return channel_reach(Mixing(node=mixers[0], kind="conv", group=1), c_src, c_dst)

@@ -39,7 +39,7 @@ def weights_hash(model: nn.Module) -> str:
     return digest.hexdigest()[:12]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ModelBundle:
     """A classifier with what extraction needs; ``info.sites`` are in call order."""
 
@@ -59,7 +59,8 @@ class ModelBundle:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, K]`` for pixel-space images ``[B, C, H, W]``."""
-        return self.model(self.normalize(x))
+        logits: torch.Tensor = self.model(self.normalize(x))
+        return logits
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ``ExtractionError`` for images the model cannot take."""
@@ -76,6 +77,7 @@ def make_bundle(
     model: nn.Module,
     arch: str,
     input_shape: Sequence[int],
+    *,
     class_names: Sequence[str] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
@@ -159,8 +161,16 @@ def load_torchvision(
     class_names = _bundled_categories(name, model)
     title = f"{name} (untrained)" if untrained and weights_file is None else \
         f"{name} (ImageNet)" if weights_file is None else name
-    return make_bundle(model, name, (3, input_size, input_size), class_names, IMAGENET_MEAN, IMAGENET_STD,
-                       site_modules, title)
+    return make_bundle(
+        model=model,
+        arch=name,
+        input_shape=(3, input_size, input_size),
+        class_names=class_names,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        site_modules=site_modules,
+        title=title,
+    )
 
 
 def _no_zero_layers(model: nn.Module) -> None:
@@ -202,7 +212,7 @@ def load_weights(model: nn.Module, path: Path, what: str) -> None:
         raise ExtractionError(f"cannot load weights from {path} into {what}: {first}") from exc
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class ModelOptions:
     """What a user's model needs besides its module; ``None`` = take it from the module's own
     attributes (``input_shape`` or ``input_size``, ``mean``, ``std``, ``class_names``) or the default
@@ -273,10 +283,11 @@ class CompiledLayer(nn.Module):
         self.original_name = str(getattr(inner, "original_name", type(inner).__name__))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x)
+        out: torch.Tensor = self.inner(x)
+        return out
 
 
-def _unscript(module: torch.jit.ScriptModule, path: Path) -> nn.Module:
+def _unscript(module: nn.Module, path: Path) -> nn.Module:
     """A Python module over a TorchScript model built from ``nn.Sequential`` containers.
 
     Compiled code runs without Python's forward hooks, so activations inside it cannot be seen.
@@ -346,4 +357,5 @@ def load_user_model(spec: str, weights_file: Path | None = None, opts: ModelOpti
     for what, value in (("mean", mean), ("std", std)):
         if value is not None and len(value) != shape[0]:
             raise ExtractionError(f"{what} has {len(value)} values for {shape[0]} input channels")
-    return make_bundle(model, arch, shape, names, mean, std, opts.sites)
+    return make_bundle(model=model, arch=arch, input_shape=shape, class_names=names, mean=mean, std=std,
+                       site_modules=opts.sites)

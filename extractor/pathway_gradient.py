@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from extractor.models import ModelBundle
-from extractor.sites import SiteHooks
+from extractor.sites import Capture, SiteHooks
 
 
 def pathway_gradient(
@@ -21,7 +21,7 @@ def pathway_gradient(
     def transform(idx: int, out: torch.Tensor) -> torch.Tensor:
         return out * masks[idx]
 
-    with SiteHooks(bundle.model, bundle.sites, transform) as hooks:
+    with SiteHooks(bundle.model, Capture(bundle.sites, transform)) as hooks:
         hooks.begin()
         logits = bundle.forward(x)
     selected = logits.gather(1, target[:, None])

@@ -105,7 +105,7 @@ def adopt_folder_names(bundle: ModelBundle, images: ImageSource) -> ModelBundle:
     return dataclasses.replace(bundle, info=dataclasses.replace(info, class_names=tuple(names)))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ExtractSummary:
     """Counts and timing of one extraction call."""
 
@@ -199,6 +199,7 @@ def extract_run(
     settings: Sequence[PathwaySettings],
     variants: Sequence[VariantSpec],
     out_dir: Path,
+    *,
     batch_size: int = 32,
     limit: int | None = None,
     device: str = "cpu",
@@ -273,8 +274,17 @@ def extract_run(
             x = block.x[keep].to(model_device, dtype, non_blocking=True)
             labels = torch.tensor([block.labels[b] for b in keep], dtype=torch.long)
             part_images, part_pathways, delta = _extract_batch(
-                bundle, x, labels.to(model_device), [ids[b] for b in keep],
-                [images.source(block.good[b]) for b in keep], settings, variants, batch_size, summary, tracker)
+                bundle=bundle,
+                x=x,
+                labels=labels.to(model_device),
+                ids=[ids[b] for b in keep],
+                sources=[images.source(block.good[b]) for b in keep],
+                settings=settings,
+                variants=variants,
+                batch_size=batch_size,
+                summary=summary,
+                tracker=tracker,
+            )
             writer.write_part(part_images, part_pathways, delta)
             done.update(ids[b] for b in keep)
             summary.images += len(part_images)
@@ -288,15 +298,15 @@ def extract_run(
     if summary.bad and not summary.images and not summary.skipped_originals and shard.count == 1:
         if fresh and not part_dirs(out_dir):
             shutil.rmtree(out_dir, ignore_errors=True)  # nothing to keep: leave no run folder behind
-        first = summary.bad[0]
+        bad = summary.bad[0]
         raise ExtractionError(f"none of the {len(summary.bad)} images could be read ({len(summary.bad)} skipped; "
-                              f"first: {first.source}: {first.reason})")
+                              f"first: {bad.source}: {bad.reason})")
     writer.finish(images=summary.images, pathways=summary.pathways, limit=limit)
     return summary
 
 
 def _extract_batch(
-    bundle: ModelBundle, x: torch.Tensor, labels: torch.Tensor, ids: list[str], sources: list[str],
+    bundle: ModelBundle, x: torch.Tensor, *, labels: torch.Tensor, ids: list[str], sources: list[str],
     settings: Sequence[PathwaySettings], variants: Sequence[VariantSpec], batch_size: int,
     summary: ExtractSummary, tracker: ExemplarTracker | None = None,
 ) -> tuple[list[ImageRecord], list[PathwayRecord], ExemplarRows | None]:
@@ -308,7 +318,8 @@ def _extract_batch(
     ]
     seeds = [int(i[:8], 16) for i in ids]
     for spec in variants:
-        var = make_variant(spec, bundle.forward, x, attack_labels, bundle.info.num_classes, seeds)
+        var = make_variant(spec=spec, forward=bundle.forward, x=x, labels=attack_labels,
+                           num_classes=bundle.info.num_classes, seeds=seeds)
         groups.append((var.x, [image_id(v) for v in var.x], list(ids), var.kind, var.params))
     img_records: list[ImageRecord] = []
     pw_records: list[PathwayRecord] = []

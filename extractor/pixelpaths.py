@@ -27,6 +27,8 @@ gated network is still not linear (functional activations, other nonlinear modul
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -42,12 +44,12 @@ from extractor.models import ModelBundle
 from extractor.pathway_gradient import pathway_gradient
 from extractor.selection import Selection, channel_mask
 from extractor.settings import PathwaySettings
-from extractor.sites import SiteHooks, StopForward
+from extractor.sites import Capture, Gate, SiteHooks, SiteRecorder, StopForward
 
 GATED_TYPES = (nn.ReLU, nn.MaxPool2d)
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class PixelSettings:
     """Beam width, pathways kept per pixel, pixel stride, and the smallest |pixel| traced."""
 
@@ -78,24 +80,50 @@ def require_chain(bundle: ModelBundle) -> None:
                                   "model branches (use mct, intgrad, correlation or precision)")
 
 
-class GatedNetwork:
-    """Context manager: the model with the gates and switches of one clean image frozen.
+@contextmanager
+def gated_network(bundle: ModelBundle, x: torch.Tensor) -> Iterator[GatedNetwork]:
+    """The model with the gates and switches of the clean image ``x`` ``[1, C, H, W]`` frozen, for the
+    ``with`` block (the hooks are :class:`extractor.sites.SiteHooks`', gating every ReLU and max-pool
+    module and masking sites)."""
+    require_chain(bundle)
+    named = dict(bundle.model.named_modules())
+    missing = {s.module_path for s in bundle.sites} - {p for p, m in named.items() if isinstance(m, GATED_TYPES)}
+    if missing:
+        raise ExtractionError(f"pixel pathways need ReLU sites; {sorted(missing)[0]!r} is not an nn.ReLU")
+    net = GatedNetwork(bundle)
+    with SiteHooks(bundle.model, Capture(bundle.sites, net.mask), gate=Gate(GATED_TYPES, net.gate)) as hooks:
+        net.record(hooks, x)
+        yield net
 
-    Inside the block ``forward(z, masks)`` runs the affine network on a batch ``z``
-    ``[N, C, H, W]``; ``masks[l]`` ``[N, C_l]`` multiplies site ``l``'s output (1 = open).
-    Returns the logits and the site outputs ``[N, C_l, ...]``. The hooks are
-    :class:`extractor.sites.SiteHooks`' (gating every ReLU and max-pool module, masking sites).
+
+class GatedNetwork:
+    """The affine network of one clean image (made by :func:`gated_network`).
+
+    ``forward(z, masks)`` runs it on a batch ``z`` ``[N, C, H, W]``; ``masks[l]`` ``[N, C_l]`` multiplies
+    site ``l``'s output (1 = open). Returns the logits and the site outputs ``[N, C_l, ...]``.
     """
 
-    def __init__(self, bundle: ModelBundle, x: torch.Tensor) -> None:
+    def __init__(self, bundle: ModelBundle) -> None:
         self.bundle = bundle
-        self.x = x  # [1, C, H, W]
         self._state: dict[tuple[str, int], torch.Tensor] = {}
         self._recording = True
         self._masks: list[torch.Tensor] | None = None
-        self._hooks = SiteHooks(bundle.model, bundle.sites, transform=self._mask, gate=(GATED_TYPES, self._gate))
+        self._hooks: SiteHooks | None = None
 
-    def _gate(self, path: str, call: int, module: nn.Module, x_in: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def record(self, hooks: SiteHooks, x: torch.Tensor) -> None:
+        """Run the clean image ``x`` once: its gates and switches are frozen from then on."""
+        self._hooks = hooks
+        with torch.no_grad():
+            hooks.begin()
+            self.bundle.forward(x)
+        self._recording = False
+
+    def _begin(self, stop_after: int | None = None) -> SiteRecorder:
+        if self._hooks is None:
+            raise RuntimeError("use the network inside `with gated_network(bundle, x) as net:`")
+        return self._hooks.begin(stop_after)
+
+    def gate(self, path: str, call: int, module: nn.Module, x_in: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         key = (path, call)
         if isinstance(module, nn.MaxPool2d):
             if self._recording:
@@ -108,36 +136,18 @@ class GatedNetwork:
             self._state[key] = (out > 0).to(out.dtype)
         return x_in * self._state[key]
 
-    def _mask(self, site: int, a: torch.Tensor) -> torch.Tensor:
+    def mask(self, site: int, a: torch.Tensor) -> torch.Tensor:
         if self._masks is None:
             return a
         m = self._masks[site]
         return a * m.view(*m.shape, *([1] * (a.dim() - 2)))
-
-    def __enter__(self) -> GatedNetwork:
-        require_chain(self.bundle)
-        named = dict(self.bundle.model.named_modules())
-        missing = {s.module_path for s in self.bundle.sites} - {
-            p for p, m in named.items() if isinstance(m, GATED_TYPES)}
-        if missing:
-            raise ExtractionError(f"pixel pathways need ReLU sites; {sorted(missing)[0]!r} is not an nn.ReLU")
-        self._hooks.__enter__()
-        try:
-            with torch.no_grad():
-                self._hooks.begin()
-                self.bundle.forward(self.x)
-            self._recording = False
-        except BaseException:
-            self._hooks.__exit__()
-            raise
-        return self
 
     def forward(
         self, z: torch.Tensor, masks: list[torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits and all site outputs of the gated network on ``z`` (model space)."""
         self._masks = masks
-        rec = self._hooks.begin()
+        rec = self._begin()
         with torch.no_grad():
             logits = self.bundle.model(z)
         return logits, [rec.acts[s.index] for s in self.bundle.sites]
@@ -145,19 +155,13 @@ class GatedNetwork:
     def site_output(self, z: torch.Tensor, site: int, masks: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Output of one site only; the forward pass stops there."""
         self._masks = masks
-        rec = self._hooks.begin()
-        self._hooks.stop_after = site
+        rec = self._begin(stop_after=site)
         try:
             with torch.no_grad():
                 self.bundle.model(z)
         except StopForward:
             pass
-        finally:
-            self._hooks.stop_after = None
         return rec.acts[site]
-
-    def __exit__(self, *exc: object) -> None:
-        self._hooks.__exit__()
 
 
 def pixel_impulses(
@@ -218,7 +222,7 @@ def _chain_masks(bundle: ModelBundle, chains: torch.Tensor, l: int, dtype: torch
 def trace_pixels(bundle: ModelBundle, x: torch.Tensor, settings: PixelSettings) -> PixelPathways:
     """Beam search of every traced pixel's largest chains through the gated network of ``x`` ``[1, C, H, W]``."""
     S = len(bundle.sites)
-    with GatedNetwork(bundle, x) as net:
+    with gated_network(bundle, x) as net:
         imp, where = pixel_impulses(bundle, x, settings)
         P = imp.shape[0]
         if P == 0:
@@ -260,7 +264,7 @@ def gated_decomposition(
     With ``z = normalize(x) = x / s - m / s``: ``G(z) = G(normalize(0)) + sum_p R(x_p / s_c e_p)``,
     where ``G(normalize(0))`` is the response to a black image (the bias response).
     """
-    with GatedNetwork(bundle, x) as net:
+    with gated_network(bundle, x) as net:
         imp, _ = pixel_impulses(bundle, x, PixelSettings(stride=1, min_value=-1.0))
         _, zero = net.forward(torch.zeros_like(x))
         _, resp = net.forward(imp)
@@ -321,8 +325,24 @@ def pixel_batch(
     def arr(key: str, dtype: type) -> np.ndarray:
         return np.asarray(cols[key], dtype=dtype)
 
-    edges = Edges(arr("b", np.int64), arr("ss", np.int32), arr("sc", np.int32), arr("ds", np.int32),
-                  arr("dc", np.int32), arr("w", np.float32), np.full((B, S), np.nan, dtype=np.float32))
+    edges = Edges(
+        b=arr("b", np.int64),
+        src_site=arr("ss", np.int32),
+        src_channel=arr("sc", np.int32),
+        dst_site=arr("ds", np.int32),
+        dst_channel=arr("dc", np.int32),
+        weight=arr("w", np.float32),
+        gap=np.full((B, S), np.nan, dtype=np.float32),
+    )
     logit_full = contrib.logits.gather(1, contrib.target[:, None]).squeeze(1)
-    return BatchPathways(settings, contrib, Selection(masks, [k.to(x.device) for k in kept]), edges, sal,
-                         logit_full, logit_masked, counts, extra)
+    return BatchPathways(
+        settings=settings,
+        contrib=contrib,
+        sel=Selection(masks, [k.to(x.device) for k in kept]),
+        edges=edges,
+        saliency=sal,
+        logit_full=logit_full,
+        logit_masked=logit_masked,
+        scores=counts,
+        extra=extra,
+    )

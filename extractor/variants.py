@@ -94,7 +94,7 @@ def fgsm(forward: ForwardFn, x: torch.Tensor, y: torch.Tensor, eps: float) -> to
     return (x + eps * _loss_grad(forward, x, y).sign()).clamp(0.0, 1.0).detach()
 
 
-def pgd(forward: ForwardFn, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
+def pgd(forward: ForwardFn, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int,
         targeted: bool = False, step_size: float | None = None) -> torch.Tensor:
     """L-infinity PGD from ``x``; ``y`` is the label (untargeted) or the target (targeted)."""
     alpha = step_size if step_size is not None else 2.5 * eps / steps
@@ -185,7 +185,7 @@ class Variant:
     params: list[dict[str, Any]]
 
 
-def make_variant(spec: VariantSpec, forward: ForwardFn, x: torch.Tensor, labels: torch.Tensor,
+def make_variant(spec: VariantSpec, forward: ForwardFn, x: torch.Tensor, *, labels: torch.Tensor,
                  num_classes: int, seeds: list[int]) -> Variant:
     """Apply ``spec`` to originals ``x`` whose labels (or predictions) are ``labels``."""
     p = spec.params
@@ -197,9 +197,9 @@ def make_variant(spec: VariantSpec, forward: ForwardFn, x: torch.Tensor, labels:
             targeted = bool(p.get("targeted", False))
             if targeted:
                 tgt = (labels + int(p.get("target_offset", 1))) % num_classes
-                adv = pgd(forward, x, tgt, float(p["eps"]), int(p["steps"]), targeted=True)
+                adv = pgd(forward=forward, x=x, y=tgt, eps=float(p["eps"]), steps=int(p["steps"]), targeted=True)
                 return Variant("pgd", adv, [{**p, "target": int(t)} for t in tgt])
-            adv = pgd(forward, x, labels, float(p["eps"]), int(p["steps"]))
+            adv = pgd(forward=forward, x=x, y=labels, eps=float(p["eps"]), steps=int(p["steps"]))
             return Variant("pgd", adv, [dict(p) for _ in range(B)])
         if spec.kind == "occlude":
             out, where = occlude(x, float(p["frac"]))

@@ -47,7 +47,7 @@ class _Pathway:
     layer_jaccard: list[float] | None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class AggregateRows:
     """What the importer writes: nodes ``(key, props)`` and relationships ``(start, end, props)``."""
 
@@ -58,7 +58,7 @@ class AggregateRows:
     gained: list[tuple[str, str, dict[str, Any]]]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Aggregates:
     """Collects images, pathways and their relationship columns; :meth:`rows` computes the aggregates."""
 
@@ -103,7 +103,8 @@ class Aggregates:
                             for pid, p in self.pathways.items()],
                            columns=["pathway", "key", "model_id", "config", "class_id", "original"])
         counts = pws[pws["original"]].groupby(["class_id", "config"]).size().rename("n").reset_index()
-        out = AggregateRows(self._count_stats(), [], self._uses(pws, counts), self._class_flows(pws, counts), [])
+        out = AggregateRows(count_stats=self._count_stats(), variant_stats=[], uses=self._uses(pws, counts),
+                            class_flows=self._class_flows(pws, counts), gained=[])
         out.variant_stats, out.gained = self._variant_stats()
         return out
 

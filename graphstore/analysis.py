@@ -56,7 +56,7 @@ def targeted(setting: str | None) -> bool:
     return isinstance(data, dict) and bool(data.get("targeted", False))
 
 
-def neuron_card(neuron_id: str, info: dict[str, Any], exemplars: list[dict[str, Any]],
+def neuron_card(neuron_id: str, *, info: dict[str, Any], exemplars: list[dict[str, Any]],
                 flows_in: list[dict[str, Any]], flows_out: list[dict[str, Any]], pairs: list[dict[str, Any]],
                 gained: list[dict[str, Any]], lost: list[dict[str, Any]]) -> NeuronCard:
     """A neuron card from the rows of ``NEURON_DETAIL``, ``NEURON_EXEMPLARS``, ``NEURON_FLOWS_IN``/``OUT``,
@@ -66,14 +66,31 @@ def neuron_card(neuron_id: str, info: dict[str, Any], exemplars: list[dict[str, 
     n_pairs = {(r["kind"], r["setting"]): int(r["pairs"]) for r in pairs}
     n_gained = {(r["kind"], r["setting"]): int(r["gained"]) for r in gained}
     n_lost = {(r["kind"], r["setting"]): int(r["lost"]) for r in lost}
-    attacks = [AttackEffect(k, st, variant_name(k, st), n, n_gained.get((k, st), 0), n_lost.get((k, st), 0))
-               for (k, st), n in sorted(n_pairs.items())]
-    return NeuronCard(neuron_id, info["site"], int(info["layer_index"]), int(info["channel"]), shots,
-                      [c for c in info["classes"] if c is not None], [NeuronEdge(**r) for r in flows_in],
-                      [NeuronEdge(**r) for r in flows_out], attacks)
+    attacks = [
+        AttackEffect(
+            kind=k,
+            setting=st,
+            name=variant_name(k, st),
+            pairs=n,
+            gained=n_gained.get((k, st), 0),
+            lost=n_lost.get((k, st), 0),
+        )
+        for (k, st), n in sorted(n_pairs.items())
+    ]
+    return NeuronCard(
+        neuron=neuron_id,
+        site=info["site"],
+        layer_index=int(info["layer_index"]),
+        channel=int(info["channel"]),
+        exemplars=shots,
+        classes=[c for c in info["classes"] if c is not None],
+        incoming=[NeuronEdge(**r) for r in flows_in],
+        outgoing=[NeuronEdge(**r) for r in flows_out],
+        attacks=attacks,
+    )
 
 
-def shared_pathways(class_a: str, class_b: str, sa: dict[str, NeuronScore], sb: dict[str, NeuronScore],
+def shared_pathways(class_a: str, class_b: str, *, sa: dict[str, NeuronScore], sb: dict[str, NeuronScore],
                     layers: Layers, edges_a: dict[tuple[str, str], float],
                     edges_b: dict[tuple[str, str], float]) -> SharedPathways:
     """Neurons (and edges) both classes use, those of one class only, and the per-layer overlap;
@@ -85,7 +102,7 @@ def shared_pathways(class_a: str, class_b: str, sa: dict[str, NeuronScore], sb: 
         return (s.layer_index, s.channel)
 
     return SharedPathways(
-        class_a, class_b,
+        class_a=class_a, class_b=class_b,
         shared=sorted(((sa[n], sb[n]) for n in sa.keys() & sb.keys()), key=lambda p: key(p[0])),
         only_a=sorted((sa[n] for n in sa.keys() - sb.keys()), key=key),
         only_b=sorted((sb[n] for n in sb.keys() - sa.keys()), key=key),
@@ -105,8 +122,17 @@ def support_matrix(classes: list[ClassInfo], cols: dict[str, list[Any]]
     mean = np.zeros((len(classes), len(names)))
     support[rows, col] = cols["support"]
     mean[rows, col] = cols["mean_contribution"]
-    neurons = [NeuronScore(str(names[j]), cols["site"][f], cols["layer_index"][f], cols["channel"][f], 0.0, 0.0)
-               for j, f in enumerate(first.tolist())]
+    neurons = [
+        NeuronScore(
+            neuron=str(names[j]),
+            site=cols["site"][f],
+            layer_index=cols["layer_index"][f],
+            channel=cols["channel"][f],
+            support=0.0,
+            mean_contribution=0.0,
+        )
+        for j, f in enumerate(first.tolist())
+    ]
     return neurons, support, mean
 
 
@@ -136,13 +162,23 @@ def signature(row: int, neurons: list[NeuronScore], support: np.ndarray, min_sup
     others = np.delete(support, row, axis=0)
     mx = others.max(axis=0) if len(others) else np.zeros_like(own)
     mean_other = others.mean(axis=0) if len(others) else np.zeros_like(own)
-    out = [SignatureNeuron(n.neuron, n.site, n.layer_index, n.channel, float(own[j]), float(mx[j]),
-                           float(own[j] - mean_other[j]))
-           for j, n in enumerate(neurons) if own[j] > 0 and own[j] >= min_support and mx[j] <= max_other]
+    out = [
+        SignatureNeuron(
+            neuron=n.neuron,
+            site=n.site,
+            layer_index=n.layer_index,
+            channel=n.channel,
+            support=float(own[j]),
+            max_other=float(mx[j]),
+            specificity=float(own[j] - mean_other[j]),
+        )
+        for j, n in enumerate(neurons)
+        if own[j] > 0 and own[j] >= min_support and mx[j] <= max_other
+    ]
     return sorted(out, key=lambda x: (-x.specificity, x.neuron))
 
 
-def shift(variant_id: str, original_id: str, kind: str, setting: str, so: NeuronSet, sv: NeuronSet,
+def shift(variant_id: str, original_id: str, *, kind: str, setting: str, so: NeuronSet, sv: NeuronSet,
           layers: Layers, threshold: float) -> Shift:
     """Kept, lost and gained neurons of a variant's pathway (``sv``) against its original's (``so``), the
     per-layer overlap, and the first layer (by depth) that changes and that departs (Jaccard < threshold)."""
@@ -150,7 +186,8 @@ def shift(variant_id: str, original_id: str, kind: str, setting: str, so: Neuron
 
     def change(n: str) -> NeuronChange:
         li, site, _ = info[n]
-        return NeuronChange(n, site, li, so[n][2] if n in so else None, sv[n][2] if n in sv else None)
+        return NeuronChange(neuron=n, site=site, layer_index=li, original=so[n][2] if n in so else None,
+                            variant=sv[n][2] if n in sv else None)
 
     def order(c: NeuronChange) -> tuple[int, str]:
         return (c.layer_index, c.neuron)
@@ -158,7 +195,7 @@ def shift(variant_id: str, original_id: str, kind: str, setting: str, so: Neuron
     per_layer = layer_overlaps({n: v[0] for n, v in so.items()}, {n: v[0] for n, v in sv.items()}, layers)
     by_depth = sorted(per_layer, key=lambda o: (o.depth, o.layer_index))
     return Shift(
-        variant_id, original_id, kind, setting,
+        variant=variant_id, original=original_id, kind=kind, setting=setting,
         kept=sorted((change(n) for n in so.keys() & sv.keys()), key=order),
         lost=sorted((change(n) for n in so.keys() - sv.keys()), key=order),
         gained=sorted((change(n) for n in sv.keys() - so.keys()), key=order),
@@ -179,8 +216,16 @@ def hijacks(stats: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[Hij
         counts: dict[str, int] = defaultdict(int)
         for setting, k in r["by_setting"]:
             counts[setting] += k
-        out.append(Hijack(r["neuron"], r["site"], r["layer_index"], r["count"], r["count"] / total,
-                          {s: counts.get(s, 0) / n for s, n in sorted(per_setting.items())}))
+        out.append(
+            Hijack(
+                neuron=r["neuron"],
+                site=r["site"],
+                layer_index=r["layer_index"],
+                count=r["count"],
+                share=r["count"] / total,
+                by_setting={s: counts.get(s, 0) / n for s, n in sorted(per_setting.items())},
+            )
+        )
     return out
 
 
@@ -194,17 +239,28 @@ def variant_overlaps(stats: list[dict[str, Any]], layers: list[tuple[int, str]])
         sums[key] = sums.get(key, 0.0) + np.asarray(st["jaccard_sum"], dtype=np.float64)
         pairs[key] += st["pairs"]
         changed[key] += st["changed"]
-    out = []
+    out: list[VariantOverlap] = []
     for key in sorted(sums):
         mean = sums[key] / pairs[key]
-        out.extend(VariantOverlap(key[0], key[1], li, site, float(mean[li]), pairs[key],
-                                  changed[key] / pairs[key], variant_name(key[0], key[1])) for li, site in layers)
+        out.extend(
+            VariantOverlap(
+                kind=key[0],
+                setting=key[1],
+                layer_index=li,
+                site=site,
+                mean_jaccard=float(mean[li]),
+                pairs=pairs[key],
+                prediction_changed=changed[key] / pairs[key],
+                name=variant_name(key[0], key[1]),
+            )
+            for li, site in layers
+        )
     return out
 
 
 def agreement(pathways: Sequence[tuple[str, str]], sets: dict[str, NeuronSet]) -> list[Agreement]:
     """Jaccard between every two of one image's pathways ``(pathway id, config)``."""
-    return [Agreement(ca, cb, jaccard(set(sets[a]), set(sets[b])))
+    return [Agreement(config_a=ca, config_b=cb, jaccard=jaccard(set(sets[a]), set(sets[b])))
             for (a, ca), (b, cb) in itertools.combinations(pathways, 2)]
 
 
@@ -224,8 +280,8 @@ def layer_agreement(pairs: list[tuple[NeuronSet, NeuronSet]], layers: list[tuple
             inter += len(sa & sb)
             sizes += len(sa) + len(sb)
             jac.append(jaccard(sa, sb))
-        out.append(LayerAgreement(li, site, inter / sizes if sizes else 0.0,
-                                  float(np.mean(jac)) if jac else 0.0, len(pairs)))
+        out.append(LayerAgreement(layer_index=li, site=site, overlap=inter / sizes if sizes else 0.0,
+                                  jaccard=float(np.mean(jac)) if jac else 0.0, images=len(pairs)))
     return out
 
 
@@ -237,11 +293,20 @@ def class_consistency(labels: list[int], sets: list[NeuronSet], layers: list[tup
     out = []
     for li, site in layers:
         layer_sets = [_in_layer(s, li) for s in sets]
-        within, across = [], []
+        within: list[float] = []
+        across: list[float] = []
         for i, j in pairs:
             (within if labels[i] == labels[j] else across).append(jaccard(layer_sets[i], layer_sets[j]))
-        out.append(LayerConsistency(li, site, float(np.mean(within)) if within else float("nan"),
-                                    float(np.mean(across)) if across else float("nan"), len(within), len(across)))
+        out.append(
+            LayerConsistency(
+                layer_index=li,
+                site=site,
+                within=float(np.mean(within)) if within else float("nan"),
+                across=float(np.mean(across)) if across else float("nan"),
+                pairs_within=len(within),
+                pairs_across=len(across),
+            )
+        )
     return out
 
 

@@ -226,10 +226,15 @@ class Store:
         model_id = parse_neuron_id(neuron_id).model_id
         flows = {"limit": edges, "neuron_id": neuron_id, "config": config}
         return A.neuron_card(
-            neuron_id, info, self._run(Q.NEURON_EXEMPLARS, neuron_id=neuron_id), self._run(Q.NEURON_FLOWS_IN, **flows),
-            self._run(Q.NEURON_FLOWS_OUT, **flows), self._run(Q.VARIANT_PAIR_COUNTS, model_id=model_id, config=config),
-            self._run(Q.NEURON_GAINED, model_id=model_id, config=config, neuron_id=neuron_id),
-            self._run(Q.NEURON_LOST, neuron_id=neuron_id, config=config))
+            neuron_id=neuron_id,
+            info=info,
+            exemplars=self._run(Q.NEURON_EXEMPLARS, neuron_id=neuron_id),
+            flows_in=self._run(Q.NEURON_FLOWS_IN, **flows),
+            flows_out=self._run(Q.NEURON_FLOWS_OUT, **flows),
+            pairs=self._run(Q.VARIANT_PAIR_COUNTS, model_id=model_id, config=config),
+            gained=self._run(Q.NEURON_GAINED, model_id=model_id, config=config, neuron_id=neuron_id),
+            lost=self._run(Q.NEURON_LOST, neuron_id=neuron_id, config=config),
+        )
 
     def neuron_top_images(self, neuron_id: str, config: str, limit: int = 10) -> list[dict[str, Any]]:
         self._require(Q.NEURON_EXISTS, "neuron", neuron_id=neuron_id)
@@ -247,7 +252,8 @@ class Store:
         cols = self._run(Q.CLASS_SUPPORT, model_id=model_id, config=config, classes=classes)[0]
         table: dict[int, dict[str, NeuronScore]] = defaultdict(dict)
         for c, n, site, li, ch, sup, mc in zip(*cols.values(), strict=True):
-            table[c][n] = NeuronScore(n, site, li, ch, sup, mc)
+            table[c][n] = NeuronScore(neuron=n, site=site, layer_index=li, channel=ch, support=sup,
+                                      mean_contribution=mc)
         return table
 
     def _class_index(self, class_id: str) -> tuple[str, int]:
@@ -267,8 +273,15 @@ class Store:
             return {(r["src"], r["dst"]): r["support"] for r in
                     self._run(edges, class_id=class_id, config=config, min_support=float(min_support))}
 
-        return A.shared_pathways(class_a, class_b, sa, sb, self._layer_depths(model_a), edge_support(class_a),
-                                 edge_support(class_b))
+        return A.shared_pathways(
+            class_a=class_a,
+            class_b=class_b,
+            sa=sa,
+            sb=sb,
+            layers=self._layer_depths(model_a),
+            edges_a=edge_support(class_a),
+            edges_b=edge_support(class_b),
+        )
 
     def _support_matrix(self, model_id: str, config: str) -> tuple[list[ClassInfo], list[NeuronScore], np.ndarray,
                                                                     np.ndarray]:
@@ -330,8 +343,16 @@ class Store:
         pv = self._require(Q.PATHWAY_ID_OF, "pathway for image", image_id=variant_id, config=config)["id"]
         po = self._require(Q.PATHWAY_ID_OF, "pathway for image", image_id=detail.original, config=config)["id"]
         sets = self._neuron_sets([po, pv])
-        return A.shift(variant_id, detail.original, detail.kind, detail.setting, sets[po], sets[pv],
-                       self._layer_depths(detail.model_id), threshold)
+        return A.shift(
+            variant_id=variant_id,
+            original_id=detail.original,
+            kind=detail.kind,
+            setting=detail.setting,
+            so=sets[po],
+            sv=sets[pv],
+            layers=self._layer_depths(detail.model_id),
+            threshold=threshold,
+        )
 
     def hijacked_neurons(self, model_id: str, config: str, kind: str, label: int | None = None,
                          limit: int = 20) -> list[Hijack]:

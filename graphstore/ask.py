@@ -13,7 +13,7 @@ if TYPE_CHECKING:  # the CLI reads QUERY_NAMES for its help at every start: no d
     from graphstore.api import Store
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class QueryArgs:
     """What a named query may be given; ``None`` picks the store's first model and most common setting."""
 
@@ -41,7 +41,7 @@ def resolve_class(store: Store, model_id: str, value: str | None) -> str:
     raise NotFound(f"unknown class {value!r}")
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class _Asked:
     store: Store
     name: str
@@ -89,4 +89,5 @@ def ask(store: Store, name: str, args: QueryArgs) -> Any:
     if name not in _QUERIES:
         raise NotFound(f"unknown query {name!r}; choose from {', '.join(QUERY_NAMES)}")
     model = args.model or store.default_model()
-    return _QUERIES[name](_Asked(store, name, args, model, args.config or store.default_config(model)))
+    return _QUERIES[name](_Asked(store=store, name=name, args=args, model=model,
+                                 config=args.config or store.default_config(model)))

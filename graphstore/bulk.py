@@ -53,7 +53,7 @@ ARRAY = ";"
 _JAVA_SPECIAL = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}  # what Double.parseDouble reads
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BulkSummary:
     """What one bulk import wrote, and how long each phase took."""
 

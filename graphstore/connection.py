@@ -14,7 +14,7 @@ from graphstore.server import USER, ServerConfig, load_state, read_password
 DATABASE = "neo4j"
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class ConnectionSettings:
     """Bolt URI and credentials; ``external`` is True when they came from the environment."""
 

@@ -32,7 +32,7 @@ DENY = re.compile(
 MAX_QUERY_CHARS = 20_000
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CypherResult:
     """Rows (values made plain), column names, a graph of returned entities, and truncation."""
 
@@ -88,6 +88,7 @@ def run_read_only(
     driver: neo4j.Driver,
     query: str,
     params: dict[str, Any] | None = None,
+    *,
     timeout_s: float = 10.0,
     max_rows: int = 1000,
     database: str = DATABASE,
@@ -118,7 +119,7 @@ def run_read_only(
                 break
             rows.append({k: _plain(v, graph) for k, v in record.items()})
         columns = list(result.keys())
-        return CypherResult(columns, rows, graph, truncated)
+        return CypherResult(columns=columns, rows=rows, graph=graph, truncated=truncated)
 
     try:
         with driver.session(database=database, default_access_mode=neo4j.READ_ACCESS) as session:

@@ -57,7 +57,7 @@ ROW_BATCH = 10_000
 LOAD_WORKERS = 1  # 2 gave 1.19x on 2 cores, with lock-deadlock retries on dense neurons
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LoadSummary:
     """What one ``load_run`` wrote: new pathways and relationships, and its throughput."""
 
@@ -202,7 +202,7 @@ def _batches(parts: Sequence[Any]) -> list[list[Group]]:
     return out
 
 
-def _write_batches(driver: neo4j.Driver, database: str, batches: list[list[Group]], model: ModelInfo,
+def _write_batches(driver: neo4j.Driver, database: str, *, batches: list[list[Group]], model: ModelInfo,
                    table: list[list[str]], summary: LoadSummary, bar: tqdm, workers: int) -> None:
     """Each batch in its own write transaction, ``workers`` at a time (one session per thread).
 
@@ -277,7 +277,8 @@ def load_run(driver: neo4j.Driver, run_dir: Path, database: str = DATABASE, prog
     bar = tqdm(total=total, desc="load", unit="img", disable=not progress)
     began_writes = time.perf_counter()
     try:
-        _write_batches(driver, database, _batches(parts), model, table, summary, bar, workers)
+        _write_batches(driver=driver, database=database, batches=_batches(parts), model=model, table=table,
+                       summary=summary, bar=bar, workers=workers)
     finally:
         bar.close()
     summary.write_seconds = time.perf_counter() - began_writes
@@ -311,7 +312,7 @@ def load_exemplars(driver: neo4j.Driver, run_dir: Path, model: ModelInfo, n: int
         rows = exemplar_rows(merged, table)
         made = 0
         for chunk in _chunks(rows, 5000):
-            made += tx.run(Q.CREATE_EXEMPLARS, rows=list(chunk)).single()["created"]
+            made += tx.run(Q.CREATE_EXEMPLARS, rows=list(chunk)).single(strict=True)["created"]
         if made != len(rows):
             raise RecordsError(f"{len(rows) - made} exemplar images are not in the store; load their run first")
         return made

@@ -13,7 +13,7 @@ import pandas as pd
 from records import LayerOverlap
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Summary:
     models: int
     classes: int
@@ -23,7 +23,7 @@ class Summary:
     edges: int
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class ConfigInfo:
     """One pathway setting present in the store."""
 
@@ -42,7 +42,7 @@ class ClassInfo:
     name: str
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class ImageInfo:
     id: str
     source: str
@@ -54,7 +54,7 @@ class ImageInfo:
     setting: str
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class ImageDetail:
     id: str
     model_id: str
@@ -71,7 +71,7 @@ class ImageDetail:
     variants: list[str]
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class PathwayInfo:
     """A pathway's header; ``saliency`` has shape ``saliency_shape`` (Pathway Gradient map)."""
 
@@ -95,7 +95,7 @@ class PathwayInfo:
         return self.logit_masked / self.logit_full if self.logit_full else float("nan")
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class NeuronScore:
     neuron: str
     site: str
@@ -105,7 +105,7 @@ class NeuronScore:
     mean_contribution: float
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SharedPathways:
     """Neurons (and edges) with support >= s in both classes, plus per-layer overlap."""
 
@@ -127,7 +127,7 @@ class ClassSimilarity:
     weighted: np.ndarray
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class SignatureNeuron:
     neuron: str
     site: str
@@ -138,7 +138,7 @@ class SignatureNeuron:
     specificity: float  # support - mean support in the other classes
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class NeuronChange:
     neuron: str
     site: str
@@ -151,7 +151,7 @@ class NeuronChange:
         return (self.variant or 0.0) - (self.original or 0.0)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Shift:
     """How a variant's pathway differs from its original's, layer by layer."""
 
@@ -167,7 +167,7 @@ class Shift:
     first_departure: int | None  # the shallowest layer with Jaccard < threshold
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Hijack:
     """A neuron gained by attacked images: share of pairs, overall and per setting."""
 
@@ -179,7 +179,7 @@ class Hijack:
     by_setting: dict[str, float]
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class LayerCount:
     """Per layer, for originals or one variant setting: mean pathway neurons and mean contribution
     mass (sum of |contribution| of the pathway's neurons there) over pathways with any there."""
@@ -194,7 +194,7 @@ class LayerCount:
     name: str = ""  # the variant setting as a researcher writes it
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class VariantOverlap:
     """Mean per-layer Jaccard between variants' and originals' pathways, per kind and setting."""
 
@@ -208,7 +208,7 @@ class VariantOverlap:
     name: str = ""  # the variant setting as a researcher writes it
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Exemplar:
     """One of a neuron's top images: ``kind`` 'activation' or 'contribution', ``box`` (y0, x0, y1, x1;
     half-open, pixels of ``png``) around the peak ``position`` (y, x in the site's map; -1 for units)."""
@@ -225,7 +225,7 @@ class Exemplar:
     png: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class NeuronEdge:
     neuron: str
     site: str
@@ -234,7 +234,7 @@ class NeuronEdge:
     mean_weight: float
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class AttackEffect:
     """How attacks of one kind and strength change a neuron: pathways that gain or lose it, of ``pairs``."""
 
@@ -246,7 +246,7 @@ class AttackEffect:
     lost: int
 
 
-@dataclass
+@dataclass(kw_only=True)
 class NeuronCard:
     """Everything a neuron card shows: exemplars, class support, strongest edges, attack effects."""
 
@@ -261,7 +261,7 @@ class NeuronCard:
     attacks: list[AttackEffect]
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class LayerAgreement:
     """Per layer, over images with pathways of both settings: Lengerich's overlap (max 0.5) and Jaccard."""
 
@@ -272,7 +272,7 @@ class LayerAgreement:
     images: int
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class LayerConsistency:
     """Per layer: mean Jaccard of originals' neuron sets within a class and across classes."""
 
@@ -284,7 +284,7 @@ class LayerConsistency:
     pairs_across: int
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class SimilarImage:
     image_id: str
     source: str
@@ -294,7 +294,7 @@ class SimilarImage:
     jaccard: float
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Agreement:
     config_a: str
     config_b: str

@@ -32,7 +32,7 @@ SIGNATURE_DIMENSIONS = 128  # Pathway.signature: the neuron set as a random +-1 
 EDGE_SUPPORT_FLOOR = 0.05  # class edge supports below this are not kept as CLASS_FLOW aggregates
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class ModelRows:
     """Rows for the model's structure: its node, layers, site-graph edges (``pairs``), neurons and classes."""
 
@@ -53,7 +53,7 @@ def model_rows(model: ModelInfo) -> ModelRows:
     meta = {"id": model.model_id, "arch": model.arch, "title": model.title or model.arch,
             "num_classes": model.num_classes,
             "input_shape": list(model.input_shape)}
-    pairs = [{"src": layers[i]["id"], "dst": layers[s.index]["id"]} for s in model.sites for i in s.preds]
+    pairs = [{"src": str(layers[i]["id"]), "dst": str(layers[s.index]["id"])} for s in model.sites for i in s.preds]
     neurons = [
         {"id": neuron_id(model.model_id, s.site_id, c), "layer_id": layer_id(model.model_id, s.site_id),
          "site": s.site_id, "layer_index": s.index, "depth": s.depth, "channel": c}
@@ -61,7 +61,7 @@ def model_rows(model: ModelInfo) -> ModelRows:
     ]
     classes = [{"id": class_id(model.model_id, i), "index": i, "name": name}
                for i, name in enumerate(model.class_names)]
-    return ModelRows(meta, layers, pairs, neurons, classes)
+    return ModelRows(model=meta, layers=layers, pairs=pairs, neurons=neurons, classes=classes)
 
 
 def image_row(im: ImageRecord, model: ModelInfo) -> dict[str, Any]:
@@ -153,7 +153,8 @@ def gained(pw: PathwayRecord, original: PathwayRecord | None) -> list[bool | Non
     """Per neuron of a variant's pathway, whether its original's pathway lacks it (None for originals)."""
     if original is None:
         return [None] * len(pw.neuron_site)
-    return (~np.isin(neuron_keys(pw), neuron_keys(original))).tolist()
+    lacks: list[bool] = (~np.isin(neuron_keys(pw), neuron_keys(original))).tolist()
+    return list(lacks)
 
 
 def include_rows(pw: PathwayRecord, table: list[list[str]], original: PathwayRecord | None = None) -> list[list[Any]]:

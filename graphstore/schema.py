@@ -46,7 +46,7 @@ def _props(text: str) -> tuple[Prop, ...]:
     return tuple(out)
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Node:
     label: str
     props: tuple[Prop, ...]
@@ -58,7 +58,7 @@ class Node:
         return {p.name: p.type for p in self.props if p.name not in skip}
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Rel:
     type: str
     start: str
@@ -71,7 +71,7 @@ class Rel:
         return {p.name: p.type for p in self.props}
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Index:
     """A uniqueness constraint (``unique``), a range index or a vector index on a label or relationship type."""
 
@@ -85,80 +85,147 @@ class Index:
 
 
 NODES: tuple[Node, ...] = (
-    Node("Model", _props("id:string arch:string title:string num_classes:long input_shape:long[] "
-                         "aggregated_pathways:long"),
-         "aggregated_pathways: how many pathways the aggregates were last computed over"),
-    Node("Layer", _props("id:string model_id:string site:string module_path:string call_index:long kind:string "
-                         "index:long channels:long shape:long[] layout:string depth:long"),
-         "one per site (module path, call index); depth: sites before it on the longest path from the input"),
-    Node("Neuron", _props("id:string model_id:string layer_id:string site:string layer_index:long depth:long "
-                          "channel:long")),
-    Node("Class", _props("id:string model_id:string index:long name:string")),
-    Node("Image", _props("id:string model_id:string source:string kind:string params:string setting?:string "
-                         "label:long predicted:long prob:double probs:double[] png:byte[] variant_of?:string"),
-         "variant_of and setting (the sweep setting: parameters without per-image ones) on variants"),
-    Node("Pathway", _props(
-        "id:string key:long image_id:string model_id:string method:string selection:string params:string config:string "
-        "target:long logit_full:double logit_masked:double logit_ratio:double size:long dead_fraction:double "
-        "saliency:double[] saliency_shape:long[] gaps:double[] layer_sizes:long[] layer_mass:double[] "
-        "signature?:double[] original_pathway?:string layer_jaccard?:double[] corr_prec_overlap?:double "
-        "corr_prec_jaccard?:double pixels?:double chains?:double pixel_chains?:string cut_sites?:string"),
-         "signature on non-empty pathways; original_pathway, layer_jaccard on variants' pathways; "
-         "corr_prec_* on resampling pathways; pixels, chains, pixel_chains on pixel pathways; cut_sites (JSON "
-         "list of site ids) where the selection is cut: no kept neuron there reads a kept neuron before it"),
-    Node("VariantStat", _props("model_id:string config:string kind:string setting:string label:long pairs:long "
-                               "changed:long jaccard_sum:double[]"), aggregate=True),
-    Node("CountStat", _props("model_id:string config:string kind:string setting?:string pathways:long "
-                             "totals:long[] mass:double[] nonzero:long[]"), "setting on variants' kinds, like "
-         "Image.setting", aggregate=True),
+    Node(
+        label="Model",
+        props=_props("id:string arch:string title:string num_classes:long input_shape:long[] aggregated_pathways:long"),
+        note="aggregated_pathways: how many pathways the aggregates were last computed over",
+    ),
+    Node(
+        label="Layer",
+        props=_props(
+            "id:string model_id:string site:string module_path:string call_index:long kind:string "
+            "index:long channels:long shape:long[] layout:string depth:long"
+        ),
+        note="one per site (module path, call index); depth: sites before it on the longest path from the input",
+    ),
+    Node(
+        label="Neuron",
+        props=_props("id:string model_id:string layer_id:string site:string layer_index:long depth:long channel:long"),
+    ),
+    Node(label="Class", props=_props("id:string model_id:string index:long name:string")),
+    Node(
+        label="Image",
+        props=_props(
+            "id:string model_id:string source:string kind:string params:string setting?:string "
+            "label:long predicted:long prob:double probs:double[] png:byte[] variant_of?:string"
+        ),
+        note="variant_of and setting (the sweep setting: parameters without per-image ones) on variants",
+    ),
+    Node(
+        label="Pathway",
+        props=_props(
+            "id:string key:long image_id:string model_id:string method:string selection:string params:string "
+            "config:string target:long logit_full:double logit_masked:double logit_ratio:double size:long "
+            "dead_fraction:double "
+            "saliency:double[] saliency_shape:long[] gaps:double[] layer_sizes:long[] layer_mass:double[] "
+            "signature?:double[] original_pathway?:string layer_jaccard?:double[] corr_prec_overlap?:double "
+            "corr_prec_jaccard?:double pixels?:double chains?:double pixel_chains?:string cut_sites?:string"
+        ),
+        note="signature on non-empty pathways; original_pathway, layer_jaccard on variants' pathways; "
+        "corr_prec_* on resampling pathways; pixels, chains, pixel_chains on pixel pathways; cut_sites (JSON "
+        "list of site ids) where the selection is cut: no kept neuron there reads a kept neuron before it",
+    ),
+    Node(
+        label="VariantStat",
+        props=_props(
+            "model_id:string config:string kind:string setting:string label:long pairs:long "
+            "changed:long jaccard_sum:double[]"
+        ),
+        aggregate=True,
+    ),
+    Node(
+        label="CountStat",
+        props=_props(
+            "model_id:string config:string kind:string setting?:string pathways:long "
+            "totals:long[] mass:double[] nonzero:long[]"
+        ),
+        note="setting on variants' kinds, like Image.setting",
+        aggregate=True,
+    ),
 )
 
 RELATIONSHIPS: tuple[Rel, ...] = (
-    Rel("HAS_LAYER", "Model", "Layer"),
-    Rel("FEEDS", "Layer", "Layer", note="the site graph: a layer's direct predecessors"),
-    Rel("HAS_NEURON", "Layer", "Neuron"),
-    Rel("HAS_CLASS", "Model", "Class"),
-    Rel("LABELED_AS", "Image", "Class"),
-    Rel("PREDICTED_AS", "Image", "Class", _props("prob:double logit:double")),
-    Rel("VARIANT_OF", "Image", "Image", _props(
-        "kind:string params:string setting:string eps?:double steps?:long targeted?:boolean target?:long"),
-        "eps on attacks, steps on PGD"),
-    Rel("FOR_IMAGE", "Pathway", "Image"),
-    Rel("EXPLAINS", "Pathway", "Class"),
-    Rel("INCLUDES", "Pathway", "Neuron", _props(
-        "contribution:double score:double rank:long elements:long dead:boolean gained?:boolean"),
-        "gained on variants' pathways"),
-    Rel("FLOWS_TO", "Neuron", "Neuron", _props("pathway:long weight:double"),
-        "pathway: the pathway's key (Pathway.key), a long, not its id string: 8 bytes inline per edge"),
-    Rel("EXEMPLAR", "Neuron", "Image", _props("kind:string rank:long value:double position:long[] box:long[]"),
-        "top-N original images per neuron; kind activation or contribution"),
-    Rel("USES", "Class", "Neuron", _props("config:string support:double mean_contribution:double pathways:long"),
-        aggregate=True),
-    Rel("CLASS_FLOW", "Neuron", "Neuron", _props(
-        "class_id:string model_id:string config:string support:double mean_weight:double pathways:long"),
-        f"support >= {EDGE_SUPPORT_FLOOR}", aggregate=True),
-    Rel("GAINED", "VariantStat", "Neuron", _props("count:long"), aggregate=True),
+    Rel(type="HAS_LAYER", start="Model", end="Layer"),
+    Rel(type="FEEDS", start="Layer", end="Layer", note="the site graph: a layer's direct predecessors"),
+    Rel(type="HAS_NEURON", start="Layer", end="Neuron"),
+    Rel(type="HAS_CLASS", start="Model", end="Class"),
+    Rel(type="LABELED_AS", start="Image", end="Class"),
+    Rel(type="PREDICTED_AS", start="Image", end="Class", props=_props("prob:double logit:double")),
+    Rel(
+        type="VARIANT_OF",
+        start="Image",
+        end="Image",
+        props=_props("kind:string params:string setting:string eps?:double steps?:long targeted?:boolean target?:long"),
+        note="eps on attacks, steps on PGD",
+    ),
+    Rel(type="FOR_IMAGE", start="Pathway", end="Image"),
+    Rel(type="EXPLAINS", start="Pathway", end="Class"),
+    Rel(
+        type="INCLUDES",
+        start="Pathway",
+        end="Neuron",
+        props=_props("contribution:double score:double rank:long elements:long dead:boolean gained?:boolean"),
+        note="gained on variants' pathways",
+    ),
+    Rel(
+        type="FLOWS_TO",
+        start="Neuron",
+        end="Neuron",
+        props=_props("pathway:long weight:double"),
+        note="pathway: the pathway's key (Pathway.key), a long, not its id string: 8 bytes inline per edge",
+    ),
+    Rel(
+        type="EXEMPLAR",
+        start="Neuron",
+        end="Image",
+        props=_props("kind:string rank:long value:double position:long[] box:long[]"),
+        note="top-N original images per neuron; kind activation or contribution",
+    ),
+    Rel(
+        type="USES",
+        start="Class",
+        end="Neuron",
+        props=_props("config:string support:double mean_contribution:double pathways:long"),
+        aggregate=True,
+    ),
+    Rel(
+        type="CLASS_FLOW",
+        start="Neuron",
+        end="Neuron",
+        props=_props("class_id:string model_id:string config:string support:double mean_weight:double pathways:long"),
+        note=f"support >= {EDGE_SUPPORT_FLOOR}",
+        aggregate=True,
+    ),
+    Rel(type="GAINED", start="VariantStat", end="Neuron", props=_props("count:long"), aggregate=True),
 )
 
 INDEXES: tuple[Index, ...] = (
-    *(Index(f"{label.lower()}_id", "unique", label, ("id",))
-      for label in ("Model", "Layer", "Neuron", "Class", "Image", "Pathway")),
-    Index("pathway_key", "unique", "Pathway", ("key",)),
-    Index("pathway_config", "range", "Pathway", ("config",)),
-    Index("pathway_image", "range", "Pathway", ("image_id",)),
-    Index("pathway_model", "range", "Pathway", ("model_id",)),
-    Index("image_kind", "range", "Image", ("kind",)),
-    Index("image_model", "range", "Image", ("model_id",)),
-    Index("neuron_layer", "range", "Neuron", ("layer_id",)),
-    Index("flows_pathway", "range", "FLOWS_TO", ("pathway",), relationship=True),
-    Index("uses_config", "range", "USES", ("config",), relationship=True),
-    Index("class_flow", "range", "CLASS_FLOW", ("class_id", "config"), relationship=True),
-    Index("class_flow_model", "range", "CLASS_FLOW", ("model_id", "config"), relationship=True),
-    Index("count_stat", "range", "CountStat", ("config",)),
-    Index("variant_stat", "range", "VariantStat", ("model_id", "config")),
+    *(
+        Index(name=f"{label.lower()}_id", kind="unique", target=label, props=("id",))
+        for label in ("Model", "Layer", "Neuron", "Class", "Image", "Pathway")
+    ),
+    Index(name="pathway_key", kind="unique", target="Pathway", props=("key",)),
+    Index(name="pathway_config", kind="range", target="Pathway", props=("config",)),
+    Index(name="pathway_image", kind="range", target="Pathway", props=("image_id",)),
+    Index(name="pathway_model", kind="range", target="Pathway", props=("model_id",)),
+    Index(name="image_kind", kind="range", target="Image", props=("kind",)),
+    Index(name="image_model", kind="range", target="Image", props=("model_id",)),
+    Index(name="neuron_layer", kind="range", target="Neuron", props=("layer_id",)),
+    Index(name="flows_pathway", kind="range", target="FLOWS_TO", props=("pathway",), relationship=True),
+    Index(name="uses_config", kind="range", target="USES", props=("config",), relationship=True),
+    Index(name="class_flow", kind="range", target="CLASS_FLOW", props=("class_id", "config"), relationship=True),
+    Index(name="class_flow_model", kind="range", target="CLASS_FLOW", props=("model_id", "config"), relationship=True),
+    Index(name="count_stat", kind="range", target="CountStat", props=("config",)),
+    Index(name="variant_stat", kind="range", target="VariantStat", props=("model_id", "config")),
     # approximate nearest pathways by neuron set (graphstore.rows.signature)
-    Index("pathway_signature", "vector", "Pathway", ("signature",), dimensions=SIGNATURE_DIMENSIONS,
-          similarity="cosine"),
+    Index(
+        name="pathway_signature",
+        kind="vector",
+        target="Pathway",
+        props=("signature",),
+        dimensions=SIGNATURE_DIMENSIONS,
+        similarity="cosine",
+    ),
 )
 
 

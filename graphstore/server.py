@@ -40,7 +40,7 @@ def default_home() -> Path:
     return Path(os.environ.get("PATHX_HOME", Path.cwd() / ".cache")).resolve()
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class ServerConfig:
     """Where a local server lives and how it is sized.
 
@@ -92,7 +92,7 @@ class ServerConfig:
         return f"http://127.0.0.1:{self.http_port}/browser/"
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class ServerStatus:
     """What ``status`` reports: running means the pid is alive and Bolt answers."""
 
@@ -393,10 +393,12 @@ def status(config: ServerConfig) -> ServerStatus:
     config = load_state(config)
     pid = read_pid(config)
     if pid is None:
-        return ServerStatus(False, None, config.bolt_uri, config.browser_url, "not running")
+        return ServerStatus(running=False, pid=None, bolt_uri=config.bolt_uri, browser_url=config.browser_url,
+                            detail="not running")
     try:
         ok = _bolt_ready(config.bolt_uri, read_password(config))
     except ServerError as exc:
-        return ServerStatus(False, pid, config.bolt_uri, config.browser_url, str(exc))
+        return ServerStatus(running=False, pid=pid, bolt_uri=config.bolt_uri, browser_url=config.browser_url,
+                            detail=str(exc))
     detail = "running" if ok else "process alive but Bolt does not answer yet"
-    return ServerStatus(ok, pid, config.bolt_uri, config.browser_url, detail)
+    return ServerStatus(running=ok, pid=pid, bolt_uri=config.bolt_uri, browser_url=config.browser_url, detail=detail)

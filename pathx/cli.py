@@ -1,17 +1,19 @@
 """``pathx``: a thin command line over extractor, graphstore and ui.
 
 Every failure the user can fix ends in one line on stderr and exit code 1 (2 for usage). Each command
-parses its options, makes one call into the packages (extraction settings: ``extractor.config``; named
-queries: ``graphstore.ask``; serving the UI: ``ui.serve``; the demo's run: ``extractor.config.extract_demo``)
-and prints. (Over 400 lines because of the option declarations: ``extract`` alone has 27 documented options.)
+parses its options, makes one call into the packages (extraction: ``extractor.options``, whose
+``ExtractOptions`` fields are ``extract``'s options; named queries: ``graphstore.ask``; serving the UI:
+``ui.serve``; the demo's runs: ``extractor.demo_runs``) and prints.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import os
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -212,76 +214,62 @@ def train_demo() -> None:
                    f"{same} {WEIGHTS.name}")
 
 
-@app.command("extract")
-def extract(
-    model: Annotated[str, typer.Option(
-        help="'demo', a torchvision classifier name (resnet18, ...), FILE.py:FACTORY, package.module:FACTORY "
-             "or a TorchScript file.")],
-    images: Annotated[str, typer.Option(help="demo:test, demo:train, a folder (one sub-folder per class) or a file.")],
-    out: Annotated[Path, typer.Option(help="Run folder for the record files.")],
-    method: Annotated[str, typer.Option(
-        help="Comma-separated: mct, intgrad (Khakzar), correlation, precision (Lengerich), pixel (Lyu).")] = "mct",
-    sparsity: Annotated[float | None, typer.Option(help="Global percentile selection p in [0, 100).")] = None,
-    top_k: Annotated[int | None, typer.Option("--top-k", help="Top-k channels per site (default 8).")] = None,
-    granularity: Annotated[str, typer.Option(help="element or channel (percentile rule).")] = "element",
-    variants: Annotated[str, typer.Option(
-        help="e.g. fgsm,pgd,occlude,shift,deform,affine or pgd:eps=0.1:steps=5.")] = "",
-    limit: Annotated[int | None, typer.Option(help="Only the first N images (files in sorted order); "
-                                                    "nothing past them is read.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
-    weights_file: Annotated[Path | None, typer.Option(help="Local weights (a state_dict) for the model.")] = None,
-    untrained: Annotated[bool, typer.Option(help="Random weights (structure and speed only).")] = False,
-    input_size: Annotated[int | None, typer.Option(
-        help="Input side (default 224, or the model's input_size / input_shape attribute).")] = None,
-    channels: Annotated[int | None, typer.Option(help="Input channels of your own model (default 3).")] = None,
-    mean: Annotated[str | None, typer.Option(help="Your model's per-channel mean, e.g. 0.5,0.5,0.5.")] = None,
-    std: Annotated[str | None, typer.Option(help="Your model's per-channel std.")] = None,
-    class_names: Annotated[Path | None, typer.Option(
-        help="Class names: a text file (one per line) or JSON (list, or index -> name).")] = None,
-    sites: Annotated[str | None, typer.Option(help="Comma-separated module paths to use as sites.")] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK).")] = "cpu",
-    loader_workers: Annotated[int | None, typer.Option(
-        help="Processes decoding images (0 = in this process; default: cores - 2, at most 4).")] = None,
-    shard: Annotated[str | None, typer.Option(
-        help="I/N: this process takes share I of N (0-based); under torchrun RANK/WORLD_SIZE.")] = None,
-    strict: Annotated[bool, typer.Option(help="Stop at the first unreadable image instead of skipping it.")] = False,
-    exemplars: Annotated[int, typer.Option(help="Top-N images kept per neuron (0 = none).")] = 9,
-    pixel_stride: Annotated[int, typer.Option(help="Pixel pathways: trace every n-th pixel.")] = 2,
-    pixel_beam: Annotated[int, typer.Option(help="Pixel pathways: beam width.")] = 3,
-    pixel_top: Annotated[int, typer.Option(help="Pixel pathways: chains kept per pixel.")] = 3,
-    originals_only: Annotated[str, typer.Option(
-        help="Comma-separated methods to run on originals only (not on variants).")] = "",
-    resamples: Annotated[int, typer.Option(help="Resampling methods: perturbed copies.")] = 50,
-    variant_kinds: Annotated[str, typer.Option(
-        help="METHOD=KIND+KIND,...: run METHOD on variants of these kinds only, e.g. pixel=deform+occlude.")] = "",
-) -> None:
+def _option_parameter(f: dataclasses.Field[Any], annotation: Any) -> inspect.Parameter:
+    """One ``ExtractOptions`` field as a typer option ``--field-name``: text where the field has ``words``
+    to parse it, else the field's own type; ``None`` (not given) leaves the field's default."""
+    text = f.metadata["words"] is not None
+    default = f.default if f.default is not dataclasses.MISSING else None
+    help_text = f.metadata["help"]
+    if isinstance(default, bool):
+        kind: Any = bool
+        value: Any = default
+    else:
+        kind = str | None if text else annotation
+        value = None
+        if default not in (None, "", ()):
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            help_text = f"{help_text} (default: {shown})"
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=value,
+                             annotation=Annotated[kind, typer.Option(help=help_text, show_default=False)])
+
+
+def _extract(model: str, images: str, out: Path, **words: Any) -> None:
     """Extract pathways (and variants) into record files, streaming the images."""
-    from extractor.config import (
-        build_settings,
-        default_workers,
-        model_from_spec,
-        model_options,
-        parse_shard,
-        parse_variant_kinds,
-        shard_device,
-    )
-    from extractor.pipeline import extract_run, load_images
-    from extractor.variants import VariantSpec
+    from extractor.launch import run_extraction
+    from extractor.options import ExtractOptions
 
     with _errors():
-        settings = build_settings(method.split(","), top_k, sparsity, granularity, pixel_beam, pixel_top,
-                                  pixel_stride, originals_only.split(","), resamples,
-                                  parse_variant_kinds(variant_kinds))
-        specs = VariantSpec.parse(variants)
-        part = parse_shard(shard)
-        opts = model_options(input_size, channels, mean, std, class_names, sites)
-        bundle = model_from_spec(model, _home(), weights_file, untrained, opts)
-        summary = extract_run(bundle, load_images(images, bundle, _home()), settings, specs, out,
-                              batch_size=batch_size, limit=limit, device=shard_device(device), shard=part,
-                              strict=strict, workers=default_workers() if loader_workers is None else loader_workers,
-                              exemplars=exemplars)
-        where = f" (shard {part.index}/{part.count})" if part.count > 1 else ""
-        _echo_extraction(summary, where)
+        options = ExtractOptions.from_words(words)
+        summary = run_extraction(model, images, out, options, _home())
+        part = options.part()
+        _echo_extraction(summary, f" (shard {part.index}/{part.count})" if part.count > 1 else "")
+
+
+def _extract_command() -> Any:
+    """``pathx extract``: its options are ``ExtractOptions``' fields (one declaration for CLI and API)."""
+    from extractor.options import ExtractOptions
+
+    fixed = [
+        inspect.Parameter("model", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[str, typer.Option(
+            help="'demo', a trained model that ships (fashion_cnn, efficientnet_lite0), a torchvision classifier "
+                 "name (resnet18, ...), FILE.py:FACTORY, package.module:FACTORY or a TorchScript file.")]),
+        inspect.Parameter("images", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[str, typer.Option(
+            help="demo:test, fashion-mnist:test, samples:imagenet, a folder (one sub-folder per class) or a file.")]),
+        inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY,
+                          annotation=Annotated[Path, typer.Option(help="Run folder for the record files.")]),
+    ]
+    hints = typing.get_type_hints(ExtractOptions)
+    options = [_option_parameter(f, hints[f.name]) for f in dataclasses.fields(ExtractOptions)]
+
+    def command(**kwargs: Any) -> None:
+        _extract(kwargs.pop("model"), kwargs.pop("images"), kwargs.pop("out"), **kwargs)
+
+    command.__signature__ = inspect.Signature(fixed + options)  # type: ignore[attr-defined] # read by typer
+    command.__doc__ = _extract.__doc__
+    return command
+
+
+app.command("extract")(_extract_command())
 
 
 def _echo_extraction(summary: Any, where: str = "") -> None:
@@ -349,7 +337,8 @@ def query(
 
     from graphstore.ask import QueryArgs, ask
 
-    args = QueryArgs(cls, cls_b, image, pathway, config, model, kind, layer, neuron, min_support, max_other, limit)
+    args = QueryArgs(cls=cls, cls_b=cls_b, image=image, pathway=pathway, config=config, model=model, kind=kind,
+                     layer=layer, neuron=neuron, min_support=min_support, max_other=max_other, limit=limit)
     with _errors(), _store() as store:
         answer = ask(store, name, args)
         if isinstance(answer, nx.Graph) and answer.graph.get("cut_sites"):
@@ -447,7 +436,7 @@ def demo(
     ImageNet photos) with variants, load them into one store, serve the UI."""
     import time
 
-    from extractor.config import extract_demo
+    from extractor.demo_runs import DEMO_FASHION_IMAGES, DEMO_PHOTOS, extract_demo
     from graphstore.server import ServerConfig, has_database, load_state
     from ui import serve as ui_serve
 
@@ -470,8 +459,9 @@ def demo(
     step("step 2/4: extraction: Fashion CNN on Fashion-MNIST test images (all five methods, every variant kind), "
          "EfficientNet-Lite0 on ImageNet photos (FGSM, PGD, occluded, shifted, affine)")
     with _errors():
-        sizes = {k: v for k, v in (("limit", limit), ("photos", photos)) if v is not None}
-        for name, summary in extract_demo(out, _home(), percentile=percentile, **sizes).items():
+        done = extract_demo(out, _home(), percentile=percentile, limit=DEMO_FASHION_IMAGES if limit is None else limit,
+                            photos=DEMO_PHOTOS if photos is None else photos)
+        for name, summary in done.items():
             _echo_extraction(summary, f" [{name}]")
     runs = [out / "fashion", out / "photos"]
     if local and not fresh:

@@ -295,7 +295,8 @@ def _image_from_row(row: dict[str, Any]) -> ImageRecord:
 
 
 def _pathway_from_row(row: dict[str, Any]) -> PathwayRecord:
-    arrays = {name: np.asarray(row[name], dtype=_NUMPY_OF[dt]) for name, dt in _PATHWAY_ARRAYS.items()}
+    arrays: dict[str, np.ndarray] = {
+        name: np.asarray(row[name], dtype=_NUMPY_OF[dt]) for name, dt in _PATHWAY_ARRAYS.items()}
     saliency = np.asarray(row["saliency"], dtype=np.float32).reshape(row["saliency_shape"])
     return PathwayRecord(
         pathway_id=row["pathway_id"], image_id=row["image_id"], model_id=row["model_id"], method=row["method"],

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import numpy as np
 
 
-def jaccard(a: set[Hashable] | frozenset[Hashable], b: set[Hashable] | frozenset[Hashable]) -> float:
+def jaccard(a: AbstractSet[Hashable], b: AbstractSet[Hashable]) -> float:
     """``|a & b| / |a | b|``; 1.0 for two empty sets (nothing differs)."""
     union = len(a | b)
     return len(a & b) / union if union else 1.0
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class LayerOverlap:
     """Neurons of one layer in set ``a``, in set ``b``, and in both."""
 
@@ -31,13 +32,21 @@ class LayerOverlap:
         return self.shared / union if union else 1.0
 
 
-def layer_overlaps(a: Mapping[Hashable, int], b: Mapping[Hashable, int],
+def layer_overlaps(a: Mapping[str, int], b: Mapping[str, int],
                    layers: Mapping[int, tuple[str, int]]) -> list[LayerOverlap]:
     """Per layer (``layers``: index -> (site id, depth)), how many neurons of ``a`` and ``b`` lie in
     it and how many both hold; ``a`` and ``b`` map each neuron to its layer index."""
-    return [LayerOverlap(li, site, sum(1 for v in a.values() if v == li), sum(1 for v in b.values() if v == li),
-                         sum(1 for n in a.keys() & b.keys() if a[n] == li), depth)
-            for li, (site, depth) in sorted(layers.items())]
+    return [
+        LayerOverlap(
+            layer_index=li,
+            site=site,
+            a=sum(1 for v in a.values() if v == li),
+            b=sum(1 for v in b.values() if v == li),
+            shared=sum(1 for n in a.keys() & b.keys() if a[n] == li),
+            depth=depth,
+        )
+        for li, (site, depth) in sorted(layers.items())
+    ]
 
 
 def jaccard_per_layer(sites_a: np.ndarray, channels_a: np.ndarray, sites_b: np.ndarray, channels_b: np.ndarray,

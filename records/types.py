@@ -18,7 +18,7 @@ class RecordsFormatError(ValueError):
     """Record files that are missing, corrupt or of another schema version."""
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class SiteInfo:
     """One activation call (module or functional), in call order.
 
@@ -47,7 +47,7 @@ class SiteInfo:
         return int(self.shape[0])
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class ModelInfo:
     """Identity and structure of the model a run was extracted from."""
 
@@ -67,8 +67,8 @@ class ModelInfo:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelInfo:
         sites = tuple(
-            SiteInfo(s["index"], s["module_path"], s["call_index"], s["kind"], tuple(s["shape"]), s["layout"],
-                     tuple(s["preds"]), int(s["depth"]))
+            SiteInfo(index=s["index"], module_path=s["module_path"], call_index=s["call_index"], kind=s["kind"],
+                     shape=tuple(s["shape"]), layout=s["layout"], preds=tuple(s["preds"]), depth=int(s["depth"]))
             for s in data["sites"]
         )
         return cls(
@@ -81,7 +81,7 @@ class ModelInfo:
         return self.class_names[index] if 0 <= index < len(self.class_names) else str(index)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ImageRecord:
     """One image (an original or a variant of one) and the model's answer on it.
 
@@ -106,7 +106,7 @@ class ImageRecord:
             self.setting = variant_setting(self.kind, self.params)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PathwayRecord:
     """A critical pathway of one image at channel granularity.
 
@@ -163,7 +163,7 @@ class Manifest:
         return {"schema_version": self.schema_version, "model": self.model.to_json(), "settings": self.settings}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ExemplarRows:
     """Exemplar candidates as columns, one row each: ``site``, ``channel``, ``kind``, ``image_id``,
     ``value``, peak position ``y``, ``x`` (-1 for unit vectors) and ``box`` ``[n, 4]`` (y0, x0, y1,
@@ -185,17 +185,17 @@ class ExemplarRows:
     @classmethod
     def empty(cls) -> ExemplarRows:
         z = np.zeros(0, np.int32)
-        return cls(z, z, np.zeros(0, object), np.zeros(0, object), np.zeros(0, np.float32), z, z,
-                   np.zeros((0, 4), np.int32))
+        return cls(site=z, channel=z, kind=np.zeros(0, object), image_id=np.zeros(0, object),
+                   value=np.zeros(0, np.float32), y=z, x=z, box=np.zeros((0, 4), np.int32))
 
     @classmethod
     def concat(cls, parts: Sequence[ExemplarRows]) -> ExemplarRows:
         parts = [p for p in parts if len(p)] or [cls.empty()]
-        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in _EXEMPLAR_COLUMNS))
+        return cls(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in _EXEMPLAR_COLUMNS})
 
     def take(self, idx: np.ndarray) -> ExemplarRows:
         rank = self.rank[idx] if self.rank is not None else None
-        return ExemplarRows(*(getattr(self, f)[idx] for f in _EXEMPLAR_COLUMNS), rank=rank)
+        return ExemplarRows(**{f: getattr(self, f)[idx] for f in _EXEMPLAR_COLUMNS}, rank=rank)
 
     def to_table(self) -> pa.Table:
         return pa.table({
@@ -210,10 +210,11 @@ class ExemplarRows:
     @classmethod
     def from_table(cls, table: pa.Table) -> ExemplarRows:
         box = np.asarray(table["box"].to_pylist(), np.int32).reshape(-1, 4)
-        return cls(table["site"].to_numpy().astype(np.int32), table["channel"].to_numpy().astype(np.int32),
-                   np.asarray(table["kind"].to_pylist(), object), np.asarray(table["image_id"].to_pylist(), object),
-                   table["value"].to_numpy().astype(np.float32), table["y"].to_numpy().astype(np.int32),
-                   table["x"].to_numpy().astype(np.int32), box)
+        return cls(site=table["site"].to_numpy().astype(np.int32), channel=table["channel"].to_numpy().astype(np.int32),
+                   kind=np.asarray(table["kind"].to_pylist(), object),
+                   image_id=np.asarray(table["image_id"].to_pylist(), object),
+                   value=table["value"].to_numpy().astype(np.float32), y=table["y"].to_numpy().astype(np.int32),
+                   x=table["x"].to_numpy().astype(np.int32), box=box)
 
 
 _EXEMPLAR_COLUMNS = ("site", "channel", "kind", "image_id", "value", "y", "x", "box")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -17,18 +18,21 @@ from graphstore.server import USER, ServerConfig, free_port, read_password, stop
 from tests.conftest import ensure_loaded, fixture_schema
 from tests.reference import Ref
 
+if TYPE_CHECKING:
+    from neo4j import Driver
+
 pytestmark = [pytest.mark.store, pytest.mark.slow]
 
 
-def _flat(x: object) -> list[object]:
+def _flat(x: Any) -> list[object]:
     out: list[object] = []
-    for f in dataclasses.fields(x):  # type: ignore[arg-type]
+    for f in dataclasses.fields(x):
         v = getattr(x, f.name)
         out.extend(v for kv in sorted(v.items()) for v in kv) if isinstance(v, dict) else out.append(v)
     return out
 
 
-def _close(a: list[object], b: list[object]) -> bool:
+def _close(a: Sequence[object], b: Sequence[object]) -> bool:
     """Equal field by field, floats to 1e-9 (sums may run in another order)."""
     def same(u: object, v: object) -> bool:
         return u == pytest.approx(v, rel=1e-9) if isinstance(u, float) else u == v
@@ -50,8 +54,8 @@ AGGREGATES = {
 }
 
 
-def _rows(driver: object, query: str, model_id: str) -> list[list[object]]:
-    records, _, _ = driver.execute_query(query, m=model_id, database_="neo4j")  # type: ignore[attr-defined]
+def _rows(driver: Driver, query: str, model_id: str) -> list[list[object]]:
+    records, _, _ = driver.execute_query(query, m=model_id, database_="neo4j")
     return [[sorted(v.items()) if isinstance(v, dict) else v for v in r.values()] for r in records]
 
 
@@ -76,9 +80,9 @@ def bulk_server(tmp_path_factory: pytest.TempPathFactory, home: Path) -> Iterato
         stop(cfg)
 
 
-def test_bulk_import_equals_transactional_load(bulk_server: ServerConfig, fixture_run: Path, driver: object) -> None:
-    def connect() -> object:
-        return open_driver(ConnectionSettings(bulk_server.bolt_uri, USER, read_password(bulk_server)))
+def test_bulk_import_equals_transactional_load(bulk_server: ServerConfig, fixture_run: Path, driver: Driver) -> None:
+    def connect() -> Driver:
+        return open_driver(ConnectionSettings(uri=bulk_server.bolt_uri, user=USER, password=read_password(bulk_server)))
 
     with pytest.raises(RecordsError, match="pass --overwrite"):
         bulk_import(bulk_server, [fixture_run], connect)
@@ -90,7 +94,7 @@ def test_bulk_import_equals_transactional_load(bulk_server: ServerConfig, fixtur
     assert summary.relationships == sum(rels.values())  # the aggregates come with the import
     bulk_driver = connect()
     try:
-        bulk, loaded = Store(bulk_driver), Store(ensure_loaded(driver, fixture_run))  # type: ignore[arg-type]
+        bulk, loaded = Store(bulk_driver), Store(ensure_loaded(driver, fixture_run))
         assert bulk.counts() == (nodes, rels)
         for name, query in AGGREGATES.items():  # computed in pandas for the import, in Cypher by a load
             got = _rows(bulk_driver, query, ref.model_id)
@@ -115,4 +119,4 @@ def test_bulk_import_equals_transactional_load(bulk_server: ServerConfig, fixtur
             ga, gb = bulk.pathway_graph(a.id), loaded.pathway_graph(b.id)
             assert sorted(ga.edges(data=True)) == sorted(gb.edges(data=True))
     finally:
-        bulk_driver.close()  # type: ignore[attr-defined]
+        bulk_driver.close()

@@ -7,10 +7,16 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from graphstore.server import USER, free_port, read_password
+
+if TYPE_CHECKING:
+    from neo4j import Driver
+
+    from graphstore.server import ServerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,12 +68,12 @@ def test_unanswering_database(tmp_path: Path) -> None:
 
 
 @pytest.mark.store
-def test_queries_and_cypher_from_cli(loaded_store: object, neo4j_server: object) -> None:
-    env = dict(os.environ, NEO4J_URI=neo4j_server.bolt_uri, NEO4J_USER=USER,  # type: ignore[attr-defined]
-               NEO4J_PASSWORD=read_password(neo4j_server))  # type: ignore[arg-type]
+def test_queries_and_cypher_from_cli(loaded_store: Driver, neo4j_server: ServerConfig) -> None:
+    env = dict(os.environ, NEO4J_URI=neo4j_server.bolt_uri, NEO4J_USER=USER,
+               NEO4J_PASSWORD=read_password(neo4j_server))
     summary = json.loads(pathx("query", "summary", env=env).stdout)
-    with loaded_store.session(database="neo4j") as s:  # type: ignore[attr-defined]
-        assert summary["images"] == s.run("MATCH (i:Image) RETURN count(i) AS n").single()["n"]
+    with loaded_store.session(database="neo4j") as s:
+        assert summary["images"] == s.run("MATCH (i:Image) RETURN count(i) AS n").single(strict=True)["n"]
     top = json.loads(pathx("query", "top-neurons", "--class", "digit 3", "--limit", "3", env=env).stdout)
     assert len(top) == 3 and top[0]["support"] >= top[-1]["support"]
     for name in ("configs", "classes", "accuracy", "similarity", "counts", "hijacked --kind pgd",
@@ -87,14 +93,14 @@ def test_queries_and_cypher_from_cli(loaded_store: object, neo4j_server: object)
 
 
 @pytest.mark.store
-def test_pathway_query_and_export_from_cli(loaded_store: object, neo4j_server: object, fixture_run: Path,
+def test_pathway_query_and_export_from_cli(loaded_store: Driver, neo4j_server: ServerConfig, fixture_run: Path,
                                            tmp_path: Path) -> None:
     import networkx as nx
 
     from records import pathway_to_networkx, read_run
 
-    env = dict(os.environ, NEO4J_URI=neo4j_server.bolt_uri, NEO4J_USER=USER,  # type: ignore[attr-defined]
-               NEO4J_PASSWORD=read_password(neo4j_server))  # type: ignore[arg-type]
+    env = dict(os.environ, NEO4J_URI=neo4j_server.bolt_uri, NEO4J_USER=USER,
+               NEO4J_PASSWORD=read_password(neo4j_server))
     manifest, _, pathways = read_run(fixture_run)
     pw = next(p for p in pathways if len(p.edge_weight))
     want = pathway_to_networkx(pw, manifest.model)
@@ -106,3 +112,74 @@ def test_pathway_query_and_export_from_cli(loaded_store: object, neo4j_server: o
     assert set(nx.read_gexf(tmp_path / "p.gexf").edges) == set(want.edges)
     bad = pathx("export", str(tmp_path / "p.txt"), "--pathway", pw.pathway_id, env=env)
     assert bad.returncode == 1 and "use .graphml or .gexf" in bad.stderr and not (tmp_path / "p.txt").exists()
+
+
+def test_the_cli_and_the_api_accept_the_same_extraction_options(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ``ExtractOptions`` field, set away from its default, reaches the run identically from
+    ``pathx extract --field-name WORDS`` and from ``pathx.extract(field_name=VALUE)``."""
+    import dataclasses
+
+    from typer.testing import CliRunner
+
+    import extractor.launch
+    import pathx
+    from extractor.options import ExtractOptions
+    from pathx.cli import app
+
+    names = tmp_path / "names.txt"
+    names.write_text("cat\ndog\n")
+    weights = tmp_path / "w.pt"
+    cases: dict[str, tuple[list[str], object]] = {  # field: (command-line words, Python value)
+        "methods": (["--methods", "mct,pixel"], ("mct", "pixel")),
+        "top_k": (["--top-k", "3"], 3),
+        "sparsity": ([], None),  # exclusive with top_k: checked below on its own
+        "granularity": (["--granularity", "channel"], "channel"),
+        "variants": (["--variants", "fgsm,shift"], "fgsm,shift"),
+        "limit": (["--limit", "5"], 5),
+        "batch_size": (["--batch-size", "4"], 4),
+        "weights_file": (["--weights-file", str(weights)], weights),
+        "untrained": (["--untrained"], True),
+        "input_size": (["--input-size", "64"], 64),
+        "channels": (["--channels", "1"], 1),
+        "mean": (["--mean", "0.5"], (0.5,)),
+        "std": (["--std", "0.25"], (0.25,)),
+        "class_names": (["--class-names", str(names)], ("cat", "dog")),
+        "sites": (["--sites", "features.1,features.3"], ("features.1", "features.3")),
+        "device": (["--device", "cuda:1"], "cuda:1"),
+        "loader_workers": (["--loader-workers", "0"], 0),
+        "shard": (["--shard", "1/2"], "1/2"),
+        "strict": (["--strict"], True),
+        "exemplars": (["--exemplars", "0"], 0),
+        "pixel_stride": (["--pixel-stride", "4"], 4),
+        "pixel_beam": (["--pixel-beam", "4"], 4),
+        "pixel_top": (["--pixel-top", "2"], 2),
+        "originals_only": (["--originals-only", "pixel"], ("pixel",)),
+        "resamples": (["--resamples", "10"], 10),
+        "variant_kinds": (["--variant-kinds", "pixel=shift+affine"], {"pixel": ("shift", "affine")}),
+        "progress": (["--no-progress"], False),
+    }
+    fields = {f.name: f for f in dataclasses.fields(ExtractOptions)}
+    assert sorted(cases) == sorted(fields), "each option needs a case here"
+    seen: list[ExtractOptions] = []
+
+    def capture(model: object, images: object, out: Path, options: ExtractOptions, home: Path) -> object:
+        seen.append(options)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(extractor.launch, "run_extraction", capture)
+    base = ["extract", "--model", "demo", "--images", "demo:test", "--out", str(tmp_path / "run")]
+    for words, python in (
+        ([w for ws, _ in cases.values() for w in ws], {k: v for k, (_, v) in cases.items() if k != "sparsity"}),
+        (["--sparsity", "70"], {"sparsity": 70.0}),
+    ):
+        res = CliRunner().invoke(app, [*base, *words])
+        assert res.exit_code == 0, res.output
+        with pytest.raises(SystemExit):
+            pathx.extract("demo", "demo:test", tmp_path / "run", **python)
+        cli, api = seen[-2:]
+        assert cli == api
+        for name, value in python.items():  # each case moved its field away from the default
+            assert getattr(cli, name) == value != ExtractOptions().__getattribute__(name), name
+    with pytest.raises(TypeError):
+        pathx.extract("demo", "demo:test", tmp_path / "run", method="mct")  # the CLI has no --method either

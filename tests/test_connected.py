@@ -9,6 +9,7 @@ is fed.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -18,6 +19,11 @@ from torch.autograd.graph import GradientEdge
 from extractor.models import ModelBundle, load_torchvision
 from extractor.reach import bundle_reach, connected_topk, cut_sites
 from extractor.sitegraph import cut_forward
+
+if TYPE_CHECKING:
+    from neo4j import Driver
+
+    from graphstore.server import ServerConfig
 
 DEPTHWISE = ["mobilenet_v2", "efficientnet_b0", "mnasnet0_5", "shufflenet_v2_x0_5", "regnet_y_400mf"]
 
@@ -34,7 +40,9 @@ def reference_cut_sites(bundle: ModelBundle, x: torch.Tensor, kept: list[torch.T
             continue
         # differentiate the activation's input: a channel the activation happens to gate off (dead, or
         # saturated ReLU6) still reads what its segment joins it to
+        assert a.grad_fn is not None
         node, slot = a.grad_fn.next_functions[0]
+        assert node is not None
         for b in range(B):
             fed_any, live_any = False, False
             for c in torch.nonzero(kept[s.index][b]).flatten().tolist():
@@ -109,7 +117,7 @@ def test_dense_nets_select_as_before() -> None:
 def test_trained_efficientnet_lite0_top8_pathway_gradient_is_nonzero(tmp_path: Path) -> None:
     """On the trained net, every photo's MCT top-8 pathway is connected and its Pathway Gradient
     non-zero (independent top-8: 0 on 19 of the 20 photos)."""
-    from extractor.config import model_from_spec
+    from extractor.launch import model_from_spec
     from extractor.methods import extract_batch
     from extractor.pipeline import load_images
     from extractor.settings import PathwaySettings
@@ -139,7 +147,7 @@ class _Depthwise(nn.Module):
 
 
 @pytest.mark.store
-def test_a_cut_selection_is_recorded_stored_and_said(empty_store: object, neo4j_server: object,
+def test_a_cut_selection_is_recorded_stored_and_said(empty_store: Driver, neo4j_server: ServerConfig,
                                                      tmp_path: Path) -> None:
     """Lengerich's resampling top-k chooses per site by definition, so across a depthwise conv it can be
     cut: the pathway records the cut sites, the store holds them, `pathx query pathway` says so."""
@@ -160,8 +168,15 @@ def test_a_cut_selection_is_recorded_stored_and_said(empty_store: object, neo4j_
     bundle = make_bundle(_Depthwise(), "dwnet", (1, 8, 8))
     gen = torch.Generator().manual_seed(3)
     images = TensorImages(torch.rand(8, 1, 8, 8, generator=gen))
-    extract_run(bundle, images, [PathwaySettings("correlation", "topk", k=2, resamples=5)], [], tmp_path / "run",
-                progress=False, exemplars=0)
+    extract_run(
+        bundle,
+        images,
+        [PathwaySettings(method="correlation", selection="topk", k=2, resamples=5)],
+        [],
+        tmp_path / "run",
+        progress=False,
+        exemplars=0,
+    )
     _, _, pathways = read_run(tmp_path / "run")
     cut = {p.pathway_id: json.loads(p.extra["cut_sites"]) for p in pathways if "cut_sites" in p.extra}
     assert cut and all(v == ["body.3#0"] for v in cut.values())  # the depthwise site, nothing else
@@ -171,13 +186,13 @@ def test_a_cut_selection_is_recorded_stored_and_said(empty_store: object, neo4j_
         for site, ch in zip(p.neuron_site, p.neuron_channel, strict=True):
             kept[int(site)][0, int(ch)] = True
         assert bool(cut_sites(kept, bundle.sites, reach)[0]) == (p.pathway_id in cut)
-    load_run(empty_store, tmp_path / "run", progress=False)  # type: ignore[arg-type]
-    store = Store(empty_store)  # type: ignore[arg-type]
+    load_run(empty_store, tmp_path / "run", progress=False)
+    store = Store(empty_store)
     some = next(iter(cut))
     assert store.pathway_graph(some).graph["cut_sites"] == ["body.3#0"]
     assert store.pathway_of(pathways[0].image_id, pathways[0].config).cut_sites in ([], ["body.3#0"])
-    env = dict(os.environ, NEO4J_URI=neo4j_server.bolt_uri, NEO4J_USER=USER,  # type: ignore[attr-defined]
-               NEO4J_PASSWORD=read_password(neo4j_server))  # type: ignore[arg-type]
+    env = dict(os.environ, NEO4J_URI=neo4j_server.bolt_uri, NEO4J_USER=USER,
+               NEO4J_PASSWORD=read_password(neo4j_server))
     res = subprocess.run([str(Path(sys.executable).parent / "pathx"), "query", "pathway", "--pathway", some],
                          capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0 and "this pathway is cut at 1 site(s): body.3#0" in res.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import types
+from typing import Any
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ def _unshare_resnet(model: nn.Module) -> nn.Module:
             n = 3 if isinstance(block, torchvision.models.resnet.Bottleneck) else 2
             block.relus = nn.ModuleList([nn.ReLU() for _ in range(n)])
 
-            def forward(self: nn.Module, x: torch.Tensor, _n: int = n) -> torch.Tensor:
+            def forward(self: Any, x: torch.Tensor, _n: int = n) -> torch.Tensor:  # a torchvision block
                 identity = x if self.downsample is None else self.downsample(x)
                 out = self.relus[0](self.bn1(self.conv1(x)))
                 out = self.bn2(self.conv2(out))

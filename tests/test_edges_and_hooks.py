@@ -13,7 +13,7 @@ from extractor.errors import ExtractionError
 from extractor.methods import extract_batch
 from extractor.models import make_bundle
 from extractor.settings import PathwaySettings
-from extractor.sites import SiteHooks, hook_count
+from extractor.sites import Capture, SiteHooks, hook_count
 
 
 def _clamped_edges(bundle, x, contrib, j, targets):
@@ -36,7 +36,7 @@ def _clamped_edges(bundle, x, contrib, j, targets):
                 return clean[_i] * _scale
             return a if idx == j else clean[idx]
 
-        with SiteHooks(bundle.model, bundle.sites, transform) as hooks:
+        with SiteHooks(bundle.model, Capture(bundle.sites, transform)) as hooks:
             rec = hooks.begin()
             bundle.forward(x)
         a_j = rec.acts[j]
@@ -124,9 +124,10 @@ def test_hand_set_net_exact_edges() -> None:
     model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.ReLU(), nn.Linear(2, 2, bias=False), nn.ReLU(),
                           nn.Linear(2, 2, bias=False)).double().eval()
     with torch.no_grad():
-        model[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
-        model[2].weight.copy_(torch.tensor([[1.0, 1.0], [3.0, -1.0]]))
-        model[4].weight.copy_(torch.tensor([[1.0, 0.5], [0.0, 0.0]]))
+        for i, w in ((0, [[1.0, 0.0], [0.0, 2.0]]), (2, [[1.0, 1.0], [3.0, -1.0]]), (4, [[1.0, 0.5], [0.0, 0.0]])):
+            layer = model[i]
+            assert isinstance(layer, nn.Linear)
+            layer.weight.copy_(torch.tensor(w))
 
     class Flat(nn.Module):
         def __init__(self) -> None:
@@ -186,7 +187,7 @@ def test_no_hooks_remain_after_an_exception_inside_extraction() -> None:
     with pytest.raises(RuntimeError, match="boom"):
         extract_batch(bundle, torch.rand(1, 1, 8, 8), PathwaySettings())
     assert hook_count(model) == 0
-    with pytest.raises(ValueError), SiteHooks(model, bundle.sites):
+    with pytest.raises(ValueError), SiteHooks(model, Capture(bundle.sites)):
         assert hook_count(model) == 1
         raise ValueError("inside")
     assert hook_count(model) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -10,28 +11,38 @@ import torch
 
 from extractor.contributions import forward_with_sites
 from extractor.exemplars import ReceptiveFields
+from extractor.inputs import TensorImages
 from extractor.methods import extract_batch
 from extractor.pipeline import extract_run, image_id, load_images
 from extractor.settings import PathwaySettings
 from records import ExemplarRows, Shard, merge_exemplar_rows, read_exemplars
 
+if TYPE_CHECKING:
+    from neo4j import Driver
+
+    from extractor.demo import DemoData
+    from extractor.models import ModelBundle
+    from graphstore.server import ServerConfig
+
 N = 4
-SETTINGS = [PathwaySettings("mct", "topk", k=3)]
+SETTINGS = [PathwaySettings(method="mct", selection="topk", k=3)]
 
 
 @pytest.fixture(scope="module")
-def digits(demo: tuple, home: Path) -> tuple[object, torch.Tensor, list[str]]:
+def digits(demo: tuple[ModelBundle, DemoData], home: Path) -> tuple[ModelBundle, torch.Tensor, list[str]]:
     bundle, _ = demo
     images = load_images("demo:test", bundle, home)
+    assert isinstance(images, TensorImages)
     x = images.x[:26]
     return bundle, x, [image_id(v) for v in x]
 
 
-def brute_force(bundle: object, x: torch.Tensor, ids: list[str]) -> dict[tuple[int, int, str], list[tuple[str, float]]]:
+def brute_force(bundle: ModelBundle, x: torch.Tensor,
+                ids: list[str]) -> dict[tuple[int, int, str], list[tuple[str, float]]]:
     """Top-N per (site, channel, kind) from one pass over all images, with plain Python sorting."""
     with torch.no_grad():
-        _, acts = forward_with_sites(bundle, x)  # type: ignore[arg-type]
-    res = extract_batch(bundle, x, SETTINGS[0])  # type: ignore[arg-type]
+        _, acts = forward_with_sites(bundle, x)
+    res = extract_batch(bundle, x, SETTINGS[0])
     want: dict[tuple[int, int, str], list[tuple[str, float]]] = {}
     for s, (a, e, m) in enumerate(zip(acts, res.contrib.element, res.sel.masks, strict=True)):
         peak = a.flatten(2).amax(-1) if a.dim() > 2 else a
@@ -47,9 +58,10 @@ def brute_force(bundle: object, x: torch.Tensor, ids: list[str]) -> dict[tuple[i
 
 def as_dict(rows: ExemplarRows) -> dict[tuple[int, int, str], list[tuple[str, float, int]]]:
     got: dict[tuple[int, int, str], list[tuple[str, float, int]]] = {}
+    assert rows.rank is not None
     for i in np.argsort(rows.rank, kind="stable"):
         got.setdefault((int(rows.site[i]), int(rows.channel[i]), str(rows.kind[i])), []).append(
-            (str(rows.image_id[i]), float(rows.value[i]), int(rows.rank[i])))  # type: ignore[index]
+            (str(rows.image_id[i]), float(rows.value[i]), int(rows.rank[i])))
     return got
 
 
@@ -131,7 +143,7 @@ def test_merging_halves_resumes_and_shards_equals_one_run(digits: tuple, tmp_pat
 
 
 @pytest.mark.store
-def test_exemplars_in_the_store_and_readme_query(loaded_store: object, fixture_run: Path) -> None:
+def test_exemplars_in_the_store_and_readme_query(loaded_store: Driver, fixture_run: Path) -> None:
     import re
 
     from graphstore.api import Store
@@ -140,11 +152,11 @@ def test_exemplars_in_the_store_and_readme_query(loaded_store: object, fixture_r
     from tests.reference import Ref
 
     rows = read_exemplars(fixture_run)
-    store = Store(loaded_store)  # type: ignore[arg-type]
+    store = Store(loaded_store)
     _, rels = store.counts()
     assert rels["EXEMPLAR"] == len(rows) > 0
     # loading again changes nothing (merged with what is stored, one row per neuron, kind and image)
-    load_run(loaded_store, fixture_run, progress=False)  # type: ignore[arg-type]
+    load_run(loaded_store, fixture_run, progress=False)
     assert store.counts()[1]["EXEMPLAR"] == len(rows)
     # README's query against a recomputation from the record files
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -160,7 +172,8 @@ def test_exemplars_in_the_store_and_readme_query(loaded_store: object, fixture_r
         a, b = sup.get(names["digit 3"], {}), sup.get(names["digit 8"], {})
         shared |= {n for n in a if a[n][0] >= 0.5 and n in b and b[n][0] >= 0.5}
     source = {i.image_id: i.source for i in ref.images.values()}
-    want = {}
+    want: dict[str, list[str]] = {}
+    assert rows.rank is not None
     for i in np.argsort(rows.rank, kind="stable"):
         nid = f"{model.model_id}/{model.sites[int(rows.site[i])].site_id}/{int(rows.channel[i])}"
         if nid in shared and rows.kind[i] == "activation":
@@ -176,7 +189,7 @@ def test_exemplars_in_the_store_and_readme_query(loaded_store: object, fixture_r
 
 
 @pytest.mark.store
-def test_neuron_query_from_cli(loaded_store: object, neo4j_server: object, fixture_run: Path) -> None:
+def test_neuron_query_from_cli(loaded_store: Driver, neo4j_server: ServerConfig, fixture_run: Path) -> None:
     import json
 
     from typer.testing import CliRunner
@@ -190,8 +203,8 @@ def test_neuron_query_from_cli(loaded_store: object, neo4j_server: object, fixtu
     model = read_manifest(fixture_run).model
     i = int(np.nonzero((rows.rank == 1) & (rows.kind == "activation"))[0][0])
     nid = f"{model.model_id}/{model.sites[int(rows.site[i])].site_id}/{int(rows.channel[i])}"
-    env = {"NEO4J_URI": neo4j_server.bolt_uri, "NEO4J_USER": USER,  # type: ignore[attr-defined]
-           "NEO4J_PASSWORD": read_password(neo4j_server)}  # type: ignore[arg-type]
+    env = {"NEO4J_URI": neo4j_server.bolt_uri, "NEO4J_USER": USER,
+           "NEO4J_PASSWORD": read_password(neo4j_server)}
     res = CliRunner().invoke(app, ["query", "neuron", "--neuron", nid], env=env)
     assert res.exit_code == 0, res.output
     card = json.loads(res.stdout)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -16,13 +17,17 @@ from records import pathway_to_networkx
 from tests.conftest import wipe
 from tests.reference import Ref
 
+if TYPE_CHECKING:
+    from neo4j import Driver
+
+    from graphstore.server import ServerConfig
+
 pytestmark = [pytest.mark.store, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _env(server: object) -> dict[str, str]:
-    return dict(os.environ, NEO4J_URI=server.bolt_uri, NEO4J_USER=USER,  # type: ignore[attr-defined]
-                NEO4J_PASSWORD=read_password(server))  # type: ignore[arg-type]
+def _env(server: ServerConfig) -> dict[str, str]:
+    return dict(os.environ, NEO4J_URI=server.bolt_uri, NEO4J_USER=USER, NEO4J_PASSWORD=read_password(server))
 
 
 def _load(run: Path, env: dict[str, str]) -> subprocess.Popen[str]:
@@ -30,29 +35,29 @@ def _load(run: Path, env: dict[str, str]) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_two_loaders_at_once_give_exact_counts(driver: object, neo4j_server: object, fixture_run: Path) -> None:
+def test_two_loaders_at_once_give_exact_counts(driver: Driver, neo4j_server: ServerConfig, fixture_run: Path) -> None:
     wipe(driver)
     env = _env(neo4j_server)
     procs = [_load(fixture_run, env), _load(fixture_run, env)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
-    assert Store(driver).counts() == Ref.load(fixture_run).counts()  # type: ignore[arg-type]
+    assert Store(driver).counts() == Ref.load(fixture_run).counts()
 
 
-def test_database_stopped_mid_load_then_resume(driver: object, neo4j_server: object, fixture_run: Path) -> None:
+def test_database_stopped_mid_load_then_resume(driver: Driver, neo4j_server: ServerConfig, fixture_run: Path) -> None:
     wipe(driver)
     env = _env(neo4j_server)
     proc = _load(fixture_run, env)
     time.sleep(4.0)
-    stop(neo4j_server)  # type: ignore[arg-type]
+    stop(neo4j_server)
     try:
         _, err = proc.communicate(timeout=300)
     finally:
-        start(neo4j_server)  # type: ignore[arg-type]
+        start(neo4j_server)
     if proc.returncode != 0:  # the load was cut: one clear line, no traceback
         lines = err.strip().splitlines()
         assert lines[-1].startswith("error: ") and "Traceback" not in err, err[-2000:]
-    with driver.session(database="neo4j") as s:  # type: ignore[attr-defined]
+    with driver.session(database="neo4j") as s:
         rows = s.run("MATCH (p:Pathway) OPTIONAL MATCH (p)-[i:INCLUDES]->() "
                      "RETURN p.id AS id, p.size AS size, count(i) AS n, p.loading AS loading").data()
     bad = [r for r in rows if r["n"] != r["size"]]
@@ -60,26 +65,26 @@ def test_database_stopped_mid_load_then_resume(driver: object, neo4j_server: obj
     again = _load(fixture_run, env)
     _, err = again.communicate(timeout=600)
     assert again.returncode == 0, err
-    assert Store(driver).counts() == Ref.load(fixture_run).counts()  # type: ignore[arg-type]
+    assert Store(driver).counts() == Ref.load(fixture_run).counts()
 
 
-def test_load_removes_and_rewrites_a_damaged_pathway(driver: object, fixture_run: Path) -> None:
+def test_load_removes_and_rewrites_a_damaged_pathway(driver: Driver, fixture_run: Path) -> None:
     """A pathway damaged behind the loader's back (an INCLUDES deleted, a claim flag left) is
     found, removed with its edges and written again whole by the next load."""
     from graphstore.loader import load_run
 
     wipe(driver)
-    load_run(driver, fixture_run, progress=False)  # type: ignore[arg-type]
-    with driver.session(database="neo4j") as s:  # type: ignore[attr-defined]
+    load_run(driver, fixture_run, progress=False)
+    with driver.session(database="neo4j") as s:
         ids = [r["id"] for r in s.run("MATCH (p:Pathway) RETURN p.id AS id ORDER BY id LIMIT 2")]
         s.run("MATCH (:Pathway {id: $id})-[i:INCLUDES]->() WITH i LIMIT 1 DELETE i", id=ids[0]).consume()
         s.run("MATCH (p:Pathway {id: $id}) SET p.loading = true", id=ids[1]).consume()
-    again = load_run(driver, fixture_run, progress=False)  # type: ignore[arg-type]
+    again = load_run(driver, fixture_run, progress=False)
     assert again.repaired == 2 and again.pathways_new == 2
-    assert Store(driver).counts() == Ref.load(fixture_run).counts()  # type: ignore[arg-type]
+    assert Store(driver).counts() == Ref.load(fixture_run).counts()
 
 
-def test_parallel_load_writes_the_same_graph(driver: object, fixture_run: Path) -> None:
+def test_parallel_load_writes_the_same_graph(driver: Driver, fixture_run: Path) -> None:
     """Three write transactions in flight at once (small batches, so they really overlap on the
     shared Neuron and Class nodes): the same counts, aggregates and pathway graphs as the reference."""
     from graphstore import loader
@@ -88,12 +93,12 @@ def test_parallel_load_writes_the_same_graph(driver: object, fixture_run: Path) 
     budget = loader.TX_EDGE_BUDGET
     loader.TX_EDGE_BUDGET = 2_000
     try:
-        summary = loader.load_run(driver, fixture_run, progress=False, workers=3)  # type: ignore[arg-type]
+        summary = loader.load_run(driver, fixture_run, progress=False, workers=3)
     finally:
         loader.TX_EDGE_BUDGET = budget
     ref = Ref.load(fixture_run)
     assert summary.pathways_new == len(ref.pathways) and summary.write_seconds > 0
-    store = Store(driver)  # type: ignore[arg-type]
+    store = Store(driver)
     assert store.counts() == ref.counts()
     pw = ref.pathways[len(ref.pathways) // 2]
     got = store.pathway_graph(pw.pathway_id)
@@ -101,13 +106,13 @@ def test_parallel_load_writes_the_same_graph(driver: object, fixture_run: Path) 
     assert set(got.edges) == set(want.edges) and set(got.nodes) == set(want.nodes)
 
 
-def test_a_store_of_the_older_format_refuses_a_load_and_keeps_its_data(empty_store: object, fixture_run: Path) -> None:
+def test_a_store_of_the_older_format_refuses_a_load_and_keeps_its_data(empty_store: Driver, fixture_run: Path) -> None:
     """Pathways without a key (FLOWS_TO then named them by id) cannot mix with keyed ones: one line, nothing written."""
     from graphstore.errors import RecordsError
     from graphstore.loader import load_run
 
-    empty_store.execute_query("CREATE (:Pathway {id: 'old'})", database_="neo4j")  # type: ignore[attr-defined]
+    empty_store.execute_query("CREATE (:Pathway {id: 'old'})", database_="neo4j")
     with pytest.raises(RecordsError, match="older Pathway Explorer"):
-        load_run(empty_store, fixture_run, progress=False)  # type: ignore[arg-type]
-    nodes, _ = Store(empty_store).counts()  # type: ignore[arg-type]
+        load_run(empty_store, fixture_run, progress=False)
+    nodes, _ = Store(empty_store).counts()
     assert nodes == {"Pathway": 1}

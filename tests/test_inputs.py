@@ -14,14 +14,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from extractor.config import parse_shard, shard_device
 from extractor.errors import ExtractionError
 from extractor.inputs import FileImages, TensorImages, decode_file, folder_labels, read_class_names, scan_folder
 from extractor.models import load_torchvision, make_bundle
+from extractor.options import parse_shard, shard_device
 from extractor.pipeline import extract_run, load_images
 from extractor.settings import PathwaySettings
 from extractor.variants import VariantSpec
-from records import RecordsFormatError, Shard, read_run, require_complete, run_status
+from records import ImageRecord, PathwayRecord, RecordsFormatError, Shard, read_run, require_complete, run_status
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +36,7 @@ def write_folder(root: Path, per_class: dict[str, int], size: tuple[int, int] = 
     return root
 
 
-def records_by_id(run: Path) -> tuple[dict[str, object], dict[str, object]]:
+def records_by_id(run: Path) -> tuple[dict[str, ImageRecord], dict[str, PathwayRecord]]:
     _, images, pathways = read_run(run)
     return {i.image_id: i for i in images}, {p.pathway_id: p for p in pathways}
 
@@ -51,12 +51,12 @@ def assert_same_records(a: Path, b: Path, same_sources: bool = True) -> None:
                                                                        y.png)
         assert not same_sources or x.source == y.source
         np.testing.assert_array_equal(x.logits, y.logits)
-    for k, x in pa.items():
-        y = pb[k]
+    for k, p in pa.items():
+        q = pb[k]
         for name in ("neuron_site", "neuron_channel", "neuron_rank", "edge_src_channel", "edge_dst_channel"):
-            np.testing.assert_array_equal(getattr(x, name), getattr(y, name), err_msg=name)
+            np.testing.assert_array_equal(getattr(p, name), getattr(q, name), err_msg=name)
         for name in ("neuron_contribution", "edge_weight", "saliency"):
-            np.testing.assert_allclose(getattr(x, name), getattr(y, name), rtol=1e-5, atol=1e-7, err_msg=name)
+            np.testing.assert_allclose(getattr(p, name), getattr(q, name), rtol=1e-5, atol=1e-7, err_msg=name)
 
 
 def test_streaming_equals_eager_records(demo: tuple, tmp_path: Path) -> None:
@@ -84,6 +84,7 @@ def test_limit_reads_only_what_it_needs(demo: tuple, tmp_path: Path) -> None:
     bundle, _ = demo
     folder = write_folder(tmp_path / "imgs", {"a": 120, "b": 80}, size=(12, 12))
     source = load_images(str(folder), bundle)
+    assert isinstance(source, FileImages)
     summary = extract_run(bundle, source, [PathwaySettings(k=2)], [], tmp_path / "run", batch_size=4, limit=6,
                           progress=False)
     assert summary.images == 6 and source.reads == 6

@@ -203,7 +203,7 @@ def test_fast_path_applies_exactly_where_it_is_exact(body: nn.Module, fast: bool
     net = _Net(body, channels).double().eval()
     with torch.no_grad():  # non-trivial batch-norm statistics
         for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None and m.running_var is not None:
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
     bundle = make_bundle(net, "segment", (1, 12, 12))
@@ -216,8 +216,8 @@ def test_fast_path_applies_exactly_where_it_is_exact(body: nn.Module, fast: bool
     contrib, _ = mct_contributions(bundle, x)
     sel = select(contrib, settings)
     cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x))
-    a = compute_edges(bundle.sites, contrib, sel, cut, settings)
-    b = compute_edges(bundle.sites, contrib, sel, cut, settings, fast=False)
+    a = compute_edges(sites=bundle.sites, contrib=contrib, sel=sel, cut=cut, settings=settings)
+    b = compute_edges(sites=bundle.sites, contrib=contrib, sel=sel, cut=cut, settings=settings, fast=False)
     for key in ("b", "src_site", "src_channel", "dst_site", "dst_channel"):
         assert np.array_equal(getattr(a, key), getattr(b, key))
     np.testing.assert_allclose(a.weight, b.weight, rtol=1e-9, atol=1e-12)
@@ -256,7 +256,7 @@ def test_fast_path_in_image_chunks_equals_one_call(demo: tuple, monkeypatch: pyt
 def test_fast_path_on_efficientnet_lite0() -> None:
     """The trained EfficientNet-Lite0 (zero "same" padding before every strided and depthwise conv):
     the fast path reads its segments, equal to the VJP in float64."""
-    from extractor.config import model_from_spec
+    from extractor.launch import model_from_spec
 
     bundle = model_from_spec("efficientnet_lite0", Path("."))
     bundle.model.double()

@@ -12,13 +12,15 @@ from graphstore.names import number, setting_name, variant_name
 
 
 @pytest.mark.parametrize(("settings", "name"), [
-    (PathwaySettings("intgrad", "topk", k=8), "IntGrad · top-8 per site"),
-    (PathwaySettings("mct", "percentile", sparsity=90.0), "MCT · p = 90 (elements)"),
-    (PathwaySettings("mct", "percentile", sparsity=75.5, granularity="channel"), "MCT · p = 75.5 (channels)"),
-    (PathwaySettings("pixel", stride=4, originals_only=True),
+    (PathwaySettings(method="intgrad", selection="topk", k=8), "IntGrad · top-8 per site"),
+    (PathwaySettings(method="mct", selection="percentile", sparsity=90.0), "MCT · p = 90 (elements)"),
+    (PathwaySettings(method="mct", selection="percentile", sparsity=75.5, granularity="channel"),
+     "MCT · p = 75.5 (channels)"),
+    (PathwaySettings(method="pixel", stride=4, originals_only=True),
      "Pixel pathways · beam 3, 3 chains per pixel, stride 4 · originals only"),
-    (PathwaySettings("correlation", k=5, resamples=20), "Correlation · top-5 per site · 20 resamples"),
-    (PathwaySettings("mct", k=4, variant_kinds=("deform", "pgd")), "MCT · top-4 per site · originals + deform, PGD"),
+    (PathwaySettings(method="correlation", k=5, resamples=20), "Correlation · top-5 per site · 20 resamples"),
+    (PathwaySettings(method="mct", k=4, variant_kinds=("deform", "pgd")),
+     "MCT · top-4 per site · originals + deform, PGD"),
 ])
 def test_setting_names(settings: PathwaySettings, name: str) -> None:
     assert setting_name(settings.method, settings.selection, settings.params_json()) == name

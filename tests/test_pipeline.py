@@ -39,10 +39,10 @@ def test_attacks_reduce_accuracy(demo: tuple) -> None:
     clean = accuracy(bundle.model, x, y)
     weak = accuracy(bundle.model, fgsm(bundle.forward, x, y, 0.05), y)
     strong = accuracy(bundle.model, fgsm(bundle.forward, x, y, 0.2), y)
-    pgd_acc = accuracy(bundle.model, pgd(bundle.forward, x, y, 0.1, 10), y)
+    pgd_acc = accuracy(bundle.model, pgd(forward=bundle.forward, x=x, y=y, eps=0.1, steps=10), y)
     assert clean > weak > strong and pgd_acc < 0.5 and strong < 0.3
     target = (y + 1) % 10
-    adv = pgd(bundle.forward, x, target, 0.2, 20, targeted=True)
+    adv = pgd(forward=bundle.forward, x=x, y=target, eps=0.2, steps=20, targeted=True)
     with torch.no_grad():
         hit = float((bundle.forward(adv).argmax(1) == target).float().mean())
     assert hit > 0.8

@@ -8,7 +8,7 @@ from torch import nn
 
 from extractor.errors import ExtractionError
 from extractor.models import make_bundle
-from extractor.pixelpaths import GatedNetwork, PixelSettings, gated_decomposition, trace_pixels
+from extractor.pixelpaths import PixelSettings, gated_decomposition, gated_network, trace_pixels
 from extractor.sites import hook_count
 
 
@@ -33,7 +33,7 @@ def test_decomposition_with_normalisation_and_batchnorm() -> None:
         nn.Flatten(), nn.Linear(8 * 3 * 3, 16), nn.ReLU(), nn.Linear(16, 4),
     ).double().eval()
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None and m.running_var is not None:
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 1.5)
     bundle = make_bundle(model, "small_bn", (3, 12, 12), mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
@@ -50,7 +50,7 @@ def test_beam_search_finds_the_largest_chain_by_brute_force() -> None:
     bundle = make_bundle(model, "tiny", (1, 5, 5))
     x = torch.rand(1, 1, 5, 5, dtype=torch.float64)
     got = trace_pixels(bundle, x, PixelSettings(beam=9, top=1, stride=2))
-    with GatedNetwork(bundle, x) as net:
+    with gated_network(bundle, x) as net:
         for p, (c, i, j) in enumerate(got.pixels.tolist()):
             imp = torch.zeros_like(x)
             imp[0, c, i, j] = x[0, c, i, j]

@@ -7,10 +7,16 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from graphstore.server import USER, read_password
+
+if TYPE_CHECKING:
+    from neo4j import Driver
+
+    from graphstore.server import ServerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,11 +30,11 @@ def python_block() -> str:
 
 
 @pytest.mark.store
-def test_readme_python_example_runs(empty_store: object, neo4j_server: object, tmp_path: Path) -> None:
+def test_readme_python_example_runs(empty_store: Driver, neo4j_server: ServerConfig, tmp_path: Path) -> None:
     script = tmp_path / "example.py"
     script.write_text(python_block())
-    env = dict(os.environ, NEO4J_URI=neo4j_server.bolt_uri, NEO4J_USER=USER,  # type: ignore[attr-defined]
-               NEO4J_PASSWORD=read_password(neo4j_server))  # type: ignore[arg-type]
+    env = dict(os.environ, NEO4J_URI=neo4j_server.bolt_uri, NEO4J_USER=USER,
+               NEO4J_PASSWORD=read_password(neo4j_server))
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, env=env,
                          timeout=600, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -36,7 +42,7 @@ def test_readme_python_example_runs(empty_store: object, neo4j_server: object, t
     neurons = re.search(r"(\d+) neurons, (\d+) edges", res.stdout)
     assert neurons and int(neurons.group(1)) > 0 and int(neurons.group(2)) > 0
     assert "support" in res.stdout and "mean_contribution" in res.stdout
-    with empty_store.session(database="neo4j") as s:  # type: ignore[attr-defined]
+    with empty_store.session(database="neo4j") as s:
         rows = s.run("MATCH (i:Image {kind: 'original'})-[:LABELED_AS]->(c:Class) RETURN c.name AS n, c.index AS k "
                      "ORDER BY k").data()
         assert rows == [{"n": "palace", "k": 698}, {"n": "daisy", "k": 985}]  # folder names = class names

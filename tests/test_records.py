@@ -41,8 +41,19 @@ def test_text_that_is_no_neuron_id_is_refused(text: str) -> None:
 
 def test_the_sweep_setting_is_computed_once_when_the_record_is_made() -> None:
     def image(kind: str, params: dict[str, object]) -> ImageRecord:
-        return ImageRecord("i", "m", "s", 1, None if kind == "original" else "o", kind, json.dumps(params), 1,
-                           np.zeros(2, np.float32), np.zeros(2, np.float32), b"")
+        return ImageRecord(
+            image_id="i",
+            model_id="m",
+            source="s",
+            label=1,
+            variant_of=None if kind == "original" else "o",
+            kind=kind,
+            params=json.dumps(params),
+            predicted=1,
+            probs=np.zeros(2, np.float32),
+            logits=np.zeros(2, np.float32),
+            png=b"",
+        )
 
     a = image("pgd", {"eps": 0.1, "steps": 10, "targeted": True, "target": 3})
     b = image("pgd", {"eps": 0.1, "steps": 10, "targeted": True, "target": 5})

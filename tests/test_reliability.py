@@ -7,6 +7,7 @@ import statistics
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -30,10 +31,26 @@ from records import (
 )
 from tests.conftest import wipe
 
+if TYPE_CHECKING:
+    from neo4j import Driver
+
+    from graphstore.server import ServerConfig
+
 pytestmark = pytest.mark.store
 
-MODEL = ModelInfo("prop-0123456789ab", "prop", 3, ("a'b", 'c"d', "e\\f"), (1, 4, 4),
-                  (SiteInfo(0, "s0", 0, "ReLU", (4, 2, 2)), SiteInfo(1, "s1", 0, "ReLU", (3,), "vector", (0,), 1)))
+MODEL = ModelInfo(
+    model_id="prop-0123456789ab",
+    arch="prop",
+    num_classes=3,
+    class_names=("a'b", 'c"d', "e\\f"),
+    input_shape=(1, 4, 4),
+    sites=(
+        SiteInfo(index=0, module_path="s0", call_index=0, kind="ReLU", shape=(4, 2, 2)),
+        SiteInfo(
+            index=1, module_path="s1", call_index=0, kind="ReLU", shape=(3,), layout="vector", preds=(0,), depth=1
+        ),
+    ),
+)
 
 
 @st.composite
@@ -64,17 +81,28 @@ def pathway(draw: st.DrawFn) -> PathwayRecord:
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(pw=pathway(), source=st.text(min_size=1, max_size=30))
-def test_records_round_trip_parquet_neo4j_query(driver: object, tmp_path_factory: pytest.TempPathFactory,
+def test_records_round_trip_parquet_neo4j_query(driver: Driver, tmp_path_factory: pytest.TempPathFactory,
                                                 pw: PathwayRecord, source: str) -> None:
     run = tmp_path_factory.mktemp("prop") / "run"
-    image = ImageRecord("img0", MODEL.model_id, source, 1, None, "original", "{}", 0,
-                        np.asarray([0.5, 0.3, 0.2], np.float32), np.asarray([2.0, 1.0, 0.5], np.float32), b"png")
+    image = ImageRecord(
+        image_id="img0",
+        model_id=MODEL.model_id,
+        source=source,
+        label=1,
+        variant_of=None,
+        kind="original",
+        params="{}",
+        predicted=0,
+        probs=np.asarray([0.5, 0.3, 0.2], np.float32),
+        logits=np.asarray([2.0, 1.0, 0.5], np.float32),
+        png=b"png",
+    )
     writer = RunWriter(run, Manifest(SCHEMA_VERSION, MODEL, {}))
     writer.write_part([image], [pw])
     writer.finish()
     wipe(driver)
-    load_run(driver, run, progress=False)  # type: ignore[arg-type]
-    store = Store(driver)  # type: ignore[arg-type]
+    load_run(driver, run, progress=False)
+    store = Store(driver)
     got = store.pathway_graph(pw.pathway_id)
     want = pathway_to_networkx(pw, MODEL)
     assert set(got.nodes) == set(want.nodes) and set(got.edges) == set(want.edges)
@@ -89,9 +117,9 @@ def test_records_round_trip_parquet_neo4j_query(driver: object, tmp_path_factory
 
 
 @pytest.fixture()
-def cli_env(loaded_store: object, neo4j_server: object) -> dict[str, str]:
-    return {"NEO4J_URI": neo4j_server.bolt_uri, "NEO4J_USER": USER,  # type: ignore[attr-defined]
-            "NEO4J_PASSWORD": read_password(neo4j_server)}  # type: ignore[arg-type]
+def cli_env(loaded_store: Driver, neo4j_server: ServerConfig) -> dict[str, str]:
+    return {"NEO4J_URI": neo4j_server.bolt_uri, "NEO4J_USER": USER,
+            "NEO4J_PASSWORD": read_password(neo4j_server)}
 
 
 NAMES = ["top-neurons", "shared", "signature", "shift", "similar", "agreement", "pathway", "nonsense"]
@@ -110,8 +138,8 @@ def test_cli_arguments_never_crash(cli_env: dict[str, str], name: str, value: st
         json.loads(res.stdout)
 
 
-def test_twenty_concurrent_clients(loaded_store: object, artifacts: Path) -> None:
-    store = Store(loaded_store)  # type: ignore[arg-type]
+def test_twenty_concurrent_clients(loaded_store: Driver, artifacts: Path) -> None:
+    store = Store(loaded_store)
     model = store.default_model()
     config = store.default_config(model)
     classes = store.classes(model)

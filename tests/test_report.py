@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 import torch
 
-from extractor.config import model_from_spec
+from extractor.launch import model_from_spec
 from extractor.sites import hook_count
 from graphstore.api import Store
 from pathx.report import (
@@ -29,6 +30,9 @@ from pathx.report import (
     pathway_counts,
     predicted,
 )
+
+if TYPE_CHECKING:
+    from neo4j import Driver
 
 COMMITTED = json.loads((Path(__file__).parents[1] / "docs" / "report" / NUMBERS).read_text())
 PHOTOS = 4  # the committed report's first photos, run again
@@ -64,10 +68,10 @@ def test_committed_numbers_reproduce(home: Path, tmp_path: Path) -> None:
 
 @pytest.mark.store
 @pytest.mark.slow
-def test_report_sections_from_the_store(empty_store: object, home: Path, tmp_path: Path) -> None:
+def test_report_sections_from_the_store(empty_store: Driver, home: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     plan = ReportPlan(photos=2, fashion=12, counts=10, ig_steps=4, full_cascade=False, runs=tmp_path / "runs")
-    store = Store(empty_store)  # type: ignore[arg-type]
+    store = Store(empty_store)
     path = build_report(store, home, tmp_path / "out", plan)
     text = path.read_text()
     for title in ("logit kept by the pathway", "LeRF / MoRF", "cascading randomisation",

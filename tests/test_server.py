@@ -43,7 +43,7 @@ def test_running_server_answers_and_is_locked_down(neo4j_server: ServerConfig, d
         assert password not in log_file.read_text(errors="replace")
     # a wrong password is refused
     with pytest.raises(ConnectionFailed, match="refused the credentials"):
-        open_driver(ConnectionSettings(neo4j_server.bolt_uri, USER, password + "x"))
+        open_driver(ConnectionSettings(uri=neo4j_server.bolt_uri, user=USER, password=password + "x"))
     # listens on loopback only
     ip = _non_loopback_ip()
     if ip is not None:
@@ -67,7 +67,7 @@ def test_start_stop_restart_reuses_data(tmp_path: Path, neo4j_server: ServerConf
     try:
         start(cfg)
         assert start(cfg).running  # a second start returns the running server
-        with open_driver(ConnectionSettings(cfg.bolt_uri, USER, read_password(cfg))) as drv:
+        with open_driver(ConnectionSettings(uri=cfg.bolt_uri, user=USER, password=read_password(cfg))) as drv:
             drv.execute_query("CREATE (:Probe {v: $v})", v=42, database_="neo4j")
         pid = status(cfg).pid
         assert stop(cfg)
@@ -76,7 +76,7 @@ def test_start_stop_restart_reuses_data(tmp_path: Path, neo4j_server: ServerConf
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
         start(cfg)
-        with open_driver(ConnectionSettings(cfg.bolt_uri, USER, read_password(cfg))) as drv:
+        with open_driver(ConnectionSettings(uri=cfg.bolt_uri, user=USER, password=read_password(cfg))) as drv:
             rows = drv.execute_query("MATCH (p:Probe) RETURN p.v AS v", database_="neo4j").records
             assert [r["v"] for r in rows] == [42]
     finally:

@@ -11,6 +11,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import networkx as nx
 import numpy as np
@@ -29,11 +30,16 @@ from records import pathway_to_networkx
 from tests.conftest import fixture_schema, wipe
 from tests.reference import Ref
 
+if TYPE_CHECKING:
+    from neo4j import Driver
+
+    from graphstore.server import ServerConfig
+
 pytestmark = pytest.mark.store
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def assert_close_map(got: dict, want: dict) -> None:  # type: ignore[type-arg]
+def assert_close_map(got: dict, want: dict) -> None:
     assert got.keys() == want.keys()
     for k, v in want.items():
         assert np.allclose(np.asarray(got[k], dtype=float), np.asarray(v, dtype=float), rtol=1e-5, atol=1e-6), k
@@ -45,8 +51,8 @@ def ref(fixture_run: Path) -> Ref:
 
 
 @pytest.fixture()
-def store(loaded_store: object) -> Store:
-    return Store(loaded_store)  # type: ignore[arg-type]
+def store(loaded_store: Driver) -> Store:
+    return Store(loaded_store)
 
 
 @pytest.fixture(scope="module")
@@ -270,12 +276,12 @@ def test_export_graphml_and_gexf(store: Store, ref: Ref, tmp_path: Path) -> None
         assert back.edges[u, v]["pathway"] == pws[0].pathway_id
 
 
-def _env(neo4j_server: object) -> dict[str, str]:
-    return dict(os.environ, NEO4J_URI=neo4j_server.bolt_uri, NEO4J_USER=USER,  # type: ignore[attr-defined]
-                NEO4J_PASSWORD=read_password(neo4j_server))  # type: ignore[arg-type]
+def _env(neo4j_server: ServerConfig) -> dict[str, str]:
+    return dict(os.environ, NEO4J_URI=neo4j_server.bolt_uri, NEO4J_USER=USER,
+                NEO4J_PASSWORD=read_password(neo4j_server))
 
 
-def test_killed_load_then_rerun_gives_clean_counts(driver: object, neo4j_server: object, fixture_run: Path,
+def test_killed_load_then_rerun_gives_clean_counts(driver: Driver, neo4j_server: ServerConfig, fixture_run: Path,
                                                    ref: Ref) -> None:
     wipe(driver)
     env = _env(neo4j_server)
@@ -286,7 +292,7 @@ def test_killed_load_then_rerun_gives_clean_counts(driver: object, neo4j_server:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     # no half pathway: every pathway present has all its INCLUDES and FLOWS_TO
-    with driver.session(database="neo4j") as s:  # type: ignore[attr-defined]
+    with driver.session(database="neo4j") as s:
         rows = s.run("MATCH (p:Pathway) OPTIONAL MATCH (p)-[i:INCLUDES]->() "
                      "RETURN p.id AS id, p.size AS size, count(i) AS n").data()
     for r in rows:
@@ -294,13 +300,13 @@ def test_killed_load_then_rerun_gives_clean_counts(driver: object, neo4j_server:
     done = subprocess.run([sys.executable, "-m", "pathx.cli", "load", str(fixture_run)], env=env, cwd=ROOT,
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
-    assert Store(driver).counts() == ref.counts()  # type: ignore[arg-type]
+    assert Store(driver).counts() == ref.counts()
 
 
 NASTY = ["it's \"quoted\"", "back\\slash", "'}) MATCH (n) DETACH DELETE n //", "RETURN 1; DROP", "ünï ✓"]
 
 
-def test_hostile_class_names_round_trip(empty_store: object, tmp_path: Path) -> None:
+def test_hostile_class_names_round_trip(empty_store: Driver, tmp_path: Path) -> None:
     from extractor.inputs import TensorImages
     from extractor.models import make_bundle
     from extractor.pipeline import extract_run
@@ -308,11 +314,11 @@ def test_hostile_class_names_round_trip(empty_store: object, tmp_path: Path) -> 
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, len(NASTY)))
-    bundle = make_bundle(model, "tiny", (1, 6, 6), NASTY)
+    bundle = make_bundle(model=model, arch="tiny", input_shape=(1, 6, 6), class_names=NASTY)
     imgs = TensorImages(torch.rand(4, 1, 6, 6), torch.tensor([0, 1, 2, 3]), [f"x{i}" for i in range(4)])
     extract_run(bundle, imgs, [PathwaySettings(k=2)], [], tmp_path / "run", progress=False)
-    load_run(empty_store, tmp_path / "run", progress=False)  # type: ignore[arg-type]
-    store = Store(empty_store)  # type: ignore[arg-type]
+    load_run(empty_store, tmp_path / "run", progress=False)
+    store = Store(empty_store)
     assert [c.name for c in store.classes(bundle.info.model_id)] == NASTY
     nodes, _ = store.counts()
     assert nodes["Image"] == 4
@@ -374,7 +380,8 @@ def test_layer_agreement_and_class_consistency(store: Store, ref: Ref) -> None:
     for c in cons:
         sets = [({n for n, v in ref.neurons(ref.pathway(im.image_id, by_method["pixel"])).items()
                   if v[0] == c.layer_index}, im.label) for im in sorted(originals, key=lambda i: i.image_id)]
-        within, across = [], []
+        within: list[float] = []
+        across: list[float] = []
         for (a, la), (b, lb) in itertools.combinations(sets, 2):
             (within if la == lb else across).append(len(a & b) / len(a | b) if a | b else 1.0)
         assert c.within == pytest.approx(float(np.mean(within))) and c.across == pytest.approx(float(np.mean(across)))
@@ -386,6 +393,7 @@ def test_what_the_pages_draw_comes_from_the_store(store: Store, ref: Ref, config
     assert set(store.variant_kinds(ref.model_id)) == kinds and len(kinds) >= 2
     assert set(store.variant_kinds(ref.model_id, attacks=True)) == {k for k in kinds if k in ("fgsm", "pgd")}
     im, pv, po = next((im, pv, po) for im, pv, po in ref.pairs(config) if im.kind in ("fgsm", "pgd"))
+    assert im.variant_of is not None
     change = store.perturbation(im.variant_of, im.image_id)
     a = np.asarray(Image.open(io.BytesIO(ref.images[im.variant_of].png)), dtype=np.float32)
     b = np.asarray(Image.open(io.BytesIO(im.png)), dtype=np.float32)

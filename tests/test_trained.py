@@ -12,15 +12,21 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 from torch import nn
 
-from extractor.config import model_from_spec
 from extractor.errors import ExtractionError
+from extractor.launch import model_from_spec
 from extractor.pipeline import load_images
 from extractor.trained import TRAINED
+
+if TYPE_CHECKING:
+    from neo4j import Driver
+
+    from graphstore.server import ServerConfig
 
 FASHION_ACCURACY = 0.8945  # committed weights on the 10,000 test images (README); to 1 image in 1,000
 
@@ -64,7 +70,8 @@ def test_altered_weights_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_named_sources_carry_labels_and_names(home: Path) -> None:
     fashion = model_from_spec("fashion_cnn", home)
     test = load_images("fashion-mnist:test", fashion)
-    assert len(test) == 10_000 and test.label_names()[9] == "Ankle boot"
+    names = test.label_names()
+    assert len(test) == 10_000 and names is not None and names[9] == "Ankle boot"
     assert tuple(test.load(0).shape) == (1, 28, 28) and test.source(3) == "fashion-mnist:test/3"
     assert len(load_images("fashion-mnist:train", fashion)) == 60_000
     digits = load_images("mnist:5k", fashion)
@@ -82,8 +89,10 @@ def test_a_missing_data_package_is_one_line(monkeypatch: pytest.MonkeyPatch, hom
     monkeypatch.setattr(datasets, "FASHION_MNIST_DIR", tmp_path / "absent")
     with pytest.raises(ExtractionError, match=r"^fashion-mnist needs Debian's dataset-fashion-mnist: apt-get install"):
         load_images("fashion-mnist:test", fashion)
-    real = datasets.importlib.util.find_spec
-    monkeypatch.setattr(datasets.importlib.util, "find_spec", lambda name: None if name == "foolbox" else real(name))
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "foolbox" else real(name))
     with pytest.raises(ExtractionError, match=r"pip install foolbox"):
         load_images("samples:imagenet", fashion)
     assert not list(tmp_path.iterdir())  # nothing written
@@ -91,19 +100,19 @@ def test_a_missing_data_package_is_one_line(monkeypatch: pytest.MonkeyPatch, hom
 
 @pytest.mark.store
 @pytest.mark.slow
-def test_demo_smoke_run(empty_store: object, neo4j_server: object, tmp_path: Path) -> None:
+def test_demo_smoke_run(empty_store: Driver, neo4j_server: ServerConfig, tmp_path: Path) -> None:
     """`pathx demo` at a small size: both trained models extract and load into one store."""
     from graphstore.server import USER, read_password
 
-    env = dict(os.environ, NEO4J_URI=neo4j_server.bolt_uri, NEO4J_USER=USER,  # type: ignore[attr-defined]
-               NEO4J_PASSWORD=read_password(neo4j_server))  # type: ignore[arg-type]
+    env = dict(os.environ, NEO4J_URI=neo4j_server.bolt_uri, NEO4J_USER=USER,
+               NEO4J_PASSWORD=read_password(neo4j_server))
     pathx = str(Path(sys.executable).parent / "pathx")
     res = subprocess.run([pathx, "demo", "--limit", "4", "--photos", "2", "--no-serve", "--no-percentile", "--out",
                           str(tmp_path / "d")],
                          capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "set-up done in" in res.stdout and "[fashion]" in res.stdout and "[photos]" in res.stdout
-    with empty_store.session(database="neo4j") as s:  # type: ignore[attr-defined]
+    with empty_store.session(database="neo4j") as s:
         titles = sorted(r["t"] for r in s.run("MATCH (m:Model) RETURN m.title AS t"))
         assert titles == ["EfficientNet-Lite0 (ImageNet)", "Fashion CNN (Fashion-MNIST)"]
         kinds = {r["k"] for r in s.run("MATCH (i:Image) RETURN DISTINCT i.kind AS k")}

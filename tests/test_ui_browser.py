@@ -5,12 +5,18 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from graphstore.server import USER, read_password
 from tests.conftest import ensure_loaded
 from ui.serve import PAGES, running_ui, ui_command
+
+if TYPE_CHECKING:
+    from neo4j import Driver
+
+    from graphstore.server import ServerConfig
 
 pytestmark = [pytest.mark.store, pytest.mark.browser]
 
@@ -20,10 +26,10 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--
 
 
 @pytest.fixture(scope="module")
-def ui_server(driver: object, fixture_run: Path, neo4j_server: object) -> Iterator[str]:
+def ui_server(driver: Driver, fixture_run: Path, neo4j_server: ServerConfig) -> Iterator[str]:
     ensure_loaded(driver, fixture_run)
-    env = dict(os.environ, NEO4J_URI=neo4j_server.bolt_uri, NEO4J_USER=USER,  # type: ignore[attr-defined]
-               NEO4J_PASSWORD=read_password(neo4j_server))  # type: ignore[arg-type]
+    env = dict(os.environ, NEO4J_URI=neo4j_server.bolt_uri, NEO4J_USER=USER,
+               NEO4J_PASSWORD=read_password(neo4j_server))
     with running_ui(env) as url:
         yield url
 

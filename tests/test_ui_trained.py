@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -26,14 +27,19 @@ from tests.test_ui_browser import ARGS, CHROMIUM
 from ui.common import LABEL_FONT
 from ui.serve import PAGES, running_ui
 
+if TYPE_CHECKING:
+    from neo4j import Driver
+
+    from graphstore.server import ServerConfig
+
 pytestmark = [pytest.mark.store, pytest.mark.browser, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def trained_store(driver: object, tmp_path_factory: pytest.TempPathFactory, home: Path) -> Iterator[object]:
+def trained_store(driver: Driver, tmp_path_factory: pytest.TempPathFactory, home: Path) -> Iterator[Driver]:
     """The store holding only: EfficientNet-Lite0 over 6 labelled photos with FGSM (MCT top-8, exemplars),
     and DenseNet-121 (untrained, 64 px) over 2 of them."""
-    from extractor.config import model_from_spec
+    from extractor.launch import model_from_spec
     from extractor.models import ModelOptions
     from extractor.pipeline import extract_run, load_images
     from extractor.settings import PathwaySettings
@@ -49,25 +55,25 @@ def trained_store(driver: object, tmp_path_factory: pytest.TempPathFactory, home
                 progress=False, exemplars=0)
     wipe(driver)
     for run in ("lite", "dense"):
-        load_run(driver, runs / run, progress=False)  # type: ignore[arg-type]
+        load_run(driver, runs / run, progress=False)
     yield driver
     wipe(driver)  # the next store test loads its own fixture
 
 
 @pytest.fixture(scope="module")
-def ui_url(trained_store: object, neo4j_server: object) -> Iterator[str]:
-    env = dict(os.environ, NEO4J_URI=neo4j_server.bolt_uri, NEO4J_USER=USER,  # type: ignore[attr-defined]
-               NEO4J_PASSWORD=read_password(neo4j_server))  # type: ignore[arg-type]
+def ui_url(trained_store: Driver, neo4j_server: ServerConfig) -> Iterator[str]:
+    env = dict(os.environ, NEO4J_URI=neo4j_server.bolt_uri, NEO4J_USER=USER,
+               NEO4J_PASSWORD=read_password(neo4j_server))
     with running_ui(env) as url:
         yield url
 
 
-def _model_ids(driver: object) -> dict[str, str]:
-    with driver.session(database="neo4j") as s:  # type: ignore[attr-defined]
+def _model_ids(driver: Driver) -> dict[str, str]:
+    with driver.session(database="neo4j") as s:
         return {r["arch"]: r["id"] for r in s.run("MATCH (m:Model) RETURN m.arch AS arch, m.id AS id")}
 
 
-def test_image_page_on_the_trained_model_in_chromium(ui_url: str, trained_store: object, artifacts: Path) -> None:
+def test_image_page_on_the_trained_model_in_chromium(ui_url: str, trained_store: Driver, artifacts: Path) -> None:
     from playwright.sync_api import sync_playwright
 
     errors: list[str] = []
@@ -120,13 +126,13 @@ def test_every_page_loads_on_the_trained_store(ui_url: str, path: str) -> None:
     assert not errors, errors[:3]
 
 
-def test_pages_at_121_sites_and_1000_classes(trained_store: object, neo4j_server: object,
+def test_pages_at_121_sites_and_1000_classes(trained_store: Driver, neo4j_server: ServerConfig,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """AppTest: the Image page of DenseNet-121 (121 sites) draws every neuron of the pathway in its
     graph, its pickers hold the 1,000 class names, and it renders in under a minute."""
-    monkeypatch.setenv("NEO4J_URI", neo4j_server.bolt_uri)  # type: ignore[attr-defined]
+    monkeypatch.setenv("NEO4J_URI", neo4j_server.bolt_uri)
     monkeypatch.setenv("NEO4J_USER", USER)
-    monkeypatch.setenv("NEO4J_PASSWORD", read_password(neo4j_server))  # type: ignore[arg-type]
+    monkeypatch.setenv("NEO4J_PASSWORD", read_password(neo4j_server))
     dense = _model_ids(trained_store)["densenet121"]
     at = open_page("image")
     began = time.perf_counter()

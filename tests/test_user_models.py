@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from extractor.config import model_from_spec
 from extractor.errors import ExtractionError
+from extractor.launch import model_from_spec
 from extractor.models import ModelOptions, load_user_model
 from extractor.sites import hook_count
 from records import read_run
@@ -90,7 +90,8 @@ def test_factory_file_module_and_attributes(user_files: Path, monkeypatch: pytes
     # a state_dict on top of the factory's model
     torch.save({k: v * 0 + 0.01 for k, v in bundle.model.state_dict().items()}, user_files / "w.pth")
     loaded = load_user_model(f"{user_files / 'mynet.py'}:make", user_files / "w.pth")
-    assert float(loaded.model.head.weight.detach().flatten()[0]) == pytest.approx(0.01)
+    head = loaded.model.get_submodule("head")
+    assert isinstance(head, nn.Linear) and float(head.weight.detach().flatten()[0]) == pytest.approx(0.01)
     assert loaded.info.model_id != bundle.info.model_id
 
 

@@ -242,7 +242,7 @@ def saliency_figure(saliency: Any, title: str = "Pathway Gradient", png: bytes |
     lim = float(sorted(magnitude)[int(0.99 * (len(magnitude) - 1))]) or float(magnitude.max()) or 1.0
     h, w = saliency.shape
     fig = go.Figure()
-    scale = "RdBu_r"
+    scale: str | list[list[object]] = "RdBu_r"
     if png is not None:
         img = Image.open(io.BytesIO(png))
         fig.add_trace(go.Image(source="data:image/png;base64," + base64.b64encode(png).decode(), x0=w / img.width / 2,

@@ -18,7 +18,7 @@ APP = Path(__file__).resolve().parent / "app.py"
 PORT = 8501
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Page:
     """One page: its file under ``ui/views``, its title, its URL path, and a CSS selector of its main
     figure (what the browser tests wait for)."""
@@ -30,12 +30,12 @@ class Page:
 
 
 PAGES: tuple[Page, ...] = (
-    Page("overview.py", "Overview", "overview", "svg.main-svg"),
-    Page("image.py", "Image", "image", ".st-key-graph_img svg.main-svg"),
-    Page("compare.py", "Compare classes", "compare", ".st-key-graph_cmp svg.main-svg"),
-    Page("adversarial.py", "Adversarial", "adversarial", ".st-key-graph_adv svg.main-svg"),
-    Page("variants.py", "Variants", "variants", "svg.main-svg"),
-    Page("cypher.py", "Cypher", "cypher", "textarea"),
+    Page(file="overview.py", title="Overview", path="overview", figure="svg.main-svg"),
+    Page(file="image.py", title="Image", path="image", figure=".st-key-graph_img svg.main-svg"),
+    Page(file="compare.py", title="Compare classes", path="compare", figure=".st-key-graph_cmp svg.main-svg"),
+    Page(file="adversarial.py", title="Adversarial", path="adversarial", figure=".st-key-graph_adv svg.main-svg"),
+    Page(file="variants.py", title="Variants", path="variants", figure="svg.main-svg"),
+    Page(file="cypher.py", title="Cypher", path="cypher", figure="textarea"),
 )
 
 
