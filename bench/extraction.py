@@ -153,7 +153,8 @@ def run(batch_sizes: tuple[int, ...] = (1, 16), captum_targets: int = 4,
 def pixel_rates() -> list[dict[str, Any]]:
     """Pixel pathways (beam 3, top 3) traced per second: demo CNN every 2nd pixel, VGG16 every 112th
     (pixel pathways need a chain of sites; ResNets branch and are refused)."""
-    from extractor.pixelpaths import PixelSettings, trace_pixels
+    from extractor.pixelpaths import trace_pixels
+    from extractor.settings import PixelSettings
 
     torch.set_num_threads(2)
     rows = []

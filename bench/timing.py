@@ -67,8 +67,7 @@ def _ours_b(bundle: ModelBundle, x: torch.Tensor) -> Any:
 
 
 def _ours_c(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings) -> Any:
-    contrib, attached = mct_contributions(bundle, x)
-    del attached
+    contrib = mct_contributions(bundle, x)
     sel = select(contrib, settings)
     cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x))
     return contrib, sel, compute_edges(sites=bundle.sites, contrib=contrib, sel=sel, cut=cut, settings=settings)

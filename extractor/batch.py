@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,6 +15,26 @@ from extractor.reach import bundle_reach, cut_sites
 from extractor.selection import Selection
 from extractor.settings import PathwaySettings
 from extractor.sitegraph import cut_forward
+
+
+@dataclass
+class ResamplingScores:
+    """Per site: correlation and precision ``[B, C]`` (precision is -inf for skipped channels)."""
+
+    correlation: list[torch.Tensor]
+    precision: list[torch.Tensor]
+
+
+@dataclass(kw_only=True)
+class BatchInputs:
+    """What one batch of images brings besides its pixels, for every method of it: ``target`` ``[B]`` (the
+    class each pathway explains; ``None`` = the predicted one), ``seeds`` (one per image: the resampling
+    methods' noise; ``None`` = 0) and ``resampling``, the scores the correlation and precision methods
+    share within the batch (by number of copies and noise), so asking for both costs one set of copies."""
+
+    target: torch.Tensor | None = None
+    seeds: list[int] | None = None
+    resampling: dict[tuple[int, float], ResamplingScores] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True)

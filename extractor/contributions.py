@@ -75,10 +75,9 @@ def check_finite(name: str, tensors: list[torch.Tensor]) -> None:
             raise ExtractionError(f"{name} contain NaN or Inf; check the model and inputs")
 
 
-def mct_contributions(
-    bundle: ModelBundle, x: torch.Tensor, target: torch.Tensor | None = None
-) -> tuple[Contributions, list[torch.Tensor]]:
-    """``a * dlogit/da`` at every site; also returns the attached site tensors (for edges)."""
+def mct_contributions(bundle: ModelBundle, x: torch.Tensor, target: torch.Tensor | None = None) -> Contributions:
+    """``a * dlogit/da`` at every site, for images ``x`` ``[B, C, H, W]`` and ``target`` ``[B]`` (default: the
+    predicted class)."""
     x = x.detach().requires_grad_(True)
     logits, acts = forward_with_sites(bundle, x)
     tgt = _pick_target(logits.detach(), target)
@@ -95,7 +94,7 @@ def mct_contributions(
         element=element,
         channel=[_channel_sum(e) for e in element],
     )
-    return contrib, acts
+    return contrib
 
 
 def intgrad_contributions(

@@ -1,7 +1,8 @@
 """The pathway methods behind one registry, all with one signature.
 
-``METHOD_RUNNERS[settings.method](bundle, x, settings, target, seeds, shared)`` returns a
-:class:`~extractor.batch.BatchPathways` for images ``x`` ``[B, C, H, W]``:
+``METHOD_RUNNERS[settings.method](bundle, x, settings, inputs)`` returns a
+:class:`~extractor.batch.BatchPathways` for images ``x`` ``[B, C, H, W]`` (``inputs``: the batch's
+:class:`~extractor.batch.BatchInputs`, its targets, seeds and shared caches):
 
 * ``mct``, ``intgrad``: contribution-based pathways (Khakzar et al., CVPR 2021), here;
 * ``correlation``, ``precision``: resampling-based selection (Lengerich et al., 2017),
@@ -15,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from extractor.batch import BatchPathways, finish_batch
+from extractor.batch import BatchInputs, BatchPathways, finish_batch
 from extractor.contributions import check_finite, intgrad_contributions, mct_contributions
 from extractor.models import ModelBundle
 from extractor.pixelpaths import pixel_batch
@@ -24,19 +25,13 @@ from extractor.resampling import resampling_batch
 from extractor.selection import select
 from extractor.settings import PathwaySettings
 
-MethodRunner = Callable[
-    [ModelBundle, torch.Tensor, PathwaySettings, "torch.Tensor | None", "list[int] | None", "dict[str, object] | None"],
-    BatchPathways,
-]
+MethodRunner = Callable[[ModelBundle, torch.Tensor, PathwaySettings, BatchInputs], BatchPathways]
 
 
-def contribution_batch(
-    bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings, target: torch.Tensor | None = None,
-    seeds: list[int] | None = None, shared: dict[str, object] | None = None,
-) -> BatchPathways:
+def contribution_batch(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings,
+                       inputs: BatchInputs) -> BatchPathways:
     """``mct`` or ``intgrad`` contributions, the selection rule, edges and Pathway Gradient."""
-    contrib, attached = mct_contributions(bundle, x, target)
-    del attached
+    contrib = mct_contributions(bundle, x, inputs.target)
     if settings.method == "intgrad":
         contrib = intgrad_contributions(bundle, x, contrib.target, settings.intgrad_steps, contrib.acts)
     check_finite("contributions", contrib.element)
@@ -52,16 +47,9 @@ METHOD_RUNNERS: dict[str, MethodRunner] = {
 }
 
 
-def extract_batch(
-    bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings, target: torch.Tensor | None = None,
-    seeds: list[int] | None = None, shared: dict[str, object] | None = None,
-) -> BatchPathways:
-    """Pathways of images ``x`` ``[B, C, H, W]`` under ``settings``, by the method's runner.
-
-    ``target`` ``[B]``: the class each pathway explains (default: the predicted one). ``seeds``
-    (one per image) drive the resampling methods' noise; default 0. ``shared`` is a caller-owned
-    dict for one batch ``x``: the correlation and precision methods put their common resampling
-    scores there, so asking for both costs one set of 50 forward passes.
-    """
+def extract_batch(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings,
+                  inputs: BatchInputs | None = None) -> BatchPathways:
+    """Pathways of images ``x`` ``[B, C, H, W]`` under ``settings``, by the method's runner. Pass the same
+    ``inputs`` for every setting of one batch: the methods share its caches."""
     bundle.check_input(x)
-    return METHOD_RUNNERS[settings.method](bundle, x, settings, target, seeds, shared)
+    return METHOD_RUNNERS[settings.method](bundle, x, settings, inputs or BatchInputs())

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from extractor.batch import BatchPathways
+from extractor.batch import BatchInputs, BatchPathways
 from extractor.errors import ExtractionError
 from extractor.exemplars import ExemplarTracker
 from extractor.inputs import FileImages, ImageSource, SkippedImage, TensorImages, block_loader, scan_folder
@@ -43,7 +43,7 @@ from records import (
     Shard,
     config_key,
     part_dirs,
-    variant_setting,
+    variant_sweep,
 )
 
 log = logging.getLogger(__name__)
@@ -67,14 +67,17 @@ def to_png(x: torch.Tensor) -> bytes:
 
 
 def load_images(spec: str, bundle: ModelBundle, demo_home: Path | None = None) -> ImageSource:
-    """``demo:test`` / ``demo:train``, a named source (``samples:imagenet``, ``fashion-mnist:test``, ...;
-    :mod:`extractor.datasets`), a folder (one sub-folder per class) or one file, read lazily."""
+    """``demo:test`` / ``demo:train`` (the digits model's cache lives in ``demo_home``), a named source
+    (``samples:imagenet``, ``fashion-mnist:test``, ...; :mod:`extractor.datasets`), a folder (one sub-folder
+    per class) or one file, read lazily."""
     if spec.startswith("demo:"):
         from extractor.demo import demo_model, demo_split
 
         if bundle.info.arch != "demo-cnn":
             raise ExtractionError("demo images go with --model demo")
-        _, data, _ = demo_model(demo_home or Path(".cache"))
+        if demo_home is None:
+            raise ExtractionError("demo images need the home folder the demo model is cached in")
+        _, data, _ = demo_model(demo_home)
         split = spec.split(":", 1)[1]
         x, y = demo_split(data, split)
         return TensorImages(x, y, [f"demo:{split}/{i}" for i in range(len(y))])
@@ -116,12 +119,12 @@ class ExtractSummary:
     seconds: float = 0.0
     bad: list[SkippedImage] = field(default_factory=list)  # unreadable images skipped in this call
     shard: Shard = field(default_factory=Shard)
-    # (kind, sweep setting) -> [correct, total], labelled images only
+    # (kind, sweep) -> [correct, total], labelled images only
     correct: dict[tuple[str, str], list[int]] = field(default_factory=dict)
     unlabelled: int = 0  # originals without a label: no accuracy counts them
 
     def accuracy(self) -> dict[tuple[str, str], float]:
-        """Top-1 accuracy per (variant kind, sweep setting) over the labelled images."""
+        """Top-1 accuracy per (variant kind, sweep) over the labelled images."""
         return {k: c / t for k, (c, t) in self.correct.items() if t}
 
 
@@ -333,9 +336,9 @@ def _extract_batch(
         probs = logits.softmax(1)
         keep: list[int] = []
         for b, img in enumerate(gids):
-            setting = variant_setting(kind, params[b])  # the sweep setting, as the record will carry it
+            sweep = variant_sweep(kind, params[b])  # the sweep, as the record will carry it
             if labels[b] >= 0:  # accuracy only where a label exists (never against the model's own guess)
-                hit = summary.correct.setdefault((kind, setting), [0, 0])
+                hit = summary.correct.setdefault((kind, sweep), [0, 0])
                 hit[0] += int(logits[b].argmax() == labels[b])
                 hit[1] += 1
             elif kind == "original":
@@ -348,17 +351,17 @@ def _extract_batch(
                 image_id=img, model_id=bundle.info.model_id,
                 source=sources[b] if kind == "original" else f"{sources[b]}~{kind}",
                 label=int(labels[b]), variant_of=parents[b], kind=kind,
-                params=json.dumps(params[b], sort_keys=True), setting=setting, predicted=int(logits[b].argmax()),
+                params=json.dumps(params[b], sort_keys=True), sweep=sweep, predicted=int(logits[b].argmax()),
                 probs=probs[b].detach().cpu().numpy().astype(np.float32),
                 logits=logits[b].detach().cpu().numpy().astype(np.float32), png=to_png(gx[b]),
             ))
         for sl in _batches(len(keep), batch_size):
             rows = keep[sl]
-            shared: dict[str, object] = {}  # per chunk: resampling scores reused across methods
+            inputs = BatchInputs(seeds=[int(gids[r][:8], 16) for r in rows])  # one per chunk: shared by methods
             for s in settings:
                 if not s.applies_to(kind):
                     continue
-                res = extract_batch(bundle, gx[rows], s, seeds=[int(gids[r][:8], 16) for r in rows], shared=shared)
+                res = extract_batch(bundle, gx[rows], s, inputs)
                 pw_records.extend(pathway_records(bundle, [gids[r] for r in rows], res))
                 if tracker is not None and kind == "original" and s is lead:
                     inside = [e * m for e, m in zip(res.contrib.element, res.sel.masks, strict=True)]

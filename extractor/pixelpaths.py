@@ -29,41 +29,24 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from extractor.batch import BatchPathways
+from extractor.batch import BatchInputs, BatchPathways
 from extractor.contributions import mct_contributions
 from extractor.edges import Edges
 from extractor.errors import ExtractionError
 from extractor.models import ModelBundle
 from extractor.pathway_gradient import pathway_gradient
 from extractor.selection import Selection, channel_mask
-from extractor.settings import PathwaySettings
+from extractor.settings import PathwaySettings, PixelSettings
 from extractor.sites import Capture, Gate, SiteHooks, SiteRecorder, StopForward
 
 GATED_TYPES = (nn.ReLU, nn.MaxPool2d)
-
-
-@dataclass(kw_only=True, frozen=True)
-class PixelSettings:
-    """Beam width, pathways kept per pixel, pixel stride, and the smallest |pixel| traced."""
-
-    beam: int = 3
-    top: int = 3
-    stride: int = 2
-    min_value: float = 1e-3
-
-    def __post_init__(self) -> None:
-        if self.beam < 1 or self.top < 1 or self.top > self.beam or self.stride < 1:
-            raise ExtractionError("pixel pathways need beam >= top >= 1 and stride >= 1")
-
-    def params_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
 
 
 def require_chain(bundle: ModelBundle) -> None:
@@ -274,10 +257,8 @@ def gated_decomposition(
         return total, bias, clean
 
 
-def pixel_batch(
-    bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings, target: torch.Tensor | None = None,
-    seeds: list[int] | None = None, shared: dict[str, object] | None = None,
-) -> BatchPathways:
+def pixel_batch(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings,
+                inputs: BatchInputs) -> BatchPathways:
     """Pixel pathways of each image of ``x`` ``[B, C, H, W]`` as a ``BatchPathways``.
 
     Kept neurons = maps crossed by any pixel's top chains; their score is the pathway count
@@ -286,8 +267,7 @@ def pixel_batch(
     pixel the size of its largest chain. Per-pixel best chains go into ``extra``.
     """
     px = PixelSettings(beam=settings.beam, top=settings.top, stride=settings.stride)
-    contrib, attached = mct_contributions(bundle, x, target)
-    del attached
+    contrib = mct_contributions(bundle, x, inputs.target)
     B, S = x.shape[0], len(bundle.sites)
     counts = [torch.zeros((B, s.channels), dtype=x.dtype) for s in bundle.sites]
     sal = torch.zeros((B, *x.shape[2:]), dtype=x.dtype)

@@ -177,6 +177,12 @@ def _fixed_rows(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return top.indices, top.values.bool()
 
 
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool ``[B, C]``: the ``k`` largest finite ``scores`` ``[B, C]`` of each row (-inf never kept)."""
+    top = scores.topk(min(k, scores.shape[1]), dim=1)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top.indices, torch.isfinite(top.values))
+
+
 def connected_topk(scores: Sequence[torch.Tensor], k: int, reach: SiteReach | None) -> list[torch.Tensor]:
     """Per site, bool ``[B, C]``: ``k`` channels by ``scores`` (``[B, C]``, larger is better, -inf never
     kept), connected through per-channel and grouped segments by the rule in the module docstring.
@@ -188,8 +194,7 @@ def connected_topk(scores: Sequence[torch.Tensor], k: int, reach: SiteReach | No
         finite = torch.isfinite(s)
         cover_for = reach.needs_cover(j) if reach is not None else ()
         if reach is None or not (cover_for or reach.structured(j)):
-            top = s.topk(kk, dim=1)
-            kept[j] = torch.zeros_like(s, dtype=torch.bool).scatter_(1, top.indices, torch.isfinite(top.values))
+            kept[j] = top_k_mask(s, k)
             continue
         scale = s.masked_fill(~finite, 0).abs().amax(1, keepdim=True).clamp_min(1e-30)
         base = (s / scale).masked_fill(~finite, -1.0).clamp(-1.0, 1.0)  # in [-1, 1]

@@ -15,27 +15,18 @@ paper's measure sum|S1 ∩ S2| / sum(|S1| + |S2|) over layers (maximum 0.5).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from extractor.batch import BatchPathways, finish_batch
+from extractor.batch import BatchInputs, BatchPathways, ResamplingScores, finish_batch
 from extractor.contributions import check_finite, mct_contributions
 from extractor.models import ModelBundle
+from extractor.reach import top_k_mask
 from extractor.selection import Selection, channel_mask
 from extractor.settings import PathwaySettings
 from extractor.sites import Capture, SiteHooks
 
 MIN_MEAN_ACTIVATION = 0.1
 CHUNK_ELEMENTS = 1 << 25  # site activations of the copies held at once (float64: 256 MiB)
-
-
-@dataclass
-class ResamplingScores:
-    """Per site: correlation and precision ``[B, C]`` (precision is -inf for skipped channels)."""
-
-    correlation: list[torch.Tensor]
-    precision: list[torch.Tensor]
 
 
 def perturbed_copies(x: torch.Tensor, n: int, sigma: float, seeds: list[int]) -> torch.Tensor:
@@ -111,17 +102,6 @@ def resampling_scores(
     return ResamplingScores(corr, prec)
 
 
-def topk_sets(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
-    """Per site, a boolean ``[B, C]`` of the ``k`` best finite scores."""
-    out = []
-    for s in scores:
-        kk = min(k, s.shape[1])
-        top = s.topk(kk, dim=1)
-        keep = torch.zeros_like(s, dtype=torch.bool).scatter_(1, top.indices, torch.isfinite(top.values))
-        out.append(keep)
-    return out
-
-
 def set_overlap(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image: the paper's overlap sum|A∩B| / sum(|A|+|B|) (max 0.5) and the Jaccard index."""
     inter = torch.stack([(x & y).sum(1) for x, y in zip(a, b, strict=True)]).sum(0)
@@ -132,32 +112,23 @@ def set_overlap(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[torch.Ten
     return paper.float(), jac.float()
 
 
-def resampling_batch(
-    bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings, target: torch.Tensor | None = None,
-    seeds: list[int] | None = None, shared: dict[str, object] | None = None,
-) -> BatchPathways:
+def resampling_batch(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings,
+                     inputs: BatchInputs) -> BatchPathways:
     """``correlation`` or ``precision`` pathways: the top-k channels per site by the method's score.
 
-    Contributions (for the records and edges) are the usual ``a * dlogit/da``; ``shared`` (one dict
-    per batch) holds the resampling scores, so both methods on one batch cost one set of copies.
+    Contributions (for the records and edges) are the usual ``a * dlogit/da``; ``inputs.resampling`` holds
+    the resampling scores, so both methods on one batch cost one set of copies.
     """
-    contrib, attached = mct_contributions(bundle, x, target)
-    del attached
+    contrib = mct_contributions(bundle, x, inputs.target)
     check_finite("contributions", contrib.element)
-    key = f"resampling:{settings.resamples}:{settings.noise}"
-    rs = shared.get(key) if shared is not None else None
-    if not isinstance(rs, ResamplingScores):
-        rs = resampling_scores(
-            bundle=bundle,
-            x=x,
-            target=contrib.target,
-            seeds=seeds or [0] * x.shape[0],
-            n=settings.resamples,
-            sigma=settings.noise,
-        )
-        if shared is not None:
-            shared[key] = rs
-    corr, prec = topk_sets(rs.correlation, settings.k), topk_sets(rs.precision, settings.k)
+    key = (settings.resamples, settings.noise)
+    rs = inputs.resampling.get(key)
+    if rs is None:
+        rs = resampling_scores(bundle, x, contrib.target, seeds=inputs.seeds or [0] * x.shape[0],
+                               n=settings.resamples, sigma=settings.noise)
+        inputs.resampling[key] = rs
+    corr = [top_k_mask(s, settings.k) for s in rs.correlation]
+    prec = [top_k_mask(s, settings.k) for s in rs.precision]
     paper, jac = set_overlap(corr, prec)
     extra: list[dict[str, object]] = [{"corr_prec_overlap": float(paper[b]), "corr_prec_jaccard": float(jac[b])}
                                       for b in range(x.shape[0])]

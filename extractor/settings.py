@@ -19,6 +19,23 @@ GRANULARITIES = ("element", "channel")
 
 
 @dataclass(kw_only=True, frozen=True)
+class PixelSettings:
+    """Beam width, pathways kept per pixel, pixel stride, and the smallest |pixel| traced."""
+
+    beam: int = 3
+    top: int = 3
+    stride: int = 2
+    min_value: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.beam < 1 or self.top < 1 or self.top > self.beam or self.stride < 1:
+            raise ExtractionError("pixel pathways need beam >= top >= 1 and stride >= 1")
+
+    def params_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+@dataclass(kw_only=True, frozen=True)
 class PathwaySettings:
     """How a pathway is computed; ``params_json()`` is part of the pathway id."""
 
@@ -55,8 +72,8 @@ class PathwaySettings:
             raise ExtractionError("edge targets and edges per target must be at least 1")
         if self.method in RESAMPLING_METHODS and self.selection != "topk":
             raise ExtractionError(f"method {self.method} selects the top-k channels per site; use --top-k")
-        if self.method == "pixel" and not (1 <= self.top <= self.beam and self.stride >= 1):
-            raise ExtractionError("pixel pathways need beam >= top >= 1 and stride >= 1")
+        if self.method == "pixel":
+            PixelSettings(beam=self.beam, top=self.top, stride=self.stride)  # validates them
         if self.resamples < 3 or not (0.0 < self.noise < 10.0):
             raise ExtractionError("resampling needs at least 3 copies and a noise std in (0, 10)")
 

@@ -25,14 +25,15 @@ import torch
 import torch.nn.functional as F
 
 from extractor.errors import ExtractionError
+from records.variants import VARIANT_KINDS
 
 ForwardFn = Callable[[torch.Tensor], torch.Tensor]
-KINDS = ("fgsm", "pgd", "occlude", "shift", "deform", "affine")
+KINDS = tuple(VARIANT_KINDS)
 
 
 @dataclass(frozen=True)
 class VariantSpec:
-    """One variant setting: ``kind`` and its parameters (JSON-serialisable)."""
+    """One variant of a sweep: ``kind`` and its parameters (JSON-serialisable)."""
 
     kind: str
     params: dict[str, Any] = field(default_factory=dict)
@@ -42,22 +43,10 @@ class VariantSpec:
 
     @staticmethod
     def defaults(kind: str) -> list[VariantSpec]:
-        """The sweep each kind runs when named without parameters."""
-        if kind == "fgsm":
-            return [VariantSpec("fgsm", {"eps": e}) for e in (0.05, 0.1, 0.2)]
-        if kind == "pgd":
-            return [VariantSpec("pgd", {"eps": e, "steps": 10, "targeted": False}) for e in (0.05, 0.1, 0.2)] + [
-                VariantSpec("pgd", {"eps": 0.2, "steps": 20, "targeted": True, "target_offset": 1})
-            ]
-        if kind == "occlude":
-            return [VariantSpec("occlude", {"frac": 0.375})]
-        if kind == "shift":
-            return [VariantSpec("shift", {"dy": 4, "dx": 4})]
-        if kind == "deform":
-            return [VariantSpec("deform", {"alpha": 3.0, "sigma": 4.0})]
-        if kind == "affine":
-            return [VariantSpec("affine", {"rotate": 15.0, "scale": 0.9})]
-        raise ExtractionError(f"unknown variant {kind!r}; choose from {', '.join(KINDS)}")
+        """The sweep each kind runs when named without parameters (``records.variants.VARIANT_KINDS``)."""
+        if kind not in VARIANT_KINDS:
+            raise ExtractionError(f"unknown variant {kind!r}; choose from {', '.join(KINDS)}")
+        return [VariantSpec(kind, dict(p)) for p in VARIANT_KINDS[kind].defaults]
 
     @staticmethod
     def parse(text: str) -> list[VariantSpec]:
@@ -185,33 +174,60 @@ class Variant:
     params: list[dict[str, Any]]
 
 
+# How each kind makes its images: (params, forward, originals, labels, classes, seeds) -> (images, per-image params).
+ApplyFn = Callable[[dict[str, Any], ForwardFn, torch.Tensor, torch.Tensor, int, list[int]],
+                   tuple[torch.Tensor, list[dict[str, Any]]]]
+
+
+def _fgsm(p: dict[str, Any], forward: ForwardFn, x: torch.Tensor, labels: torch.Tensor, classes: int,
+          seeds: list[int]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    return fgsm(forward, x, labels, float(p["eps"])), [dict(p) for _ in range(len(x))]
+
+
+def _pgd(p: dict[str, Any], forward: ForwardFn, x: torch.Tensor, labels: torch.Tensor, classes: int,
+         seeds: list[int]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    if bool(p.get("targeted", False)):
+        tgt = (labels + int(p.get("target_offset", 1))) % classes
+        adv = pgd(forward=forward, x=x, y=tgt, eps=float(p["eps"]), steps=int(p["steps"]), targeted=True)
+        return adv, [{**p, "target": int(t)} for t in tgt]
+    adv = pgd(forward=forward, x=x, y=labels, eps=float(p["eps"]), steps=int(p["steps"]))
+    return adv, [dict(p) for _ in range(len(x))]
+
+
+def _occlude(p: dict[str, Any], forward: ForwardFn, x: torch.Tensor, labels: torch.Tensor, classes: int,
+             seeds: list[int]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    out, where = occlude(x, float(p["frac"]))
+    return out, [{**p, **w} for w in where]
+
+
+def _shift(p: dict[str, Any], forward: ForwardFn, x: torch.Tensor, labels: torch.Tensor, classes: int,
+           seeds: list[int]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    return shift(x, int(p["dy"]), int(p["dx"])), [dict(p) for _ in range(len(x))]
+
+
+def _deform(p: dict[str, Any], forward: ForwardFn, x: torch.Tensor, labels: torch.Tensor, classes: int,
+            seeds: list[int]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    return deform(x, float(p["alpha"]), float(p["sigma"]), seeds), [{**p, "seed": s} for s in seeds]
+
+
+def _affine(p: dict[str, Any], forward: ForwardFn, x: torch.Tensor, labels: torch.Tensor, classes: int,
+            seeds: list[int]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    return affine(x, float(p["rotate"]), float(p["scale"])), [dict(p) for _ in range(len(x))]
+
+
+# one function per kind of records.variants.VARIANT_KINDS (tests/test_names.py holds the two to the same kinds)
+APPLY: dict[str, ApplyFn] = {"fgsm": _fgsm, "pgd": _pgd, "occlude": _occlude, "shift": _shift, "deform": _deform,
+                             "affine": _affine}
+
+
 def make_variant(spec: VariantSpec, forward: ForwardFn, x: torch.Tensor, *, labels: torch.Tensor,
                  num_classes: int, seeds: list[int]) -> Variant:
-    """Apply ``spec`` to originals ``x`` whose labels (or predictions) are ``labels``."""
-    p = spec.params
-    B = x.shape[0]
+    """Apply ``spec`` to originals ``x`` ``[B, C, H, W]`` whose labels (or predictions) are ``labels``; ``seeds``
+    one per image."""
+    if spec.kind not in APPLY:
+        raise ExtractionError(f"unknown variant {spec.kind!r}")
     try:
-        if spec.kind == "fgsm":
-            return Variant("fgsm", fgsm(forward, x, labels, float(p["eps"])), [dict(p) for _ in range(B)])
-        if spec.kind == "pgd":
-            targeted = bool(p.get("targeted", False))
-            if targeted:
-                tgt = (labels + int(p.get("target_offset", 1))) % num_classes
-                adv = pgd(forward=forward, x=x, y=tgt, eps=float(p["eps"]), steps=int(p["steps"]), targeted=True)
-                return Variant("pgd", adv, [{**p, "target": int(t)} for t in tgt])
-            adv = pgd(forward=forward, x=x, y=labels, eps=float(p["eps"]), steps=int(p["steps"]))
-            return Variant("pgd", adv, [dict(p) for _ in range(B)])
-        if spec.kind == "occlude":
-            out, where = occlude(x, float(p["frac"]))
-            return Variant("occlude", out, [{**p, **w} for w in where])
-        if spec.kind == "shift":
-            return Variant("shift", shift(x, int(p["dy"]), int(p["dx"])), [dict(p) for _ in range(B)])
-        if spec.kind == "deform":
-            out = deform(x, float(p["alpha"]), float(p["sigma"]), seeds)
-            return Variant("deform", out, [{**p, "seed": s} for s in seeds])
-        if spec.kind == "affine":
-            out = affine(x, float(p["rotate"]), float(p["scale"]))
-            return Variant("affine", out, [dict(p) for _ in range(B)])
+        out, params = APPLY[spec.kind](spec.params, forward, x, labels, num_classes, seeds)
     except KeyError as exc:
         raise ExtractionError(f"variant {spec.kind} is missing parameter {exc.args[0]!r}") from exc
-    raise ExtractionError(f"unknown variant {spec.kind!r}")
+    return Variant(spec.kind, out, params)

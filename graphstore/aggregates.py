@@ -9,8 +9,8 @@ imported with everything else: after the restart only the indexes remain to be m
 Definitions (the Cypher's): over the original images' pathways of a setting, per explained class,
 ``USES`` a neuron with support = share of the class's pathways that include it, and the mean
 contribution; ``CLASS_FLOW`` an edge with support >= ``EDGE_SUPPORT_FLOOR`` and its mean weight;
-per (image kind, sweep setting) a ``CountStat`` of per-site sums over all pathways; per
-(variant kind, sweep setting, original's label) a ``VariantStat`` of the variants' pathways, and
+per (image kind, sweep) a ``CountStat`` of per-site sums over all pathways; per
+(variant kind, sweep, original's label) a ``VariantStat`` of the variants' pathways, and
 ``GAINED`` per neuron gained against the original's pathway.
 """
 
@@ -29,7 +29,7 @@ from graphstore.rows import EDGE_SUPPORT_FLOOR
 @dataclass(frozen=True, kw_only=True)
 class _Image:
     kind: str
-    setting: str
+    sweep: str
     predicted: int
     label: int
     variant_of: str | None
@@ -71,7 +71,7 @@ class Aggregates:
 
     def image(self, props: dict[str, Any]) -> None:
         """An Image node's properties (as written)."""
-        self.images[props["id"]] = _Image(kind=props["kind"], setting=props["setting"] or "",
+        self.images[props["id"]] = _Image(kind=props["kind"], sweep=props["sweep"] or "",
                                           predicted=props["predicted"], label=props["label"],
                                           variant_of=props["variant_of"])
 
@@ -134,12 +134,12 @@ class Aggregates:
         groups: dict[tuple[str, str, str, str], list[_Pathway]] = {}
         for p in self.pathways.values():
             im = self.images[p.image_id]
-            groups.setdefault((p.model_id, p.config, im.kind, im.setting), []).append(p)
+            groups.setdefault((p.model_id, p.config, im.kind, im.sweep), []).append(p)
         out = []
-        for n, ((model_id, config, kind, setting), ps) in enumerate(sorted(groups.items())):
+        for n, ((model_id, config, kind, sweep), ps) in enumerate(sorted(groups.items())):
             sizes = np.asarray([p.layer_sizes for p in ps], dtype=np.int64)
             mass = np.asarray([p.layer_mass for p in ps], dtype=np.float64)
-            out.append((f"count-{n}", {"model_id": model_id, "config": config, "kind": kind, "setting": setting or None,
+            out.append((f"count-{n}", {"model_id": model_id, "config": config, "kind": kind, "sweep": sweep or None,
                                        "pathways": len(ps), "totals": sizes.sum(0).tolist(),
                                        "mass": mass.sum(0).tolist(), "nonzero": (sizes > 0).sum(0).tolist()}))
         return out
@@ -151,7 +151,7 @@ class Aggregates:
             if im.variant_of is None or p.layer_jaccard is None:
                 continue
             label = self.images[im.variant_of].label
-            groups.setdefault((p.model_id, p.config, im.kind, im.setting, label), []).append(pid)
+            groups.setdefault((p.model_id, p.config, im.kind, im.sweep, label), []).append(pid)
         inc = pd.concat(self._includes, ignore_index=True) if self._includes else pd.DataFrame(
             columns=["pathway", "neuron", "contribution", "gained"])
         keys = {pid: f"variant-{n}" for n, (_, pids) in enumerate(sorted(groups.items())) for pid in pids}
@@ -159,12 +159,12 @@ class Aggregates:
         links = [(key, neuron, {"count": int(k)}) for (key, neuron), k in gained.groupby(["key", "neuron"]).size()
                  .items()]
         stats = []
-        for n, ((model_id, config, kind, setting, label), pids) in enumerate(sorted(groups.items())):
+        for n, ((model_id, config, kind, sweep, label), pids) in enumerate(sorted(groups.items())):
             ps = [self.pathways[pid] for pid in pids]
             changed = sum(self.images[p.image_id].predicted != self.images[self.images[p.image_id].variant_of or ""]
                           .predicted for p in ps)
             jac = np.asarray([p.layer_jaccard for p in ps], dtype=np.float64).sum(0)
-            stats.append((f"variant-{n}", {"model_id": model_id, "config": config, "kind": kind, "setting": setting,
+            stats.append((f"variant-{n}", {"model_id": model_id, "config": config, "kind": kind, "sweep": sweep,
                                 "label": label, "pairs": len(ps), "changed": int(changed),
                                 "jaccard_sum": jac.tolist()}))
         return stats, links

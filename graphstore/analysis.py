@@ -47,10 +47,10 @@ NeuronSet = dict[str, tuple[int, str, float]]
 Layers = Mapping[int, tuple[str, int]]  # layer index -> (site, depth)
 
 
-def targeted(setting: str | None) -> bool:
-    """Whether a variant's stored sweep setting (JSON) names a targeted attack."""
+def targeted(sweep: str | None) -> bool:
+    """Whether a variant's stored sweep (JSON) names a targeted attack."""
     try:
-        data = json.loads(setting or "{}")
+        data = json.loads(sweep or "{}")
     except ValueError:
         return False
     return isinstance(data, dict) and bool(data.get("targeted", False))
@@ -63,13 +63,13 @@ def neuron_card(neuron_id: str, *, info: dict[str, Any], exemplars: list[dict[st
     ``VARIANT_PAIR_COUNTS``, ``NEURON_GAINED`` and ``NEURON_LOST``."""
     shots = [Exemplar(**{**r, "png": bytes(r["png"]), "box": list(r["box"]), "position": list(r["position"])})
              for r in exemplars]
-    n_pairs = {(r["kind"], r["setting"]): int(r["pairs"]) for r in pairs}
-    n_gained = {(r["kind"], r["setting"]): int(r["gained"]) for r in gained}
-    n_lost = {(r["kind"], r["setting"]): int(r["lost"]) for r in lost}
+    n_pairs = {(r["kind"], r["sweep"]): int(r["pairs"]) for r in pairs}
+    n_gained = {(r["kind"], r["sweep"]): int(r["gained"]) for r in gained}
+    n_lost = {(r["kind"], r["sweep"]): int(r["lost"]) for r in lost}
     attacks = [
         AttackEffect(
             kind=k,
-            setting=st,
+            sweep=st,
             name=variant_name(k, st),
             pairs=n,
             gained=n_gained.get((k, st), 0),
@@ -178,7 +178,7 @@ def signature(row: int, neurons: list[NeuronScore], support: np.ndarray, min_sup
     return sorted(out, key=lambda x: (-x.specificity, x.neuron))
 
 
-def shift(variant_id: str, original_id: str, *, kind: str, setting: str, so: NeuronSet, sv: NeuronSet,
+def shift(variant_id: str, original_id: str, *, kind: str, sweep: str, so: NeuronSet, sv: NeuronSet,
           layers: Layers, threshold: float) -> Shift:
     """Kept, lost and gained neurons of a variant's pathway (``sv``) against its original's (``so``), the
     per-layer overlap, and the first layer (by depth) that changes and that departs (Jaccard < threshold)."""
@@ -195,7 +195,7 @@ def shift(variant_id: str, original_id: str, *, kind: str, setting: str, so: Neu
     per_layer = layer_overlaps({n: v[0] for n, v in so.items()}, {n: v[0] for n, v in sv.items()}, layers)
     by_depth = sorted(per_layer, key=lambda o: (o.depth, o.layer_index))
     return Shift(
-        variant=variant_id, original=original_id, kind=kind, setting=setting,
+        variant=variant_id, original=original_id, kind=kind, sweep=sweep,
         kept=sorted((change(n) for n in so.keys() & sv.keys()), key=order),
         lost=sorted((change(n) for n in so.keys() - sv.keys()), key=order),
         gained=sorted((change(n) for n in sv.keys() - so.keys()), key=order),
@@ -206,16 +206,16 @@ def shift(variant_id: str, original_id: str, *, kind: str, setting: str, so: Neu
 
 
 def hijacks(stats: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[Hijack]:
-    """``HIJACKED_NEURONS`` rows as shares of all pairs in ``VARIANT_STATS`` (overall and per setting)."""
-    per_setting: dict[str, int] = defaultdict(int)
+    """``HIJACKED_NEURONS`` rows as shares of all pairs in ``VARIANT_STATS`` (overall and per sweep)."""
+    per_sweep: dict[str, int] = defaultdict(int)
     for st in stats:
-        per_setting[st["setting"]] += st["pairs"]
-    total = sum(per_setting.values())
+        per_sweep[st["sweep"]] += st["pairs"]
+    total = sum(per_sweep.values())
     out = []
     for r in rows:
         counts: dict[str, int] = defaultdict(int)
-        for setting, k in r["by_setting"]:
-            counts[setting] += k
+        for sweep, k in r["by_sweep"]:
+            counts[sweep] += k
         out.append(
             Hijack(
                 neuron=r["neuron"],
@@ -223,19 +223,19 @@ def hijacks(stats: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[Hij
                 layer_index=r["layer_index"],
                 count=r["count"],
                 share=r["count"] / total,
-                by_setting={s: counts.get(s, 0) / n for s, n in sorted(per_setting.items())},
+                by_sweep={s: counts.get(s, 0) / n for s, n in sorted(per_sweep.items())},
             )
         )
     return out
 
 
 def variant_overlaps(stats: list[dict[str, Any]], layers: list[tuple[int, str]]) -> list[VariantOverlap]:
-    """Mean per-layer Jaccard with the originals per variant kind and setting, from ``VARIANT_STATS`` rows."""
+    """Mean per-layer Jaccard with the originals per variant kind and sweep, from ``VARIANT_STATS`` rows."""
     sums: dict[tuple[str, str], np.ndarray] = {}
     pairs: dict[tuple[str, str], int] = defaultdict(int)
     changed: dict[tuple[str, str], int] = defaultdict(int)
     for st in stats:
-        key = (st["kind"], st["setting"])
+        key = (st["kind"], st["sweep"])
         sums[key] = sums.get(key, 0.0) + np.asarray(st["jaccard_sum"], dtype=np.float64)
         pairs[key] += st["pairs"]
         changed[key] += st["changed"]
@@ -245,7 +245,7 @@ def variant_overlaps(stats: list[dict[str, Any]], layers: list[tuple[int, str]])
         out.extend(
             VariantOverlap(
                 kind=key[0],
-                setting=key[1],
+                sweep=key[1],
                 layer_index=li,
                 site=site,
                 mean_jaccard=float(mean[li]),

@@ -167,12 +167,12 @@ class Store:
         return self._run(Q.ACCURACY_BY_CLASS, model_id=model_id)
 
     def accuracy_by_variant(self, model_id: str) -> list[dict[str, Any]]:
-        """Per variant kind and sweep setting: images and accuracy; ``name`` reads like "PGD ε = 0.1, 10 steps"
+        """Per variant kind and sweep: images and accuracy; ``name`` reads like "PGD ε = 0.1, 10 steps"
         and ``targeted`` says whether the attack aimed at a chosen class."""
         rows = self._run(Q.ACCURACY_BY_VARIANT, model_id=model_id)
         for r in rows:
-            r["name"] = variant_name(r["kind"], r["setting"])
-            r["targeted"] = A.targeted(r["setting"])
+            r["name"] = variant_name(r["kind"], r["sweep"])
+            r["targeted"] = A.targeted(r["sweep"])
         return rows
 
     # -- images and pathways ---------------------------------------------------------------
@@ -347,7 +347,7 @@ class Store:
             variant_id=variant_id,
             original_id=detail.original,
             kind=detail.kind,
-            setting=detail.setting,
+            sweep=detail.sweep,
             so=sets[po],
             sv=sets[pv],
             layers=self._layer_depths(detail.model_id),
@@ -359,7 +359,7 @@ class Store:
         """Neurons most often gained by variants of ``kind`` (Bluff's "most changed"), by strength.
 
         Read from the ``VariantStat`` aggregates: share = pairs whose variant pathway has the
-        neuron and the original's lacks it, over all pairs (and per sweep setting).
+        neuron and the original's lacks it, over all pairs (and per sweep).
         """
         stats = self._run(Q.VARIANT_STATS, model_id=model_id, config=config, kind=kind, label=label)
         if not stats:
@@ -368,13 +368,13 @@ class Store:
                                           label=label, limit=int(limit)))
 
     def variant_overlap(self, model_id: str, config: str, kind: str | None = None) -> list[VariantOverlap]:
-        """For each variant kind and setting: mean per-layer overlap with the originals' pathways."""
+        """For each variant kind and sweep: mean per-layer overlap with the originals' pathways."""
         stats = self._run(Q.VARIANT_STATS, model_id=model_id, config=config, kind=kind, label=None)
         return A.variant_overlaps(stats, self._layer_list(model_id)) if stats else []
 
     def pathway_counts(self, config: str) -> list[LayerCount]:
-        """Mean pathway neurons per layer for originals and for each variant kind and setting."""
-        return [LayerCount(**r, name=variant_name(r["kind"], r["setting"]))
+        """Mean pathway neurons per layer for originals and for each variant kind and sweep."""
+        return [LayerCount(**r, name=variant_name(r["kind"], r["sweep"]))
                 for r in self._run(Q.PATHWAY_SIZE_BY_LAYER, config=config)]
 
     def similar_images(

@@ -19,7 +19,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ import pyarrow.csv as pacsv
 
 from graphstore import schema
 from graphstore.aggregates import AggregateRows, Aggregates
-from graphstore.errors import GraphStoreError, RecordsError, ServerError, reading_records
+from graphstore.errors import GraphStoreError, RecordsError, ServerError
 from graphstore.loader import ensure_schema
 from graphstore.rows import exemplar_rows, gained, groups, image_row, model_rows, neuron_table, pathway_row
 from graphstore.server import ADMIN_ENTRY_POINT, ServerConfig, java_executable, prepare, read_pid, start, stop
@@ -38,13 +38,13 @@ from records import (
     ExemplarRows,
     ModelInfo,
     PathwayRecord,
+    RunFolder,
     class_id,
     iter_parts,
     merge_exemplar_rows,
+    open_run,
     pathway_key,
     read_exemplars,
-    read_manifest,
-    require_complete,
 )
 
 log = logging.getLogger(__name__)
@@ -157,16 +157,14 @@ def _relationship_columns(pws: list[PathwayRecord], originals: dict[str, Pathway
     return includes, flows
 
 
-def _records(run_dirs: list[Path]) -> Iterator[tuple[ModelInfo, Any]]:
-    for run in run_dirs:
-        with reading_records():
-            model = read_manifest(run).model
-            for part in iter_parts(run):
-                yield model, part
+def _records(runs: list[RunFolder]) -> Iterator[tuple[ModelInfo, Any]]:
+    for run in runs:
+        for part in iter_parts(run):
+            yield run.manifest.model, part
 
 
-def write_csv(run_dirs: list[Path], out: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]], int, int]:
-    """Write node and relationship CSV files for ``run_dirs`` (deduplicated by id).
+def write_csv(runs: list[RunFolder], out: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]], int, int]:
+    """Write node and relationship CSV files for ``runs`` (deduplicated by id).
 
     Returns ``(nodes, relationships, node_count, relationship_count)`` where the first two
     list ``(label or type, file)`` for the importer.
@@ -201,7 +199,7 @@ def write_csv(run_dirs: list[Path], out: Path) -> tuple[list[tuple[str, Path]], 
     model_props: dict[str, dict[str, Any]] = {}
     covered: dict[str, int] = {}
     try:
-        for model, part in _records(run_dirs):
+        for model, part in _records(runs):
             if model.model_id not in models:
                 models.add(model.model_id)
                 rows = model_rows(model)
@@ -252,7 +250,7 @@ def write_csv(run_dirs: list[Path], out: Path) -> tuple[list[tuple[str, Path]], 
             includes.write(inc_columns)
             flows.write(flow_columns)
             aggregates.relationships(inc_columns, flow_columns)
-        _write_exemplars(run_dirs, exemplars)
+        _write_exemplars(runs, exemplars)
         _write_aggregates(aggregates.rows(), n, r, out)
         for model_id, props in model_props.items():
             n["Model"].write([model_id], {**props, "aggregated_pathways": covered.get(model_id, 0)})
@@ -279,11 +277,11 @@ def _write_aggregates(rows: AggregateRows, nodes: dict[str, _Table], rels: dict[
             table.write([src, dst], props)
 
 
-def _write_exemplars(run_dirs: list[Path], table: _Table) -> None:
+def _write_exemplars(runs: list[RunFolder], table: _Table) -> None:
     """EXEMPLAR rows: per model, the top N over all runs' exemplars (as the loader merges them)."""
     by_model: dict[str, tuple[ModelInfo, int, list[ExemplarRows]]] = {}
-    for run in run_dirs:
-        manifest = read_manifest(run)
+    for run in runs:
+        manifest = run.manifest
         n = int(manifest.settings.get("exemplars", 0))
         model, top, rows = by_model.get(manifest.model.model_id, (manifest.model, 0, []))
         by_model[manifest.model.model_id] = (model, max(top, n), [*rows, read_exemplars(run, n)] if n else rows)
@@ -312,7 +310,7 @@ def _run_importer(config: ServerConfig, nodes: list[tuple[str, Path]], rels: lis
 
 
 def bulk_import(
-    config: ServerConfig, run_dirs: list[Path], open_driver: Callable[[], Any], overwrite: bool = False,
+    config: ServerConfig, run_dirs: Sequence[Path | RunFolder], open_driver: Callable[[], Any], overwrite: bool = False,
     keep_csv: bool = False,
 ) -> BulkSummary:
     """Replace the local database's content with ``run_dirs`` through the offline importer.
@@ -324,15 +322,12 @@ def bulk_import(
     if not overwrite:
         raise RecordsError("bulk import replaces the whole database; pass --overwrite "
                            "(or use `pathx load` to add to it)")
-    for run in run_dirs:  # bad input fails before the server is touched
-        with reading_records():
-            read_manifest(run)
-            require_complete(run)
+    runs = [open_run(r) for r in run_dirs]  # bad input fails before the server is touched
     summary = BulkSummary()
     work = config.instance_dir / "import" / f"bulk-{os.getpid()}"
     began = time.perf_counter()
     try:
-        nodes, rels, summary.nodes, summary.relationships = write_csv(run_dirs, work)
+        nodes, rels, summary.nodes, summary.relationships = write_csv(runs, work)
         summary.csv_seconds = time.perf_counter() - began
         prepare(config)  # first use: the instance and its password, no start needed before an import
         if read_pid(config) is not None:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 
 class GraphStoreError(Exception):
     """Root of every error the graph store raises on purpose."""
@@ -28,14 +25,3 @@ class NotFound(GraphStoreError):
 
 class QueryRefused(GraphStoreError):
     """User Cypher that is not a read-only query (writes, schema, LOAD CSV, admin)."""
-
-
-@contextmanager
-def reading_records() -> Iterator[None]:
-    """Inside: a damaged or foreign run folder (``records.RecordsFormatError``) is this store's ``RecordsError``."""
-    from records import RecordsFormatError  # here: `pathx` imports these errors at every start, records pulls pyarrow
-
-    try:
-        yield
-    except RecordsFormatError as exc:
-        raise RecordsError(str(exc)) from exc

@@ -26,9 +26,10 @@ from tqdm import tqdm
 
 from graphstore import queries as Q
 from graphstore.connection import DATABASE
-from graphstore.errors import RecordsError, reading_records
+from graphstore.errors import RecordsError
 from graphstore.rows import (
     EDGE_SUPPORT_FLOOR,
+    STORE_FORMAT,
     Group,
     edge_rows,
     exemplar_rows,
@@ -43,11 +44,11 @@ from graphstore.rows import (
 from records import (
     ExemplarRows,
     ModelInfo,
+    RunFolder,
     iter_parts,
     merge_exemplar_rows,
+    open_run,
     read_exemplars,
-    read_manifest,
-    require_complete,
 )
 
 log = logging.getLogger(__name__)
@@ -245,30 +246,27 @@ def _write_batches(driver: neo4j.Driver, database: str, *, batches: list[list[Gr
             session.close()
 
 
-def load_run(driver: neo4j.Driver, run_dir: Path, database: str = DATABASE, progress: bool = True,
+def load_run(driver: neo4j.Driver, run_dir: Path | RunFolder, database: str = DATABASE, progress: bool = True,
              workers: int = LOAD_WORKERS) -> LoadSummary:
     """Load every part of ``run_dir``; safe to repeat and to resume after a crash.
 
     ``workers`` transactions run at once (Python builds one batch's rows while Neo4j writes another's).
     """
-    with reading_records():
-        manifest = read_manifest(run_dir)
-        require_complete(run_dir)
-    model = manifest.model
+    run = open_run(run_dir)
+    model = run.manifest.model
     began = time.perf_counter()
-    old, _, _ = driver.execute_query(Q.PATHWAY_WITHOUT_KEY, database_=database)
+    old, _, _ = driver.execute_query(Q.MODEL_OF_OTHER_FORMAT, format=STORE_FORMAT, database_=database)
     if old:
-        raise RecordsError("this store was written by an older Pathway Explorer (its pathways have no key); "
-                           "import all runs again with `pathx db import RUN... --overwrite`, or load into an empty "
-                           "database")
+        raise RecordsError(f"this store was written by another Pathway Explorer (store format {old[0]['format']}, "
+                           f"this one writes {STORE_FORMAT}); import all runs again with `pathx db import RUN... "
+                           "--overwrite`, or load into an empty database")
     ensure_schema(driver, database)
     load_model(driver, model, database)
     summary = LoadSummary(repaired=remove_incomplete(driver, model.model_id, database))
     records, _, _ = driver.execute_query(Q.NEURON_ELEMENT_IDS, model_id=model.model_id, database_=database)
     element = {r["id"]: r["element_id"] for r in records}
     table = [[element[n] for n in site] for site in neuron_table(model)]
-    with reading_records():
-        parts = list(iter_parts(run_dir))
+    parts = list(iter_parts(run))
     for part in parts:
         for pw in part.pathways:
             if pw.model_id != model.model_id:
@@ -282,7 +280,7 @@ def load_run(driver: neo4j.Driver, run_dir: Path, database: str = DATABASE, prog
     finally:
         bar.close()
     summary.write_seconds = time.perf_counter() - began_writes
-    summary.exemplars = load_exemplars(driver, run_dir, model, int(manifest.settings.get("exemplars", 0)), database)
+    summary.exemplars = load_exemplars(driver, run, model, int(run.manifest.settings.get("exemplars", 0)), database)
     if summary.pathways_new or summary.repaired or not aggregates_current(driver, model.model_id, database):
         refresh_aggregates(driver, model.model_id, database)
     summary.seconds = time.perf_counter() - began
@@ -291,13 +289,12 @@ def load_run(driver: neo4j.Driver, run_dir: Path, database: str = DATABASE, prog
     return summary
 
 
-def load_exemplars(driver: neo4j.Driver, run_dir: Path, model: ModelInfo, n: int, database: str = DATABASE) -> int:
+def load_exemplars(driver: neo4j.Driver, run: RunFolder, model: ModelInfo, n: int, database: str = DATABASE) -> int:
     """Merge the run's exemplars with those already stored for the model (top ``n`` per neuron and
     kind over both) and replace them in one transaction; returns how many are stored."""
     if n <= 0:
         return 0
-    with reading_records():
-        run_rows = read_exemplars(run_dir, n)
+    run_rows = read_exemplars(run, n)
     records, _, _ = driver.execute_query(Q.NEURON_ELEMENT_IDS, model_id=model.model_id, database_=database)
     element = {r["id"]: r["element_id"] for r in records}
     table = [[element[nid] for nid in site] for site in neuron_table(model)]

@@ -11,23 +11,22 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from records import PER_IMAGE_KEYS, parse_neuron_id
+from records.variants import VARIANT_KINDS, number
+
 METHOD_NAMES = {"mct": "MCT", "intgrad": "IntGrad", "correlation": "Correlation", "precision": "Precision",
                 "pixel": "Pixel pathways"}
-VARIANT_NAMES = {"original": "original", "fgsm": "FGSM", "pgd": "PGD", "occlude": "occlude", "shift": "shift",
-                 "deform": "deform", "affine": "affine"}
-PER_IMAGE = frozenset({"target", "seed", "top", "left", "target_offset"})
+VARIANT_NAMES = {"original": "original", **{kind: k.title for kind, k in VARIANT_KINDS.items()}}
+# not shown: the per-image parameters, and how far a targeted attack's target class is from the label
+HIDDEN = frozenset({*PER_IMAGE_KEYS, "target_offset"})
+
+__all__ = ["METHOD_NAMES", "VARIANT_NAMES", "neuron_name", "number", "setting_name", "variant_name"]
 
 
-def number(value: float | int | None, digits: int = 3) -> str:
-    """A number for display: ``digits`` significant digits, never ``-0``."""
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, int):
-        return str(value)
-    text = f"{float(value):.{digits}g}"
-    return "0" if text in ("-0", "-0.0") or float(text) == 0 else text
+def neuron_name(neuron_id: str) -> str:
+    """A neuron as a label: ``site/channel`` (its model id left out)."""
+    ref = parse_neuron_id(neuron_id)
+    return f"{ref.site_id}/{ref.channel}"
 
 
 def _params(params: str | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -66,20 +65,9 @@ def setting_name(method: str, selection: str, params: str | Mapping[str, Any] | 
 
 def variant_name(kind: str, params: str | Mapping[str, Any] | None) -> str:
     """E.g. "PGD ε = 0.1, 10 steps", "PGD ε = 0.2, 20 steps, targeted", "rotate 15°, scale 0.9"."""
-    p = {k: v for k, v in _params(params).items() if k not in PER_IMAGE}
-    if kind in ("fgsm", "pgd"):
-        text = f"{VARIANT_NAMES[kind]} ε = {number(p.get('eps'))}"
-        if kind == "pgd":
-            text += f", {p.get('steps', '?')} steps"
-        return text + (", targeted" if p.get("targeted") else "")
-    if kind == "affine":
-        return f"rotate {number(p.get('rotate'))}°, scale {number(p.get('scale'))}"
-    if kind == "occlude":
-        return f"occlude {number(100 * float(p.get('frac', 0)))} % patch"
-    if kind == "shift":
-        return f"shift {number(p.get('dy'))} px down, {number(p.get('dx'))} px right"
-    if kind == "deform":
-        return f"deform α = {number(p.get('alpha'))}, σ = {number(p.get('sigma'))}"
+    p = {k: v for k, v in _params(params).items() if k not in HIDDEN}
+    if kind in VARIANT_KINDS:
+        return VARIANT_KINDS[kind].describe(p)
     if kind == "original" or not p:
         return VARIANT_NAMES.get(kind, kind)
     return f"{kind} " + ", ".join(f"{k} {number(v) if isinstance(v, (int, float)) else v}"

@@ -10,7 +10,7 @@ below is made from it.
 A variant's pathway carries ``layer_jaccard`` (per site, against its original's pathway of the
 same setting) and its ``INCLUDES`` carry ``gained`` (the original's pathway lacks the neuron);
 the loader computes both from the records. ``VariantStat`` sums them per original label, variant
-kind and sweep setting, so adversarial and variant questions read a few hundred rows.
+kind and sweep, so adversarial and variant questions read a few hundred rows.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ AWAIT_INDEXES = "CALL db.awaitIndexes(1800)"
 
 MERGE_MODEL = """
 MERGE (m:Model {id: $model.id})
-SET m.arch = $model.arch, m.title = $model.title, m.num_classes = $model.num_classes, m.input_shape = $model.input_shape
+SET m.arch = $model.arch, m.title = $model.title, m.num_classes = $model.num_classes, m.input_shape = $model.input_shape,
+    m.store_format = $model.store_format
 WITH m
 UNWIND $layers AS l
 MERGE (ly:Layer {id: l.id})
@@ -165,9 +166,9 @@ RETURN DISTINCT p.config AS config
 # Taking a write lock on the model node serialises concurrent aggregate refreshes (two loaders
 # finishing at once would otherwise both clear and both recreate).
 # a store written before pathways had keys (FLOWS_TO then held the id string) cannot take new loads
-PATHWAY_WITHOUT_KEY = """
-MATCH (p:Pathway) WHERE p.key IS NULL
-RETURN p.id AS id LIMIT 1
+MODEL_OF_OTHER_FORMAT = """
+MATCH (m:Model) WHERE coalesce(m.store_format, 0) <> $format
+RETURN m.id AS id, coalesce(m.store_format, 0) AS format LIMIT 1
 """
 
 MODEL_PATHWAYS = """
@@ -236,11 +237,11 @@ DELETE s
 
 REFRESH_COUNT_STATS = """
 MATCH (p:Pathway {model_id: $model_id, config: $config})-[:FOR_IMAGE]->(i:Image)
-WITH i.kind AS kind, coalesce(i.setting, '') AS setting, collect(p.layer_sizes) AS sizes,
+WITH i.kind AS kind, coalesce(i.sweep, '') AS sweep, collect(p.layer_sizes) AS sizes,
      collect(coalesce(p.layer_mass, [x IN p.layer_sizes | 0.0])) AS masses
-WITH kind, setting, sizes, masses, range(0, size(sizes[0]) - 1) AS sites
+WITH kind, sweep, sizes, masses, range(0, size(sizes[0]) - 1) AS sites
 CREATE (:CountStat {model_id: $model_id, config: $config, kind: kind,
-                    setting: CASE setting WHEN '' THEN null ELSE setting END, pathways: size(sizes),
+                    sweep: CASE sweep WHEN '' THEN null ELSE sweep END, pathways: size(sizes),
                     totals: [i IN sites | reduce(t = 0, x IN sizes | t + x[i])],
                     mass: [i IN sites | reduce(t = 0.0, x IN masses | t + x[i])],
                     nonzero: [i IN sites | reduce(t = 0, x IN sizes | t + CASE WHEN x[i] > 0 THEN 1 ELSE 0 END)]})
@@ -251,16 +252,16 @@ MATCH (s:VariantStat {model_id: $model_id, config: $config})
 DETACH DELETE s
 """
 
-# One VariantStat per (original label, variant kind, sweep setting): pairs, prediction changes,
+# One VariantStat per (original label, variant kind, sweep): pairs, prediction changes,
 # per-site sums of the pairs' Jaccard overlaps, and how often each neuron was gained.
 REFRESH_VARIANT_STATS = """
 MATCH (v:Image {model_id: $model_id})-[r:VARIANT_OF]->(o:Image)
 MATCH (pv:Pathway {config: $config, image_id: v.id})
 WHERE pv.layer_jaccard IS NOT NULL
-WITH r.kind AS kind, r.setting AS setting, o.label AS label, collect(pv) AS pvs,
+WITH r.kind AS kind, r.sweep AS sweep, o.label AS label, collect(pv) AS pvs,
      sum(CASE WHEN v.predicted <> o.predicted THEN 1 ELSE 0 END) AS changed
-WITH kind, setting, label, pvs, changed, size(pvs[0].layer_jaccard) AS sites
-CREATE (s:VariantStat {model_id: $model_id, config: $config, kind: kind, setting: setting, label: label,
+WITH kind, sweep, label, pvs, changed, size(pvs[0].layer_jaccard) AS sites
+CREATE (s:VariantStat {model_id: $model_id, config: $config, kind: kind, sweep: sweep, label: label,
                        pairs: size(pvs), changed: changed,
                        jaccard_sum: [i IN range(0, sites - 1) | reduce(t = 0.0, p IN pvs | t + p.layer_jaccard[i])]})
 WITH s, pvs
@@ -323,22 +324,22 @@ ORDER BY class_index
 ACCURACY_BY_VARIANT = """
 MATCH (v:Image {model_id: $model_id})-[r:VARIANT_OF]->(o:Image)-[:LABELED_AS]->(c:Class)
 MATCH (v)-[:PREDICTED_AS]->(p:Class)
-RETURN r.kind AS kind, r.setting AS setting, r.eps AS eps, count(v) AS images,
+RETURN r.kind AS kind, r.sweep AS sweep, r.eps AS eps, count(v) AS images,
        toFloat(sum(CASE WHEN p = c THEN 1 ELSE 0 END)) / count(v) AS accuracy
-ORDER BY kind, eps, setting
+ORDER BY kind, eps, sweep
 """
 
-# Read from the CountStat aggregates (per config, image kind and sweep setting: per-site totals of
+# Read from the CountStat aggregates (per config, image kind and sweep: per-site totals of
 # pathway neurons and how many pathways have any there), built from ``Pathway.layer_sizes``.
 PATHWAY_SIZE_BY_LAYER = """
 MATCH (s:CountStat {config: $config})
 UNWIND range(0, size(s.totals) - 1) AS layer_index
 WITH s, layer_index WHERE s.nonzero[layer_index] > 0
 MATCH (:Model {id: s.model_id})-[:HAS_LAYER]->(l:Layer {index: layer_index})
-RETURN s.kind AS kind, coalesce(s.setting, '') AS setting, layer_index, l.site AS site,
+RETURN s.kind AS kind, coalesce(s.sweep, '') AS sweep, layer_index, l.site AS site,
        toFloat(s.totals[layer_index]) / s.nonzero[layer_index] AS mean_neurons,
        coalesce(s.mass[layer_index], 0.0) / s.nonzero[layer_index] AS mean_mass, s.nonzero[layer_index] AS pathways
-ORDER BY kind, setting, layer_index
+ORDER BY kind, sweep, layer_index
 """
 
 LIST_IMAGES = """
@@ -347,7 +348,7 @@ WHERE ($kind IS NULL OR i.kind = $kind)
   AND ($label IS NULL OR i.label = $label)
   AND ($predicted IS NULL OR i.predicted = $predicted)
 RETURN i.id AS id, i.source AS source, i.kind AS kind, i.label AS label, i.predicted AS predicted,
-       i.prob AS prob, i.variant_of AS variant_of, coalesce(i.setting, '') AS setting
+       i.prob AS prob, i.variant_of AS variant_of, coalesce(i.sweep, '') AS sweep
 ORDER BY i.source, i.id
 LIMIT $limit
 """
@@ -358,7 +359,7 @@ OPTIONAL MATCH (i)-[:VARIANT_OF]->(o:Image)
 OPTIONAL MATCH (v:Image)-[:VARIANT_OF]->(i)
 WITH i, o, collect(v.id) AS variants
 RETURN i.id AS id, i.model_id AS model_id, i.source AS source, i.kind AS kind, i.params AS params,
-       coalesce(i.setting, '') AS setting, i.label AS label, i.predicted AS predicted, i.prob AS prob,
+       coalesce(i.sweep, '') AS sweep, i.label AS label, i.predicted AS predicted, i.prob AS prob,
        i.probs AS probs, i.png AS png, o.id AS original, variants
 """
 
@@ -447,10 +448,10 @@ MATCH (v:Image)-[r:VARIANT_OF]->(o:Image)
 WHERE v.model_id = $model_id AND ($kind IS NULL OR r.kind = $kind)
   AND ($label IS NULL OR o.label = $label)
 MATCH (pv:Pathway {config: $config, image_id: v.id}), (po:Pathway {config: $config, image_id: o.id})
-RETURN v.id AS variant, o.id AS original, r.kind AS kind, r.setting AS setting, r.eps AS eps,
+RETURN v.id AS variant, o.id AS original, r.kind AS kind, r.sweep AS sweep, r.eps AS eps,
        pv.id AS variant_pathway, po.id AS original_pathway, o.label AS label,
        o.predicted AS original_predicted, v.predicted AS variant_predicted
-ORDER BY kind, eps, setting, original
+ORDER BY kind, eps, sweep, original
 """
 
 VARIANT_KINDS = """
@@ -463,16 +464,16 @@ ORDER BY attack DESC, kind
 VARIANT_STATS = """
 MATCH (s:VariantStat {model_id: $model_id, config: $config})
 WHERE ($kind IS NULL OR s.kind = $kind) AND ($label IS NULL OR s.label = $label)
-RETURN s.kind AS kind, s.setting AS setting, s.label AS label, s.pairs AS pairs, s.changed AS changed,
+RETURN s.kind AS kind, s.sweep AS sweep, s.label AS label, s.pairs AS pairs, s.changed AS changed,
        s.jaccard_sum AS jaccard_sum
-ORDER BY kind, setting, label
+ORDER BY kind, sweep, label
 """
 
 HIJACKED_NEURONS = """
 MATCH (s:VariantStat {model_id: $model_id, config: $config, kind: $kind})-[g:GAINED]->(n:Neuron)
 WHERE $label IS NULL OR s.label = $label
-WITH n, sum(g.count) AS count, collect([s.setting, g.count]) AS by_setting
-RETURN n.id AS neuron, n.site AS site, n.layer_index AS layer_index, count, by_setting
+WITH n, sum(g.count) AS count, collect([s.sweep, g.count]) AS by_sweep
+RETURN n.id AS neuron, n.site AS site, n.layer_index AS layer_index, count, by_sweep
 ORDER BY count DESC, neuron
 LIMIT $limit
 """
@@ -572,7 +573,7 @@ ORDER BY abs(f.mean_weight) * f.support DESC, neuron LIMIT $limit
 
 NEURON_GAINED = """
 MATCH (s:VariantStat {model_id: $model_id, config: $config})-[g:GAINED]->(:Neuron {id: $neuron_id})
-RETURN s.kind AS kind, s.setting AS setting, sum(g.count) AS gained
+RETURN s.kind AS kind, s.sweep AS sweep, sum(g.count) AS gained
 """
 
 NEURON_LOST = """
@@ -580,12 +581,12 @@ MATCH (n:Neuron {id: $neuron_id})<-[:INCLUDES]-(po:Pathway {config: $config})-[:
 MATCH (v:Image)-[r:VARIANT_OF]->(o)
 MATCH (pv:Pathway {image_id: v.id, config: $config})
 WHERE NOT (pv)-[:INCLUDES]->(n)
-RETURN r.kind AS kind, r.setting AS setting, count(*) AS lost
+RETURN r.kind AS kind, r.sweep AS sweep, count(*) AS lost
 """
 
 VARIANT_PAIR_COUNTS = """
 MATCH (s:VariantStat {model_id: $model_id, config: $config})
-RETURN s.kind AS kind, s.setting AS setting, sum(s.pairs) AS pairs
+RETURN s.kind AS kind, s.sweep AS sweep, sum(s.pairs) AS pairs
 """
 
 # --- the console's example queries (shown to users, run read-only) --------------------------
@@ -605,7 +606,7 @@ ORDER BY site, channel""",
     "Attacks that flip the prediction": """\
 MATCH (v:Image)-[r:VARIANT_OF]->(o:Image)
 WHERE v.predicted <> o.predicted
-RETURN r.kind AS kind, r.setting AS setting, count(*) AS flipped ORDER BY kind, setting""",
+RETURN r.kind AS kind, r.sweep AS sweep, count(*) AS flipped ORDER BY kind, sweep""",
     "Strongest edges of one pathway": """\
 MATCH (p:Pathway) WITH p LIMIT 1
 MATCH (a:Neuron)-[f:FLOWS_TO {pathway: p.key}]->(b:Neuron)

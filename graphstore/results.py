@@ -10,7 +10,7 @@ import networkx as nx
 import numpy as np
 import pandas as pd
 
-from records import LayerOverlap
+from records import LayerOverlap, logit_ratio
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -51,7 +51,7 @@ class ImageInfo:
     predicted: int
     prob: float
     variant_of: str | None
-    setting: str
+    sweep: str
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -61,7 +61,7 @@ class ImageDetail:
     source: str
     kind: str
     params: str
-    setting: str  # the variant's sweep setting as its record says ("" for originals)
+    sweep: str  # the variant's sweep as its record says ("" for originals)
     label: int
     predicted: int
     prob: float
@@ -92,7 +92,7 @@ class PathwayInfo:
 
     @property
     def logit_ratio(self) -> float:
-        return self.logit_masked / self.logit_full if self.logit_full else float("nan")
+        return logit_ratio(self.logit_masked, self.logit_full)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -158,7 +158,7 @@ class Shift:
     variant: str
     original: str
     kind: str
-    setting: str
+    sweep: str
     kept: list[NeuronChange]
     lost: list[NeuronChange]
     gained: list[NeuronChange]
@@ -169,43 +169,43 @@ class Shift:
 
 @dataclass(kw_only=True, frozen=True)
 class Hijack:
-    """A neuron gained by attacked images: share of pairs, overall and per setting."""
+    """A neuron gained by attacked images: share of pairs, overall and per sweep."""
 
     neuron: str
     site: str
     layer_index: int
     count: int
     share: float
-    by_setting: dict[str, float]
+    by_sweep: dict[str, float]
 
 
 @dataclass(kw_only=True, frozen=True)
 class LayerCount:
-    """Per layer, for originals or one variant setting: mean pathway neurons and mean contribution
+    """Per layer, for originals or one variant sweep: mean pathway neurons and mean contribution
     mass (sum of |contribution| of the pathway's neurons there) over pathways with any there."""
 
     kind: str
-    setting: str
+    sweep: str
     layer_index: int
     site: str
     mean_neurons: float
     mean_mass: float
     pathways: int
-    name: str = ""  # the variant setting as a researcher writes it
+    name: str = ""  # the variant sweep as a researcher writes it
 
 
 @dataclass(kw_only=True, frozen=True)
 class VariantOverlap:
-    """Mean per-layer Jaccard between variants' and originals' pathways, per kind and setting."""
+    """Mean per-layer Jaccard between variants' and originals' pathways, per kind and sweep."""
 
     kind: str
-    setting: str
+    sweep: str
     layer_index: int
     site: str
     mean_jaccard: float
     pairs: int
     prediction_changed: float  # share of pairs whose prediction differs from the original's
-    name: str = ""  # the variant setting as a researcher writes it
+    name: str = ""  # the variant sweep as a researcher writes it
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -239,7 +239,7 @@ class AttackEffect:
     """How attacks of one kind and strength change a neuron: pathways that gain or lose it, of ``pairs``."""
 
     kind: str
-    setting: str
+    sweep: str
     name: str
     pairs: int
     gained: int
@@ -302,24 +302,26 @@ class Agreement:
     per_layer: list[LayerOverlap] = field(default_factory=list)
 
 
+def as_row(item: Any) -> dict[str, Any]:
+    """A result, a dict or a value as one row: a dataclass's fields (not recursed), a dict's items."""
+    if dataclasses.is_dataclass(item) and not isinstance(item, type):
+        return {f.name: getattr(item, f.name) for f in dataclasses.fields(item)}
+    return dict(item) if isinstance(item, dict) else {"value": item}
+
+
 def to_frame(result: Any) -> pd.DataFrame:
     """A query result as a ``pandas.DataFrame``: one row per item of a list of results or dicts;
     for one result object, one row per item of each of its list fields (column ``part`` names the
     field), with its scalar fields in ``frame.attrs``."""
-    def row(item: Any) -> dict[str, Any]:
-        if dataclasses.is_dataclass(item) and not isinstance(item, type):
-            return {f.name: getattr(item, f.name) for f in dataclasses.fields(item)}
-        return dict(item) if isinstance(item, dict) else {"value": item}
-
     if isinstance(result, (list, tuple)):
-        return pd.DataFrame([row(r) for r in result])
+        return pd.DataFrame([as_row(r) for r in result])
     if isinstance(result, dict):
         return pd.DataFrame([result])
-    fields = row(result)
+    fields = as_row(result)
     lists = {k: v for k, v in fields.items() if isinstance(v, list) and v and not isinstance(v[0], (int, float, str))}
     if not lists:
         return pd.DataFrame([fields])
-    frame = pd.concat([pd.DataFrame([row(r) for r in v]).assign(part=k) for k, v in lists.items()],
+    frame = pd.concat([pd.DataFrame([as_row(r) for r in v]).assign(part=k) for k, v in lists.items()],
                       ignore_index=True)
     frame.attrs.update({k: v for k, v in fields.items() if k not in lists})
     return frame

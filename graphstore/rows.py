@@ -26,9 +26,12 @@ from records import (
     neuron_id,
     pathway_key,
 )
-from records.overlap import jaccard_per_layer
+from records.overlap import jaccard_per_layer, neuron_keys
 
 SIGNATURE_DIMENSIONS = 128  # Pathway.signature: the neuron set as a random +-1 projection (cosine ~ overlap)
+# The store's format, on every Model node: a load refuses a store written in another (older) one. 1: pathways
+# keyed by a compact integer; 2: a variant's parameters without per-image ones are its `sweep` (was `setting`).
+STORE_FORMAT = 2
 EDGE_SUPPORT_FLOOR = 0.05  # class edge supports below this are not kept as CLASS_FLOW aggregates
 
 
@@ -52,7 +55,7 @@ def model_rows(model: ModelInfo) -> ModelRows:
     ]
     meta = {"id": model.model_id, "arch": model.arch, "title": model.title or model.arch,
             "num_classes": model.num_classes,
-            "input_shape": list(model.input_shape)}
+            "input_shape": list(model.input_shape), "store_format": STORE_FORMAT}
     pairs = [{"src": str(layers[i]["id"]), "dst": str(layers[s.index]["id"])} for s in model.sites for i in s.preds]
     neurons = [
         {"id": neuron_id(model.model_id, s.site_id, c), "layer_id": layer_id(model.model_id, s.site_id),
@@ -66,18 +69,18 @@ def model_rows(model: ModelInfo) -> ModelRows:
 
 def image_row(im: ImageRecord, model: ModelInfo) -> dict[str, Any]:
     params = json.loads(im.params or "{}")
-    setting = im.setting
+    sweep = im.sweep
     props = {
         "id": im.image_id, "model_id": im.model_id, "source": im.source, "kind": im.kind, "params": im.params,
         # like variant_of, set on variants only: both writers then store the same (the bulk importer
         # reads an empty CSV cell as no property, so an original's "" could not be stored there)
-        "setting": setting or None, "label": int(im.label), "predicted": int(im.predicted),
+        "sweep": sweep or None, "label": int(im.label), "predicted": int(im.predicted),
         "prob": float(im.probs[im.predicted]), "probs": [float(p) for p in im.probs], "png": bytes(im.png),
         "variant_of": im.variant_of,
     }
     variant = None
     if im.variant_of is not None:
-        variant = {"kind": im.kind, "params": im.params, "setting": setting,
+        variant = {"kind": im.kind, "params": im.params, "sweep": sweep,
                    "eps": params.get("eps"), "steps": params.get("steps"),
                    "targeted": params.get("targeted"), "target": params.get("target")}
     return {
@@ -86,11 +89,6 @@ def image_row(im: ImageRecord, model: ModelInfo) -> dict[str, Any]:
         "label_class": class_id(model.model_id, im.label) if 0 <= im.label < model.num_classes else None,
         "variant_of": im.variant_of, "variant": variant,
     }
-
-
-def neuron_keys(pw: PathwayRecord) -> np.ndarray:
-    """Neuron keys ``site * 2**32 + channel`` of a pathway, shape (n,)."""
-    return pw.neuron_site.astype(np.int64) * (1 << 32) + pw.neuron_channel.astype(np.int64)
 
 
 @lru_cache(maxsize=8)
@@ -153,7 +151,9 @@ def gained(pw: PathwayRecord, original: PathwayRecord | None) -> list[bool | Non
     """Per neuron of a variant's pathway, whether its original's pathway lacks it (None for originals)."""
     if original is None:
         return [None] * len(pw.neuron_site)
-    lacks: list[bool] = (~np.isin(neuron_keys(pw), neuron_keys(original))).tolist()
+    ours, theirs = neuron_keys(pw.neuron_site, pw.neuron_channel), neuron_keys(original.neuron_site,
+                                                                                  original.neuron_channel)
+    lacks: list[bool] = (~np.isin(ours, theirs)).tolist()
     return list(lacks)
 
 

@@ -87,8 +87,12 @@ class Index:
 NODES: tuple[Node, ...] = (
     Node(
         label="Model",
-        props=_props("id:string arch:string title:string num_classes:long input_shape:long[] aggregated_pathways:long"),
-        note="aggregated_pathways: how many pathways the aggregates were last computed over",
+        props=_props(
+            "id:string arch:string title:string num_classes:long input_shape:long[] aggregated_pathways:long "
+            "store_format:long"
+        ),
+        note="aggregated_pathways: how many pathways the aggregates were last computed over; store_format: "
+        "graphstore.rows.STORE_FORMAT when written (a load refuses a store of another format)",
     ),
     Node(
         label="Layer",
@@ -106,10 +110,10 @@ NODES: tuple[Node, ...] = (
     Node(
         label="Image",
         props=_props(
-            "id:string model_id:string source:string kind:string params:string setting?:string "
+            "id:string model_id:string source:string kind:string params:string sweep?:string "
             "label:long predicted:long prob:double probs:double[] png:byte[] variant_of?:string"
         ),
-        note="variant_of and setting (the sweep setting: parameters without per-image ones) on variants",
+        note="variant_of and sweep (the variant's parameters without per-image ones) on variants",
     ),
     Node(
         label="Pathway",
@@ -128,7 +132,7 @@ NODES: tuple[Node, ...] = (
     Node(
         label="VariantStat",
         props=_props(
-            "model_id:string config:string kind:string setting:string label:long pairs:long "
+            "model_id:string config:string kind:string sweep:string label:long pairs:long "
             "changed:long jaccard_sum:double[]"
         ),
         aggregate=True,
@@ -136,10 +140,10 @@ NODES: tuple[Node, ...] = (
     Node(
         label="CountStat",
         props=_props(
-            "model_id:string config:string kind:string setting?:string pathways:long "
+            "model_id:string config:string kind:string sweep?:string pathways:long "
             "totals:long[] mass:double[] nonzero:long[]"
         ),
-        note="setting on variants' kinds, like Image.setting",
+        note="sweep on variants' kinds, like Image.sweep",
         aggregate=True,
     ),
 )
@@ -155,7 +159,7 @@ RELATIONSHIPS: tuple[Rel, ...] = (
         type="VARIANT_OF",
         start="Image",
         end="Image",
-        props=_props("kind:string params:string setting:string eps?:double steps?:long targeted?:boolean target?:long"),
+        props=_props("kind:string params:string sweep:string eps?:double steps?:long targeted?:boolean target?:long"),
         note="eps on attacks, steps on PGD",
     ),
     Rel(type="FOR_IMAGE", start="Pathway", end="Image"),

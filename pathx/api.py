@@ -44,12 +44,6 @@ class Extraction:
         return str(self.path)
 
 
-def _home() -> Path:
-    from graphstore.server import default_home
-
-    return default_home()
-
-
 def extract(model: nn.Module | str, images: Any, out: str | Path, **options: Any) -> Extraction:
     """Extract critical pathways of ``images`` through ``model`` into the run folder ``out``.
 
@@ -64,8 +58,9 @@ def extract(model: nn.Module | str, images: Any, out: str | Path, **options: Any
     """
     from extractor.launch import run_extraction
     from extractor.options import ExtractOptions
+    from graphstore.server import default_home
 
-    summary = run_extraction(model, images, Path(out), ExtractOptions(**options), _home())
+    summary = run_extraction(model, images, Path(out), ExtractOptions(**options), default_home())
     log.info("%d images, %d pathways, %d unreadable skipped", summary.images, summary.pathways, len(summary.bad))
     return Extraction(Path(out), summary)
 

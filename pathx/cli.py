@@ -21,6 +21,7 @@ from typing import Annotated, Any
 
 import typer
 
+from graphstore.server import default_home
 from ui.serve import PORT as UI_PORT
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -63,16 +64,12 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log pro
                         format="%(levelname)s %(name)s: %(message)s")
 
 
-def _home() -> Path:
-    from graphstore.server import default_home
-
-    return default_home()
-
-
 def _echo_json(value: Any) -> None:
+    from graphstore.results import as_row
+
     def default(o: Any) -> Any:
         if dataclasses.is_dataclass(o) and not isinstance(o, type):
-            return dataclasses.asdict(o)
+            return as_row(o)
         if hasattr(o, "tolist"):
             return o.tolist()
         if isinstance(o, bytes):
@@ -91,7 +88,7 @@ def db_fetch() -> None:
     from graphstore.server import ServerConfig, fetch_jars
 
     with _errors():
-        typer.echo(str(fetch_jars(ServerConfig.default(_home()))))
+        typer.echo(str(fetch_jars(ServerConfig.default(default_home()))))
 
 
 def _external() -> bool:
@@ -110,7 +107,7 @@ def db_start(
         typer.echo(f"NEO4J_URI is set ({os.environ['NEO4J_URI']}); not starting a local server")
         return
     with _errors():
-        base = ServerConfig.default(_home())
+        base = ServerConfig.default(default_home())
         cfg = dataclasses.replace(base, bolt_port=bolt_port, http_port=http_port)
         st = start(cfg)
         typer.echo(f"Neo4j running (pid {st.pid}) at {st.bolt_uri}; Browser: {st.browser_url} (user neo4j, "
@@ -126,7 +123,7 @@ def db_stop() -> None:
         typer.echo("NEO4J_URI is set; there is no local server to stop")
         return
     with _errors():
-        typer.echo("stopped" if stop(ServerConfig.default(_home())) else "not running")
+        typer.echo("stopped" if stop(ServerConfig.default(default_home())) else "not running")
 
 
 @db_app.command("status")
@@ -139,7 +136,7 @@ def db_status() -> None:
             _store()
             typer.echo(f"running (external) at {os.environ['NEO4J_URI']}")
             return
-        st = status(ServerConfig.default(_home()))
+        st = status(ServerConfig.default(default_home()))
         typer.echo(f"{st.detail}: {st.bolt_uri} (pid {st.pid})" if st.pid else st.detail)
         if not st.running:
             raise typer.Exit(1)
@@ -154,17 +151,15 @@ def db_import(
     from graphstore.bulk import bulk_import
     from graphstore.errors import GraphStoreError
     from graphstore.server import ServerConfig, load_state
-    from records import read_manifest, require_complete
+    from records import open_run
 
     with _errors():
-        for run in run_dirs:  # bad input first, before anything about the server
-            read_manifest(run)
-            require_complete(run)
+        runs = [open_run(run) for run in run_dirs]  # bad input first, before anything about the server
         if _external():
             raise GraphStoreError("bulk import writes the local server's files; it cannot import into NEO4J_URI "
                                   "(use `pathx load`, or run neo4j-admin on that server)")
-        cfg = load_state(ServerConfig.default(_home()))
-        s = bulk_import(cfg, run_dirs, _driver, overwrite=overwrite)
+        cfg = load_state(ServerConfig.default(default_home()))
+        s = bulk_import(cfg, runs, _driver, overwrite=overwrite)
         typer.echo(f"{s.nodes} nodes, {s.relationships} relationships: CSV {s.csv_seconds:.1f} s, import "
                    f"{s.import_seconds:.1f} s ({s.relationships_per_second:.0f} rel/s), restart and indexes "
                    f"{s.finish_seconds:.1f} s")
@@ -175,19 +170,19 @@ def db_uri() -> None:
     """The Bolt URI commands use."""
     from graphstore.server import ServerConfig, load_state
 
-    typer.echo(os.environ.get("NEO4J_URI") or load_state(ServerConfig.default(_home())).bolt_uri)
+    typer.echo(os.environ.get("NEO4J_URI") or load_state(ServerConfig.default(default_home())).bolt_uri)
 
 
 def _driver() -> Any:
     from graphstore.connection import open_driver, settings_from_env
 
-    return open_driver(settings_from_env(_home()))
+    return open_driver(settings_from_env(default_home()))
 
 
 def _store() -> Any:
     from graphstore.api import Store
 
-    return Store.connect(_home())
+    return Store.connect(default_home())
 
 
 # --- extraction -----------------------------------------------------------------------------
@@ -204,7 +199,7 @@ def train_demo() -> None:
 
     with _errors():
         model = train_fashion_cnn()
-        out = _home() / "models" / "fashion-cnn-retrained.pt"
+        out = default_home() / "models" / "fashion-cnn-retrained.pt"
         out.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), out)
         x, y = split("test")
@@ -240,7 +235,7 @@ def _extract(model: str, images: str, out: Path, **words: Any) -> None:
 
     with _errors():
         options = ExtractOptions.from_words(words)
-        summary = run_extraction(model, images, out, options, _home())
+        summary = run_extraction(model, images, out, options, default_home())
         part = options.part()
         _echo_extraction(summary, f" (shard {part.index}/{part.count})" if part.count > 1 else "")
 
@@ -279,9 +274,9 @@ def _echo_extraction(summary: Any, where: str = "") -> None:
                f"already done; {len(summary.bad)} unreadable images skipped")
     from graphstore.names import variant_name
 
-    for (kind, setting), acc in summary.accuracy().items():
-        right, total = summary.correct[(kind, setting)]
-        typer.echo(f"  accuracy {variant_name(kind, setting)}: {acc:.3f} ({right} of {total} labelled)")
+    for (kind, sweep), acc in summary.accuracy().items():
+        right, total = summary.correct[(kind, sweep)]
+        typer.echo(f"  accuracy {variant_name(kind, sweep)}: {acc:.3f} ({right} of {total} labelled)")
     if summary.unlabelled:
         typer.echo(f"  {summary.unlabelled} originals have no label: no accuracy for them")
 
@@ -298,13 +293,12 @@ def load(
 ) -> None:
     """Load a run into Neo4j (idempotent; resumes after a crash)."""
     from graphstore.loader import load_run
-    from records import read_manifest, require_complete
+    from records import open_run
 
     with _errors():
-        read_manifest(run_dir)  # bad input fails before any connection is made
-        require_complete(run_dir)
+        run = open_run(run_dir)  # bad input fails before any connection is made; read once
         with _store() as store:
-            s = load_run(store.driver, run_dir, database=store.database, workers=workers)
+            s = load_run(store.driver, run, database=store.database, workers=workers)
         typer.echo(f"{s.images} images, {s.pathways_new} new pathways ({s.pathways_existing} already there), "
                    f"{s.includes + s.edges} relationships in {s.seconds:.1f} s "
                    f"({s.relationships_per_second:.0f}/s)")
@@ -400,7 +394,7 @@ def report(
     with _errors():
         plan = ReportPlan(photos=photos, fashion=fashion, counts=counts, runs=runs)
         with _store() as store:
-            path = build_report(store, _home(), out, plan, progress=lambda step: typer.echo(f"report: {step}"))
+            path = build_report(store, default_home(), out, plan, progress=lambda step: typer.echo(f"report: {step}"))
         typer.echo(f"wrote {path}")
 
 
@@ -452,14 +446,15 @@ def demo(
 
     local = not _external()
     # a local store never used before takes the offline importer, which needs no running server
-    fresh = local and not has_database(load_state(ServerConfig.default(_home())))
+    fresh = local and not has_database(load_state(ServerConfig.default(default_home())))
     if local and not fresh:
         step("step 1/4: Neo4j")
         db_start()
     step("step 2/4: extraction: Fashion CNN on Fashion-MNIST test images (all five methods, every variant kind), "
          "EfficientNet-Lite0 on ImageNet photos (FGSM, PGD, occluded, shifted, affine)")
     with _errors():
-        done = extract_demo(out, _home(), percentile=percentile, limit=DEMO_FASHION_IMAGES if limit is None else limit,
+        done = extract_demo(out, default_home(), percentile=percentile,
+                            limit=DEMO_FASHION_IMAGES if limit is None else limit,
                             photos=DEMO_PHOTOS if photos is None else photos)
         for name, summary in done.items():
             _echo_extraction(summary, f" [{name}]")
@@ -475,7 +470,7 @@ def demo(
         for run in runs:
             load(run)
     step(f"set-up done in {time.perf_counter() - began:.1f} s")
-    browser = "your NEO4J_URI server" if _external() else ServerConfig.default(_home()).browser_url
+    browser = "your NEO4J_URI server" if _external() else ServerConfig.default(default_home()).browser_url
     if serve:
         typer.echo(f"step 4/4: UI at http://127.0.0.1:{port}  |  Neo4j Browser: {browser}")
         raise typer.Exit(ui_serve.serve(port))

@@ -32,9 +32,9 @@ from torch import nn
 from extractor.contributions import mct_contributions
 from extractor.models import ModelBundle
 from extractor.pathway_gradient import pathway_gradient, saliency_map
-from extractor.pixelpaths import PixelSettings, trace_pixels
+from extractor.pixelpaths import trace_pixels
 from extractor.selection import select
-from extractor.settings import PathwaySettings
+from extractor.settings import PathwaySettings, PixelSettings
 from extractor.variants import deform, pgd
 from graphstore.api import Store
 
@@ -103,7 +103,7 @@ def predicted(bundle: ModelBundle, x: torch.Tensor) -> torch.Tensor:
 def masked_logit_ratio(bundle: ModelBundle, x: torch.Tensor, target: torch.Tensor,
                        sparsities: tuple[float, ...]) -> dict[float, torch.Tensor]:
     """Per sparsity ``p``: masked / full target logit ``[B]`` of the MCT pathway (global percentile)."""
-    contrib, _ = mct_contributions(bundle, x, target)
+    contrib = mct_contributions(bundle, x, target)
     full = contrib.logits.gather(1, target[:, None]).squeeze(1)
     out = {}
     for p in sparsities:
@@ -129,7 +129,7 @@ def attribution_maps(bundle: ModelBundle, x: torch.Tensor, target: torch.Tensor,
     grad = grad_at(x)
     path = sum((grad_at(base + a * (x - base)) for a in torch.linspace(0, 1, ig_steps).tolist()),
                torch.zeros_like(x))
-    contrib, _ = mct_contributions(bundle, x, target)
+    contrib = mct_contributions(bundle, x, target)
     sel = select(contrib, PathwaySettings(method="mct", selection="percentile", sparsity=SANITY_P))
     pg, _ = pathway_gradient(bundle, x, target, sel.masks)
     return {"Pathway Gradient": saliency_map(pg), "gradient": saliency_map(grad),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from records.io import EXEMPLARS, part_dirs, read_manifest, read_table
+from records.io import EXEMPLARS, RunFolder, part_dirs, read_manifest, read_table
 from records.types import ExemplarRows
 
 EXEMPLAR_KINDS = ("activation", "contribution")
@@ -40,15 +40,15 @@ def merge_exemplar_rows(rows: ExemplarRows, n: int) -> ExemplarRows:
     return out
 
 
-def read_exemplars(run_dir: Path, n: int | None = None) -> ExemplarRows:
+def read_exemplars(run_dir: Path | RunFolder, n: int | None = None) -> ExemplarRows:
     """The run's exemplars: the top ``n`` (default: the run's setting) over every part's delta,
     merged part by part (memory O(channels x n))."""
-    manifest = read_manifest(run_dir)
-    n = n if n is not None else int(manifest.settings.get("exemplars", 0))
+    run = run_dir if isinstance(run_dir, RunFolder) else RunFolder(path=Path(run_dir), manifest=read_manifest(run_dir))
+    n = n if n is not None else int(run.manifest.settings.get("exemplars", 0))
     top = ExemplarRows.empty()
     if n <= 0:
         return top
-    for part in part_dirs(Path(run_dir)):
+    for part in part_dirs(run.path):
         path = part / EXEMPLARS
         if path.exists():
             delta = ExemplarRows.from_table(read_table(path, _EXEMPLAR_SCHEMA))

@@ -1,4 +1,4 @@
-"""Stable ids, setting keys and the variant's sweep setting: made here, parsed here, nowhere else.
+"""Stable ids, setting keys and the variant's sweep: made here, parsed here, nowhere else.
 
 Ids: layer ``model id / module path#call index``, neuron ``layer id / channel``, class
 ``model id / class index``; a pathway setting's key ``method/selection/digest``; a pathway's
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 # variant parameters that differ image by image (a targeted attack's target, a deformation's seed,
-# an occluder's position): the variant's *sweep setting* is its parameters without them
+# an occluder's position): the variant's *sweep* is its parameters without them
 PER_IMAGE_KEYS = ("target", "seed", "top", "left")
 
 
@@ -76,8 +76,8 @@ def parse_class_id(text: str) -> tuple[str, int]:
     return model_id, int(index)
 
 
-def variant_setting(kind: str, params: str | dict[str, Any]) -> str:
-    """The sweep setting of an image: canonical JSON of its variant parameters without the
+def variant_sweep(kind: str, params: str | dict[str, Any]) -> str:
+    """The sweep of an image: canonical JSON of its variant parameters without the
     per-image ones (``""`` for originals). Images of one attack strength share it."""
     if kind == "original":
         return ""

@@ -44,7 +44,7 @@ _IMAGE_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("model_id", pa.string()), ("source", pa.string()), ("label", pa.int32()),
     ("variant_of", pa.string()), ("kind", pa.string()), ("params", pa.string()), ("predicted", pa.int32()),
     ("probs", pa.list_(pa.float32())), ("logits", pa.list_(pa.float32())), ("png", pa.binary()),
-    ("setting", pa.string()),
+    ("sweep", pa.string()),
 ])
 
 _PATHWAY_ARRAYS: dict[str, pa.DataType] = {
@@ -268,7 +268,8 @@ def read_manifest(run_dir: Path) -> Manifest:
     version = data.get("schema_version") if isinstance(data, dict) else None
     if version != SCHEMA_VERSION:
         raise RecordsFormatError(
-            f"{path} has record schema version {version!r}; this Pathway Explorer reads version {SCHEMA_VERSION}"
+            f"{path} has record schema version {version!r}; this Pathway Explorer reads version {SCHEMA_VERSION}: "
+            "extract the run again"
         )
     try:
         return Manifest(SCHEMA_VERSION, ModelInfo.from_json(data["model"]), dict(data["settings"]))
@@ -314,10 +315,29 @@ class RunPart:
     pathways: list[PathwayRecord]
 
 
-def iter_parts(run_dir: Path) -> Iterator[RunPart]:
-    """Yield each complete part of a run, in order."""
-    read_manifest(run_dir)
-    for part in part_dirs(Path(run_dir)):
+@dataclass(frozen=True, kw_only=True)
+class RunFolder:
+    """A run folder checked once at an entry point (:func:`open_run`): its manifest read, every shard finished."""
+
+    path: Path
+    manifest: Manifest
+
+
+def open_run(run_dir: Path | RunFolder) -> RunFolder:
+    """The one check of a run folder where it enters: ``RecordsFormatError`` (one line) for a damaged or foreign
+    folder or an unfinished sharded run; a ``RunFolder`` is passed through unread."""
+    if isinstance(run_dir, RunFolder):
+        return run_dir
+    manifest = read_manifest(run_dir)
+    require_complete(run_dir)
+    return RunFolder(path=Path(run_dir), manifest=manifest)
+
+
+def iter_parts(run_dir: Path | RunFolder) -> Iterator[RunPart]:
+    """Yield each complete part of a run, in order (a ``Path``'s manifest is checked first)."""
+    if not isinstance(run_dir, RunFolder):
+        read_manifest(run_dir)
+    for part in part_dirs(run_dir.path if isinstance(run_dir, RunFolder) else Path(run_dir)):
         images = read_table(part / "images.parquet", _IMAGE_SCHEMA).to_pylist()
         pathways = read_table(part / "pathways.parquet", _PATHWAY_SCHEMA).to_pylist()
         yield RunPart([_image_from_row(r) for r in images], [_pathway_from_row(r) for r in pathways])

@@ -49,11 +49,15 @@ def layer_overlaps(a: Mapping[str, int], b: Mapping[str, int],
     ]
 
 
+def neuron_keys(sites: np.ndarray, channels: np.ndarray) -> np.ndarray:
+    """(site, channel) pairs ``[n]`` as one int64 key each, ``site << 32 | channel`` (the site is ``key >> 32``)."""
+    return sites.astype(np.int64) << 32 | channels.astype(np.int64)
+
+
 def jaccard_per_layer(sites_a: np.ndarray, channels_a: np.ndarray, sites_b: np.ndarray, channels_b: np.ndarray,
                       n_layers: int) -> np.ndarray:
     """Jaccard of two pathways' (site, channel) sets per layer ``[n_layers]`` (1.0 where both are empty)."""
-    ka = np.unique(sites_a.astype(np.int64) << 32 | channels_a.astype(np.int64))  # (site, channel) as one key
-    kb = np.unique(sites_b.astype(np.int64) << 32 | channels_b.astype(np.int64))
+    ka, kb = np.unique(neuron_keys(sites_a, channels_a)), np.unique(neuron_keys(sites_b, channels_b))
 
     def per_layer(keys: np.ndarray) -> np.ndarray:
         return np.bincount(keys >> 32, minlength=n_layers)[:n_layers]

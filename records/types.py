@@ -9,13 +9,18 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from records.ids import config_key, variant_setting
+from records.ids import config_key, variant_sweep
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class RecordsFormatError(ValueError):
     """Record files that are missing, corrupt or of another schema version."""
+
+
+def logit_ratio(masked: float, full: float) -> float:
+    """How much of the target logit a pathway keeps: masked / full (NaN when the full logit is 0)."""
+    return float(masked / full) if full != 0 else float("nan")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -99,11 +104,11 @@ class ImageRecord:
     probs: np.ndarray
     logits: np.ndarray
     png: bytes
-    setting: str = ""  # the variant's sweep setting (records.ids.variant_setting); "" for originals
+    sweep: str = ""  # the variant's sweep (records.ids.variant_sweep); "" for originals
 
     def __post_init__(self) -> None:
-        if not self.setting:
-            self.setting = variant_setting(self.kind, self.params)
+        if not self.sweep:
+            self.sweep = variant_sweep(self.kind, self.params)
 
 
 @dataclass(kw_only=True)
@@ -148,7 +153,7 @@ class PathwayRecord:
 
     @property
     def logit_ratio(self) -> float:
-        return float(self.logit_masked / self.logit_full) if self.logit_full != 0 else float("nan")
+        return logit_ratio(self.logit_masked, self.logit_full)
 
 
 @dataclass(frozen=True)

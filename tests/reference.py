@@ -77,7 +77,7 @@ class Ref:
         if flows:
             rels["CLASS_FLOW"] = flows
         nodes["CountStat"] = len({(p.config, self.images[p.image_id].kind,
-                                   self.images[p.image_id].setting if self.images[p.image_id].variant_of else "")
+                                   self.images[p.image_id].sweep if self.images[p.image_id].variant_of else "")
                                   for p in self.pathways})
         stats, gained = self.variant_stats()
         if stats:
@@ -95,7 +95,7 @@ class Ref:
         return {e: k / len(pws) for e, k in counts.items() if k / len(pws) >= floor}
 
     def variant_stats(self) -> tuple[set[tuple[str, str, str, int]], set[tuple[str, str, str, int, str]]]:
-        """(config, kind, setting, label) groups of variant pairs, and their gained neurons."""
+        """(config, kind, sweep, label) groups of variant pairs, and their gained neurons."""
         by = {(p.image_id, p.config): p for p in self.pathways}
         stats: set[tuple[str, str, str, int]] = set()
         gained: set[tuple[str, str, str, int, str]] = set()
@@ -104,7 +104,7 @@ class Ref:
             po = by.get((im.variant_of, pv.config)) if im.variant_of else None
             if po is None:
                 continue
-            key = (pv.config, im.kind, im.setting, self.images[po.image_id].label)
+            key = (pv.config, im.kind, im.sweep, self.images[po.image_id].label)
             stats.add(key)
             gained.update((*key, n) for n in set(self.neurons(pv)) - set(self.neurons(po)))
         return stats, gained
@@ -120,7 +120,7 @@ class Ref:
         groups: dict[tuple[str, str], list[bool]] = defaultdict(list)
         for im in self.images.values():
             if im.variant_of:
-                groups[(im.kind, im.setting)].append(im.predicted == self.images[im.variant_of].label)
+                groups[(im.kind, im.sweep)].append(im.predicted == self.images[im.variant_of].label)
         return {k: (len(v), float(np.mean(v))) for k, v in groups.items()}
 
     def class_ids(self) -> list[str]:

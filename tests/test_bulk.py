@@ -15,6 +15,7 @@ from graphstore.bulk import bulk_import
 from graphstore.connection import ConnectionSettings, open_driver
 from graphstore.errors import RecordsError
 from graphstore.server import USER, ServerConfig, free_port, read_password, stop
+from records import RecordsFormatError
 from tests.conftest import ensure_loaded, fixture_schema
 from tests.reference import Ref
 
@@ -47,10 +48,10 @@ AGGREGATES = {
             "ORDER BY c.id, n.id, u.config",
     "CLASS_FLOW": "MATCH (a:Neuron)-[f:CLASS_FLOW {model_id: $m}]->(b:Neuron) RETURN a.id, b.id, properties(f) AS p "
                   "ORDER BY f.config, f.class_id, a.id, b.id",
-    "CountStat": "MATCH (s:CountStat {model_id: $m}) RETURN properties(s) AS p ORDER BY s.config, s.kind, s.setting",
+    "CountStat": "MATCH (s:CountStat {model_id: $m}) RETURN properties(s) AS p ORDER BY s.config, s.kind, s.sweep",
     "VariantStat": "MATCH (s:VariantStat {model_id: $m}) OPTIONAL MATCH (s)-[g:GAINED]->(n:Neuron) "
                    "WITH s, n.id AS n, g.count AS k ORDER BY n WITH s, collect([n, k]) AS gained "
-                   "RETURN properties(s) AS p, gained ORDER BY s.config, s.kind, s.setting, s.label",
+                   "RETURN properties(s) AS p, gained ORDER BY s.config, s.kind, s.sweep, s.label",
 }
 
 
@@ -86,7 +87,7 @@ def test_bulk_import_equals_transactional_load(bulk_server: ServerConfig, fixtur
 
     with pytest.raises(RecordsError, match="pass --overwrite"):
         bulk_import(bulk_server, [fixture_run], connect)
-    with pytest.raises(RecordsError, match="not a run folder"):
+    with pytest.raises(RecordsFormatError, match="not a run folder"):
         bulk_import(bulk_server, [fixture_run.parent / "nothing"], connect, overwrite=True)
     summary = bulk_import(bulk_server, [fixture_run, fixture_run], connect, overwrite=True)  # duplicates dropped
     ref = Ref.load(fixture_run)

@@ -89,7 +89,7 @@ def test_contributions_equal_captum_on_torchvision(arch: str, size: int, kwargs:
     if layout is not None:
         assert {s.layout for s in bundle.sites} - {"vector"} == {layout}
     x = torch.rand(2, 3, size, size, dtype=torch.float64)
-    contrib, _ = mct_contributions(bundle, x)
+    contrib = mct_contributions(bundle, x)
     unshared = _unshare_resnet(model) if arch.startswith("resnet") else None
     mods = _captum_site_modules(model, bundle.sites, unshared)
     reference_model = unshared if unshared is not None else model
@@ -125,7 +125,7 @@ def test_contributions_on_demo_equal_captum(demo: tuple) -> None:
     model = bundle.model.double()
     try:
         x = data.x_test[:8].double()
-        contrib, _ = mct_contributions(bundle, x)
+        contrib = mct_contributions(bundle, x)
         named = dict(model.named_modules())
         for site in bundle.sites:
             lga = LayerGradientXActivation(lambda inp: model(inp), named[site.module_path])
@@ -138,7 +138,7 @@ def test_contributions_on_demo_equal_captum(demo: tuple) -> None:
 def test_given_target_and_out_of_range_target(demo: tuple) -> None:
     bundle, data = demo
     x = data.x_test[:3]
-    contrib, _ = mct_contributions(bundle, x, torch.tensor([4, 4, 4]))
+    contrib = mct_contributions(bundle, x, torch.tensor([4, 4, 4]))
     assert contrib.target.tolist() == [4, 4, 4]
     with pytest.raises(ExtractionError, match="out of range"):
         mct_contributions(bundle, x, torch.tensor([0, 10, 1]))
@@ -151,7 +151,7 @@ def test_intgrad_completeness_per_site() -> None:
                           nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).double().eval()
     bundle = make_bundle(model, "tiny", (1, 8, 8))
     x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
-    base, _ = mct_contributions(bundle, x)
+    base = mct_contributions(bundle, x)
     ig = intgrad_contributions(bundle, x, base.target, 401, base.acts)
     named = dict(model.named_modules())
     for site in bundle.sites:
@@ -170,7 +170,7 @@ def test_intgrad_alpha_grid_is_linear(demo: tuple) -> None:
     """The authors' alpha accumulates (0, .1, .3, .6, ...); ours is 0..1 linear: 2 steps = mean of ends."""
     bundle, data = demo
     x = data.x_test[:2]
-    base, _ = mct_contributions(bundle, x)
+    base = mct_contributions(bundle, x)
     ig = intgrad_contributions(bundle, x, base.target, 2, base.acts)
     last = bundle.sites[-1].index
     # the final site feeds a linear layer: its gradient is constant in alpha, so IG equals plain grad x act
@@ -180,7 +180,7 @@ def test_intgrad_alpha_grid_is_linear(demo: tuple) -> None:
 def test_pathway_gradient_at_zero_sparsity_is_input_gradient(demo: tuple) -> None:
     bundle, data = demo
     x = data.x_test[:4]
-    contrib, _ = mct_contributions(bundle, x)
+    contrib = mct_contributions(bundle, x)
     sel = select(contrib, PathwaySettings(selection="percentile", sparsity=0.0))
     assert all(bool(m.all()) for m in sel.masks)
     grad, logit = pathway_gradient(bundle, x, contrib.target, sel.masks)
@@ -193,7 +193,7 @@ def test_pathway_gradient_at_zero_sparsity_is_input_gradient(demo: tuple) -> Non
 def test_global_percentile_keeps_the_top_share(demo: tuple) -> None:
     bundle, data = demo
     x = data.x_test[:3]
-    contrib, _ = mct_contributions(bundle, x)
+    contrib = mct_contributions(bundle, x)
     sel = select(contrib, PathwaySettings(selection="percentile", sparsity=90.0))
     total = sum(m[0].numel() for m in sel.masks)
     for b in range(3):
@@ -207,7 +207,7 @@ def test_global_percentile_keeps_the_top_share(demo: tuple) -> None:
 def test_topk_selects_k_largest_channels(demo: tuple) -> None:
     bundle, data = demo
     x = data.x_test[:3]
-    contrib, _ = mct_contributions(bundle, x)
+    contrib = mct_contributions(bundle, x)
     sel = select(contrib, PathwaySettings(selection="topk", k=5))
     for s, kept in enumerate(sel.kept):
         assert kept.sum(1).tolist() == [5, 5, 5]

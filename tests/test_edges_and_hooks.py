@@ -208,7 +208,7 @@ def test_inplace_downstream_op_cannot_corrupt_capture() -> None:
     model = Net()
     bundle = make_bundle(model, "net", (1, 2, 2))
     x = torch.rand(3, 1, 2, 2)
-    contrib, _ = mct_contributions(bundle, x)
+    contrib = mct_contributions(bundle, x)
     assert torch.allclose(contrib.acts[0], (x.flatten(1) - 0.5).clamp_min(0))
 
 

@@ -107,12 +107,13 @@ def test_parallel_load_writes_the_same_graph(driver: Driver, fixture_run: Path) 
 
 
 def test_a_store_of_the_older_format_refuses_a_load_and_keeps_its_data(empty_store: Driver, fixture_run: Path) -> None:
-    """Pathways without a key (FLOWS_TO then named them by id) cannot mix with keyed ones: one line, nothing written."""
+    """A store of an older format (here: its models have no format; their pathways no key, FLOWS_TO named them by
+    id) cannot mix with this one: one line, nothing written."""
     from graphstore.errors import RecordsError
     from graphstore.loader import load_run
 
-    empty_store.execute_query("CREATE (:Pathway {id: 'old'})", database_="neo4j")
-    with pytest.raises(RecordsError, match="older Pathway Explorer"):
+    empty_store.execute_query("CREATE (:Model {id: 'old'}), (:Pathway {id: 'old'})", database_="neo4j")
+    with pytest.raises(RecordsError, match=r"another Pathway Explorer \(store format 0, this one writes \d+\)"):
         load_run(empty_store, fixture_run, progress=False)
     nodes, _ = Store(empty_store).counts()
-    assert nodes == {"Pathway": 1}
+    assert nodes == {"Model": 1, "Pathway": 1}

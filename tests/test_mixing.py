@@ -22,7 +22,7 @@ from extractor.sitegraph import cut_forward
 
 def _pairs(bundle: ModelBundle, x: torch.Tensor) -> tuple[int, int, float]:
     """(site-graph edges, fast ones, worst |fast - VJP| relative to the pair's largest weight)."""
-    contrib, _ = mct_contributions(bundle, x)
+    contrib = mct_contributions(bundle, x)
     cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x))
     sources = list(cut.sources.values())
     pairs, fast, worst = 0, 0, 0.0
@@ -213,7 +213,7 @@ def test_fast_path_applies_exactly_where_it_is_exact(body: nn.Module, fast: bool
     assert worst < 1e-10
     # whichever path runs, compute_edges gives the VJP's edges
     settings = PathwaySettings(k=4, edge_targets=4, edges_per_target=4)
-    contrib, _ = mct_contributions(bundle, x)
+    contrib = mct_contributions(bundle, x)
     sel = select(contrib, settings)
     cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x))
     a = compute_edges(sites=bundle.sites, contrib=contrib, sel=sel, cut=cut, settings=settings)

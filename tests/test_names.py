@@ -39,3 +39,25 @@ def test_variant_names_cover_every_default_sweep() -> None:
 def test_numbers_never_show_minus_zero() -> None:
     assert [number(v) for v in (-0.0, 0.0, -1e-12, 0.12345, -2.5, 3, None, True)] == \
         ["0", "0", "-1e-12", "0.123", "-2.5", "3", "–", "true"]
+
+
+def test_every_variant_kind_has_defaults_a_name_and_a_maker() -> None:
+    """The kind registry (records.variants) and the makers (extractor.variants.APPLY) name the same kinds;
+    each kind's default sweep parses, reads as words of its own and makes images of the originals' shape."""
+    import torch
+
+    from extractor.variants import APPLY, KINDS, VariantSpec, make_variant
+    from records.variants import VARIANT_KINDS
+
+    assert set(APPLY) == set(VARIANT_KINDS) == set(KINDS) and len(KINDS) == 6
+    x = torch.rand(2, 1, 32, 32)
+    forward = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 3))
+    names = set()
+    for kind in KINDS:
+        specs = VariantSpec.parse(kind)
+        assert specs == VariantSpec.defaults(kind) and len(specs) == len(VARIANT_KINDS[kind].defaults)
+        for spec in specs:
+            names.add(variant_name(kind, spec.params))
+            v = make_variant(spec, forward, x, labels=torch.tensor([0, 2]), num_classes=3, seeds=[1, 2])
+            assert v.kind == kind and v.x.shape == x.shape and len(v.params) == 2
+    assert len(names) == sum(len(k.defaults) for k in VARIANT_KINDS.values())  # every default reads differently

@@ -8,7 +8,8 @@ from torch import nn
 
 from extractor.errors import ExtractionError
 from extractor.models import make_bundle
-from extractor.pixelpaths import PixelSettings, gated_decomposition, gated_network, trace_pixels
+from extractor.pixelpaths import gated_decomposition, gated_network, trace_pixels
+from extractor.settings import PixelSettings
 from extractor.sites import hook_count
 
 

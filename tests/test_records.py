@@ -1,4 +1,4 @@
-"""The record contract: ids made and parsed in one place, the sweep setting stored in the record,
+"""The record contract: ids made and parsed in one place, the sweep stored in the record,
 per-layer overlap against a brute-force count."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from records import (
     neuron_id,
     parse_class_id,
     parse_neuron_id,
-    variant_setting,
+    variant_sweep,
 )
 from records.overlap import jaccard_per_layer
 
@@ -58,10 +58,10 @@ def test_the_sweep_setting_is_computed_once_when_the_record_is_made() -> None:
     a = image("pgd", {"eps": 0.1, "steps": 10, "targeted": True, "target": 3})
     b = image("pgd", {"eps": 0.1, "steps": 10, "targeted": True, "target": 5})
     c = image("pgd", {"eps": 0.2, "steps": 10, "targeted": True, "target": 3})
-    assert a.setting == b.setting == json.dumps({"eps": 0.1, "steps": 10, "targeted": True}, sort_keys=True)
-    assert c.setting != a.setting
-    assert image("occlude", {"frac": 0.25, "top": 3, "left": 9}).setting == '{"frac": 0.25}'
-    assert image("original", {}).setting == "" == variant_setting("original", "{}")
+    assert a.sweep == b.sweep == json.dumps({"eps": 0.1, "steps": 10, "targeted": True}, sort_keys=True)
+    assert c.sweep != a.sweep
+    assert image("occlude", {"frac": 0.25, "top": 3, "left": 9}).sweep == '{"frac": 0.25}'
+    assert image("original", {}).sweep == "" == variant_sweep("original", "{}")
 
 
 def test_layer_overlaps_equal_a_brute_force_count() -> None:

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from extractor.batch import BatchInputs
 from extractor.contributions import forward_with_sites
 from extractor.errors import ExtractionError
 from extractor.methods import extract_batch
-from extractor.resampling import perturbed_copies, resampling_scores, set_overlap, topk_sets
+from extractor.reach import top_k_mask
+from extractor.resampling import perturbed_copies, resampling_scores, set_overlap
 from extractor.settings import PathwaySettings
 
 
@@ -59,14 +61,15 @@ def test_overlap_measure_on_hand_sets() -> None:
     assert paper.item() == pytest.approx(2 / 6) and jac.item() == pytest.approx(2 / 4)
     same, _ = set_overlap(a, a)
     assert same.item() == pytest.approx(0.5)
-    s = topk_sets([torch.tensor([[1.0, float("-inf"), 3.0]])], 2)
-    assert s[0].tolist() == [[True, False, True]]
+    assert top_k_mask(torch.tensor([[1.0, float("-inf"), 3.0]]), 2).tolist() == [[True, False, True]]
+    assert top_k_mask(torch.tensor([[1.0, float("-inf"), 3.0]]), 9).tolist() == [[True, False, True]]
 
 
 def test_resampling_pathways(demo: tuple) -> None:
     bundle, data = demo
     x = data.x_test[:3]
-    res = extract_batch(bundle, x, PathwaySettings(method="correlation", k=5, resamples=20), seeds=[1, 2, 3])
+    res = extract_batch(bundle, x, PathwaySettings(method="correlation", k=5, resamples=20),
+                        BatchInputs(seeds=[1, 2, 3]))
     for kept in res.sel.kept:
         assert (kept.sum(1) <= 5).all() and (kept.sum(1) >= 1).all()
     overlap = res.extra[0]["corr_prec_overlap"]

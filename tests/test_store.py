@@ -191,7 +191,7 @@ def test_adversarial_shift_and_hijacks(store: Store, ref: Ref, config: str) -> N
 def test_variant_overlap_counts_and_accuracy(store: Store, ref: Ref, config: str) -> None:
     rows = store.variant_overlap(ref.model_id, config, "occlude")
     pairs = ref.pairs(config, "occlude")
-    assert pairs and len(rows) == len(ref.manifest.model.sites) * len({im.setting for im, _, _ in pairs})
+    assert pairs and len(rows) == len(ref.manifest.model.sites) * len({im.sweep for im, _, _ in pairs})
     for r in rows:
         vals = []
         for _, pv, po in pairs:
@@ -204,12 +204,12 @@ def test_variant_overlap_counts_and_accuracy(store: Store, ref: Ref, config: str
     assert {c.kind for c in counts} == {ref.images[p.image_id].kind for p in ref.of_config(config)}
     for c in counts:
         pws = [p for p in ref.of_config(config) if ref.images[p.image_id].kind == c.kind
-               and ref.images[p.image_id].setting == c.setting]
+               and ref.images[p.image_id].sweep == c.sweep]
         assert pws
         per = [int(np.sum(p.neuron_site == c.layer_index)) for p in pws]
         per = [x for x in per if x > 0]
         assert c.mean_neurons == pytest.approx(float(np.mean(per)))
-    acc = {(r["kind"], r["setting"]): (r["images"], r["accuracy"]) for r in store.accuracy_by_variant(ref.model_id)}
+    acc = {(r["kind"], r["sweep"]): (r["images"], r["accuracy"]) for r in store.accuracy_by_variant(ref.model_id)}
     assert acc and set(acc) == set(ref.accuracy_by_variant())
     assert_close_map(acc, ref.accuracy_by_variant())
 
@@ -339,12 +339,12 @@ def test_accuracy_by_class_hijack_strength_and_neuron_images(store: Store, ref: 
     assert_close_map(got, {c: (len(v), float(np.mean(v))) for c, v in by_class.items()})
     # hijacks per attack strength
     pairs = ref.pairs(config, "pgd")
-    per_setting: dict[str, list[set[str]]] = {}
+    per_sweep: dict[str, list[set[str]]] = {}
     for im, pv, po in pairs:
-        per_setting.setdefault(im.setting, []).append(set(ref.neurons(pv)) - set(ref.neurons(po)))
+        per_sweep.setdefault(im.sweep, []).append(set(ref.neurons(pv)) - set(ref.neurons(po)))
     for h in store.hijacked_neurons(ref.model_id, config, "pgd", limit=1000):
-        for setting, share in h.by_setting.items():
-            gained = per_setting[setting]
+        for sweep, share in h.by_sweep.items():
+            gained = per_sweep[sweep]
             assert share == pytest.approx(sum(h.neuron in g for g in gained) / len(gained))
     # images that use a neuron most, by |contribution|
     pw = ref.of_config(config)[0]

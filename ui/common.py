@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, is_dataclass
 from typing import Any
 
 import networkx as nx
@@ -21,8 +20,8 @@ from PIL import Image, ImageDraw
 
 from graphstore.api import Store
 from graphstore.errors import GraphStoreError
-from graphstore.names import number
-from graphstore.results import ConfigInfo
+from graphstore.names import neuron_name, number
+from graphstore.results import ConfigInfo, as_row
 
 COLORS = {"kept": "#4c78a8", "lost": "#e45756", "gained": "#54a24b", "a": "#f58518", "b": "#4c78a8",
           "shared": "#72b7b2", "node": "#4c78a8"}
@@ -108,7 +107,7 @@ def neuron_card(neuron_id: str, config: str, key: str) -> None:
     """A neuron's card: exemplar patches, class support, strongest edges, attack effects."""
     card = store().neuron_card(neuron_id, config)
     with st.container(border=True, key=f"card_{key}"):
-        st.markdown(f"**Neuron {short(neuron_id)}** · site `{card.site}`, channel {card.channel}")
+        st.markdown(f"**Neuron {neuron_name(neuron_id)}** · site `{card.site}`, channel {card.channel}")
         for kind, title in EXEMPLAR_TITLES.items():
             shown = [e for e in card.exemplars if e.kind == kind]
             st.caption(title)
@@ -132,15 +131,14 @@ def neuron_card(neuron_id: str, config: str, key: str) -> None:
             for title, edges in (("Strongest incoming edges", card.incoming),
                                  ("Strongest outgoing edges", card.outgoing)):
                 st.caption(title + " (class aggregates)")
-                st.dataframe(pd.DataFrame([{"neuron": short(e.neuron), "class": e.class_name,
+                st.dataframe(pd.DataFrame([{"neuron": neuron_name(e.neuron), "class": e.class_name,
                                             "support": e.support, "mean weight": e.mean_weight} for e in edges]),
                              hide_index=True, key=f"{key}_{title.split()[1]}")
 
 
 def table(rows: Any) -> pd.DataFrame:
     """Dataclasses or dicts as a DataFrame."""
-    items = [asdict(r) if is_dataclass(r) and not isinstance(r, type) else dict(r) for r in rows]
-    frame = pd.DataFrame(items)
+    frame = pd.DataFrame([as_row(r) for r in rows])
     for col in frame.select_dtypes("float").columns:
         frame[col] = frame[col] + 0.0  # -0.0 + 0.0 == 0.0: no "-0" on screen
     return frame
@@ -148,11 +146,6 @@ def table(rows: Any) -> pd.DataFrame:
 
 def class_names(model_id: str) -> dict[int, str]:
     return {c.index: c.name for c in store().classes(model_id)}
-
-
-def short(neuron_id: str) -> str:
-    """``model/site/channel`` -> ``site/channel`` for labels."""
-    return neuron_id.split("/", 1)[-1]
 
 
 EDGE_BINS = 4  # edges drawn in this many width classes (one Plotly trace each)
@@ -221,7 +214,7 @@ def pathway_figure(
         customdata=[n for n, _ in ordered],
         marker={"size": [6 + 16 * abs(d.get("contribution") or 0.0) / cmax for _, d in ordered],
                 "color": [colors.get(n, COLORS["node"]) for n, _ in ordered], "line": {"width": 0.5, "color": "#fff"}},
-        hovertext=[f"{short(n)}<br>contribution {number(d.get('contribution', 0.0), 4)}" for n, d in ordered],
+        hovertext=[f"{neuron_name(n)}<br>contribution {number(d.get('contribution', 0.0), 4)}" for n, d in ordered],
         hoverinfo="text"))
     fig.update_layout(
         title=title or None, height=max(420, min(900, 40 + 14 * max((len(c) for c in columns.values()), default=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import plotly.express as px
 import streamlit as st
 
-from graphstore.names import variant_name
+from graphstore.names import neuron_name, variant_name
 from ui.common import (
     COLORS,
     class_names,
@@ -14,7 +14,6 @@ from ui.common import (
     neuron_card,
     pathway_figure,
     setting_names,
-    short,
     store,
     table,
 )
@@ -36,17 +35,17 @@ originals = sorted({p["original"] for p in pairs})
 sources = {im.id: im.source for im in s.images(model_id, kind="original", limit=100_000)}
 original = st.selectbox("Original image", originals, format_func=lambda i: sources.get(i, i), key="adv_orig")
 mine = [p for p in pairs if p["original"] == original]
-settings = [p["setting"] for p in mine]
-setting = (st.select_slider("Strength", options=settings, key="adv_strength",
-                            format_func=lambda v: variant_name(attack, v)) if len(settings) > 1 else settings[0])
-pair = next(p for p in mine if p["setting"] == setting)
+sweeps = [p["sweep"] for p in mine]
+sweep = (st.select_slider("Strength", options=sweeps, key="adv_strength",
+                            format_func=lambda v: variant_name(attack, v)) if len(sweeps) > 1 else sweeps[0])
+pair = next(p for p in mine if p["sweep"] == sweep)
 
 orig, adv = s.image(pair["original"]), s.image(pair["variant"])
 c1, c2, c3 = st.columns(3)
 with c1:
     st.image(orig.png, width=180, caption=f"original: {names.get(orig.predicted)} ({orig.prob:.2f})")
 with c2:
-    st.image(adv.png, width=180, caption=f"{variant_name(attack, setting)}: {names.get(adv.predicted)} "
+    st.image(adv.png, width=180, caption=f"{variant_name(attack, sweep)}: {names.get(adv.predicted)} "
                                          f"({adv.prob:.2f})")
 with c3:
     change = s.perturbation(pair["original"], pair["variant"])
@@ -76,7 +75,7 @@ st.dataframe(table([{"neuron": c.neuron, "site": c.site, "original": c.original,
 changed = [(g, c.neuron) for g, cs in (("lost", shift.lost), ("gained", shift.gained), ("kept", shift.kept))
            for c in cs]
 if changed:
-    pick = st.selectbox("Neuron card", changed, format_func=lambda t: f"{short(t[1])} ({t[0]})", key="adv_neuron")
+    pick = st.selectbox("Neuron card", changed, format_func=lambda t: f"{neuron_name(t[1])} ({t[0]})", key="adv_neuron")
     neuron_card(pick[1], config, "adv")
 
 st.subheader("Most hijacked neurons")
@@ -84,13 +83,13 @@ label = st.selectbox("Class of the originals", [None, *names], format_func=lambd
                      key="adv_class")
 hijacked = s.hijacked_neurons(model_id, config, attack, label, 15)
 if hijacked:
-    rows = [{"neuron": short(h.neuron), "site": h.site, "strength": variant_name(attack, k), "share": v}
-            for h in hijacked for k, v in h.by_setting.items()]
+    rows = [{"neuron": neuron_name(h.neuron), "site": h.site, "strength": variant_name(attack, k), "share": v}
+            for h in hijacked for k, v in h.by_sweep.items()]
     st.plotly_chart(px.bar(table(rows), x="neuron", y="share", color="strength", barmode="group",
                            title="Share of attacked images that gain the neuron, by strength"), key="adv_hijack")
-    st.dataframe(table([{"neuron": short(h.neuron), "site": h.site, "gained by": h.count, "share": h.share}
+    st.dataframe(table([{"neuron": neuron_name(h.neuron), "site": h.site, "gained by": h.count, "share": h.share}
                         for h in hijacked]), hide_index=True, key="adv_hijack_table")
-    pick_h = st.selectbox("Neuron card (hijacked)", [h.neuron for h in hijacked], format_func=short,
+    pick_h = st.selectbox("Neuron card (hijacked)", [h.neuron for h in hijacked], format_func=neuron_name,
                           key="adv_hijack_neuron")
     neuron_card(pick_h, config, "hij")
 else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import plotly.express as px
 import streamlit as st
 
+from graphstore.names import neuron_name
 from ui.common import (
     COLORS,
     class_names,
@@ -13,7 +14,6 @@ from ui.common import (
     layer_depths,
     neuron_card,
     pathway_figure,
-    short,
     store,
     table,
 )
@@ -49,7 +49,7 @@ groups = {"shared": [na for na, _ in shared.shared], f"only {names[a]}": shared.
           f"only {names[b]}": shared.only_b}
 choices = [(g, n.neuron) for g, ns in groups.items() for n in ns]
 if choices:
-    pick = st.selectbox("Neuron card", choices, format_func=lambda t: f"{short(t[1])} ({t[0]})", key="cmp_neuron")
+    pick = st.selectbox("Neuron card", choices, format_func=lambda t: f"{neuron_name(t[1])} ({t[0]})", key="cmp_neuron")
     neuron_card(pick[1], config, "cmp")
 
 overlap = table(shared.per_layer)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from graphstore.errors import NotFound
-from graphstore.names import number, variant_name
+from graphstore.names import neuron_name, number, variant_name
 from ui.common import (
     class_names,
     context,
@@ -14,7 +14,6 @@ from ui.common import (
     pathway_figure,
     saliency_figure,
     setting_names,
-    short,
     store,
     table,
 )
@@ -36,7 +35,7 @@ if not images:
     st.stop()
 by_id = {im.id: im for im in images}
 image_id = st.selectbox("Image", list(by_id), key="img_id",
-                        format_func=lambda i: f"{by_id[i].source} · {variant_name(by_id[i].kind, by_id[i].setting)}")
+                        format_func=lambda i: f"{by_id[i].source} · {variant_name(by_id[i].kind, by_id[i].sweep)}")
 detail = s.image(image_id)
 try:
     pathway = s.pathway_of(image_id, config)
@@ -75,7 +74,8 @@ st.plotly_chart(pathway_figure(graph, max_edges=max_edges, depths=layer_depths(m
 st.subheader("Neuron")
 neurons = sorted(graph.nodes(data=True), key=lambda t: t[1]["rank"])
 neuron = st.selectbox("Neuron (by rank in this pathway)", [n for n, _ in neurons], key="img_neuron",
-                      format_func=lambda n: f"{short(n)} · contribution {number(graph.nodes[n]['contribution'], 4)}")
+                      format_func=lambda n: f"{neuron_name(n)} · contribution "
+                                            f"{number(graph.nodes[n]['contribution'], 4)}")
 n1, n2 = st.columns([3, 2])
 with n1:
     neuron_card(neuron, config, "img")

@@ -32,6 +32,6 @@ st.subheader("Overlap with the original's pathway, per layer")
 st.plotly_chart(px.line(overlap, x="site", y="mean_jaccard", color="name", markers=True, range_y=[0, 1.05],
                         labels={"name": "variant"}), key="var_overlap")
 st.subheader("Prediction changes")
-changes = overlap.drop_duplicates(["kind", "setting"])[["name", "pairs", "prediction_changed"]].rename(
+changes = overlap.drop_duplicates(["kind", "sweep"])[["name", "pairs", "prediction_changed"]].rename(
     columns={"name": "variant"})
 st.dataframe(changes, hide_index=True, key="var_changes")
