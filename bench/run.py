@@ -93,7 +93,7 @@ def loading_and_queries(home: Path) -> dict[str, Any]:
     from graphstore.api import Store
     from graphstore.connection import ConnectionSettings, open_driver
     from graphstore.loader import load_run
-    from graphstore.rows import edge_rows, neuron_table
+    from graphstore.rows import NeuronIndex, flow_columns, neuron_table, plain
     from graphstore.server import USER, ServerConfig, fetch_jars, free_port, read_password, start, stop
     from records import read_run
 
@@ -117,17 +117,17 @@ def loading_and_queries(home: Path) -> dict[str, Any]:
                        "write_relationships_per_s": summary.write_relationships_per_second}
         print(f"load: {rels} relationships at {summary.relationships_per_second:,.0f}/s", flush=True)
         manifest, _, pathways = read_run(run)
-        table = neuron_table(manifest.model)
-        rows = [r for p in pathways[:20] for r in edge_rows(p, table)][:3000]
+        flows = plain(flow_columns(pathways[:20], NeuronIndex.of(neuron_table(manifest.model))), 0, 3000)
+        rows = list(zip(flows["start"], flows["end"], flows["weight"], strict=True))
         began = time.perf_counter()
         with driver.session(database="neo4j") as s:
-            for r in rows:
-                s.run(NAIVE, src=r[0], dst=r[1], p="naive/" + r[2], w=r[3]).consume()
+            for src, dst, w in rows:
+                s.run(NAIVE, src=src, dst=dst, p=-1, w=w).consume()
         naive = len(rows) / (time.perf_counter() - began)
         out["load"]["naive_relationships_per_s"] = naive
         out["load"]["ratio_batched_naive"] = summary.relationships_per_second / naive
         with driver.session(database="neo4j") as s:
-            s.run("MATCH ()-[f:FLOWS_TO]->() WHERE f.pathway STARTS WITH 'naive/' DELETE f").consume()
+            s.run("MATCH ()-[f:FLOWS_TO]->() WHERE f.pathway = -1 DELETE f").consume()
         print(f"naive loader: {naive:,.0f}/s", flush=True)
         out["queries"] = query_latency(Store(driver), repeats=20)
         driver.close()

@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 
-from graphstore.rows import EDGE_SUPPORT_FLOOR
+from graphstore.rows import Columns
+from graphstore.schema import EDGE_SUPPORT_FLOOR
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,14 +87,15 @@ class Aggregates:
             self._originals.add(props["id"])
             self._original_keys.add(props["key"])
 
-    def relationships(self, includes: list[Any], flows: list[Any]) -> None:
-        """One part's INCLUDES columns ``[pathway, neuron, contribution, score, rank, elements, dead, gained]``
-        (``gained`` a pyarrow boolean array, null on originals) and FLOWS_TO columns ``[source, target,
-        pathway key, weight]``; only the rows an aggregate reads are kept."""
-        inc = pd.DataFrame({"pathway": includes[0], "neuron": includes[1], "contribution": includes[2],
-                            "gained": pc.fill_null(includes[7], False).to_numpy(zero_copy_only=False)})
+    def relationships(self, includes: Columns, flows: Columns) -> None:
+        """One part's ``INCLUDES`` and ``FLOWS_TO`` columns (:func:`graphstore.rows.include_columns`,
+        :func:`~graphstore.rows.flow_columns`); only the rows an aggregate reads are kept."""
+        inc = pd.DataFrame({"pathway": includes["start"], "neuron": includes["end"],
+                            "contribution": includes["contribution"],
+                            "gained": pc.fill_null(includes["gained"], False).to_numpy(zero_copy_only=False)})
         self._includes.append(inc[inc["pathway"].isin(self._originals) | inc["gained"]])
-        flow = pd.DataFrame({"key": flows[2], "src": flows[0], "dst": flows[1], "weight": flows[3]})
+        flow = pd.DataFrame({"key": flows["pathway"], "src": flows["start"], "dst": flows["end"],
+                             "weight": flows["weight"]})
         self._flows.append(flow[flow["key"].isin(self._original_keys)])
 
     def rows(self) -> AggregateRows:

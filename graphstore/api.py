@@ -49,8 +49,7 @@ from graphstore.results import (
     VariantOverlap,
     to_frame,
 )
-from graphstore.rows import EDGE_SUPPORT_FLOOR
-from graphstore.schema import StoredSchema
+from graphstore.schema import EDGE_SUPPORT_FLOOR, StoredSchema
 from records import parse_class_id, parse_neuron_id
 
 EXACT_SIMILAR_LIMIT = 200  # similar_images scans exactly up to this many pathways of a setting

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
@@ -32,7 +31,19 @@ from graphstore import schema
 from graphstore.aggregates import AggregateRows, Aggregates
 from graphstore.errors import GraphStoreError, RecordsError, ServerError
 from graphstore.loader import ensure_schema
-from graphstore.rows import exemplar_rows, gained, groups, image_row, model_rows, neuron_table, pathway_row
+from graphstore.rows import (
+    Columns,
+    NeuronIndex,
+    exemplar_columns,
+    flow_columns,
+    groups,
+    image_row,
+    include_columns,
+    model_rows,
+    neuron_table,
+    pathway_row,
+    plain,
+)
 from graphstore.server import ADMIN_ENTRY_POINT, ServerConfig, java_executable, prepare, read_pid, start, stop
 from records import (
     ExemplarRows,
@@ -43,7 +54,6 @@ from records import (
     iter_parts,
     merge_exemplar_rows,
     open_run,
-    pathway_key,
     read_exemplars,
 )
 
@@ -120,41 +130,12 @@ class _ArrowTable:
         path.write_text(",".join(header) + "\n")
         self.rows = 0
 
-    def write(self, columns: list[Any]) -> None:
-        table = pa.table(dict(zip(self.names, columns, strict=True)))
+    def write(self, columns: Columns) -> None:
+        """``columns`` as :mod:`graphstore.rows` names them (start, end, then the schema's properties)."""
+        table = pa.table(dict(zip(self.names, columns.values(), strict=True)))
         with open(self.path, "ab") as fh:
             pacsv.write_csv(table, fh, write_options=pacsv.WriteOptions(include_header=False))
         self.rows += table.num_rows
-
-
-def _neuron_index(model: ModelInfo) -> tuple[np.ndarray, np.ndarray]:
-    """Flat neuron ids ``[sum of channels]`` and each site's offset into them ``[S]``."""
-    ids = np.array([n for site in neuron_table(model) for n in site], dtype=object)
-    offsets = np.cumsum([0, *[s.channels for s in model.sites[:-1]]])
-    return ids, offsets
-
-
-def _relationship_columns(pws: list[PathwayRecord], originals: dict[str, PathwayRecord], ids: np.ndarray,
-                          offsets: np.ndarray) -> tuple[list[Any], list[Any]]:
-    """INCLUDES and FLOWS_TO columns of ``pws``, the same values the loader writes."""
-    def cat(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
-        return np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype)
-
-    sizes = [len(p.neuron_site) for p in pws]
-    site, channel = cat([p.neuron_site for p in pws], np.int64), cat([p.neuron_channel for p in pws], np.int64)
-    gains = [g for p in pws for g in gained(p, originals.get(p.pathway_id))]
-    includes = [np.repeat(np.array([p.pathway_id for p in pws], dtype=object), sizes), ids[offsets[site] + channel],
-                cat([p.neuron_contribution for p in pws], np.float64), cat([p.neuron_score for p in pws], np.float64),
-                cat([p.neuron_rank for p in pws], np.int64), cat([p.neuron_elements for p in pws], np.int64),
-                cat([p.neuron_dead for p in pws], bool), pa.array(gains, type=pa.bool_())]
-    n_edges = [len(p.edge_weight) for p in pws]
-    flows = [ids[offsets[cat([p.edge_src_site for p in pws], np.int64)] + cat([p.edge_src_channel for p in pws],
-                                                                               np.int64)],
-             ids[offsets[cat([p.edge_dst_site for p in pws], np.int64)] + cat([p.edge_dst_channel for p in pws],
-                                                                               np.int64)],
-             np.repeat(np.array([pathway_key(p.pathway_id) for p in pws], dtype=np.int64), n_edges),
-             cat([p.edge_weight for p in pws], np.float64)]
-    return includes, flows
 
 
 def _records(runs: list[RunFolder]) -> Iterator[tuple[ModelInfo, Any]]:
@@ -195,7 +176,7 @@ def write_csv(runs: list[RunFolder], out: Path) -> tuple[list[tuple[str, Path]],
     models: set[str] = set()
     images: set[str] = set()
     pathways: set[str] = set()
-    index: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    index: dict[str, NeuronIndex] = {}
     model_props: dict[str, dict[str, Any]] = {}
     covered: dict[str, int] = {}
     try:
@@ -215,7 +196,7 @@ def write_csv(runs: list[RunFolder], out: Path) -> tuple[list[tuple[str, Path]],
                 for c in rows.classes:
                     n["Class"].write([c["id"]], {**c, "model_id": model.model_id})
                     r["HAS_CLASS"].write([model.model_id, c["id"]], {})
-                index[model.model_id] = _neuron_index(model)
+                index[model.model_id] = NeuronIndex.of(neuron_table(model))
             fresh: list[PathwayRecord] = []
             links: dict[str, PathwayRecord] = {}
             for group in groups(part.images, part.pathways):
@@ -246,10 +227,11 @@ def write_csv(runs: list[RunFolder], out: Path) -> tuple[list[tuple[str, Path]],
                     aggregates.pathway(prow["props"], prow["class_id"])
                     r["FOR_IMAGE"].write([pw.pathway_id, pw.image_id], {})
                     r["EXPLAINS"].write([pw.pathway_id, class_id(model.model_id, pw.target)], {})
-            inc_columns, flow_columns = _relationship_columns(fresh, links, *index[model.model_id])
-            includes.write(inc_columns)
-            flows.write(flow_columns)
-            aggregates.relationships(inc_columns, flow_columns)
+            inc = include_columns(fresh, links, index[model.model_id])
+            flow = flow_columns(fresh, index[model.model_id])
+            includes.write(inc)
+            flows.write(flow)
+            aggregates.relationships(inc, flow)
         _write_exemplars(runs, exemplars)
         _write_aggregates(aggregates.rows(), n, r, out)
         for model_id, props in model_props.items():
@@ -289,8 +271,10 @@ def _write_exemplars(runs: list[RunFolder], table: _Table) -> None:
         if not n:
             continue
         merged = merge_exemplar_rows(ExemplarRows.concat(rows), n)
-        for nid, image, kind, rank, value, pos, box in exemplar_rows(merged, neuron_table(model)):
-            table.write([nid, image], {"kind": kind, "rank": rank, "value": value, "position": pos, "box": box})
+        cols = plain(exemplar_columns(merged, NeuronIndex.of(neuron_table(model))))
+        start, end = cols.pop("start"), cols.pop("end")
+        for i, (a, b) in enumerate(zip(start, end, strict=True)):
+            table.write([a, b], {k: v[i] for k, v in cols.items()})
 
 
 def _run_importer(config: ServerConfig, nodes: list[tuple[str, Path]], rels: list[tuple[str, Path]]) -> None:

@@ -22,25 +22,27 @@ from pathlib import Path
 from typing import Any
 
 import neo4j
+import numpy as np
 from tqdm import tqdm
 
 from graphstore import queries as Q
 from graphstore.connection import DATABASE
 from graphstore.errors import RecordsError
 from graphstore.rows import (
-    EDGE_SUPPORT_FLOOR,
-    STORE_FORMAT,
     Group,
-    edge_rows,
-    exemplar_rows,
+    NeuronIndex,
+    exemplar_columns,
     exemplar_rows_of,
+    flow_columns,
     groups,
     image_row,
-    include_rows,
+    include_columns,
     model_rows,
     neuron_table,
     pathway_row,
+    plain,
 )
+from graphstore.schema import EDGE_SUPPORT_FLOOR, STORE_FORMAT
 from records import (
     ExemplarRows,
     ModelInfo,
@@ -111,9 +113,9 @@ def load_model(driver: neo4j.Driver, model: ModelInfo, database: str = DATABASE)
 
 
 def _write_groups(
-    tx: neo4j.ManagedTransaction, groups: Sequence[Group], model: ModelInfo, table: list[list[str]]
+    tx: neo4j.ManagedTransaction, groups: Sequence[Group], model: ModelInfo, index: NeuronIndex
 ) -> tuple[int, int, int, int]:
-    """Write whole groups in one transaction; ``table`` holds neuron element ids by [site][channel]."""
+    """Write whole groups in one transaction; ``index`` names neurons by their element ids."""
     images = [image_row(im, model) for g in groups for im in g.images]
     tx.run(Q.MERGE_IMAGES, images=images).consume()
     pathways = [pw for g in groups for pw in g.pathways]
@@ -121,25 +123,30 @@ def _write_groups(
     rows = [pathway_row(pw, model, originals.get(pw.pathway_id)) for pw in pathways]
     created = {r["id"] for r in tx.run(Q.CLAIM_PATHWAYS, pathways=rows)}
     fresh = [pw for pw in pathways if pw.pathway_id in created]
-    includes = [{"id": pw.pathway_id, "rows": include_rows(pw, table, originals.get(pw.pathway_id))}
-                for pw in fresh]
-    edges = [row for pw in fresh for row in edge_rows(pw, table)]
-    n_inc = sum(len(p["rows"]) for p in includes)
+    inc = include_columns(fresh, originals, index)
+    bounds = np.cumsum([0, *[len(pw.neuron_site) for pw in fresh]])
+    includes = []  # per pathway: its id and its columns (the pathway is found once, its neurons by element id)
+    for i, pw in enumerate(fresh):
+        cols = plain(inc, int(bounds[i]), int(bounds[i + 1]))
+        del cols["start"]
+        includes.append({"pathway": pw.pathway_id, **cols})
+    n_inc, n_edges = int(bounds[-1]), sum(len(pw.edge_weight) for pw in fresh)
     made = 0
     batch: list[dict[str, Any]] = []
     for item in [*includes, None]:
-        if item is not None and sum(len(b["rows"]) for b in batch) + len(item["rows"]) <= ROW_BATCH:
+        if item is not None and sum(len(b["end"]) for b in batch) + len(item["end"]) <= ROW_BATCH:
             batch.append(item)
             continue
         if batch:
             made += tx.run(Q.CREATE_INCLUDES, pathways=batch).single(strict=True)["created"]
         batch = [item] if item is not None else []
-    for chunk in _chunks(edges, ROW_BATCH):
-        made += tx.run(Q.CREATE_FLOWS, rows=list(chunk)).single(strict=True)["created"]
-    if made != n_inc + len(edges):  # a neuron vanished under us: roll the whole group back
-        raise RecordsError(f"wrote {made} of {n_inc + len(edges)} relationships: the model's neurons changed "
+    flows = flow_columns(fresh, index)
+    for start in range(0, n_edges, ROW_BATCH):
+        made += tx.run(Q.CREATE_FLOWS, flows=plain(flows, start, start + ROW_BATCH)).single(strict=True)["created"]
+    if made != n_inc + n_edges:  # a neuron vanished under us: roll the whole group back
+        raise RecordsError(f"wrote {made} of {n_inc + n_edges} relationships: the model's neurons changed "
                            "during the load; re-run the same command")
-    return len(fresh), len(pathways) - len(fresh), n_inc, len(edges)
+    return len(fresh), len(pathways) - len(fresh), n_inc, n_edges
 
 
 def refresh_aggregates(driver: neo4j.Driver, model_id: str, database: str = DATABASE) -> list[str]:
@@ -204,7 +211,7 @@ def _batches(parts: Sequence[Any]) -> list[list[Group]]:
 
 
 def _write_batches(driver: neo4j.Driver, database: str, *, batches: list[list[Group]], model: ModelInfo,
-                   table: list[list[str]], summary: LoadSummary, bar: tqdm, workers: int) -> None:
+                   index: NeuronIndex, summary: LoadSummary, bar: tqdm, workers: int) -> None:
     """Each batch in its own write transaction, ``workers`` at a time (one session per thread).
 
     Batches hold disjoint images, so concurrent transactions only meet on shared Neuron and
@@ -220,7 +227,7 @@ def _write_batches(driver: neo4j.Driver, database: str, *, batches: list[list[Gr
             local.session = driver.session(database=database)
             with lock:
                 sessions.append(local.session)
-        new, old, inc, edg = local.session.execute_write(_write_groups, batch, model, table)
+        new, old, inc, edg = local.session.execute_write(_write_groups, batch, model, index)
         n_img = sum(len(g.images) for g in batch)
         with lock:
             summary.pathways_new += new
@@ -265,7 +272,7 @@ def load_run(driver: neo4j.Driver, run_dir: Path | RunFolder, database: str = DA
     summary = LoadSummary(repaired=remove_incomplete(driver, model.model_id, database))
     records, _, _ = driver.execute_query(Q.NEURON_ELEMENT_IDS, model_id=model.model_id, database_=database)
     element = {r["id"]: r["element_id"] for r in records}
-    table = [[element[n] for n in site] for site in neuron_table(model)]
+    index = NeuronIndex.of([[element[n] for n in site] for site in neuron_table(model)])
     parts = list(iter_parts(run))
     for part in parts:
         for pw in part.pathways:
@@ -275,7 +282,7 @@ def load_run(driver: neo4j.Driver, run_dir: Path | RunFolder, database: str = DA
     bar = tqdm(total=total, desc="load", unit="img", disable=not progress)
     began_writes = time.perf_counter()
     try:
-        _write_batches(driver=driver, database=database, batches=_batches(parts), model=model, table=table,
+        _write_batches(driver=driver, database=database, batches=_batches(parts), model=model, index=index,
                        summary=summary, bar=bar, workers=workers)
     finally:
         bar.close()
@@ -297,7 +304,7 @@ def load_exemplars(driver: neo4j.Driver, run: RunFolder, model: ModelInfo, n: in
     run_rows = read_exemplars(run, n)
     records, _, _ = driver.execute_query(Q.NEURON_ELEMENT_IDS, model_id=model.model_id, database_=database)
     element = {r["id"]: r["element_id"] for r in records}
-    table = [[element[nid] for nid in site] for site in neuron_table(model)]
+    index = NeuronIndex.of([[element[nid] for nid in site] for site in neuron_table(model)])
 
     def write(tx: neo4j.ManagedTransaction) -> int:
         tx.run(Q.LOCK_MODEL, model_id=model.model_id).consume()
@@ -306,12 +313,12 @@ def load_exemplars(driver: neo4j.Driver, run: RunFolder, model: ModelInfo, n: in
         if _exemplar_keys(merged) == _exemplar_keys(stored):
             return len(stored)  # the run's exemplars are those already stored (a repeated load): nothing to write
         tx.run(Q.DELETE_EXEMPLARS, model_id=model.model_id).consume()
-        rows = exemplar_rows(merged, table)
+        cols = exemplar_columns(merged, index)
         made = 0
-        for chunk in _chunks(rows, 5000):
-            made += tx.run(Q.CREATE_EXEMPLARS, rows=list(chunk)).single(strict=True)["created"]
-        if made != len(rows):
-            raise RecordsError(f"{len(rows) - made} exemplar images are not in the store; load their run first")
+        for start in range(0, len(merged), 5000):
+            made += tx.run(Q.CREATE_EXEMPLARS, rows=plain(cols, start, start + 5000)).single(strict=True)["created"]
+        if made != len(merged):
+            raise RecordsError(f"{len(merged) - made} exemplar images are not in the store; load their run first")
         return made
 
     with driver.session(database=database) as session:

@@ -139,22 +139,25 @@ MATCH (n:Neuron {model_id: $model_id})
 RETURN n.id AS id, elementId(n) AS element_id
 """
 
-# Rows are lists, neurons are found by element id (fetched once per load): no index seek per row.
-# Both statements return how many relationships they made, and the loader checks the number.
+# Relationships arrive as named columns (graphstore.rows: `start`, `end`, then the schema's properties), neurons
+# by element id (fetched once per load): no index seek per row. Both statements return how many relationships
+# they made, and the loader checks the number.
 CREATE_INCLUDES = """
 UNWIND $pathways AS p
-MATCH (pw:Pathway {id: p.id})
-UNWIND p.rows AS r
-MATCH (nr:Neuron) WHERE elementId(nr) = r[0]
-CREATE (pw)-[:INCLUDES {contribution: r[1], score: r[2], rank: r[3], elements: r[4], dead: r[5], gained: r[6]}]->(nr)
+MATCH (pw:Pathway {id: p.pathway})
+UNWIND range(0, size(p.end) - 1) AS i
+MATCH (nr:Neuron) WHERE elementId(nr) = p.end[i]
+CREATE (pw)-[:INCLUDES {contribution: p.contribution[i], score: p.score[i], rank: p.rank[i],
+                        elements: p.elements[i], dead: p.dead[i], gained: p.gained[i]}]->(nr)
 RETURN count(*) AS created
 """
 
 CREATE_FLOWS = """
-UNWIND $rows AS r
-MATCH (a:Neuron) WHERE elementId(a) = r[0]
-MATCH (b:Neuron) WHERE elementId(b) = r[1]
-CREATE (a)-[:FLOWS_TO {pathway: r[2], weight: r[3]}]->(b)
+WITH $flows AS f
+UNWIND range(0, size(f.start) - 1) AS i
+MATCH (a:Neuron) WHERE elementId(a) = f.start[i]
+MATCH (b:Neuron) WHERE elementId(b) = f.end[i]
+CREATE (a)-[:FLOWS_TO {pathway: f.pathway[i], weight: f.weight[i]}]->(b)
 RETURN count(*) AS created
 """
 
@@ -543,10 +546,12 @@ DELETE e
 """
 
 CREATE_EXEMPLARS = """
-UNWIND $rows AS r
-MATCH (n:Neuron) WHERE elementId(n) = r[0]
-MATCH (i:Image {id: r[1]})
-CREATE (n)-[:EXEMPLAR {kind: r[2], rank: r[3], value: r[4], position: r[5], box: r[6]}]->(i)
+WITH $rows AS r
+UNWIND range(0, size(r.start) - 1) AS i
+MATCH (n:Neuron) WHERE elementId(n) = r.start[i]
+MATCH (im:Image {id: r.end[i]})
+CREATE (n)-[:EXEMPLAR {kind: r.kind[i], rank: r.rank[i], value: r.value[i], position: r.position[i],
+                       box: r.box[i]}]->(im)
 RETURN count(*) AS created
 """
 

@@ -10,12 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
+from graphstore import schema
+from graphstore.schema import SIGNATURE_DIMENSIONS, STORE_FORMAT
 from records import (
     ExemplarRows,
     ImageRecord,
@@ -27,12 +31,6 @@ from records import (
     pathway_key,
 )
 from records.overlap import jaccard_per_layer, neuron_keys
-
-SIGNATURE_DIMENSIONS = 128  # Pathway.signature: the neuron set as a random +-1 projection (cosine ~ overlap)
-# The store's format, on every Model node: a load refuses a store written in another (older) one. 1: pathways
-# keyed by a compact integer; 2: a variant's parameters without per-image ones are its `sweep` (was `setting`).
-STORE_FORMAT = 2
-EDGE_SUPPORT_FLOOR = 0.05  # class edge supports below this are not kept as CLASS_FLOW aggregates
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -157,26 +155,82 @@ def gained(pw: PathwayRecord, original: PathwayRecord | None) -> list[bool | Non
     return list(lacks)
 
 
-def include_rows(pw: PathwayRecord, table: list[list[str]], original: PathwayRecord | None = None) -> list[list[Any]]:
-    """INCLUDES rows ``[neuron, contribution, score, rank, elements, dead, gained]`` (see :func:`gained`)."""
-    return [
-        [table[s][c], v, sc, r, e, d, g]
-        for s, c, v, sc, r, e, d, g in zip(pw.neuron_site.tolist(), pw.neuron_channel.tolist(),
-                                           pw.neuron_contribution.tolist(), pw.neuron_score.tolist(),
-                                           pw.neuron_rank.tolist(), pw.neuron_elements.tolist(),
-                                           pw.neuron_dead.tolist(), gained(pw, original), strict=True)
-    ]
+@dataclass(frozen=True)
+class NeuronIndex:
+    """A model's neurons as the writer names them (ids for the bulk importer, element ids for Bolt), flat
+    ``[sum of channels]``, and each site's offset into them ``[S]``."""
+
+    names: np.ndarray
+    offsets: np.ndarray
+
+    @classmethod
+    def of(cls, table: list[list[str]]) -> NeuronIndex:
+        """From names by ``[site][channel]`` (:func:`neuron_table`, or element ids in that layout)."""
+        names = np.array([n for site in table for n in site], dtype=object)
+        return cls(names, np.cumsum([0, *[len(site) for site in table[:-1]]]).astype(np.int64))
+
+    def __call__(self, site: np.ndarray, channel: np.ndarray) -> np.ndarray:
+        return np.asarray(self.names[self.offsets[site.astype(np.int64)] + channel.astype(np.int64)])
 
 
-def edge_rows(pw: PathwayRecord, table: list[list[str]]) -> list[list[Any]]:
-    """FLOWS_TO rows ``[source neuron, target neuron, pathway key, weight]``."""
-    key = pathway_key(pw.pathway_id)
-    return [
-        [table[ss][sc], table[ds][dc], key, w]
-        for ss, sc, ds, dc, w in zip(pw.edge_src_site.tolist(), pw.edge_src_channel.tolist(),
-                                     pw.edge_dst_site.tolist(), pw.edge_dst_channel.tolist(),
-                                     pw.edge_weight.tolist(), strict=True)
-    ]
+# Relationship columns: ``start`` and ``end`` (the two nodes), then the type's properties, named and ordered as
+# graphstore.schema has them. Both writers take these columns: the bulk importer as CSV, the loader over Bolt.
+Columns = dict[str, Any]
+
+
+def _named(type_: str, start: Any, end: Any, props: dict[str, Any]) -> Columns:
+    want = list(schema.relationship(type_).types())
+    if list(props) != want:
+        raise AssertionError(f"{type_} columns {list(props)} differ from graphstore.schema's {want}")
+    return {"start": start, "end": end, **props}
+
+
+def _cat(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
+    return np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype)
+
+
+def include_columns(pws: Sequence[PathwayRecord], originals: Mapping[str, PathwayRecord],
+                    index: NeuronIndex) -> Columns:
+    """``INCLUDES`` of ``pws``: ``start`` pathway id, ``end`` neuron; ``gained`` a pyarrow boolean array
+    (null on originals' pathways; see :func:`gained`)."""
+    sizes = [len(p.neuron_site) for p in pws]
+    gains = [g for p in pws for g in gained(p, originals.get(p.pathway_id))]
+    return _named("INCLUDES", np.repeat(np.array([p.pathway_id for p in pws], dtype=object), sizes),
+                  index(_cat([p.neuron_site for p in pws], np.int64), _cat([p.neuron_channel for p in pws], np.int64)),
+                  {"contribution": _cat([p.neuron_contribution for p in pws], np.float64),
+                   "score": _cat([p.neuron_score for p in pws], np.float64),
+                   "rank": _cat([p.neuron_rank for p in pws], np.int64),
+                   "elements": _cat([p.neuron_elements for p in pws], np.int64),
+                   "dead": _cat([p.neuron_dead for p in pws], bool), "gained": pa.array(gains, type=pa.bool_())})
+
+
+def flow_columns(pws: Sequence[PathwayRecord], index: NeuronIndex) -> Columns:
+    """``FLOWS_TO`` of ``pws``: ``start`` source neuron, ``end`` target neuron, ``pathway`` the pathway's key."""
+    n_edges = [len(p.edge_weight) for p in pws]
+    src = index(_cat([p.edge_src_site for p in pws], np.int64), _cat([p.edge_src_channel for p in pws], np.int64))
+    dst = index(_cat([p.edge_dst_site for p in pws], np.int64), _cat([p.edge_dst_channel for p in pws], np.int64))
+    return _named("FLOWS_TO", src, dst,
+                  {"pathway": np.repeat(np.array([pathway_key(p.pathway_id) for p in pws], dtype=np.int64), n_edges),
+                   "weight": _cat([p.edge_weight for p in pws], np.float64)})
+
+
+def exemplar_columns(rows: ExemplarRows, index: NeuronIndex) -> Columns:
+    """``EXEMPLAR`` of merged exemplar rows: ``start`` neuron, ``end`` image id."""
+    assert rows.rank is not None
+    return _named("EXEMPLAR", index(rows.site, rows.channel), rows.image_id.astype(str).astype(object),
+                  {"kind": rows.kind.astype(str).astype(object), "rank": rows.rank.astype(np.int64),
+                   "value": rows.value.astype(np.float64),
+                   "position": np.stack([rows.y, rows.x], 1).astype(np.int64).reshape(-1, 2),
+                   "box": rows.box.astype(np.int64)})
+
+
+def plain(columns: Columns, start: int = 0, stop: int | None = None) -> dict[str, list[Any]]:
+    """Rows ``start:stop`` of ``columns`` as Python lists (what Bolt sends); arrays of rows become lists of lists."""
+    out: dict[str, list[Any]] = {}
+    for name, col in columns.items():
+        part = col[start:stop]
+        out[name] = part.to_pylist() if isinstance(part, pa.Array) else part.tolist()
+    return out
 
 
 @dataclass
@@ -227,11 +281,5 @@ def exemplar_rows_of(records: list[Any]) -> ExemplarRows:
                         box=np.asarray([r["box"] for r in records], np.int32).reshape(-1, 4))
 
 
-def exemplar_rows(rows: ExemplarRows, table: list[list[str]]) -> list[list[Any]]:
-    """CREATE_EXEMPLARS rows ``[neuron element id or id, image id, kind, rank, value, position, box]``."""
-    assert rows.rank is not None
-    return [[table[int(s)][int(c)], str(i), str(k), int(r), float(v), [int(y), int(x)], [int(b) for b in box]]
-            for s, c, i, k, r, v, y, x, box in zip(rows.site, rows.channel, rows.image_id, rows.kind, rows.rank,
-                                                   rows.value, rows.y, rows.x, rows.box, strict=True)]
 
 

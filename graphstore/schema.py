@@ -21,7 +21,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from graphstore.rows import EDGE_SUPPORT_FLOOR, SIGNATURE_DIMENSIONS
+SIGNATURE_DIMENSIONS = 128  # Pathway.signature: the neuron set as a random +-1 projection (cosine ~ overlap)
+# The store's format, on every Model node: a load refuses a store written in another (older) one. 1: pathways
+# keyed by a compact integer; 2: a variant's parameters without per-image ones are its `sweep` (was `setting`).
+STORE_FORMAT = 2
+EDGE_SUPPORT_FLOOR = 0.05  # class edge supports below this are not kept as CLASS_FLOW aggregates
 
 # bulk importer's type names -> the names ``db.schema.nodeTypeProperties()`` reports
 STORED_TYPE = {"string": "String", "long": "Long", "double": "Double", "boolean": "Boolean", "byte[]": "ByteArray",
@@ -92,7 +96,7 @@ NODES: tuple[Node, ...] = (
             "store_format:long"
         ),
         note="aggregated_pathways: how many pathways the aggregates were last computed over; store_format: "
-        "graphstore.rows.STORE_FORMAT when written (a load refuses a store of another format)",
+        "graphstore.schema.STORE_FORMAT when written (a load refuses a store of another format)",
     ),
     Node(
         label="Layer",

@@ -17,7 +17,7 @@ import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -32,7 +32,7 @@ app.add_typer(db_app, name="db")
 log = logging.getLogger("pathx")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(1)
 
@@ -389,7 +389,10 @@ def report(
 ) -> None:
     """Measure each seed paper's claims on the two trained models (EfficientNet-Lite0 on ImageNet photos, the
     Fashion-MNIST CNN); extracts and loads the pathways it needs, writes a markdown report."""
-    from pathx.report import ReportPlan, build_report
+    try:
+        from pathx.report import ReportPlan, build_report
+    except ModuleNotFoundError as exc:  # the demo extra's plotting library
+        _fail(f"the report needs {exc.name}: pip install 'pathway-explorer[demo]'")
 
     with _errors():
         plan = ReportPlan(photos=photos, fashion=fashion, counts=counts, runs=runs)

@@ -35,3 +35,15 @@ def test_compose_config_lints_with_the_docker_tooling_present() -> None:
     res = subprocess.run([*cmd, "-f", str(COMPOSE), "config"], capture_output=True, text=True, env=env, check=False)
     assert res.returncode == 0, res.stderr
     assert "neo4j:5.26-community" in res.stdout
+
+
+def test_the_image_copies_every_package_it_installs() -> None:
+    """The Dockerfile's `pip install .` builds from what it copied: every top-level package of pyproject.toml."""
+    import tomllib
+
+    root = COMPOSE.parent.parent
+    packages = {p.split(".")[0] for p in tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+                ["packages"]}
+    copied = {line.split()[1] for line in (COMPOSE.parent / "Dockerfile").read_text().splitlines()
+              if line.startswith("COPY ")}
+    assert packages == {"records", "extractor", "graphstore", "ui", "pathx"} and packages <= copied

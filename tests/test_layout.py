@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from graphstore import queries as Q
-from graphstore.rows import SIGNATURE_DIMENSIONS
+from graphstore.schema import SIGNATURE_DIMENSIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("records", "extractor", "graphstore", "ui")
