@@ -93,6 +93,31 @@ def test_queries_and_cypher_from_cli(loaded_store: Driver, neo4j_server: ServerC
 
 
 @pytest.mark.store
+def test_a_load_reads_the_run_once(loaded_store: Driver, neo4j_server: ServerConfig, fixture_run: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pathx load` checks the run folder once, where it enters, and every later step uses what it read."""
+    from typer.testing import CliRunner
+
+    import records.io
+    from pathx.cli import app
+
+    reads: list[Path] = []
+    real = records.io.read_manifest
+
+    def counted(run_dir: Path) -> object:
+        reads.append(Path(run_dir))
+        return real(run_dir)
+
+    monkeypatch.setattr(records.io, "read_manifest", counted)
+    for k, v in (("NEO4J_URI", neo4j_server.bolt_uri), ("NEO4J_USER", USER),
+                 ("NEO4J_PASSWORD", read_password(neo4j_server))):
+        monkeypatch.setenv(k, v)
+    res = CliRunner().invoke(app, ["load", str(fixture_run)])
+    assert res.exit_code == 0 and "0 new pathways" in res.output, res.output
+    assert reads == [fixture_run]
+
+
+@pytest.mark.store
 def test_pathway_query_and_export_from_cli(loaded_store: Driver, neo4j_server: ServerConfig, fixture_run: Path,
                                            tmp_path: Path) -> None:
     import networkx as nx
