@@ -35,6 +35,7 @@ from graphstore.rows import (
     Columns,
     NeuronIndex,
     exemplar_columns,
+    exemplar_digest,
     flow_columns,
     groups,
     image_row,
@@ -232,10 +233,11 @@ def write_csv(runs: list[RunFolder], out: Path) -> tuple[list[tuple[str, Path]],
             includes.write(inc)
             flows.write(flow)
             aggregates.relationships(inc, flow)
-        _write_exemplars(runs, exemplars)
+        merged_runs = _write_exemplars(runs, exemplars)
         _write_aggregates(aggregates.rows(), n, r, out)
         for model_id, props in model_props.items():
-            n["Model"].write([model_id], {**props, "aggregated_pathways": covered.get(model_id, 0)})
+            n["Model"].write([model_id], {**props, "aggregated_pathways": covered.get(model_id, 0),
+                                          "exemplar_runs": merged_runs.get(model_id)})
     finally:
         for t in [*n.values(), *r.values(), exemplars]:
             t.close()
@@ -259,14 +261,19 @@ def _write_aggregates(rows: AggregateRows, nodes: dict[str, _Table], rels: dict[
             table.write([src, dst], props)
 
 
-def _write_exemplars(runs: list[RunFolder], table: _Table) -> None:
-    """EXEMPLAR rows: per model, the top N over all runs' exemplars (as the loader merges them)."""
+def _write_exemplars(runs: list[RunFolder], table: _Table) -> dict[str, list[str]]:
+    """EXEMPLAR rows: per model, the top N over all runs' exemplars (as the loader merges them); returns per
+    model the digests of the runs merged (``Model.exemplar_runs``)."""
     by_model: dict[str, tuple[ModelInfo, int, list[ExemplarRows]]] = {}
+    digests: dict[str, list[str]] = {}
     for run in runs:
         manifest = run.manifest
         n = int(manifest.settings.get("exemplars", 0))
         model, top, rows = by_model.get(manifest.model.model_id, (manifest.model, 0, []))
-        by_model[manifest.model.model_id] = (model, max(top, n), [*rows, read_exemplars(run, n)] if n else rows)
+        run_rows = read_exemplars(run, n) if n else None
+        if run_rows is not None and exemplar_digest(run_rows, n) not in digests.get(model.model_id, []):
+            digests.setdefault(model.model_id, []).append(exemplar_digest(run_rows, n))
+        by_model[manifest.model.model_id] = (model, max(top, n), [*rows, run_rows] if run_rows is not None else rows)
     for model, n, rows in by_model.values():
         if not n:
             continue
@@ -275,6 +282,7 @@ def _write_exemplars(runs: list[RunFolder], table: _Table) -> None:
         start, end = cols.pop("start"), cols.pop("end")
         for i, (a, b) in enumerate(zip(start, end, strict=True)):
             table.write([a, b], {k: v[i] for k, v in cols.items()})
+    return digests
 
 
 def _run_importer(config: ServerConfig, nodes: list[tuple[str, Path]], rels: list[tuple[str, Path]]) -> None:

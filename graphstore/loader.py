@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +32,7 @@ from graphstore.rows import (
     Group,
     NeuronIndex,
     exemplar_columns,
+    exemplar_digest,
     exemplar_rows_of,
     flow_columns,
     groups,
@@ -46,10 +47,12 @@ from graphstore.schema import EDGE_SUPPORT_FLOOR, STORE_FORMAT
 from records import (
     ExemplarRows,
     ModelInfo,
+    PathwayRecord,
     RunFolder,
     iter_parts,
     merge_exemplar_rows,
     open_run,
+    pathway_key,
     read_exemplars,
 )
 
@@ -57,6 +60,7 @@ log = logging.getLogger(__name__)
 
 TX_EDGE_BUDGET = 40_000
 ROW_BATCH = 10_000
+LOOKUP_BATCH = 10_000  # keys or ids per lookup query
 LOAD_WORKERS = 1  # 2 gave 1.19x on 2 cores, with lock-deadlock retries on dense neurons
 
 
@@ -182,24 +186,59 @@ def aggregates_current(driver: neo4j.Driver, model_id: str, database: str = DATA
     return bool(done) and done[0]["pathways"] == now[0]["pathways"]
 
 
-def remove_incomplete(driver: neo4j.Driver, model_id: str, database: str = DATABASE) -> int:
-    """Delete pathways of ``model_id`` that are not whole (with their edges); returns how many."""
-    records, _, _ = driver.execute_query(Q.INCOMPLETE_PATHWAYS, model_id=model_id, database_=database)
-    ids = [r["id"] for r in records]
+def model_state(driver: neo4j.Driver, model: ModelInfo, database: str = DATABASE) -> tuple[bool, list[str]]:
+    """Whether the store holds the model's whole structure (layers, site graph, neurons, classes), and the
+    digests of the runs whose exemplars it has merged (:func:`graphstore.rows.exemplar_digest`)."""
+    records, _, _ = driver.execute_query(Q.MODEL_SHAPE, model_id=model.model_id, database_=database)
+    if not records:
+        return False, []
+    got, want = records[0], model_rows(model)
+    whole = (got["layers"], got["feeds"], got["neurons"], got["classes"]) == (
+        len(want.layers), len(want.pairs), len(want.neurons), len(want.classes))
+    return whole, list(got["exemplar_runs"] or [])
+
+
+def stored_pathways(driver: neo4j.Driver, pathways: Sequence[PathwayRecord], database: str = DATABASE
+                    ) -> tuple[set[str], list[str]]:
+    """Of ``pathways``, the ids the store holds whole and those it holds broken (found by key, so the cost grows
+    with the run, not with the store)."""
+    whole: set[str] = set()
+    broken: list[str] = []
+    keys = [pathway_key(p.pathway_id) for p in pathways]
+    for chunk in _chunks(keys, LOOKUP_BATCH):
+        records, _, _ = driver.execute_query(Q.STORED_PATHWAYS, keys=list(chunk), database_=database)
+        for r in records:
+            (whole.add(r["id"]) if r["whole"] else broken.append(r["id"]))
+    return whole, broken
+
+
+def stored_images(driver: neo4j.Driver, ids: Sequence[str], database: str = DATABASE) -> set[str]:
+    """Which of the image ``ids`` the store holds."""
+    out: set[str] = set()
+    for chunk in _chunks(ids, LOOKUP_BATCH):
+        records, _, _ = driver.execute_query(Q.STORED_IMAGES, ids=list(chunk), database_=database)
+        out |= {r["id"] for r in records}
+    return out
+
+
+def remove_pathways(driver: neo4j.Driver, ids: Sequence[str], database: str = DATABASE) -> int:
+    """Delete the pathways ``ids`` (not whole: changed behind the loader's back) with their edges."""
     for chunk in _chunks(ids, 500):
         driver.execute_query(Q.DELETE_PATHWAYS, pathway_ids=list(chunk), database_=database)
     if ids:
-        log.warning("removed %d incomplete pathways of %s before loading", len(ids), model_id)
+        log.warning("removed %d incomplete pathways before loading them again", len(ids))
     return len(ids)
 
 
-def _batches(parts: Sequence[Any]) -> list[list[Group]]:
-    """Whole groups packed into transactions of at most ``TX_EDGE_BUDGET`` rows (one group may exceed it)."""
+def _batches(parts: Sequence[Any], needed: Callable[[Group], bool] = lambda g: True) -> list[list[Group]]:
+    """The ``needed`` groups packed into transactions of at most ``TX_EDGE_BUDGET`` rows (one group may exceed it)."""
     out: list[list[Group]] = []
     for part in parts:
         batch: list[Group] = []
         budget = 0
         for group in groups(part.images, part.pathways):
+            if not needed(group):
+                continue
             if batch and budget + group.weight > TX_EDGE_BUDGET:
                 out.append(batch)
                 batch, budget = [], 0
@@ -216,7 +255,7 @@ def _write_batches(driver: neo4j.Driver, database: str, *, batches: list[list[Gr
 
     Batches hold disjoint images, so concurrent transactions only meet on shared Neuron and
     Class nodes; the driver retries the transient lock errors that can cause. On an error the
-    batches not yet started are cancelled; committed ones stay whole (see ``remove_incomplete``).
+    batches not yet started are cancelled; committed ones stay whole (see ``stored_pathways``).
     """
     local = threading.local()
     sessions: list[neo4j.Session] = []
@@ -268,26 +307,37 @@ def load_run(driver: neo4j.Driver, run_dir: Path | RunFolder, database: str = DA
                            f"this one writes {STORE_FORMAT}); import all runs again with `pathx db import RUN... "
                            "--overwrite`, or load into an empty database")
     ensure_schema(driver, database)
-    load_model(driver, model, database)
-    summary = LoadSummary(repaired=remove_incomplete(driver, model.model_id, database))
-    records, _, _ = driver.execute_query(Q.NEURON_ELEMENT_IDS, model_id=model.model_id, database_=database)
-    element = {r["id"]: r["element_id"] for r in records}
-    index = NeuronIndex.of([[element[n] for n in site] for site in neuron_table(model)])
+    whole_model, merged_runs = model_state(driver, model, database)
+    if not whole_model:
+        load_model(driver, model, database)
     parts = list(iter_parts(run))
-    for part in parts:
-        for pw in part.pathways:
-            if pw.model_id != model.model_id:
-                raise RecordsError(f"pathway {pw.pathway_id} belongs to model {pw.model_id}, not {model.model_id}")
-    total = sum(len(p.images) for p in parts)
-    bar = tqdm(total=total, desc="load", unit="img", disable=not progress)
+    pathways = [pw for part in parts for pw in part.pathways]
+    for pw in pathways:
+        if pw.model_id != model.model_id:
+            raise RecordsError(f"pathway {pw.pathway_id} belongs to model {pw.model_id}, not {model.model_id}")
+    # what the store already holds of this run (found by key and id: the cost grows with the run)
+    done, broken = stored_pathways(driver, pathways, database)
+    summary = LoadSummary(repaired=remove_pathways(driver, broken, database))
+    images = stored_images(driver, [im.image_id for part in parts for im in part.images], database)
+    batches = _batches(parts, lambda g: any(im.image_id not in images for im in g.images)
+                       or any(pw.pathway_id not in done for pw in g.pathways))
+    summary.images = sum(len(p.images) for p in parts) - sum(len(g.images) for b in batches for g in b)
+    summary.pathways_existing = len(pathways) - sum(len(g.pathways) for b in batches for g in b)
     began_writes = time.perf_counter()
-    try:
-        _write_batches(driver=driver, database=database, batches=_batches(parts), model=model, index=index,
-                       summary=summary, bar=bar, workers=workers)
-    finally:
-        bar.close()
+    if batches:
+        records, _, _ = driver.execute_query(Q.NEURON_ELEMENT_IDS, model_id=model.model_id, database_=database)
+        element = {r["id"]: r["element_id"] for r in records}
+        index = NeuronIndex.of([[element[n] for n in site] for site in neuron_table(model)])
+        bar = tqdm(total=sum(len(g.images) for b in batches for g in b), desc="load", unit="img",
+                   disable=not progress)
+        try:
+            _write_batches(driver=driver, database=database, batches=batches, model=model, index=index,
+                           summary=summary, bar=bar, workers=workers)
+        finally:
+            bar.close()
     summary.write_seconds = time.perf_counter() - began_writes
-    summary.exemplars = load_exemplars(driver, run, model, int(run.manifest.settings.get("exemplars", 0)), database)
+    summary.exemplars = load_exemplars(driver, run, model, int(run.manifest.settings.get("exemplars", 0)),
+                                       database, merged_runs=merged_runs)
     if summary.pathways_new or summary.repaired or not aggregates_current(driver, model.model_id, database):
         refresh_aggregates(driver, model.model_id, database)
     summary.seconds = time.perf_counter() - began
@@ -296,12 +346,18 @@ def load_run(driver: neo4j.Driver, run_dir: Path | RunFolder, database: str = DA
     return summary
 
 
-def load_exemplars(driver: neo4j.Driver, run: RunFolder, model: ModelInfo, n: int, database: str = DATABASE) -> int:
+def load_exemplars(driver: neo4j.Driver, run: RunFolder, model: ModelInfo, n: int, database: str = DATABASE, *,
+                   merged_runs: Sequence[str] = ()) -> int:
     """Merge the run's exemplars with those already stored for the model (top ``n`` per neuron and
-    kind over both) and replace them in one transaction; returns how many are stored."""
+    kind over both) and replace them in one transaction; returns how many are stored. A run whose
+    exemplars the model has merged before (its digest in ``merged_runs``) changes nothing: skipped."""
     if n <= 0:
         return 0
     run_rows = read_exemplars(run, n)
+    digest = exemplar_digest(run_rows, n)
+    if digest in merged_runs:
+        records, _, _ = driver.execute_query(Q.EXEMPLAR_COUNT, model_id=model.model_id, database_=database)
+        return int(records[0]["n"])
     records, _, _ = driver.execute_query(Q.NEURON_ELEMENT_IDS, model_id=model.model_id, database_=database)
     element = {r["id"]: r["element_id"] for r in records}
     index = NeuronIndex.of([[element[nid] for nid in site] for site in neuron_table(model)])
@@ -310,8 +366,9 @@ def load_exemplars(driver: neo4j.Driver, run: RunFolder, model: ModelInfo, n: in
         tx.run(Q.LOCK_MODEL, model_id=model.model_id).consume()
         stored = stored_exemplars_tx(tx, model)
         merged = merge_exemplar_rows(ExemplarRows.concat([stored, run_rows]), n)
+        tx.run(Q.MARK_EXEMPLAR_RUN, model_id=model.model_id, digest=digest).consume()
         if _exemplar_keys(merged) == _exemplar_keys(stored):
-            return len(stored)  # the run's exemplars are those already stored (a repeated load): nothing to write
+            return len(stored)  # the run's exemplars are those already stored: nothing else to write
         tx.run(Q.DELETE_EXEMPLARS, model_id=model.model_id).consume()
         cols = exemplar_columns(merged, index)
         made = 0

@@ -114,14 +114,38 @@ CREATE (pw)-[:EXPLAINS]->(cl)
 RETURN pw.id AS id
 """
 
-# A pathway is whole when its claim flag is gone, it points at its image and it has exactly
-# ``size`` INCLUDES (degree counts are O(1) in Neo4j). One transaction writes all of that, so
-# this only ever finds something if the store was changed behind the loader's back.
-INCOMPLETE_PATHWAYS = """
-MATCH (p:Pathway {model_id: $model_id})
-WHERE p.loading IS NOT NULL OR NOT EXISTS { (p)-[:FOR_IMAGE]->() }
-   OR COUNT { (p)-[:INCLUDES]->() } <> p.size
-RETURN p.id AS id
+# Which of a run's pathways (by key) the store holds, and whether each is whole: its claim flag gone, it
+# points at its image and it has exactly ``size`` INCLUDES (degree counts are O(1) in Neo4j). One transaction
+# writes all of that, so a pathway is only ever not whole if the store was changed behind the loader's back.
+STORED_PATHWAYS = """
+UNWIND $keys AS k
+MATCH (p:Pathway {key: k})
+RETURN k AS key, p.id AS id, p.loading IS NULL AND EXISTS { (p)-[:FOR_IMAGE]->() }
+       AND COUNT { (p)-[:INCLUDES]->() } = p.size AS whole
+"""
+
+STORED_IMAGES = """
+UNWIND $ids AS i
+MATCH (im:Image {id: i})
+RETURN i AS id
+"""
+
+# What the store holds of a model's structure: a load that finds it whole writes none of it again.
+MODEL_SHAPE = """
+MATCH (m:Model {id: $model_id})
+RETURN COUNT { (m)-[:HAS_LAYER]->() } AS layers, COUNT { (m)-[:HAS_CLASS]->() } AS classes,
+       COUNT { (m)-[:HAS_LAYER]->()-[:HAS_NEURON]->() } AS neurons,
+       COUNT { (m)-[:HAS_LAYER]->()-[:FEEDS]->() } AS feeds, m.exemplar_runs AS exemplar_runs
+"""
+
+EXEMPLAR_COUNT = """
+MATCH (n:Neuron {model_id: $model_id})
+RETURN sum(COUNT { (n)-[:EXEMPLAR]->() }) AS n
+"""
+
+MARK_EXEMPLAR_RUN = """
+MATCH (m:Model {id: $model_id})
+SET m.exemplar_runs = coalesce(m.exemplar_runs, []) + [$digest]
 """
 
 DELETE_PATHWAYS = """

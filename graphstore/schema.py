@@ -29,7 +29,7 @@ EDGE_SUPPORT_FLOOR = 0.05  # class edge supports below this are not kept as CLAS
 
 # bulk importer's type names -> the names ``db.schema.nodeTypeProperties()`` reports
 STORED_TYPE = {"string": "String", "long": "Long", "double": "Double", "boolean": "Boolean", "byte[]": "ByteArray",
-               "long[]": "LongArray", "double[]": "DoubleArray"}
+               "long[]": "LongArray", "double[]": "DoubleArray", "string[]": "StringArray"}
 
 
 @dataclass(frozen=True)
@@ -93,10 +93,11 @@ NODES: tuple[Node, ...] = (
         label="Model",
         props=_props(
             "id:string arch:string title:string num_classes:long input_shape:long[] aggregated_pathways:long "
-            "store_format:long"
+            "store_format:long exemplar_runs?:string[]"
         ),
         note="aggregated_pathways: how many pathways the aggregates were last computed over; store_format: "
-        "graphstore.schema.STORE_FORMAT when written (a load refuses a store of another format)",
+        "graphstore.schema.STORE_FORMAT when written (a load refuses a store of another format); exemplar_runs: "
+        "digests of the runs whose exemplars were merged (a repeated load skips them)",
     ),
     Node(
         label="Layer",

@@ -14,7 +14,7 @@ import pytest
 from graphstore.api import Store
 from graphstore.server import USER, read_password, start, stop
 from records import pathway_to_networkx
-from tests.conftest import wipe
+from tests.conftest import ensure_loaded, wipe
 from tests.reference import Ref
 
 if TYPE_CHECKING:
@@ -66,6 +66,26 @@ def test_database_stopped_mid_load_then_resume(driver: Driver, neo4j_server: Ser
     _, err = again.communicate(timeout=600)
     assert again.returncode == 0, err
     assert Store(driver).counts() == Ref.load(fixture_run).counts()
+
+
+def test_a_repeated_load_writes_nothing(driver: Driver, fixture_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading a run the store holds whole finds that out from the run's own keys: no image group is written
+    again, the model's structure and exemplars are not rewritten, and the store stays the reference."""
+    from graphstore import loader
+
+    ensure_loaded(driver, fixture_run)
+    ref = Ref.load(fixture_run)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("nothing should be written")
+
+    monkeypatch.setattr(loader, "_write_batches", refuse)
+    monkeypatch.setattr(loader, "load_model", refuse)
+    monkeypatch.setattr(loader, "stored_exemplars_tx", refuse)
+    again = loader.load_run(driver, fixture_run, progress=False)
+    assert (again.pathways_new, again.pathways_existing, again.images) == (0, len(ref.pathways), len(ref.images))
+    assert again.exemplars == ref.counts()[1]["EXEMPLAR"] > 0 and again.repaired == 0
+    assert Store(driver).counts() == ref.counts()
 
 
 def test_load_removes_and_rewrites_a_damaged_pathway(driver: Driver, fixture_run: Path) -> None:
