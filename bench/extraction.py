@@ -105,7 +105,8 @@ def run(batch_sizes: tuple[int, ...] = (1, 16), captum_targets: int = 4,
             a, b_t, c_t = _interleaved([partial(_plain, bundle, x), partial(_ours_b, bundle, x),
                                         partial(_ours_c, bundle, x, settings)], repeats)
             contrib, sel, edges = _ours_c(bundle, x, settings)
-            n_pairs, fast_pairs = fast_routes(bundle, x)
+            routes = fast_routes(bundle, x)
+            n_pairs, fast_pairs = sum(routes.values()), routes["mixing"]
             if repeats > 1:
                 d_t = _time(partial(_captum_d, bundle, x, contrib.target), max(1, repeats // 5))
                 ref = _captum_d(bundle, x, contrib.target)

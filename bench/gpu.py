@@ -61,7 +61,8 @@ def zoo(out: Path, only: list[str] | None) -> dict[str, Any]:
                 row[f"b{batch}"] = {"a_s": a, "b_s": b, "c_s": c, "ratio_b_a": b / a, "ratio_c_a": c / a,
                                     "images_per_s_with_edges": batch / c,
                                     "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
-            row["graph_edges"], row["fast_edges"] = fast_routes(bundle, x)
+            row["routes"] = fast_routes(bundle, x)
+            row["graph_edges"], row["fast_edges"] = sum(row["routes"].values()), row["routes"]["mixing"]
             row["wall_s"] = time.perf_counter() - began
             done["rows"][name] = row
             print(f"{name}: b1 c/a {row['b1']['ratio_c_a']:.2f} b16 c/a {row['b16']['ratio_c_a']:.2f} "

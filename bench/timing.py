@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from extractor.contributions import mct_contributions
-from extractor.edges import compute_edges, segment_routes
+from extractor.edges import ROUTES, compute_edges, segment_routes
 from extractor.models import ModelBundle
 from extractor.selection import select
 from extractor.settings import PathwaySettings
@@ -70,11 +70,12 @@ def _ours_c(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings) -> 
     contrib = mct_contributions(bundle, x)
     sel = select(contrib, settings)
     cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x))
-    return contrib, sel, compute_edges(sites=bundle.sites, contrib=contrib, sel=sel, cut=cut, settings=settings)
+    return contrib, sel, compute_edges(sites=bundle.sites, contrib=contrib, sel=sel, cut=cut, settings=settings,
+                                       routes=bundle.routes)
 
 
-def fast_routes(bundle: ModelBundle, x: torch.Tensor) -> tuple[int, int]:
-    """(edges of the site graph, those whose weights come from the fast path), on one image."""
+def fast_routes(bundle: ModelBundle, x: torch.Tensor) -> dict[str, int]:
+    """How many edges of the site graph take each route (``extractor.edges.ROUTES``), on one image."""
     cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x[:1]))
-    routes = segment_routes(bundle.sites, cut)
-    return len(routes), sum(routes.values())
+    routes = list(segment_routes(bundle.sites, cut).values())
+    return {r: routes.count(r) for r in ROUTES}

@@ -61,7 +61,8 @@ def finish_batch(
         if where:  # the selection is cut there: the records, the UI and `pathx query pathway` say so
             extra[b]["cut_sites"] = json.dumps([bundle.sites[i].site_id for i in where])
     cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x.detach()))
-    edges = compute_edges(sites=bundle.sites, contrib=contrib, sel=sel, cut=cut, settings=settings)
+    edges = compute_edges(sites=bundle.sites, contrib=contrib, sel=sel, cut=cut, settings=settings,
+                          routes=bundle.routes)
     del cut
     grad, logit_masked = pathway_gradient(bundle, x, contrib.target, sel.masks)
     logit_full = contrib.logits.gather(1, contrib.target[:, None]).squeeze(1)

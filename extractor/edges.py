@@ -12,23 +12,54 @@ The completeness gap of site ``j`` is ``|sum over all predecessor channels w(i -
 ReLU networks, with branches, concatenations and dense blocks; it measures biases and inputs
 that come from no site (the image) otherwise.
 
-Routes: when every predecessor's segment into ``j`` has a shape :mod:`extractor.mixing` reads
-off its mixing layer(s) (the fast path), each pair's weights come from there; otherwise all
-predecessors of ``j`` share one batched vector-Jacobian product (``is_grads_batched``) for all
-targets of all images (a fast pair beside a slow one would only add cost).
+Routes (one per edge of the site graph; ``segment_routes`` lists them, ``ROUTES`` names them), all exact:
+
+* ``mixing``: the segment's one mixing layer with per-channel ops after it; the weights are read off that
+  layer after one plain VJP (:func:`extractor.mixing.find_mixing`).
+* ``junction``: any other segment whose paths all pass the source's own first mixing layer. The
+  targets' batched backward stops at that layer's output and is contracted there with the *kept*
+  source channels' shares of it; the completeness gap takes one more contraction per target
+  (:func:`extractor.mixing.find_junction`). Projection layers of a residual stream are never
+  differentiated per target, and the cost grows with kept sources x targets.
+* ``vjp``: a batched vector-Jacobian product (``is_grads_batched``) to the whole source tensor.
+
+The junction and VJP edges of a destination share one batched backward, which starts at the input of the
+destination's own mixing layer where only per-channel ops follow it (:class:`extractor.mixing.Entry`).
+Routes depend on the architecture, not the pixels: a :class:`extractor.mixing.RouteCache` (one per model
+bundle) keeps them from the first batch of each input shape, so later batches walk no autograd graph.
+``compute_edges(fast=False)`` takes the ``vjp`` route everywhere: the reference the tests hold the others to.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from torch.autograd.graph import GradientEdge
 
 from extractor.contributions import Contributions
-from extractor.mixing import find_mixing, mixing_edge_weights
+from extractor.mixing import (
+    Entry,
+    Junction,
+    Mixing,
+    Route,
+    RouteCache,
+    entry_at,
+    entry_cotangents,
+    entry_input,
+    find_entry_route,
+    find_mixing,
+    find_route,
+    junction_at,
+    junction_share,
+    junction_weights,
+    mixing_edge_weights,
+)
 from extractor.selection import Selection
 from extractor.settings import PathwaySettings
 from extractor.sites import SiteRecorder
@@ -57,43 +88,141 @@ class Edges:
 def edge_weights_vjp(
     sources: Sequence[torch.Tensor], a_dst: torch.Tensor, g_dst: torch.Tensor, targets: torch.Tensor
 ) -> list[torch.Tensor]:
-    """``w[b, m, i] = sum_p src[b, i, p] * dC_{targets[b, m]}/dsrc[b, i, p]`` for every source.
+    """``w[b, m, i] = sum_p src[b, i, p] * dC_{targets[b, m]}/dsrc[b, i, p]`` for every source (the exact route).
 
     ``sources`` ``[B, Ci, ...]`` and ``a_dst`` ``[B, Cj, ...]`` are attached site tensors (``a_dst``
     reached from the sources), ``g_dst`` the fixed gradient at the destination, ``targets``
     ``[B, M]`` channel indices (``-1`` = padding, weight 0). Batched VJPs over ``M`` serve all
     sources at once; returns one ``[B, M, Ci]`` per source.
     """
-    B, M = targets.shape
-    valid = targets >= 0
-    onehot = torch.zeros((M, B, a_dst.shape[1]), dtype=a_dst.dtype, device=a_dst.device)
-    onehot.scatter_(2, targets.clamp(min=0).T[..., None], valid.T[..., None].to(a_dst.dtype))
-    spatial = (1,) * (a_dst.dim() - 2)
-    chunk = max(1, _EDGE_BUDGET // max(1, a_dst.numel() + sum(s.numel() for s in sources)))
     out: list[list[torch.Tensor]] = [[] for _ in sources]
-    for start in range(0, M, chunk):
-        sel = onehot[start:start + chunk]
-        cot = sel.view(*sel.shape, *spatial) * g_dst.unsqueeze(0)  # [m, B, Cj, ...]
-        grads = _batched_vjp(a_dst, list(sources), cot)
+    start = _dst_start(a_dst, g_dst, targets)
+    for grads in _target_vjps(start, list(sources), targets.shape[1], sum(s.numel() for s in sources)):
         for k, (grad, src) in enumerate(zip(grads, sources, strict=True)):
             w = grad * src.detach().unsqueeze(0)
             out[k].append(w.flatten(3).sum(-1) if w.dim() > 3 else w)
     return [torch.cat(parts, 0).permute(1, 0, 2) for parts in out]  # [B, M, Ci] each
 
 
-def _batched_vjp(a_dst: torch.Tensor, sources: list[torch.Tensor], cot: torch.Tensor) -> list[torch.Tensor]:
-    """``[m, *src.shape]`` per source; one VJP per cotangent where an op has no batching rule."""
+class _Start(NamedTuple):
+    """Where a batched backward over targets starts (a tensor or an autograd edge), its size, and the
+    cotangents there of targets ``start:end``: ``[end - start, *shape]``."""
+
+    output: Any
+    numel: int
+    cotangents: Callable[[int, int], torch.Tensor]
+
+
+def _dst_start(a_dst: torch.Tensor, g_dst: torch.Tensor, targets: torch.Tensor) -> _Start:
+    """At the destination: target ``m``'s cotangent is ``g_dst`` restricted to channel ``targets[b, m]``."""
+    B, M = targets.shape
+    valid = targets >= 0
+    onehot = torch.zeros((M, B, a_dst.shape[1]), dtype=a_dst.dtype, device=a_dst.device)
+    onehot.scatter_(2, targets.clamp(min=0).T[..., None], valid.T[..., None].to(a_dst.dtype))
+    spatial = (1,) * (a_dst.dim() - 2)
+    return _Start(a_dst, a_dst.numel(),
+                  lambda s, e: onehot[s:e].view(e - s, B, a_dst.shape[1], *spatial) * g_dst.unsqueeze(0))
+
+
+def _entry_start(entry: Entry, a_dst: torch.Tensor, g_dst: torch.Tensor, targets: torch.Tensor) -> _Start:
+    """At the input of the destination's own mixing layer (:class:`extractor.mixing.Entry`)."""
+    (gbar,) = torch.autograd.grad(a_dst, GradientEdge(entry.node, 0), grad_outputs=g_dst, retain_graph=True)
+    edge = entry_input(entry)
+    return _Start(edge, math.prod(_shape(edge)), lambda s, e: entry_cotangents(entry, gbar, targets[:, s:e]))
+
+
+def _target_vjps(start: _Start, inputs: list[Any], count: int, input_numel: int) -> Iterator[list[torch.Tensor]]:
+    """Per chunk of the ``count`` targets, ``[m, *input.shape]`` per input (tensors or autograd edges): the
+    gradient of each target's ``C_j``."""
+    chunk = max(1, _EDGE_BUDGET // max(1, start.numel + input_numel))
+    for s in range(0, count, chunk):
+        e = min(count, s + chunk)
+        yield _batched_vjp(start.output, inputs, start.cotangents(s, e))
+
+
+def _batched_vjp(output: Any, inputs: list[Any], cot: torch.Tensor) -> list[torch.Tensor]:
+    """``[m, *input.shape]`` per input; one VJP per cotangent where an op has no batching rule."""
     try:
-        grads = torch.autograd.grad(a_dst, sources, grad_outputs=cot, is_grads_batched=True, retain_graph=True,
+        grads = torch.autograd.grad(output, inputs, grad_outputs=cot, is_grads_batched=True, retain_graph=True,
                                     allow_unused=True, materialize_grads=True)
     except RuntimeError as exc:  # e.g. an attention kernel without a vmap rule
         log.debug("batched VJP not available (%s); one VJP per target", exc)
-        per = [torch.autograd.grad(a_dst, sources, grad_outputs=c, retain_graph=True, allow_unused=True,
+        per = [torch.autograd.grad(output, inputs, grad_outputs=c, retain_graph=True, allow_unused=True,
                                    materialize_grads=True) for c in cot]
-        return [torch.stack([p[k] for p in per]) for k in range(len(sources))]
-    # an unreachable source comes back unbatched (zeros): give it the batch axis
-    return [g if g.dim() == s.dim() + 1 else g.unsqueeze(0).expand(cot.shape[0], *g.shape)
-            for g, s in zip(grads, sources, strict=True)]
+        return [torch.stack([p[k] for p in per]) for k in range(len(inputs))]
+    # an unreachable input comes back unbatched (zeros): give it the batch axis
+    return [g if g.shape[0] == cot.shape[0] and g.dim() == len(_shape(x)) + 1 else
+            g.unsqueeze(0).expand(cot.shape[0], *g.shape) for g, x in zip(grads, inputs, strict=True)]
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    if isinstance(x, torch.Tensor):
+        return tuple(x.shape)
+    return tuple(x.node._input_metadata[x.output_nr].shape)
+
+
+def _kept_index(kept: torch.Tensor) -> torch.Tensor:
+    """``[B, n]`` the kept channels of each image (``n`` the most any image keeps), padded with ``-1``."""
+    n = int(kept.sum(1).max()) if kept.numel() else 0
+    top = kept.to(torch.int8).topk(n, dim=1)
+    return torch.where(top.values > 0, top.indices, torch.full_like(top.indices, -1))
+
+
+def _vjp_route(preds: list[int], *, cut: SiteRecorder, a_dst: torch.Tensor, g_dst: torch.Tensor,
+               targets: torch.Tensor, kept: Sequence[torch.Tensor], junctions: dict[int, Junction],
+               shared: dict[tuple[Any, int], torch.Tensor], entry: Entry | None) \
+        -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Edge weights ``[B, M, Ci]`` (kept source channels only where a junction serves) and each source's
+    summed weight over all its channels ``[B, M]``, from one batched VJP per chunk of targets: to the
+    junction of every source that has one (:func:`extractor.mixing.find_junction`), else to the source.
+    ``shared`` caches each junction's share of its layer's output across the destinations it serves. With
+    ``entry`` the backward starts at the destination's own mixing layer's input."""
+    edges: list[Any] = []
+    slot: dict[int, int] = {}  # pred -> index into the VJP's inputs
+    by_node: dict[Any, int] = {}
+    shares: dict[int, torch.Tensor] = {}
+    for i in preds:
+        jn = junctions.get(i)
+        if jn is None:
+            slot[i] = len(edges)
+            edges.append(cut.sources[i])
+            continue
+        key = (jn.node, i)
+        if key not in shared:
+            shared[key] = junction_share(jn, cut.sources[i])
+        shares[i] = shared[key]
+        if jn.node not in by_node:  # sources concatenated before one layer share its output
+            by_node[jn.node] = len(edges)
+            edges.append(GradientEdge(jn.node, 0))
+        slot[i] = by_node[jn.node]
+    numel = sum(math.prod(_shape(e)) for e in edges)
+    idx = {i: _kept_index(kept[i]) for i in junctions}
+    weights: dict[int, list[torch.Tensor]] = {i: [] for i in preds}
+    totals: dict[int, list[torch.Tensor]] = {i: [] for i in preds}
+    if entry is not None and entry.node in by_node:
+        entry = None  # a source's junction is the destination's own layer: start above it
+    start = _entry_start(entry, a_dst, g_dst, targets) if entry is not None else _dst_start(a_dst, g_dst, targets)
+    for grads in _target_vjps(start, edges, targets.shape[1], numel):
+        for i in preds:
+            g, src = grads[slot[i]], cut.sources[i]
+            if i in junctions:
+                weights[i].append(junction_weights(junctions[i], src, g, idx[i].clamp(min=0)))  # [B, m, n]
+                totals[i].append((g.reshape(g.shape[0], src.shape[0], -1) * shares[i].reshape(src.shape[0], -1))
+                                 .sum(-1).T)
+            else:
+                w = g * src.detach().unsqueeze(0)
+                w = (w.flatten(3).sum(-1) if w.dim() > 3 else w).permute(1, 0, 2)  # [B, m, Ci]
+                weights[i].append(w)
+                totals[i].append(w.sum(-1))
+    W: dict[int, torch.Tensor] = {}
+    for i in preds:
+        w = torch.cat(weights[i], 1)
+        if i in junctions:
+            ok = idx[i] >= 0
+            full = w.new_zeros(w.shape[0], w.shape[1], cut.sources[i].shape[1])
+            w = full.scatter_add_(2, idx[i].clamp(min=0)[:, None, :].expand_as(w), w * ok[:, None, :].to(w.dtype))
+        W[i] = w
+    return W, {i: torch.cat(totals[i], 1) for i in preds}
 
 
 def _no_edges(gaps: torch.Tensor) -> Edges:
@@ -102,23 +231,84 @@ def _no_edges(gaps: torch.Tensor) -> Edges:
                  weight=np.zeros(0, np.float32), gap=gaps.numpy())
 
 
+@dataclass(kw_only=True)
+class IncomingWeights:
+    """Edge weights into one site's targets, per predecessor ``i``: ``weights[i]`` ``[B, M, Ci]`` (zero outside
+    the kept channels where a junction served), ``totals[i]`` ``[B, M]`` the sum over all of ``i``'s channels
+    (for the completeness gap), and ``routes[i]``, the route taken (one of ``ROUTES``)."""
+
+    weights: dict[int, torch.Tensor]
+    totals: dict[int, torch.Tensor]
+    routes: dict[int, str]
+
+
+def incoming_weights(
+    j: int, preds: Sequence[int], *, cut: SiteRecorder, g_dst: torch.Tensor, targets: torch.Tensor,
+    kept: Sequence[torch.Tensor], fast: bool = True, known: dict[tuple[int, int], Route] | None = None,
+    shared: dict[tuple[Any, int], torch.Tensor] | None = None,
+) -> IncomingWeights:
+    """Weights of the edges into site ``j``'s ``targets`` ``[B, M]`` (``-1`` = none) from its ``preds``.
+
+    A segment with one mixing layer and per-channel ops after it is read off that layer from one plain
+    VJP; the others share one batched VJP over the targets, from the destination's entry layer down to each
+    source's junction (or the source). Without ``fast`` every edge takes the exact reference route.
+    ``known`` holds routes already found (filled in as found); ``shared`` caches junction shares.
+    """
+    known = {} if known is None else known
+    shared = {} if shared is None else shared
+    a_dst = cut.acts[j]
+    sources = list(cut.sources.values())
+    mixes: dict[int, Mixing] = {}
+    junctions: dict[int, Junction] = {}
+    for i in preds if fast else ():
+        route = known.get((i, j))
+        if route is None:
+            route = known[(i, j)] = find_route(cut.sources[i], a_dst, sources)
+        if route.kind == "mixing" and (mix := find_mixing(cut.sources[i], a_dst, sources)) is not None:
+            mixes[i] = mix
+        elif route.kind == "junction" and (jn := junction_at(route, a_dst)) is not None:
+            junctions[i] = jn
+    W = {i: mixing_edge_weights(mix, cut.sources[i], a_dst, g_dst, targets) for i, mix in mixes.items()}
+    totals = {i: w.sum(-1) for i, w in W.items()}
+    slow = [i for i in preds if i not in mixes]
+    if slow:
+        entry = None
+        if fast:  # the key (j, j) holds the destination's own entry layer
+            route = known.get((j, j))
+            if route is None:
+                route = known[(j, j)] = find_entry_route(a_dst, g_dst, sources)
+            entry = entry_at(route, a_dst)
+        w_slow, t_slow = _vjp_route(slow, cut=cut, a_dst=a_dst, g_dst=g_dst, targets=targets, kept=kept,
+                                    junctions=junctions, shared=shared, entry=entry)
+        W.update(w_slow)
+        totals.update(t_slow)
+    routes = {i: "mixing" if i in mixes else "junction" if i in junctions else "vjp" for i in preds}
+    return IncomingWeights(weights=W, totals=totals, routes=routes)
+
+
 def compute_edges(
     sites: Sequence[SiteInfo], *, contrib: Contributions, sel: Selection, cut: SiteRecorder,
-    settings: PathwaySettings, fast: bool = True,
+    settings: PathwaySettings, fast: bool = True, routes: RouteCache | None = None,
 ) -> Edges:
     """Weighted edges into the kept channels of every site from its predecessors' kept channels.
 
     ``cut`` is a cut forward of the same batch (:func:`extractor.sitegraph.cut_forward`). For each
     site ``j``, the ``edge_targets`` kept channels of largest |contribution| are targets; each
     keeps its ``edges_per_target`` strongest incoming edges over all predecessors' kept channels.
-    With ``fast`` a segment with one conv/linear as its only mixing layer is read off that layer.
+    With ``fast`` a segment with one conv/linear as its only mixing layer is read off that layer, and
+    the others' batched VJPs stop at the sources' junctions (:func:`extractor.mixing.find_junction`);
+    without it every edge takes the exact reference route, a batched VJP to the whole source. ``routes``
+    keeps each edge's route from the first batch of an input shape for the batches after it.
     """
     B = contrib.logits.shape[0]
     gaps = torch.full((B, len(sites)), float("nan"), dtype=torch.float32)
     kept_counts = torch.stack([k.sum(1).max() for k in sel.kept]).tolist() if sites else []  # one device sync
     parts: list[torch.Tensor] = []  # per site [5, B * M * n]: b, src site, src ch, dst ch, ok
     weights: list[torch.Tensor] = []
-    sources = list(cut.sources.values())
+    shared: dict[tuple[Any, int], torch.Tensor] = {}
+    some = next(iter(cut.acts.values()), None)
+    key = (tuple(some.shape), some.dtype, some.device) if some is not None else ()
+    known = routes.by_shape.setdefault(key, {}) if routes is not None else {}
     for site in sites:
         j = site.index
         preds = [i for i in site.preds if i in cut.sources]
@@ -130,27 +320,13 @@ def compute_edges(
         M = min(settings.edge_targets, int(kept_counts[j]) or 1)
         top = score.topk(M, dim=1)
         targets = torch.where(top.values >= 0, top.indices, torch.full_like(top.indices, -1))
-        W: dict[int, torch.Tensor] = {}
-        # one batched VJP serves every predecessor at once: the fast path pays only when it serves them all,
-        # so the segments are checked until the first one it cannot read
-        mixes = {}
-        for i in preds if fast else ():
-            mix = find_mixing(cut.sources[i], a_dst, sources)
-            if mix is None:
-                break
-            mixes[i] = mix
-        slow = [] if len(mixes) == len(preds) and fast else list(preds)
-        if not slow:
-            for i in preds:
-                W[i] = mixing_edge_weights(mixes[i], cut.sources[i], a_dst, contrib.grads[j], targets)  # [B, M, Ci]
-        if slow:
-            for i, w in zip(slow, edge_weights_vjp([cut.sources[i] for i in slow], a_dst, contrib.grads[j], targets),
-                            strict=True):
-                W[i] = w
+        inc = incoming_weights(j, preds, cut=cut, g_dst=contrib.grads[j], targets=targets, kept=sel.kept,
+                               fast=fast, known=known, shared=shared)
+        W, totals = inc.weights, inc.totals
         order = list(preds)
         Wall = torch.cat([W[i].detach() for i in order], 2)  # [B, M, sum Ci]
         c_j = chan_dst.gather(1, targets.clamp(min=0))
-        gaps[:, j] = (Wall.sum(-1) - c_j).abs().masked_fill(targets < 0, 0.0).max(1).values.cpu()
+        gaps[:, j] = (sum(totals[i] for i in order) - c_j).abs().masked_fill(targets < 0, 0.0).max(1).values.cpu()
         kept_src = torch.cat([sel.kept[i] for i in order], 1)  # [B, sum Ci]
         Wk = Wall.masked_fill(~kept_src[:, None, :], 0.0)
         n_src = min(settings.edges_per_target, Wk.shape[2])
@@ -182,14 +358,16 @@ def compute_edges(
     )
 
 
-def segment_routes(sites: Sequence[SiteInfo], cut: SiteRecorder) -> dict[tuple[int, int], bool]:
-    """For every edge of the site graph ``(i, j)``, whether :func:`compute_edges` reads it off the
-    mixing layer(s) (the fast path): only when every predecessor of ``j`` can be (else one
-    batched VJP serves them all)."""
+ROUTES = ("mixing", "junction", "vjp")
+
+
+def segment_routes(sites: Sequence[SiteInfo], cut: SiteRecorder) -> dict[tuple[int, int], str]:
+    """For every edge of the site graph ``(i, j)``, the route :func:`compute_edges` takes (one of
+    ``ROUTES``): read off the segment's one mixing layer, contracted at the source's junction after
+    a batched VJP, or a batched VJP to the whole source."""
     sources = list(cut.sources.values())
-    out: dict[tuple[int, int], bool] = {}
+    out: dict[tuple[int, int], str] = {}
     for s in sites:
-        preds = [i for i in s.preds if i in cut.sources and s.index in cut.acts]
-        ok = all(find_mixing(cut.sources[i], cut.acts[s.index], sources) is not None for i in preds)
-        out.update({(i, s.index): ok for i in preds})
+        for i in (i for i in s.preds if i in cut.sources and s.index in cut.acts):
+            out[(i, s.index)] = find_route(cut.sources[i], cut.acts[s.index], sources).kind
     return out

@@ -31,9 +31,10 @@ DenseNet and Inception-v3.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple
 
 import torch
 from torch.autograd.graph import GradientEdge
@@ -46,6 +47,7 @@ PRE_OK = frozenset({
     "AdaptiveMaxPool2DBackward0", "ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0",
 })
 FLATTEN = frozenset({"ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0"})
+MOVEMENT = frozenset({"PermuteBackward0", "TransposeBackward0", "TransposeBackward1"})
 # ops on a_dst's side: output channel c depends on input channel c only
 POST_OK = frozenset({
     "CloneBackward0", "ReluBackward0", "ReluBackward1", "ThresholdBackward0", "ThresholdBackward1",
@@ -83,10 +85,17 @@ def _next(node: Any) -> list[Any]:
 
 def _reaches(start: Any, goal: Any, stops: set[Any], memo: dict[Any, bool]) -> bool:
     """Whether ``goal`` is reachable from ``start`` without passing a node in ``stops`` (iterative DFS)."""
+    return _leads_to(start, {goal}, memo, stops)
+
+
+def _leads_to(start: Any, goals: set[Any], memo: dict[Any, bool], stops: set[Any] | frozenset[Any] = frozenset()) \
+        -> bool:
+    """Whether some node of ``goals`` is reachable from ``start`` without passing a node in ``stops`` (iterative
+    DFS; ``memo`` belongs to these goals and stops only)."""
     stack: list[tuple[Any, bool]] = [(start, False)]
     while stack:
         node, expanded = stack.pop()
-        if node is goal:
+        if node in goals:
             memo[node] = True
             continue
         if node in memo and not expanded:
@@ -100,8 +109,8 @@ def _reaches(start: Any, goal: Any, stops: set[Any], memo: dict[Any, bool]) -> b
             stack.append((node, True))
             stack.extend((c, False) for c in children if c not in memo)
         else:
-            memo[node] = any(c is goal or memo.get(c, False) for c in children)
-    return memo.get(start, start is goal)
+            memo[node] = any(memo.get(c, False) for c in children)
+    return memo[start]
 
 
 def _visited(start: Any, stops: set[Any]) -> Iterable[Any]:
@@ -116,8 +125,11 @@ def _visited(start: Any, stops: set[Any]) -> Iterable[Any]:
         stack.extend(_next(node))
 
 
-def _segment(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable[torch.Tensor]) \
-        -> tuple[Any, Any, set[Any], dict[Any, bool], list[Any]] | None:
+# (src node, dst node, the other sites' nodes where paths stop, a reachability memo, the nodes on the paths)
+Segment = tuple[Any, Any, set[Any], dict[Any, bool], list[Any]]
+
+
+def _segment(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable[torch.Tensor]) -> Segment | None:
     """The autograd nodes of the segment ``a_src -> a_dst``: (src node, dst node, the other sites' nodes
     where paths stop, a reachability memo, the nodes on some path from ``a_dst`` back to ``a_src``)."""
     src, dst = a_src.grad_fn, a_dst.grad_fn
@@ -128,13 +140,14 @@ def _segment(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable[to
     return src, dst, stops, memo, [n for n in _visited(dst, stops | {src}) if _reaches(n, src, stops, memo)]
 
 
-def find_mixing(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable[torch.Tensor]) -> Mixing | None:
+def find_mixing(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable[torch.Tensor], *,
+                seg: Segment | None = None) -> Mixing | None:
     """The one mixing layer all paths ``a_dst -> a_src`` run through, or ``None`` if the segment has another shape.
 
     ``a_src`` and ``a_dst`` are attached site outputs (``[B, C, ...]``); ``site_tensors`` all
-    site outputs of the forward pass (paths stop at other sites).
+    site outputs of the forward pass (paths stop at other sites). ``seg``: the segment's walk, if done.
     """
-    seg = _segment(a_src, a_dst, site_tensors)
+    seg = seg if seg is not None else _segment(a_src, a_dst, site_tensors)
     if seg is None:
         return None
     src, dst, stops, memo, on_path = seg
@@ -284,11 +297,14 @@ def _zero_padding(start: Any, u: torch.Tensor | None) -> bool:
     return all(not bool(b.any()) for b in borders if b.numel())
 
 
-def _pre_chain(start: Any, src: Any, stops: set[Any], memo: dict[Any, bool]) -> tuple[set[Any] | None, bool, int]:
+def _pre_chain(start: Any, src: Any, stops: set[Any], memo: dict[Any, bool], *, movement: bool = False) \
+        -> tuple[set[Any] | None, bool, int]:
     """Nodes of the chain ``u -> a_src`` if it holds only channel-preserving homogeneous ops, whether
     it flattens, and the channel offset of ``a_src`` in ``u``. Along the chain a concatenation over
     channels shifts the offset, and a product with a factor that does not depend on ``a_src`` (a
-    squeeze-excite gate computed from another site) scales channels; both stay linear in ``a_src``."""
+    squeeze-excite gate computed from another site) scales channels; both stay linear in ``a_src``.
+    With ``movement`` permutes and transposes pass too (the caller checks where the channels went)."""
+    allowed = PRE_OK | MOVEMENT if movement else PRE_OK
     chain: set[Any] = set()
     flattened = False
     offset = 0
@@ -318,7 +334,7 @@ def _pre_chain(start: Any, src: Any, stops: set[Any], memo: dict[Any, bool]) -> 
             continue
         spatial_mean = node is not None and node.name() == "MeanBackward1" and all(
             d % len(node._saved_self_sym_sizes) >= 2 for d in node._saved_dim)
-        if node is None or (node.name() not in PRE_OK and not spatial_mean) or len(_next(node)) != 1:
+        if node is None or (node.name() not in allowed and not spatial_mean) or len(_next(node)) != 1:
             return None, False, 0
         flattened = flattened or node.name() in FLATTEN
         chain.add(node)
@@ -492,3 +508,350 @@ def segment_reach(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterab
     if w is None or w.shape[0] != c_dst or w.shape[1] * int(mixers[0]._saved_groups) != c_src:
         return None
     return channel_reach(Mixing(node=mixers[0], kind="conv", group=1), c_src, c_dst)
+
+
+# --- junctions: the source's own mixing layer, whatever lies between it and the destination -------------------------
+#
+# Where a segment has more than one mixing layer, or ops after its mixing layer that mix channels (layer norm,
+# attention, a residual stream that every later block reads), the gradient of each target must still travel
+# back through the segment. It need not travel through the *source's* mixing layer: if every path from
+# ``a_dst`` back to ``a_src`` passes the first mixing layer after ``a_src`` (output ``z``, input ``u`` reached from
+# ``a_src`` by homogeneous per-channel ops only), then with ``g = dC_j/dz``
+#
+#     w(i -> j)[c] = sum_p a_i(c, p) dC_j/da_i(c, p) = <g, Z_c>,   Z_c = the part of z that channel c of u makes,
+#
+# exactly (Euler's identity through the pre ops, linearity of the layer). ``Z_c`` is needed for the *kept*
+# source channels only, and ``sum_c <g, Z_c> = <g, z - bias>``: one contraction per target gives the whole
+# source's share of the completeness gap. So the batched backward stops at ``z`` (the projection layers of a
+# residual stream are never differentiated per target), and what remains grows with kept sources x targets.
+
+
+@dataclass(kw_only=True, frozen=True)
+class Junction:
+    """The first mixing layer after a source, which every path to the destination passes.
+
+    ``kind``: ``"conv"`` (``u`` ``[B, Cu, H, W]``, source channel ``c`` is ``u``'s channel
+    ``src_offset + c``), ``"linear"`` (``u`` ``[B, F]``, feature ``f`` from source channel ``f // group``)
+    or ``"pointwise"`` (a linear layer applied at every position: ``u`` ``[B * P, C]`` is the source
+    moved channels-last, as in ConvNeXt's and the transformers' MLPs).
+    """
+
+    node: Any
+    kind: str
+    group: int = 1
+    src_offset: int = 0
+
+
+def find_junction(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable[torch.Tensor], *,
+                  seg: Segment | None = None) -> Junction | None:
+    """The source's first mixing layer, if every path ``a_dst -> a_src`` passes it and it reads ``a_src``
+    through homogeneous per-channel ops only (else ``None``: the caller differentiates to ``a_src``)."""
+    seg = seg if seg is not None else _segment(a_src, a_dst, site_tensors)
+    if seg is None:
+        return None
+    src, dst, stops, memo, on_path = seg
+    for mx in (n for n in on_path if n.name() in MIXING):
+        kind, inp, params = _mixing_parts(mx)
+        if kind == "":
+            continue
+        pre, flattened, src_offset = _pre_chain(inp, src, stops, memo, movement=True)
+        if pre is None:
+            continue
+        if _reaches(dst, src, stops | {mx}, {}) or any(_reaches(p, src, stops, memo) for p in params if p is not None):
+            return None  # a path around the layer, or its weights computed from a_src
+        moved = any(n.name() in MOVEMENT for n in pre)
+        return _junction_shape(mx=mx, kind=kind, inp=inp, flattened=flattened, moved=moved, a_src=a_src,
+                               src_offset=src_offset)
+    return None
+
+
+def _junction_shape(*, mx: Any, kind: str, inp: Any, flattened: bool, moved: bool, a_src: torch.Tensor,
+                    src_offset: int) -> Junction | None:
+    B, c_src = a_src.shape[0], a_src.shape[1]
+    if kind == "conv":
+        u = mx._saved_input
+        if moved or flattened or u.dim() != 4 or u.shape[0] != B or u.shape[1] < src_offset + c_src:
+            return None
+        if u.shape[1] != c_src and int(mx._saved_groups) != 1:
+            return None  # a grouped conv over a concatenation: source channels not one block
+        if not _zero_padding(inp, u):
+            return None
+        return Junction(node=mx, kind="conv", src_offset=src_offset)
+    u = mx._saved_mat1 if mx.name() == "AddmmBackward0" else mx._saved_self
+    if u is None or mx._saved_mat2 is None or u.dim() != 2 or src_offset:
+        return None
+    if moved or (a_src.dim() > 2 and u.shape[0] != B):  # channels moved last, positions as rows
+        if u.shape[1] != c_src or u.shape[0] != B * (a_src[0, 0].numel()):
+            return None
+        with torch.no_grad():
+            if not torch.equal(u, a_src.detach().movedim(1, -1).reshape(u.shape)):
+                return None  # the rows are not the source's positions in order
+        return Junction(node=mx, kind="pointwise")
+    if u.shape[0] != B or u.shape[1] % c_src or (a_src.dim() == 2) == flattened:
+        return None
+    return Junction(node=mx, kind="linear", group=u.shape[1] // c_src)
+
+
+def junction_weights(jn: Junction, a_src: torch.Tensor, g_z: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``w[b, m, k]``: the edge weight from source channel ``idx[b, k]`` into target ``m`` of image ``b``.
+
+    ``a_src`` ``[B, Ci, ...]`` the source, ``g_z`` ``[M, *z.shape]`` the targets' gradients at the
+    junction's output ``z`` (``z`` ``[B, Co, H', W']``, ``[B, Co]`` or ``[B * P, Co]``), ``idx`` ``[B, n]``
+    source channels (the caller masks padding). Cost: ``n`` source channels' share of the layer, and one
+    product per target and source channel.
+    """
+    M, (B, n) = g_z.shape[0], idx.shape
+    node = jn.node
+    if n == 0:
+        return g_z.new_zeros(B, M, 0)
+    with torch.no_grad():
+        if jn.kind == "pointwise":
+            wt = node._saved_mat2.detach()  # [C, Co]
+            g = g_z.view(M, B, -1, g_z.shape[-1])  # [M, B, P, Co]
+            h = torch.einsum("mbpo,bno->mbpn", g, wt[idx])
+            usel = a_src.detach().flatten(2).gather(1, idx[..., None].expand(B, n, g.shape[2]))  # [B, n, P]
+            return torch.einsum("mbpn,bnp->bmn", h, usel)
+        if jn.kind == "linear":
+            u = (node._saved_mat1 if node.name() == "AddmmBackward0" else node._saved_self).detach()  # [B, F]
+            wt = node._saved_mat2.detach()  # [F, Co]
+            feats = idx[..., None] * jn.group + torch.arange(jn.group, device=idx.device)  # [B, n, r]
+            h = torch.einsum("mbo,bnro->bmnr", g_z, wt[feats])
+            out: torch.Tensor = (h * u.gather(1, feats.flatten(1)).view(B, 1, n, jn.group)).sum(-1)
+            return out
+        return _conv_junction(jn, g_z, idx)
+
+
+def _conv_junction(jn: Junction, g_z: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Each kept source channel's share of the convolution, ``Z_c`` ``[Co_group, H', W']``, by one grouped
+    convolution over all images' kept channels, contracted with every target's gradient."""
+    node = jn.node
+    B, n = idx.shape
+    u, w = node._saved_input.detach(), node._saved_weight.detach()  # [B, Cu, H, W], [Co, Cu/g, kh, kw]
+    groups = int(node._saved_groups)
+    per_in, per_out = u.shape[1] // groups, w.shape[0] // groups
+    cu = idx + jn.src_offset
+    rows = (cu // per_in)[..., None] * per_out + torch.arange(per_out, device=u.device)  # [B, n, per_out]
+    w_sel = w[rows, (cu % per_in)[..., None]]  # [B, n, per_out, kh, kw]
+    x = u.gather(1, cu[..., None, None].expand(B, n, *u.shape[2:]))  # [B, n, H, W]
+    spatial = g_z[0, 0, 0].numel()
+    chunk = max(1, _UNFOLD_BUDGET // max(1, n * per_out * spatial))
+    out = []
+    for s in range(0, B, chunk):
+        e = min(B, s + chunk)
+        nb = e - s
+        z_c = torch.nn.functional.conv2d(
+            x[s:e].reshape(1, nb * n, *u.shape[2:]), w_sel[s:e].reshape(nb * n * per_out, 1, *w.shape[2:]),
+            stride=tuple(node._saved_stride), padding=tuple(node._saved_padding),
+            dilation=tuple(node._saved_dilation), groups=nb * n,
+        ).view(nb, n, per_out, -1)  # [nb, n, per_out, P]
+        g = g_z[:, s:e].flatten(3)  # [M, nb, Co, P]
+        if groups == 1:
+            out.append(torch.einsum("bnop,mbop->bmn", z_c, g))
+        else:  # each source channel reaches its group's output rows only
+            g_sel = g[:, torch.arange(nb, device=g.device)[:, None, None], rows[s:e]]  # [M, nb, n, per_out, P]
+            out.append((z_c[None] * g_sel).sum((-1, -2)).permute(1, 0, 2))
+    return torch.cat(out, 0)
+
+
+def junction_share(jn: Junction, a_src: torch.Tensor) -> torch.Tensor:
+    """The source's whole share of the junction's output, ``z - bias`` restricted to the source's input
+    channels (``sum_c Z_c``), shaped like ``z``; contracted with a target's gradient it gives the sum of
+    the source's edge weights over all its channels."""
+    node = jn.node
+    with torch.no_grad():
+        if jn.kind == "conv":
+            u, w = node._saved_input.detach(), node._saved_weight.detach()
+            c = a_src.shape[1]
+            if u.shape[1] != c:  # groups == 1 here (see _junction_shape)
+                u, w = u[:, jn.src_offset:jn.src_offset + c], w[:, jn.src_offset:jn.src_offset + c]
+            return torch.nn.functional.conv2d(u, w, stride=tuple(node._saved_stride),
+                                              padding=tuple(node._saved_padding),
+                                              dilation=tuple(node._saved_dilation), groups=int(node._saved_groups))
+        u = node._saved_mat1 if node.name() == "AddmmBackward0" else node._saved_self
+        share: torch.Tensor = u.detach() @ node._saved_mat2.detach()
+        return share
+
+
+def graph_path(start: Any, goal: Any) -> tuple[int, ...] | None:
+    """The ``next_functions`` indices of a shortest path from autograd node ``start`` to ``goal`` (BFS)."""
+    parent: dict[Any, tuple[Any, int] | None] = {start: None}
+    queue = deque([start])
+    while queue:
+        node = queue.popleft()
+        if node is goal:
+            steps: list[int] = []
+            while (up := parent[node]) is not None:
+                node, k = up
+                steps.append(k)
+            return tuple(reversed(steps))
+        for k, (child, _) in enumerate(node.next_functions):
+            if child is not None and child not in parent:
+                parent[child] = (node, k)
+                queue.append(child)
+    return None
+
+
+def follow(start: Any, path: tuple[int, ...]) -> Any:
+    """The node ``path`` (from :func:`graph_path`) leads to from ``start``, or ``None``."""
+    node = start
+    for k in path:
+        nxt = node.next_functions
+        if k >= len(nxt) or nxt[k][0] is None:
+            return None
+        node = nxt[k][0]
+    return node
+
+
+class Route(NamedTuple):
+    """How one edge of the site graph is computed: ``kind`` is ``"mixing"`` (:func:`find_mixing`),
+    ``"junction"`` (:func:`find_junction`; ``path`` leads from the destination's autograd node to the
+    layer, ``junction`` holds its fields) or ``"vjp"`` (a batched VJP to the whole source)."""
+
+    kind: str
+    path: tuple[int, ...] = ()
+    junction: Junction | None = None
+    layer: str = ""  # the layer's autograd node name
+    entry: str = ""  # a destination's entry layer (key (j, j)): its kind
+
+
+@dataclass
+class RouteCache:
+    """Routes found on the first batch of each input shape, kept for the run: they depend on the architecture,
+    not on the pixels. The layers' numbers (weights, saved inputs) are read from each batch's own graph."""
+
+    by_shape: dict[tuple[object, ...], dict[tuple[int, int], Route]] = field(default_factory=dict)
+
+
+def find_route(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable[torch.Tensor]) -> Route:
+    """Classify one segment (the discovery walk; later batches reuse the answer through :class:`RouteCache`)."""
+    seg = _segment(a_src, a_dst, site_tensors)
+    if seg is None:
+        return Route(kind="vjp")
+    if find_mixing(a_src, a_dst, site_tensors, seg=seg) is not None:
+        return Route(kind="mixing")
+    jn = find_junction(a_src, a_dst, site_tensors, seg=seg)
+    if jn is None or a_dst.grad_fn is None:
+        return Route(kind="vjp")
+    path = graph_path(a_dst.grad_fn, jn.node)
+    if path is None:
+        return Route(kind="vjp")
+    return Route(kind="junction", path=path, junction=replace(jn, node=None), layer=jn.node.name())
+
+
+def junction_at(route: Route, a_dst: torch.Tensor) -> Junction | None:
+    """The junction of a cached route in this batch's graph (``None`` if the graph differs there)."""
+    node = follow(a_dst.grad_fn, route.path) if a_dst.grad_fn is not None else None
+    if node is None or route.junction is None or node.name() != route.layer:
+        return None
+    return replace(route.junction, node=node)
+
+
+# --- entries: the destination's own mixing layer ---------------------------------------------------------------------
+#
+# A target's cotangent ``g_dst`` restricted to channel ``c`` reaches the destination's own mixing layer (output ``z``,
+# input ``u``) as ``gbar[c]`` alone when only per-channel ops lie between ``z`` and ``a_dst`` (``gbar = dC/dz``, one
+# plain VJP for all targets), and reaches ``u`` as that channel's row of weights applied to ``gbar[c]``. So the
+# batched backward can start at ``u``: the destination's activation and mixing layer are never run per target.
+
+
+@dataclass(kw_only=True, frozen=True)
+class Entry:
+    """The destination's mixing layer: every path from the sources into ``a_dst`` enters through it, and
+    channel ``c`` of its output ``z`` is channel ``c`` of ``a_dst``. ``kind`` as for :class:`Junction`."""
+
+    node: Any
+    kind: str
+
+
+_ENTRY_CHAIN = POST_OK | MOVEMENT | FLATTEN
+
+
+def entry_input(entry: Entry) -> GradientEdge:
+    """Where the entry layer's input ``u`` enters the autograd graph (the batched backward starts there)."""
+    k = {"ConvolutionBackward0": 0, "AddmmBackward0": 1}.get(entry.node.name(), 0)
+    node, nr = entry.node.next_functions[k]
+    return GradientEdge(node, nr)
+
+
+def find_entry(a_dst: torch.Tensor, g_dst: torch.Tensor, site_tensors: Iterable[torch.Tensor]) -> Entry | None:
+    """The destination's mixing layer (see :class:`Entry`), or ``None``. The chain from ``a_dst`` down to it must
+    hold per-channel and data-movement ops only, with nothing else from a site entering it; that channel ``c``
+    stays channel ``c`` is checked by a VJP with half the channels, drawn at random, masked."""
+    node: Any = a_dst.grad_fn
+    sites = {t.grad_fn for t in site_tensors if t.grad_fn is not None} - {node}
+    memo: dict[Any, bool] = {}
+    while node is not None and node.name() not in MIXING:
+        if node.name() not in _ENTRY_CHAIN:
+            return None
+        kids = [n for n in _next(node) if _leads_to(n, sites, memo)]
+        if len(kids) != 1:
+            return None
+        node = kids[0]
+    if node is None:
+        return None
+    kind, inp, params = _mixing_parts(node)
+    if kind == "" or inp is None or any(p is not None and _leads_to(p, sites, memo) for p in params):
+        return None
+    if kind == "conv":
+        w, u = node._saved_weight, node._saved_input
+        if int(node._saved_groups) != 1 or u.dim() != 4 or w.shape[0] != a_dst.shape[1]:
+            return None
+    else:
+        u = node._saved_mat1 if node.name() == "AddmmBackward0" else node._saved_self
+        if u is None or node._saved_mat2 is None or node._saved_mat2.shape[1] != a_dst.shape[1]:
+            return None
+        kind = "linear" if u.shape[0] == a_dst.shape[0] and a_dst.dim() == 2 else "pointwise"
+    entry = Entry(node=node, kind=kind)
+    gen = torch.Generator().manual_seed(0)
+    half = (torch.rand(a_dst.shape[1], generator=gen) < 0.5).to(a_dst.device)
+    view = (1, -1) + (1,) * (a_dst.dim() - 2)
+    gbar, ghalf = (torch.autograd.grad(a_dst, GradientEdge(node, 0), grad_outputs=g, retain_graph=True)[0]
+                   for g in (g_dst, g_dst * half.view(view).to(g_dst.dtype)))
+    where = half.view(-1) if kind == "pointwise" else half.view(view)
+    return entry if torch.equal(ghalf, gbar * where.to(gbar.dtype)) and bool(gbar.any()) else None
+
+
+def entry_cotangents(entry: Entry, gbar: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``[M, *u.shape]``: each target's gradient at the entry layer's input ``u``.
+
+    ``gbar`` ``dC/dz`` (shaped like ``z``), ``targets`` ``[B, M]`` channels (``-1`` = none, zero).
+    """
+    node = entry.node
+    B, M = targets.shape
+    valid = (targets >= 0).to(gbar.dtype)
+    idx = targets.clamp(min=0)
+    with torch.no_grad():
+        if entry.kind == "conv":
+            u, w = node._saved_input, node._saved_weight.detach()  # [B, Ci, H, W], [Co, Ci, kh, kw]
+            g = gbar.gather(1, idx[..., None, None].expand(B, M, *gbar.shape[2:])) * valid[..., None, None]
+            grad_u = torch.nn.grad.conv2d_input(  # type: ignore[attr-defined] # torch.nn.grad is not re-exported
+                (1, B * M * u.shape[1], *u.shape[2:]), w[idx].reshape(B * M, u.shape[1], *w.shape[2:]),
+                g.reshape(1, B * M, *g.shape[2:]), stride=tuple(node._saved_stride),
+                padding=tuple(node._saved_padding), dilation=tuple(node._saved_dilation), groups=B * M)
+            per_target: torch.Tensor = grad_u.view(B, M, *u.shape[1:]).transpose(0, 1)
+            return per_target
+        w = node._saved_mat2.detach().T  # [Co, F]
+        if entry.kind == "linear":  # u [B, F]
+            g = gbar.gather(1, idx) * valid  # [B, M]
+            rows: torch.Tensor = (g[..., None] * w[idx]).transpose(0, 1)
+            return rows
+        g = gbar.view(B, -1, gbar.shape[-1])  # [B, P, Co]
+        g = g.gather(2, idx[:, None, :].expand(B, g.shape[1], M)) * valid[:, None, :]  # [B, P, M]
+        return torch.einsum("bpm,bmf->mbpf", g, w[idx]).reshape(M, -1, w.shape[1])
+
+
+def find_entry_route(a_dst: torch.Tensor, g_dst: torch.Tensor, site_tensors: Iterable[torch.Tensor]) -> Route:
+    """The destination's entry layer as a cacheable route (``kind`` ``"entry"``, or ``"none"``)."""
+    found = find_entry(a_dst, g_dst, site_tensors)
+    path = graph_path(a_dst.grad_fn, found.node) if found is not None else None
+    if found is None or path is None:
+        return Route(kind="none")
+    return Route(kind="entry", path=path, layer=found.node.name(), entry=found.kind)
+
+
+def entry_at(route: Route, a_dst: torch.Tensor) -> Entry | None:
+    """The entry layer of a cached route in this batch's graph (``None`` if there is none or the graph differs)."""
+    if route.kind != "entry" or a_dst.grad_fn is None:
+        return None
+    node = follow(a_dst.grad_fn, route.path)
+    return Entry(node=node, kind=route.entry) if node is not None and node.name() == route.layer else None

@@ -14,13 +14,14 @@ import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from extractor.errors import ExtractionError
+from extractor.mixing import RouteCache
 from extractor.sitegraph import discover_sites
 from records import ModelInfo, SiteInfo
 
@@ -47,6 +48,7 @@ class ModelBundle:
     info: ModelInfo
     mean: torch.Tensor  # [C]
     std: torch.Tensor  # [C]
+    routes: RouteCache = field(default_factory=RouteCache)  # each site-graph edge's route, found once per shape
 
     @property
     def sites(self) -> tuple[SiteInfo, ...]:

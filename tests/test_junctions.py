@@ -1,0 +1,218 @@
+"""The junction and entry edge routes against the exact route (a batched VJP to the whole source), in float64.
+
+A junction stops each target's backward at the source's own mixing layer and contracts there with the kept
+channels only; an entry starts it at the destination's own mixing layer. Both claim exactness: the weights of
+every kept source channel and each source's summed weight (the completeness gap) must equal the exact route's.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from functools import partial
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from extractor import mixing
+from extractor.contributions import mct_contributions
+from extractor.edges import compute_edges, edge_weights_vjp, incoming_weights, segment_routes
+from extractor.models import ModelBundle, make_bundle
+from extractor.selection import select
+from extractor.settings import PathwaySettings
+from extractor.sitegraph import cut_forward
+
+
+def _check(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings) -> Counter[str]:
+    """Every site's incoming weights by the routes against the exact route; returns the routes taken."""
+    contrib = mct_contributions(bundle, x)
+    sel = select(contrib, settings)
+    cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x))
+    taken: Counter[str] = Counter()
+    compared = 0
+    for site in bundle.sites:
+        j = site.index
+        preds = [i for i in site.preds if i in cut.sources]
+        if not preds or j not in cut.acts:
+            continue
+        targets = contrib.channel[j].abs().topk(min(5, site.channels), 1).indices
+        targets[0, -1] = -1  # padding gives zero rows on every route
+        inc = incoming_weights(j, preds, cut=cut, g_dst=contrib.grads[j], targets=targets, kept=sel.kept)
+        exact = edge_weights_vjp([cut.sources[i] for i in preds], cut.acts[j], contrib.grads[j], targets)
+        for i, ref in zip(preds, exact, strict=True):
+            got, route = inc.weights[i], inc.routes[i]
+            taken[route] += 1
+            want = ref * sel.kept[i][:, None, :] if route == "junction" else ref  # junctions: kept channels only
+            scale = max(float(ref.abs().max()), 1e-30)
+            assert float((got - want).abs().max()) <= 1e-10 * scale, (site.site_id, i, route)
+            total = ref.sum(-1)
+            assert float((inc.totals[i] - total).abs().max()) <= 1e-10 * max(float(total.abs().max()), scale)
+            assert torch.all(got[0, -1] == 0)
+            compared += int(bool(want.abs().max() > 0))
+    assert compared > 0  # some weights were not zero
+    return taken
+
+
+def _small(name: str) -> nn.Module:
+    """Residual-stream classifiers built by torchvision's own classes at a small width and depth (the full
+    ones differ only in size), with a random head (ViT's starts at zero, which would zero every gradient)."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+    from torchvision.models.swin_transformer import SwinTransformer
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    if name == "convnext":
+        return ConvNeXt([CNBlockConfig(8, 16, 2), CNBlockConfig(16, None, 2)], num_classes=7)
+    if name == "swin":
+        return SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[2, 2], num_heads=[2, 2], window_size=[2, 2],
+                               num_classes=7)
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=3, num_heads=2, hidden_dim=16, mlp_dim=32,
+                            num_classes=7)
+    nn.init.normal_(vit.heads.head.weight)
+    return vit
+
+
+@pytest.mark.parametrize(("name", "size", "routes"), [
+    ("convnext", 32, {"junction": 6}),  # a residual stream through layer norms: each block feeds every later one
+    ("vit", 32, {"junction": 3}),  # tokens: the MLP's second linear is each source's junction
+    ("swin", 32, {"junction": 6}),
+    ("efficientnet_b0", 32, {"mixing": 62, "junction": 30}),  # squeeze-excite: the gate's site through its 1x1 conv
+    ("densenet121", 32, {"mixing": 648, "vjp": 7}),
+])
+def test_routes_equal_the_exact_route_on_torchvision(name: str, size: int, routes: dict[str, int]) -> None:
+    """(ResNet-18 and GoogLeNet take the mixing route on every edge: ``tests/test_mixing.py`` holds it exact.)"""
+    torch.manual_seed(0)
+    small = name in ("convnext", "vit", "swin")
+    model = _small(name) if small else torchvision.models.get_model(name, weights=None, num_classes=7)
+    bundle = make_bundle(model.double().eval(), name, (3, size, size))
+    x = torch.rand(2, 3, size, size, dtype=torch.float64)
+    for selection in ("topk", "percentile") if small else ("percentile",):
+        taken = _check(bundle, x, PathwaySettings(k=6, selection=selection, sparsity=80.0))
+        assert taken == routes, taken
+
+
+class _Stream(nn.Module):
+    """A residual stream in the ConvNeXt style: each block reads the stream through a depthwise conv and a layer
+    norm (channels last), mixes with two linears around a GELU (the site), and adds a layer-scaled output."""
+
+    def __init__(self, dim: int = 6, blocks: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 3, padding=1)
+        self.dw = nn.ModuleList(nn.Conv2d(dim, dim, 3, padding=1, groups=dim) for _ in range(blocks))
+        self.norm = nn.ModuleList(nn.LayerNorm(dim) for _ in range(blocks))
+        self.up = nn.ModuleList(nn.Linear(dim, 2 * dim) for _ in range(blocks))
+        self.act = nn.ModuleList(nn.GELU() for _ in range(blocks))
+        self.down = nn.ModuleList(nn.Linear(2 * dim, dim) for _ in range(blocks))
+        self.scale = nn.Parameter(torch.rand(blocks, dim) + 0.5)
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stem(x)
+        for k in range(len(self.dw)):
+            h = self.norm[k](self.dw[k](s).permute(0, 2, 3, 1))
+            h = self.down[k](self.act[k](self.up[k](h))) * self.scale[k]
+            s = s + h.permute(0, 3, 1, 2)
+        return self.head(s.mean((2, 3)))
+
+
+class _Concat(nn.Module):
+    """Two ReLU branches concatenated before one conv, then a layer norm over channels before the next site:
+    both sources share the conv as their junction (at two channel offsets), and no segment is per-channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 5, 1)
+        self.ra, self.rb = nn.ReLU(), nn.ReLU()
+        self.mix = nn.Conv2d(9, 6, 3, padding=1)
+        self.norm = nn.GroupNorm(1, 6)
+        self.out = nn.ReLU()
+        self.fc = nn.Linear(6 * 8 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.mix(torch.cat([self.ra(self.a(x)), self.rb(self.b(x))], 1))
+        return self.fc(self.out(self.norm(y)).flatten(1))
+
+
+@pytest.mark.parametrize(("body", "routes"), [
+    (_Stream(), {"junction": 3, "vjp": 0}),
+    (_Concat(), {"junction": 2, "vjp": 0}),
+])
+def test_routes_equal_the_exact_route_on_hand_built_segments(body: nn.Module, routes: dict[str, int]) -> None:
+    torch.manual_seed(1)
+    model = body.double().eval()
+    bundle = make_bundle(model, "hand", (3, 8, 8))
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
+    taken = _check(bundle, x, PathwaySettings(k=4))
+    assert {k: taken[k] for k in routes} == routes
+
+
+class _Around(nn.Module):
+    """A source that also reaches the destination around its first mixing layer (a skip from the site itself):
+    no junction. With ``shuffle`` the destination's channels are shuffled after its own conv, ShuffleNet's way
+    (views and a transpose): no entry either."""
+
+    def __init__(self, *, skip: bool, shuffle: bool) -> None:
+        super().__init__()
+        self.skip, self.shuffle = skip, shuffle
+        self.c1, self.r1 = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.r2 = nn.ReLU()
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.r1(self.c1(x))
+        y = self.c2(a) + a if self.skip else self.c2(a)
+        if self.shuffle:
+            y = y.view(-1, 2, 2, 8, 8).transpose(1, 2).reshape(-1, 4, 8, 8)
+        return self.fc(self.r2(y).flatten(1))
+
+
+def test_no_junction_around_the_layer_and_no_entry_through_a_shuffle() -> None:
+    torch.manual_seed(2)
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    bundle = make_bundle(_Around(skip=True, shuffle=False).double().eval(), "around", (3, 8, 8))
+    assert _check(bundle, x, PathwaySettings(k=4)) == Counter({"vjp": 1})
+    for shuffle, kind in ((False, "conv"), (True, None)):
+        bundle = make_bundle(_Around(skip=False, shuffle=shuffle).double().eval(), "shuffle", (3, 8, 8))
+        contrib = mct_contributions(bundle, x)
+        cut = cut_forward(bundle.model, bundle.sites, partial(bundle.forward, x))
+        entry = mixing.find_entry(cut.acts[1], contrib.grads[1], list(cut.sources.values()))
+        assert (entry.kind if entry is not None else None) == kind
+
+
+def test_routes_are_found_once_per_input_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = make_bundle(_Stream().double().eval(), "stream", (3, 8, 8))
+    settings = PathwaySettings(k=4)
+    calls = Counter[str]()
+    for name in ("find_route", "find_entry_route"):
+        real = getattr(mixing, name)
+
+        def counted(*args: object, _real: object = real, _name: str = name) -> object:
+            calls[_name] += 1
+            return _real(*args)  # type: ignore[operator]
+
+        monkeypatch.setattr(f"extractor.edges.{name}", counted)
+
+    def edges(x: torch.Tensor, routes: mixing.RouteCache | None) -> tuple:
+        contrib = mct_contributions(bundle, x)
+        sel = select(contrib, settings)
+        cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x))
+        e = compute_edges(sites=bundle.sites, contrib=contrib, sel=sel, cut=cut, settings=settings, routes=routes)
+        return e.b.tolist(), e.src_site.tolist(), e.src_channel.tolist(), e.dst_channel.tolist(), e.weight.tolist()
+
+    first, second = torch.rand(2, 3, 3, 8, 8, dtype=torch.float64)
+    edges(first, bundle.routes)
+    assert calls == {"find_route": 3, "find_entry_route": 2}
+    cached = edges(second, bundle.routes)
+    assert calls == {"find_route": 3, "find_entry_route": 2}  # the second batch walked no graph
+    assert cached == edges(second, None)  # ... and gives what a fresh search (3 + 2 walks) gives
+    edges(second[:2], bundle.routes)  # another batch size: found again
+    assert calls == {"find_route": 9, "find_entry_route": 6}
+    assert len(cached[0]) > 0
+
+
+def test_segment_routes_name_the_route_each_edge_takes() -> None:
+    bundle = make_bundle(_Stream().double().eval(), "stream", (3, 8, 8))
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x))
+    assert segment_routes(bundle.sites, cut) == {(0, 1): "junction", (0, 2): "junction", (1, 2): "junction"}
