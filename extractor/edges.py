@@ -53,12 +53,13 @@ from extractor.mixing import (
     entry_cotangents,
     entry_input,
     find_entry_route,
-    find_mixing,
     find_route,
     junction_at,
     junction_share,
     junction_weights,
+    mixing_at,
     mixing_edge_weights,
+    mixing_input,
 )
 from extractor.selection import Selection
 from extractor.settings import PathwaySettings
@@ -264,11 +265,20 @@ def incoming_weights(
         route = known.get((i, j))
         if route is None:
             route = known[(i, j)] = find_route(cut.sources[i], a_dst, sources)
-        if route.kind == "mixing" and (mix := find_mixing(cut.sources[i], a_dst, sources)) is not None:
+        if route.kind == "mixing" and (mix := mixing_at(route, cut.sources[i], a_dst, sources)) is not None:
             mixes[i] = mix
         elif route.kind == "junction" and (jn := junction_at(route, a_dst)) is not None:
             junctions[i] = jn
-    W = {i: mixing_edge_weights(mix, cut.sources[i], a_dst, g_dst, targets) for i, mix in mixes.items()}
+    # one plain backward serves every mixing source (each its own layer's output, or itself)
+    ins: dict[Any, Any] = {}
+    for i, mix in mixes.items():
+        at = mixing_input(mix, cut.sources[i])
+        ins.setdefault(at.node if isinstance(at, GradientEdge) else at, at)
+    plain = dict(zip(ins, torch.autograd.grad(a_dst, list(ins.values()), grad_outputs=g_dst, retain_graph=True,
+                                              allow_unused=True, materialize_grads=True), strict=True)) if ins else {}
+    W = {i: mixing_edge_weights(mix, cut.sources[i], a_dst, g_dst, targets,
+                                grad=plain[mix.node if mix.kind != "identity" else cut.sources[i]])
+         for i, mix in mixes.items()}
     totals = {i: w.sum(-1) for i, w in W.items()}
     slow = [i for i in preds if i not in mixes]
     if slow:

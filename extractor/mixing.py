@@ -381,21 +381,29 @@ def _shape_check(mx: Any, kind: str, *, flattened: bool, a_src: torch.Tensor, a_
     return Mixing(node=mx, kind="linear", group=u.shape[1] // c_src, src_offset=0, dst_offset=dst_offset)
 
 
+def mixing_input(mix: Mixing, a_src: torch.Tensor) -> torch.Tensor | GradientEdge:
+    """What the one plain VJP of :func:`mixing_edge_weights` differentiates: the layer's output (or the source)."""
+    return a_src if mix.kind == "identity" else GradientEdge(mix.node, 0)
+
+
 def mixing_edge_weights(mix: Mixing, a_src: torch.Tensor, a_dst: torch.Tensor, g_dst: torch.Tensor,
-                        targets: torch.Tensor) -> torch.Tensor:
+                        targets: torch.Tensor, *, grad: torch.Tensor | None = None) -> torch.Tensor:
     """``w[b, m, i]`` as in :func:`extractor.edges.edge_weights_vjp`, through ``mix``.
 
     ``a_src`` ``[B, Ci, ...]`` and ``a_dst`` ``[B, Cj, ...]`` attached, ``g_dst`` the fixed gradient,
-    ``targets`` ``[B, M]`` (``-1`` = padding, weight 0). Returns ``[B, M, Ci]``.
+    ``targets`` ``[B, M]`` (``-1`` = padding, weight 0); ``grad`` the plain VJP at :func:`mixing_input`
+    if the caller took it (one backward for several sources). Returns ``[B, M, Ci]``.
     """
     B, M = targets.shape
-    if mix.kind == "identity":  # one plain VJP; channel j reaches channel j only
-        (g,) = torch.autograd.grad(a_dst, a_src, grad_outputs=g_dst, retain_graph=True)
+    if grad is None:
+        (grad,) = torch.autograd.grad(a_dst, mixing_input(mix, a_src), grad_outputs=g_dst, retain_graph=True)
+    if mix.kind == "identity":  # channel j reaches channel j only
+        g = grad
         per = (g * a_src.detach()).flatten(2).sum(-1) if g.dim() > 2 else g * a_src.detach()  # [B, C]
         idx = targets.clamp(min=0)
         vals = per.gather(1, idx) * (targets >= 0).to(per.dtype)
         return per.new_zeros(B, M, per.shape[1]).scatter_(2, idx[..., None], vals[..., None])
-    (gbar,) = torch.autograd.grad(a_dst, GradientEdge(mix.node, 0), grad_outputs=g_dst, retain_graph=True)
+    gbar = grad
     z_idx = targets - mix.dst_offset  # target channel of a_dst -> channel of z (outside z: weight 0)
     valid = (targets >= 0) & (z_idx >= 0) & (z_idx < gbar.shape[1])
     idx = z_idx.clamp(0, gbar.shape[1] - 1)
@@ -704,12 +712,14 @@ def follow(start: Any, path: tuple[int, ...]) -> Any:
 
 class Route(NamedTuple):
     """How one edge of the site graph is computed: ``kind`` is ``"mixing"`` (:func:`find_mixing`),
-    ``"junction"`` (:func:`find_junction`; ``path`` leads from the destination's autograd node to the
-    layer, ``junction`` holds its fields) or ``"vjp"`` (a batched VJP to the whole source)."""
+    ``"junction"`` (:func:`find_junction`) or ``"vjp"`` (a batched VJP to the whole source). ``path`` leads
+    from the destination's autograd node to the layer; ``mixing`` or ``junction`` holds the layer's fields
+    (a mixing route without them is searched again on each batch: two convs, whose composite is numbers)."""
 
     kind: str
     path: tuple[int, ...] = ()
     junction: Junction | None = None
+    mixing: Mixing | None = None
     layer: str = ""  # the layer's autograd node name
     entry: str = ""  # a destination's entry layer (key (j, j)): its kind
 
@@ -727,8 +737,14 @@ def find_route(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable[
     seg = _segment(a_src, a_dst, site_tensors)
     if seg is None:
         return Route(kind="vjp")
-    if find_mixing(a_src, a_dst, site_tensors, seg=seg) is not None:
-        return Route(kind="mixing")
+    mix = find_mixing(a_src, a_dst, site_tensors, seg=seg)
+    if mix is not None:
+        if mix.kind == "identity":
+            return Route(kind="mixing", mixing=mix)
+        path = graph_path(a_dst.grad_fn, mix.node) if mix.first is None else None
+        if path is None:
+            return Route(kind="mixing")
+        return Route(kind="mixing", path=path, mixing=replace(mix, node=None), layer=mix.node.name())
     jn = find_junction(a_src, a_dst, site_tensors, seg=seg)
     if jn is None or a_dst.grad_fn is None:
         return Route(kind="vjp")
@@ -736,6 +752,17 @@ def find_route(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable[
     if path is None:
         return Route(kind="vjp")
     return Route(kind="junction", path=path, junction=replace(jn, node=None), layer=jn.node.name())
+
+
+def mixing_at(route: Route, a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable[torch.Tensor]) \
+        -> Mixing | None:
+    """The mixing layer of a cached mixing route in this batch's graph (searched where the route keeps none)."""
+    if route.mixing is None:
+        return find_mixing(a_src, a_dst, site_tensors)
+    if route.mixing.kind == "identity":
+        return route.mixing
+    node = follow(a_dst.grad_fn, route.path) if a_dst.grad_fn is not None else None
+    return replace(route.mixing, node=node) if node is not None and node.name() == route.layer else None
 
 
 def junction_at(route: Route, a_dst: torch.Tensor) -> Junction | None:

@@ -180,18 +180,24 @@ def test_no_junction_around_the_layer_and_no_entry_through_a_shuffle() -> None:
         assert (entry.kind if entry is not None else None) == kind
 
 
-def test_routes_are_found_once_per_input_shape(monkeypatch: pytest.MonkeyPatch) -> None:
-    bundle = make_bundle(_Stream().double().eval(), "stream", (3, 8, 8))
+@pytest.mark.parametrize("name", ["stream", "mobilenet_v3_small"])
+def test_routes_are_found_once_per_input_shape(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Later batches reuse the routes (mixing layers, junctions, entries, two-conv composites searched
+    again) and give what a fresh search gives."""
+    torch.manual_seed(3)
+    model = _Stream() if name == "stream" else torchvision.models.get_model(name, weights=None, num_classes=7)
+    size = 8 if name == "stream" else 32
+    bundle = make_bundle(model.double().eval(), name, (3, size, size))
     settings = PathwaySettings(k=4)
     calls = Counter[str]()
-    for name in ("find_route", "find_entry_route"):
-        real = getattr(mixing, name)
+    for fn in ("find_route", "find_entry_route"):
+        real = getattr(mixing, fn)
 
-        def counted(*args: object, _real: object = real, _name: str = name) -> object:
+        def counted(*args: object, _real: object = real, _name: str = fn) -> object:
             calls[_name] += 1
             return _real(*args)  # type: ignore[operator]
 
-        monkeypatch.setattr(f"extractor.edges.{name}", counted)
+        monkeypatch.setattr(f"extractor.edges.{fn}", counted)
 
     def edges(x: torch.Tensor, routes: mixing.RouteCache | None) -> tuple:
         contrib = mct_contributions(bundle, x)
@@ -200,15 +206,21 @@ def test_routes_are_found_once_per_input_shape(monkeypatch: pytest.MonkeyPatch) 
         e = compute_edges(sites=bundle.sites, contrib=contrib, sel=sel, cut=cut, settings=settings, routes=routes)
         return e.b.tolist(), e.src_site.tolist(), e.src_channel.tolist(), e.dst_channel.tolist(), e.weight.tolist()
 
-    first, second = torch.rand(2, 3, 3, 8, 8, dtype=torch.float64)
+    first, second = torch.rand(2, 3, 3, size, size, dtype=torch.float64)
     edges(first, bundle.routes)
-    assert calls == {"find_route": 3, "find_entry_route": 2}
+    found = Counter(calls)
+    pairs = sum(len(s.preds) for s in bundle.sites)
+    assert found["find_route"] == pairs and found["find_entry_route"] > 0
     cached = edges(second, bundle.routes)
-    assert calls == {"find_route": 3, "find_entry_route": 2}  # the second batch walked no graph
-    assert cached == edges(second, None)  # ... and gives what a fresh search (3 + 2 walks) gives
+    assert calls == found  # the second batch walked no graph to find a route
+    assert cached == edges(second, None)  # ... and gives what a fresh search gives
     edges(second[:2], bundle.routes)  # another batch size: found again
-    assert calls == {"find_route": 9, "find_entry_route": 6}
+    assert calls["find_route"] == 3 * pairs
     assert len(cached[0]) > 0
+    known = list(next(iter(bundle.routes.by_shape.values())).values())
+    assert {r.kind for r in known} == ({"junction", "entry"} if name == "stream" else {"mixing", "junction", "entry"})
+    if name != "stream":  # single layers kept, two-conv composites searched on each batch
+        assert {r.mixing is None for r in known if r.kind == "mixing"} == {True, False}
 
 
 def test_segment_routes_name_the_route_each_edge_takes() -> None:
