@@ -54,6 +54,7 @@ from extractor.mixing import (
     entry_input,
     find_entry_route,
     find_route,
+    graph_walks,
     junction_at,
     junction_share,
     junction_weights,
@@ -296,6 +297,7 @@ def incoming_weights(
     return IncomingWeights(weights=W, totals=totals, routes=routes)
 
 
+@graph_walks()
 def compute_edges(
     sites: Sequence[SiteInfo], *, contrib: Contributions, sel: Selection, cut: SiteRecorder,
     settings: PathwaySettings, fast: bool = True, routes: RouteCache | None = None,
@@ -371,6 +373,7 @@ def compute_edges(
 ROUTES = ("mixing", "junction", "vjp")
 
 
+@graph_walks()
 def segment_routes(sites: Sequence[SiteInfo], cut: SiteRecorder) -> dict[tuple[int, int], str]:
     """For every edge of the site graph ``(i, j)``, the route :func:`compute_edges` takes (one of
     ``ROUTES``): read off the segment's one mixing layer, contracted at the source's junction after

@@ -32,7 +32,8 @@ DenseNet and Inception-v3.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
@@ -79,8 +80,29 @@ class Mixing:
     weight: torch.Tensor | None = None  # ... and their composite weight [C_out, Ci, kh, kw]
 
 
+_ADJACENCY: list[dict[Any, list[Any]]] = []  # the innermost graph_walks() scope's children per node
+
+
+@contextmanager
+def graph_walks() -> Iterator[None]:
+    """Within this scope each autograd node's children are read once: the walks over one graph (every edge's
+    segment, reachability, routes) meet the same nodes again and again, and ``next_functions`` builds new
+    tuples on every read. The cache holds the nodes until the scope ends (autograd nodes take no weak refs)."""
+    _ADJACENCY.append({})
+    try:
+        yield
+    finally:
+        _ADJACENCY.pop()
+
+
 def _next(node: Any) -> list[Any]:
-    return [n for n, _ in node.next_functions if n is not None]
+    if not _ADJACENCY:
+        return [n for n, _ in node.next_functions if n is not None]
+    memo = _ADJACENCY[-1]
+    kids = memo.get(node)
+    if kids is None:
+        kids = memo[node] = [n for n, _ in node.next_functions if n is not None]
+    return kids
 
 
 def _reaches(start: Any, goal: Any, stops: set[Any], memo: dict[Any, bool]) -> bool:

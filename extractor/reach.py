@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge
 
-from extractor.mixing import POST_OK, find_mixing, segment_reach
+from extractor.mixing import POST_OK, find_mixing, graph_walks, segment_reach
 from extractor.models import ModelBundle
 from extractor.sitegraph import cut_forward
 from records import SiteInfo
@@ -57,6 +57,7 @@ class SiteReach:
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], SiteReach]] = weakref.WeakKeyDictionary()
 
 
+@graph_walks()
 def site_reach(model: nn.Module, sites: Sequence[SiteInfo], forward: Callable[[torch.Tensor], torch.Tensor],
                example: torch.Tensor) -> SiteReach:
     """The channel structure of ``model``'s site graph, from one cut forward of ``example``
