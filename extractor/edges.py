@@ -62,6 +62,7 @@ from extractor.mixing import (
     mixing_edge_weights,
     mixing_input,
 )
+from extractor.reach import kept_rows
 from extractor.selection import Selection
 from extractor.settings import PathwaySettings
 from extractor.sites import SiteRecorder
@@ -163,13 +164,6 @@ def _shape(x: Any) -> tuple[int, ...]:
     return tuple(x.node._input_metadata[x.output_nr].shape)
 
 
-def _kept_index(kept: torch.Tensor) -> torch.Tensor:
-    """``[B, n]`` the kept channels of each image (``n`` the most any image keeps), padded with ``-1``."""
-    n = int(kept.sum(1).max()) if kept.numel() else 0
-    top = kept.to(torch.int8).topk(n, dim=1)
-    return torch.where(top.values > 0, top.indices, torch.full_like(top.indices, -1))
-
-
 def _vjp_route(preds: list[int], *, cut: SiteRecorder, a_dst: torch.Tensor, g_dst: torch.Tensor,
                targets: torch.Tensor, kept: Sequence[torch.Tensor], junctions: dict[int, Junction],
                shared: dict[tuple[Any, int], torch.Tensor], entry: Entry | None) \
@@ -198,7 +192,7 @@ def _vjp_route(preds: list[int], *, cut: SiteRecorder, a_dst: torch.Tensor, g_ds
             edges.append(GradientEdge(jn.node, 0))
         slot[i] = by_node[jn.node]
     numel = sum(math.prod(_shape(e)) for e in edges)
-    idx = {i: _kept_index(kept[i]) for i in junctions}
+    rows = {i: kept_rows(kept[i]) for i in junctions}  # [B, n] kept channels and their validity
     weights: dict[int, list[torch.Tensor]] = {i: [] for i in preds}
     totals: dict[int, list[torch.Tensor]] = {i: [] for i in preds}
     if entry is not None and entry.node in by_node:
@@ -208,7 +202,7 @@ def _vjp_route(preds: list[int], *, cut: SiteRecorder, a_dst: torch.Tensor, g_ds
         for i in preds:
             g, src = grads[slot[i]], cut.sources[i]
             if i in junctions:
-                weights[i].append(junction_weights(junctions[i], src, g, idx[i].clamp(min=0)))  # [B, m, n]
+                weights[i].append(junction_weights(junctions[i], src, g, rows[i][0]))  # [B, m, n]
                 totals[i].append((g.reshape(g.shape[0], src.shape[0], -1) * shares[i].reshape(src.shape[0], -1))
                                  .sum(-1).T)
             else:
@@ -220,9 +214,9 @@ def _vjp_route(preds: list[int], *, cut: SiteRecorder, a_dst: torch.Tensor, g_ds
     for i in preds:
         w = torch.cat(weights[i], 1)
         if i in junctions:
-            ok = idx[i] >= 0
+            idx, ok = rows[i]
             full = w.new_zeros(w.shape[0], w.shape[1], cut.sources[i].shape[1])
-            w = full.scatter_add_(2, idx[i].clamp(min=0)[:, None, :].expand_as(w), w * ok[:, None, :].to(w.dtype))
+            w = full.scatter_add_(2, idx[:, None, :].expand_as(w), w * ok[:, None, :].to(w.dtype))
         W[i] = w
     return W, {i: torch.cat(totals[i], 1) for i in preds}
 

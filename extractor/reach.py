@@ -171,7 +171,7 @@ def bundle_reach(bundle: ModelBundle, x: torch.Tensor) -> SiteReach:
     return site_reach(bundle.model, bundle.sites, bundle.forward, x[:1])
 
 
-def _fixed_rows(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def kept_rows(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Kept channels ``[B, C]`` as padded indices ``[B, n]`` and their validity ``[B, n]``."""
     n = max(1, int(kept.sum(1).max()))
     top = kept.to(torch.int8).topk(n, dim=1)
@@ -208,7 +208,7 @@ def connected_topk(scores: Sequence[torch.Tensor], k: int, reach: SiteReach | No
             r = reach.reach[(j, t)].to(s.device)  # [C_t, C_j]
             kt = kept[t]
             assert kt is not None
-            idx, valid = _fixed_rows(kt)  # [B, n]
+            idx, valid = kept_rows(kt)  # [B, n]
             rows = r[idx]  # [B, n, C_j]
             readable |= (rows & valid[..., None]).any(1)
             if t in cover_for:
