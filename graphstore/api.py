@@ -49,6 +49,7 @@ from graphstore.results import (
     VariantOverlap,
     to_frame,
 )
+from graphstore.rows import saliency_of
 from graphstore.schema import EDGE_SUPPORT_FLOOR, StoredSchema
 from records import parse_class_id, parse_neuron_id
 
@@ -192,7 +193,7 @@ class Store:
         out = []
         for r in self._run(Q.PATHWAYS_OF_IMAGE, image_id=image_id):
             shape = r.pop("saliency_shape")
-            r["saliency"] = np.asarray(r["saliency"], dtype=np.float32).reshape(shape)
+            r["saliency"] = saliency_of(r["saliency"], shape)
             r["cut_sites"] = json.loads(r["cut_sites"])
             out.append(PathwayInfo(**r))
         return out
@@ -387,16 +388,18 @@ class Store:
         index answer can miss a neighbour the signature ranks low; it falls back to the scan when
         it finds fewer than ``limit`` images.
         """
-        self._require(Q.IMAGE_EXISTS, "image", image_id=image_id)
         params = {"image_id": image_id, "config": config, "limit": int(limit), "kind": kind}
         if exact is None:
             cap = EXACT_SIMILAR_LIMIT + 1
             exact = self._run(Q.PATHWAYS_OF_CONFIG, config=config, cap=cap)[0]["n"] < cap
         if not exact:
             rows = self._run(Q.SIMILAR_IMAGES_INDEXED, candidates=max(SIMILAR_CANDIDATES, 20 * int(limit)), **params)
-            if len(rows) >= limit:
+            if len(rows) >= limit:  # found neighbours: the image exists (one round trip fewer)
                 return [SimilarImage(**r) for r in rows]
-        return [SimilarImage(**r) for r in self._run(Q.SIMILAR_IMAGES, **params)]
+        rows = self._run(Q.SIMILAR_IMAGES, **params)
+        if not rows:  # no neighbours, or no such image: say which
+            self._require(Q.IMAGE_EXISTS, "image", image_id=image_id)
+        return [SimilarImage(**r) for r in rows]
 
     def method_agreement(self, image_id: str) -> list[Agreement]:
         """Jaccard between the neuron sets of the image's pathways of different settings."""

@@ -42,8 +42,9 @@ from graphstore.rows import (
     neuron_table,
     pathway_row,
     plain,
+    renumber,
 )
-from graphstore.schema import EDGE_SUPPORT_FLOOR, STORE_FORMAT
+from graphstore.schema import EDGE_SUPPORT_FLOOR, INDEXES, STORE_FORMAT
 from records import (
     ExemplarRows,
     ModelInfo,
@@ -91,7 +92,11 @@ def ensure_schema(driver: neo4j.Driver, database: str = DATABASE) -> None:
     """Create constraints and indexes (idempotent) and wait until they are online.
 
     Two loaders starting at once may both create an index; ``IF NOT EXISTS`` does not cover that
-    race, and the loser's "equivalent rule already exists" only says that the index is there."""
+    race, and the loser's "equivalent rule already exists" only says that the index is there. A store that has
+    every one online already (every load after the first) is left as it is: one query."""
+    records, _, _ = driver.execute_query(Q.ONLINE_INDEXES, database_=database)
+    if {ix.name for ix in INDEXES} <= set(records[0]["names"]):
+        return
     for statement in Q.SCHEMA:
         try:
             driver.execute_query(statement, database_=database)
@@ -117,9 +122,13 @@ def load_model(driver: neo4j.Driver, model: ModelInfo, database: str = DATABASE)
 
 
 def _write_groups(
-    tx: neo4j.ManagedTransaction, groups: Sequence[Group], model: ModelInfo, index: NeuronIndex
+    tx: neo4j.ManagedTransaction, groups: Sequence[Group], model: ModelInfo, element: np.ndarray
 ) -> tuple[int, int, int, int]:
-    """Write whole groups in one transaction; ``index`` names neurons by their element ids."""
+    """Write whole groups in one transaction; ``element`` ``[neurons]``: the element id of each neuron of the
+    model, by its position (:meth:`NeuronIndex.numbered`).
+
+    Columns go to the driver as numpy arrays: it packs them as lists, and its debug line (built whether logged
+    or not) then prints a summary rather than every number."""
     images = [image_row(im, model) for g in groups for im in g.images]
     tx.run(Q.MERGE_IMAGES, images=images).consume()
     pathways = [pw for g in groups for pw in g.pathways]
@@ -127,26 +136,27 @@ def _write_groups(
     rows = [pathway_row(pw, model, originals.get(pw.pathway_id)) for pw in pathways]
     created = {r["id"] for r in tx.run(Q.CLAIM_PATHWAYS, pathways=rows)}
     fresh = [pw for pw in pathways if pw.pathway_id in created]
-    inc = include_columns(fresh, originals, index)
-    bounds = np.cumsum([0, *[len(pw.neuron_site) for pw in fresh]])
-    includes = []  # per pathway: its id and its columns (the pathway is found once, its neurons by element id)
-    for i, pw in enumerate(fresh):
-        cols = plain(inc, int(bounds[i]), int(bounds[i + 1]))
-        del cols["start"]
-        includes.append({"pathway": pw.pathway_id, **cols})
-    n_inc, n_edges = int(bounds[-1]), sum(len(pw.edge_weight) for pw in fresh)
+    index = NeuronIndex.numbered(model)
     made = 0
-    batch: list[dict[str, Any]] = []
-    for item in [*includes, None]:
-        if item is not None and sum(len(b["end"]) for b in batch) + len(item["end"]) <= ROW_BATCH:
-            batch.append(item)
-            continue
-        if batch:
-            made += tx.run(Q.CREATE_INCLUDES, pathways=batch).single(strict=True)["created"]
-        batch = [item] if item is not None else []
+    bounds = np.cumsum([0, *[len(pw.neuron_site) for pw in fresh]])
+    n_inc, n_edges = int(bounds[-1]), sum(len(pw.edge_weight) for pw in fresh)
+    inc = include_columns(fresh, originals, index)
+    per = max(1, ROW_BATCH * len(fresh) // max(n_inc, 1))  # pathways per statement: about ROW_BATCH rows
+    for first in range(0, len(fresh), per):
+        stop = min(first + per, len(fresh))
+        lo, hi = int(bounds[first]), int(bounds[stop])
+        part = {k: v[lo:hi] for k, v in inc.items()}
+        part["gained"] = part["gained"].to_pylist()
+        part["start"] = np.repeat(np.arange(stop - first, dtype=np.int64), np.diff(bounds[first:stop + 1]))
+        neurons, (part["end"],) = renumber(part["end"].astype(np.int64))
+        made += tx.run(Q.CREATE_INCLUDES, neurons=element[neurons].tolist(),
+                       pathways=[pw.pathway_id for pw in fresh[first:stop]], includes=part
+                       ).single(strict=True)["created"]
     flows = flow_columns(fresh, index)
     for start in range(0, n_edges, ROW_BATCH):
-        made += tx.run(Q.CREATE_FLOWS, flows=plain(flows, start, start + ROW_BATCH)).single(strict=True)["created"]
+        part = {k: v[start:start + ROW_BATCH] for k, v in flows.items()}
+        neurons, (part["start"], part["end"]) = renumber(part["start"].astype(np.int64), part["end"].astype(np.int64))
+        made += tx.run(Q.CREATE_FLOWS, neurons=element[neurons].tolist(), flows=part).single(strict=True)["created"]
     if made != n_inc + n_edges:  # a neuron vanished under us: roll the whole group back
         raise RecordsError(f"wrote {made} of {n_inc + n_edges} relationships: the model's neurons changed "
                            "during the load; re-run the same command")
@@ -250,7 +260,7 @@ def _batches(parts: Sequence[Any], needed: Callable[[Group], bool] = lambda g: T
 
 
 def _write_batches(driver: neo4j.Driver, database: str, *, batches: list[list[Group]], model: ModelInfo,
-                   index: NeuronIndex, summary: LoadSummary, bar: tqdm, workers: int) -> None:
+                   element: np.ndarray, summary: LoadSummary, bar: tqdm, workers: int) -> None:
     """Each batch in its own write transaction, ``workers`` at a time (one session per thread).
 
     Batches hold disjoint images, so concurrent transactions only meet on shared Neuron and
@@ -266,7 +276,7 @@ def _write_batches(driver: neo4j.Driver, database: str, *, batches: list[list[Gr
             local.session = driver.session(database=database)
             with lock:
                 sessions.append(local.session)
-        new, old, inc, edg = local.session.execute_write(_write_groups, batch, model, index)
+        new, old, inc, edg = local.session.execute_write(_write_groups, batch, model, element)
         n_img = sum(len(g.images) for g in batch)
         with lock:
             summary.pathways_new += new
@@ -326,12 +336,12 @@ def load_run(driver: neo4j.Driver, run_dir: Path | RunFolder, database: str = DA
     began_writes = time.perf_counter()
     if batches:
         records, _, _ = driver.execute_query(Q.NEURON_ELEMENT_IDS, model_id=model.model_id, database_=database)
-        element = {r["id"]: r["element_id"] for r in records}
-        index = NeuronIndex.of([[element[n] for n in site] for site in neuron_table(model)])
+        by_id = {r["id"]: r["element_id"] for r in records}
+        element = np.array([by_id[n] for site in neuron_table(model) for n in site], dtype=object)
         bar = tqdm(total=sum(len(g.images) for b in batches for g in b), desc="load", unit="img",
                    disable=not progress)
         try:
-            _write_batches(driver=driver, database=database, batches=batches, model=model, index=index,
+            _write_batches(driver=driver, database=database, batches=batches, model=model, element=element,
                            summary=summary, bar=bar, workers=workers)
         finally:
             bar.close()

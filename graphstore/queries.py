@@ -35,6 +35,8 @@ def _schema_statement(ix: Index) -> str:
 
 SCHEMA: tuple[str, ...] = tuple(_schema_statement(ix) for ix in INDEXES)
 AWAIT_INDEXES = "CALL db.awaitIndexes(1800)"
+# the keys and indexes a store has online: a load that finds all of the schema's skips creating them
+ONLINE_INDEXES = "SHOW INDEXES YIELD name, state WHERE state = 'ONLINE' RETURN collect(name) AS names"
 
 # --- loading ------------------------------------------------------------------------------
 
@@ -163,25 +165,38 @@ MATCH (n:Neuron {model_id: $model_id})
 RETURN n.id AS id, elementId(n) AS element_id
 """
 
-# Relationships arrive as named columns (graphstore.rows: `start`, `end`, then the schema's properties), neurons
-# by element id (fetched once per load): no index seek per row. Both statements return how many relationships
-# they made, and the loader checks the number.
+# Relationships arrive as named columns (graphstore.rows: `start`, `end`, then the schema's properties). Neurons
+# come once per statement, as the element ids `$neurons` (fetched once per load), and the columns name them by
+# their position in that list: each neuron is sought once per statement, not once per row. The `WHERE` makes a
+# statement create nothing unless every neuron was found, in order; both statements return how many
+# relationships they made, and the loader checks the number.
 CREATE_INCLUDES = """
-UNWIND $pathways AS p
-MATCH (pw:Pathway {id: p.pathway})
-UNWIND range(0, size(p.end) - 1) AS i
-MATCH (nr:Neuron) WHERE elementId(nr) = p.end[i]
-CREATE (pw)-[:INCLUDES {contribution: p.contribution[i], score: p.score[i], rank: p.rank[i],
-                        elements: p.elements[i], dead: p.dead[i], gained: p.gained[i]}]->(nr)
+UNWIND $neurons AS eid
+MATCH (n:Neuron) WHERE elementId(n) = eid
+WITH collect(n) AS ns, collect(elementId(n)) AS found
+WHERE found = $neurons
+UNWIND $pathways AS pid
+MATCH (pw:Pathway {id: pid})
+WITH ns, collect(pw) AS pws, collect(pw.id) AS claimed
+WHERE claimed = $pathways
+WITH ns, pws, $includes AS c
+UNWIND range(0, size(c.start) - 1) AS i
+WITH pws[c.start[i]] AS pw, ns[c.end[i]] AS nr, c.contribution[i] AS contribution, c.score[i] AS score,
+     c.rank[i] AS rank, c.elements[i] AS elements, c.dead[i] AS dead, c.gained[i] AS gained
+CREATE (pw)-[:INCLUDES {contribution: contribution, score: score, rank: rank, elements: elements, dead: dead,
+                        gained: gained}]->(nr)
 RETURN count(*) AS created
 """
 
 CREATE_FLOWS = """
-WITH $flows AS f
+UNWIND $neurons AS eid
+MATCH (n:Neuron) WHERE elementId(n) = eid
+WITH collect(n) AS ns, collect(elementId(n)) AS found
+WHERE found = $neurons
+WITH ns, $flows AS f
 UNWIND range(0, size(f.start) - 1) AS i
-MATCH (a:Neuron) WHERE elementId(a) = f.start[i]
-MATCH (b:Neuron) WHERE elementId(b) = f.end[i]
-CREATE (a)-[:FLOWS_TO {pathway: f.pathway[i], weight: f.weight[i]}]->(b)
+WITH ns[f.start[i]] AS a, ns[f.end[i]] AS b, f.pathway[i] AS key, f.weight[i] AS weight
+CREATE (a)-[:FLOWS_TO {pathway: key, weight: weight}]->(b)
 RETURN count(*) AS created
 """
 

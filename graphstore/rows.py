@@ -112,6 +112,17 @@ def signature(pw: PathwayRecord, model: ModelInfo) -> list[float] | None:
     return [float(x) for x in v / norm] if norm > 0 else None
 
 
+def saliency_bytes(saliency: np.ndarray) -> bytes:
+    """``Pathway.saliency`` as stored: the map ``[H, W]`` as float32 little-endian bytes (the records' own precision,
+    half a list of doubles); :func:`saliency_of` reads it back."""
+    return np.ascontiguousarray(saliency, dtype="<f4").tobytes()
+
+
+def saliency_of(stored: bytes | bytearray, shape: Sequence[int]) -> np.ndarray:
+    """The stored ``Pathway.saliency`` bytes as a float32 map of ``shape``."""
+    return np.frombuffer(bytes(stored), dtype="<f4").reshape(tuple(shape)).astype(np.float32)
+
+
 def pathway_row(pw: PathwayRecord, model: ModelInfo, original: PathwayRecord | None = None) -> dict[str, Any]:
     n = len(pw.neuron_channel)
     props = {
@@ -121,7 +132,7 @@ def pathway_row(pw: PathwayRecord, model: ModelInfo, original: PathwayRecord | N
         "logit_full": float(pw.logit_full), "logit_masked": float(pw.logit_masked),
         "logit_ratio": float(pw.logit_ratio), "size": n,
         "dead_fraction": float(np.mean(pw.neuron_dead)) if n else 0.0,
-        "saliency": [float(v) for v in pw.saliency.ravel()], "saliency_shape": list(pw.saliency.shape),
+        "saliency": saliency_bytes(pw.saliency), "saliency_shape": list(pw.saliency.shape),
         "gaps": [float(g) for g in pw.site_gap],
         "layer_sizes": np.bincount(pw.neuron_site.astype(np.int64), minlength=len(model.sites)).tolist(),
         "layer_mass": np.bincount(pw.neuron_site.astype(np.int64), weights=np.abs(pw.neuron_contribution),
@@ -169,8 +180,21 @@ class NeuronIndex:
         names = np.array([n for site in table for n in site], dtype=object)
         return cls(names, np.cumsum([0, *[len(site) for site in table[:-1]]]).astype(np.int64))
 
+    @classmethod
+    def numbered(cls, model: ModelInfo) -> NeuronIndex:
+        """Each neuron named by its position in the model, ``0..neurons-1`` (int64), in ``neuron_table`` order."""
+        sizes = [s.channels for s in model.sites]
+        return cls(np.arange(sum(sizes), dtype=np.int64), np.cumsum([0, *sizes[:-1]]).astype(np.int64))
+
     def __call__(self, site: np.ndarray, channel: np.ndarray) -> np.ndarray:
         return np.asarray(self.names[self.offsets[site.astype(np.int64)] + channel.astype(np.int64)])
+
+
+def renumber(*columns: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Integer columns -> (their distinct values ``[U]``, sorted; each column as positions into those)."""
+    values, inverse = np.unique(np.concatenate(columns) if columns else np.zeros(0, np.int64), return_inverse=True)
+    bounds = np.cumsum([0, *[len(c) for c in columns]])
+    return values, [inverse[bounds[i]:bounds[i + 1]].astype(np.int64) for i in range(len(columns))]
 
 
 # Relationship columns: ``start`` and ``end`` (the two nodes), then the type's properties, named and ordered as

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -86,6 +86,40 @@ def test_a_repeated_load_writes_nothing(driver: Driver, fixture_run: Path, monke
     assert (again.pathways_new, again.pathways_existing, again.images) == (0, len(ref.pathways), len(ref.images))
     assert again.exemplars == ref.counts()[1]["EXEMPLAR"] > 0 and again.repaired == 0
     assert Store(driver).counts() == ref.counts()
+
+
+def test_a_statement_that_misses_a_neuron_writes_nothing(driver: Driver, fixture_run: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relationship statements name neurons by their position in one list of element ids. If the store lacks
+    one of them (here one neuron a pathway includes, named by the element id of no node), the statement
+    creates nothing, the count check fails and the whole group rolls back: one clear line, no partial pathway."""
+    import numpy as np
+
+    from graphstore import loader
+    from graphstore.errors import RecordsError
+    from graphstore.rows import Group, NeuronIndex
+    from records import ModelInfo
+
+    wipe(driver)
+    original = loader._write_groups
+
+    def missing(tx: Any, groups: list[Group], model: ModelInfo, element: np.ndarray) -> Any:
+        pw = next(p for g in groups for p in g.pathways if len(p.neuron_site))
+        at = int(NeuronIndex.numbered(model)(pw.neuron_site[:1], pw.neuron_channel[:1])[0])
+        element = element.copy()
+        element[at] = element[at].rsplit(":", 1)[0] + ":987654321"
+        return original(tx, groups, model, element)
+
+    monkeypatch.setattr(loader, "_write_groups", missing)
+    with pytest.raises(RecordsError, match="neurons changed during the load"):
+        loader.load_run(driver, fixture_run, progress=False)
+    with driver.session(database="neo4j") as s:
+        left = s.run("MATCH (p:Pathway) RETURN count(p) AS n").single(strict=True)["n"]
+        rels = s.run("MATCH ()-[r:INCLUDES|FLOWS_TO]->() RETURN count(r) AS n").single(strict=True)["n"]
+    assert (left, rels) == (0, 0)
+    monkeypatch.setattr(loader, "_write_groups", original)
+    loader.load_run(driver, fixture_run, progress=False)
+    assert Store(driver).counts() == Ref.load(fixture_run).counts()
 
 
 def test_load_removes_and_rewrites_a_damaged_pathway(driver: Driver, fixture_run: Path) -> None:

@@ -245,6 +245,9 @@ def test_similar_images_and_method_agreement(store: Store, ref: Ref, config: str
 def test_unknown_ids_give_not_found(store: Store, config: str) -> None:
     with pytest.raises(NotFound, match="unknown image"):
         store.image("no-such-image")
+    for exact in (True, False, None):  # every route of similar_images tells a missing image from no neighbours
+        with pytest.raises(NotFound, match="unknown image"):
+            store.similar_images("no-such-image", config, exact=exact)
     with pytest.raises(NotFound, match="unknown class"):
         store.top_neurons("nope/1", config)
     with pytest.raises(NotFound, match="unknown pathway"):
