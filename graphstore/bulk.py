@@ -61,6 +61,7 @@ from records import (
 log = logging.getLogger(__name__)
 
 ARRAY = ";"
+_SIGNED = tuple(str(b - 256 if b > 127 else b) for b in range(256))  # byte[] cells: Java's signed bytes
 _JAVA_SPECIAL = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}  # what Double.parseDouble reads
 
 
@@ -88,7 +89,7 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return _JAVA_SPECIAL.get(repr(value), repr(value))
     if isinstance(value, bytes | bytearray):
-        return ARRAY.join(str(b - 256 if b > 127 else b) for b in value)
+        return ARRAY.join(map(_SIGNED.__getitem__, value))
     if isinstance(value, list | tuple):
         if value and isinstance(value[0], float):
             text = ARRAY.join(map(repr, value))  # fast path; only nan/inf spell an "n"
