@@ -67,6 +67,9 @@ class Store:
     def __init__(self, driver: neo4j.Driver, database: str = DATABASE) -> None:
         self.driver = driver
         self.database = database
+        # settings found to have more than EXACT_SIMILAR_LIMIT pathways: stores only grow (a repair removes a few),
+        # so similar_images asks once; a setting that shrank still answers (the scan when candidates run short)
+        self._large_settings: set[str] = set()
 
     @classmethod
     def connect(cls, home: Path | None = None) -> Store:
@@ -389,9 +392,11 @@ class Store:
         it finds fewer than ``limit`` images.
         """
         params = {"image_id": image_id, "config": config, "limit": int(limit), "kind": kind}
-        if exact is None:
+        if exact is None and config not in self._large_settings:
             cap = EXACT_SIMILAR_LIMIT + 1
             exact = self._run(Q.PATHWAYS_OF_CONFIG, config=config, cap=cap)[0]["n"] < cap
+            if not exact:
+                self._large_settings.add(config)
         if not exact:
             rows = self._run(Q.SIMILAR_IMAGES_INDEXED, candidates=max(SIMILAR_CANDIDATES, 20 * int(limit)), **params)
             if len(rows) >= limit:  # found neighbours: the image exists (one round trip fewer)
