@@ -50,6 +50,7 @@ from records import (
     ModelInfo,
     PathwayRecord,
     RunFolder,
+    class_id,
     iter_parts,
     merge_exemplar_rows,
     open_run,
@@ -163,21 +164,30 @@ def _write_groups(
     return len(fresh), len(pathways) - len(fresh), n_inc, n_edges
 
 
-def refresh_aggregates(driver: neo4j.Driver, model_id: str, database: str = DATABASE) -> list[str]:
+def refresh_aggregates(driver: neo4j.Driver, model_id: str, database: str = DATABASE, *,
+                       only: dict[str, set[str]] | None = None) -> list[str]:
     """Recompute the ``USES``, ``CLASS_FLOW``, ``CountStat`` and ``VariantStat`` aggregates of every setting,
     and record on the model how many pathways they cover (counted first: pathways written meanwhile make
-    the next load refresh again)."""
+    the next load refresh again).
+
+    ``only``: setting -> the classes whose original pathways changed. Then just those settings are refreshed,
+    and their ``USES`` and ``CLASS_FLOW`` just for those classes (a class's rows read only its own pathways),
+    so a load into a large store pays for the classes it touches; the per-setting counts (``CountStat``,
+    ``VariantStat``) are recomputed whole. Callers pass it only when the aggregates covered the store before."""
     records, _, _ = driver.execute_query(Q.MODEL_PATHWAYS, model_id=model_id, database_=database)
     covered = int(records[0]["pathways"])
     records, _, _ = driver.execute_query(Q.CONFIGS_OF_MODEL, model_id=model_id, database_=database)
-    configs = sorted(r["config"] for r in records)
+    configs = sorted(r["config"] for r in records if only is None or r["config"] in only)
     for config in configs:
-        def work(tx: neo4j.ManagedTransaction, cfg: str = config) -> None:
+        classes = sorted(only[config]) if only is not None else None
+
+        def work(tx: neo4j.ManagedTransaction, cfg: str = config, cls: list[str] | None = classes) -> None:
             tx.run(Q.LOCK_MODEL, model_id=model_id).consume()
-            tx.run(Q.CLEAR_AGGREGATES, model_id=model_id, config=cfg).consume()
-            tx.run(Q.REFRESH_AGGREGATES, model_id=model_id, config=cfg).consume()
-            tx.run(Q.CLEAR_CLASS_FLOWS, model_id=model_id, config=cfg).consume()
-            tx.run(Q.REFRESH_CLASS_FLOWS, model_id=model_id, config=cfg, floor=EDGE_SUPPORT_FLOOR).consume()
+            tx.run(Q.CLEAR_AGGREGATES, model_id=model_id, config=cfg, classes=cls).consume()
+            tx.run(Q.REFRESH_AGGREGATES, model_id=model_id, config=cfg, classes=cls).consume()
+            tx.run(Q.CLEAR_CLASS_FLOWS, model_id=model_id, config=cfg, classes=cls).consume()
+            tx.run(Q.REFRESH_CLASS_FLOWS, model_id=model_id, config=cfg, classes=cls,
+                   floor=EDGE_SUPPORT_FLOOR).consume()
             tx.run(Q.CLEAR_COUNT_STATS, model_id=model_id, config=cfg).consume()
             tx.run(Q.REFRESH_COUNT_STATS, model_id=model_id, config=cfg).consume()
             tx.run(Q.CLEAR_VARIANT_STATS, model_id=model_id, config=cfg).consume()
@@ -327,6 +337,7 @@ def load_run(driver: neo4j.Driver, run_dir: Path | RunFolder, database: str = DA
             raise RecordsError(f"pathway {pw.pathway_id} belongs to model {pw.model_id}, not {model.model_id}")
     # what the store already holds of this run (found by key and id: the cost grows with the run)
     done, broken = stored_pathways(driver, pathways, database)
+    current = aggregates_current(driver, model.model_id, database)  # before this load: then refresh what it adds
     summary = LoadSummary(repaired=remove_pathways(driver, broken, database))
     images = stored_images(driver, [im.image_id for part in parts for im in part.images], database)
     batches = _batches(parts, lambda g: any(im.image_id not in images for im in g.images)
@@ -349,11 +360,24 @@ def load_run(driver: neo4j.Driver, run_dir: Path | RunFolder, database: str = DA
     summary.exemplars = load_exemplars(driver, run, model, int(run.manifest.settings.get("exemplars", 0)),
                                        database, merged_runs=merged_runs)
     if summary.pathways_new or summary.repaired or not aggregates_current(driver, model.model_id, database):
-        refresh_aggregates(driver, model.model_id, database)
+        refresh_aggregates(driver, model.model_id, database,
+                           only=_touched(parts, done, model) if current else None)
     summary.seconds = time.perf_counter() - began
     log.info("loaded %d images, %d new pathways, %d relationships in %.1f s", summary.images,
              summary.pathways_new, summary.includes + summary.edges, summary.seconds)
     return summary
+
+
+def _touched(parts: Sequence[Any], done: set[str], model: ModelInfo) -> dict[str, set[str]]:
+    """Setting -> the classes explained by the run's original-image pathways that the store did not hold whole
+    before this load (every setting with such a pathway appears, with no classes when only variants' are new)."""
+    kind = {im.image_id: im.kind for part in parts for im in part.images}
+    out: dict[str, set[str]] = {}
+    for pw in (pw for part in parts for pw in part.pathways if pw.pathway_id not in done):
+        classes = out.setdefault(pw.config, set())
+        if kind.get(pw.image_id) == "original":
+            classes.add(class_id(model.model_id, pw.target))
+    return out
 
 
 def load_exemplars(driver: neo4j.Driver, run: RunFolder, model: ModelInfo, n: int, database: str = DATABASE, *,

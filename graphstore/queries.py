@@ -236,8 +236,10 @@ SET m.aggregates_lock = true
 REMOVE m.aggregates_lock
 """
 
+# $classes: the class ids to refresh (those the load's new original pathways explain), or null for all
 CLEAR_AGGREGATES = """
-MATCH (:Class {model_id: $model_id})-[u:USES {config: $config}]->()
+MATCH (c:Class {model_id: $model_id})-[u:USES {config: $config}]->()
+WHERE $classes IS NULL OR c.id IN $classes
 DELETE u
 """
 
@@ -245,6 +247,7 @@ DELETE u
 # include it; the class of a pathway is the class it explains (the predicted class by default).
 REFRESH_AGGREGATES = """
 MATCH (c:Class {model_id: $model_id})<-[:EXPLAINS]-(p:Pathway {config: $config})-[:FOR_IMAGE]->(:Image {kind: 'original'})
+WHERE $classes IS NULL OR c.id IN $classes
 WITH c, collect(p) AS ps
 WITH c, ps, size(ps) AS n
 UNWIND ps AS p
@@ -255,6 +258,7 @@ CREATE (c)-[:USES {config: $config, support: toFloat(k) / n, mean_contribution: 
 
 CLEAR_CLASS_FLOWS = """
 MATCH ()-[f:CLASS_FLOW {model_id: $model_id, config: $config}]->()
+WHERE $classes IS NULL OR f.class_id IN $classes
 DELETE f
 """
 
@@ -262,6 +266,7 @@ DELETE f
 # pathway / floor of them per class): share of the class's original pathways that hold it.
 REFRESH_CLASS_FLOWS = """
 MATCH (c:Class {model_id: $model_id})<-[:EXPLAINS]-(p:Pathway {config: $config})-[:FOR_IMAGE]->(:Image {kind: 'original'})
+WHERE $classes IS NULL OR c.id IN $classes
 WITH c, collect(p.key) AS keys
 WITH c, keys, size(keys) AS n
 UNWIND keys AS key

@@ -121,3 +121,40 @@ def test_bulk_import_equals_transactional_load(bulk_server: ServerConfig, fixtur
             assert sorted(ga.edges(data=True)) == sorted(gb.edges(data=True))
     finally:
         bulk_driver.close()
+
+
+def test_a_load_refreshes_the_aggregates_of_the_classes_it_adds_to(driver: Driver, fixture_run: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A load into a store whose aggregates cover it refreshes only the settings and classes its new original
+    pathways touch (so its cost does not grow with the rest of the store), and every aggregate row then equals a
+    full refresh in Cypher. Here the store holds the run less one class's original pathways, aggregated."""
+    from graphstore import loader
+    from records import class_id
+    from tests.conftest import wipe
+
+    ref = Ref.load(fixture_run)
+    wipe(driver)
+    loader.load_run(driver, fixture_run, progress=False)
+    first = next(p for p in ref.pathways if ref.images[p.image_id].kind == "original")
+    gone = [p for p in ref.pathways if ref.images[p.image_id].kind == "original" and p.target == first.target]
+    loader.remove_pathways(driver, [p.pathway_id for p in gone])
+    loader.refresh_aggregates(driver, ref.model_id)  # the store without them, aggregated: current
+    before = {name: _rows(driver, query, ref.model_id) for name, query in AGGREGATES.items()}
+    calls: list[dict[str, set[str]] | None] = []
+    refresh = loader.refresh_aggregates
+
+    def spy(*args: Any, only: dict[str, set[str]] | None = None, **kwargs: Any) -> list[str]:
+        calls.append(only)
+        return refresh(*args, only=only, **kwargs)
+
+    monkeypatch.setattr(loader, "refresh_aggregates", spy)
+    summary = loader.load_run(driver, fixture_run, progress=False)
+    assert summary.pathways_new == len(gone)
+    touched = class_id(ref.model_id, first.target)
+    assert calls == [{p.config: {touched} for p in gone}]
+    after = {name: _rows(driver, query, ref.model_id) for name, query in AGGREGATES.items()}
+    assert before["USES"] != after["USES"] and before["CLASS_FLOW"] != after["CLASS_FLOW"]
+    refresh(driver, ref.model_id)  # every class and setting, in Cypher
+    for name, query in AGGREGATES.items():
+        full = _rows(driver, query, ref.model_id)
+        assert len(full) > 10 and _same_rows(after[name], full), name
