@@ -35,7 +35,6 @@ from graphstore.rows import (
     Columns,
     NeuronIndex,
     exemplar_columns,
-    exemplar_digest,
     flow_columns,
     groups,
     image_row,
@@ -52,6 +51,7 @@ from records import (
     PathwayRecord,
     RunFolder,
     class_id,
+    exemplar_digest,
     iter_parts,
     merge_exemplar_rows,
     open_run,
@@ -272,8 +272,8 @@ def _write_exemplars(runs: list[RunFolder], table: _Table) -> dict[str, list[str
         n = int(manifest.settings.get("exemplars", 0))
         model, top, rows = by_model.get(manifest.model.model_id, (manifest.model, 0, []))
         run_rows = read_exemplars(run, n) if n else None
-        if run_rows is not None and exemplar_digest(run_rows, n) not in digests.get(model.model_id, []):
-            digests.setdefault(model.model_id, []).append(exemplar_digest(run_rows, n))
+        if run_rows is not None and exemplar_digest(run, n) not in digests.get(model.model_id, []):
+            digests.setdefault(model.model_id, []).append(exemplar_digest(run, n))
         by_model[manifest.model.model_id] = (model, max(top, n), [*rows, run_rows] if run_rows is not None else rows)
     for model, n, rows in by_model.values():
         if not n:

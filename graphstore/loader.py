@@ -32,7 +32,6 @@ from graphstore.rows import (
     Group,
     NeuronIndex,
     exemplar_columns,
-    exemplar_digest,
     exemplar_rows_of,
     flow_columns,
     groups,
@@ -51,6 +50,7 @@ from records import (
     PathwayRecord,
     RunFolder,
     class_id,
+    exemplar_digest,
     iter_parts,
     merge_exemplar_rows,
     open_run,
@@ -122,6 +122,13 @@ def load_model(driver: neo4j.Driver, model: ModelInfo, database: str = DATABASE)
     driver.execute_query(Q.MERGE_CLASSES, classes=rows.classes, model_id=model.model_id, database_=database)
 
 
+def _neurons_once(element: np.ndarray, *columns: np.ndarray) -> tuple[list[str], list[np.ndarray]]:
+    """Columns of neuron positions in the model -> what one statement carries (``queries._NEURONS_ONCE``): the element
+    ids of the neurons they name, each once ``[U]``, and each column as positions into that list."""
+    positions, renumbered = renumber(*(c.astype(np.int64) for c in columns))
+    return element[positions].tolist(), renumbered
+
+
 def _write_groups(
     tx: neo4j.ManagedTransaction, groups: Sequence[Group], model: ModelInfo, element: np.ndarray
 ) -> tuple[int, int, int, int]:
@@ -149,15 +156,14 @@ def _write_groups(
         part = {k: v[lo:hi] for k, v in inc.items()}
         part["gained"] = part["gained"].to_pylist()
         part["start"] = np.repeat(np.arange(stop - first, dtype=np.int64), np.diff(bounds[first:stop + 1]))
-        neurons, (part["end"],) = renumber(part["end"].astype(np.int64))
-        made += tx.run(Q.CREATE_INCLUDES, neurons=element[neurons].tolist(),
-                       pathways=[pw.pathway_id for pw in fresh[first:stop]], includes=part
-                       ).single(strict=True)["created"]
+        neurons, (part["end"],) = _neurons_once(element, part["end"])
+        made += tx.run(Q.CREATE_INCLUDES, neurons=neurons, pathways=[pw.pathway_id for pw in fresh[first:stop]],
+                       includes=part).single(strict=True)["created"]
     flows = flow_columns(fresh, index)
     for start in range(0, n_edges, ROW_BATCH):
         part = {k: v[start:start + ROW_BATCH] for k, v in flows.items()}
-        neurons, (part["start"], part["end"]) = renumber(part["start"].astype(np.int64), part["end"].astype(np.int64))
-        made += tx.run(Q.CREATE_FLOWS, neurons=element[neurons].tolist(), flows=part).single(strict=True)["created"]
+        neurons, (part["start"], part["end"]) = _neurons_once(element, part["start"], part["end"])
+        made += tx.run(Q.CREATE_FLOWS, neurons=neurons, flows=part).single(strict=True)["created"]
     if made != n_inc + n_edges:  # a neuron vanished under us: roll the whole group back
         raise RecordsError(f"wrote {made} of {n_inc + n_edges} relationships: the model's neurons changed "
                            "during the load; re-run the same command")
@@ -208,7 +214,7 @@ def aggregates_current(driver: neo4j.Driver, model_id: str, database: str = DATA
 
 def model_state(driver: neo4j.Driver, model: ModelInfo, database: str = DATABASE) -> tuple[bool, list[str]]:
     """Whether the store holds the model's whole structure (layers, site graph, neurons, classes), and the
-    digests of the runs whose exemplars it has merged (:func:`graphstore.rows.exemplar_digest`)."""
+    digests of the runs whose exemplars it has merged (:func:`records.exemplar_digest`)."""
     records, _, _ = driver.execute_query(Q.MODEL_SHAPE, model_id=model.model_id, database_=database)
     if not records:
         return False, []
@@ -387,14 +393,14 @@ def load_exemplars(driver: neo4j.Driver, run: RunFolder, model: ModelInfo, n: in
     exemplars the model has merged before (its digest in ``merged_runs``) changes nothing: skipped."""
     if n <= 0:
         return 0
-    run_rows = read_exemplars(run, n)
-    digest = exemplar_digest(run_rows, n)
+    digest = exemplar_digest(run, n)
     if digest in merged_runs:
         records, _, _ = driver.execute_query(Q.EXEMPLAR_COUNT, model_id=model.model_id, database_=database)
         return int(records[0]["n"])
     records, _, _ = driver.execute_query(Q.NEURON_ELEMENT_IDS, model_id=model.model_id, database_=database)
     element = {r["id"]: r["element_id"] for r in records}
     index = NeuronIndex.of([[element[nid] for nid in site] for site in neuron_table(model)])
+    run_rows = read_exemplars(run, n)
 
     def write(tx: neo4j.ManagedTransaction) -> int:
         tx.run(Q.LOCK_MODEL, model_id=model.model_id).consume()

@@ -170,11 +170,14 @@ RETURN n.id AS id, elementId(n) AS element_id
 # their position in that list: each neuron is sought once per statement, not once per row. The `WHERE` makes a
 # statement create nothing unless every neuron was found, in order; both statements return how many
 # relationships they made, and the loader checks the number.
-CREATE_INCLUDES = """
+_NEURONS_ONCE = """
 UNWIND $neurons AS eid
 MATCH (n:Neuron) WHERE elementId(n) = eid
 WITH collect(n) AS ns, collect(elementId(n)) AS found
 WHERE found = $neurons
+"""
+
+CREATE_INCLUDES = _NEURONS_ONCE + """
 UNWIND $pathways AS pid
 MATCH (pw:Pathway {id: pid})
 WITH ns, collect(pw) AS pws, collect(pw.id) AS claimed
@@ -188,11 +191,7 @@ CREATE (pw)-[:INCLUDES {contribution: contribution, score: score, rank: rank, el
 RETURN count(*) AS created
 """
 
-CREATE_FLOWS = """
-UNWIND $neurons AS eid
-MATCH (n:Neuron) WHERE elementId(n) = eid
-WITH collect(n) AS ns, collect(elementId(n)) AS found
-WHERE found = $neurons
+CREATE_FLOWS = _NEURONS_ONCE + """
 WITH ns, $flows AS f
 UNWIND range(0, size(f.start) - 1) AS i
 WITH ns[f.start[i]] AS a, ns[f.end[i]] AS b, f.pathway[i] AS key, f.weight[i] AS weight

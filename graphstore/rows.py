@@ -248,16 +248,6 @@ def exemplar_columns(rows: ExemplarRows, index: NeuronIndex) -> Columns:
                    "box": rows.box.astype(np.int64)})
 
 
-def exemplar_digest(rows: ExemplarRows, n: int) -> str:
-    """A run's exemplar candidates (the top ``n`` of each neuron and kind) as 16 hex digits; the Model keeps the
-    digests of the runs it merged, so loading a run again skips the merge (it would change nothing)."""
-    h = hashlib.sha256(str(n).encode())
-    for col in (rows.site, rows.channel, rows.y, rows.x, rows.box, rows.value):
-        h.update(np.ascontiguousarray(col).tobytes())
-    h.update("\0".join(map(str, [*rows.kind, *rows.image_id])).encode())
-    return h.hexdigest()[:16]
-
-
 def plain(columns: Columns, start: int = 0, stop: int | None = None) -> dict[str, list[Any]]:
     """Rows ``start:stop`` of ``columns`` as Python lists (what Bolt sends); arrays of rows become lists of lists."""
     out: dict[str, list[Any]] = {}

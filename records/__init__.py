@@ -8,7 +8,7 @@ their one parser and the variant's sweep (:mod:`records.ids`), run folders in Pa
 networkx are used, so the graph store reads records on a machine without torch.
 """
 
-from records.exemplars import EXEMPLAR_KINDS, merge_exemplar_rows, read_exemplars
+from records.exemplars import EXEMPLAR_KINDS, exemplar_digest, merge_exemplar_rows, read_exemplars
 from records.graph import pathway_to_networkx
 from records.ids import (
     PER_IMAGE_KEYS,
@@ -55,7 +55,8 @@ from records.types import (
 __all__ = [
     "EXEMPLARS", "EXEMPLAR_KINDS", "MANIFEST", "PER_IMAGE_KEYS", "SCHEMA_VERSION", "SHARDS", "ExemplarRows",
     "ImageRecord", "LayerOverlap", "Manifest", "ModelInfo", "NeuronRef", "PathwayRecord", "RecordsFormatError",
-    "RunFolder", "RunPart", "RunStatus", "RunWriter", "Shard", "SiteInfo", "class_id", "config_key", "iter_parts",
+    "RunFolder", "RunPart", "RunStatus", "RunWriter", "Shard", "SiteInfo", "class_id", "config_key", "exemplar_digest",
+    "iter_parts",
     "jaccard", "layer_id", "layer_overlaps", "logit_ratio", "merge_exemplar_rows", "neuron_id", "open_run",
     "parse_class_id", "parse_neuron_id", "part_dirs", "pathway_key", "pathway_to_networkx", "read_exemplars",
     "read_manifest", "read_run", "require_complete", "run_status", "variant_sweep",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -57,5 +58,17 @@ def read_exemplars(run_dir: Path | RunFolder, n: int | None = None) -> ExemplarR
 
 
 _EXEMPLAR_SCHEMA = ExemplarRows.empty().to_table().schema
+
+
+def exemplar_digest(run: RunFolder, n: int) -> str:
+    """The run's exemplar candidates for the top ``n`` as 16 hex digits: a hash of ``n`` and each part's exemplar
+    file, read as bytes (no decoding, no merge). The store's Model keeps the digests of the runs it merged, so
+    loading a run again skips the merge, which would change nothing."""
+    h = hashlib.sha256(str(n).encode())
+    for part in part_dirs(run.path):
+        path = part / EXEMPLARS
+        if path.exists():
+            h.update(part.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
 
 
