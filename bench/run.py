@@ -2,7 +2,8 @@
 
 Every figure is a ratio or rate measured in one run, on this machine (described in the output).
 Sections: ``extraction`` (vs plain PyTorch and Captum), ``pixel`` (pixel pathways per second),
-``memory`` (peak RSS while streaming records), ``folders`` (generated JPEG folders up to 50,000:
+``memory`` (peak RSS while streaming records), ``peaks`` (``extract_batch``'s peak memory at batch 16 over
+a plain pass's, per classifier: :mod:`peaks`), ``folders`` (generated JPEG folders up to 50,000:
 peak RSS of ``--limit`` and full runs, images/s by loader workers), ``exemplars`` (cost of
 ``--exemplars 9`` over 0, extra store size and load time), ``store`` (loading the demo-sized run into a
 private Neo4j, batched vs one query per row, and named-query latency), ``scale`` (a synthetic
@@ -31,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import folders  # noqa: E402  (bench/ is put on the path just above)
 import gpu  # noqa: E402
+import peaks  # noqa: E402
 import zoo  # noqa: E402
 from store_scale import query_latency, scale  # noqa: E402
 
@@ -254,6 +256,8 @@ def markdown(results: dict[str, Any]) -> str:
     if "memory" in results:
         lines += ["", "### Memory", "", "| images extracted (streamed to Parquet) | peak RSS MiB |", "|---|---|"]
         lines += [f"| {r['images']} | {r['peak_rss_mib']:.0f} |" for r in results["memory"]]
+    if "peaks" in results:
+        lines += peaks.markdown(results["peaks"])
     if "exemplars" in results:
         lines += _exemplar_lines(results)
     if "folders" in results:
@@ -280,7 +284,7 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-SECTIONS = ("extraction", "zoo", "pixel", "memory", "exemplars", "folders", "store", "scale", "scale100k",
+SECTIONS = ("extraction", "zoo", "pixel", "memory", "peaks", "exemplars", "folders", "store", "scale", "scale100k",
             "retrain")
 
 
@@ -324,6 +328,7 @@ def main() -> None:
         "zoo": lambda: zoo.run(600.0),
         "pixel": extraction.pixel_rates,
         "memory": lambda: memory(home),
+        "peaks": peaks.run,
         "folders": lambda: folders.folders_memory(quick),
         "exemplars": lambda: {"extraction": extraction.exemplar_overhead(), "store": exemplar_store(home)},
         "store": lambda: loading_and_queries(home),

@@ -61,6 +61,9 @@ def finish_batch(
         if where:  # the selection is cut there: the records, the UI and `pathx query pathway` say so
             extra[b]["cut_sites"] = json.dumps([bundle.sites[i].site_id for i in where])
     cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x.detach()))
+    # The cut forward computes every site's output again, the same numbers: keep one copy of each, not two
+    # (the list is shared by every holder of ``contrib``, so the first forward's copies are freed here).
+    contrib.acts[:] = [cut.acts[s.index].detach() for s in bundle.sites]
     edges = compute_edges(sites=bundle.sites, contrib=contrib, sel=sel, cut=cut, settings=settings,
                           routes=bundle.routes)
     del cut

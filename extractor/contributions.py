@@ -11,6 +11,7 @@ accumulates alpha as 0, .1, .3, .6, ...; here it is linear.)
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,12 +21,30 @@ from extractor.models import ModelBundle
 from extractor.sites import Capture, SiteHooks
 
 
+class Products(Sequence[torch.Tensor]):
+    """``acts[l] * grads[l]`` per site, made when read and not kept: a batch holds its activations and
+    gradients once, not a third copy of the same size (the element contributions)."""
+
+    def __init__(self, acts: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        self._acts, self._grads = acts, grads
+
+    def __len__(self) -> int:
+        return len(self._acts)
+
+    def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]  # no slices: one site at a time
+        return self._acts[i] * self._grads[i]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (a * g for a, g in zip(self._acts, self._grads, strict=True))
+
+
 @dataclass(kw_only=True)
 class Contributions:
     """Per-site contributions of a batch.
 
-    ``acts[l]`` and ``element[l]``: ``[B, C, H, W]`` or ``[B, C]`` (detached);
-    ``grads[l]``: the gradient that multiplies the activation (plain or integrated);
+    ``acts[l]``: ``[B, C, H, W]`` or ``[B, C]`` (detached);
+    ``grads[l]``: the gradient that multiplies the activation (plain or integrated), same shape;
+    ``element[l]``: their product, the element contributions (made when read: see :class:`Products`);
     ``channel[l]``: ``[B, C]``; ``logits``: ``[B, K]``; ``target``: ``[B]``.
     """
 
@@ -33,12 +52,16 @@ class Contributions:
     target: torch.Tensor
     acts: list[torch.Tensor]
     grads: list[torch.Tensor]
-    element: list[torch.Tensor]
     channel: list[torch.Tensor]
 
+    @property
+    def element(self) -> Products:
+        return Products(self.acts, self.grads)
 
-def _channel_sum(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(2).sum(-1) if t.dim() > 2 else t
+
+def _channel_sums(acts: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``[B, C]`` per site: the element contributions summed over positions, one site's product at a time."""
+    return [e.flatten(2).sum(-1) if e.dim() > 2 else e for e in Products(acts, grads)]
 
 
 def _pick_target(logits: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
@@ -69,7 +92,7 @@ def all_finite(t: torch.Tensor) -> bool:
     return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 
-def check_finite(name: str, tensors: list[torch.Tensor]) -> None:
+def check_finite(name: str, tensors: Iterable[torch.Tensor]) -> None:
     for t in tensors:
         if not all_finite(t):
             raise ExtractionError(f"{name} contain NaN or Inf; check the model and inputs")
@@ -82,19 +105,11 @@ def mct_contributions(bundle: ModelBundle, x: torch.Tensor, target: torch.Tensor
     logits, acts = forward_with_sites(bundle, x)
     tgt = _pick_target(logits.detach(), target)
     selected = logits.gather(1, tgt[:, None]).sum()
-    grads = torch.autograd.grad(selected, acts, retain_graph=True)
+    grads = [g.detach() for g in torch.autograd.grad(selected, acts, retain_graph=True)]
     det = [a.detach() for a in acts]
     check_finite("activations", det)
-    element = [a * g for a, g in zip(det, grads, strict=True)]
-    contrib = Contributions(
-        logits=logits.detach(),
-        target=tgt,
-        acts=det,
-        grads=[g.detach() for g in grads],
-        element=element,
-        channel=[_channel_sum(e) for e in element],
-    )
-    return contrib
+    return Contributions(logits=logits.detach(), target=tgt, acts=det, grads=grads,
+                         channel=_channel_sums(det, grads))
 
 
 def intgrad_contributions(
@@ -127,8 +142,6 @@ def intgrad_contributions(
         g = torch.autograd.grad(logits.gather(1, tgt_rep[:, None]).sum(), scaled)[0]
         g = g.view(steps, B, *g.shape[1:])
         grads.append((g * weights.view((steps,) + (1,) * (g.dim() - 1))).sum(0).detach())
-    element = [a * g for a, g in zip(acts, grads, strict=True)]
     with torch.no_grad():
         logits = bundle.forward(x)
-    return Contributions(logits=logits, target=target, acts=acts, grads=grads, element=element,
-                         channel=[_channel_sum(e) for e in element])
+    return Contributions(logits=logits, target=target, acts=acts, grads=grads, channel=_channel_sums(acts, grads))

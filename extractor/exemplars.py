@@ -20,7 +20,7 @@ field already reaches an image border gets the whole image (a superset, never to
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,7 +114,7 @@ class ExemplarTracker:
         self.floor = {(k, s.index): np.full(s.channels, -np.inf, np.float32) for k in EXEMPLAR_KINDS
                       for s in bundle.sites}
 
-    def update(self, ids: Sequence[str], acts: Sequence[torch.Tensor], contributions: Sequence[torch.Tensor]
+    def update(self, ids: Sequence[str], acts: Iterable[torch.Tensor], contributions: Iterable[torch.Tensor]
                ) -> ExemplarRows:
         """Add one batch of originals; returns the rows that entered the running top-N (the delta).
 

@@ -34,7 +34,7 @@ def contribution_batch(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySe
     contrib = mct_contributions(bundle, x, inputs.target)
     if settings.method == "intgrad":
         contrib = intgrad_contributions(bundle, x, contrib.target, settings.intgrad_steps, contrib.acts)
-    check_finite("contributions", contrib.element)
+    check_finite("contributions", contrib.channel)
     sel = select(contrib, settings, bundle_reach(bundle, x) if settings.selection == "topk" else None)
     extra: list[dict[str, object]] = [{} for _ in range(x.shape[0])]
     # scores: |contribution within the mask|

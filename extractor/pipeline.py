@@ -364,7 +364,7 @@ def _extract_batch(
                 res = extract_batch(bundle, gx[rows], s, inputs)
                 pw_records.extend(pathway_records(bundle, [gids[r] for r in rows], res))
                 if tracker is not None and kind == "original" and s is lead:
-                    inside = [e * m for e, m in zip(res.contrib.element, res.sel.masks, strict=True)]
+                    inside = (e * m for e, m in zip(res.contrib.element, res.sel.masks, strict=True))
                     deltas.append(tracker.update([gids[r] for r in rows], res.contrib.acts, inside))
     uniq: dict[str, PathwayRecord] = {p.pathway_id: p for p in pw_records}
     return img_records, list(uniq.values()), ExemplarRows.concat(deltas) if tracker is not None else None

@@ -299,7 +299,7 @@ def pixel_batch(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings,
                                         "size": [round(float(v), 6) for v in res.sizes[:, 0]]}),
         })
     kept = [c > 0 for c in counts]
-    masks = [channel_mask(k, e) for k, e in zip(kept, contrib.element, strict=True)]
+    masks = [channel_mask(k, a) for k, a in zip(kept, contrib.acts, strict=True)]
     grad, logit_masked = pathway_gradient(bundle, x, contrib.target, masks)
     del grad
     def arr(key: str, dtype: type) -> np.ndarray:

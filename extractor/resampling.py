@@ -120,7 +120,7 @@ def resampling_batch(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySett
     the resampling scores, so both methods on one batch cost one set of copies.
     """
     contrib = mct_contributions(bundle, x, inputs.target)
-    check_finite("contributions", contrib.element)
+    check_finite("contributions", contrib.channel)
     key = (settings.resamples, settings.noise)
     rs = inputs.resampling.get(key)
     if rs is None:
@@ -134,6 +134,6 @@ def resampling_batch(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySett
                                       for b in range(x.shape[0])]
     kept = corr if settings.method == "correlation" else prec
     scores = rs.correlation if settings.method == "correlation" else rs.precision
-    masks = [channel_mask(k, e) for k, e in zip(kept, contrib.element, strict=True)]
+    masks = [channel_mask(k, a) for k, a in zip(kept, contrib.acts, strict=True)]
     return finish_batch(bundle, x, settings=settings, contrib=contrib, sel=Selection(masks, kept),
                         scores=scores, extra=extra)

@@ -27,21 +27,22 @@ class Selection:
 
 
 def channel_mask(kept: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Kept channels ``[B, C]`` (bool) as a mask shaped and typed like ``like`` ``[B, C, ...]``."""
-    return kept.to(like.device).view(*kept.shape, *([1] * (like.dim() - 2))).expand_as(like).to(like.dtype)
+    """Kept channels ``[B, C]`` (bool) as a mask shaped and typed like ``like`` ``[B, C, ...]``: an expanded
+    view of ``[B, C, 1, ...]``, so a channel mask costs ``B * C`` numbers, not a map's worth."""
+    return kept.to(like.device, like.dtype).view(*kept.shape, *([1] * (like.dim() - 2))).expand_as(like)
 
 
 def select(contrib: Contributions, settings: PathwaySettings, reach: SiteReach | None = None) -> Selection:
     """Apply the selection rule to the contributions (scores are absolute values). Top-k keeps the
     pathway connected through per-channel and grouped segments given their ``reach``
     (:func:`extractor.reach.connected_topk`)."""
-    element_scores = [e.abs() for e in contrib.element]
     if settings.selection == "topk":
         kept = connected_topk([c.abs() for c in contrib.channel], settings.k, reach)
-        return Selection([channel_mask(k, e) for k, e in zip(kept, contrib.element, strict=True)], kept)
+        return Selection([channel_mask(k, a) for k, a in zip(kept, contrib.acts, strict=True)], kept)
     B = contrib.logits.shape[0]
-    if settings.granularity == "element":
-        flat = torch.cat([s.reshape(B, -1) for s in element_scores], dim=1)
+    element = settings.granularity == "element"
+    if element:
+        flat = torch.cat([e.abs().reshape(B, -1) for e in contrib.element], dim=1)
     else:
         flat = torch.cat([c.abs() for c in contrib.channel], dim=1)
     n_drop = math.floor(settings.sparsity / 100.0 * flat.shape[1])
@@ -50,14 +51,13 @@ def select(contrib: Contributions, settings: PathwaySettings, reach: SiteReach |
     else:
         thr = flat.kthvalue(n_drop, dim=1, keepdim=True).values  # score <= thr is dropped
     masks, kept = [], []
-    for scores, chan, e in zip(element_scores, contrib.channel, contrib.element, strict=True):
-        view = (B,) + (1,) * (e.dim() - 1)
-        if settings.granularity == "element":
-            m = scores > thr.view(view)
+    for s, (chan, a) in enumerate(zip(contrib.channel, contrib.acts, strict=True)):
+        if element:
+            m = contrib.element[s].abs() > thr.view((B,) + (1,) * (a.dim() - 1))
             kept.append(m.flatten(2).any(-1) if m.dim() > 2 else m)
+            masks.append(m.to(a.dtype))
         else:
             keep = chan.abs() > thr.view(B, 1)
             kept.append(keep)
-            m = channel_mask(keep, e)
-        masks.append(m.to(e.dtype))
+            masks.append(channel_mask(keep, a))
     return Selection(masks, kept)

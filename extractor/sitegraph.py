@@ -27,7 +27,7 @@ def predecessors(acts: dict[int, torch.Tensor], sources: dict[int, torch.Tensor]
     """Per site of a cut forward, the sites whose sources its output's autograd graph reaches."""
     leaf_site: dict[Any, int] = {}
     for idx, src in sources.items():
-        if src.grad_fn is not None:  # CloneBackward0 -> AccumulateGrad of the site's leaf
+        if src.grad_fn is not None:  # ViewBackward0 -> AccumulateGrad of the site's leaf
             leaf_site[src.grad_fn] = idx
     memo: dict[Any, frozenset[int]] = {}
 

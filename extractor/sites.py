@@ -159,7 +159,9 @@ class Cut(Capture):
     def take(self, rec: SiteRecorder, site: SiteInfo, out: torch.Tensor) -> torch.Tensor:
         canon = to_channels_first(out, site.layout)
         rec.acts[site.index] = canon
-        source = canon.detach().requires_grad_(True).clone()
+        # a view of a leaf: its own autograd node (ViewBackward0 -> AccumulateGrad), which the graph walks
+        # stop at, and no copy of the activation; the network reads a copy, so nothing writes into it
+        source = canon.detach().requires_grad_(True).view(canon.shape)
         rec.sources[site.index] = source
         return from_channels_first(source, site.layout).clone()
 

@@ -216,6 +216,30 @@ def test_topk_selects_k_largest_channels(demo: tuple) -> None:
             assert set(torch.nonzero(kept[b]).flatten().tolist()) == top
 
 
+def test_a_batch_keeps_one_copy_of_each_site_map(demo: tuple) -> None:
+    """What ``extract_batch`` holds per site: the activations and gradients once (the element contributions
+    are made when read), channel masks as expanded views of ``[B, C]``, and the cut forward's activations
+    in place of the first forward's, which are the same numbers."""
+    bundle, data = demo
+    x = data.x_test[:4]
+    ref = mct_contributions(bundle, x)
+    res = extract_batch(bundle, x, PathwaySettings(selection="topk", k=3))
+    spatial = [s.index for s in bundle.sites if len(s.shape) > 1]
+    assert spatial
+    for s in bundle.sites:
+        assert torch.equal(res.contrib.acts[s.index], ref.acts[s.index])
+        assert torch.equal(res.contrib.element[s.index], ref.acts[s.index] * ref.grads[s.index])
+        assert res.contrib.acts[s.index].grad_fn is None
+        mask = res.sel.masks[s.index]
+        assert mask.shape == ref.acts[s.index].shape
+        assert mask.dtype == ref.acts[s.index].dtype
+        if s.index in spatial:  # one number per image and channel, however large the map
+            assert mask.stride()[2:] == (0,) * (mask.dim() - 2)
+            assert mask.untyped_storage().nbytes() == x.shape[0] * s.shape[0] * mask.element_size()
+    assert len(res.contrib.element) == len(bundle.sites)
+    assert [e.shape for e in res.contrib.element] == [a.shape for a in ref.acts]
+
+
 def test_logit_preservation_at_paper_sparsity(demo: tuple) -> None:
     """At p=90 (Khakzar's VGG setting) the masked network keeps a measurable share of the logit."""
     bundle, data = demo
