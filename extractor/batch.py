@@ -60,14 +60,34 @@ def finish_batch(
     for b, where in enumerate(cut_sites(sel.kept, bundle.sites, bundle_reach(bundle, x))):
         if where:  # the selection is cut there: the records, the UI and `pathx query pathway` say so
             extra[b]["cut_sites"] = json.dumps([bundle.sites[i].site_id for i in where])
-    cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x.detach()))
-    # The cut forward computes every site's output again, the same numbers: keep one copy of each, not two
-    # (the list is shared by every holder of ``contrib``, so the first forward's copies are freed here).
-    contrib.acts[:] = [cut.acts[s.index].detach() for s in bundle.sites]
-    edges = compute_edges(sites=bundle.sites, contrib=contrib, sel=sel, cut=cut, settings=settings,
-                          routes=bundle.routes)
-    del cut
-    grad, logit_masked = pathway_gradient(bundle, x, contrib.target, sel.masks)
+    # On the CPU the two passes that hold a graph (the cut forward with its edges, then Pathway Gradient's
+    # masked pass) take half the batch at a time: each then holds half a pass's graph beside the batch's
+    # activations and gradients, and a batch's peak stays under twice a plain pass's (bench/peaks.py).
+    # On a GPU the whole batch goes at once: fewer, larger kernels.
+    halves = batch_halves(x)
+    edges = Edges.concat([_edges_of(bundle, x, part, settings=settings, contrib=contrib, sel=sel)
+                          for part in halves], [part.start for part in halves])
+    masked = [pathway_gradient(bundle, x[part], contrib.target[part], [m[part] for m in sel.masks])
+              for part in halves]
+    grad, logit_masked = torch.cat([g for g, _ in masked]), torch.cat([lm for _, lm in masked])
     logit_full = contrib.logits.gather(1, contrib.target[:, None]).squeeze(1)
     return BatchPathways(settings=settings, contrib=contrib, sel=sel, edges=edges, saliency=saliency_map(grad),
                          logit_full=logit_full, logit_masked=logit_masked, scores=scores, extra=extra)
+
+
+def batch_halves(x: torch.Tensor) -> list[slice]:
+    """The parts of a batch ``x`` ``[B, ...]`` that the graph-holding passes take at a time: two halves on
+    the CPU (the first one image larger when ``B`` is odd), the whole batch on a GPU or at ``B = 1``."""
+    B = x.shape[0]
+    if B < 2 or x.device.type != "cpu":
+        return [slice(0, B)]
+    mid = (B + 1) // 2
+    return [slice(0, mid), slice(mid, B)]
+
+
+def _edges_of(bundle: ModelBundle, x: torch.Tensor, part: slice, *, settings: PathwaySettings,
+              contrib: Contributions, sel: Selection) -> Edges:
+    """The edges of the images ``x[part]``, from a cut forward of those images (freed on return)."""
+    cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x[part].detach()))
+    return compute_edges(sites=bundle.sites, contrib=contrib.rows(part), sel=sel.rows(part), cut=cut,
+                         settings=settings, routes=bundle.routes)

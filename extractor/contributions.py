@@ -58,6 +58,11 @@ class Contributions:
     def element(self) -> Products:
         return Products(self.acts, self.grads)
 
+    def rows(self, part: slice) -> Contributions:
+        """The contributions of the images ``part`` of the batch (views)."""
+        return Contributions(logits=self.logits[part], target=self.target[part], acts=[a[part] for a in self.acts],
+                             grads=[g[part] for g in self.grads], channel=[c[part] for c in self.channel])
+
 
 def _channel_sums(acts: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
     """``[B, C]`` per site: the element contributions summed over positions, one site's product at a time."""

@@ -87,6 +87,19 @@ class Edges:
     weight: np.ndarray
     gap: np.ndarray
 
+    @staticmethod
+    def concat(parts: Sequence[Edges], starts: Sequence[int]) -> Edges:
+        """One batch's edges from the edges of its parts; ``starts[p]``: the first image of part ``p``."""
+        return Edges(
+            b=np.concatenate([e.b + start for e, start in zip(parts, starts, strict=True)]),
+            src_site=np.concatenate([e.src_site for e in parts]),
+            src_channel=np.concatenate([e.src_channel for e in parts]),
+            dst_site=np.concatenate([e.dst_site for e in parts]),
+            dst_channel=np.concatenate([e.dst_channel for e in parts]),
+            weight=np.concatenate([e.weight for e in parts]),
+            gap=np.concatenate([e.gap for e in parts]),
+        )
+
 
 def edge_weights_vjp(
     sources: Sequence[torch.Tensor], a_dst: torch.Tensor, g_dst: torch.Tensor, targets: torch.Tensor

@@ -21,7 +21,7 @@ def pathway_gradient(
     def transform(idx: int, out: torch.Tensor) -> torch.Tensor:
         return out * masks[idx]
 
-    with SiteHooks(bundle.model, Capture(bundle.sites, transform)) as hooks:
+    with SiteHooks(bundle.model, Capture(bundle.sites, transform, keep=False)) as hooks:
         hooks.begin()
         logits = bundle.forward(x)
     selected = logits.gather(1, target[:, None])

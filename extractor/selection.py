@@ -25,6 +25,10 @@ class Selection:
     masks: list[torch.Tensor]
     kept: list[torch.Tensor]
 
+    def rows(self, part: slice) -> Selection:
+        """The selection of the images ``part`` of the batch (views)."""
+        return Selection([m[part] for m in self.masks], [k[part] for k in self.kept])
+
 
 def channel_mask(kept: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Kept channels ``[B, C]`` (bool) as a mask shaped and typed like ``like`` ``[B, C, ...]``: an expanded

@@ -116,11 +116,14 @@ class SiteRecorder:
 class Capture:
     """Strategy: capture ``sites``; with ``transform`` a site's output becomes ``transform(index, output)``
     (masking, scaling). The captured tensor is kept and the rest of the network reads a clone, so
-    in-place operations downstream cannot corrupt it."""
+    in-place operations downstream cannot corrupt it. With ``keep=False`` nothing is kept and the network
+    reads the transformed output itself: one copy of every site map fewer (Pathway Gradient's masked pass)."""
 
-    def __init__(self, sites: Sequence[SiteInfo], transform: SiteTransform | None = None) -> None:
+    def __init__(self, sites: Sequence[SiteInfo], transform: SiteTransform | None = None, *,
+                 keep: bool = True) -> None:
         self.sites = tuple(sites)
         self.transform = transform
+        self.keep = keep
         self._by_call = {(s.module_path, s.call_index): s for s in self.sites}
         self._functional_paths = {s.module_path for s in self.sites if is_functional_path(s.module_path)}
 
@@ -143,6 +146,8 @@ class Capture:
         """Capture one site's output; returns what the rest of the network reads."""
         canon = to_channels_first(out, site.layout)
         captured = self.transform(site.index, canon) if self.transform is not None else canon
+        if not self.keep:
+            return from_channels_first(captured, site.layout)
         rec.acts[site.index] = captured
         if site.index == rec.stop_after:
             raise StopForward
