@@ -40,7 +40,7 @@ lint: install
 	$(BIN)/mypy
 
 test: install debian neo4j lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=20
 
 # Speed and memory figures (not part of `make test`): bench/results/{results.json,README.md}.
 bench: install debian neo4j

@@ -10,6 +10,7 @@ accumulates alpha as 0, .1, .3, .6, ...; here it is linear.)
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ import torch
 from extractor.errors import ExtractionError
 from extractor.models import ModelBundle
 from extractor.sites import Capture, SiteHooks
+
+log = logging.getLogger(__name__)
 
 
 class Products(Sequence[torch.Tensor]):
@@ -79,10 +82,18 @@ def _pick_target(logits: torch.Tensor, target: torch.Tensor | None) -> torch.Ten
 
 
 def forward_with_sites(bundle: ModelBundle, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Logits ``[B, K]`` and site outputs (attached to the graph) of one unmasked forward."""
-    with SiteHooks(bundle.model, Capture(bundle.sites)) as hooks:
-        rec = hooks.begin()
-        logits = bundle.forward(x)
+    """Logits ``[B, K]`` and site outputs (attached to the graph) of one unmasked forward. The network reads
+    the captured outputs themselves, not copies; a network that writes into one in place runs again with
+    copies (:class:`extractor.sites.Capture`)."""
+    for copy in (False, True):
+        with SiteHooks(bundle.model, Capture(bundle.sites, copy=copy)) as hooks:
+            rec = hooks.begin()
+            logits = bundle.forward(x)
+        written = rec.written()
+        if not written:
+            break
+        log.debug("the model writes into site %s's output in place: its sites are copied",
+                  bundle.sites[written[0]].site_id)
     missing = [s.site_id for s in bundle.sites if s.index not in rec.acts]
     if missing:
         raise ExtractionError(f"sites {missing[:3]} did not fire; the model's call graph depends on the input")

@@ -111,19 +111,27 @@ class SiteRecorder:
     sources: dict[int, torch.Tensor] = field(default_factory=dict)
     found: list[FoundSite] = field(default_factory=list)
     stop_after: int | None = None
+    versions: dict[int, int] = field(default_factory=dict)  # copy=False captures: version counter when taken
+
+    def written(self) -> list[int]:
+        """Sites whose captured output the network wrote into in place after the capture (``copy=False``)."""
+        return [i for i, v in self.versions.items() if self.acts[i]._version != v]
 
 
 class Capture:
     """Strategy: capture ``sites``; with ``transform`` a site's output becomes ``transform(index, output)``
     (masking, scaling). The captured tensor is kept and the rest of the network reads a clone, so
-    in-place operations downstream cannot corrupt it. With ``keep=False`` nothing is kept and the network
-    reads the transformed output itself: one copy of every site map fewer (Pathway Gradient's masked pass)."""
+    in-place operations downstream cannot corrupt it. With ``copy=False`` the network reads the captured
+    tensor itself, and ``SiteRecorder.written`` tells afterwards whether it wrote into one (the caller then
+    runs again with copies). With ``keep=False`` nothing is kept and the network reads the transformed
+    output itself (Pathway Gradient's masked pass). Either saves one copy of every site map."""
 
     def __init__(self, sites: Sequence[SiteInfo], transform: SiteTransform | None = None, *,
-                 keep: bool = True) -> None:
+                 keep: bool = True, copy: bool = True) -> None:
         self.sites = tuple(sites)
         self.transform = transform
         self.keep = keep
+        self.copy = copy
         self._by_call = {(s.module_path, s.call_index): s for s in self.sites}
         self._functional_paths = {s.module_path for s in self.sites if is_functional_path(s.module_path)}
 
@@ -151,6 +159,9 @@ class Capture:
         rec.acts[site.index] = captured
         if site.index == rec.stop_after:
             raise StopForward
+        if not self.copy:
+            rec.versions[site.index] = captured._version
+            return from_channels_first(captured, site.layout)
         return from_channels_first(captured, site.layout).clone()
 
 

@@ -254,6 +254,45 @@ def test_a_batch_keeps_one_copy_of_each_site_map(demo: tuple) -> None:
     torch.testing.assert_close(res.logit_masked, logit_masked, rtol=1e-5, atol=1e-6)
 
 
+class _WritesIntoSite(nn.Module):
+    """conv -> GELU (a site) -> +1 -> conv -> GELU -> pool -> linear; ``in_place`` adds the 1 into the GELU's
+    output tensor itself (GELU's backward reads its input, so autograd allows it)."""
+
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        self.in_place = in_place
+        self.c1, self.a1 = nn.Conv2d(3, 6, 3, padding=1), nn.GELU()
+        self.c2, self.a2 = nn.Conv2d(6, 5, 3, padding=1), nn.GELU()
+        self.fc = nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a1(self.c1(x))
+        h = h.add_(1.0) if self.in_place else h + 1.0
+        return self.fc(self.a2(self.c2(h)).mean((2, 3)))
+
+
+def test_a_network_that_writes_into_a_site_output_runs_again_with_copies(caplog: pytest.LogCaptureFixture) -> None:
+    """The contributions forward lets the network read the captured site outputs themselves; one that writes
+    into one in place is run again with copies, so its activations are the site's own outputs."""
+    torch.manual_seed(0)
+    writes = _WritesIntoSite(in_place=True)
+    twin = _WritesIntoSite(in_place=False)
+    twin.load_state_dict(writes.state_dict())
+    x = torch.rand(3, 3, 8, 8)
+    got_bundle, ref_bundle = make_bundle(writes, "writes", (3, 8, 8)), make_bundle(twin, "twin", (3, 8, 8))
+    assert [s.site_id for s in got_bundle.sites] == ["a1#0", "a2#0"]
+    with caplog.at_level("DEBUG", logger="extractor.contributions"):
+        got = mct_contributions(got_bundle, x)
+    assert "writes into site" in caplog.text
+    with caplog.at_level("DEBUG", logger="extractor.contributions"):
+        caplog.clear()
+        ref = mct_contributions(ref_bundle, x)
+    assert "writes into site" not in caplog.text
+    assert float(ref.acts[0].min()) < 0.0  # the GELU's own output, before the +1
+    for a, b in zip([*got.acts, *got.grads, *got.channel], [*ref.acts, *ref.grads, *ref.channel], strict=True):
+        assert torch.equal(a, b)
+
+
 def test_logit_preservation_at_paper_sparsity(demo: tuple) -> None:
     """At p=90 (Khakzar's VGG setting) the masked network keeps a measurable share of the logit."""
     bundle, data = demo
