@@ -1,6 +1,6 @@
 """The site graph: which sites each site reads directly, found by a *cut* forward, and site discovery.
 
-A cut forward hands the rest of the network a fresh leaf copy of every site's output. Site
+A cut forward hands the rest of the network a copy of a fresh leaf for every site's output. Site
 ``j``'s output then depends on the sites it reads directly, and no further: its predecessors are
 the sites whose leaves its autograd graph reaches (the nearest sites upstream on every dataflow
 path). The same cut forward gives the edges their segments (:mod:`extractor.edges`).

@@ -102,9 +102,10 @@ class SiteRecorder:
     """What one forward pass captured, by site index, channels-first ``[B, C, ...]``.
 
     ``acts``: the site outputs as the rest of the network saw them (after ``transform``),
-    attached to the autograd graph. In a cut forward also ``sources``: the copies the rest of
-    the network read (each a fresh leaf's clone, so a segment ends there); ``acts[j]`` then
-    depends on its predecessors' ``sources`` only. Discovery lists every call in ``found``.
+    attached to the autograd graph. In a cut forward also ``sources``: what the rest of the network
+    reads from (each a view of a fresh leaf sharing the site's output, so a segment ends there; the
+    network reads a copy of it); ``acts[j]`` then depends on its predecessors' ``sources`` only.
+    Discovery lists every call in ``found``.
     """
 
     acts: dict[int, torch.Tensor] = field(default_factory=dict)
