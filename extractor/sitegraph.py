@@ -57,7 +57,16 @@ def predecessors(acts: dict[int, torch.Tensor], sources: dict[int, torch.Tensor]
 
 
 def cut_forward(model: nn.Module, sites: Sequence[SiteInfo], forward: Callable[[], Any]) -> SiteRecorder:
-    """Run ``forward()`` once with every site cut (see :class:`SiteHooks`); returns what was captured."""
+    """Run ``forward()`` once with every site cut (see :class:`SiteHooks`); returns what was captured.
+    The network reads the cut sites' sources themselves; one that writes into a site's output in place
+    runs again reading copies (:class:`extractor.sites.Cut`)."""
+    try:
+        with torch.enable_grad(), SiteHooks(model, Cut(sites, copy=False)) as hooks:
+            rec = hooks.begin()
+            forward()
+        return rec
+    except RuntimeError as exc:  # an in-place write into a source; any other error recurs below
+        log.debug("cut forward again with copies: %s", str(exc).splitlines()[0])
     with torch.enable_grad(), SiteHooks(model, Cut(sites)) as hooks:
         rec = hooks.begin()
         forward()

@@ -167,20 +167,23 @@ class Capture:
 
 
 class Cut(Capture):
-    """Strategy: capture ``sites`` and let the rest of the network read a leaf copy of each (see the module
-    docstring), so that ``acts[j]`` depends on its predecessors' ``sources`` only."""
+    """Strategy: capture ``sites`` and let the rest of the network read a fresh leaf for each (see the module
+    docstring), so that ``acts[j]`` depends on its predecessors' ``sources`` only. The source is a view of
+    that leaf: its own autograd node (ViewBackward0 -> AccumulateGrad), which the graph walks stop at, and
+    no copy of the activation. With ``copy=False`` the network reads the source itself; a network that
+    writes into it in place then fails at once (autograd refuses in-place writes into a leaf's view), and
+    :func:`extractor.sitegraph.cut_forward` runs it again with ``copy=True``, where it reads a copy."""
 
-    def __init__(self, sites: Sequence[SiteInfo]) -> None:
-        super().__init__(sites)
+    def __init__(self, sites: Sequence[SiteInfo], *, copy: bool = True) -> None:
+        super().__init__(sites, copy=copy)
 
     def take(self, rec: SiteRecorder, site: SiteInfo, out: torch.Tensor) -> torch.Tensor:
         canon = to_channels_first(out, site.layout)
         rec.acts[site.index] = canon
-        # a view of a leaf: its own autograd node (ViewBackward0 -> AccumulateGrad), which the graph walks
-        # stop at, and no copy of the activation; the network reads a copy, so nothing writes into it
         source = canon.detach().requires_grad_(True).view(canon.shape)
         rec.sources[site.index] = source
-        return from_channels_first(source, site.layout).clone()
+        read = from_channels_first(source, site.layout)
+        return read.clone() if self.copy else read
 
 
 class Discover:

@@ -291,6 +291,20 @@ def test_a_network_that_writes_into_a_site_output_runs_again_with_copies(caplog:
     assert float(ref.acts[0].min()) < 0.0  # the GELU's own output, before the +1
     for a, b in zip([*got.acts, *got.grads, *got.channel], [*ref.acts, *ref.grads, *ref.channel], strict=True):
         assert torch.equal(a, b)
+    # the cut forward too: the network reads the sources themselves, and the in-place write sends it round again
+    settings = PathwaySettings(k=3)
+    with caplog.at_level("DEBUG", logger="extractor.sitegraph"):
+        caplog.clear()
+        got_pw = extract_batch(got_bundle, x, settings)
+    assert "cut forward again with copies" in caplog.text
+    with caplog.at_level("DEBUG", logger="extractor.sitegraph"):
+        caplog.clear()
+        ref_pw = extract_batch(ref_bundle, x, settings)
+    assert "cut forward again with copies" not in caplog.text
+    assert len(ref_pw.edges.b) == 3 * 3 * 3  # 3 images x 3 targets x 3 sources into the second site
+    for name in ("b", "src_site", "src_channel", "dst_site", "dst_channel", "weight", "gap"):
+        np.testing.assert_array_equal(getattr(got_pw.edges, name), getattr(ref_pw.edges, name), err_msg=name)
+    torch.testing.assert_close(got_pw.saliency, ref_pw.saliency, rtol=0, atol=0)
 
 
 def test_logit_preservation_at_paper_sparsity(demo: tuple) -> None:
