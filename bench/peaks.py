@@ -102,6 +102,7 @@ def run(only: list[str] | None = None, limit_s: float = 900.0) -> dict[str, Any]
 
 
 def markdown(p: dict[str, Any]) -> list[str]:
+    from zoo import provenance  # bench/ is on the path wherever this runs
     rows = sorted(p["rows"].values(), key=lambda r: r["model"])
     if not rows:
         return []
@@ -116,13 +117,7 @@ def markdown(p: dict[str, Any]) -> list[str]:
         s = r["extract"]["seconds"]
         lines.append(f"| {r['model']} | {r['plain']['peak_mib']:.0f} | {r['extract']['peak_mib']:.0f} | "
                      f"{r['ratio']:.2f} | {s[0]:.1f}, {s[1]:.1f} |")
-    commits = sorted({r.get("commit", "?") for r in rows})
-    if len(commits) > 1:
-        lines += ["", "Measured at commits: " + "; ".join(
-            f"{c}: {', '.join(r['model'] for r in rows if r.get('commit', '?') == c)}" for c in commits) + "."]
-    if p.get("left_out"):
-        lines += ["", "Not measured: " + "; ".join(f"{k}: {v}" for k, v in sorted(p["left_out"].items())) + "."]
-    return lines
+    return lines + provenance(rows, p.get("left_out", {}))
 
 
 if __name__ == "__main__":

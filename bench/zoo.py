@@ -121,12 +121,19 @@ def markdown(z: dict[str, Any]) -> list[str]:
         lines.append(f"| {r['model']} | {r['params_m']:.1f} | {r['sites']} ({lay}) | {r['graph_edges']}: "
                      f"{_routes(r)} | {r['a_s']:.3f} | {r['ratio_b_a']:.2f} | {r['ratio_c_a']:.2f} | {pipeline} | "
                      f"{r['images_per_s_with_edges']:.2f} |")
+    return lines + provenance(rows, z.get("left_out", {}))
+
+
+def provenance(rows: list[dict[str, Any]], left_out: dict[str, str]) -> list[str]:
+    """Lines under a per-model table: which commits its rows come from (when more than one), and what was
+    left out and why (shared by the zoo and the peak-memory sections)."""
+    lines: list[str] = []
     commits = sorted({r.get("commit", "?") for r in rows})
     if len(commits) > 1:
         lines += ["", "Measured at commits: " + "; ".join(
             f"{c}: {', '.join(r['model'] for r in rows if r.get('commit', '?') == c)}" for c in commits) + "."]
-    if z.get("left_out"):
-        lines += ["", "Not measured: " + "; ".join(f"{k}: {v}" for k, v in sorted(z["left_out"].items())) + "."]
+    if left_out:
+        lines += ["", "Not measured: " + "; ".join(f"{k}: {v}" for k, v in sorted(left_out.items())) + "."]
     return lines
 
 
