@@ -70,35 +70,22 @@ def child(name: str, what: str) -> dict[str, Any]:
 
 
 def run(only: list[str] | None = None, limit_s: float = 900.0) -> dict[str, Any]:
-    done: dict[str, Any] = json.loads(OUT.read_text()) if OUT.exists() else {"rows": {}, "left_out": {}}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
+    from children import Rows, child_json, commit  # bench/ is on the path wherever this runs
+
+    rows = Rows(OUT)
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     for name in only or MODELS:
-        row: dict[str, Any] = {"model": name, "batch": BATCH, "commit": commit}
+        row: dict[str, Any] = {"model": name, "batch": BATCH, "commit": commit()}
         try:
             for what in ("plain", "extract"):
-                proc = subprocess.run([sys.executable, __file__, "--child", name, what], capture_output=True,
-                                      text=True, timeout=limit_s, cwd=ROOT, env=env)
-                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PEAK ")]
-                if proc.returncode != 0 or not lines:
-                    raise RuntimeError((proc.stderr.strip().splitlines() or ["no output"])[-1][:200])
-                row[what] = json.loads(lines[-1][5:])
+                row[what] = child_json(__file__, [name, what], "PEAK", limit_s, env)
         except (subprocess.TimeoutExpired, RuntimeError) as exc:
-            done["left_out"][name] = str(exc) if isinstance(exc, RuntimeError) else f"over {limit_s:.0f} s"
-            done["rows"].pop(name, None)
-            print(f"peaks {name}: {done['left_out'][name]}", flush=True)
+            rows.leave_out(name, exc, limit_s, "peaks")
             continue
         row["ratio"] = row["extract"]["peak_mib"] / row["plain"]["peak_mib"]
-        done["rows"][name] = row
-        done["left_out"].pop(name, None)
-        print(f"peaks {name}: plain +{row['plain']['peak_mib']:.0f} MiB, extract_batch "
-              f"+{row['extract']['peak_mib']:.0f} MiB ({row['ratio']:.2f}x)", flush=True)
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps(done, indent=1, sort_keys=True))
-    done["date"] = time.strftime("%Y-%m-%d")
-    OUT.write_text(json.dumps(done, indent=1, sort_keys=True))
-    return done
+        rows.keep(name, row, f"peaks {name}: plain +{row['plain']['peak_mib']:.0f} MiB, extract_batch "
+                             f"+{row['extract']['peak_mib']:.0f} MiB ({row['ratio']:.2f}x)")
+    return rows.finish()
 
 
 def markdown(p: dict[str, Any]) -> list[str]:

@@ -1,7 +1,8 @@
 """``make bench``: measured speed and memory, written to bench/results/*.json and bench/results/README.md.
 
 Every figure is a ratio or rate measured in one run, on this machine (described in the output).
-Sections: ``extraction`` (vs plain PyTorch and Captum), ``pixel`` (pixel pathways per second),
+Sections: ``extraction`` (vs plain PyTorch and Captum), ``zoo`` (every torchvision classifier: :mod:`zoo`),
+``edge_modes`` (direct edges against exact ones: :mod:`edge_modes`), ``pixel`` (pixel pathways per second),
 ``memory`` (peak RSS while streaming records), ``peaks`` (``extract_batch``'s peak memory at batch 16 over
 a plain pass's, per classifier: :mod:`peaks`), ``folders`` (generated JPEG folders up to 50,000:
 peak RSS of ``--limit`` and full runs, images/s by loader workers), ``exemplars`` (cost of
@@ -30,6 +31,7 @@ RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
+import edge_modes  # noqa: E402
 import folders  # noqa: E402  (bench/ is put on the path just above)
 import gpu  # noqa: E402
 import peaks  # noqa: E402
@@ -256,6 +258,8 @@ def markdown(results: dict[str, Any]) -> str:
     if "memory" in results:
         lines += ["", "### Memory", "", "| images extracted (streamed to Parquet) | peak RSS MiB |", "|---|---|"]
         lines += [f"| {r['images']} | {r['peak_rss_mib']:.0f} |" for r in results["memory"]]
+    if "edge_modes" in results:
+        lines += edge_modes.markdown(results["edge_modes"])
     if "peaks" in results:
         lines += peaks.markdown(results["peaks"])
     if "exemplars" in results:
@@ -284,8 +288,8 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-SECTIONS = ("extraction", "zoo", "pixel", "memory", "peaks", "exemplars", "folders", "store", "scale", "scale100k",
-            "retrain")
+SECTIONS = ("extraction", "zoo", "edge_modes", "pixel", "memory", "peaks", "exemplars", "folders", "store", "scale",
+            "scale100k", "retrain")
 
 
 def retrain() -> dict[str, Any]:
@@ -329,6 +333,7 @@ def main() -> None:
         "pixel": extraction.pixel_rates,
         "memory": lambda: memory(home),
         "peaks": peaks.run,
+        "edge_modes": edge_modes.run,
         "folders": lambda: folders.folders_memory(quick),
         "exemplars": lambda: {"extraction": extraction.exemplar_overhead(), "store": exemplar_store(home)},
         "store": lambda: loading_and_queries(home),

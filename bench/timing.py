@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 
+from extractor.batch import edges_of
 from extractor.contributions import mct_contributions
-from extractor.edges import ROUTES, compute_edges, segment_routes
+from extractor.edges import ROUTES, segment_routes
+from extractor.linear import Linearised
 from extractor.models import ModelBundle
 from extractor.selection import select
 from extractor.settings import PathwaySettings
@@ -69,13 +71,13 @@ def _ours_b(bundle: ModelBundle, x: torch.Tensor) -> Any:
 def _ours_c(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings) -> Any:
     contrib = mct_contributions(bundle, x)
     sel = select(contrib, settings)
-    cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x))
-    return contrib, sel, compute_edges(sites=bundle.sites, contrib=contrib, sel=sel, cut=cut, settings=settings,
-                                       routes=bundle.routes)
+    return contrib, sel, edges_of(bundle, x, slice(0, x.shape[0]), settings=settings, contrib=contrib, sel=sel)
 
 
-def fast_routes(bundle: ModelBundle, x: torch.Tensor) -> dict[str, int]:
-    """How many edges of the site graph take each route (``extractor.edges.ROUTES``), on one image."""
-    cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x[:1]))
+def fast_routes(bundle: ModelBundle, x: torch.Tensor, edges: str = "exact") -> dict[str, int]:
+    """How many edges of the site graph take each route (``extractor.edges.ROUTES``), on one image, in the
+    edge mode ``edges``."""
+    with Linearised(bundle.model, edges):
+        cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x[:1]))
     routes = list(segment_routes(bundle.sites, cut).values())
     return {r: routes.count(r) for r in ROUTES}

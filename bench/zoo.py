@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ def measure(name: str, rounds: int = 3) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
     from timing import _interleaved, _ours_b, _ours_c, _plain, fast_routes
 
+    from extractor.linear import edge_mode
     from extractor.methods import extract_batch
     from extractor.models import load_torchvision
     from extractor.settings import PathwaySettings
@@ -41,18 +43,23 @@ def measure(name: str, rounds: int = 3) -> dict[str, Any]:
     size = 299 if name == "inception_v3" else 224
     bundle = load_torchvision(name, untrained=True, input_size=size)
     x = torch.rand(1, 3, size, size)
-    settings = PathwaySettings(k=8, edge_targets=8, edges_per_target=8)
-    a, b, c, e = _interleaved([lambda: _plain(bundle, x), lambda: _ours_b(bundle, x),
-                               lambda: _ours_c(bundle, x, settings), lambda: extract_batch(bundle, x, settings)],
-                              rounds)
-    routes = fast_routes(bundle, x)
+    mode = edge_mode("auto", bundle.model)  # the default mode, as `pathx extract` picks it
+    settings = PathwaySettings(k=8, edge_targets=8, edges_per_target=8, edges=mode)
+    fns = [lambda: _plain(bundle, x), lambda: _ours_b(bundle, x), lambda: _ours_c(bundle, x, settings),
+           lambda: extract_batch(bundle, x, settings)]
+    if mode != "exact":  # the exact mode's figure beside the default's
+        exact = replace(settings, edges="exact")
+        fns.append(lambda: _ours_c(bundle, x, exact))
+    a, b, c, e, *rest = _interleaved(fns, rounds)
+    routes = fast_routes(bundle, x, mode)
     layouts: dict[str, int] = {}
     for s in bundle.sites:
         layouts[s.layout] = layouts.get(s.layout, 0) + 1
     params = sum(p.numel() for p in bundle.model.parameters())
     return {"model": name, "input": size, "params_m": params / 1e6, "sites": len(bundle.sites),
             "layouts": layouts, "graph_edges": sum(routes.values()), "routes": routes, "a_s": a, "b_s": b, "c_s": c,
-            "e_s": e, "ratio_b_a": b / a, "ratio_c_a": c / a, "ratio_e_a": e / a, "images_per_s_with_edges": 1 / c}
+            "e_s": e, "ratio_b_a": b / a, "ratio_c_a": c / a, "ratio_e_a": e / a, "images_per_s_with_edges": 1 / c,
+            "edges": mode, **({"c_exact_s": rest[0], "ratio_c_exact_a": rest[0] / a} if rest else {})}
 
 
 def run(limit_s: float, only: list[str] | None = None) -> dict[str, Any]:
@@ -111,15 +118,20 @@ def markdown(z: dict[str, Any]) -> list[str]:
              f"worst (c)/(a) {worst['ratio_c_a']:.2f} ({worst['model']}); median (c)/(a) "
              f"{statistics.median(r['ratio_c_a'] for r in rows):.2f}. Targets: (b)/(a) ≤ 1.3, (c)/(a) ≤ 3, (e)/(a) ≤ 4 "
              "((e): the whole per-batch pipeline, `extract_batch`: contributions, selection, edges, Pathway "
-             "Gradient; — where the row predates it).", "",
+             "Gradient; — where the row predates it). (c) and (e) are in the model's default edge mode "
+             "(`--edges auto`: direct for a model with attention modules, else exact; `extractor/linear.py`); "
+             "where it is direct, the exact mode's (c)/(a) follows it.", "",
              "| model | params M | sites (layouts) | site-graph edges: mixing / junction / VJP | (a) s | (b)/(a) | "
              "(c)/(a) | (e)/(a) | images/s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lay = ", ".join(f"{k} {v}" for k, v in sorted(r["layouts"].items()))
         pipeline = f"{r['ratio_e_a']:.2f}" if "ratio_e_a" in r else "—"
+        c_a = f"{r['ratio_c_a']:.2f}"
+        if "ratio_c_exact_a" in r:
+            c_a += f" direct (exact {r['ratio_c_exact_a']:.2f})"
         lines.append(f"| {r['model']} | {r['params_m']:.1f} | {r['sites']} ({lay}) | {r['graph_edges']}: "
-                     f"{_routes(r)} | {r['a_s']:.3f} | {r['ratio_b_a']:.2f} | {r['ratio_c_a']:.2f} | {pipeline} | "
+                     f"{_routes(r)} | {r['a_s']:.3f} | {r['ratio_b_a']:.2f} | {c_a} | {pipeline} | "
                      f"{r['images_per_s_with_edges']:.2f} |")
     return lines + provenance(rows, z.get("left_out", {}))
 

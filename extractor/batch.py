@@ -9,6 +9,7 @@ import torch
 
 from extractor.contributions import Contributions
 from extractor.edges import Edges, compute_edges
+from extractor.linear import Linearised
 from extractor.models import ModelBundle
 from extractor.pathway_gradient import pathway_gradient, saliency_map
 from extractor.reach import bundle_reach, cut_sites
@@ -65,7 +66,7 @@ def finish_batch(
     # activations and gradients, and a batch's peak stays under twice a plain pass's (bench/peaks.py).
     # On a GPU the whole batch goes at once: fewer, larger kernels.
     halves = batch_halves(x)
-    edges = Edges.concat([_edges_of(bundle, x, part, settings=settings, contrib=contrib, sel=sel)
+    edges = Edges.concat([edges_of(bundle, x, part, settings=settings, contrib=contrib, sel=sel)
                           for part in halves], [part.start for part in halves])
     masked = [pathway_gradient(bundle, x[part], contrib.target[part], [m[part] for m in sel.masks])
               for part in halves]
@@ -85,9 +86,11 @@ def batch_halves(x: torch.Tensor) -> list[slice]:
     return [slice(0, mid), slice(mid, B)]
 
 
-def _edges_of(bundle: ModelBundle, x: torch.Tensor, part: slice, *, settings: PathwaySettings,
-              contrib: Contributions, sel: Selection) -> Edges:
-    """The edges of the images ``x[part]``, from a cut forward of those images (freed on return)."""
-    cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x[part].detach()))
+def edges_of(bundle: ModelBundle, x: torch.Tensor, part: slice, *, settings: PathwaySettings,
+             contrib: Contributions, sel: Selection) -> Edges:
+    """The edges of the images ``x[part]`` in the setting's edge mode (:mod:`extractor.linear`), from a cut
+    forward of those images (freed on return)."""
+    with Linearised(bundle.model, settings.edges):
+        cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x[part].detach()))
     return compute_edges(sites=bundle.sites, contrib=contrib.rows(part), sel=sel.rows(part), cut=cut,
                          settings=settings, routes=bundle.routes)

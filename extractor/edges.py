@@ -326,7 +326,7 @@ def compute_edges(
     weights: list[torch.Tensor] = []
     shared: dict[tuple[Any, int], torch.Tensor] = {}
     some = next(iter(cut.acts.values()), None)
-    key = (tuple(some.shape), some.dtype, some.device) if some is not None else ()
+    key = (settings.edges, tuple(some.shape), some.dtype, some.device) if some is not None else (settings.edges,)
     known = routes.by_shape.setdefault(key, {}) if routes is not None else {}
     for site in sites:
         j = site.index

@@ -124,7 +124,8 @@ def run_extraction(model: str | nn.Module | ModelBundle, images: Any, out: Path,
     from extractor.pipeline import extract_run
 
     bundle = resolve_model(model, options, home)
-    return extract_run(bundle, resolve_images(images, bundle, home), options.settings(), options.variant_specs(),
+    return extract_run(bundle, resolve_images(images, bundle, home), options.settings(bundle.model),
+                       options.variant_specs(),
                        out, batch_size=options.batch_size, limit=options.limit, device=shard_device(options.device),
                        progress=options.progress, workers=options.workers(), shard=options.part(),
                        strict=options.strict, exemplars=options.exemplars)

@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from extractor.errors import ExtractionError
-from extractor.settings import RESAMPLING_METHODS, PathwaySettings
+from extractor.settings import EDGE_CHOICES, RESAMPLING_METHODS, PathwaySettings
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from extractor.models import ModelOptions
     from extractor.variants import VariantSpec
     from records import Shard
@@ -78,6 +80,10 @@ class ExtractOptions:
     top_k: int | None = option(None, "Top-k channels per site (default 8).")
     sparsity: float | None = option(None, "Global percentile selection p in [0, 100) (not with --top-k).")
     granularity: str = option("element", "element or channel (percentile rule).")
+    edges: str = option(
+        "auto", "Edge mode: exact (the network's partial derivatives), direct (attention outputs, layer-norm "
+        "statistics and squeeze-excite gates held fixed; much faster on transformers) or auto (direct for a model "
+        "with attention modules, else exact). Part of the pathway id.")
     variants: str = option("", "e.g. fgsm,pgd,occlude,shift,deform,affine or pgd:eps=0.1:steps=5.")
     limit: int | None = option(None, "Only the first N images (files in sorted order); nothing past them is read.")
     batch_size: int = option(32, "Images per batch.")
@@ -119,6 +125,8 @@ class ExtractOptions:
         object.__setattr__(self, "variant_kinds", {m: tuple(k) for m, k in dict(self.variant_kinds).items()})
         if self.sparsity is not None and self.top_k is not None:
             raise ExtractionError("give either --sparsity or --top-k, not both")
+        if self.edges not in EDGE_CHOICES:
+            raise ExtractionError(f"--edges {self.edges!r}: choose one of {', '.join(EDGE_CHOICES)}")
         from extractor.variants import KINDS
 
         unknown = [k for kinds in self.variant_kinds.values() for k in kinds if k not in KINDS]
@@ -147,10 +155,16 @@ class ExtractOptions:
                 raise ExtractionError(f"--{f.name.replace('_', '-')} {exc}") from exc
         return cls(**given)
 
-    def settings(self) -> list[PathwaySettings]:
+    def settings(self, model: nn.Module | None = None) -> list[PathwaySettings]:
         """One ``PathwaySettings`` per method: top-k per site (default 8) or the global percentile
-        ``sparsity`` (Khakzar's rule; resampling and pixel methods always select top-k)."""
-        return build_settings(
+        ``sparsity`` (Khakzar's rule; resampling and pixel methods always select top-k). ``--edges auto``
+        is decided by ``model`` (without one, as exact: for checking the options only)."""
+        edges = self.edges
+        if edges == "auto":
+            from extractor.linear import edge_mode
+
+            edges = edge_mode(edges, model) if model is not None else "exact"
+        return build_settings(edges=edges,
             methods=self.methods, top_k=self.top_k, sparsity=self.sparsity, granularity=self.granularity,
             pixel_beam=self.pixel_beam, pixel_top=self.pixel_top, pixel_stride=self.pixel_stride,
             originals_only=self.originals_only, resamples=self.resamples, variant_kinds=self.variant_kinds)
@@ -185,6 +199,7 @@ def build_settings(
     originals_only: Sequence[str] = (),
     resamples: int = 50,
     variant_kinds: Mapping[str, Sequence[str]] | None = None,
+    edges: str = "exact",
 ) -> list[PathwaySettings]:
     """One ``PathwaySettings`` per method (see ``ExtractOptions.settings``)."""
     if sparsity is not None and top_k is not None:
@@ -199,7 +214,8 @@ def build_settings(
             method=m, selection="percentile" if sparsity is not None and not resampling else "topk",
             k=top_k if top_k is not None else 8, sparsity=sparsity if sparsity is not None else 90.0,
             granularity=granularity, beam=pixel_beam, top=pixel_top, stride=pixel_stride,
-            originals_only=m in originals_only, resamples=resamples, variant_kinds=tuple(only.get(m, ()))))
+            originals_only=m in originals_only, resamples=resamples, variant_kinds=tuple(only.get(m, ())),
+            edges=edges))
     if not out:
         raise ExtractionError("no method given; choose from mct, intgrad, correlation, precision, pixel")
     return out

@@ -16,6 +16,8 @@ METHODS = ("mct", "intgrad", "correlation", "precision", "pixel")
 RESAMPLING_METHODS = ("correlation", "precision")
 SELECTIONS = ("topk", "percentile")
 GRANULARITIES = ("element", "channel")
+EDGE_MODES = ("exact", "direct")  # extractor.linear: how edges are differentiated
+EDGE_CHOICES = ("auto", *EDGE_MODES)  # auto: direct for a model with attention modules, else exact
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -52,6 +54,7 @@ class PathwaySettings:
     beam: int = 3
     top: int = 3
     stride: int = 2
+    edges: str = "exact"
     originals_only: bool = False
     variant_kinds: tuple[str, ...] = ()  # when given, variants of these kinds only (originals always)
 
@@ -74,6 +77,8 @@ class PathwaySettings:
             raise ExtractionError(f"method {self.method} selects the top-k channels per site; use --top-k")
         if self.method == "pixel":
             PixelSettings(beam=self.beam, top=self.top, stride=self.stride)  # validates them
+        if self.edges not in EDGE_MODES:
+            raise ExtractionError(f"unknown edge mode {self.edges!r}; choose one of {', '.join(EDGE_MODES)}")
         if self.resamples < 3 or not (0.0 < self.noise < 10.0):
             raise ExtractionError("resampling needs at least 3 copies and a noise std in (0, 10)")
 
@@ -86,6 +91,8 @@ class PathwaySettings:
             scope["variant_kinds"] = sorted(self.variant_kinds)
         data.pop("originals_only")
         data.pop("variant_kinds")
+        if self.edges == "exact":  # exact edges add nothing to the id, so ids from before edge modes still hold
+            data.pop("edges")
         if self.method == "pixel":
             return {**{k: data[k] for k in ("beam", "top", "stride")}, **scope}
         if self.selection == "topk":

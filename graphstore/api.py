@@ -24,7 +24,7 @@ from graphstore import queries as Q
 from graphstore.connection import DATABASE
 from graphstore.console import CypherResult, run_read_only
 from graphstore.errors import NotFound
-from graphstore.names import setting_name, variant_name
+from graphstore.names import edge_mode, edges_name, setting_name, variant_name
 from graphstore.results import (
     Agreement,
     ClassInfo,
@@ -209,9 +209,11 @@ class Store:
 
     def pathway_graph(self, pathway_id: str, max_edges: int | None = None) -> nx.DiGraph:
         """Neurons (contribution, rank) and weighted edges of one pathway; the graph's ``cut_sites``
-        names the sites where the selection is cut (empty when it is connected)."""
+        names the sites where the selection is cut (empty when it is connected), its ``edge_mode`` which
+        edges it holds (``exact`` or ``direct``: ``extractor/linear.py``)."""
         head = self._require(Q.PATHWAY_EXISTS, "pathway", pathway_id=pathway_id)
-        graph = nx.DiGraph(pathway_id=pathway_id, cut_sites=json.loads(head["cut_sites"]))
+        graph = nx.DiGraph(pathway_id=pathway_id, cut_sites=json.loads(head["cut_sites"]),
+                           edge_mode=edge_mode(head["params"]), edges_name=edges_name(head["method"], head["params"]))
         for r in self._run(Q.PATHWAY_NEURONS, pathway_id=pathway_id):
             graph.add_node(r.pop("neuron"), **r)
         edges = self._run(Q.PATHWAY_EDGES, pathway_id=pathway_id)

@@ -20,7 +20,8 @@ VARIANT_NAMES = {"original": "original", **{kind: k.title for kind, k in VARIANT
 # not shown: the per-image parameters, and how far a targeted attack's target class is from the label
 HIDDEN = frozenset({*PER_IMAGE_KEYS, "target_offset"})
 
-__all__ = ["METHOD_NAMES", "VARIANT_NAMES", "neuron_name", "number", "setting_name", "variant_name"]
+__all__ = ["METHOD_NAMES", "VARIANT_NAMES", "edge_mode", "edges_name", "neuron_name", "number", "setting_name",
+           "variant_name"]
 
 
 def neuron_name(neuron_id: str) -> str:
@@ -56,11 +57,29 @@ def setting_name(method: str, selection: str, params: str | Mapping[str, Any] | 
         parts.append(f"{p['intgrad_steps']} steps")
     if method in ("correlation", "precision"):
         parts.append(f"{p.get('resamples', '?')} resamples")
+    if p.get("edges", "exact") != "exact":
+        parts.append(f"{p['edges']} edges")
     if p.get("originals_only"):
         parts.append("originals only")
     elif p.get("variant_kinds"):
         parts.append("originals + " + ", ".join(VARIANT_NAMES.get(k, k) for k in p["variant_kinds"]))
     return " · ".join(parts)
+
+
+def edge_mode(params: str | Mapping[str, Any] | None) -> str:
+    """Which edges a pathway holds: ``exact`` or ``direct`` (``extractor/linear.py``; exact when unnamed)."""
+    return str(_params(params).get("edges", "exact"))
+
+
+def edges_name(method: str, params: str | Mapping[str, Any] | None) -> str:
+    """E.g. "exact edges", "direct edges (attention outputs, layer-norm statistics and squeeze-excite gates
+    held fixed)", "edges along pixel chains"."""
+    if method == "pixel":
+        return "edges along pixel chains"
+    mode = edge_mode(params)
+    if mode == "direct":
+        return "direct edges (attention outputs, layer-norm statistics and squeeze-excite gates held fixed)"
+    return f"{mode} edges"
 
 
 def variant_name(kind: str, params: str | Mapping[str, Any] | None) -> str:

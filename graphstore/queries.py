@@ -569,7 +569,10 @@ RETURN p.id AS pathway, i.id AS image, i.label AS label, p.target AS target
 ORDER BY image
 """
 
-PATHWAY_EXISTS = "MATCH (p:Pathway {id: $pathway_id}) RETURN p.id AS id, coalesce(p.cut_sites, '[]') AS cut_sites"
+PATHWAY_EXISTS = """
+MATCH (p:Pathway {id: $pathway_id})
+RETURN p.id AS id, coalesce(p.cut_sites, '[]') AS cut_sites, p.method AS method, p.params AS params
+"""
 IMAGE_EXISTS = "MATCH (i:Image {id: $image_id}) RETURN i.id AS id, i.model_id AS model_id"
 CLASS_EXISTS = "MATCH (c:Class {id: $class_id}) RETURN c.id AS id, c.model_id AS model_id"
 NEURON_EXISTS = "MATCH (n:Neuron {id: $neuron_id}) RETURN n.id AS id"

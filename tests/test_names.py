@@ -8,7 +8,7 @@ import pytest
 
 from extractor.settings import PathwaySettings
 from extractor.variants import KINDS, VariantSpec
-from graphstore.names import number, setting_name, variant_name
+from graphstore.names import edges_name, number, setting_name, variant_name
 
 
 @pytest.mark.parametrize(("settings", "name"), [
@@ -21,9 +21,14 @@ from graphstore.names import number, setting_name, variant_name
     (PathwaySettings(method="correlation", k=5, resamples=20), "Correlation · top-5 per site · 20 resamples"),
     (PathwaySettings(method="mct", k=4, variant_kinds=("deform", "pgd")),
      "MCT · top-4 per site · originals + deform, PGD"),
+    (PathwaySettings(method="mct", k=8, edges="direct"), "MCT · top-8 per site · direct edges"),
+    (PathwaySettings(method="pixel", edges="direct"), "Pixel pathways · beam 3, 3 chains per pixel, stride 2"),
 ])
 def test_setting_names(settings: PathwaySettings, name: str) -> None:
     assert setting_name(settings.method, settings.selection, settings.params_json()) == name
+    edges = edges_name(settings.method, settings.params_json())
+    assert edges.startswith("direct edges (" if "direct" in name else "edges along pixel" if "Pixel" in name
+                            else "exact edges")
 
 
 def test_variant_names_cover_every_default_sweep() -> None:

@@ -419,3 +419,33 @@ def test_what_the_pages_draw_comes_from_the_store(store: Store, ref: Ref, config
     for na, nb in shared.shared:
         assert both.graph.nodes[na.neuron]["contribution"] == pytest.approx(
             (na.mean_contribution + nb.mean_contribution) / 2)
+
+
+def test_a_transformer_run_holds_direct_edges_and_says_so(empty_store: Driver, tmp_path: Path) -> None:
+    """``--edges auto`` on a model with attention: direct edges, named in the pathway id, the setting's name,
+    the pathway graph and the records (``tests/test_edge_modes.py`` holds their values to a reference)."""
+    import pathx
+    from graphstore.names import setting_name
+    from records import read_run
+    from tests.test_junctions import _small
+
+    torch.manual_seed(0)
+    images = (torch.rand(3, 3, 32, 32), torch.tensor([0, 1, 2]))
+    runs = {mode: pathx.extract(_small("vit"), images, tmp_path / mode, input_size=32, top_k=4, exemplars=0,
+                                progress=False, **({"edges": mode} if mode != "auto" else {}))
+            for mode in ("auto", "exact")}
+    manifest, _, pathways = read_run(runs["auto"].path)
+    _, _, exact = read_run(runs["exact"].path)
+    assert len(pathways) == 3 and all('"edges": "direct"' in p.params for p in pathways)
+    assert all('"edges":' not in p.params for p in exact) and {p.config for p in exact}.isdisjoint(
+        {p.config for p in pathways})
+    assert any(len(p.edge_weight) != len(q.edge_weight) or not np.allclose(p.edge_weight, q.edge_weight)
+               for p, q in zip(pathways, exact, strict=True))  # the modes differ on a ViT
+    load_run(empty_store, runs["auto"].path, progress=False)
+    store = Store(empty_store)
+    for pw in pathways:
+        graph = store.pathway_graph(pw.pathway_id)
+        assert graph.graph["edge_mode"] == "direct" and graph.graph["edges_name"].startswith("direct edges")
+        assert set(graph.edges) == set(pathway_to_networkx(pw, manifest.model).edges) and graph.number_of_edges()
+    info = store.pathway_of(pathways[0].image_id, pathways[0].config)
+    assert "direct edges" in setting_name(info.method, info.selection, info.params)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from graphstore.errors import NotFound
-from graphstore.names import neuron_name, number, variant_name
+from graphstore.names import edges_name, neuron_name, number, variant_name
 from ui.common import (
     class_names,
     context,
@@ -54,7 +54,7 @@ with c2:
               delta_color="off")
     st.metric("Label", names.get(detail.label, "unknown"))
     st.metric("Masked logit / full logit", number(pathway.logit_ratio))
-    st.caption(f"pathway {pathway.id} · {pathway.size} neurons")
+    st.caption(f"pathway {pathway.id} · {pathway.size} neurons · {edges_name(pathway.method, pathway.params)}")
 with c3:
     title = "Largest pixel pathway per pixel" if pathway.method == "pixel" else "Pathway Gradient"
     st.plotly_chart(saliency_figure(pathway.saliency, title, detail.png), key="saliency")
