@@ -21,7 +21,8 @@ and what flows through attention goes into the site's completeness gap instead. 
 measures how far the two modes' edges are apart on the networks where they differ.
 
 ``auto`` (the default of ``pathx extract --edges``) picks ``direct`` for a model with attention modules
-and ``exact`` for any other; the mode chosen is part of every pathway's settings, and so of its id.
+and ``exact`` for any other, and for the architectures where the bench measured the modes to disagree badly
+(``DISAGREEING``); the mode chosen is part of every pathway's settings, and so of its id.
 """
 
 from __future__ import annotations
@@ -53,13 +54,21 @@ def is_squeeze_excite(module: nn.Module) -> bool:
     return "SqueezeExcit" in name or name == "SEModule"
 
 
+# attention modules of architectures whose direct edges disagree badly with their exact ones (bench section
+# edge_modes, untrained: Spearman 0.42 and median top-8 overlap 0.38 on Swin V2, whose post-norm branches make
+# the exact edges of a source sum to about zero; Spearman 0.30 on MaxViT): auto keeps them exact
+DISAGREEING = frozenset({"ShiftedWindowAttentionV2", "RelativePositionalMultiHeadAttention"})
+
+
 def edge_mode(choice: str, model: nn.Module) -> str:
-    """``auto`` -> ``direct`` when ``model`` has an attention module, else ``exact``; the others as given."""
+    """``auto`` -> ``direct`` when ``model`` has an attention module (and none of ``DISAGREEING``), else
+    ``exact``; the others as given."""
     if choice not in EDGE_CHOICES:
         raise ExtractionError(f"unknown edge mode {choice!r}; choose one of {', '.join(EDGE_CHOICES)}")
     if choice != "auto":
         return choice
-    return "direct" if any(is_attention(m) for m in model.modules()) else "exact"
+    attention = [type(m).__name__ for m in model.modules() if is_attention(m)]
+    return "direct" if attention and DISAGREEING.isdisjoint(attention) else "exact"
 
 
 def _held(_module: nn.Module, _inp: Any, out: Any) -> Any:
