@@ -68,8 +68,10 @@ class Contributions:
 
 
 def _channel_sums(acts: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``[B, C]`` per site: the element contributions summed over positions, one site's product at a time."""
-    return [e.flatten(2).sum(-1) if e.dim() > 2 else e for e in Products(acts, grads)]
+    """``[B, C]`` per site: the element contributions summed over positions, by one contraction per site (no
+    product in memory)."""
+    return [torch.einsum("bcp,bcp->bc", a.flatten(2), g.flatten(2)) if a.dim() > 2 else a * g
+            for a, g in zip(acts, grads, strict=True)]
 
 
 def _pick_target(logits: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:

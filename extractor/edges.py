@@ -216,11 +216,11 @@ def _vjp_route(preds: list[int], *, cut: SiteRecorder, a_dst: torch.Tensor, g_ds
             g, src = grads[slot[i]], cut.sources[i]
             if i in junctions:
                 weights[i].append(junction_weights(junctions[i], src, g, rows[i][0]))  # [B, m, n]
-                totals[i].append((g.reshape(g.shape[0], src.shape[0], -1) * shares[i].reshape(src.shape[0], -1))
-                                 .sum(-1).T)
+                totals[i].append(torch.einsum("mbn,bn->bm", g.reshape(g.shape[0], src.shape[0], -1),
+                                              shares[i].reshape(src.shape[0], -1)))
             else:
-                w = g * src.detach().unsqueeze(0)
-                w = (w.flatten(3).sum(-1) if w.dim() > 3 else w).permute(1, 0, 2)  # [B, m, Ci]
+                B, C = src.shape[:2]  # one contraction, no [m, B, Ci, ...] product in memory
+                w = torch.einsum("mbcp,bcp->bmc", g.reshape(g.shape[0], B, C, -1), src.detach().reshape(B, C, -1))
                 weights[i].append(w)
                 totals[i].append(w.sum(-1))
     W: dict[int, torch.Tensor] = {}

@@ -421,7 +421,8 @@ def mixing_edge_weights(mix: Mixing, a_src: torch.Tensor, a_dst: torch.Tensor, g
         (grad,) = torch.autograd.grad(a_dst, mixing_input(mix, a_src), grad_outputs=g_dst, retain_graph=True)
     if mix.kind == "identity":  # channel j reaches channel j only
         g = grad
-        per = (g * a_src.detach()).flatten(2).sum(-1) if g.dim() > 2 else g * a_src.detach()  # [B, C]
+        a = a_src.detach()
+        per = torch.einsum("bcp,bcp->bc", g.flatten(2), a.flatten(2)) if g.dim() > 2 else g * a  # [B, C]
         idx = targets.clamp(min=0)
         vals = per.gather(1, idx) * (targets >= 0).to(per.dtype)
         return per.new_zeros(B, M, per.shape[1]).scatter_(2, idx[..., None], vals[..., None])
@@ -679,7 +680,7 @@ def _conv_junction(jn: Junction, g_z: torch.Tensor, idx: torch.Tensor) -> torch.
             out.append(torch.einsum("bnop,mbop->bmn", z_c, g))
         else:  # each source channel reaches its group's output rows only
             g_sel = g[:, torch.arange(nb, device=g.device)[:, None, None], rows[s:e]]  # [M, nb, n, per_out, P]
-            out.append((z_c[None] * g_sel).sum((-1, -2)).permute(1, 0, 2))
+            out.append(torch.einsum("bnop,mbnop->bmn", z_c, g_sel))
     return torch.cat(out, 0)
 
 
