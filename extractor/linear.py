@@ -13,9 +13,9 @@ block in between, once per target: the cost grows with the square of the depth.
 * every squeeze-excite gate is held fixed (the ``Sigmoid``/``Hardsigmoid`` modules inside a module
   whose class name contains ``SqueezeExcit`` or is ``SEModule``).
 
-The forward values are unchanged, bit for bit: a held output is ``out.detach()``, and a frozen norm
-returns ``out.detach() + (y - y.detach())`` with ``y`` the norm recomputed from detached statistics, whose
-value is 0 and whose gradient is the frozen map's. Only the gradients differ: an edge then carries what
+The forward values are unchanged, bit for bit: a held output is ``out.detach()``, and a frozen norm returns
+a copy of its output whose backward multiplies by ``weight / std`` (the affine map's gradient with the
+statistics as constants). Only the gradients differ: an edge then carries what
 flows from source to target through the residual stream and the MLPs (circuit-tracer's "direct effect"),
 and what flows through attention goes into the site's completeness gap instead. ``bench/edge_modes.py``
 measures how far the two modes' edges are apart on the networks where they differ.
@@ -77,20 +77,30 @@ def _held(_module: nn.Module, _inp: Any, out: Any) -> Any:
     return out.detach() if isinstance(out, torch.Tensor) else out
 
 
-def frozen_layer_norm(x: torch.Tensor, shape: Sequence[int], weight: torch.Tensor | None,
-                      bias: torch.Tensor | None, eps: float, out: torch.Tensor) -> torch.Tensor:
-    """``out = layer_norm(x)`` with the statistics held fixed: the value of ``out``, the gradient of the affine
-    map ``(x - mean) / std * weight + bias`` with ``mean`` and ``std`` constants (over the last ``len(shape)``
-    dims of ``x``, as ``F.layer_norm`` takes them)."""
+class _Scaled(torch.autograd.Function):
+    """``out`` in value; in the backward, the incoming gradient times ``scale`` (broadcast to ``x``)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scale)
+        return out.detach().clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (scale,) = ctx.saved_tensors
+        return grad * scale, None, None
+
+
+def frozen_layer_norm(x: torch.Tensor, shape: Sequence[int], weight: torch.Tensor | None, eps: float,
+                      out: torch.Tensor) -> torch.Tensor:
+    """``out = layer_norm(x)`` with the statistics held fixed: the value of ``out`` and the gradient of the
+    affine map ``(x - mean) / std * weight + bias`` with ``mean`` and ``std`` constants over the last
+    ``len(shape)`` dims of ``x`` (as ``F.layer_norm`` takes them), which is ``weight / std`` elementwise."""
     dims = tuple(range(-len(shape), 0))
-    mean = x.mean(dims, keepdim=True).detach()
-    std = (x.var(dims, unbiased=False, keepdim=True) + eps).sqrt().detach()
-    y = (x - mean) / std
+    scale = 1.0 / (x.detach().var(dims, unbiased=False, keepdim=True) + eps).sqrt()
     if weight is not None:
-        y = y * weight
-    if bias is not None:
-        y = y + bias
-    return out.detach() + (y - y.detach())
+        scale = scale * weight.detach()
+    return _Scaled.apply(x, out, scale)  # type: ignore[no-any-return]
 
 
 _LAYER_NORM = inspect.signature(F.layer_norm)
@@ -108,7 +118,7 @@ class _FrozenNorms(TorchFunctionMode):
         bound = _LAYER_NORM.bind(*args, **kwargs)
         bound.apply_defaults()
         a = bound.arguments
-        return frozen_layer_norm(a["input"], a["normalized_shape"], a["weight"], a["bias"], a["eps"], out)
+        return frozen_layer_norm(a["input"], a["normalized_shape"], a["weight"], a["eps"], out)
 
 
 class Linearised:
