@@ -160,6 +160,7 @@ def test_the_cli_and_the_api_accept_the_same_extraction_options(tmp_path: Path,
         "top_k": (["--top-k", "3"], 3),
         "sparsity": ([], None),  # exclusive with top_k: checked below on its own
         "granularity": (["--granularity", "channel"], "channel"),
+        "edges": (["--edges", "direct"], "direct"),
         "variants": (["--variants", "fgsm,shift"], "fgsm,shift"),
         "limit": (["--limit", "5"], 5),
         "batch_size": (["--batch-size", "4"], 4),
