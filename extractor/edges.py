@@ -24,7 +24,10 @@ Routes (one per edge of the site graph; ``segment_routes`` lists them, ``ROUTES`
 * ``vjp``: a batched vector-Jacobian product (``is_grads_batched``) to the whole source tensor.
 
 The junction and VJP edges of a destination share one batched backward, which starts at the input of the
-destination's own mixing layer where only per-channel ops follow it (:class:`extractor.mixing.Entry`).
+destination's own mixing layer where only per-channel ops follow it (:class:`extractor.mixing.Entry`). Where that
+layer is a 1x1 conv reading another conv through per-channel scales (a linear bottleneck), a source whose paths all
+pass the other conv starts lower, at that conv's input, or at the squeeze-excite gate multiplying it
+(:class:`extractor.mixing.DeepEntry`): the cotangents there come from the two convs' composite rows of the targets.
 Routes depend on the architecture, not the pixels: a :class:`extractor.mixing.RouteCache` (one per model
 bundle) keeps them from the first batch of each input shape, so later batches walk no autograd graph.
 ``compute_edges(fast=False)`` takes the ``vjp`` route everywhere: the reference the tests hold the others to.
@@ -44,11 +47,13 @@ from torch.autograd.graph import GradientEdge
 
 from extractor.contributions import Contributions
 from extractor.mixing import (
+    DeepEntry,
     Entry,
     Junction,
     Mixing,
     Route,
     RouteCache,
+    deep_at,
     entry_at,
     entry_cotangents,
     entry_input,
@@ -140,11 +145,17 @@ def _dst_start(a_dst: torch.Tensor, g_dst: torch.Tensor, targets: torch.Tensor) 
                   lambda s, e: onehot[s:e].view(e - s, B, a_dst.shape[1], *spatial) * g_dst.unsqueeze(0))
 
 
-def _entry_start(entry: Entry, a_dst: torch.Tensor, g_dst: torch.Tensor, targets: torch.Tensor) -> _Start:
-    """At the input of the destination's own mixing layer (:class:`extractor.mixing.Entry`)."""
-    (gbar,) = torch.autograd.grad(a_dst, GradientEdge(entry.node, 0), grad_outputs=g_dst, retain_graph=True)
+def _entry_start(entry: Entry, gbar: torch.Tensor, targets: torch.Tensor) -> _Start:
+    """At the input of the destination's own mixing layer (:class:`extractor.mixing.Entry`); ``gbar`` the gradient at
+    its output."""
     edge = entry_input(entry)
     return _Start(edge, math.prod(_shape(edge)), lambda s, e: entry_cotangents(entry, gbar, targets[:, s:e]))
+
+
+def _deep_start(deep: DeepEntry, gbar: torch.Tensor, targets: torch.Tensor) -> _Start:
+    """Below the destination's two convs (:class:`extractor.mixing.DeepEntry`)."""
+    edge = deep.edge()
+    return _Start(edge, math.prod(_shape(edge)), lambda s, e: deep.cotangents(gbar, targets[:, s:e]))
 
 
 def _target_vjps(start: _Start, inputs: list[Any], count: int, input_numel: int) -> Iterator[list[torch.Tensor]]:
@@ -179,50 +190,62 @@ def _shape(x: Any) -> tuple[int, ...]:
 
 def _vjp_route(preds: list[int], *, cut: SiteRecorder, a_dst: torch.Tensor, g_dst: torch.Tensor,
                targets: torch.Tensor, kept: Sequence[torch.Tensor], junctions: dict[int, Junction],
-               shared: dict[tuple[Any, int], torch.Tensor], entry: Entry | None) \
+               shared: dict[tuple[Any, int], torch.Tensor], entry: Entry | None, deep: dict[int, DeepEntry]) \
         -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """Edge weights ``[B, M, Ci]`` (kept source channels only where a junction serves) and each source's
     summed weight over all its channels ``[B, M]``, from one batched VJP per chunk of targets: to the
     junction of every source that has one (:func:`extractor.mixing.find_junction`), else to the source.
     ``shared`` caches each junction's share of its layer's output across the destinations it serves. With
-    ``entry`` the backward starts at the destination's own mixing layer's input."""
-    edges: list[Any] = []
-    slot: dict[int, int] = {}  # pred -> index into the VJP's inputs
-    by_node: dict[Any, int] = {}
-    shares: dict[int, torch.Tensor] = {}
-    for i in preds:
-        jn = junctions.get(i)
-        if jn is None:
-            slot[i] = len(edges)
-            edges.append(cut.sources[i])
-            continue
-        key = (jn.node, i)
-        if key not in shared:
-            shared[key] = junction_share(jn, cut.sources[i])
-        shares[i] = shared[key]
-        if jn.node not in by_node:  # sources concatenated before one layer share its output
-            by_node[jn.node] = len(edges)
-            edges.append(GradientEdge(jn.node, 0))
-        slot[i] = by_node[jn.node]
-    numel = sum(math.prod(_shape(e)) for e in edges)
+    ``entry`` the backward starts at the destination's own mixing layer's input; a source in ``deep`` starts
+    at the input of the first of its two convs there."""
+    gbar = None
+    if entry is not None:
+        (gbar,) = torch.autograd.grad(a_dst, GradientEdge(entry.node, 0), grad_outputs=g_dst, retain_graph=True)
     rows = {i: kept_rows(kept[i]) for i in junctions}  # [B, n] kept channels and their validity
     weights: dict[int, list[torch.Tensor]] = {i: [] for i in preds}
     totals: dict[int, list[torch.Tensor]] = {i: [] for i in preds}
-    if entry is not None and entry.node in by_node:
-        entry = None  # a source's junction is the destination's own layer: start above it
-    start = _entry_start(entry, a_dst, g_dst, targets) if entry is not None else _dst_start(a_dst, g_dst, targets)
-    for grads in _target_vjps(start, edges, targets.shape[1], numel):
-        for i in preds:
-            g, src = grads[slot[i]], cut.sources[i]
-            if i in junctions:
-                weights[i].append(junction_weights(junctions[i], src, g, rows[i][0]))  # [B, m, n]
-                totals[i].append(torch.einsum("mbn,bn->bm", g.reshape(g.shape[0], src.shape[0], -1),
-                                              shares[i].reshape(src.shape[0], -1)))
-            else:
-                B, C = src.shape[:2]  # one contraction, no [m, B, Ci, ...] product in memory
-                w = torch.einsum("mbcp,bcp->bmc", g.reshape(g.shape[0], B, C, -1), src.detach().reshape(B, C, -1))
-                weights[i].append(w)
-                totals[i].append(w.sum(-1))
+    by_start: dict[Any, list[int]] = {}
+    for i in preds:
+        by_start.setdefault(deep[i].edge() if i in deep else None, []).append(i)
+    for first, group in by_start.items():
+        edges: list[Any] = []
+        slot: dict[int, int] = {}  # pred -> index into the VJP's inputs
+        by_node: dict[Any, int] = {}
+        shares: dict[int, torch.Tensor] = {}
+        for i in group:
+            jn = junctions.get(i)
+            if jn is None:
+                slot[i] = len(edges)
+                edges.append(cut.sources[i])
+                continue
+            key = (jn.node, i)
+            if key not in shared:
+                shared[key] = junction_share(jn, cut.sources[i])
+            shares[i] = shared[key]
+            if jn.node not in by_node:  # sources concatenated before one layer share its output
+                by_node[jn.node] = len(edges)
+                edges.append(GradientEdge(jn.node, 0))
+            slot[i] = by_node[jn.node]
+        numel = sum(math.prod(_shape(e)) for e in edges)
+        if first is not None and gbar is not None:
+            start = _deep_start(deep[group[0]], gbar, targets)
+        elif entry is not None and gbar is not None and entry.node not in by_node:
+            start = _entry_start(entry, gbar, targets)
+        else:  # no entry, or a source's junction is the destination's own layer: start above it
+            start = _dst_start(a_dst, g_dst, targets)
+        for grads in _target_vjps(start, edges, targets.shape[1], numel):
+            for i in group:
+                g, src = grads[slot[i]], cut.sources[i]
+                if i in junctions:
+                    weights[i].append(junction_weights(junctions[i], src, g, rows[i][0]))  # [B, m, n]
+                    totals[i].append(torch.einsum("mbn,bn->bm", g.reshape(g.shape[0], src.shape[0], -1),
+                                                  shares[i].reshape(src.shape[0], -1)))
+                else:
+                    B, C = src.shape[:2]  # one contraction, no [m, B, Ci, ...] product in memory
+                    w = torch.einsum("mbcp,bcp->bmc", g.reshape(g.shape[0], B, C, -1),
+                                     src.detach().reshape(B, C, -1))
+                    weights[i].append(w)
+                    totals[i].append(w.sum(-1))
     W: dict[int, torch.Tensor] = {}
     for i in preds:
         w = torch.cat(weights[i], 1)
@@ -244,11 +267,13 @@ def _no_edges(gaps: torch.Tensor) -> Edges:
 class IncomingWeights:
     """Edge weights into one site's targets, per predecessor ``i``: ``weights[i]`` ``[B, M, Ci]`` (zero outside
     the kept channels where a junction served), ``totals[i]`` ``[B, M]`` the sum over all of ``i``'s channels
-    (for the completeness gap), and ``routes[i]``, the route taken (one of ``ROUTES``)."""
+    (for the completeness gap), ``routes[i]``, the route taken (one of ``ROUTES``), and ``deep``, the sources
+    whose batched backward started below the destination's two convs (:class:`extractor.mixing.DeepEntry`)."""
 
     weights: dict[int, torch.Tensor]
     totals: dict[int, torch.Tensor]
     routes: dict[int, str]
+    deep: frozenset[int] = frozenset()
 
 
 def incoming_weights(
@@ -269,14 +294,25 @@ def incoming_weights(
     sources = list(cut.sources.values())
     mixes: dict[int, Mixing] = {}
     junctions: dict[int, Junction] = {}
+    deep: dict[int, DeepEntry] = {}
+    entry = None
+    if fast:  # the key (j, j) holds the destination's own entry layer
+        route = known.get((j, j))
+        if route is None:
+            route = known[(j, j)] = find_entry_route(a_dst, g_dst, sources)
+        entry = entry_at(route, a_dst)
     for i in preds if fast else ():
         route = known.get((i, j))
         if route is None:
-            route = known[(i, j)] = find_route(cut.sources[i], a_dst, sources)
+            route = known[(i, j)] = find_route(cut.sources[i], a_dst, sources,
+                                               entry=entry.node if entry is not None else None)
         if route.kind == "mixing" and (mix := mixing_at(route, cut.sources[i], a_dst, sources)) is not None:
             mixes[i] = mix
-        elif route.kind == "junction" and (jn := junction_at(route, a_dst)) is not None:
+            continue
+        if route.kind == "junction" and (jn := junction_at(route, a_dst)) is not None:
             junctions[i] = jn
+        if (two := deep_at(route, entry)) is not None:
+            deep[i] = two
     # one plain backward serves every mixing source (each its own layer's output, or itself)
     ins: dict[Any, Any] = {}
     for i, mix in mixes.items():
@@ -290,18 +326,12 @@ def incoming_weights(
     totals = {i: w.sum(-1) for i, w in W.items()}
     slow = [i for i in preds if i not in mixes]
     if slow:
-        entry = None
-        if fast:  # the key (j, j) holds the destination's own entry layer
-            route = known.get((j, j))
-            if route is None:
-                route = known[(j, j)] = find_entry_route(a_dst, g_dst, sources)
-            entry = entry_at(route, a_dst)
         w_slow, t_slow = _vjp_route(slow, cut=cut, a_dst=a_dst, g_dst=g_dst, targets=targets, kept=kept,
-                                    junctions=junctions, shared=shared, entry=entry)
+                                    junctions=junctions, shared=shared, entry=entry, deep=deep)
         W.update(w_slow)
         totals.update(t_slow)
     routes = {i: "mixing" if i in mixes else "junction" if i in junctions else "vjp" for i in preds}
-    return IncomingWeights(weights=W, totals=totals, routes=routes)
+    return IncomingWeights(weights=W, totals=totals, routes=routes, deep=frozenset(deep) & frozenset(slow))
 
 
 @graph_walks()

@@ -77,7 +77,35 @@ class Mixing:
     src_offset: int = 0  # source channel i is channel src_offset + i of u (a concatenation before the layer)
     dst_offset: int = 0  # channel c of z is channel dst_offset + c of a_dst (a concatenation after it)
     first: Any = None  # two convs in a row: the first one (its input u and geometry); ``node`` is the second
-    weight: torch.Tensor | None = None  # ... and their composite weight [C_out, Ci, kh, kw]
+    scale: torch.Tensor | None = None  # ... and the per-channel derivative between them [C_mid]
+
+
+def composite_rows(mix: Mixing, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` (any shape ``[...]``) of the weight ``[C_out, Ci, kh, kw]`` that the segment's layer applies to
+    ``u``: the layer's own (dense over its groups), or for two convs the composite ``W2 diag(s) W1``, computed for
+    these rows only (a few targets need a few rows, not the whole ``C_out x C_mid x Ci`` product)."""
+    with torch.no_grad():
+        if mix.first is None:
+            w: torch.Tensor = mix.node._saved_weight.detach()
+            groups = int(mix.node._saved_groups)
+            sel = w[rows]  # [..., Ci/g, kh, kw]
+            if groups == 1:
+                return sel
+            per_out, per_in = w.shape[0] // groups, w.shape[1]
+            dense = sel.new_zeros(*rows.shape, per_in * groups, *w.shape[2:])
+            cols = (rows // per_out)[..., None] * per_in + torch.arange(per_in, device=w.device)  # [..., Ci/g]
+            return dense.scatter_(rows.dim(), cols.view(*cols.shape, 1, 1).expand_as(sel), sel)
+        assert mix.scale is not None
+        w2 = mix.node._saved_weight.detach()[:, :, 0, 0]  # [C_out, C_mid]
+        w1 = mix.first._saved_weight.detach()  # [C_mid, Ci/g, kh, kw]
+        groups = int(mix.first._saved_groups)
+        a = w2[rows] * mix.scale  # [..., C_mid]
+        if groups == 1:
+            return torch.einsum("...o,oikl->...ikl", a, w1)
+        per_out = w1.shape[0] // groups  # block-diagonal: mid channel o reads its group's inputs only
+        out = torch.einsum("...gp,gpikl->...gikl", a.view(*rows.shape, groups, per_out),
+                           w1.view(groups, per_out, *w1.shape[1:]))
+        return out.reshape(*rows.shape, groups * w1.shape[1], *w1.shape[2:])
 
 
 _ADJACENCY: list[dict[Any, list[Any]]] = []  # the innermost graph_walks() scope's children per node
@@ -237,26 +265,25 @@ def _two_convs(mixers: list[Any], on_path: list[Any], *, src: Any, dst: Any, sto
             or any(n.name() not in MID_OK for n in mid):
         return None
     dst_offset = _post_offset(dst, m2, post) if any(n.name() == "CatBackward0" for n in post) else 0
-    u, w1 = m1._saved_input, m1._saved_weight
+    u = m1._saved_input
     if dst_offset is None or u.dim() != 4 or u.shape[1] < src_offset + a_src.shape[1] \
             or dst_offset + w2.shape[0] > a_dst.shape[1]:
         return None
+    scale = mid_scale(m2, m1)
+    if scale is None:
+        return None
+    return Mixing(node=m2, kind="conv", group=1, src_offset=src_offset, dst_offset=dst_offset, first=m1, scale=scale)
+
+
+def mid_scale(m2: Any, m1: Any) -> torch.Tensor | None:
+    """``s`` ``[C_mid]``: the derivative of conv ``m2``'s input by conv ``m1``'s output, if it is one constant per
+    channel on this batch (else ``None``). Numbers of the batch: checked on each one."""
     y = m2._saved_input
     (scale,) = torch.autograd.grad(y, GradientEdge(m1, 0), grad_outputs=torch.ones_like(y), retain_graph=True)
     per_channel = scale[:1, :, :1, :1]
     if not torch.allclose(scale, per_channel.expand_as(scale), rtol=1e-5, atol=0.0):
         return None
-    groups = int(m1._saved_groups)
-    dense = w1.detach()
-    if groups > 1:  # block-diagonal as a dense [C_mid, Ci, kh, kw]
-        c_mid, per = w1.shape[0], u.shape[1] // groups
-        dense = w1.new_zeros(c_mid, u.shape[1], *w1.shape[2:])
-        for g in range(groups):
-            rows = slice(g * (c_mid // groups), (g + 1) * (c_mid // groups))
-            dense[rows, g * per:(g + 1) * per] = w1.detach()[rows]
-    composite = torch.einsum("jo,o,oikl->jikl", w2.detach()[:, :, 0, 0], per_channel.detach().flatten(), dense)
-    return Mixing(node=m2, kind="conv", group=1, src_offset=src_offset, dst_offset=dst_offset, first=m1,
-                  weight=composite)
+    return per_channel.detach().flatten()
 
 
 def _identity(on_path: list[Any], a_src: torch.Tensor, a_dst: torch.Tensor) -> Mixing | None:
@@ -442,34 +469,37 @@ def mixing_edge_weights(mix: Mixing, a_src: torch.Tensor, a_dst: torch.Tensor, g
             summed: torch.Tensor = per_feature.view(B, M, -1, mix.group).sum(-1)
             return summed
         geo = mix.first if mix.first is not None else node  # the layer whose input and geometry are read
-        u = geo._saved_input.detach()  # [B, Ci, H, W]
-        w = (mix.weight if mix.weight is not None else node._saved_weight).detach()  # [Co, Ci/g, kh, kw]
+        u = geo._saved_input.detach()  # [B, Cu, H, W]
         c_src = a_src.shape[1]
-        if u.shape[1] != c_src:  # a concatenation before the layer: the source's block of input channels
-            u = u[:, mix.src_offset:mix.src_offset + c_src]
-            w = w[:, mix.src_offset:mix.src_offset + c_src]
-        ci, groups = u.shape[1], 1 if mix.weight is not None else int(node._saved_groups)
-        per_group = ci // groups
-        w_sel = w[idx]  # [B, M, Ci/g, kh, kw]
-        if groups > 1:  # place each target's group block in a dense [Ci] row
-            dense = w_sel.new_zeros(B, M, ci, *w.shape[2:])
-            first = (idx // (w.shape[0] // groups)) * per_group  # [B, M]
-            cols = first[..., None] + torch.arange(per_group, device=w.device)  # [B, M, Ci/g]
-            dense.scatter_(2, cols.view(B, M, per_group, 1, 1).expand_as(w_sel), w_sel)
-            w_sel = dense
+        if mix.first is None and int(node._saved_groups) > 1:  # each target reads its own group's channels only
+            w = node._saved_weight.detach()  # [Co, Ci/g, kh, kw]
+            per_out, per_in = w.shape[0] // int(node._saved_groups), w.shape[1]
+            cols = (idx // per_out)[..., None] * per_in + torch.arange(per_in, device=w.device)  # [B, M, Ci/g]
+            u = u.gather(1, cols.view(B, M * per_in, 1, 1).expand(B, M * per_in, *u.shape[2:]))
+            w_sel, ci, rows = w[idx], M * per_in, M  # the weight gradient below: one group of rows per target
+        else:
+            w_sel = composite_rows(mix, idx)  # [B, M, Cu, kh, kw]
+            if u.shape[1] != c_src:  # a concatenation before the layer: the source's block of input channels
+                u = u[:, mix.src_offset:mix.src_offset + c_src]
+                w_sel = w_sel[:, :, mix.src_offset:mix.src_offset + c_src]
+            ci, rows, per_in, cols = u.shape[1], 1, u.shape[1], None
+        kernel = w_sel.shape[3:]
         # images per call bounded so the unfolded input (Ci * kh * kw * output pixels per image) stays small
-        per_image = ci * w.shape[2] * w.shape[3] * max(1, gsel[0, 0].numel())
+        per_image = ci * kernel.numel() * max(1, gsel[0, 0].numel())
         chunk = max(1, _UNFOLD_BUDGET // per_image)
         out = []
         for s in range(0, B, chunk):
             n = min(chunk, B - s)
             grad_w = torch.nn.grad.conv2d_weight(  # type: ignore[attr-defined] # torch.nn.grad is not re-exported
-                u[s:s + n].reshape(1, n * ci, *u.shape[2:]), (n * M, ci, *w.shape[2:]),
+                u[s:s + n].reshape(1, n * ci, *u.shape[2:]), (n * M, per_in, *kernel),
                 gsel[s:s + n].reshape(1, n * M, *spatial), stride=tuple(geo._saved_stride),
-                padding=tuple(geo._saved_padding), dilation=tuple(geo._saved_dilation), groups=n,
-            )  # [n * M, Ci, kh, kw]: dC_j/dW[j] per image
-            out.append((grad_w.view(n, M, ci, -1) * w_sel[s:s + n].reshape(n, M, ci, -1)).sum(-1))
-        return torch.cat(out, 0)
+                padding=tuple(geo._saved_padding), dilation=tuple(geo._saved_dilation), groups=n * rows,
+            )  # [n * M, Ci or Ci/g, kh, kw]: dC_j/dW[j] per image
+            out.append((grad_w.view(n, M, per_in, -1) * w_sel[s:s + n].reshape(n, M, per_in, -1)).sum(-1))
+        w_in = torch.cat(out, 0)  # [B, M, per_in]
+        if cols is None:
+            return w_in
+        return w_in.new_zeros(B, M, c_src).scatter_(2, cols, w_in)
 
 
 def channel_reach(mix: Mixing, c_src: int, c_dst: int) -> torch.Tensor | None:
@@ -489,13 +519,9 @@ def channel_reach(mix: Mixing, c_src: int, c_dst: int) -> torch.Tensor | None:
             w = node._saved_mat2.detach().T  # [C_out, F], feature f from source channel f // group
             nz = (w != 0).view(w.shape[0], c_src, mix.group).any(-1).cpu()
         else:
-            w = (mix.weight if mix.weight is not None else node._saved_weight).detach()  # [C_out, Ci/g, kh, kw]
+            w = composite_rows(mix, torch.arange(node._saved_weight.shape[0], device=node._saved_weight.device))
+            # [C_out, Cu, kh, kw]
             nz = (w != 0).flatten(2).any(-1).cpu()
-            groups = 1 if mix.weight is not None else int(node._saved_groups)
-            if groups > 1:  # block-diagonal over the groups
-                per_in, per_out = nz.shape[1], w.shape[0] // groups
-                cols = (torch.arange(w.shape[0]) // per_out)[:, None] * per_in + torch.arange(per_in)
-                nz = torch.zeros(w.shape[0], per_in * groups, dtype=torch.bool).scatter_(1, cols, nz)
             nz = nz[:, mix.src_offset:mix.src_offset + c_src]
     if mix.dst_offset == 0 and nz.shape[0] == c_dst and bool(nz.all()):
         return None
@@ -745,6 +771,10 @@ class Route(NamedTuple):
     mixing: Mixing | None = None
     layer: str = ""  # the layer's autograd node name
     entry: str = ""  # a destination's entry layer (key (j, j)): its kind
+    # two convs: the path from the second conv's node to the first. A junction or VJP route: the path from the
+    # destination's entry layer to the conv where the source's batched backward starts (find_deep_entry)
+    first: tuple[int, ...] | None = None
+    gate: int = -1  # ... and which input of the first conv's input product is a gate to start from (DeepEntry)
 
 
 @dataclass
@@ -755,8 +785,11 @@ class RouteCache:
     by_shape: dict[tuple[object, ...], dict[tuple[int, int], Route]] = field(default_factory=dict)
 
 
-def find_route(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable[torch.Tensor]) -> Route:
-    """Classify one segment (the discovery walk; later batches reuse the answer through :class:`RouteCache`)."""
+def find_route(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable[torch.Tensor], *,
+               entry: Any = None) -> Route:
+    """Classify one segment (the discovery walk; later batches reuse the answer through :class:`RouteCache`).
+    ``entry``: the destination's entry layer's node, if it has one; a junction or VJP route then notes the
+    conv below it where the source's batched backward can start (:func:`find_deep_entry`)."""
     seg = _segment(a_src, a_dst, site_tensors)
     if seg is None:
         return Route(kind="vjp")
@@ -764,17 +797,20 @@ def find_route(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable[
     if mix is not None:
         if mix.kind == "identity":
             return Route(kind="mixing", mixing=mix)
-        path = graph_path(a_dst.grad_fn, mix.node) if mix.first is None else None
-        if path is None:
+        path = graph_path(a_dst.grad_fn, mix.node)
+        first = graph_path(mix.node, mix.first) if mix.first is not None else None
+        if path is None or (mix.first is not None and first is None):
             return Route(kind="mixing")
-        return Route(kind="mixing", path=path, mixing=replace(mix, node=None), layer=mix.node.name())
+        return Route(kind="mixing", path=path, mixing=replace(mix, node=None, first=None, scale=None),
+                     layer=mix.node.name(), first=first)
     jn = find_junction(a_src, a_dst, site_tensors, seg=seg)
-    if jn is None or a_dst.grad_fn is None:
-        return Route(kind="vjp")
-    path = graph_path(a_dst.grad_fn, jn.node)
-    if path is None:
-        return Route(kind="vjp")
-    return Route(kind="junction", path=path, junction=replace(jn, node=None), layer=jn.node.name())
+    found = find_deep_entry(seg, entry, jn.node if jn is not None else None) if entry is not None else None
+    first, gate = found if found is not None else (None, -1)
+    path = graph_path(a_dst.grad_fn, jn.node) if jn is not None and a_dst.grad_fn is not None else None
+    if jn is None or path is None:
+        return Route(kind="vjp", first=first, gate=gate)
+    return Route(kind="junction", path=path, junction=replace(jn, node=None), layer=jn.node.name(), first=first,
+                 gate=gate)
 
 
 def mixing_at(route: Route, a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable[torch.Tensor]) \
@@ -785,7 +821,14 @@ def mixing_at(route: Route, a_src: torch.Tensor, a_dst: torch.Tensor, site_tenso
     if route.mixing.kind == "identity":
         return route.mixing
     node = follow(a_dst.grad_fn, route.path) if a_dst.grad_fn is not None else None
-    return replace(route.mixing, node=node) if node is not None and node.name() == route.layer else None
+    if node is None or node.name() != route.layer:
+        return None
+    if route.first is None:
+        return replace(route.mixing, node=node)
+    first = follow(node, route.first)
+    if first is None or first.name() != "ConvolutionBackward0" or (scale := mid_scale(node, first)) is None:
+        return None
+    return replace(route.mixing, node=node, first=first, scale=scale)
 
 
 def junction_at(route: Route, a_dst: torch.Tensor) -> Junction | None:
@@ -872,14 +915,7 @@ def entry_cotangents(entry: Entry, gbar: torch.Tensor, targets: torch.Tensor) ->
     idx = targets.clamp(min=0)
     with torch.no_grad():
         if entry.kind == "conv":
-            u, w = node._saved_input, node._saved_weight.detach()  # [B, Ci, H, W], [Co, Ci, kh, kw]
-            g = gbar.gather(1, idx[..., None, None].expand(B, M, *gbar.shape[2:])) * valid[..., None, None]
-            grad_u = torch.nn.grad.conv2d_input(  # type: ignore[attr-defined] # torch.nn.grad is not re-exported
-                (1, B * M * u.shape[1], *u.shape[2:]), w[idx].reshape(B * M, u.shape[1], *w.shape[2:]),
-                g.reshape(1, B * M, *g.shape[2:]), stride=tuple(node._saved_stride),
-                padding=tuple(node._saved_padding), dilation=tuple(node._saved_dilation), groups=B * M)
-            per_target: torch.Tensor = grad_u.view(B, M, *u.shape[1:]).transpose(0, 1)
-            return per_target
+            return _transposed(node, node._saved_weight.detach()[idx], _target_maps(gbar, targets))
         w = node._saved_mat2.detach().T  # [Co, F]
         if entry.kind == "linear":  # u [B, F]
             g = gbar.gather(1, idx) * valid  # [B, M]
@@ -905,3 +941,138 @@ def entry_at(route: Route, a_dst: torch.Tensor) -> Entry | None:
         return None
     node = follow(a_dst.grad_fn, route.path)
     return Entry(node=node, kind=route.entry) if node is not None and node.name() == route.layer else None
+
+
+# --- deep entries: a linear bottleneck at the destination ----------------------------------------------------------
+#
+# Where the destination's entry layer ``m2`` is a 1x1 convolution that reads another convolution ``m1`` through
+# per-channel constant scales only (batch norm, residual additions: a linear bottleneck, as in EfficientNet and
+# MobileNet), target ``j``'s gradient at ``m1``'s input is ``m1``'s transposed convolution of ``gbar_j`` with row ``j``
+# of the composite ``W2 diag(s) W1`` (:func:`composite_rows`). A source whose every path to the destination passes
+# ``m1`` (a squeeze-excite gate that multiplies ``m1``'s input, say) then starts its batched backward at ``m1``'s
+# input: neither convolution is differentiated per target.
+
+
+@dataclass(kw_only=True, frozen=True)
+class DeepEntry:
+    """Where a source's batched backward starts below the destination's two convs: ``mix`` holds them (``node``
+    ``m2``, ``first`` ``m1``, ``scale``). With ``gate`` ``>= 0`` ``m1`` (1x1, stride 1) reads ``x * gate``, ``x``
+    not computed from the source and ``gate`` ``[B, C, 1, 1]`` (a squeeze-excite gate); the start is then the
+    gate, input ``gate`` of that product."""
+
+    mix: Mixing
+    gate: int = -1
+
+    def edge(self) -> GradientEdge:
+        """The autograd edge the backward starts from."""
+        m1 = self.mix.first
+        if self.gate < 0:
+            return GradientEdge(*m1.next_functions[0])
+        return GradientEdge(*m1.next_functions[0][0].next_functions[self.gate])
+
+    def cotangents(self, gbar: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``[M, *shape]``: each target's gradient at :meth:`edge`, from ``gbar`` ``dC/dz2`` ``[B, Co, H, W]`` and
+        ``targets`` ``[B, M]`` (``-1`` = none, zero)."""
+        with torch.no_grad():
+            rows = composite_rows(self.mix, targets.clamp(min=0))  # [B, M, Ci, kh, kw]
+            g = _target_maps(gbar, targets)  # [B, M, H, W]
+            if self.gate < 0:
+                return _transposed(self.mix.first, rows, g)
+            product = self.mix.first.next_functions[0][0]
+            x = (product._saved_other if self.gate == 0 else product._saved_self).detach()  # [B, C, H, W]
+            # the gradient at m1's input is rows (x) g, an outer product: summed against x over positions at once
+            spread = torch.einsum("bmp,bcp->mbc", g.flatten(2), x.flatten(2))
+            out: torch.Tensor = (spread * rows[..., 0, 0].transpose(0, 1))[..., None, None]
+            return out
+
+
+def find_deep_entry(seg: Segment, entry: Any, junction: Any = None) -> tuple[tuple[int, ...], int] | None:
+    """The path from the destination's entry node ``entry`` (``m2``) to ``m1``, if every path of the segment
+    ``seg`` passes ``m1`` and only :data:`MID_OK` ops lie between the two (else ``None``), and the gate input of
+    ``m1``'s input (:class:`DeepEntry`; ``-1`` if none). ``junction``: the source's junction node, which must lie
+    below ``m1``. The scale between the convs is checked on each batch (:func:`mid_scale`)."""
+    src, dst, stops, memo, on_path = seg
+    if entry.name() != "ConvolutionBackward0" or entry._saved_transposed or int(entry._saved_groups) != 1 \
+            or tuple(entry._saved_weight.shape[2:]) != (1, 1) or tuple(entry._saved_stride) != (1, 1) \
+            or tuple(entry._saved_padding) != (0, 0):
+        return None
+    on = set(on_path)
+    convs: list[Any] = []
+    seen: set[Any] = set()
+    stack = [n for n in _next(entry)[:1] if n in on]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.name() == "ConvolutionBackward0":
+            convs.append(node)
+        elif node.name() in MID_OK:
+            stack.extend(n for n in _next(node) if n in on)
+        else:
+            return None
+    if len(convs) != 1:
+        return None
+    m1 = convs[0]
+    if m1 is junction or m1._saved_transposed or len(m1._saved_stride) != 2 or m1._saved_input is None \
+            or m1.next_functions[0][0] is None or _reaches(dst, src, stops | {m1}, {}) \
+            or any(_reaches(p, src, stops, memo) for p, _ in m1.next_functions[1:] if p is not None):
+        return None
+    path = graph_path(entry, m1)
+    return None if path is None else (path, _gate(m1, src, stops, memo, junction))
+
+
+def _gate(m1: Any, src: Any, stops: set[Any], memo: dict[Any, bool], junction: Any) -> int:
+    """Which input of ``m1``'s input product is a gate ``[B, C, 1, 1]`` that alone leads to the source
+    (``-1``: none)."""
+    product = m1.next_functions[0][0]
+    u = m1._saved_input
+    if product.name() != "MulBackward0" or tuple(m1._saved_weight.shape[2:]) != (1, 1) \
+            or tuple(m1._saved_stride) != (1, 1) or tuple(m1._saved_padding) != (0, 0):
+        return -1
+    kids = [n for n, _ in product.next_functions]
+    saved = (product._saved_self, product._saved_other)
+    for k in (0, 1):
+        gate, x, other = saved[k], saved[1 - k], kids[1 - k]
+        if gate is None or x is None or kids[k] is None or kids[k] is junction:
+            continue
+        if tuple(gate.shape) == (u.shape[0], u.shape[1], 1, 1) and tuple(x.shape) == tuple(u.shape) \
+                and (other is None or not _reaches(other, src, stops, memo)):
+            return k
+    return -1
+
+
+def deep_at(route: Route, entry: Entry | None) -> DeepEntry | None:
+    """A route's deep entry in this batch's graph (``None`` if the route has none, the graph differs, or the scale
+    between the two convs is not per channel)."""
+    if route.first is None or entry is None or entry.kind != "conv":
+        return None
+    m1 = follow(entry.node, route.first)
+    if m1 is None or m1.name() != "ConvolutionBackward0" or (scale := mid_scale(entry.node, m1)) is None:
+        return None
+    if route.gate >= 0 and m1.next_functions[0][0].name() != "MulBackward0":
+        return None
+    return DeepEntry(mix=Mixing(node=entry.node, kind="conv", group=1, first=m1, scale=scale), gate=route.gate)
+
+
+def _target_maps(gbar: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``[B, M, H, W]``: channel ``targets[b, m]`` of ``gbar`` ``[B, C, H, W]`` (zero where the target is ``-1``)."""
+    B, M = targets.shape
+    g = gbar.gather(1, targets.clamp(min=0)[..., None, None].expand(B, M, *gbar.shape[2:]))
+    return g * (targets >= 0).to(gbar.dtype)[..., None, None]
+
+
+def _transposed(node: Any, w_sel: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``[M, B, *u.shape[1:]]``: conv ``node``'s input gradient for each of ``B x M`` output gradients ``g``
+    ``[B, M, H', W']``, each with its own weight row ``w_sel`` ``[B, M, Ci, kh, kw]`` (one grouped call; an
+    outer product for a 1x1 convolution of stride 1)."""
+    u = node._saved_input
+    B, M = g.shape[:2]
+    if tuple(w_sel.shape[3:]) == (1, 1) and tuple(node._saved_stride) == (1, 1) \
+            and tuple(node._saved_padding) == (0, 0) and tuple(g.shape[2:]) == tuple(u.shape[2:]):
+        return torch.einsum("bmc,bmhw->mbchw", w_sel[..., 0, 0], g)
+    grad_u: torch.Tensor = torch.nn.grad.conv2d_input(  # type: ignore[attr-defined] # not re-exported
+        (1, B * M * u.shape[1], *u.shape[2:]), w_sel.reshape(B * M, u.shape[1], *w_sel.shape[3:]),
+        g.reshape(1, B * M, *g.shape[2:]), stride=tuple(node._saved_stride), padding=tuple(node._saved_padding),
+        dilation=tuple(node._saved_dilation), groups=B * M)
+    return grad_u.view(B, M, *u.shape[1:]).transpose(0, 1).contiguous()

@@ -43,6 +43,7 @@ def _check(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings) -> C
         for i, ref in zip(preds, exact, strict=True):
             got, route = inc.weights[i], inc.routes[i]
             taken[route] += 1
+            taken["deep"] += i in inc.deep
             want = ref * sel.kept[i][:, None, :] if route == "junction" else ref  # junctions: kept channels only
             scale = max(float(ref.abs().max()), 1e-30)
             assert float((got - want).abs().max()) <= 1e-10 * scale, (site.site_id, i, route)
@@ -73,10 +74,12 @@ def _small(name: str) -> nn.Module:
 
 
 @pytest.mark.parametrize(("name", "size", "routes"), [
-    ("convnext", 32, {"junction": 6}),  # a residual stream through layer norms: each block feeds every later one
-    ("vit", 32, {"junction": 3}),  # tokens: the MLP's second linear is each source's junction
-    ("swin", 32, {"junction": 6}),
-    ("efficientnet_b0", 32, {"mixing": 62, "junction": 30}),  # squeeze-excite: the gate's site through its 1x1 conv
+    # a residual stream through layer norms: each block feeds every later one
+    ("convnext", 32, {"junction": 6, "deep": 0}),
+    ("vit", 32, {"junction": 3, "deep": 0}),  # tokens: the MLP's second linear is each source's junction
+    ("swin", 32, {"junction": 6, "deep": 0}),
+    # squeeze-excite: the gate's site through its 1x1 conv, its backward started at the gate (a deep entry)
+    ("efficientnet_b0", 32, {"mixing": 62, "junction": 30, "deep": 30}),
 ])
 def test_routes_equal_the_exact_route_on_torchvision(name: str, size: int, routes: dict[str, int]) -> None:
     """(ResNet-18, GoogLeNet and DenseNet121 take the mixing route on all or all but 7 edges: ``tests/test_mixing.py``
@@ -133,9 +136,47 @@ class _Concat(nn.Module):
         return self.fc(self.out(self.norm(y)).flatten(1))
 
 
+class _Bottleneck(nn.Module):
+    """A linear bottleneck at the destination: ``m1`` (project) -> batch norm -> + skip -> ``m2`` (1x1 expand) ->
+    batch norm -> ReLU (the destination). What reaches ``m1`` from the sources (ReLU sites) differs by ``kind``:
+
+    * ``"gate"``: ``a * gate``, the gate computed from a squeeze-excite site (a deep entry at the gate; ``a`` takes
+      the two-conv mixing route);
+    * ``"norm"``: a group norm of ``a``, gated, into a 3x3 ``m1`` (deep entries at ``m1``'s input, for ``a`` without a
+      junction);
+    * ``"scaled"``: as ``"gate"`` with ``m1``'s output multiplied by a factor that varies over positions: the scale
+      between the convs is not per channel, so no deep entry holds and the backward starts at ``m2``'s input."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.stem, self.r0 = nn.Conv2d(3, 6, 3, padding=1), nn.ReLU()
+        self.c1, self.r1 = nn.Conv2d(6, 8, 3, padding=1), nn.ReLU()
+        self.fc1, self.rs, self.fc2 = nn.Conv2d(8, 3, 1), nn.ReLU(), nn.Conv2d(3, 8, 1)
+        self.norm = nn.GroupNorm(2, 8)
+        self.m1 = nn.Conv2d(8, 6, 3 if kind == "norm" else 1, padding=1 if kind == "norm" else 0)
+        self.bn1, self.m2, self.bn2, self.out = nn.BatchNorm2d(6), nn.Conv2d(6, 5, 1), nn.BatchNorm2d(5), nn.ReLU()
+        for bn in (self.bn1, self.bn2):
+            nn.init.uniform_(bn.running_mean, -0.5, 0.5)  # type: ignore[arg-type]
+            nn.init.uniform_(bn.running_var, 0.5, 2.0)  # type: ignore[arg-type]
+        self.fc = nn.Linear(5 * 8 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.r0(self.stem(x))
+        a = self.r1(self.c1(s))
+        gate = torch.sigmoid(self.fc2(self.rs(self.fc1(a.mean((2, 3), keepdim=True)))))
+        u = (self.norm(a) if self.kind == "norm" else a) * gate
+        y = self.bn1(self.m1(u))
+        y = y * (1 + s[:, :1]) + s if self.kind == "scaled" else y + s
+        return self.fc(self.out(self.bn2(self.m2(y))).flatten(1))
+
+
 @pytest.mark.parametrize(("body", "routes"), [
     (_Stream(), {"junction": 3, "vjp": 0}),
     (_Concat(), {"junction": 2, "vjp": 0}),
+    (_Bottleneck("gate"), {"mixing": 3, "junction": 1, "vjp": 1, "deep": 1}),
+    (_Bottleneck("norm"), {"mixing": 2, "junction": 1, "vjp": 2, "deep": 2}),
+    (_Bottleneck("scaled"), {"mixing": 2, "junction": 2, "vjp": 1, "deep": 0}),
 ])
 def test_routes_equal_the_exact_route_on_hand_built_segments(body: nn.Module, routes: dict[str, int]) -> None:
     torch.manual_seed(1)
@@ -193,9 +234,9 @@ def test_routes_are_found_once_per_input_shape(name: str, monkeypatch: pytest.Mo
     for fn in ("find_route", "find_entry_route"):
         real = getattr(mixing, fn)
 
-        def counted(*args: object, _real: object = real, _name: str = fn) -> object:
+        def counted(*args: object, _real: object = real, _name: str = fn, **kwargs: object) -> object:
             calls[_name] += 1
-            return _real(*args)  # type: ignore[operator]
+            return _real(*args, **kwargs)  # type: ignore[operator]
 
         monkeypatch.setattr(f"extractor.edges.{fn}", counted)
 
@@ -218,9 +259,11 @@ def test_routes_are_found_once_per_input_shape(name: str, monkeypatch: pytest.Mo
     assert calls["find_route"] == 3 * pairs
     assert len(cached[0]) > 0
     known = list(next(iter(bundle.routes.by_shape.values())).values())
-    assert {r.kind for r in known} == ({"junction", "entry"} if name == "stream" else {"mixing", "junction", "entry"})
-    if name != "stream":  # single layers kept, two-conv composites searched on each batch
-        assert {r.mixing is None for r in known if r.kind == "mixing"} == {True, False}
+    kinds = {"junction", "entry"} if name == "stream" else {"mixing", "junction", "entry"}
+    assert {r.kind for r in known} - {"none"} == kinds  # "none": a destination without an entry layer
+    if name != "stream":  # single layers and two-conv composites kept (the scale between two convs per batch)
+        mixes = [r for r in known if r.kind == "mixing"]
+        assert all(r.mixing is not None for r in mixes) and {r.first is None for r in mixes} == {True, False}
 
 
 def test_segment_routes_name_the_route_each_edge_takes() -> None:
