@@ -66,6 +66,7 @@ from extractor.mixing import (
     mixing_at,
     mixing_edge_weights,
     mixing_input,
+    with_deep_entry,
 )
 from extractor.reach import kept_rows
 from extractor.selection import Selection
@@ -295,24 +296,27 @@ def incoming_weights(
     mixes: dict[int, Mixing] = {}
     junctions: dict[int, Junction] = {}
     deep: dict[int, DeepEntry] = {}
-    entry = None
-    if fast:  # the key (j, j) holds the destination's own entry layer
-        route = known.get((j, j))
-        if route is None:
-            route = known[(j, j)] = find_entry_route(a_dst, g_dst, sources)
-        entry = entry_at(route, a_dst)
     for i in preds if fast else ():
         route = known.get((i, j))
         if route is None:
-            route = known[(i, j)] = find_route(cut.sources[i], a_dst, sources,
-                                               entry=entry.node if entry is not None else None)
+            route = known[(i, j)] = find_route(cut.sources[i], a_dst, sources)
         if route.kind == "mixing" and (mix := mixing_at(route, cut.sources[i], a_dst, sources)) is not None:
             mixes[i] = mix
-            continue
-        if route.kind == "junction" and (jn := junction_at(route, a_dst)) is not None:
+        elif route.kind == "junction" and (jn := junction_at(route, a_dst)) is not None:
             junctions[i] = jn
-        if (two := deep_at(route, entry)) is not None:
-            deep[i] = two
+    slow = [i for i in preds if i not in mixes]
+    entry = None
+    if fast and slow:  # the key (j, j) holds the destination's own entry layer for the slow sources' paths
+        route = known.get((j, j))
+        if route is None or route.over != tuple(slow):
+            route = known[(j, j)] = find_entry_route(a_dst, g_dst, {i: cut.sources[i] for i in slow})
+            found = entry_at(route, a_dst)
+            for i in slow if found is not None else ():
+                if known[(i, j)].kind != "mixing":  # (a mixing route's own numbers did not hold on this batch)
+                    known[(i, j)] = with_deep_entry(known[(i, j)], cut.sources[i], a_dst, sources, found)
+        entry = entry_at(route, a_dst)
+        deep = {i: two for i in slow
+                if known[(i, j)].kind != "mixing" and (two := deep_at(known[(i, j)], entry)) is not None}
     # one plain backward serves every mixing source (each its own layer's output, or itself)
     ins: dict[Any, Any] = {}
     for i, mix in mixes.items():
@@ -324,14 +328,13 @@ def incoming_weights(
                                 grad=plain[mix.node if mix.kind != "identity" else cut.sources[i]])
          for i, mix in mixes.items()}
     totals = {i: w.sum(-1) for i, w in W.items()}
-    slow = [i for i in preds if i not in mixes]
     if slow:
         w_slow, t_slow = _vjp_route(slow, cut=cut, a_dst=a_dst, g_dst=g_dst, targets=targets, kept=kept,
                                     junctions=junctions, shared=shared, entry=entry, deep=deep)
         W.update(w_slow)
         totals.update(t_slow)
     routes = {i: "mixing" if i in mixes else "junction" if i in junctions else "vjp" for i in preds}
-    return IncomingWeights(weights=W, totals=totals, routes=routes, deep=frozenset(deep) & frozenset(slow))
+    return IncomingWeights(weights=W, totals=totals, routes=routes, deep=frozenset(deep))
 
 
 @graph_walks()

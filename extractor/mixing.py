@@ -281,7 +281,7 @@ def mid_scale(m2: Any, m1: Any) -> torch.Tensor | None:
     y = m2._saved_input
     (scale,) = torch.autograd.grad(y, GradientEdge(m1, 0), grad_outputs=torch.ones_like(y), retain_graph=True)
     per_channel = scale[:1, :, :1, :1]
-    if not torch.allclose(scale, per_channel.expand_as(scale), rtol=1e-5, atol=0.0):
+    if not bool(((scale - per_channel).abs() <= 1e-5 * per_channel.abs()).all()):  # allclose(rtol=1e-5), faster
         return None
     return per_channel.detach().flatten()
 
@@ -775,6 +775,7 @@ class Route(NamedTuple):
     # destination's entry layer to the conv where the source's batched backward starts (find_deep_entry)
     first: tuple[int, ...] | None = None
     gate: int = -1  # ... and which input of the first conv's input product is a gate to start from (DeepEntry)
+    over: tuple[int, ...] = ()  # an entry: the sources whose paths it was found for
 
 
 @dataclass
@@ -785,11 +786,10 @@ class RouteCache:
     by_shape: dict[tuple[object, ...], dict[tuple[int, int], Route]] = field(default_factory=dict)
 
 
-def find_route(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable[torch.Tensor], *,
-               entry: Any = None) -> Route:
+def find_route(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable[torch.Tensor]) -> Route:
     """Classify one segment (the discovery walk; later batches reuse the answer through :class:`RouteCache`).
-    ``entry``: the destination's entry layer's node, if it has one; a junction or VJP route then notes the
-    conv below it where the source's batched backward can start (:func:`find_deep_entry`)."""
+    A junction or VJP route learns its deep entry later (:func:`with_deep_entry`), once the destination's entry
+    for its slow sources is known."""
     seg = _segment(a_src, a_dst, site_tensors)
     if seg is None:
         return Route(kind="vjp")
@@ -804,13 +804,22 @@ def find_route(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable[
         return Route(kind="mixing", path=path, mixing=replace(mix, node=None, first=None, scale=None),
                      layer=mix.node.name(), first=first)
     jn = find_junction(a_src, a_dst, site_tensors, seg=seg)
-    found = find_deep_entry(seg, entry, jn.node if jn is not None else None) if entry is not None else None
-    first, gate = found if found is not None else (None, -1)
     path = graph_path(a_dst.grad_fn, jn.node) if jn is not None and a_dst.grad_fn is not None else None
     if jn is None or path is None:
-        return Route(kind="vjp", first=first, gate=gate)
-    return Route(kind="junction", path=path, junction=replace(jn, node=None), layer=jn.node.name(), first=first,
-                 gate=gate)
+        return Route(kind="vjp")
+    return Route(kind="junction", path=path, junction=replace(jn, node=None), layer=jn.node.name())
+
+
+def with_deep_entry(route: Route, a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable[torch.Tensor],
+                    entry: Entry) -> Route:
+    """A junction or VJP route with its deep entry below the destination's ``entry`` (:func:`find_deep_entry`), if
+    one holds (the discovery walk, on the first batch)."""
+    seg = _segment(a_src, a_dst, site_tensors)
+    junction = follow(a_dst.grad_fn, route.path) if route.kind == "junction" and a_dst.grad_fn is not None else None
+    found = find_deep_entry(seg, entry.node, junction) if seg is not None and entry.kind == "conv" else None
+    if found is None:
+        return route._replace(first=None, gate=-1)
+    return route._replace(first=found[0], gate=found[1])
 
 
 def mixing_at(route: Route, a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable[torch.Tensor]) \
@@ -926,13 +935,14 @@ def entry_cotangents(entry: Entry, gbar: torch.Tensor, targets: torch.Tensor) ->
         return torch.einsum("bpm,bmf->mbpf", g, w[idx]).reshape(M, -1, w.shape[1])
 
 
-def find_entry_route(a_dst: torch.Tensor, g_dst: torch.Tensor, site_tensors: Iterable[torch.Tensor]) -> Route:
-    """The destination's entry layer as a cacheable route (``kind`` ``"entry"``, or ``"none"``)."""
-    found = find_entry(a_dst, g_dst, site_tensors)
+def find_entry_route(a_dst: torch.Tensor, g_dst: torch.Tensor, sources: dict[int, torch.Tensor]) -> Route:
+    """The destination's entry layer for the paths from ``sources`` (site index -> attached source) as a cacheable
+    route (``kind`` ``"entry"``, or ``"none"``); ``over`` names the sources."""
+    found = find_entry(a_dst, g_dst, sources.values())
     path = graph_path(a_dst.grad_fn, found.node) if found is not None else None
     if found is None or path is None:
-        return Route(kind="none")
-    return Route(kind="entry", path=path, layer=found.node.name(), entry=found.kind)
+        return Route(kind="none", over=tuple(sources))
+    return Route(kind="entry", path=path, layer=found.node.name(), entry=found.kind, over=tuple(sources))
 
 
 def entry_at(route: Route, a_dst: torch.Tensor) -> Entry | None:
@@ -963,9 +973,14 @@ class DeepEntry:
     mix: Mixing
     gate: int = -1
 
+    @property
+    def layer(self) -> Any:
+        """The conv whose input (or gated input) the backward starts from: ``m1``, or the entry layer itself."""
+        return self.mix.first if self.mix.first is not None else self.mix.node
+
     def edge(self) -> GradientEdge:
         """The autograd edge the backward starts from."""
-        m1 = self.mix.first
+        m1 = self.layer
         if self.gate < 0:
             return GradientEdge(*m1.next_functions[0])
         return GradientEdge(*m1.next_functions[0][0].next_functions[self.gate])
@@ -977,8 +992,8 @@ class DeepEntry:
             rows = composite_rows(self.mix, targets.clamp(min=0))  # [B, M, Ci, kh, kw]
             g = _target_maps(gbar, targets)  # [B, M, H, W]
             if self.gate < 0:
-                return _transposed(self.mix.first, rows, g)
-            product = self.mix.first.next_functions[0][0]
+                return _transposed(self.layer, rows, g)
+            product = self.layer.next_functions[0][0]
             x = (product._saved_other if self.gate == 0 else product._saved_self).detach()  # [B, C, H, W]
             # the gradient at m1's input is rows (x) g, an outer product: summed against x over positions at once
             spread = torch.einsum("bmp,bcp->mbc", g.flatten(2), x.flatten(2))
@@ -996,6 +1011,8 @@ def find_deep_entry(seg: Segment, entry: Any, junction: Any = None) -> tuple[tup
             or tuple(entry._saved_weight.shape[2:]) != (1, 1) or tuple(entry._saved_stride) != (1, 1) \
             or tuple(entry._saved_padding) != (0, 0):
         return None
+    if (gate := _gate(entry, src, stops, memo, junction)) >= 0:
+        return (), gate  # the entry layer itself reads the gated product
     on = set(on_path)
     convs: list[Any] = []
     seen: set[Any] = set()
@@ -1047,6 +1064,9 @@ def deep_at(route: Route, entry: Entry | None) -> DeepEntry | None:
     between the two convs is not per channel)."""
     if route.first is None or entry is None or entry.kind != "conv":
         return None
+    if route.first == ():  # the entry layer itself reads the gated product
+        ok = entry.node.next_functions[0][0] is not None and entry.node.next_functions[0][0].name() == "MulBackward0"
+        return DeepEntry(mix=Mixing(node=entry.node, kind="conv", group=1), gate=route.gate) if ok else None
     m1 = follow(entry.node, route.first)
     if m1 is None or m1.name() != "ConvolutionBackward0" or (scale := mid_scale(entry.node, m1)) is None:
         return None

@@ -80,6 +80,7 @@ def _small(name: str) -> nn.Module:
     ("swin", 32, {"junction": 6, "deep": 0}),
     # squeeze-excite: the gate's site through its 1x1 conv, its backward started at the gate (a deep entry)
     ("efficientnet_b0", 32, {"mixing": 62, "junction": 30, "deep": 30}),
+    ("regnet_y_400mf", 32, {"mixing": 80, "junction": 16, "deep": 16}),  # the gate into the block's last conv
 ])
 def test_routes_equal_the_exact_route_on_torchvision(name: str, size: int, routes: dict[str, int]) -> None:
     """(ResNet-18, GoogLeNet and DenseNet121 take the mixing route on all or all but 7 edges: ``tests/test_mixing.py``
@@ -145,7 +146,10 @@ class _Bottleneck(nn.Module):
     * ``"norm"``: a group norm of ``a``, gated, into a 3x3 ``m1`` (deep entries at ``m1``'s input, for ``a`` without a
       junction);
     * ``"scaled"``: as ``"gate"`` with ``m1``'s output multiplied by a factor that varies over positions: the scale
-      between the convs is not per channel, so no deep entry holds and the backward starts at ``m2``'s input."""
+      between the convs is not per channel, so no deep entry holds and the backward starts at ``m2``'s input;
+    * ``"single"``: no ``m1``: a 1x1 conv reads ``a * gate`` itself, and the skip joins after its batch norm
+      (RegNet-Y's way): the destination has an entry for the gate's source only, and the backward starts at the
+      gate."""
 
     def __init__(self, kind: str) -> None:
         super().__init__()
@@ -156,16 +160,19 @@ class _Bottleneck(nn.Module):
         self.norm = nn.GroupNorm(2, 8)
         self.m1 = nn.Conv2d(8, 6, 3 if kind == "norm" else 1, padding=1 if kind == "norm" else 0)
         self.bn1, self.m2, self.bn2, self.out = nn.BatchNorm2d(6), nn.Conv2d(6, 5, 1), nn.BatchNorm2d(5), nn.ReLU()
-        for bn in (self.bn1, self.bn2):
+        self.single, self.bn3 = nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6)
+        for bn in (self.bn1, self.bn2, self.bn3):
             nn.init.uniform_(bn.running_mean, -0.5, 0.5)  # type: ignore[arg-type]
             nn.init.uniform_(bn.running_var, 0.5, 2.0)  # type: ignore[arg-type]
-        self.fc = nn.Linear(5 * 8 * 8, 3)
+        self.fc = nn.Linear((6 if kind == "single" else 5) * 8 * 8, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.r0(self.stem(x))
         a = self.r1(self.c1(s))
         gate = torch.sigmoid(self.fc2(self.rs(self.fc1(a.mean((2, 3), keepdim=True)))))
         u = (self.norm(a) if self.kind == "norm" else a) * gate
+        if self.kind == "single":
+            return self.fc(self.out(self.bn3(self.single(u)) + s).flatten(1))
         y = self.bn1(self.m1(u))
         y = y * (1 + s[:, :1]) + s if self.kind == "scaled" else y + s
         return self.fc(self.out(self.bn2(self.m2(y))).flatten(1))
@@ -177,6 +184,7 @@ class _Bottleneck(nn.Module):
     (_Bottleneck("gate"), {"mixing": 3, "junction": 1, "vjp": 1, "deep": 1}),
     (_Bottleneck("norm"), {"mixing": 2, "junction": 1, "vjp": 2, "deep": 2}),
     (_Bottleneck("scaled"), {"mixing": 2, "junction": 2, "vjp": 1, "deep": 0}),
+    (_Bottleneck("single"), {"mixing": 4, "junction": 1, "vjp": 0, "deep": 1}),
 ])
 def test_routes_equal_the_exact_route_on_hand_built_segments(body: nn.Module, routes: dict[str, int]) -> None:
     torch.manual_seed(1)
