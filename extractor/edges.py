@@ -311,8 +311,8 @@ def incoming_weights(
         if route is None or route.over != tuple(slow):
             route = known[(j, j)] = find_entry_route(a_dst, g_dst, {i: cut.sources[i] for i in slow})
             found = entry_at(route, a_dst)
-            for i in slow if found is not None else ():
-                if known[(i, j)].kind != "mixing":  # (a mixing route's own numbers did not hold on this batch)
+            for i in slow:
+                if found is not None and known[(i, j)].kind != "mixing":  # (not a mixing route failed on this batch)
                     known[(i, j)] = with_deep_entry(known[(i, j)], cut.sources[i], a_dst, sources, found)
         entry = entry_at(route, a_dst)
         deep = {i: two for i in slow
