@@ -61,6 +61,7 @@ from extractor.mixing import (
     find_route,
     graph_walks,
     junction_at,
+    junction_parts,
     junction_share,
     junction_weights,
     mixing_at,
@@ -191,12 +192,13 @@ def _shape(x: Any) -> tuple[int, ...]:
 
 def _vjp_route(preds: list[int], *, cut: SiteRecorder, a_dst: torch.Tensor, g_dst: torch.Tensor,
                targets: torch.Tensor, kept: Sequence[torch.Tensor], junctions: dict[int, Junction],
-               shared: dict[tuple[Any, int], torch.Tensor], entry: Entry | None, deep: dict[int, DeepEntry]) \
+               shared: dict[tuple[Any, ...], torch.Tensor], entry: Entry | None, deep: dict[int, DeepEntry]) \
         -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """Edge weights ``[B, M, Ci]`` (kept source channels only where a junction serves) and each source's
     summed weight over all its channels ``[B, M]``, from one batched VJP per chunk of targets: to the
     junction of every source that has one (:func:`extractor.mixing.find_junction`), else to the source.
-    ``shared`` caches each junction's share of its layer's output across the destinations it serves. With
+    ``shared`` caches each junction's share of its layer's output, and its kept channels' parts of it, across the
+    destinations it serves. With
     ``entry`` the backward starts at the destination's own mixing layer's input; a source in ``deep`` starts
     at the input of the first of its two convs there."""
     gbar = None
@@ -238,7 +240,8 @@ def _vjp_route(preds: list[int], *, cut: SiteRecorder, a_dst: torch.Tensor, g_ds
             for i in group:
                 g, src = grads[slot[i]], cut.sources[i]
                 if i in junctions:
-                    weights[i].append(junction_weights(junctions[i], src, g, rows[i][0]))  # [B, m, n]
+                    weights[i].append(junction_weights(junctions[i], src, g, rows[i][0],
+                                                       parts=_parts(shared, junctions[i], i, rows[i][0])))
                     totals[i].append(torch.einsum("mbn,bn->bm", g.reshape(g.shape[0], src.shape[0], -1),
                                                   shares[i].reshape(src.shape[0], -1)))
                 else:
@@ -256,6 +259,19 @@ def _vjp_route(preds: list[int], *, cut: SiteRecorder, a_dst: torch.Tensor, g_ds
             w = full.scatter_add_(2, idx[:, None, :].expand_as(w), w * ok[:, None, :].to(w.dtype))
         W[i] = w
     return W, {i: torch.cat(totals[i], 1) for i in preds}
+
+
+def _parts(shared: dict[tuple[Any, ...], torch.Tensor], jn: Junction, i: int, idx: torch.Tensor) \
+        -> torch.Tensor | None:
+    """A conv junction's kept channels' parts of its output (:func:`extractor.mixing.junction_parts`), made once for
+    all the destinations the junction serves; ``None`` where they would be large (made per destination then)."""
+    key = (jn.node, i, "parts")
+    if key not in shared:
+        made = junction_parts(jn, idx)
+        if made is None:
+            return None
+        shared[key] = made
+    return shared[key]
 
 
 def _no_edges(gaps: torch.Tensor) -> Edges:
@@ -280,14 +296,14 @@ class IncomingWeights:
 def incoming_weights(
     j: int, preds: Sequence[int], *, cut: SiteRecorder, g_dst: torch.Tensor, targets: torch.Tensor,
     kept: Sequence[torch.Tensor], fast: bool = True, known: dict[tuple[int, int], Route] | None = None,
-    shared: dict[tuple[Any, int], torch.Tensor] | None = None,
+    shared: dict[tuple[Any, ...], torch.Tensor] | None = None,
 ) -> IncomingWeights:
     """Weights of the edges into site ``j``'s ``targets`` ``[B, M]`` (``-1`` = none) from its ``preds``.
 
     A segment with one mixing layer and per-channel ops after it is read off that layer from one plain
     VJP; the others share one batched VJP over the targets, from the destination's entry layer down to each
     source's junction (or the source). Without ``fast`` every edge takes the exact reference route.
-    ``known`` holds routes already found (filled in as found); ``shared`` caches junction shares.
+    ``known`` holds routes already found (filled in as found); ``shared`` caches junction shares and parts.
     """
     known = {} if known is None else known
     shared = {} if shared is None else shared
@@ -357,7 +373,7 @@ def compute_edges(
     kept_counts = torch.stack([k.sum(1).max() for k in sel.kept]).tolist() if sites else []  # one device sync
     parts: list[torch.Tensor] = []  # per site [5, B * M * n]: b, src site, src ch, dst ch, ok
     weights: list[torch.Tensor] = []
-    shared: dict[tuple[Any, int], torch.Tensor] = {}
+    shared: dict[tuple[Any, ...], torch.Tensor] = {}
     some = next(iter(cut.acts.values()), None)
     key = (settings.edges, tuple(some.shape), some.dtype, some.device) if some is not None else (settings.edges,)
     known = routes.by_shape.setdefault(key, {}) if routes is not None else {}

@@ -31,6 +31,7 @@ DenseNet and Inception-v3.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -78,6 +79,7 @@ class Mixing:
     dst_offset: int = 0  # channel c of z is channel dst_offset + c of a_dst (a concatenation after it)
     first: Any = None  # two convs in a row: the first one (its input u and geometry); ``node`` is the second
     scale: torch.Tensor | None = None  # ... and the per-channel derivative between them [C_mid]
+    chain: bool = False  # ... which is read off batch norms in one chain between them (is_chain)
 
 
 def composite_rows(mix: Mixing, rows: torch.Tensor) -> torch.Tensor:
@@ -272,18 +274,54 @@ def _two_convs(mixers: list[Any], on_path: list[Any], *, src: Any, dst: Any, sto
     scale = mid_scale(m2, m1)
     if scale is None:
         return None
-    return Mixing(node=m2, kind="conv", group=1, src_offset=src_offset, dst_offset=dst_offset, first=m1, scale=scale)
+    return Mixing(node=m2, kind="conv", group=1, src_offset=src_offset, dst_offset=dst_offset, first=m1, scale=scale,
+                  chain=is_chain(mid, m1))
 
 
-def mid_scale(m2: Any, m1: Any) -> torch.Tensor | None:
+_NORMS = frozenset({"NativeBatchNormBackward0", "CudnnBatchNormBackward0", "MiopenBatchNormBackward0"})
+_CHAIN_OK = _NORMS | {"AddBackward0", "CloneBackward0"}
+
+
+def is_chain(mid: set[Any], m1: Any) -> bool:
+    """Whether the nodes ``mid`` between two convs form one chain of batch norms, additions and copies (each
+    node has one child on the way to ``m1``): the scale between the convs is then read off the norms."""
+    return all(n.name() in _CHAIN_OK and sum(1 for k in _next(n) if k in mid or k is m1) == 1 for n in mid)
+
+
+def mid_scale(m2: Any, m1: Any, path: tuple[int, ...] | None = None) -> torch.Tensor | None:
     """``s`` ``[C_mid]``: the derivative of conv ``m2``'s input by conv ``m1``'s output, if it is one constant per
-    channel on this batch (else ``None``). Numbers of the batch: checked on each one."""
+    channel on this batch (else ``None``). Numbers of the batch: checked on each one. With ``path`` (the chain
+    from ``m2`` to ``m1``, :func:`is_chain`) the product of its eval-mode batch norms' scales, without a backward."""
+    if path is not None and (scale := _chain_scale(m2, path)) is not None:
+        return scale
     y = m2._saved_input
     (scale,) = torch.autograd.grad(y, GradientEdge(m1, 0), grad_outputs=torch.ones_like(y), retain_graph=True)
     per_channel = scale[:1, :, :1, :1]
     if not bool(((scale - per_channel).abs() <= 1e-5 * per_channel.abs()).all()):  # allclose(rtol=1e-5), faster
         return None
     return per_channel.detach().flatten()
+
+
+def _chain_scale(m2: Any, path: tuple[int, ...]) -> torch.Tensor | None:
+    """The scale along a chain (``path`` from ``m2`` through its input to ``m1``), or ``None`` where a norm is in
+    training mode or an op is not one of the chain's."""
+    w = m2._saved_weight
+    scale = torch.ones(w.shape[1], dtype=w.dtype, device=w.device)
+    node = m2
+    for step, k in enumerate(path):
+        if step:
+            name = node.name()
+            if name in _NORMS:
+                if node._saved_training or node._saved_running_var is None:
+                    return None
+                inv = torch.rsqrt(node._saved_running_var + node._saved_eps)
+                scale = scale * (inv if node._saved_weight is None else node._saved_weight.detach() * inv)
+            elif name == "AddBackward0":
+                scale = scale * (node._saved_alpha if k == 1 else 1)
+            elif name != "CloneBackward0":
+                return None
+        node = node.next_functions[k][0]
+    return scale
 
 
 def _identity(on_path: list[Any], a_src: torch.Tensor, a_dst: torch.Tensor) -> Mixing | None:
@@ -649,13 +687,14 @@ def _junction_shape(*, mx: Any, kind: str, inp: Any, flattened: bool, moved: boo
     return Junction(node=mx, kind="linear", group=u.shape[1] // c_src)
 
 
-def junction_weights(jn: Junction, a_src: torch.Tensor, g_z: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def junction_weights(jn: Junction, a_src: torch.Tensor, g_z: torch.Tensor, idx: torch.Tensor, *,
+                     parts: torch.Tensor | None = None) -> torch.Tensor:
     """``w[b, m, k]``: the edge weight from source channel ``idx[b, k]`` into target ``m`` of image ``b``.
 
     ``a_src`` ``[B, Ci, ...]`` the source, ``g_z`` ``[M, *z.shape]`` the targets' gradients at the
     junction's output ``z`` (``z`` ``[B, Co, H', W']``, ``[B, Co]`` or ``[B * P, Co]``), ``idx`` ``[B, n]``
     source channels (the caller masks padding). Cost: ``n`` source channels' share of the layer, and one
-    product per target and source channel.
+    product per target and source channel; ``parts``: that share if made already (:func:`junction_parts`).
     """
     M, (B, n) = g_z.shape[0], idx.shape
     node = jn.node
@@ -675,39 +714,72 @@ def junction_weights(jn: Junction, a_src: torch.Tensor, g_z: torch.Tensor, idx: 
             h = torch.einsum("mbo,bnro->bmnr", g_z, wt[feats])
             out: torch.Tensor = (h * u.gather(1, feats.flatten(1)).view(B, 1, n, jn.group)).sum(-1)
             return out
-        return _conv_junction(jn, g_z, idx)
+        return _conv_junction(jn, g_z, idx, parts)
 
 
-def _conv_junction(jn: Junction, g_z: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Each kept source channel's share of the convolution, ``Z_c`` ``[Co_group, H', W']``, by one grouped
-    convolution over all images' kept channels, contracted with every target's gradient."""
-    node = jn.node
+def _conv_junction(jn: Junction, g_z: torch.Tensor, idx: torch.Tensor, parts: torch.Tensor | None) -> torch.Tensor:
+    """Each kept source channel's share of the convolution, ``Z_c`` ``[Co_group, H', W']`` (``parts``, or made here
+    by one grouped convolution over all images' kept channels per chunk of images), contracted with every target's
+    gradient."""
     B, n = idx.shape
-    u, w = node._saved_input.detach(), node._saved_weight.detach()  # [B, Cu, H, W], [Co, Cu/g, kh, kw]
-    groups = int(node._saved_groups)
-    per_in, per_out = u.shape[1] // groups, w.shape[0] // groups
-    cu = idx + jn.src_offset
-    rows = (cu // per_in)[..., None] * per_out + torch.arange(per_out, device=u.device)  # [B, n, per_out]
-    w_sel = w[rows, (cu % per_in)[..., None]]  # [B, n, per_out, kh, kw]
-    x = u.gather(1, cu[..., None, None].expand(B, n, *u.shape[2:]))  # [B, n, H, W]
+    rows = _junction_rows(jn, idx)
+    per_out = rows.shape[-1]
     spatial = g_z[0, 0, 0].numel()
-    chunk = max(1, _UNFOLD_BUDGET // max(1, n * per_out * spatial))
+    chunk = B if parts is not None else max(1, _UNFOLD_BUDGET // max(1, n * per_out * spatial))
     out = []
     for s in range(0, B, chunk):
         e = min(B, s + chunk)
-        nb = e - s
-        z_c = torch.nn.functional.conv2d(
-            x[s:e].reshape(1, nb * n, *u.shape[2:]), w_sel[s:e].reshape(nb * n * per_out, 1, *w.shape[2:]),
-            stride=tuple(node._saved_stride), padding=tuple(node._saved_padding),
-            dilation=tuple(node._saved_dilation), groups=nb * n,
-        ).view(nb, n, per_out, -1)  # [nb, n, per_out, P]
+        z_c = parts[s:e] if parts is not None else _parts_of(jn, idx[s:e])  # [nb, n, per_out, P]
         g = g_z[:, s:e].flatten(3)  # [M, nb, Co, P]
-        if groups == 1:
+        if int(jn.node._saved_groups) == 1:
             out.append(torch.einsum("bnop,mbop->bmn", z_c, g))
         else:  # each source channel reaches its group's output rows only
-            g_sel = g[:, torch.arange(nb, device=g.device)[:, None, None], rows[s:e]]  # [M, nb, n, per_out, P]
+            g_sel = g[:, torch.arange(e - s, device=g.device)[:, None, None], rows[s:e]]  # [M, nb, n, per_out, P]
             out.append(torch.einsum("bnop,mbnop->bmn", z_c, g_sel))
     return torch.cat(out, 0)
+
+
+def _junction_rows(jn: Junction, idx: torch.Tensor) -> torch.Tensor:
+    """``[B, n, per_out]``: the output channels each kept source channel reaches (its group's)."""
+    node = jn.node
+    groups = int(node._saved_groups)
+    per_in: int = node._saved_input.shape[1] // groups
+    per_out: int = node._saved_weight.shape[0] // groups
+    return ((idx + jn.src_offset) // per_in)[..., None] * per_out + torch.arange(per_out, device=idx.device)
+
+
+def _parts_of(jn: Junction, idx: torch.Tensor) -> torch.Tensor:
+    """``[B, n, per_out, P]``: the part of the conv junction's output that each source channel ``idx[b, k]`` makes."""
+    node = jn.node
+    B, n = idx.shape
+    u, w = node._saved_input.detach(), node._saved_weight.detach()  # [B, Cu, H, W], [Co, Cu/g, kh, kw]
+    per_in = u.shape[1] // int(node._saved_groups)
+    cu = idx + jn.src_offset
+    rows = _junction_rows(jn, idx)
+    w_sel = w[rows, (cu % per_in)[..., None]]  # [B, n, per_out, kh, kw]
+    x = u.gather(1, cu[..., None, None].expand(B, n, *u.shape[2:]))  # [B, n, H, W]
+    with torch.no_grad():
+        z_c = torch.nn.functional.conv2d(
+            x.reshape(1, B * n, *u.shape[2:]), w_sel.reshape(B * n * rows.shape[-1], 1, *w.shape[2:]),
+            stride=tuple(node._saved_stride), padding=tuple(node._saved_padding),
+            dilation=tuple(node._saved_dilation), groups=B * n)
+    return z_c.view(B, n, rows.shape[-1], -1)
+
+
+def junction_parts(jn: Junction, idx: torch.Tensor) -> torch.Tensor | None:
+    """A conv junction's parts for every image (:func:`_parts_of`), to be kept for the destinations it serves;
+    ``None`` for other junctions, or where they would exceed the unfold budget."""
+    if jn.kind != "conv":
+        return None
+    node = jn.node
+    per_out = node._saved_weight.shape[0] // int(node._saved_groups)
+    w = node._saved_weight
+    out_numel = math.prod((size + 2 * p - d * (k - 1) - 1) // st + 1 for size, p, d, k, st in zip(
+        node._saved_input.shape[2:], node._saved_padding, node._saved_dilation, w.shape[2:], node._saved_stride,
+        strict=True))
+    if idx.numel() * per_out * max(out_numel, 1) > _UNFOLD_BUDGET:
+        return None
+    return _parts_of(jn, idx)
 
 
 def junction_share(jn: Junction, a_src: torch.Tensor) -> torch.Tensor:
@@ -776,6 +848,7 @@ class Route(NamedTuple):
     first: tuple[int, ...] | None = None
     gate: int = -1  # ... and which input of the first conv's input product is a gate to start from (DeepEntry)
     over: tuple[int, ...] = ()  # an entry: the sources whose paths it was found for
+    chain: bool = False  # a deep entry: the scale between its convs is read off batch norms (is_chain)
 
 
 @dataclass
@@ -818,8 +891,8 @@ def with_deep_entry(route: Route, a_src: torch.Tensor, a_dst: torch.Tensor, site
     junction = follow(a_dst.grad_fn, route.path) if route.kind == "junction" and a_dst.grad_fn is not None else None
     found = find_deep_entry(seg, entry.node, junction) if seg is not None and entry.kind == "conv" else None
     if found is None:
-        return route._replace(first=None, gate=-1)
-    return route._replace(first=found[0], gate=found[1])
+        return route._replace(first=None, gate=-1, chain=False)
+    return route._replace(first=found[0], gate=found[1], chain=found[2])
 
 
 def mixing_at(route: Route, a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable[torch.Tensor]) \
@@ -835,7 +908,8 @@ def mixing_at(route: Route, a_src: torch.Tensor, a_dst: torch.Tensor, site_tenso
     if route.first is None:
         return replace(route.mixing, node=node)
     first = follow(node, route.first)
-    if first is None or first.name() != "ConvolutionBackward0" or (scale := mid_scale(node, first)) is None:
+    if first is None or first.name() != "ConvolutionBackward0" \
+            or (scale := mid_scale(node, first, route.first if route.mixing.chain else None)) is None:
         return None
     return replace(route.mixing, node=node, first=first, scale=scale)
 
@@ -1001,18 +1075,19 @@ class DeepEntry:
             return out
 
 
-def find_deep_entry(seg: Segment, entry: Any, junction: Any = None) -> tuple[tuple[int, ...], int] | None:
+def find_deep_entry(seg: Segment, entry: Any, junction: Any = None) -> tuple[tuple[int, ...], int, bool] | None:
     """The path from the destination's entry node ``entry`` (``m2``) to ``m1``, if every path of the segment
     ``seg`` passes ``m1`` and only :data:`MID_OK` ops lie between the two (else ``None``), and the gate input of
-    ``m1``'s input (:class:`DeepEntry`; ``-1`` if none). ``junction``: the source's junction node, which must lie
-    below ``m1``. The scale between the convs is checked on each batch (:func:`mid_scale`)."""
+    ``m1``'s input (:class:`DeepEntry`; ``-1`` if none), and whether the ops between form a chain (:func:`is_chain`).
+    An entry that reads a gated product itself gives the path ``()``. ``junction``: the source's junction node, which
+    must lie below ``m1``. The scale between the convs is checked on each batch (:func:`mid_scale`)."""
     src, dst, stops, memo, on_path = seg
     if entry.name() != "ConvolutionBackward0" or entry._saved_transposed or int(entry._saved_groups) != 1 \
             or tuple(entry._saved_weight.shape[2:]) != (1, 1) or tuple(entry._saved_stride) != (1, 1) \
             or tuple(entry._saved_padding) != (0, 0):
         return None
     if (gate := _gate(entry, src, stops, memo, junction)) >= 0:
-        return (), gate  # the entry layer itself reads the gated product
+        return (), gate, False  # the entry layer itself reads the gated product
     on = set(on_path)
     convs: list[Any] = []
     seen: set[Any] = set()
@@ -1036,7 +1111,7 @@ def find_deep_entry(seg: Segment, entry: Any, junction: Any = None) -> tuple[tup
             or any(_reaches(p, src, stops, memo) for p, _ in m1.next_functions[1:] if p is not None):
         return None
     path = graph_path(entry, m1)
-    return None if path is None else (path, _gate(m1, src, stops, memo, junction))
+    return None if path is None else (path, _gate(m1, src, stops, memo, junction), is_chain(seen - {m1}, m1))
 
 
 def _gate(m1: Any, src: Any, stops: set[Any], memo: dict[Any, bool], junction: Any) -> int:
@@ -1068,7 +1143,8 @@ def deep_at(route: Route, entry: Entry | None) -> DeepEntry | None:
         ok = entry.node.next_functions[0][0] is not None and entry.node.next_functions[0][0].name() == "MulBackward0"
         return DeepEntry(mix=Mixing(node=entry.node, kind="conv", group=1), gate=route.gate) if ok else None
     m1 = follow(entry.node, route.first)
-    if m1 is None or m1.name() != "ConvolutionBackward0" or (scale := mid_scale(entry.node, m1)) is None:
+    if m1 is None or m1.name() != "ConvolutionBackward0" \
+            or (scale := mid_scale(entry.node, m1, route.first if route.chain else None)) is None:
         return None
     if route.gate >= 0 and m1.next_functions[0][0].name() != "MulBackward0":
         return None
