@@ -2,14 +2,13 @@
 
 Every figure is a ratio or rate measured in one run, on this machine (described in the output).
 Sections: ``extraction`` (vs plain PyTorch and Captum), ``zoo`` (every torchvision classifier: :mod:`zoo`),
-``edge_modes`` (direct edges against exact ones: :mod:`edge_modes`), ``pixel`` (pixel pathways per second),
-``memory`` (peak RSS while streaming records), ``peaks`` (``extract_batch``'s peak memory at batch 16 over
-a plain pass's, per classifier: :mod:`peaks`), ``folders`` (generated JPEG folders up to 50,000:
-peak RSS of ``--limit`` and full runs, images/s by loader workers), ``exemplars`` (cost of
-``--exemplars 9`` over 0, extra store size and load time), ``store`` (loading the demo-sized run into a
-private Neo4j, batched vs one query per row, and named-query latency), ``scale`` (a synthetic
-10,000-image x 3-method run bulk-imported: size, query latency, UI first paint) and
-``scale100k`` (100,000 images, one method).
+``zoo16`` (12 of them at batch 16), ``edge_modes`` (direct edges against exact ones: :mod:`edge_modes`), ``pixel``
+(pixel pathways per second), ``memory`` (peak RSS while streaming records), ``peaks`` (``extract_batch``'s peak
+memory at batch 16 over a plain pass's, per classifier: :mod:`peaks`), ``folders`` (generated JPEG folders up to
+50,000: peak RSS of ``--limit`` and full runs, images/s by loader workers), ``exemplars`` (cost of ``--exemplars 9``
+over 0, extra store size and load time), ``store`` (loading the demo-sized run into a private Neo4j, batched vs one
+query per row, and named-query latency), ``scale`` (a synthetic 10,000-image x 3-method run bulk-imported: size,
+query latency, UI first paint) and ``scale100k`` (100,000 images, one method).
 ``--sections a,b`` re-runs only those and keeps the others' last results (each carries its date).
 """
 
@@ -246,8 +245,9 @@ def markdown(results: dict[str, Any]) -> str:
             lines += ["", f"Left out of this run (--skip): {', '.join(results['skipped'])}."]
         lines += ["", "Targets: (b)/(a) ≤ 1.3, (c)/(a) ≤ 3, (d)/(b) ≥ 5, (e)/(c) ≥ 20. (e) is timed on "
                   f"{results['extraction'][0]['e_targets_timed']} target neurons per configuration and scaled to all."]
-    if "zoo" in results:
-        lines += zoo.markdown(results["zoo"])
+    for section in ("zoo", "zoo16"):
+        if section in results:
+            lines += zoo.markdown(results[section])
     if gpu.RESULTS.exists():  # taken on a lent GPU machine with bench/gpu.py, not by `make bench`
         lines += gpu.markdown(json.loads(gpu.RESULTS.read_text()))
     if "pixel" in results:
@@ -288,8 +288,8 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-SECTIONS = ("extraction", "zoo", "edge_modes", "pixel", "memory", "peaks", "exemplars", "folders", "store", "scale",
-            "scale100k", "retrain")
+SECTIONS = ("extraction", "zoo", "zoo16", "edge_modes", "pixel", "memory", "peaks", "exemplars", "folders", "store",
+            "scale", "scale100k", "retrain")
 
 
 def retrain() -> dict[str, Any]:
@@ -330,6 +330,7 @@ def main() -> None:
     runners = {
         "extraction": lambda: extraction.run((1,) if quick else (1, 16), skip=skip),
         "zoo": lambda: zoo.run(600.0),
+        "zoo16": lambda: zoo.run(600.0, list(zoo.BATCH16), batch=16),
         "pixel": extraction.pixel_rates,
         "memory": lambda: memory(home),
         "peaks": peaks.run,

@@ -5,8 +5,9 @@ the bench down): sites found and their layouts, edges of the site graph and the 
 (mixing, junction, VJP: ``extractor.edges``), and (a) plain forward + backward, (b) contributions,
 (c) contributions + top-8 edges along the site graph, (e) the whole per-batch pipeline
 (``extract_batch``), timed in interleaved rounds (medians) after one warm-up call each (which finds
-the routes). Run: ``python bench/zoo.py [--limit-s S] [--only a,b]``; results go to
-``bench/results/zoo.json`` and into ``make bench``'s report.
+the routes). Run: ``python bench/zoo.py [--limit-s S] [--only a,b] [--batch N]``; results go to
+``bench/results/zoo.json`` (batch 1) or ``zoo_b{N}.json`` and into ``make bench``'s report. Section ``zoo16``
+measures :data:`BATCH16` at batch 16: the batch a folder run uses.
 """
 
 from __future__ import annotations
@@ -23,9 +24,17 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "zoo.json"
 MEMORY_GIB = 24
+# at batch 16 (section zoo16): one or two of each family whose edges take a different route
+BATCH16 = ("resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "efficientnet_v2_s",
+           "regnet_y_400mf", "densenet121", "googlenet", "shufflenet_v2_x1_0", "convnext_tiny", "vit_b_16", "swin_t")
 
 
-def measure(name: str, rounds: int = 3) -> dict[str, Any]:
+def out_file(batch: int) -> Path:
+    """Where the rows of one batch size go."""
+    return OUT if batch == 1 else OUT.with_name(f"zoo_b{batch}.json")
+
+
+def measure(name: str, rounds: int = 3, batch: int = 1) -> dict[str, Any]:
     """One model's row (runs in the child)."""
     import torch
 
@@ -42,7 +51,7 @@ def measure(name: str, rounds: int = 3) -> dict[str, Any]:
     torch.manual_seed(0)
     size = 299 if name == "inception_v3" else 224
     bundle = load_torchvision(name, untrained=True, input_size=size)
-    x = torch.rand(1, 3, size, size)
+    x = torch.rand(batch, 3, size, size)
     mode = edge_mode("auto", bundle.model)  # the default mode, as `pathx extract` picks it
     settings = PathwaySettings(k=8, edge_targets=8, edges_per_target=8, edges=mode)
     fns = [lambda: _plain(bundle, x), lambda: _ours_b(bundle, x), lambda: _ours_c(bundle, x, settings),
@@ -58,22 +67,24 @@ def measure(name: str, rounds: int = 3) -> dict[str, Any]:
     params = sum(p.numel() for p in bundle.model.parameters())
     return {"model": name, "input": size, "params_m": params / 1e6, "sites": len(bundle.sites),
             "layouts": layouts, "graph_edges": sum(routes.values()), "routes": routes, "a_s": a, "b_s": b, "c_s": c,
-            "e_s": e, "ratio_b_a": b / a, "ratio_c_a": c / a, "ratio_e_a": e / a, "images_per_s_with_edges": 1 / c,
+            "e_s": e, "ratio_b_a": b / a, "ratio_c_a": c / a, "ratio_e_a": e / a, "images_per_s_with_edges": batch / c,
+            "batch": batch,
             "edges": mode, **({"c_exact_s": rest[0], "ratio_c_exact_a": rest[0] / a} if rest else {})}
 
 
-def run(limit_s: float, only: list[str] | None = None) -> dict[str, Any]:
+def run(limit_s: float, only: list[str] | None = None, batch: int = 1) -> dict[str, Any]:
     import torchvision
 
+    out = out_file(batch)
     names = only or sorted(torchvision.models.list_models(module=torchvision.models))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
-    done: dict[str, Any] = json.loads(OUT.read_text()) if OUT.exists() else {"rows": {}, "left_out": {}}
+    done: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {"rows": {}, "left_out": {}}
     for name in names:
         began = time.perf_counter()
         try:
-            proc = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True, text=True,
-                                  timeout=limit_s, cwd=ROOT)
+            proc = subprocess.run([sys.executable, __file__, "--child", name, "--batch", str(batch)],
+                                  capture_output=True, text=True, timeout=limit_s, cwd=ROOT)
         except subprocess.TimeoutExpired:
             done["left_out"][name] = f"over the {limit_s:.0f} s budget per model on this machine"
             done["rows"].pop(name, None)
@@ -93,11 +104,12 @@ def run(limit_s: float, only: list[str] | None = None) -> dict[str, Any]:
         done["rows"][name] = row
         done["left_out"].pop(name, None)
         print(f"{name}: c/a {row['ratio_c_a']:.2f} b/a {row['ratio_b_a']:.2f} routes {_routes(row)}", flush=True)
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps(done, indent=1, sort_keys=True))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(done, indent=1, sort_keys=True))
     done["date"] = time.strftime("%Y-%m-%d")
+    done["batch"] = batch
     done["listed"] = len(torchvision.models.list_models(module=torchvision.models))
-    OUT.write_text(json.dumps(done, indent=1, sort_keys=True))
+    out.write_text(json.dumps(done, indent=1, sort_keys=True))
     return done
 
 
@@ -113,7 +125,8 @@ def markdown(z: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     worst = max(rows, key=lambda r: r["ratio_c_a"])
-    lines = ["", "### Model zoo (torchvision classifiers, 224 px, batch 1, untrained)", "",
+    batch = z.get("batch", 1)
+    lines = ["", f"### Model zoo (torchvision classifiers, 224 px, batch {batch}, untrained)", "",
              f"Coverage: {len(rows)} of {z.get('listed', '?')} torchvision classifiers measured ({z.get('date', '')}); "
              f"worst (c)/(a) {worst['ratio_c_a']:.2f} ({worst['model']}); median (c)/(a) "
              f"{statistics.median(r['ratio_c_a'] for r in rows):.2f}. Targets: (b)/(a) ≤ 1.3, (c)/(a) ≤ 3, (e)/(a) ≤ 4 "
@@ -150,9 +163,10 @@ def provenance(rows: list[dict[str, Any]], left_out: dict[str, str]) -> list[str
 
 
 if __name__ == "__main__":
+    size = int(sys.argv[sys.argv.index("--batch") + 1]) if "--batch" in sys.argv else 1
     if "--child" in sys.argv:
-        print("ZOO " + json.dumps(measure(sys.argv[sys.argv.index("--child") + 1])), flush=True)
+        print("ZOO " + json.dumps(measure(sys.argv[sys.argv.index("--child") + 1], batch=size)), flush=True)
     else:
         limit = float(sys.argv[sys.argv.index("--limit-s") + 1]) if "--limit-s" in sys.argv else 600.0
         only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
-        run(limit, only)
+        run(limit, only, size)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -78,6 +79,7 @@ from records import SiteInfo
 log = logging.getLogger(__name__)
 
 _EDGE_BUDGET = 48_000_000  # elements of cotangent per batched VJP chunk
+_PARTS_BUDGET = 8_000_000  # elements of junction parts kept across destinations (32 MB in float32)
 
 
 @dataclass(kw_only=True)
@@ -264,12 +266,14 @@ def _vjp_route(preds: list[int], *, cut: SiteRecorder, a_dst: torch.Tensor, g_ds
 def _parts(shared: dict[tuple[Any, ...], torch.Tensor], jn: Junction, i: int, idx: torch.Tensor) \
         -> torch.Tensor | None:
     """A conv junction's kept channels' parts of its output (:func:`extractor.mixing.junction_parts`), made once for
-    all the destinations the junction serves; ``None`` where they would be large (made per destination then)."""
+    all the destinations the junction serves; ``None`` where they would be large, or all the parts kept would
+    exceed ``_PARTS_BUDGET`` elements (made per destination then)."""
     key = (jn.node, i, "parts")
     if key not in shared:
         made = junction_parts(jn, idx)
-        if made is None:
-            return None
+        kept = sum(t.numel() for k, t in shared.items() if k[-1] == "parts")
+        if made is None or kept + made.numel() > _PARTS_BUDGET:
+            return made
         shared[key] = made
     return shared[key]
 
@@ -340,8 +344,11 @@ def incoming_weights(
         ins.setdefault(at.node if isinstance(at, GradientEdge) else at, at)
     plain = dict(zip(ins, torch.autograd.grad(a_dst, list(ins.values()), grad_outputs=g_dst, retain_graph=True,
                                               allow_unused=True, materialize_grads=True), strict=True)) if ins else {}
+    layers = Counter(mix.node for mix in mixes.values() if mix.kind == "conv")
+    whole: dict[Any, torch.Tensor] = {}  # a conv that reads several sources (a concatenation): its products once
     W = {i: mixing_edge_weights(mix, cut.sources[i], a_dst, g_dst, targets,
-                                grad=plain[mix.node if mix.kind != "identity" else cut.sources[i]])
+                                grad=plain[mix.node if mix.kind != "identity" else cut.sources[i]],
+                                whole=whole if layers[mix.node] > 1 else None)
          for i, mix in mixes.items()}
     totals = {i: w.sum(-1) for i, w in W.items()}
     if slow:

@@ -50,6 +50,7 @@ PRE_OK = frozenset({
 })
 FLATTEN = frozenset({"ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0"})
 MOVEMENT = frozenset({"PermuteBackward0", "TransposeBackward0", "TransposeBackward1"})
+SPLITS = frozenset({"SplitBackward0", "SplitWithSizesBackward0", "SliceBackward0"})  # parts of a tensor
 # ops on a_dst's side: output channel c depends on input channel c only
 POST_OK = frozenset({
     "CloneBackward0", "ReluBackward0", "ReluBackward1", "ThresholdBackward0", "ThresholdBackward1",
@@ -76,6 +77,9 @@ class Mixing:
     kind: str
     group: int  # linear: features per source channel (r); conv: 1
     src_offset: int = 0  # source channel i is channel src_offset + i of u (a concatenation before the layer)
+    # ... or, where splits and transposes move channels on the way (ShuffleNet's channel shuffle), channel
+    # src_index[i] of u (-1: source channel i does not reach u); read numerically (_channel_map)
+    src_index: tuple[int, ...] | None = None
     dst_offset: int = 0  # channel c of z is channel dst_offset + c of a_dst (a concatenation after it)
     first: Any = None  # two convs in a row: the first one (its input u and geometry); ``node`` is the second
     scale: torch.Tensor | None = None  # ... and the per-channel derivative between them [C_mid]
@@ -217,8 +221,11 @@ def find_mixing(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable
     kind, inp, params = _mixing_parts(mx)
     if kind == "" or any(_reaches(p, src, stops, memo) for p in params if p is not None):
         return None
-    pre, flattened, src_offset = _pre_chain(inp, src, stops, memo)
+    pre, flattened, src_offset = _pre_chain(inp, src, stops, memo, remap=kind == "conv")
     if pre is None or not _zero_padding(inp, mx._saved_input if kind == "conv" else None):
+        return None
+    src_index = _channel_map(mx._saved_input, a_src) if src_offset < 0 else None
+    if src_offset < 0 and (src_index is None or int(mx._saved_groups) != 1):
         return None
     post = set(on_path) - {mx} - pre
     if any(n.name() not in POST_OK and n.name() != "CatBackward0" for n in post):
@@ -226,6 +233,9 @@ def find_mixing(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable
     dst_offset = _post_offset(dst, mx, post) if any(n.name() == "CatBackward0" for n in post) else 0
     if dst_offset is None:
         return None
+    if src_index is not None:
+        return Mixing(node=mx, kind="conv", group=1, dst_offset=dst_offset, src_index=src_index) \
+            if not flattened and dst_offset + mx._saved_weight.shape[0] <= a_dst.shape[1] else None
     return _shape_check(mx=mx, kind=kind, flattened=flattened, a_src=a_src, a_dst=a_dst, src_offset=src_offset,
                         dst_offset=dst_offset)
 
@@ -257,8 +267,11 @@ def _two_convs(mixers: list[Any], on_path: list[Any], *, src: Any, dst: Any, sto
     params = [n for n, _ in m2.next_functions[1:]] + [n for n, _ in m1.next_functions[1:]]
     if any(_reaches(p, src, stops, memo) for p in params if p is not None):
         return None
-    pre, flattened, src_offset = _pre_chain(m1.next_functions[0][0], src, stops, memo)
+    pre, flattened, src_offset = _pre_chain(m1.next_functions[0][0], src, stops, memo, remap=True)
     if pre is None or flattened or not _zero_padding(m1.next_functions[0][0], m1._saved_input):
+        return None
+    src_index = _channel_map(m1._saved_input, a_src) if src_offset < 0 else None
+    if src_offset < 0 and src_index is None:
         return None
     on = set(on_path)
     post = {n for n in _visited(dst, stops | {src, m2})} & on
@@ -268,14 +281,14 @@ def _two_convs(mixers: list[Any], on_path: list[Any], *, src: Any, dst: Any, sto
         return None
     dst_offset = _post_offset(dst, m2, post) if any(n.name() == "CatBackward0" for n in post) else 0
     u = m1._saved_input
-    if dst_offset is None or u.dim() != 4 or u.shape[1] < src_offset + a_src.shape[1] \
+    if dst_offset is None or u.dim() != 4 or (src_index is None and u.shape[1] < src_offset + a_src.shape[1]) \
             or dst_offset + w2.shape[0] > a_dst.shape[1]:
         return None
     scale = mid_scale(m2, m1)
     if scale is None:
         return None
-    return Mixing(node=m2, kind="conv", group=1, src_offset=src_offset, dst_offset=dst_offset, first=m1, scale=scale,
-                  chain=is_chain(mid, m1))
+    return Mixing(node=m2, kind="conv", group=1, src_offset=max(src_offset, 0), dst_offset=dst_offset, first=m1,
+                  scale=scale, chain=is_chain(mid, m1), src_index=src_index)
 
 
 _NORMS = frozenset({"NativeBatchNormBackward0", "CudnnBatchNormBackward0", "MiopenBatchNormBackward0"})
@@ -384,14 +397,19 @@ def _zero_padding(start: Any, u: torch.Tensor | None) -> bool:
     return all(not bool(b.any()) for b in borders if b.numel())
 
 
-def _pre_chain(start: Any, src: Any, stops: set[Any], memo: dict[Any, bool], *, movement: bool = False) \
-        -> tuple[set[Any] | None, bool, int]:
+def _pre_chain(start: Any, src: Any, stops: set[Any], memo: dict[Any, bool], *, movement: bool = False,
+               remap: bool = False) -> tuple[set[Any] | None, bool, int]:
     """Nodes of the chain ``u -> a_src`` if it holds only channel-preserving homogeneous ops, whether
     it flattens, and the channel offset of ``a_src`` in ``u``. Along the chain a concatenation over
     channels shifts the offset, and a product with a factor that does not depend on ``a_src`` (a
     squeeze-excite gate computed from another site) scales channels; both stay linear in ``a_src``.
-    With ``movement`` permutes and transposes pass too (the caller checks where the channels went)."""
+    With ``movement`` permutes and transposes pass too (the caller checks where the channels went). With
+    ``remap`` transposes and splits pass, and the offset is ``-1`` where one lies on the chain: the caller reads
+    the channels' places numerically (:func:`_channel_map`)."""
     allowed = PRE_OK | MOVEMENT if movement else PRE_OK
+    if remap:
+        allowed = allowed | MOVEMENT | SPLITS
+    remapped = False
     chain: set[Any] = set()
     flattened = False
     offset = 0
@@ -424,9 +442,50 @@ def _pre_chain(start: Any, src: Any, stops: set[Any], memo: dict[Any, bool], *, 
         if node is None or (node.name() not in allowed and not spatial_mean) or len(_next(node)) != 1:
             return None, False, 0
         flattened = flattened or node.name() in FLATTEN
+        remapped = remapped or (remap and node.name() in MOVEMENT | SPLITS)
         chain.add(node)
         node = _next(node)[0]
-    return chain, flattened, offset
+    return chain, flattened and not remapped, -1 if remapped else offset
+
+
+def _channel_map(u: torch.Tensor, a_src: torch.Tensor) -> tuple[int, ...] | None:
+    """For each channel of the source, the channel of ``u`` (``[B, Cu, H, W]``, attached) that holds it, ``-1`` where
+    it reaches ``u`` nowhere; ``None`` unless every source element is copied to ``u`` once or not at all and each
+    channel of ``u`` that a source channel reaches holds exactly that channel's elements. Read by two backwards
+    through the chain (pure data movement: splits, concatenations, views, transposes): one of ones counts the
+    copies of each source element, one of each ``u`` channel's index tells where they went."""
+    if u.dim() != 4 or a_src.dim() < 2:
+        return None
+    code = torch.arange(1, u.shape[1] + 1, dtype=u.dtype, device=u.device).view(1, -1, 1, 1).expand_as(u)
+    mass, coded = (torch.autograd.grad(u, a_src, grad_outputs=g, retain_graph=True, allow_unused=True)[0]
+                   for g in (torch.ones_like(u), code.contiguous()))
+    if mass is None or coded is None:
+        return None
+    mass, coded = mass.transpose(0, 1).flatten(1), coded.transpose(0, 1).flatten(1)  # [Ci, B * P]
+    hit = mass == 1
+    if not bool((hit | (mass == 0)).all()):
+        return None
+    inf = torch.full_like(coded, float("inf"))
+    low, high = torch.where(hit, coded, inf).min(1).values, torch.where(hit, coded, -inf).max(1).values
+    counts = hit.sum(1)
+    per_channel = u.shape[0] * u[0, 0].numel()
+    reached = counts > 0
+    if not bool(((counts == per_channel) | ~reached).all()) or not bool((low == high)[reached].all()):
+        return None
+    index = [int(v) - 1 if r else -1 for v, r in zip(low.tolist(), reached.tolist(), strict=True)]
+    used = [k for k in index if k >= 0]
+    return tuple(index) if used and len(set(used)) == len(used) else None
+
+
+def source_block(mix: Mixing, t: torch.Tensor, c_src: int) -> torch.Tensor:
+    """The source's channels of ``t`` ``[..., Cu]`` (the layer's input channels on the last axis): its block at
+    ``src_offset``, or by ``src_index`` (zero or ``False`` where a source channel does not reach the layer)."""
+    if mix.src_index is None:
+        return t[..., mix.src_offset:mix.src_offset + c_src]
+    index = torch.tensor(mix.src_index, device=t.device)
+    picked = t.index_select(-1, index.clamp(min=0))
+    present = index >= 0
+    return picked & present if picked.dtype == torch.bool else picked * present.to(picked.dtype)
 
 
 def _post_offset(dst: Any, mx: Any, post: set[Any]) -> int | None:
@@ -474,12 +533,15 @@ def mixing_input(mix: Mixing, a_src: torch.Tensor) -> torch.Tensor | GradientEdg
 
 
 def mixing_edge_weights(mix: Mixing, a_src: torch.Tensor, a_dst: torch.Tensor, g_dst: torch.Tensor,
-                        targets: torch.Tensor, *, grad: torch.Tensor | None = None) -> torch.Tensor:
+                        targets: torch.Tensor, *, grad: torch.Tensor | None = None,
+                        whole: dict[Any, torch.Tensor] | None = None) -> torch.Tensor:
     """``w[b, m, i]`` as in :func:`extractor.edges.edge_weights_vjp`, through ``mix``.
 
     ``a_src`` ``[B, Ci, ...]`` and ``a_dst`` ``[B, Cj, ...]`` attached, ``g_dst`` the fixed gradient,
     ``targets`` ``[B, M]`` (``-1`` = padding, weight 0); ``grad`` the plain VJP at :func:`mixing_input`
-    if the caller took it (one backward for several sources). Returns ``[B, M, Ci]``.
+    if the caller took it (one backward for several sources). With ``whole`` (several sources concatenated
+    before one conv, as in DenseNet) the conv's weight products are made for all its input channels once, kept
+    there, and each source reads its block. Returns ``[B, M, Ci]``.
     """
     B, M = targets.shape
     if grad is None:
@@ -514,30 +576,46 @@ def mixing_edge_weights(mix: Mixing, a_src: torch.Tensor, a_dst: torch.Tensor, g
             per_out, per_in = w.shape[0] // int(node._saved_groups), w.shape[1]
             cols = (idx // per_out)[..., None] * per_in + torch.arange(per_in, device=w.device)  # [B, M, Ci/g]
             u = u.gather(1, cols.view(B, M * per_in, 1, 1).expand(B, M * per_in, *u.shape[2:]))
-            w_sel, ci, rows = w[idx], M * per_in, M  # the weight gradient below: one group of rows per target
+            w_sel, rows = w[idx], M  # the weight gradient below: one group of rows per target
         else:
             w_sel = composite_rows(mix, idx)  # [B, M, Cu, kh, kw]
+            if mix.src_index is not None or (u.shape[1] != c_src and whole is not None):
+                key = (node, mix.first)  # the layer's products once, for all the sources it reads
+                full = whole.get(key) if whole is not None else None
+                if full is None:
+                    full = _weight_products(geo, u, w_sel, gsel, 1)
+                    if whole is not None:
+                        whole[key] = full
+                return source_block(mix, full, c_src)
             if u.shape[1] != c_src:  # a concatenation before the layer: the source's block of input channels
                 u = u[:, mix.src_offset:mix.src_offset + c_src]
                 w_sel = w_sel[:, :, mix.src_offset:mix.src_offset + c_src]
-            ci, rows, per_in, cols = u.shape[1], 1, u.shape[1], None
-        kernel = w_sel.shape[3:]
-        # images per call bounded so the unfolded input (Ci * kh * kw * output pixels per image) stays small
-        per_image = ci * kernel.numel() * max(1, gsel[0, 0].numel())
-        chunk = max(1, _UNFOLD_BUDGET // per_image)
-        out = []
-        for s in range(0, B, chunk):
-            n = min(chunk, B - s)
-            grad_w = torch.nn.grad.conv2d_weight(  # type: ignore[attr-defined] # torch.nn.grad is not re-exported
-                u[s:s + n].reshape(1, n * ci, *u.shape[2:]), (n * M, per_in, *kernel),
-                gsel[s:s + n].reshape(1, n * M, *spatial), stride=tuple(geo._saved_stride),
-                padding=tuple(geo._saved_padding), dilation=tuple(geo._saved_dilation), groups=n * rows,
-            )  # [n * M, Ci or Ci/g, kh, kw]: dC_j/dW[j] per image
-            out.append((grad_w.view(n, M, per_in, -1) * w_sel[s:s + n].reshape(n, M, per_in, -1)).sum(-1))
-        w_in = torch.cat(out, 0)  # [B, M, per_in]
+            rows, cols = 1, None
+        w_in = _weight_products(geo, u, w_sel, gsel, rows)  # [B, M, per_in]
         if cols is None:
             return w_in
         return w_in.new_zeros(B, M, c_src).scatter_(2, cols, w_in)
+
+
+def _weight_products(geo: Any, u: torch.Tensor, w_sel: torch.Tensor, gsel: torch.Tensor, rows: int) -> torch.Tensor:
+    """``[B, M, Ci]``: ``sum_tap W[j, i, tap] * dC_j/dW[j, i, tap]`` per image and target, from conv ``geo``'s input
+    ``u`` ``[B, M * Ci or Ci, H, W]`` (each target's own channels where ``rows == M``, one group each), the
+    targets' weight rows ``w_sel`` ``[B, M, Ci, kh, kw]`` and their gradients at the output ``gsel`` ``[B, M, H', W']``;
+    one grouped weight-gradient convolution per chunk of images."""
+    B, M = gsel.shape[:2]
+    ci, per_in, kernel, spatial = u.shape[1], w_sel.shape[2], w_sel.shape[3:], gsel.shape[2:]
+    # images per call bounded so the unfolded input (Ci * kh * kw * output pixels per image) stays small
+    chunk = max(1, _UNFOLD_BUDGET // (ci * kernel.numel() * max(1, gsel[0, 0].numel())))
+    out = []
+    for s in range(0, B, chunk):
+        n = min(chunk, B - s)
+        grad_w = torch.nn.grad.conv2d_weight(  # type: ignore[attr-defined] # torch.nn.grad is not re-exported
+            u[s:s + n].reshape(1, n * ci, *u.shape[2:]), (n * M, per_in, *kernel),
+            gsel[s:s + n].reshape(1, n * M, *spatial), stride=tuple(geo._saved_stride),
+            padding=tuple(geo._saved_padding), dilation=tuple(geo._saved_dilation), groups=n * rows,
+        )  # [n * M, Ci or Ci/g, kh, kw]: dC_j/dW[j] per image
+        out.append((grad_w.view(n, M, per_in, -1) * w_sel[s:s + n].reshape(n, M, per_in, -1)).sum(-1))
+    return torch.cat(out, 0)
 
 
 def channel_reach(mix: Mixing, c_src: int, c_dst: int) -> torch.Tensor | None:
@@ -560,7 +638,7 @@ def channel_reach(mix: Mixing, c_src: int, c_dst: int) -> torch.Tensor | None:
             w = composite_rows(mix, torch.arange(node._saved_weight.shape[0], device=node._saved_weight.device))
             # [C_out, Cu, kh, kw]
             nz = (w != 0).flatten(2).any(-1).cpu()
-            nz = nz[:, mix.src_offset:mix.src_offset + c_src]
+            nz = source_block(mix, nz, c_src)
     if mix.dst_offset == 0 and nz.shape[0] == c_dst and bool(nz.all()):
         return None
     out = torch.zeros(c_dst, c_src, dtype=torch.bool)

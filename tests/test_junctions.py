@@ -81,6 +81,7 @@ def _small(name: str) -> nn.Module:
     # squeeze-excite: the gate's site through its 1x1 conv, its backward started at the gate (a deep entry)
     ("efficientnet_b0", 32, {"mixing": 62, "junction": 30, "deep": 30}),
     ("regnet_y_400mf", 32, {"mixing": 80, "junction": 16, "deep": 16}),  # the gate into the block's last conv
+    ("shufflenet_v2_x0_5", 32, {"mixing": 99, "vjp": 5, "deep": 1}),  # channel splits and shuffles before convs
 ])
 def test_routes_equal_the_exact_route_on_torchvision(name: str, size: int, routes: dict[str, int]) -> None:
     """(ResNet-18, GoogLeNet and DenseNet121 take the mixing route on all or all but 7 edges: ``tests/test_mixing.py``
@@ -178,8 +179,35 @@ class _Bottleneck(nn.Module):
         return self.fc(self.out(self.bn2(self.m2(y))).flatten(1))
 
 
+class _Shuffle(nn.Module):
+    """Two ReLU sites concatenated, their channels shuffled ShuffleNet's way (views and a transpose), split in
+    halves, and one half read by a conv before the destination: a mixing route through the moves, where each
+    source channel lands read numerically. With ``fold`` a view folds pairs of channels into the rows instead, so
+    no channel of the conv's input holds one source channel: the VJP route."""
+
+    def __init__(self, *, fold: bool) -> None:
+        super().__init__()
+        self.fold = fold
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
+        self.ra, self.rb = nn.ReLU(), nn.ReLU()
+        self.c = nn.Conv2d(2 if fold else 4, 5, 3, padding=1)
+        self.out = nn.ReLU()
+        self.fc = nn.Linear(5 * (16 if fold else 8) * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([self.ra(self.a(x)), self.rb(self.b(x))], 1)  # [B, 8, 8, 8]
+        if self.fold:
+            y = y.reshape(-1, 4, 16, 8)
+        else:
+            y = y.view(-1, 2, 4, 8, 8).transpose(1, 2).contiguous().view(-1, 8, 8, 8)
+        _, half = y.chunk(2, dim=1)
+        return self.fc(self.out(self.c(half)).flatten(1))
+
+
 @pytest.mark.parametrize(("body", "routes"), [
     (_Stream(), {"junction": 3, "vjp": 0}),
+    (_Shuffle(fold=False), {"mixing": 2, "vjp": 0}),
+    (_Shuffle(fold=True), {"mixing": 0, "vjp": 2}),
     (_Concat(), {"junction": 2, "vjp": 0}),
     (_Bottleneck("gate"), {"mixing": 3, "junction": 1, "vjp": 1, "deep": 1}),
     (_Bottleneck("norm"), {"mixing": 2, "junction": 1, "vjp": 2, "deep": 2}),
