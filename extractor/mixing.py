@@ -129,13 +129,20 @@ def graph_walks() -> Iterator[None]:
         _ADJACENCY.pop()
 
 
+def _kids(node: Any) -> list[Any]:
+    """The nodes a gradient flows to from ``node``: its inputs' nodes, less the value an in-place copy overwrote
+    (it gets no gradient; ``torch::autograd::CopyBackwards``, as :func:`extractor.sitegraph.predecessors` reads it)."""
+    edges = node.next_functions[1:] if node.name() == "torch::autograd::CopyBackwards" else node.next_functions
+    return [n for n, _ in edges if n is not None]
+
+
 def _next(node: Any) -> list[Any]:
     if not _ADJACENCY:
-        return [n for n, _ in node.next_functions if n is not None]
+        return _kids(node)
     memo = _ADJACENCY[-1]
     kids = memo.get(node)
     if kids is None:
-        kids = memo[node] = [n for n, _ in node.next_functions if n is not None]
+        kids = memo[node] = _kids(node)
     return kids
 
 

@@ -175,7 +175,7 @@ class _Bottleneck(nn.Module):
         if self.kind == "single":
             return self.fc(self.out(self.bn3(self.single(u)) + s).flatten(1))
         y = self.bn1(self.m1(u))
-        y = y * (1 + s[:, :1]) + s if self.kind == "scaled" else y + s
+        y = y * (1 + x[:, :1]) + s if self.kind == "scaled" else y + s  # the image varies over positions
         return self.fc(self.out(self.bn2(self.m2(y))).flatten(1))
 
 
