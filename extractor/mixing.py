@@ -563,6 +563,8 @@ def mixing_edge_weights(mix: Mixing, a_src: torch.Tensor, a_dst: torch.Tensor, g
     gbar = grad
     z_idx = targets - mix.dst_offset  # target channel of a_dst -> channel of z (outside z: weight 0)
     valid = (targets >= 0) & (z_idx >= 0) & (z_idx < gbar.shape[1])
+    if not bool(valid.any()):  # no target in the layer's block of the destination (a dense block's other layers)
+        return gbar.new_zeros(B, M, a_src.shape[1])
     idx = z_idx.clamp(0, gbar.shape[1] - 1)
     spatial = gbar.shape[2:]
     gsel = gbar.gather(1, idx.view(B, M, *([1] * len(spatial))).expand(B, M, *spatial))
