@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -174,31 +175,33 @@ class _Padded(nn.Module):  # TensorFlow's "same" padding: F.pad right before the
         return self.act(self.second(y) if self.bottleneck else y)
 
 
-@pytest.mark.parametrize(("body", "fast"), [
-    (_Padded(0.0), True),
-    (_Padded(0.0, groups=4), True),  # depthwise after a zero pad
-    (_Padded(0.0, groups=4, bottleneck=True), True),
-    (_Padded(0.5), False),  # a non-zero pad is not homogeneous
-    (_Padded(0.5, bottleneck=True), False),
-    (_Bottleneck(nn.Conv2d(4, 5, 1)), True),
-    (_Bottleneck(nn.Conv2d(4, 5, 3, stride=2, padding=1)), True),
-    (_Bottleneck(nn.Conv2d(4, 8, 3, padding=1, groups=4)), True),  # depthwise-like first conv
-    (_Bottleneck(nn.Conv2d(4, 5, 1), skip=False), False),  # y * y between: not a per-channel scale
-    (nn.Sequential(nn.Conv2d(4, 5, 3, padding=1), nn.Conv2d(5, 6, 3, padding=1), nn.ReLU()), False),  # 3x3 second
-    (_CatBefore(), True),
-    (_CatAfter(), True),
-    (_Gate(own=False), True),
-    (_Gate(own=True), False),
-    (nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.BatchNorm2d(6), nn.ReLU()), True),
-    (nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2), nn.ReLU()), True),
-    (nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.GELU()), True),
-    (_Residual(), False),
-    (_ChannelMix(), False),
-    (nn.Sequential(nn.ConvTranspose2d(4, 4, 3, padding=1), nn.ReLU()), False),
-    (nn.Sequential(nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1), nn.ReLU()), False),  # three
+@pytest.mark.parametrize(("build", "fast"), [
+    (lambda: _Padded(0.0), True),
+    (lambda: _Padded(0.0, groups=4), True),  # depthwise after a zero pad
+    (lambda: _Padded(0.0, groups=4, bottleneck=True), True),
+    (lambda: _Padded(0.5), False),  # a non-zero pad is not homogeneous
+    (lambda: _Padded(0.5, bottleneck=True), False),
+    (lambda: _Bottleneck(nn.Conv2d(4, 5, 1)), True),
+    (lambda: _Bottleneck(nn.Conv2d(4, 5, 3, stride=2, padding=1)), True),
+    (lambda: _Bottleneck(nn.Conv2d(4, 8, 3, padding=1, groups=4)), True),  # depthwise-like first conv
+    (lambda: _Bottleneck(nn.Conv2d(4, 5, 1), skip=False), False),  # y * y between: not a per-channel scale
+    # a 3x3 second conv
+    (lambda: nn.Sequential(nn.Conv2d(4, 5, 3, padding=1), nn.Conv2d(5, 6, 3, padding=1), nn.ReLU()), False),
+    (_CatBefore, True),
+    (_CatAfter, True),
+    (lambda: _Gate(own=False), True),
+    (lambda: _Gate(own=True), False),
+    (lambda: nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.BatchNorm2d(6), nn.ReLU()), True),
+    (lambda: nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2), nn.ReLU()), True),
+    (lambda: nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.GELU()), True),
+    (_Residual, False),
+    (_ChannelMix, False),
+    (lambda: nn.Sequential(nn.ConvTranspose2d(4, 4, 3, padding=1), nn.ReLU()), False),
+    (lambda: nn.Sequential(nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1), nn.ReLU()), False),  # three
 ])
-def test_fast_path_applies_exactly_where_it_is_exact(body: nn.Module, fast: bool) -> None:
+def test_fast_path_applies_exactly_where_it_is_exact(build: Callable[[], nn.Module], fast: bool) -> None:
     torch.manual_seed(1)
+    body = build()  # built after seeding, so its weights do not depend on what ran before
     channels = getattr(body, "out_channels", None) or [
         m for m in body.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))][-1].out_channels
     net = _Net(body, channels).double().eval()
