@@ -195,8 +195,8 @@ class Store:
         self._require(Q.IMAGE_EXISTS, "image", image_id=image_id)
         out = []
         for r in self._run(Q.PATHWAYS_OF_IMAGE, image_id=image_id):
-            shape = r.pop("saliency_shape")
-            r["saliency"] = saliency_of(r["saliency"], shape)
+            shape, scale = r.pop("saliency_shape"), r.pop("saliency_scale")
+            r["saliency"] = saliency_of(r["saliency"], shape, scale)
             r["cut_sites"] = json.loads(r["cut_sites"])
             out.append(PathwayInfo(**r))
         return out

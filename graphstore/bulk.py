@@ -225,7 +225,7 @@ def write_csv(runs: list[RunFolder], out: Path) -> tuple[list[tuple[str, Path]],
                         links[pw.pathway_id] = original
                     fresh.append(pw)
                     prow = pathway_row(pw, model, original)
-                    n["Pathway"].write([pw.pathway_id], prow["props"])
+                    n["Pathway"].write([pw.pathway_id], {**prow["props"], "signature": prow["signature"]})
                     aggregates.pathway(prow["props"], prow["class_id"])
                     r["FOR_IMAGE"].write([pw.pathway_id, pw.image_id], {})
                     r["EXPLAINS"].write([pw.pathway_id, class_id(model.model_id, pw.target)], {})

@@ -101,7 +101,8 @@ CALL (im, i) {
 
 # Claims the pathways of one transaction: MERGE locks each id, so a concurrent loader waits
 # and then sees the pathway as existing. Claim and link in one pass: only rows that this transaction created come back (the flag is
-# set on create and cleared at once), so reloading and concurrent loaders never duplicate.
+# set on create and cleared at once), so reloading and concurrent loaders never duplicate. The signature is
+# stored as float32, as the vector index keeps it (half the bytes of Cypher's list of doubles).
 CLAIM_PATHWAYS = """
 UNWIND $pathways AS p
 MERGE (pw:Pathway {id: p.id})
@@ -109,6 +110,10 @@ ON CREATE SET pw += p.props, pw.loading = true
 WITH pw, p WHERE pw.loading = true
 REMOVE pw.loading
 WITH pw, p
+CALL (pw, p) {
+  WITH pw, p WHERE p.signature IS NOT NULL
+  CALL db.create.setNodeVectorProperty(pw, 'signature', p.signature)
+}
 MATCH (im:Image {id: p.image_id})
 MATCH (cl:Class {id: p.class_id})
 CREATE (pw)-[:FOR_IMAGE]->(im)
@@ -413,7 +418,8 @@ PATHWAYS_OF_IMAGE = """
 MATCH (p:Pathway {image_id: $image_id})
 RETURN p.id AS id, p.config AS config, p.method AS method, p.selection AS selection, p.params AS params,
        p.target AS target, p.logit_full AS logit_full, p.logit_masked AS logit_masked, p.size AS size,
-       p.saliency AS saliency, p.saliency_shape AS saliency_shape, p.gaps AS gaps,
+       p.saliency AS saliency, p.saliency_shape AS saliency_shape, p.saliency_scale AS saliency_scale,
+       p.gaps AS gaps,
        coalesce(p.dead_fraction, 0.0) AS dead_fraction, p.corr_prec_overlap AS corr_prec_overlap,
        coalesce(p.cut_sites, '[]') AS cut_sites
 ORDER BY p.config

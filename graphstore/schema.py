@@ -24,13 +24,14 @@ from typing import Any
 SIGNATURE_DIMENSIONS = 128  # Pathway.signature: the neuron set as a random +-1 projection (cosine ~ overlap)
 # The store's format, on every Model node: a load refuses a store written in another (older) one. 1: pathways
 # keyed by a compact integer; 2: a variant's parameters without per-image ones are its `sweep` (was `setting`);
-# 3: `Pathway.saliency` holds the map's float32 bytes (as the records do), not a list of doubles: half the size.
-STORE_FORMAT = 3
+# 3: `Pathway.saliency` holds the map's float32 bytes (as the records do), not a list of doubles: half the size;
+# 4: float16 bytes of the map over its peak magnitude (`saliency_scale`): half again; `signature` as float32.
+STORE_FORMAT = 4
 EDGE_SUPPORT_FLOOR = 0.05  # class edge supports below this are not kept as CLASS_FLOW aggregates
 
 # bulk importer's type names -> the names ``db.schema.nodeTypeProperties()`` reports
 STORED_TYPE = {"string": "String", "long": "Long", "double": "Double", "boolean": "Boolean", "byte[]": "ByteArray",
-               "long[]": "LongArray", "double[]": "DoubleArray", "string[]": "StringArray"}
+               "long[]": "LongArray", "double[]": "DoubleArray", "float[]": "FloatArray", "string[]": "StringArray"}
 
 
 @dataclass(frozen=True)
@@ -126,13 +127,14 @@ NODES: tuple[Node, ...] = (
         props=_props(
             "id:string key:long image_id:string model_id:string method:string selection:string params:string "
             "config:string target:long logit_full:double logit_masked:double logit_ratio:double size:long "
-            "dead_fraction:double "
-            "saliency:byte[] saliency_shape:long[] gaps:double[] layer_sizes:long[] layer_mass:double[] "
-            "signature?:double[] original_pathway?:string layer_jaccard?:double[] corr_prec_overlap?:double "
+            "dead_fraction:double saliency:byte[] saliency_scale:double saliency_shape:long[] gaps:double[] "
+            "layer_sizes:long[] layer_mass:double[] "
+            "signature?:float[] original_pathway?:string layer_jaccard?:double[] corr_prec_overlap?:double "
             "corr_prec_jaccard?:double pixels?:double chains?:double pixel_chains?:string cut_sites?:string"
         ),
-        note="saliency: the Pathway Gradient map as float32 little-endian bytes, shape saliency_shape (numpy: "
-        "np.frombuffer(saliency, '<f4').reshape(saliency_shape)); signature on non-empty pathways; "
+        note="saliency: the Pathway Gradient map over saliency_scale (its largest magnitude) as float16 "
+        "little-endian bytes, shape saliency_shape (numpy: np.frombuffer(saliency, '<f2').reshape(saliency_shape) "
+        "* saliency_scale; three significant digits); signature on non-empty pathways; "
         "original_pathway, layer_jaccard on variants' pathways; "
         "corr_prec_* on resampling pathways; pixels, chains, pixel_chains on pixel pathways; cut_sites (JSON "
         "list of site ids) where the selection is cut: no kept neuron there reads a kept neuron before it",

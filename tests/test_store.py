@@ -82,6 +82,7 @@ def test_the_store_holds_exactly_the_schema_described_in_code(store: Store) -> N
 
 
 def test_pathway_graph_equals_records(store: Store, ref: Ref) -> None:
+    peaks: list[float] = []
     for pw in ref.pathways[:: max(1, len(ref.pathways) // 12)]:
         got = store.pathway_graph(pw.pathway_id)
         want = pathway_to_networkx(pw, ref.manifest.model)
@@ -94,7 +95,11 @@ def test_pathway_graph_equals_records(store: Store, ref: Ref) -> None:
             assert got.nodes[n]["rank"] == d["rank"]
         info = store.pathway_of(pw.image_id, pw.config)
         assert info.logit_ratio == pytest.approx(pw.logit_ratio, rel=1e-6)
-        assert np.allclose(info.saliency, pw.saliency)
+        # float16 over the peak: within half a float16 step of each value, or of 6e-5 of the peak near zero
+        peak = float(np.abs(pw.saliency).max())
+        peaks.append(peak)
+        np.testing.assert_allclose(info.saliency, pw.saliency, rtol=2**-11, atol=2**-24 * peak)
+    assert max(peaks) > 0  # some maps were not zero
 
 
 def test_top_neurons_and_support(store: Store, ref: Ref, config: str) -> None:
