@@ -13,7 +13,6 @@ It replaces the database's content, so callers must ask for it (``overwrite=True
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import shutil
@@ -24,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from graphstore import schema
@@ -61,8 +62,6 @@ from records import (
 log = logging.getLogger(__name__)
 
 ARRAY = ";"
-_SIGNED = tuple(str(b - 256 if b > 127 else b) for b in range(256))  # byte[] cells: Java's signed bytes
-_JAVA_SPECIAL = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}  # what Double.parseDouble reads
 
 
 @dataclass(kw_only=True)
@@ -81,34 +80,52 @@ class BulkSummary:
         return self.relationships / self.import_seconds if self.import_seconds else 0.0
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return _JAVA_SPECIAL.get(repr(value), repr(value))
-    if isinstance(value, bytes | bytearray):
-        return ARRAY.join(map(_SIGNED.__getitem__, value))
-    if isinstance(value, list | tuple):
-        if value and isinstance(value[0], float):
-            text = ARRAY.join(map(repr, value))  # fast path; only nan/inf spell an "n"
-            return text if "n" not in text else ARRAY.join(map(_cell, value))
-        return ARRAY.join(map(_cell, value))
-    return str(value)
+_LIST_OF = {"long[]": pa.int64(), "double[]": pa.float64(), "float[]": pa.float32(), "string[]": pa.string()}
+
+
+def _floats_text(text: pa.Array) -> pa.Array:
+    """Arrow's shortest round-trip float text, with non-finite values spelt as Java's ``Double.parseDouble`` reads."""
+    return pc.replace_substring(pc.replace_substring(text, "nan", "NaN"), "inf", "Infinity")
+
+
+def _join(lists: pa.Array) -> pa.Array:
+    """A list array as one ``ARRAY``-joined text cell per row (null stays null: no property)."""
+    text = pc.binary_join(pc.cast(lists, pa.list_(pa.string())), ARRAY)
+    return _floats_text(text) if pa.types.is_floating(lists.type.value_type) else text
+
+
+def _column(values: Any, kind: str) -> pa.Array:
+    """One property's cells, of the importer's type ``kind``, as an Arrow array for pyarrow's CSV writer: numbers
+    and booleans as themselves, arrays (and doubles that are not finite) as text. ``values``: a list (None: no
+    property) or a numpy array."""
+    if kind == "byte[]":  # Java's signed bytes
+        binary = pa.array([None if v is None else bytes(v) for v in values], pa.binary())
+        offsets = pa.array(np.frombuffer(binary.buffers()[1], np.int32, len(binary) + 1))
+        data = binary.buffers()[2]
+        flat = pa.array(np.frombuffer(data, np.int8) if data is not None else np.zeros(0, np.int8))
+        return _join(pa.ListArray.from_arrays(offsets, flat, mask=binary.is_null()))
+    if kind in _LIST_OF:
+        return _join(pa.array(values, pa.list_(_LIST_OF[kind])))
+    if kind == "double":
+        column = pa.array(values, pa.float64())
+        finite = pc.all(pc.or_kleene(pc.is_finite(column), pc.is_null(column))).as_py()
+        return column if finite in (True, None) else _floats_text(pc.cast(column, pa.string()))
+    return pa.array(values, {"long": pa.int64(), "boolean": pa.bool_(), "string": pa.string()}[kind])
 
 
 class _Table:
-    """One CSV file with a typed header, for nodes of a label or relationships of a type."""
+    """One CSV file with a typed header, for nodes of a label or relationships of a type. Rows (:meth:`write`) are
+    kept until :meth:`flush`, once a part, and whole parts' columns (:meth:`write_columns`) go at once: both through
+    pyarrow's CSV writer, no Python loop over cells."""
 
     def __init__(self, path: Path, fixed: list[str], props: dict[str, str], strict: bool = False) -> None:
         self.path = path
-        self.props = list(props)
+        self.fixed = fixed
+        self.props = dict(props)
         # strict: every property of a row must have a column (other tables' rows carry more keys)
         self.known = frozenset({"id", *self.props}) if strict else None
-        self.fh = open(path, "w", newline="", encoding="utf-8")
-        self.writer = csv.writer(self.fh, quoting=csv.QUOTE_MINIMAL)
-        self.writer.writerow(fixed + [f"{k}:{t}" for k, t in props.items()])
+        path.write_text(",".join(fixed + [f"{k}:{t}" for k, t in props.items()]) + "\n")
+        self.pending: list[tuple[list[str], dict[str, Any]]] = []
         self.rows = 0
 
     def write(self, fixed: list[str], props: dict[str, Any]) -> None:
@@ -116,28 +133,29 @@ class _Table:
             unknown = sorted(props.keys() - self.known)
             raise GraphStoreError(f"{self.path.name}: properties {unknown} are not in graphstore.schema; "
                                   "add them there")
-        self.writer.writerow(fixed + [_cell(props.get(k)) for k in self.props])
-        self.rows += 1
+        self.pending.append((fixed, props))
 
-    def close(self) -> None:
-        self.fh.close()
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        cells: dict[str, Any] = {name: [f[i] for f, _ in self.pending] for i, name in enumerate(self.fixed)}
+        cells.update({k: [p.get(k) for _, p in self.pending] for k in self.props})
+        self.pending = []
+        self.write_columns(cells)
 
-
-class _ArrowTable:
-    """A relationship CSV written a part at a time from columns (pyarrow's CSV writer, no Python loop)."""
-
-    def __init__(self, path: Path, header: list[str]) -> None:
-        self.path = path
-        self.names = header
-        path.write_text(",".join(header) + "\n")
-        self.rows = 0
-
-    def write(self, columns: Columns) -> None:
-        """``columns`` as :mod:`graphstore.rows` names them (start, end, then the schema's properties)."""
-        table = pa.table(dict(zip(self.names, columns.values(), strict=True)))
+    def write_columns(self, columns: Columns) -> None:
+        """``columns``: the fixed columns, then every property, in the header's order (as :mod:`graphstore.rows`
+        names them for relationships: start, end, then the schema's properties)."""
+        names = [*self.fixed, *self.props]
+        arrays = [pa.array(col, pa.string()) if i < len(self.fixed) else _column(col, self.props[names[i]])
+                  for i, col in enumerate(columns.values())]
+        table = pa.table(arrays, names=[str(i) for i in range(len(arrays))])
         with open(self.path, "ab") as fh:
             pacsv.write_csv(table, fh, write_options=pacsv.WriteOptions(include_header=False))
         self.rows += table.num_rows
+
+    def close(self) -> None:
+        self.flush()
 
 
 def _records(runs: list[RunFolder]) -> Iterator[tuple[ModelInfo, Any]]:
@@ -168,12 +186,7 @@ def write_csv(runs: list[RunFolder], out: Path) -> tuple[list[tuple[str, Path]],
     r = {name: rel(name) for name in ("HAS_LAYER", "FEEDS", "HAS_NEURON", "HAS_CLASS", "PREDICTED_AS",
                                       "LABELED_AS", "VARIANT_OF", "FOR_IMAGE", "EXPLAINS")}
 
-    def columns(name: str) -> _ArrowTable:
-        spec = schema.relationship(name)
-        return _ArrowTable(out / f"rel-{name.lower()}.csv", [f":START_ID({spec.start})", f":END_ID({spec.end})",
-                                                             *(f"{k}:{t}" for k, t in spec.types().items())])
-
-    includes, flows, exemplars = columns("INCLUDES"), columns("FLOWS_TO"), rel("EXEMPLAR")
+    includes, flows, exemplars = rel("INCLUDES"), rel("FLOWS_TO"), rel("EXEMPLAR")
     aggregates = Aggregates()
     models: set[str] = set()
     images: set[str] = set()
@@ -231,9 +244,11 @@ def write_csv(runs: list[RunFolder], out: Path) -> tuple[list[tuple[str, Path]],
                     r["EXPLAINS"].write([pw.pathway_id, class_id(model.model_id, pw.target)], {})
             inc = include_columns(fresh, links, index[model.model_id])
             flow = flow_columns(fresh, index[model.model_id])
-            includes.write(inc)
-            flows.write(flow)
+            includes.write_columns(inc)
+            flows.write_columns(flow)
             aggregates.relationships(inc, flow)
+            for t in [*n.values(), *r.values()]:
+                t.flush()
         merged_runs = _write_exemplars(runs, exemplars)
         _write_aggregates(aggregates.rows(), n, r, out)
         for model_id, props in model_props.items():

@@ -295,16 +295,28 @@ def _image_from_row(row: dict[str, Any]) -> ImageRecord:
     return ImageRecord(**row)
 
 
-def _pathway_from_row(row: dict[str, Any]) -> PathwayRecord:
-    arrays: dict[str, np.ndarray] = {
-        name: np.asarray(row[name], dtype=_NUMPY_OF[dt]) for name, dt in _PATHWAY_ARRAYS.items()}
-    saliency = np.asarray(row["saliency"], dtype=np.float32).reshape(row["saliency_shape"])
-    return PathwayRecord(
-        pathway_id=row["pathway_id"], image_id=row["image_id"], model_id=row["model_id"], method=row["method"],
-        selection=row["selection"], params=row["params"], target=int(row["target"]),
-        logit_full=float(row["logit_full"]), logit_masked=float(row["logit_masked"]),
-        saliency=saliency, extra=json.loads(row["extra"] or "{}"), **arrays,
-    )
+def _list_rows(column: pa.ChunkedArray, dtype: Any) -> list[np.ndarray]:
+    """A list column as one numpy array per row: slices of one flat copy, not a Python list per row."""
+    arr = column.combine_chunks()
+    flat = arr.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    offsets = arr.offsets.to_numpy()
+    return np.split(flat, offsets[1:-1] - offsets[0])
+
+
+def _pathways_from_table(table: pa.Table) -> list[PathwayRecord]:
+    scalars = {name: table.column(name).to_pylist() for name in (
+        "pathway_id", "image_id", "model_id", "method", "selection", "params", "target", "logit_full",
+        "logit_masked", "extra")}
+    arrays = {name: _list_rows(table.column(name), _NUMPY_OF[dt]) for name, dt in _PATHWAY_ARRAYS.items()}
+    saliency = _list_rows(table.column("saliency"), np.float32)
+    shapes = table.column("saliency_shape").to_pylist()
+    return [PathwayRecord(
+        pathway_id=scalars["pathway_id"][i], image_id=scalars["image_id"][i], model_id=scalars["model_id"][i],
+        method=scalars["method"][i], selection=scalars["selection"][i], params=scalars["params"][i],
+        target=int(scalars["target"][i]), logit_full=float(scalars["logit_full"][i]),
+        logit_masked=float(scalars["logit_masked"][i]), saliency=saliency[i].reshape(shapes[i]),
+        extra=json.loads(scalars["extra"][i] or "{}"), **{name: rows[i] for name, rows in arrays.items()},
+    ) for i in range(table.num_rows)]
 
 
 @dataclass
@@ -339,8 +351,8 @@ def iter_parts(run_dir: Path | RunFolder) -> Iterator[RunPart]:
         read_manifest(run_dir)
     for part in part_dirs(run_dir.path if isinstance(run_dir, RunFolder) else Path(run_dir)):
         images = read_table(part / "images.parquet", _IMAGE_SCHEMA).to_pylist()
-        pathways = read_table(part / "pathways.parquet", _PATHWAY_SCHEMA).to_pylist()
-        yield RunPart([_image_from_row(r) for r in images], [_pathway_from_row(r) for r in pathways])
+        pathways = _pathways_from_table(read_table(part / "pathways.parquet", _PATHWAY_SCHEMA))
+        yield RunPart([_image_from_row(r) for r in images], pathways)
 
 
 def read_run(run_dir: Path) -> tuple[Manifest, list[ImageRecord], list[PathwayRecord]]:
