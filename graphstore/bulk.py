@@ -20,6 +20,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -113,42 +114,70 @@ def _column(values: Any, kind: str) -> pa.Array:
     return pa.array(values, {"long": pa.int64(), "boolean": pa.bool_(), "string": pa.string()}[kind])
 
 
+class _Numbers:
+    """The importer's node ids (``--id-type=integer``, cheaper to parse and map than strings): each node's string id
+    numbered within its label's id space, at first sight, by node rows and relationship ends alike, so the order
+    they come in does not matter. The string stays the node's ``id`` property."""
+
+    def __init__(self) -> None:
+        self.of: dict[str, dict[str, int]] = {}
+
+    def __call__(self, label: str, values: Any) -> np.ndarray:
+        """``values`` (string ids, or numbers already: an integer numpy array) as numbers ``[N]``."""
+        if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
+            return values.astype(np.int64, copy=False)
+        ids = self.of.setdefault(label, {})
+
+        def number(key: Any) -> int:
+            if isinstance(key, int | np.integer):
+                return int(key)
+            found = ids.get(key)
+            if found is None:
+                found = ids[key] = len(ids)
+            return found
+
+        return np.fromiter(map(number, values), np.int64, len(values))
+
+
 class _Table:
     """One CSV file with a typed header, for nodes of a label or relationships of a type. Rows (:meth:`write`) are
     kept until :meth:`flush`, once a part, and whole parts' columns (:meth:`write_columns`) go at once: both through
-    pyarrow's CSV writer, no Python loop over cells."""
+    pyarrow's CSV writer, no Python loop over cells. ``ends``: the ID columns as ``(header, label)``; their string
+    ids are written as numbers (:class:`_Numbers`)."""
 
-    def __init__(self, path: Path, fixed: list[str], props: dict[str, str], strict: bool = False) -> None:
+    def __init__(self, path: Path, ends: list[tuple[str, str]], props: dict[str, str], numbers: _Numbers,
+                 strict: bool = False) -> None:
         self.path = path
-        self.fixed = fixed
+        self.ends = ends
         self.props = dict(props)
+        self.numbers = numbers
         # strict: every property of a row must have a column (other tables' rows carry more keys)
-        self.known = frozenset({"id", *self.props}) if strict else None
-        path.write_text(",".join(fixed + [f"{k}:{t}" for k, t in props.items()]) + "\n")
-        self.pending: list[tuple[list[str], dict[str, Any]]] = []
+        self.known = frozenset(self.props) if strict else None
+        path.write_text(",".join([h for h, _ in ends] + [f"{k}:{t}" for k, t in props.items()]) + "\n")
+        self.pending: list[tuple[list[Any], dict[str, Any]]] = []
         self.rows = 0
 
-    def write(self, fixed: list[str], props: dict[str, Any]) -> None:
+    def write(self, ends: list[Any], props: dict[str, Any]) -> None:
         if self.known is not None and not props.keys() <= self.known:
             unknown = sorted(props.keys() - self.known)
             raise GraphStoreError(f"{self.path.name}: properties {unknown} are not in graphstore.schema; "
                                   "add them there")
-        self.pending.append((fixed, props))
+        self.pending.append((ends, props))
 
     def flush(self) -> None:
         if not self.pending:
             return
-        cells: dict[str, Any] = {name: [f[i] for f, _ in self.pending] for i, name in enumerate(self.fixed)}
+        cells: dict[str, Any] = {h: [e[i] for e, _ in self.pending] for i, (h, _) in enumerate(self.ends)}
         cells.update({k: [p.get(k) for _, p in self.pending] for k in self.props})
         self.pending = []
         self.write_columns(cells)
 
     def write_columns(self, columns: Columns) -> None:
-        """``columns``: the fixed columns, then every property, in the header's order (as :mod:`graphstore.rows`
+        """``columns``: the ID columns, then every property, in the header's order (as :mod:`graphstore.rows`
         names them for relationships: start, end, then the schema's properties)."""
-        names = [*self.fixed, *self.props]
-        arrays = [pa.array(col, pa.string()) if i < len(self.fixed) else _column(col, self.props[names[i]])
-                  for i, col in enumerate(columns.values())]
+        cols = list(columns.values())
+        arrays = [pa.array(self.numbers(label, col)) for col, (_, label) in zip(cols, self.ends, strict=False)]
+        arrays += [_column(col, kind) for col, kind in zip(cols[len(self.ends):], self.props.values(), strict=True)]
         table = pa.table(arrays, names=[str(i) for i in range(len(arrays))])
         with open(self.path, "ab") as fh:
             pacsv.write_csv(table, fh, write_options=pacsv.WriteOptions(include_header=False))
@@ -171,17 +200,12 @@ def write_csv(runs: list[RunFolder], out: Path) -> tuple[list[tuple[str, Path]],
     list ``(label or type, file)`` for the importer.
     """
     out.mkdir(parents=True, exist_ok=True)
-    def node(label: str, file: str, strict: bool = False) -> _Table:
-        return _Table(out / file, [f"id:ID({label})"], schema.node(label).types(), strict)
+    numbers = _Numbers()
+    node = partial(_node_table, out, numbers)
+    rel = partial(_rel_table, out, numbers)
 
-    n = {"Model": node("Model", "models.csv"), "Layer": node("Layer", "layers.csv"),
-         "Neuron": node("Neuron", "neurons.csv"), "Class": node("Class", "classes.csv"),
-         "Image": node("Image", "images.csv", strict=True), "Pathway": node("Pathway", "pathways.csv", strict=True)}
-
-    def rel(name: str) -> _Table:
-        spec = schema.relationship(name)
-        return _Table(out / f"rel-{name.lower()}.csv", [f":START_ID({spec.start})", f":END_ID({spec.end})"],
-                      spec.types())
+    n = {label: node(label, strict=label in ("Image", "Pathway"))
+         for label in ("Model", "Layer", "Neuron", "Class", "Image", "Pathway")}
 
     r = {name: rel(name) for name in ("HAS_LAYER", "FEEDS", "HAS_NEURON", "HAS_CLASS", "PREDICTED_AS",
                                       "LABELED_AS", "VARIANT_OF", "FOR_IMAGE", "EXPLAINS")}
@@ -211,7 +235,9 @@ def write_csv(runs: list[RunFolder], out: Path) -> tuple[list[tuple[str, Path]],
                 for c in rows.classes:
                     n["Class"].write([c["id"]], {**c, "model_id": model.model_id})
                     r["HAS_CLASS"].write([model.model_id, c["id"]], {})
-                index[model.model_id] = NeuronIndex.of(neuron_table(model))
+                table = neuron_table(model)
+                index[model.model_id] = NeuronIndex(numbers("Neuron", [n for site in table for n in site]),
+                                                    NeuronIndex.of(table).offsets)
             fresh: list[PathwayRecord] = []
             links: dict[str, PathwayRecord] = {}
             for group in groups(part.images, part.pathways):
@@ -250,7 +276,7 @@ def write_csv(runs: list[RunFolder], out: Path) -> tuple[list[tuple[str, Path]],
             for t in [*n.values(), *r.values()]:
                 t.flush()
         merged_runs = _write_exemplars(runs, exemplars)
-        _write_aggregates(aggregates.rows(), n, r, out)
+        _write_aggregates(aggregates.rows(), n, r, out, numbers)
         for model_id, props in model_props.items():
             n["Model"].write([model_id], {**props, "aggregated_pathways": covered.get(model_id, 0),
                                           "exemplar_runs": merged_runs.get(model_id)})
@@ -263,16 +289,26 @@ def write_csv(runs: list[RunFolder], out: Path) -> tuple[list[tuple[str, Path]],
             sum(t.rows for t in r.values()) + includes.rows + flows.rows + exemplars.rows)
 
 
-def _write_aggregates(rows: AggregateRows, nodes: dict[str, _Table], rels: dict[str, _Table], out: Path) -> None:
+def _node_table(out: Path, numbers: _Numbers, label: str, strict: bool = False) -> _Table:
+    return _Table(out / f"{label.lower()}.csv", [(f":ID({label})", label)], schema.node(label).types(skip=()),
+                  numbers, strict)
+
+
+def _rel_table(out: Path, numbers: _Numbers, name: str) -> _Table:
+    spec = schema.relationship(name)
+    return _Table(out / f"rel-{name.lower()}.csv", [(f":START_ID({spec.start})", spec.start),
+                                                     (f":END_ID({spec.end})", spec.end)], spec.types(), numbers)
+
+
+def _write_aggregates(rows: AggregateRows, nodes: dict[str, _Table], rels: dict[str, _Table], out: Path,
+                      numbers: _Numbers) -> None:
     """The aggregates' nodes (keyed without an id property, as the Bolt path makes them) and relationships."""
     for label, items in (("CountStat", rows.count_stats), ("VariantStat", rows.variant_stats)):
-        table = nodes[label] = _Table(out / f"{label.lower()}.csv", [f":ID({label})"], schema.node(label).types())
+        table = nodes[label] = _node_table(out, numbers, label)
         for key, props in items:
             table.write([key], props)
     for name, links in (("USES", rows.uses), ("CLASS_FLOW", rows.class_flows), ("GAINED", rows.gained)):
-        spec = schema.relationship(name)
-        table = rels[name] = _Table(out / f"rel-{name.lower()}.csv", [f":START_ID({spec.start})",
-                                                                       f":END_ID({spec.end})"], spec.types())
+        table = rels[name] = _rel_table(out, numbers, name)
         for src, dst, props in links:
             table.write([src, dst], props)
 
@@ -304,7 +340,7 @@ def _write_exemplars(runs: list[RunFolder], table: _Table) -> dict[str, list[str
 def _run_importer(config: ServerConfig, nodes: list[tuple[str, Path]], rels: list[tuple[str, Path]]) -> None:
     args = [java_executable(), "-Xmx2g", "-cp", f"{config.lib_dir}/*", ADMIN_ENTRY_POINT, "database", "import",
             "full", "neo4j",
-            "--overwrite-destination=true", f"--array-delimiter={ARRAY}", "--bad-tolerance=0",
+            "--overwrite-destination=true", f"--array-delimiter={ARRAY}", "--bad-tolerance=0", "--id-type=integer",
             f"--report-file={config.instance_dir / 'logs' / 'import.report'}",
             *[f"--nodes={label}={path}" for label, path in nodes],
             *[f"--relationships={kind}={path}" for kind, path in rels]]
