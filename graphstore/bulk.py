@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -142,20 +143,22 @@ class _Numbers:
 class _Table:
     """One CSV file with a typed header, for nodes of a label or relationships of a type. Rows (:meth:`write`) are
     kept until :meth:`flush`, once a part, and whole parts' columns (:meth:`write_columns`) go at once: both through
-    pyarrow's CSV writer, no Python loop over cells. ``ends``: the ID columns as ``(header, label)``; their string
-    ids are written as numbers (:class:`_Numbers`)."""
+    pyarrow's CSV writer, no Python loop over cells, on ``pool``'s one thread (Arrow lets go of the GIL, so the
+    next part's rows are built meanwhile; one thread keeps each file's parts in order). ``ends``: the ID columns
+    as ``(header, label)``; their string ids are written as numbers (:class:`_Numbers`)."""
 
     def __init__(self, path: Path, ends: list[tuple[str, str]], props: dict[str, str], numbers: _Numbers,
-                 strict: bool = False) -> None:
+                 pool: ThreadPoolExecutor, strict: bool = False) -> None:
         self.path = path
         self.ends = ends
         self.props = dict(props)
         self.numbers = numbers
+        self.pool = pool
         # strict: every property of a row must have a column (other tables' rows carry more keys)
         self.known = frozenset(self.props) if strict else None
         path.write_text(",".join([h for h, _ in ends] + [f"{k}:{t}" for k, t in props.items()]) + "\n")
         self.pending: list[tuple[list[Any], dict[str, Any]]] = []
-        self.rows = 0
+        self.writing: list[Future[int]] = []
 
     def write(self, ends: list[Any], props: dict[str, Any]) -> None:
         if self.known is not None and not props.keys() <= self.known:
@@ -176,15 +179,26 @@ class _Table:
         """``columns``: the ID columns, then every property, in the header's order (as :mod:`graphstore.rows`
         names them for relationships: start, end, then the schema's properties)."""
         cols = list(columns.values())
-        arrays = [pa.array(self.numbers(label, col)) for col, (_, label) in zip(cols, self.ends, strict=False)]
-        arrays += [_column(col, kind) for col, kind in zip(cols[len(self.ends):], self.props.values(), strict=True)]
+        ends = [self.numbers(label, col) for col, (_, label) in zip(cols, self.ends, strict=False)]  # this thread
+        self.writing.append(self.pool.submit(self._append, ends, cols[len(self.ends):]))
+
+    def _append(self, ends: list[np.ndarray], props: list[Any]) -> int:
+        arrays = [pa.array(e) for e in ends]
+        arrays += [_column(col, kind) for col, kind in zip(props, self.props.values(), strict=True)]
         table = pa.table(arrays, names=[str(i) for i in range(len(arrays))])
         with open(self.path, "ab") as fh:
             pacsv.write_csv(table, fh, write_options=pacsv.WriteOptions(include_header=False))
-        self.rows += table.num_rows
+        return int(table.num_rows)
+
+    @property
+    def rows(self) -> int:
+        """Rows written (waits for the parts in flight; raises what writing them raised)."""
+        return sum(f.result() for f in self.writing)
 
     def close(self) -> None:
         self.flush()
+        for f in self.writing:
+            f.result()
 
 
 def _records(runs: list[RunFolder]) -> Iterator[tuple[ModelInfo, Any]]:
@@ -201,8 +215,9 @@ def write_csv(runs: list[RunFolder], out: Path) -> tuple[list[tuple[str, Path]],
     """
     out.mkdir(parents=True, exist_ok=True)
     numbers = _Numbers()
-    node = partial(_node_table, out, numbers)
-    rel = partial(_rel_table, out, numbers)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="csv")
+    node = partial(_node_table, out, numbers, pool)
+    rel = partial(_rel_table, out, numbers, pool)
 
     n = {label: node(label, strict=label in ("Image", "Pathway"))
          for label in ("Model", "Layer", "Neuron", "Class", "Image", "Pathway")}
@@ -276,41 +291,43 @@ def write_csv(runs: list[RunFolder], out: Path) -> tuple[list[tuple[str, Path]],
             for t in [*n.values(), *r.values()]:
                 t.flush()
         merged_runs = _write_exemplars(runs, exemplars)
-        _write_aggregates(aggregates.rows(), n, r, out, numbers)
+        _write_aggregates(aggregates.rows(), n, r, node, rel)
         for model_id, props in model_props.items():
             n["Model"].write([model_id], {**props, "aggregated_pathways": covered.get(model_id, 0),
                                           "exemplar_runs": merged_runs.get(model_id)})
+        for t in [*n.values(), *r.values(), includes, flows, exemplars]:
+            t.close()  # the last parts written, or their error raised
     finally:
-        for t in [*n.values(), *r.values(), exemplars]:
-            t.close()
+        pool.shutdown(wait=True, cancel_futures=True)
     rel_files = [(k, t.path) for k, t in r.items()] + [("INCLUDES", includes.path), ("FLOWS_TO", flows.path),
                                                        ("EXEMPLAR", exemplars.path)]
     return ([(k, t.path) for k, t in n.items()], rel_files, sum(t.rows for t in n.values()),
             sum(t.rows for t in r.values()) + includes.rows + flows.rows + exemplars.rows)
 
 
-def _node_table(out: Path, numbers: _Numbers, label: str, strict: bool = False) -> _Table:
+def _node_table(out: Path, numbers: _Numbers, pool: ThreadPoolExecutor, label: str, strict: bool = False) -> _Table:
     return _Table(out / f"{label.lower()}.csv", [(f":ID({label})", label)], schema.node(label).types(skip=()),
-                  numbers, strict)
+                  numbers, pool, strict)
 
 
-def _rel_table(out: Path, numbers: _Numbers, name: str) -> _Table:
+def _rel_table(out: Path, numbers: _Numbers, pool: ThreadPoolExecutor, name: str) -> _Table:
     spec = schema.relationship(name)
     return _Table(out / f"rel-{name.lower()}.csv", [(f":START_ID({spec.start})", spec.start),
-                                                     (f":END_ID({spec.end})", spec.end)], spec.types(), numbers)
+                                                     (f":END_ID({spec.end})", spec.end)], spec.types(), numbers, pool)
 
 
-def _write_aggregates(rows: AggregateRows, nodes: dict[str, _Table], rels: dict[str, _Table], out: Path,
-                      numbers: _Numbers) -> None:
-    """The aggregates' nodes (keyed without an id property, as the Bolt path makes them) and relationships."""
+def _write_aggregates(rows: AggregateRows, nodes: dict[str, _Table], rels: dict[str, _Table],
+                      node: Callable[[str], _Table], rel: Callable[[str], _Table]) -> None:
+    """The aggregates' nodes (keyed without an id property, as the Bolt path makes them) and relationships, in
+    tables that ``node(label)`` and ``rel(type)`` open."""
     for label, items in (("CountStat", rows.count_stats), ("VariantStat", rows.variant_stats)):
-        table = nodes[label] = _node_table(out, numbers, label)
+        t = nodes[label] = node(label)
         for key, props in items:
-            table.write([key], props)
+            t.write([key], props)
     for name, links in (("USES", rows.uses), ("CLASS_FLOW", rows.class_flows), ("GAINED", rows.gained)):
-        table = rels[name] = _rel_table(out, numbers, name)
+        t = rels[name] = rel(name)
         for src, dst, props in links:
-            table.write([src, dst], props)
+            t.write([src, dst], props)
 
 
 def _write_exemplars(runs: list[RunFolder], table: _Table) -> dict[str, list[str]]:
