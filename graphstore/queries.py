@@ -29,7 +29,8 @@ def _schema_statement(ix: Index) -> str:
         return f"CREATE CONSTRAINT {ix.name} IF NOT EXISTS FOR {pattern} REQUIRE {props} IS UNIQUE"
     if ix.kind == "vector":
         return (f"CREATE VECTOR INDEX {ix.name} IF NOT EXISTS FOR {pattern} ON ({props}) OPTIONS {{indexConfig: "
-                f"{{`vector.dimensions`: {ix.dimensions}, `vector.similarity_function`: '{ix.similarity}'}}}}")
+                f"{{`vector.dimensions`: {ix.dimensions}, `vector.similarity_function`: '{ix.similarity}', "
+                f"`vector.quantization.enabled`: {str(ix.quantized).lower()}}}}}")
     return f"CREATE INDEX {ix.name} IF NOT EXISTS FOR {pattern} ON ({props})"
 
 
