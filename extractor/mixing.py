@@ -36,6 +36,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 import torch
@@ -252,6 +253,28 @@ MID_OK = frozenset({"NativeBatchNormBackward0", "CudnnBatchNormBackward0", "Miop
                     "SubBackward0", "CloneBackward0", "MulBackward0", "DivBackward0"})
 
 
+def _mid_walk(top: Any, on: set[Any]) -> tuple[list[Any], set[Any]] | None:
+    """The walk down from ``top`` (the input of a conv ``m2``) over the nodes ``on`` the segment's paths, through
+    :data:`MID_OK` ops only, to the convs where it stops: ``(those convs, every node seen)``, or ``None`` where
+    another op lies on the way. One conv found is the ``m1`` of a two-conv route (:func:`_two_convs`,
+    :func:`find_deep_entry`)."""
+    convs: list[Any] = []
+    seen: set[Any] = set()
+    stack = [top] if top in on else []
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.name() == "ConvolutionBackward0":
+            convs.append(node)
+        elif node.name() in MID_OK:
+            stack.extend(n for n in _next(node) if n in on)
+        else:
+            return None
+    return convs, seen
+
+
 def _two_convs(mixers: list[Any], on_path: list[Any], *, src: Any, dst: Any, stops: set[Any], memo: dict[Any, bool],
                a_src: torch.Tensor, a_dst: torch.Tensor) -> Mixing | None:
     """``a_src -> pre -> conv1 -> per-channel scale -> conv2 (1x1) -> post -> a_dst`` (a linear
@@ -282,10 +305,11 @@ def _two_convs(mixers: list[Any], on_path: list[Any], *, src: Any, dst: Any, sto
         return None
     on = set(on_path)
     post = {n for n in _visited(dst, stops | {src, m2})} & on
-    mid = {n for n in _visited(mid_in, stops | {src, m1})} & on
-    if any(n.name() not in POST_OK and n.name() != "CatBackward0" for n in post) \
-            or any(n.name() not in MID_OK for n in mid):
+    between = _mid_walk(mid_in, on)
+    if any(n.name() not in POST_OK and n.name() != "CatBackward0" for n in post) or between is None \
+            or between[0] != [m1]:
         return None
+    mid = between[1] - {m1}
     dst_offset = _post_offset(dst, m2, post) if any(n.name() == "CatBackward0" for n in post) else 0
     u = m1._saved_input
     if dst_offset is None or u.dim() != 4 or (src_index is None and u.shape[1] < src_offset + a_src.shape[1]) \
@@ -489,10 +513,17 @@ def source_block(mix: Mixing, t: torch.Tensor, c_src: int) -> torch.Tensor:
     ``src_offset``, or by ``src_index`` (zero or ``False`` where a source channel does not reach the layer)."""
     if mix.src_index is None:
         return t[..., mix.src_offset:mix.src_offset + c_src]
-    index = torch.tensor(mix.src_index, device=t.device)
-    picked = t.index_select(-1, index.clamp(min=0))
-    present = index >= 0
+    index, present = _channel_index(mix.src_index, t.device)
+    picked = t.index_select(-1, index)
     return picked & present if picked.dtype == torch.bool else picked * present.to(picked.dtype)
+
+
+@lru_cache(maxsize=256)
+def _channel_index(src_index: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``src_index`` as tensors on ``device``, made once per route (every batch reads them): where each source
+    channel lies in the layer's input ``[C_src]`` (0 where it does not reach it) and whether it does ``[C_src]``."""
+    index = torch.tensor(src_index, device=device)
+    return index.clamp(min=0), index >= 0
 
 
 def _post_offset(dst: Any, mx: Any, post: set[Any]) -> int | None:
@@ -1175,24 +1206,10 @@ def find_deep_entry(seg: Segment, entry: Any, junction: Any = None) -> tuple[tup
         return None
     if (gate := _gate(entry, src, stops, memo, junction)) >= 0:
         return (), gate, False  # the entry layer itself reads the gated product
-    on = set(on_path)
-    convs: list[Any] = []
-    seen: set[Any] = set()
-    stack = [n for n in _next(entry)[:1] if n in on]
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node.name() == "ConvolutionBackward0":
-            convs.append(node)
-        elif node.name() in MID_OK:
-            stack.extend(n for n in _next(node) if n in on)
-        else:
-            return None
-    if len(convs) != 1:
+    between = _mid_walk(_next(entry)[0], set(on_path)) if _next(entry) else None
+    if between is None or len(between[0]) != 1:
         return None
-    m1 = convs[0]
+    (m1,), seen = between
     if m1 is junction or m1._saved_transposed or len(m1._saved_stride) != 2 or m1._saved_input is None \
             or m1.next_functions[0][0] is None or _reaches(dst, src, stops | {m1}, {}) \
             or any(_reaches(p, src, stops, memo) for p, _ in m1.next_functions[1:] if p is not None):

@@ -43,7 +43,9 @@ def test_scores_equal_slow_reference(demo: tuple, chunk: int, monkeypatch: pytes
                 rs = []
                 for q in range(a.shape[2]):
                     col = a[:, c, q]
-                    if col.std() > 0:
+                    # a position that does not vary is left out; "does not vary" allows float32 noise (a
+                    # relative std below 1e-5), which other CPUs' kernels leave on constant activations
+                    if col.var() > max(1e-10 * col[0] ** 2, 1e-30):
                         rs.append(abs(np.corrcoef(col, y)[0, 1]))
                 corr = float(np.mean(rs)) if rs else 0.0
                 assert got.correlation[site.index][b, c].item() == pytest.approx(corr, rel=1e-3, abs=1e-5)
