@@ -91,6 +91,6 @@ def edges_of(bundle: ModelBundle, x: torch.Tensor, part: slice, *, settings: Pat
     """The edges of the images ``x[part]`` in the setting's edge mode (:mod:`extractor.linear`), from a cut
     forward of those images (freed on return)."""
     with Linearised(bundle.model, settings.edges):
-        cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x[part].detach()))
+        cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x[part].detach()), bundle.written)
     return compute_edges(sites=bundle.sites, contrib=contrib.rows(part), sel=sel.rows(part), cut=cut,
                          settings=settings, routes=bundle.routes)

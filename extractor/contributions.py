@@ -85,17 +85,18 @@ def _pick_target(logits: torch.Tensor, target: torch.Tensor | None) -> torch.Ten
 
 def forward_with_sites(bundle: ModelBundle, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Logits ``[B, K]`` and site outputs (attached to the graph) of one unmasked forward. The network reads
-    the captured outputs themselves, not copies; a network that writes into one in place runs again with
-    copies (:class:`extractor.sites.Capture`)."""
-    for copy in (False, True):
-        with SiteHooks(bundle.model, Capture(bundle.sites, copy=copy)) as hooks:
+    the captured outputs themselves, not copies, except at the sites it is known to write into in place
+    (``bundle.written``); a forward that finds another such site runs again with that one copied too
+    (:class:`extractor.sites.Capture`), once per model, not once per batch."""
+    while True:
+        with SiteHooks(bundle.model, Capture(bundle.sites, copy=frozenset(bundle.written))) as hooks:
             rec = hooks.begin()
             logits = bundle.forward(x)
         written = rec.written()
         if not written:
             break
-        log.debug("the model writes into site %s's output in place: its sites are copied",
-                  bundle.sites[written[0]].site_id)
+        log.debug("the model writes into site %s's output in place: it is copied", bundle.sites[written[0]].site_id)
+        bundle.written.update(written)
     missing = [s.site_id for s in bundle.sites if s.index not in rec.acts]
     if missing:
         raise ExtractionError(f"sites {missing[:3]} did not fire; the model's call graph depends on the input")

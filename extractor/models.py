@@ -49,6 +49,9 @@ class ModelBundle:
     mean: torch.Tensor  # [C]
     std: torch.Tensor  # [C]
     routes: RouteCache = field(default_factory=RouteCache)  # each site-graph edge's route, found once per shape
+    # sites whose output the network writes into in place after the call (a skip added into a block's last
+    # activation): found by the first forward that meets one, and read through a copy from then on
+    written: set[int] = field(default_factory=set)
 
     @property
     def sites(self) -> tuple[SiteInfo, ...]:

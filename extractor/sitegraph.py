@@ -9,7 +9,7 @@ path). The same cut forward gives the edges their segments (:mod:`extractor.edge
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -56,12 +56,14 @@ def predecessors(acts: dict[int, torch.Tensor], sources: dict[int, torch.Tensor]
     return {j: (tuple(sorted(reach(a.grad_fn))) if a.grad_fn is not None else ()) for j, a in acts.items()}
 
 
-def cut_forward(model: nn.Module, sites: Sequence[SiteInfo], forward: Callable[[], Any]) -> SiteRecorder:
+def cut_forward(model: nn.Module, sites: Sequence[SiteInfo], forward: Callable[[], Any],
+                written: Collection[int] = ()) -> SiteRecorder:
     """Run ``forward()`` once with every site cut (see :class:`SiteHooks`); returns what was captured.
-    The network reads the cut sites' sources themselves; one that writes into a site's output in place
-    runs again reading copies (:class:`extractor.sites.Cut`)."""
+    The network reads the cut sites' sources themselves, except copies of ``written``'s (the sites it is known
+    to write into in place: :attr:`extractor.models.ModelBundle.written`); one that writes into another site's
+    output runs again reading copies of all (:class:`extractor.sites.Cut`)."""
     try:
-        with torch.enable_grad(), SiteHooks(model, Cut(sites, copy=False)) as hooks:
+        with torch.enable_grad(), SiteHooks(model, Cut(sites, copy=frozenset(written))) as hooks:
             rec = hooks.begin()
             forward()
         return rec

@@ -124,11 +124,12 @@ class Capture:
     (masking, scaling). The captured tensor is kept and the rest of the network reads a clone, so
     in-place operations downstream cannot corrupt it. With ``copy=False`` the network reads the captured
     tensor itself, and ``SiteRecorder.written`` tells afterwards whether it wrote into one (the caller then
-    runs again with copies). With ``keep=False`` nothing is kept and the network reads the transformed
-    output itself (Pathway Gradient's masked pass). Either saves one copy of every site map."""
+    runs again with copies); ``copy`` as a set of site indices copies those sites only. With ``keep=False``
+    nothing is kept and the network reads the transformed output itself (Pathway Gradient's masked pass).
+    Either saves one copy of every site map."""
 
     def __init__(self, sites: Sequence[SiteInfo], transform: SiteTransform | None = None, *,
-                 keep: bool = True, copy: bool = True) -> None:
+                 keep: bool = True, copy: bool | frozenset[int] = True) -> None:
         self.sites = tuple(sites)
         self.transform = transform
         self.keep = keep
@@ -148,6 +149,10 @@ class Capture:
     def watches(self, path: str) -> bool:
         return path in self._functional_paths
 
+    def copies(self, index: int) -> bool:
+        """Whether the network reads a copy of site ``index``'s capture."""
+        return self.copy if isinstance(self.copy, bool) else index in self.copy
+
     def site(self, path: str, call: int) -> SiteInfo | None:
         return self._by_call.get((path, call))
 
@@ -160,7 +165,7 @@ class Capture:
         rec.acts[site.index] = captured
         if site.index == rec.stop_after:
             raise StopForward
-        if not self.copy:
+        if not self.copies(site.index):
             rec.versions[site.index] = captured._version
             return from_channels_first(captured, site.layout)
         return from_channels_first(captured, site.layout).clone()
@@ -174,7 +179,7 @@ class Cut(Capture):
     writes into it in place then fails at once (autograd refuses in-place writes into a leaf's view), and
     :func:`extractor.sitegraph.cut_forward` runs it again with ``copy=True``, where it reads a copy."""
 
-    def __init__(self, sites: Sequence[SiteInfo], *, copy: bool = True) -> None:
+    def __init__(self, sites: Sequence[SiteInfo], *, copy: bool | frozenset[int] = True) -> None:
         super().__init__(sites, copy=copy)
 
     def take(self, rec: SiteRecorder, site: SiteInfo, out: torch.Tensor) -> torch.Tensor:
@@ -183,7 +188,7 @@ class Cut(Capture):
         source = canon.detach().requires_grad_(True).view(canon.shape)
         rec.sources[site.index] = source
         read = from_channels_first(source, site.layout)
-        return read.clone() if self.copy else read
+        return read.clone() if self.copies(site.index) else read
 
 
 class Discover:

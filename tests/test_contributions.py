@@ -273,7 +273,8 @@ class _WritesIntoSite(nn.Module):
 
 def test_a_network_that_writes_into_a_site_output_runs_again_with_copies(caplog: pytest.LogCaptureFixture) -> None:
     """The contributions forward lets the network read the captured site outputs themselves; one that writes
-    into one in place is run again with copies, so its activations are the site's own outputs."""
+    into one in place is run again with that site copied, so its activations are the site's own outputs, and the
+    bundle remembers the site, so later batches take one forward."""
     torch.manual_seed(0)
     writes = _WritesIntoSite(in_place=True)
     twin = _WritesIntoSite(in_place=False)
@@ -291,12 +292,27 @@ def test_a_network_that_writes_into_a_site_output_runs_again_with_copies(caplog:
     assert float(ref.acts[0].min()) < 0.0  # the GELU's own output, before the +1
     for a, b in zip([*got.acts, *got.grads, *got.channel], [*ref.acts, *ref.grads, *ref.channel], strict=True):
         assert torch.equal(a, b)
-    # the cut forward too: the network reads the sources themselves, and the in-place write sends it round again
-    settings = PathwaySettings(k=3)
+    # the bundle remembers the site: later forwards copy it from the start, one forward each
+    assert got_bundle.written == {0}
+    with caplog.at_level("DEBUG", logger="extractor.contributions"):
+        caplog.clear()
+        again = mct_contributions(got_bundle, x)
+    assert "writes into site" not in caplog.text
+    for a, b in zip([*again.acts, *again.grads], [*ref.acts, *ref.grads], strict=True):
+        assert torch.equal(a, b)
+    # the cut forward too: the network reads the sources themselves, copies of the known site; where it is not
+    # known yet, the in-place write sends it round again with copies of all
+    fresh = make_bundle(writes, "writes", (3, 8, 8))
     with caplog.at_level("DEBUG", logger="extractor.sitegraph"):
         caplog.clear()
-        got_pw = extract_batch(got_bundle, x, settings)
+        cut_forward(fresh.model, fresh.sites, lambda: fresh.forward(x))
     assert "cut forward again with copies" in caplog.text
+    with caplog.at_level("DEBUG", logger="extractor.sitegraph"):
+        caplog.clear()
+        cut_forward(got_bundle.model, got_bundle.sites, lambda: got_bundle.forward(x), got_bundle.written)
+    assert "cut forward again with copies" not in caplog.text
+    settings = PathwaySettings(k=3)
+    got_pw = extract_batch(got_bundle, x, settings)  # edges_of passes the bundle's known sites
     with caplog.at_level("DEBUG", logger="extractor.sitegraph"):
         caplog.clear()
         ref_pw = extract_batch(ref_bundle, x, settings)
