@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from extractor.errors import ExtractionError
+from extractor.layouts import channel_dot
 from extractor.models import ModelBundle
 from extractor.sites import Capture, SiteHooks
 
@@ -68,10 +69,8 @@ class Contributions:
 
 
 def _channel_sums(acts: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``[B, C]`` per site: the element contributions summed over positions, by one contraction per site (no
-    product in memory)."""
-    return [torch.einsum("bcp,bcp->bc", a.flatten(2), g.flatten(2)) if a.dim() > 2 else a * g
-            for a, g in zip(acts, grads, strict=True)]
+    """``[B, C]`` per site: the element contributions summed over positions (:func:`extractor.layouts.channel_dot`)."""
+    return [channel_dot(a, g) for a, g in zip(acts, grads, strict=True)]
 
 
 def _pick_target(logits: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:

@@ -27,6 +27,19 @@ def from_channels_first(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t.movedim(1, -1) if layout in ("channels_last", "tokens") else t
 
 
+def channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[B, C]``: ``sum_p a[b, c, p] * b[b, c, p]`` for two site tensors ``[B, C, ...]`` (or ``[B, C]``).
+
+    Channels-first tensors are contracted by ``einsum`` (no product in memory); a moved view of a channels-last
+    or token site is multiplied and summed in its own memory order, where ``einsum`` would contract one strided
+    channel at a time (36 ms against 1 ms for one ConvNeXt-T site on 2 cores)."""
+    if a.dim() == 2:
+        return a * b
+    if a.is_contiguous() and b.is_contiguous():
+        return torch.einsum("bcp,bcp->bc", a.flatten(2), b.flatten(2))
+    return (a * b).sum(tuple(range(2, a.dim())))
+
+
 def detect_layout(out: torch.Tensor) -> str:
     """The layout of a site output ``[B, ...]``, read off its autograd graph.
 

@@ -42,6 +42,8 @@ from typing import Any, NamedTuple
 import torch
 from torch.autograd.graph import GradientEdge
 
+from extractor.layouts import channel_dot
+
 MIXING = frozenset({"ConvolutionBackward0", "AddmmBackward0", "MmBackward0"})
 _UNFOLD_BUDGET = 16_000_000  # elements of unfolded input per weight-gradient call (bounds peak memory)
 # ops on a_src's side of the mixing layer: channel-preserving and positively homogeneous
@@ -587,7 +589,7 @@ def mixing_edge_weights(mix: Mixing, a_src: torch.Tensor, a_dst: torch.Tensor, g
     if mix.kind == "identity":  # channel j reaches channel j only
         g = grad
         a = a_src.detach()
-        per = torch.einsum("bcp,bcp->bc", g.flatten(2), a.flatten(2)) if g.dim() > 2 else g * a  # [B, C]
+        per = channel_dot(g, a)  # [B, C]
         idx = targets.clamp(min=0)
         vals = per.gather(1, idx) * (targets >= 0).to(per.dtype)
         return per.new_zeros(B, M, per.shape[1]).scatter_(2, idx[..., None], vals[..., None])
