@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from extractor.batch import edges_of
+from extractor.batch import edges_of, one_forward, selected_with_edges
 from extractor.contributions import mct_contributions
 from extractor.edges import ROUTES, segment_routes
 from extractor.linear import Linearised
@@ -69,6 +69,10 @@ def _ours_b(bundle: ModelBundle, x: torch.Tensor) -> Any:
 
 
 def _ours_c(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings) -> Any:
+    """Contributions, top-k selection and edges, as ``extract_batch`` makes them (one cut forward for all three in
+    the exact edge mode, where the segments share no layer)."""
+    if one_forward(bundle, x, settings):
+        return selected_with_edges(bundle, x, settings)
     contrib = mct_contributions(bundle, x)
     sel = select(contrib, settings)
     return contrib, sel, edges_of(bundle, x, slice(0, x.shape[0]), settings=settings, contrib=contrib, sel=sel)

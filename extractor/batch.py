@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
-from extractor.contributions import Contributions
+from extractor.contributions import Contributions, check_finite, cut_contributions
 from extractor.edges import Edges, compute_edges
+from extractor.errors import ExtractionError
 from extractor.linear import Linearised
 from extractor.models import ModelBundle
 from extractor.pathway_gradient import pathway_gradient, saliency_map
-from extractor.reach import bundle_reach, cut_sites
-from extractor.selection import Selection
+from extractor.reach import SiteReach, bundle_reach, cut_sites
+from extractor.selection import Selection, select
 from extractor.settings import PathwaySettings
-from extractor.sitegraph import cut_forward
+from extractor.sitegraph import cut_forward, segment_overlap
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,9 +59,10 @@ class BatchPathways:
 
 def finish_batch(
     bundle: ModelBundle, x: torch.Tensor, *, settings: PathwaySettings, contrib: Contributions, sel: Selection,
-    scores: list[torch.Tensor], extra: list[dict[str, object]],
+    scores: list[torch.Tensor], extra: list[dict[str, object]], edges: Edges | None = None,
 ) -> BatchPathways:
-    """Edges along the site graph (one cut forward) and Pathway Gradient for a selected batch."""
+    """Edges along the site graph (one cut forward; ``edges`` if the caller made them) and Pathway Gradient for a
+    selected batch."""
     for b, where in enumerate(cut_sites(sel.kept, bundle.sites, bundle_reach(bundle, x))):
         if where:  # the selection is cut there: the records, the UI and `pathx query pathway` say so
             extra[b]["cut_sites"] = json.dumps([bundle.sites[i].site_id for i in where])
@@ -66,8 +71,9 @@ def finish_batch(
     # activations and gradients, and a batch's peak stays under twice a plain pass's (bench/peaks.py).
     # On a GPU the whole batch goes at once: fewer, larger kernels.
     halves = batch_halves(x)
-    edges = Edges.concat([edges_of(bundle, x, part, settings=settings, contrib=contrib, sel=sel)
-                          for part in halves], [part.start for part in halves])
+    if edges is None:
+        edges = Edges.concat([edges_of(bundle, x, part, settings=settings, contrib=contrib, sel=sel)
+                              for part in halves], [part.start for part in halves])
     masked = [pathway_gradient(bundle, x[part], contrib.target[part], [m[part] for m in sel.masks])
               for part in halves]
     grad, logit_masked = torch.cat([g for g, _ in masked]), torch.cat([lm for _, lm in masked])
@@ -84,6 +90,47 @@ def batch_halves(x: torch.Tensor) -> list[slice]:
         return [slice(0, B)]
     mid = (B + 1) // 2
     return [slice(0, mid), slice(mid, B)]
+
+
+# above it the segments repeat layers (EfficientNet V2 2.9, ConvNeXt 4.2, DenseNet 5.4): two passes cost less;
+# MobileNet-like stages with a few residual blocks (1.3) still gain (bench/zoo.py)
+SEGMENT_OVERLAP_MAX = 1.5
+
+
+def one_forward(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings) -> bool:
+    """Whether :func:`selected_with_edges` serves this setting on this model: ``mct`` contributions, exact edges,
+    and segments that share no layer (:func:`extractor.sitegraph.segment_overlap`, measured once per model on
+    one image). Where they share layers (DenseNet's concatenations, ConvNeXt's residual stream) the backward
+    segment by segment would repeat them, and a plain forward and backward cost less."""
+    if settings.method != "mct" or settings.edges != "exact":
+        return False
+    if bundle.disjoint_segments is None:
+        cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x[:1].detach()), bundle.written)
+        overlap = segment_overlap(cut)
+        bundle.disjoint_segments = overlap <= SEGMENT_OVERLAP_MAX
+        log.debug("segment overlap %.2f: %s", overlap, "one forward" if bundle.disjoint_segments else "two")
+    return bundle.disjoint_segments
+
+
+def selected_with_edges(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings, *,
+                        target: torch.Tensor | None = None, reach: SiteReach | None = None,
+                        ) -> tuple[Contributions, Selection, Edges]:
+    """``mct`` contributions, the selection and exact edges of a batch from one cut forward per part
+    (:func:`extractor.contributions.cut_contributions`): the forward that the contributions take serves the edges
+    too. The parts are :func:`batch_halves`, as in :func:`finish_batch`; ``reach`` is the top-k selection's."""
+    if settings.edges != "exact":
+        raise ExtractionError("one forward serves contributions and edges in the exact edge mode only")
+    halves = batch_halves(x)
+    done: list[tuple[Contributions, Selection, Edges]] = []
+    for part in halves:
+        contrib, cut = cut_contributions(bundle, x[part], None if target is None else target[part])
+        check_finite("contributions", contrib.channel)
+        sel = select(contrib, settings, reach)
+        done.append((contrib, sel, compute_edges(sites=bundle.sites, contrib=contrib, sel=sel, cut=cut,
+                                                 settings=settings, routes=bundle.routes)))
+        del cut  # the part's graph goes before the next part's forward
+    return (Contributions.concat([c for c, _, _ in done]), Selection.concat([s for _, s, _ in done]),
+            Edges.concat([e for _, _, e in done], [part.start for part in halves]))
 
 
 def edges_of(bundle: ModelBundle, x: torch.Tensor, part: slice, *, settings: PathwaySettings,

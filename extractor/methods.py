@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from extractor.batch import BatchInputs, BatchPathways, finish_batch
+from extractor.batch import BatchInputs, BatchPathways, finish_batch, one_forward, selected_with_edges
 from extractor.contributions import check_finite, intgrad_contributions, mct_contributions
 from extractor.models import ModelBundle
 from extractor.pixelpaths import pixel_batch
@@ -30,13 +30,20 @@ MethodRunner = Callable[[ModelBundle, torch.Tensor, PathwaySettings, BatchInputs
 
 def contribution_batch(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings,
                        inputs: BatchInputs) -> BatchPathways:
-    """``mct`` or ``intgrad`` contributions, the selection rule, edges and Pathway Gradient."""
+    """``mct`` or ``intgrad`` contributions, the selection rule, edges and Pathway Gradient. Where it can (``mct``,
+    exact edges, disjoint segments: :func:`extractor.batch.one_forward`), one cut forward serves the contributions
+    and the edges."""
+    reach = bundle_reach(bundle, x) if settings.selection == "topk" else None
+    extra: list[dict[str, object]] = [{} for _ in range(x.shape[0])]
+    if one_forward(bundle, x, settings):
+        contrib, sel, edges = selected_with_edges(bundle, x, settings, target=inputs.target, reach=reach)
+        return finish_batch(bundle, x, settings=settings, contrib=contrib, sel=sel, scores=[], extra=extra,
+                            edges=edges)
     contrib = mct_contributions(bundle, x, inputs.target)
     if settings.method == "intgrad":
         contrib = intgrad_contributions(bundle, x, contrib.target, settings.intgrad_steps, contrib.acts)
     check_finite("contributions", contrib.channel)
-    sel = select(contrib, settings, bundle_reach(bundle, x) if settings.selection == "topk" else None)
-    extra: list[dict[str, object]] = [{} for _ in range(x.shape[0])]
+    sel = select(contrib, settings, reach)
     # scores: |contribution within the mask|
     return finish_batch(bundle, x, settings=settings, contrib=contrib, sel=sel, scores=[], extra=extra)
 

@@ -52,6 +52,9 @@ class ModelBundle:
     # sites whose output the network writes into in place after the call (a skip added into a block's last
     # activation): found by the first forward that meets one, and read through a copy from then on
     written: set[int] = field(default_factory=set)
+    # whether the sites' segments share no layer, so that one cut forward serves the contributions as well as the
+    # edges (:func:`extractor.batch.one_forward`): decided on the first batch, from its graph
+    disjoint_segments: bool | None = None
 
     @property
     def sites(self) -> tuple[SiteInfo, ...]:

@@ -25,6 +25,20 @@ class Selection:
     masks: list[torch.Tensor]
     kept: list[torch.Tensor]
 
+    @staticmethod
+    def concat(parts: list[Selection]) -> Selection:
+        """One batch's selection from those of its parts, in order."""
+        if len(parts) == 1:
+            return parts[0]
+        kept = [torch.cat(ks) for ks in zip(*(p.kept for p in parts), strict=True)]
+        masks = []
+        for k, ms in zip(kept, zip(*(p.masks for p in parts), strict=True), strict=True):
+            if ms[0].dim() > 2 and all(not any(m.stride()[2:]) for m in ms):  # channel masks stay views
+                masks.append(channel_mask(k, ms[0].new_empty(()).expand(k.shape[0], *ms[0].shape[1:])))
+            else:
+                masks.append(torch.cat(ms))
+        return Selection(masks, kept)
+
     def rows(self, part: slice) -> Selection:
         """The selection of the images ``part`` of the batch (views)."""
         return Selection([m[part] for m in self.masks], [k[part] for k in self.kept])

@@ -23,6 +23,14 @@ from records import SiteInfo
 log = logging.getLogger(__name__)
 
 
+def _inputs(node: Any) -> list[Any]:
+    """The autograd nodes a node's gradient flows to; an in-place copy (a cut site written into) gives the value it
+    overwrote no gradient, so that one is left out."""
+    if node.name() == "torch::autograd::CopyBackwards":
+        return [n for n, _ in node.next_functions[1:] if n is not None]
+    return [n for n, _ in node.next_functions if n is not None]
+
+
 def predecessors(acts: dict[int, torch.Tensor], sources: dict[int, torch.Tensor]) -> dict[int, tuple[int, ...]]:
     """Per site of a cut forward, the sites whose sources its output's autograd graph reaches."""
     leaf_site: dict[Any, int] = {}
@@ -40,9 +48,7 @@ def predecessors(acts: dict[int, torch.Tensor], sources: dict[int, torch.Tensor]
             if node in leaf_site:
                 memo[node] = frozenset({leaf_site[node]})
                 continue
-            children = [n for n, _ in node.next_functions if n is not None]
-            if node.name() == "torch::autograd::CopyBackwards":  # an in-place copy: the overwritten value
-                children = [n for n, _ in node.next_functions[1:] if n is not None]  # gets no gradient
+            children = _inputs(node)
             if expanded:
                 found: set[int] = set()
                 for c in children:
@@ -54,6 +60,32 @@ def predecessors(acts: dict[int, torch.Tensor], sources: dict[int, torch.Tensor]
         return memo[start]
 
     return {j: (tuple(sorted(reach(a.grad_fn))) if a.grad_fn is not None else ()) for j, a in acts.items()}
+
+
+_MIXING = frozenset({"ConvolutionBackward0", "AddmmBackward0", "MmBackward0", "BmmBackward0"})
+
+
+def segment_overlap(cut: SiteRecorder) -> float:
+    """How often a backward through every site's segment in turn (from each site's output back to its
+    predecessors' sources) meets the same mixing layer: the layers met, counted per segment, over the distinct
+    layers met. 1.0 when the segments are disjoint (chains, ResNets); about the number of later layers in a
+    dense block, or of later blocks along a residual stream, where one layer's output reaches many sites."""
+    leaves = {src.grad_fn for src in cut.sources.values() if src.grad_fn is not None}
+    total = 0
+    union: set[Any] = set()
+    for a in cut.acts.values():
+        seen: set[Any] = set()
+        stack = [a.grad_fn] if a.grad_fn is not None else []
+        while stack:
+            node = stack.pop()
+            if node in seen or node in leaves:
+                continue
+            seen.add(node)
+            stack.extend(_inputs(node))
+        mixing = {n for n in seen if n.name() in _MIXING}
+        total += len(mixing)
+        union |= mixing
+    return total / max(1, len(union))
 
 
 def cut_forward(model: nn.Module, sites: Sequence[SiteInfo], forward: Callable[[], Any],

@@ -8,11 +8,13 @@ import torch
 import torchvision
 from torch import nn
 
+from extractor.batch import SEGMENT_OVERLAP_MAX, one_forward
 from extractor.contributions import forward_with_sites, mct_contributions
 from extractor.errors import ExtractionError
 from extractor.methods import extract_batch
 from extractor.models import make_bundle
 from extractor.settings import PathwaySettings
+from extractor.sitegraph import cut_forward, segment_overlap
 from extractor.sites import Capture, SiteHooks, hook_count
 
 
@@ -245,3 +247,40 @@ def test_nan_activations_are_refused() -> None:
     bundle = make_bundle(Bad(), "bad", (1, 2, 2))
     with pytest.raises(ExtractionError, match="NaN or Inf"):
         extract_batch(bundle, torch.rand(1, 1, 2, 2), PathwaySettings())
+
+
+@pytest.mark.parametrize(("name", "one"), [("resnet18", True), ("mnasnet0_5", True), ("densenet121", False),
+                                           ("convnext_tiny", False)])
+def test_one_forward_serves_contributions_and_edges_where_segments_are_disjoint(name: str, one: bool) -> None:
+    """Where the sites' segments share no layer, one cut forward gives the contributions and the edges
+    (``selected_with_edges``); where they do (dense blocks, residual streams), a plain pass and a cut forward do.
+    Both ways give the same pathways, to float64 rounding."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, num_classes=7).double().eval()
+    bundle = make_bundle(model, name, (3, 32, 32))
+    x = torch.rand(3, 3, 32, 32, dtype=torch.float64)
+    settings = PathwaySettings(k=4, edge_targets=4, edges_per_target=8)
+    assert one_forward(bundle, x, settings) is one
+    assert segment_overlap_of(bundle, x) <= SEGMENT_OVERLAP_MAX if one else segment_overlap_of(bundle, x) > 2
+    assert not one_forward(bundle, x, PathwaySettings(method="intgrad"))
+    results = []
+    for disjoint in (True, False):
+        bundle.disjoint_segments = disjoint
+        results.append(extract_batch(bundle, x, settings))
+    fused, plain = results
+    assert len(fused.edges.weight) > 0
+    for name_ in ("b", "src_site", "src_channel", "dst_site", "dst_channel"):
+        assert np.array_equal(getattr(fused.edges, name_), getattr(plain.edges, name_)), name_
+    assert np.allclose(fused.edges.weight, plain.edges.weight, rtol=1e-9, atol=1e-12)
+    assert np.allclose(fused.edges.gap, plain.edges.gap, rtol=1e-9, atol=1e-12, equal_nan=True)
+    for a, b in zip(fused.sel.kept, plain.sel.kept, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(fused.contrib.channel, plain.contrib.channel, strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
+    assert torch.allclose(fused.saliency, plain.saliency, rtol=1e-9, atol=1e-14)
+    assert hook_count(model) == 0
+
+
+def segment_overlap_of(bundle, x):
+    cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x[:1]), bundle.written)
+    return segment_overlap(cut)
