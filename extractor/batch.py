@@ -5,19 +5,22 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from extractor.contributions import Contributions, check_finite, cut_contributions
-from extractor.edges import Edges, compute_edges
+from extractor.edges import Edges, PlainVJP, compute_edges, known_routes, plain_vjp_inputs
 from extractor.errors import ExtractionError
 from extractor.linear import Linearised
+from extractor.mixing import Mixing
 from extractor.models import ModelBundle
 from extractor.pathway_gradient import pathway_gradient, saliency_map
 from extractor.reach import SiteReach, bundle_reach, cut_sites
 from extractor.selection import Selection, select
 from extractor.settings import PathwaySettings
 from extractor.sitegraph import cut_forward, segment_overlap
+from extractor.sites import SiteRecorder
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +126,28 @@ def selected_with_edges(bundle: ModelBundle, x: torch.Tensor, settings: PathwayS
     halves = batch_halves(x)
     done: list[tuple[Contributions, Selection, Edges]] = []
     for part in halves:
-        contrib, cut = cut_contributions(bundle, x[part], None if target is None else target[part])
+        mixes: dict[int, tuple[dict[int, Mixing], dict[Any, Any]]] = {}
+
+        def also(cut: SiteRecorder, j: int, mixes: dict[int, tuple[dict[int, Mixing], dict[Any, Any]]] = mixes
+                 ) -> list[Any]:
+            """The inputs of ``j``'s mixing sources' plain VJP (:func:`extractor.edges.compute_edges`), taken
+            along by ``j``'s segment backward once its routes are known."""
+            preds = [i for i in bundle.sites[j].preds if i in cut.sources]
+            found = plain_vjp_inputs(j, preds, cut=cut, known=known_routes(bundle.routes, settings, cut))
+            if found is None or not found[1]:
+                return []
+            mixes[j] = found
+            return list(found[1].values())
+
+        contrib, cut, extra = cut_contributions(bundle, x[part], None if target is None else target[part],
+                                                also=also)
         check_finite("contributions", contrib.channel)
         sel = select(contrib, settings, reach)
+        plain = {j: PlainVJP(mixes=mixes[j][0], grads=dict(zip(mixes[j][1], grads, strict=True)))
+                 for j, grads in extra.items()}
         done.append((contrib, sel, compute_edges(sites=bundle.sites, contrib=contrib, sel=sel, cut=cut,
-                                                 settings=settings, routes=bundle.routes)))
-        del cut  # the part's graph goes before the next part's forward
+                                                 settings=settings, routes=bundle.routes, plain=plain)))
+        del cut, extra, plain  # the part's graph goes before the next part's forward
     return (Contributions.concat([c for c, _, _ in done]), Selection.concat([s for _, s, _ in done]),
             Edges.concat([e for _, _, e in done], [part.start for part in halves]))
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -142,8 +143,9 @@ def mct_contributions(bundle: ModelBundle, x: torch.Tensor, target: torch.Tensor
                          channel=_channel_sums(det, grads))
 
 
-def cut_contributions(bundle: ModelBundle, x: torch.Tensor, target: torch.Tensor | None = None
-                      ) -> tuple[Contributions, SiteRecorder]:
+def cut_contributions(bundle: ModelBundle, x: torch.Tensor, target: torch.Tensor | None = None, *,
+                      also: Callable[[SiteRecorder, int], Sequence[Any]] | None = None,
+                      ) -> tuple[Contributions, SiteRecorder, dict[int, list[torch.Tensor]]]:
     """:func:`mct_contributions` from a cut forward (:func:`extractor.sitegraph.cut_forward`), and that forward,
     whose graph the edges then read: one forward serves both.
 
@@ -165,14 +167,18 @@ def cut_contributions(bundle: ModelBundle, x: torch.Tensor, target: torch.Tensor
     found = torch.autograd.grad(logits.gather(1, tgt[:, None]).sum(), sources, retain_graph=True,
                                 allow_unused=True)
     grads: dict[int, torch.Tensor | None] = dict(zip(order, found, strict=True))
+    extra: dict[int, list[torch.Tensor]] = {}
     for site in reversed(bundle.sites):
         g, a = grads[site.index], cut.acts[site.index]
         preds = [i for i in site.preds if i in cut.sources]
         if g is None or not preds or not a.requires_grad:
             continue
-        back = torch.autograd.grad(a, [cut.sources[i] for i in preds], grad_outputs=g, retain_graph=True,
+        more = list(also(cut, site.index)) if also is not None else []
+        back = torch.autograd.grad(a, [cut.sources[i] for i in preds] + more, grad_outputs=g, retain_graph=True,
                                    allow_unused=True)
-        for i, gi in zip(preds, back, strict=True):
+        if more and all(t is not None for t in back[len(preds):]):
+            extra[site.index] = [t for t in back[len(preds):] if t is not None]
+        for i, gi in zip(preds, back[:len(preds)], strict=True):
             if gi is not None:
                 prev = grads[i]
                 grads[i] = gi if prev is None else prev + gi
@@ -181,7 +187,7 @@ def cut_contributions(bundle: ModelBundle, x: torch.Tensor, target: torch.Tensor
             for i, d in zip(order, det, strict=True)]
     check_finite("activations", det)
     return Contributions(logits=logits.detach(), target=tgt, acts=det, grads=full,
-                         channel=_channel_sums(det, full)), cut
+                         channel=_channel_sums(det, full)), cut, extra
 
 
 def intgrad_contributions(

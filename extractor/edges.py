@@ -285,6 +285,45 @@ def _no_edges(gaps: torch.Tensor) -> Edges:
 
 
 @dataclass(kw_only=True)
+class PlainVJP:
+    """The mixing sources of one destination (``mixes``: source site -> its layer in this batch's graph) and the
+    plain VJP of ``C_j`` at their layers' outputs (or at the sources), keyed as :func:`_plain_inputs` keys them."""
+
+    mixes: dict[int, Mixing]
+    grads: dict[Any, torch.Tensor]
+
+
+def _plain_inputs(mixes: dict[int, Mixing], cut: SiteRecorder) -> dict[Any, Any]:
+    """What the one plain VJP of a destination's mixing sources differentiates, once per layer."""
+    ins: dict[Any, Any] = {}
+    for i, mix in mixes.items():
+        at = mixing_input(mix, cut.sources[i])
+        ins.setdefault(at.node if isinstance(at, GradientEdge) else at, at)
+    return ins
+
+
+def plain_vjp_inputs(j: int, preds: Sequence[int], *, cut: SiteRecorder, known: dict[tuple[int, int], Route]
+                     ) -> tuple[dict[int, Mixing], dict[Any, Any]] | None:
+    """For destination ``j`` whose routes are known already (a later batch of an input shape): its mixing
+    sources' layers in this batch's graph and the inputs of their one plain VJP, so that a caller's backward
+    through ``j``'s segment can take them along (:func:`extractor.batch.selected_with_edges`); ``None`` before."""
+    if any((i, j) not in known for i in preds):
+        return None
+    sources = list(cut.sources.values())
+    mixes = {i: mix for i in preds if known[(i, j)].kind == "mixing"
+             and (mix := mixing_at(known[(i, j)], cut.sources[i], cut.acts[j], sources)) is not None}
+    return mixes, _plain_inputs(mixes, cut)
+
+
+def known_routes(routes: RouteCache | None, settings: PathwaySettings, cut: SiteRecorder
+                 ) -> dict[tuple[int, int], Route]:
+    """The routes found so far for this edge mode and this batch's input shape (filled in as found)."""
+    some = next(iter(cut.acts.values()), None)
+    key = (settings.edges, tuple(some.shape), some.dtype, some.device) if some is not None else (settings.edges,)
+    return routes.by_shape.setdefault(key, {}) if routes is not None else {}
+
+
+@dataclass(kw_only=True)
 class IncomingWeights:
     """Edge weights into one site's targets, per predecessor ``i``: ``weights[i]`` ``[B, M, Ci]`` (zero outside
     the kept channels where a junction served), ``totals[i]`` ``[B, M]`` the sum over all of ``i``'s channels
@@ -300,14 +339,15 @@ class IncomingWeights:
 def incoming_weights(
     j: int, preds: Sequence[int], *, cut: SiteRecorder, g_dst: torch.Tensor, targets: torch.Tensor,
     kept: Sequence[torch.Tensor], fast: bool = True, known: dict[tuple[int, int], Route] | None = None,
-    shared: dict[tuple[Any, ...], torch.Tensor] | None = None,
+    shared: dict[tuple[Any, ...], torch.Tensor] | None = None, given: PlainVJP | None = None,
 ) -> IncomingWeights:
     """Weights of the edges into site ``j``'s ``targets`` ``[B, M]`` (``-1`` = none) from its ``preds``.
 
     A segment with one mixing layer and per-channel ops after it is read off that layer from one plain
     VJP; the others share one batched VJP over the targets, from the destination's entry layer down to each
     source's junction (or the source). Without ``fast`` every edge takes the exact reference route.
-    ``known`` holds routes already found (filled in as found); ``shared`` caches junction shares and parts.
+    ``known`` holds routes already found (filled in as found); ``shared`` caches junction shares and parts;
+    ``given``: the mixing sources' plain VJP, taken by the caller (:func:`plain_vjp_inputs`).
     """
     known = {} if known is None else known
     shared = {} if shared is None else shared
@@ -320,7 +360,10 @@ def incoming_weights(
         route = known.get((i, j))
         if route is None:
             route = known[(i, j)] = find_route(cut.sources[i], a_dst, sources)
-        if route.kind == "mixing" and (mix := mixing_at(route, cut.sources[i], a_dst, sources)) is not None:
+        if route.kind == "mixing" and given is not None:
+            if i in given.mixes:
+                mixes[i] = given.mixes[i]
+        elif route.kind == "mixing" and (mix := mixing_at(route, cut.sources[i], a_dst, sources)) is not None:
             mixes[i] = mix
         elif route.kind == "junction" and (jn := junction_at(route, a_dst)) is not None:
             junctions[i] = jn
@@ -338,12 +381,13 @@ def incoming_weights(
         deep = {i: two for i in slow
                 if known[(i, j)].kind != "mixing" and (two := deep_at(known[(i, j)], entry)) is not None}
     # one plain backward serves every mixing source (each its own layer's output, or itself)
-    ins: dict[Any, Any] = {}
-    for i, mix in mixes.items():
-        at = mixing_input(mix, cut.sources[i])
-        ins.setdefault(at.node if isinstance(at, GradientEdge) else at, at)
-    plain = dict(zip(ins, torch.autograd.grad(a_dst, list(ins.values()), grad_outputs=g_dst, retain_graph=True,
-                                              allow_unused=True, materialize_grads=True), strict=True)) if ins else {}
+    if given is not None:
+        plain = given.grads
+    else:
+        ins = _plain_inputs(mixes, cut)
+        plain = dict(zip(ins, torch.autograd.grad(a_dst, list(ins.values()), grad_outputs=g_dst, retain_graph=True,
+                                                  allow_unused=True, materialize_grads=True),
+                         strict=True)) if ins else {}
     layers = Counter(mix.node for mix in mixes.values() if mix.kind == "conv")
     whole: dict[Any, torch.Tensor] = {}  # a conv that reads several sources (a concatenation): its products once
     W = {i: mixing_edge_weights(mix, cut.sources[i], a_dst, g_dst, targets,
@@ -364,6 +408,7 @@ def incoming_weights(
 def compute_edges(
     sites: Sequence[SiteInfo], *, contrib: Contributions, sel: Selection, cut: SiteRecorder,
     settings: PathwaySettings, fast: bool = True, routes: RouteCache | None = None,
+    plain: dict[int, PlainVJP] | None = None,
 ) -> Edges:
     """Weighted edges into the kept channels of every site from its predecessors' kept channels.
 
@@ -373,7 +418,8 @@ def compute_edges(
     With ``fast`` a segment with one conv/linear as its only mixing layer is read off that layer, and
     the others' batched VJPs stop at the sources' junctions (:func:`extractor.mixing.find_junction`);
     without it every edge takes the exact reference route, a batched VJP to the whole source. ``routes``
-    keeps each edge's route from the first batch of an input shape for the batches after it.
+    keeps each edge's route from the first batch of an input shape for the batches after it. ``plain``: per
+    destination, its mixing sources' plain VJP where the caller took it along with the contributions.
     """
     B = contrib.logits.shape[0]
     gaps = torch.full((B, len(sites)), float("nan"), dtype=torch.float32)
@@ -381,9 +427,7 @@ def compute_edges(
     parts: list[torch.Tensor] = []  # per site [5, B * M * n]: b, src site, src ch, dst ch, ok
     weights: list[torch.Tensor] = []
     shared: dict[tuple[Any, ...], torch.Tensor] = {}
-    some = next(iter(cut.acts.values()), None)
-    key = (settings.edges, tuple(some.shape), some.dtype, some.device) if some is not None else (settings.edges,)
-    known = routes.by_shape.setdefault(key, {}) if routes is not None else {}
+    known = known_routes(routes, settings, cut)
     for site in sites:
         j = site.index
         preds = [i for i in site.preds if i in cut.sources]
@@ -396,7 +440,7 @@ def compute_edges(
         top = score.topk(M, dim=1)
         targets = torch.where(top.values >= 0, top.indices, torch.full_like(top.indices, -1))
         inc = incoming_weights(j, preds, cut=cut, g_dst=contrib.grads[j], targets=targets, kept=sel.kept,
-                               fast=fast, known=known, shared=shared)
+                               fast=fast, known=known, shared=shared, given=(plain or {}).get(j) if fast else None)
         W, totals = inc.weights, inc.totals
         order = list(preds)
         Wall = torch.cat([W[i].detach() for i in order], 2)  # [B, M, sum Ci]

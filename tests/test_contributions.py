@@ -355,7 +355,7 @@ def test_contributions_from_the_cut_forward_equal_the_plain_pass(arch: str, size
     bundle = make_bundle(model, arch, (3, size, size))
     x = torch.rand(2, 3, size, size, dtype=torch.float64)
     ref = mct_contributions(bundle, x)
-    got, cut = cut_contributions(bundle, x)
+    got, cut, _ = cut_contributions(bundle, x)
     assert torch.equal(got.target, ref.target) and torch.allclose(got.logits, ref.logits, rtol=0, atol=1e-12)
     assert set(cut.acts) == set(cut.sources) == {s.index for s in bundle.sites}
     for s in bundle.sites:

@@ -264,20 +264,21 @@ def test_one_forward_serves_contributions_and_edges_where_segments_are_disjoint(
     assert segment_overlap_of(bundle, x) <= SEGMENT_OVERLAP_MAX if one else segment_overlap_of(bundle, x) > 2
     assert not one_forward(bundle, x, PathwaySettings(method="intgrad"))
     results = []
-    for disjoint in (True, False):
+    for disjoint in (False, True, True):  # the second fused batch knows its routes: the plain VJPs come along
         bundle.disjoint_segments = disjoint
         results.append(extract_batch(bundle, x, settings))
-    fused, plain = results
-    assert len(fused.edges.weight) > 0
-    for name_ in ("b", "src_site", "src_channel", "dst_site", "dst_channel"):
-        assert np.array_equal(getattr(fused.edges, name_), getattr(plain.edges, name_)), name_
-    assert np.allclose(fused.edges.weight, plain.edges.weight, rtol=1e-9, atol=1e-12)
-    assert np.allclose(fused.edges.gap, plain.edges.gap, rtol=1e-9, atol=1e-12, equal_nan=True)
-    for a, b in zip(fused.sel.kept, plain.sel.kept, strict=True):
-        assert torch.equal(a, b)
-    for a, b in zip(fused.contrib.channel, plain.contrib.channel, strict=True):
-        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
-    assert torch.allclose(fused.saliency, plain.saliency, rtol=1e-9, atol=1e-14)
+    plain = results[0]
+    assert len(plain.edges.weight) > 0
+    for fused in results[1:]:
+        for name_ in ("b", "src_site", "src_channel", "dst_site", "dst_channel"):
+            assert np.array_equal(getattr(fused.edges, name_), getattr(plain.edges, name_)), name_
+        assert np.allclose(fused.edges.weight, plain.edges.weight, rtol=1e-9, atol=1e-12)
+        assert np.allclose(fused.edges.gap, plain.edges.gap, rtol=1e-9, atol=1e-12, equal_nan=True)
+        for a, b in zip(fused.sel.kept, plain.sel.kept, strict=True):
+            assert torch.equal(a, b)
+        for a, b in zip(fused.contrib.channel, plain.contrib.channel, strict=True):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
+        assert torch.allclose(fused.saliency, plain.saliency, rtol=1e-9, atol=1e-14)
     assert hook_count(model) == 0
 
 
