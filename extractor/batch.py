@@ -10,7 +10,15 @@ from typing import Any
 import torch
 
 from extractor.contributions import Contributions, check_finite, cut_contributions
-from extractor.edges import Edges, PlainVJP, compute_edges, known_routes, plain_vjp_inputs
+from extractor.edges import (
+    PLAIN_BUDGET,
+    Edges,
+    PlainVJP,
+    compute_edges,
+    input_numel,
+    known_routes,
+    plain_vjp_inputs,
+)
 from extractor.errors import ExtractionError
 from extractor.linear import Linearised
 from extractor.mixing import Mixing
@@ -127,15 +135,18 @@ def selected_with_edges(bundle: ModelBundle, x: torch.Tensor, settings: PathwayS
     done: list[tuple[Contributions, Selection, Edges]] = []
     for part in halves:
         mixes: dict[int, tuple[dict[int, Mixing], dict[Any, Any]]] = {}
+        left = [PLAIN_BUDGET]
 
-        def also(cut: SiteRecorder, j: int, mixes: dict[int, tuple[dict[int, Mixing], dict[Any, Any]]] = mixes
-                 ) -> list[Any]:
+        def also(cut: SiteRecorder, j: int, mixes: dict[int, tuple[dict[int, Mixing], dict[Any, Any]]] = mixes,
+                 left: list[int] = left) -> list[Any]:
             """The inputs of ``j``'s mixing sources' plain VJP (:func:`extractor.edges.compute_edges`), taken
-            along by ``j``'s segment backward once its routes are known."""
+            along by ``j``'s segment backward once its routes are known, while they fit ``PLAIN_BUDGET``."""
             preds = [i for i in bundle.sites[j].preds if i in cut.sources]
             found = plain_vjp_inputs(j, preds, cut=cut, known=known_routes(bundle.routes, settings, cut))
-            if found is None or not found[1]:
+            size = sum(input_numel(t) for t in found[1].values()) if found is not None else 0
+            if found is None or not found[1] or size > left[0]:
                 return []
+            left[0] -= size
             mixes[j] = found
             return list(found[1].values())
 

@@ -80,6 +80,9 @@ log = logging.getLogger(__name__)
 
 _EDGE_BUDGET = 48_000_000  # elements of cotangent per batched VJP chunk
 _PARTS_BUDGET = 8_000_000  # elements of junction parts kept across destinations (32 MB in float32)
+# elements of the plain VJPs that a part's contributions backward takes along for its edges (64 MB in float32):
+# beyond it a destination takes its own, so a batch of large maps (VGG) does not hold a second copy of them all
+PLAIN_BUDGET = 16_000_000
 
 
 @dataclass(kw_only=True)
@@ -184,6 +187,11 @@ def _batched_vjp(output: Any, inputs: list[Any], cot: torch.Tensor) -> list[torc
     # an unreachable input comes back unbatched (zeros): give it the batch axis
     return [g if g.shape[0] == cot.shape[0] and g.dim() == len(_shape(x)) + 1 else
             g.unsqueeze(0).expand(cot.shape[0], *g.shape) for g, x in zip(grads, inputs, strict=True)]
+
+
+def input_numel(x: Any) -> int:
+    """How many numbers a tensor or an autograd edge's gradient holds."""
+    return math.prod(_shape(x))
 
 
 def _shape(x: Any) -> tuple[int, ...]:

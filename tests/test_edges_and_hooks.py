@@ -251,7 +251,8 @@ def test_nan_activations_are_refused() -> None:
 
 @pytest.mark.parametrize(("name", "one"), [("resnet18", True), ("mnasnet0_5", True), ("densenet121", False),
                                            ("convnext_tiny", False)])
-def test_one_forward_serves_contributions_and_edges_where_segments_are_disjoint(name: str, one: bool) -> None:
+def test_one_forward_serves_contributions_and_edges_where_segments_are_disjoint(name: str, one: bool,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the sites' segments share no layer, one cut forward gives the contributions and the edges
     (``selected_with_edges``); where they do (dense blocks, residual streams), a plain pass and a cut forward do.
     Both ways give the same pathways, to float64 rounding."""
@@ -264,7 +265,11 @@ def test_one_forward_serves_contributions_and_edges_where_segments_are_disjoint(
     assert segment_overlap_of(bundle, x) <= SEGMENT_OVERLAP_MAX if one else segment_overlap_of(bundle, x) > 2
     assert not one_forward(bundle, x, PathwaySettings(method="intgrad"))
     results = []
-    for disjoint in (False, True, True):  # the second fused batch knows its routes: the plain VJPs come along
+    # the second fused batch knows its routes: the plain VJPs come along, all of them, then as many as fit a
+    # small budget (the others taken per destination)
+    for disjoint, budget in ((False, None), (True, None), (True, None), (True, 3000)):
+        if budget is not None:
+            monkeypatch.setattr("extractor.batch.PLAIN_BUDGET", budget)
         bundle.disjoint_segments = disjoint
         results.append(extract_batch(bundle, x, settings))
     plain = results[0]
