@@ -66,14 +66,19 @@ class Contributions:
 
     @staticmethod
     def concat(parts: Sequence[Contributions]) -> Contributions:
-        """One batch's contributions from those of its parts, in order."""
+        """One batch's contributions from those of its parts, in order. The parts are used up: each site's maps
+        are let go as soon as they are joined, so the batch never holds its maps twice (VGG16 at batch 16: 1.7 GB
+        of activations and gradients)."""
         if len(parts) == 1:
             return parts[0]
-        sites = range(len(parts[0].acts))
-        return Contributions(logits=torch.cat([p.logits for p in parts]), target=torch.cat([p.target for p in parts]),
-                             acts=[torch.cat([p.acts[s] for p in parts]) for s in sites],
-                             grads=[torch.cat([p.grads[s] for p in parts]) for s in sites],
-                             channel=[torch.cat([p.channel[s] for p in parts]) for s in sites])
+        out = Contributions(logits=torch.cat([p.logits for p in parts]), target=torch.cat([p.target for p in parts]),
+                            acts=[], grads=[], channel=[])
+        for s in range(len(parts[0].acts)):
+            for mine, theirs in ((out.acts, "acts"), (out.grads, "grads"), (out.channel, "channel")):
+                mine.append(torch.cat([getattr(p, theirs)[s] for p in parts]))
+                for p in parts:
+                    getattr(p, theirs)[s] = mine[-1][:0]  # released
+        return out
 
     def rows(self, part: slice) -> Contributions:
         """The contributions of the images ``part`` of the batch (views)."""

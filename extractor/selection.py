@@ -27,16 +27,19 @@ class Selection:
 
     @staticmethod
     def concat(parts: list[Selection]) -> Selection:
-        """One batch's selection from those of its parts, in order."""
+        """One batch's selection from those of its parts, in order (the parts are used up)."""
         if len(parts) == 1:
             return parts[0]
         kept = [torch.cat(ks) for ks in zip(*(p.kept for p in parts), strict=True)]
         masks = []
-        for k, ms in zip(kept, zip(*(p.masks for p in parts), strict=True), strict=True):
+        for s, k in enumerate(kept):
+            ms = [p.masks[s] for p in parts]
             if ms[0].dim() > 2 and all(not any(m.stride()[2:]) for m in ms):  # channel masks stay views
                 masks.append(channel_mask(k, ms[0].new_empty(()).expand(k.shape[0], *ms[0].shape[1:])))
-            else:
+            else:  # element masks: the parts' are let go as they are joined (see Contributions.concat)
                 masks.append(torch.cat(ms))
+                for p in parts:
+                    p.masks[s] = masks[-1][:0]
         return Selection(masks, kept)
 
     def rows(self, part: slice) -> Selection:
