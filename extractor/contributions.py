@@ -100,6 +100,13 @@ def _pick_target(logits: torch.Tensor, target: torch.Tensor | None) -> torch.Ten
     return target
 
 
+def _all_fired(bundle: ModelBundle, rec: SiteRecorder, *more: dict[int, torch.Tensor]) -> None:
+    """Every site was captured (in ``rec.acts`` and each of ``more``), or one line saying which were not."""
+    missing = [s.site_id for s in bundle.sites if any(s.index not in d for d in (rec.acts, *more))]
+    if missing:
+        raise ExtractionError(f"sites {missing[:3]} did not fire; the model's call graph depends on the input")
+
+
 def forward_with_sites(bundle: ModelBundle, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Logits ``[B, K]`` and site outputs (attached to the graph) of one unmasked forward. The network reads
     the captured outputs themselves, not copies, except at the sites it is known to write into in place
@@ -114,9 +121,7 @@ def forward_with_sites(bundle: ModelBundle, x: torch.Tensor) -> tuple[torch.Tens
             break
         log.debug("the model writes into site %s's output in place: it is copied", bundle.sites[written[0]].site_id)
         bundle.written.update(written)
-    missing = [s.site_id for s in bundle.sites if s.index not in rec.acts]
-    if missing:
-        raise ExtractionError(f"sites {missing[:3]} did not fire; the model's call graph depends on the input")
+    _all_fired(bundle, rec)
     return logits, [rec.acts[s.index] for s in bundle.sites]
 
 
@@ -162,9 +167,7 @@ def cut_contributions(bundle: ModelBundle, x: torch.Tensor, target: torch.Tensor
     backward pass; the results equal :func:`mct_contributions` up to float rounding (``tests``)."""
     box: list[torch.Tensor] = []
     cut = cut_forward(bundle.model, bundle.sites, lambda: box.append(bundle.forward(x.detach())), bundle.written)
-    missing = [s.site_id for s in bundle.sites if s.index not in cut.acts or s.index not in cut.sources]
-    if missing:
-        raise ExtractionError(f"sites {missing[:3]} did not fire; the model's call graph depends on the input")
+    _all_fired(bundle, cut, cut.sources)
     logits = box[-1]
     tgt = _pick_target(logits.detach(), target)
     order = [s.index for s in bundle.sites]

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from extractor.errors import ExtractionError
+from extractor.mixing import MIXING
 from extractor.sites import Cut, Discover, SiteHooks, SiteRecorder
 from records import SiteInfo
 
@@ -62,9 +63,6 @@ def predecessors(acts: dict[int, torch.Tensor], sources: dict[int, torch.Tensor]
     return {j: (tuple(sorted(reach(a.grad_fn))) if a.grad_fn is not None else ()) for j, a in acts.items()}
 
 
-_MIXING = frozenset({"ConvolutionBackward0", "AddmmBackward0", "MmBackward0", "BmmBackward0"})
-
-
 def segment_overlap(cut: SiteRecorder) -> float:
     """How often a backward through every site's segment in turn (from each site's output back to its
     predecessors' sources) meets the same mixing layer: the layers met, counted per segment, over the distinct
@@ -82,7 +80,7 @@ def segment_overlap(cut: SiteRecorder) -> float:
                 continue
             seen.add(node)
             stack.extend(_inputs(node))
-        mixing = {n for n in seen if n.name() in _MIXING}
+        mixing = {n for n in seen if n.name() in MIXING}
         total += len(mixing)
         union |= mixing
     return total / max(1, len(union))
