@@ -198,13 +198,24 @@ def _exemplar_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _footprint(r: dict[str, Any]) -> list[str]:
+    """The run's memory and disk footprint, where it was measured."""
+    if "peak_rss_mib" not in r:
+        return []
+    b = r["bulk"]
+    return ["", f"Peak RSS: Python (records, CSV, aggregates) {r['peak_rss_mib']:,.0f} MiB, `neo4j-admin` "
+            f"{r['importer_peak_rss_mib']:,.0f} MiB. Disk at the import's peak: records "
+            f"{r['records_mib']:,.0f} MiB + CSV {b['csv_mib']:,.0f} MiB + store; generating the records "
+            f"took {r['generate_s']:.0f} s (not counted in the import)."]
+
+
 def _scale_lines(r: dict[str, Any], title: str) -> list[str]:
     b = r["bulk"]
     lines = ["", f"### {title}", "",
              f"{r['images']:,} synthetic images ({', '.join(r['methods'])}): {b['nodes']:,} nodes, "
              f"{b['relationships']:,} relationships; records {r['records_mib']:.0f} MiB, store on disk "
              f"{r['store_mib']:,.0f} MiB: {r['store_mib'] * 2**20 / b['relationships']:.0f} bytes per relationship, "
-             "indexes included (target ≤ 120).", "",
+             "indexes included (target ≤ 120).", *_footprint(r), "",
              "| bulk import phase | seconds |", "|---|---|",
              f"| records → CSV and the aggregates (Python: pyarrow, pandas) | {b['csv_s']:.1f} |",
              f"| `neo4j-admin database import full` | {b['import_s']:.1f} ({b['import_relationships_per_s']:,.0f} "
@@ -280,6 +291,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines += _scale_lines(results["scale"], "Synthetic store, bulk import, query latency, UI first paint")
     if "scale100k" in results:
         lines += _scale_lines(results["scale100k"], "100,000 images end to end")
+    if "scale1m" in results:
+        lines += _scale_lines(results["scale1m"], "1,000,000 images end to end")
     if "retrain" in results:
         r = results["retrain"]
         lines += ["", "### The demo's Fashion-MNIST CNN, trained again", "",
@@ -289,7 +302,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 SECTIONS = ("extraction", "zoo", "zoo16", "edge_modes", "pixel", "memory", "peaks", "exemplars", "folders", "store",
-            "scale", "scale100k", "retrain")
+            "scale", "scale100k", "scale1m", "retrain")
 
 
 def retrain() -> dict[str, Any]:
@@ -340,6 +353,7 @@ def main() -> None:
         "store": lambda: loading_and_queries(home),
         "scale": lambda: scale(home, 1000 if quick else 10_000, ("mct", "intgrad", "correlation"), ui=True),
         "scale100k": lambda: scale(home, 100_000, ("mct",), ui=False, repeats=10),
+        "scale1m": lambda: scale(home, 1_000_000, ("mct",), ui=False, repeats=10),
         "retrain": retrain,
     }
     for name in wanted:

@@ -4,6 +4,7 @@ latency over it, the store's size on disk, and each UI page's time to first pain
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import statistics
 import tempfile
@@ -114,11 +115,13 @@ def scale(home: Path, images: int, methods: tuple[str, ...], ui: bool, repeats: 
         summary = bulk_import(cfg, [run], connect, overwrite=True)
         out["bulk"] = {"nodes": summary.nodes, "relationships": summary.relationships,
                        "csv_s": summary.csv_seconds, "import_s": summary.import_seconds,
-                       "finish_s": summary.finish_seconds,
+                       "finish_s": summary.finish_seconds, "csv_mib": summary.csv_bytes / 2**20,
                        "import_relationships_per_s": summary.relationships_per_second,
                        "end_to_end_relationships_per_s": summary.relationships / (
                            summary.csv_seconds + summary.import_seconds + summary.finish_seconds)}
         out["store_mib"] = _du(cfg.instance_dir / "data") / 2**20
+        out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process's, all along
+        out["importer_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         print(f"scale {images}: {summary.relationships:,} relationships, import {summary.import_seconds:.1f} s "
               f"({summary.relationships_per_second:,.0f}/s), store {out['store_mib']:.0f} MiB", flush=True)
         driver = connect()

@@ -61,14 +61,22 @@ class AggregateRows:
 
 @dataclass(kw_only=True)
 class Aggregates:
-    """Collects images, pathways and their relationship columns; :meth:`rows` computes the aggregates."""
+    """Collects images, pathways and their relationship columns; :meth:`rows` computes the aggregates.
 
+    Memory grows with the distinct (setting, class, neuron) and (setting, class, edge) keys, not with the run:
+    each part's ``INCLUDES`` and ``FLOWS_TO`` rows of original pathways are reduced at once to counts and sums per
+    key, and those partial sums are folded together whenever they pass ``fold_rows`` rows (a 1,000,000-image run
+    has 128 M original edges; held whole, they would not fit in this machine's memory)."""
+
+    fold_rows: int = 4_000_000
     images: dict[str, _Image] = field(default_factory=dict)
     pathways: dict[str, _Pathway] = field(default_factory=dict)
-    _includes: list[pd.DataFrame] = field(default_factory=list)  # pathway, neuron, contribution, gained
-    _flows: list[pd.DataFrame] = field(default_factory=list)  # key, src, dst, weight (originals only)
-    _originals: set[str] = field(default_factory=set)  # pathways of original images
-    _original_keys: set[int] = field(default_factory=set)  # and their keys
+    _groups: dict[tuple[str, str, str], int] = field(default_factory=dict)  # (class, config, model) -> code
+    _by_id: dict[str, int] = field(default_factory=dict)  # original pathway id -> its group's code
+    _by_key: dict[int, int] = field(default_factory=dict)  # and by key
+    _uses: list[pd.DataFrame] = field(default_factory=list)  # group, neuron, k, total (contribution)
+    _flows: list[pd.DataFrame] = field(default_factory=list)  # group, src, dst, k, total (weight)
+    _gained: list[pd.DataFrame] = field(default_factory=list)  # pathway, neuron: a variant's gained neurons
 
     def image(self, props: dict[str, Any]) -> None:
         """An Image node's properties (as written)."""
@@ -84,52 +92,50 @@ class Aggregates:
             layer_sizes=props["layer_sizes"], layer_mass=props["layer_mass"],
             layer_jaccard=props.get("layer_jaccard"))
         if self.images[props["image_id"]].kind == "original":
-            self._originals.add(props["id"])
-            self._original_keys.add(props["key"])
+            code = self._groups.setdefault((class_id, props["config"], props["model_id"]), len(self._groups))
+            self._by_id[props["id"]] = self._by_key[props["key"]] = code
 
     def relationships(self, includes: Columns, flows: Columns) -> None:
         """One part's ``INCLUDES`` and ``FLOWS_TO`` columns (:func:`graphstore.rows.include_columns`,
-        :func:`~graphstore.rows.flow_columns`); only the rows an aggregate reads are kept."""
-        inc = pd.DataFrame({"pathway": includes["start"], "neuron": includes["end"],
-                            "contribution": includes["contribution"],
-                            "gained": pc.fill_null(includes["gained"], False).to_numpy(zero_copy_only=False)})
-        self._includes.append(inc[inc["pathway"].isin(self._originals) | inc["gained"]])
-        flow = pd.DataFrame({"key": flows["pathway"], "src": flows["start"], "dst": flows["end"],
-                             "weight": flows["weight"]})
-        self._flows.append(flow[flow["key"].isin(self._original_keys)])
+        :func:`~graphstore.rows.flow_columns`), reduced to what an aggregate reads."""
+        inc = pd.DataFrame({"group": pd.Series(includes["start"]).map(self._by_id), "neuron": includes["end"],
+                            "contribution": includes["contribution"]})
+        inc = inc.dropna(subset=["group"]).astype({"group": np.int64})
+        self._uses.append(inc.groupby(["group", "neuron"]).agg(k=("contribution", "size"),
+                                                                total=("contribution", "sum")).reset_index())
+        gained = pc.fill_null(includes["gained"], False).to_numpy(zero_copy_only=False)
+        self._gained.append(pd.DataFrame({"pathway": includes["start"][gained], "neuron": includes["end"][gained]}))
+        flow = pd.DataFrame({"group": pd.Series(flows["pathway"]).map(self._by_key), "src": flows["start"],
+                             "dst": flows["end"], "weight": flows["weight"]})
+        flow = flow.dropna(subset=["group"]).astype({"group": np.int64})
+        self._flows.append(flow.groupby(["group", "src", "dst"]).agg(k=("weight", "size"),
+                                                                      total=("weight", "sum")).reset_index())
+        for parts, keys in ((self._uses, ["group", "neuron"]), (self._flows, ["group", "src", "dst"])):
+            if sum(len(d) for d in parts) > self.fold_rows:
+                parts[:] = [_fold(parts, keys)]
 
     def rows(self) -> AggregateRows:
-        pws = pd.DataFrame([{"pathway": pid, "key": p.key, "model_id": p.model_id, "config": p.config,
-                             "class_id": p.class_id,
-                             "original": self.images[p.image_id].kind == "original"}
-                            for pid, p in self.pathways.items()],
-                           columns=["pathway", "key", "model_id", "config", "class_id", "original"])
-        counts = pws[pws["original"]].groupby(["class_id", "config"]).size().rename("n").reset_index()
-        out = AggregateRows(count_stats=self._count_stats(), variant_stats=[], uses=self._uses(pws, counts),
-                            class_flows=self._class_flows(pws, counts), gained=[])
+        groups = pd.DataFrame([(code, *key) for key, code in self._groups.items()],
+                              columns=["group", "class_id", "config", "model_id"])
+        counts = pd.Series(self._by_id.values(), dtype=np.int64).value_counts().rename("n")
+        groups = groups.merge(counts, left_on="group", right_index=True)
+        out = AggregateRows(count_stats=self._count_stats(), variant_stats=[], uses=self._uses_rows(groups),
+                            class_flows=self._class_flows(groups), gained=[])
         out.variant_stats, out.gained = self._variant_stats()
         return out
 
-    def _uses(self, pws: pd.DataFrame, counts: pd.DataFrame) -> list[tuple[str, str, dict[str, Any]]]:
-        inc = pd.concat(self._includes, ignore_index=True) if self._includes else pd.DataFrame(
-            columns=["pathway", "neuron", "contribution", "gained"])
-        inc = inc.merge(pws[pws["original"]][["pathway", "class_id", "config"]], on="pathway")
-        agg = inc.groupby(["class_id", "config", "neuron"]).agg(k=("contribution", "size"),
-                                                                 mc=("contribution", "mean")).reset_index()
-        agg = agg.merge(counts, on=["class_id", "config"])
+    def _uses_rows(self, groups: pd.DataFrame) -> list[tuple[str, str, dict[str, Any]]]:
+        agg = _fold(self._uses, ["group", "neuron"]).merge(groups, on="group")
         return [(r.class_id, r.neuron, {"config": r.config, "support": float(r.k) / r.n,
-                                        "mean_contribution": float(r.mc), "pathways": int(r.k)})
+                                        "mean_contribution": float(r.total) / r.k, "pathways": int(r.k)})
                 for r in agg.itertuples(index=False)]
 
-    def _class_flows(self, pws: pd.DataFrame, counts: pd.DataFrame) -> list[tuple[str, str, dict[str, Any]]]:
-        flows = pd.concat(self._flows, ignore_index=True) if self._flows else pd.DataFrame(
-            columns=["key", "src", "dst", "weight"])
-        flows = flows.merge(pws[["key", "class_id", "config", "model_id"]], on="key")
-        agg = flows.groupby(["class_id", "config", "model_id", "src", "dst"]).agg(
-            k=("weight", "size"), mw=("weight", "mean")).reset_index().merge(counts, on=["class_id", "config"])
+    def _class_flows(self, groups: pd.DataFrame) -> list[tuple[str, str, dict[str, Any]]]:
+        agg = _fold(self._flows, ["group", "src", "dst"]).merge(groups, on="group")
         agg = agg[agg["k"] / agg["n"] >= EDGE_SUPPORT_FLOOR]
         return [(r.src, r.dst, {"class_id": r.class_id, "model_id": r.model_id, "config": r.config,
-                                "support": float(r.k) / r.n, "mean_weight": float(r.mw), "pathways": int(r.k)})
+                                "support": float(r.k) / r.n, "mean_weight": float(r.total) / r.k,
+                                "pathways": int(r.k)})
                 for r in agg.itertuples(index=False)]
 
     def _count_stats(self) -> list[tuple[str, dict[str, Any]]]:
@@ -154,10 +160,9 @@ class Aggregates:
                 continue
             label = self.images[im.variant_of].label
             groups.setdefault((p.model_id, p.config, im.kind, im.sweep, label), []).append(pid)
-        inc = pd.concat(self._includes, ignore_index=True) if self._includes else pd.DataFrame(
-            columns=["pathway", "neuron", "contribution", "gained"])
         keys = {pid: f"variant-{n}" for n, (_, pids) in enumerate(sorted(groups.items())) for pid in pids}
-        gained = inc[inc["gained"]].assign(key=lambda d: d["pathway"].map(keys)).dropna(subset=["key"])
+        gained = pd.concat([*self._gained, pd.DataFrame(columns=["pathway", "neuron"])], ignore_index=True)
+        gained = gained.assign(key=lambda d: d["pathway"].map(keys)).dropna(subset=["key"])
         links = [(key, neuron, {"count": int(k)}) for (key, neuron), k in gained.groupby(["key", "neuron"]).size()
                  .items()]
         stats = []
@@ -170,3 +175,10 @@ class Aggregates:
                                 "label": label, "pairs": len(ps), "changed": int(changed),
                                 "jaccard_sum": jac.tolist()}))
         return stats, links
+
+
+def _fold(parts: list[pd.DataFrame], keys: list[str]) -> pd.DataFrame:
+    """Partial counts ``k`` and sums ``total`` per ``keys``, added up into one frame."""
+    if not parts:
+        return pd.DataFrame(columns=[*keys, "k", "total"])
+    return pd.concat(parts, ignore_index=True).groupby(keys, sort=False)[["k", "total"]].sum().reset_index()

@@ -75,6 +75,7 @@ class BulkSummary:
     csv_seconds: float = 0.0
     import_seconds: float = 0.0
     finish_seconds: float = 0.0  # restart and indexes (the aggregates came with the import)
+    csv_bytes: int = 0  # the CSV files handed to the importer (deleted after it unless kept)
 
     @property
     def relationships_per_second(self) -> float:
@@ -390,6 +391,7 @@ def bulk_import(
     try:
         nodes, rels, summary.nodes, summary.relationships = write_csv(runs, work)
         summary.csv_seconds = time.perf_counter() - began
+        summary.csv_bytes = sum(f.stat().st_size for f in work.iterdir())
         prepare(config)  # first use: the instance and its password, no start needed before an import
         if read_pid(config) is not None:
             stop(config)

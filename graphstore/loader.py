@@ -171,37 +171,52 @@ def _write_groups(
 
 
 def refresh_aggregates(driver: neo4j.Driver, model_id: str, database: str = DATABASE, *,
-                       only: dict[str, set[str]] | None = None) -> list[str]:
+                       only: dict[str, set[str]] | None = None, added: dict[str, list[int]] | None = None) -> list[str]:
     """Recompute the ``USES``, ``CLASS_FLOW``, ``CountStat`` and ``VariantStat`` aggregates of every setting,
     and record on the model how many pathways they cover (counted first: pathways written meanwhile make
     the next load refresh again).
 
-    ``only``: setting -> the classes whose original pathways changed. Then just those settings are refreshed,
-    and their ``USES`` and ``CLASS_FLOW`` just for those classes (a class's rows read only its own pathways),
-    so a load into a large store pays for the classes it touches; the per-setting counts (``CountStat``,
-    ``VariantStat``) are recomputed whole. Callers pass it only when the aggregates covered the store before."""
+    ``only``: setting -> the classes whose original pathways changed, and ``added``: setting -> the keys of the
+    load's new pathways. Then just those settings are refreshed, their ``USES`` and ``CLASS_FLOW`` just for those
+    classes (a class's rows read only its own pathways), and the new pathways are added to the per-setting counts
+    (``CountStat``, ``VariantStat``: sums, so adding equals recounting), so a load into a large store pays for
+    what it adds. Callers pass them only when the aggregates covered the store before."""
     records, _, _ = driver.execute_query(Q.MODEL_PATHWAYS, model_id=model_id, database_=database)
     covered = int(records[0]["pathways"])
     records, _, _ = driver.execute_query(Q.CONFIGS_OF_MODEL, model_id=model_id, database_=database)
     configs = sorted(r["config"] for r in records if only is None or r["config"] in only)
+    counted = 0
     for config in configs:
         classes = sorted(only[config]) if only is not None else None
+        keys = (added or {}).get(config, []) if only is not None else None
 
-        def work(tx: neo4j.ManagedTransaction, cfg: str = config, cls: list[str] | None = classes) -> None:
+        def work(tx: neo4j.ManagedTransaction, cfg: str = config, cls: list[str] | None = classes,
+                 new: list[int] | None = keys) -> int:
             tx.run(Q.LOCK_MODEL, model_id=model_id).consume()
             tx.run(Q.CLEAR_AGGREGATES, model_id=model_id, config=cfg, classes=cls).consume()
             tx.run(Q.REFRESH_AGGREGATES, model_id=model_id, config=cfg, classes=cls).consume()
             tx.run(Q.CLEAR_CLASS_FLOWS, model_id=model_id, config=cfg, classes=cls).consume()
             tx.run(Q.REFRESH_CLASS_FLOWS, model_id=model_id, config=cfg, classes=cls,
                    floor=EDGE_SUPPORT_FLOOR).consume()
+            if new is not None:
+                tx.run(Q.ADD_VARIANT_STATS, model_id=model_id, config=cfg, keys=new).consume()
+                tx.run(Q.ADD_COUNT_STATS, model_id=model_id, config=cfg, keys=new).consume()
+                n = int(tx.run(Q.COUNT_ADDED, model_id=model_id, config=cfg, keys=new).single(strict=True)["counted"])
+                tx.run(Q.MARK_MORE_AGGREGATED, model_id=model_id, pathways=n).consume()
+                return n
             tx.run(Q.CLEAR_COUNT_STATS, model_id=model_id, config=cfg).consume()
             tx.run(Q.REFRESH_COUNT_STATS, model_id=model_id, config=cfg).consume()
             tx.run(Q.CLEAR_VARIANT_STATS, model_id=model_id, config=cfg).consume()
             tx.run(Q.REFRESH_VARIANT_STATS, model_id=model_id, config=cfg).consume()
+            tx.run(Q.CLEAR_UNCOUNTED, model_id=model_id, config=cfg).consume()
+            return 0
 
         with driver.session(database=database) as session:
-            session.execute_write(work)
-    driver.execute_query(Q.MARK_AGGREGATED, model_id=model_id, pathways=covered, database_=database)
+            counted += session.execute_write(work)
+    if only is None:
+        driver.execute_query(Q.MARK_AGGREGATED, model_id=model_id, pathways=covered, database_=database)
+    log.debug("aggregates of %s refreshed (%d settings; %d pathways added to the counts)", model_id, len(configs),
+              counted)
     return configs
 
 
@@ -366,24 +381,28 @@ def load_run(driver: neo4j.Driver, run_dir: Path | RunFolder, database: str = DA
     summary.exemplars = load_exemplars(driver, run, model, int(run.manifest.settings.get("exemplars", 0)),
                                        database, merged_runs=merged_runs)
     if summary.pathways_new or summary.repaired or not aggregates_current(driver, model.model_id, database):
-        refresh_aggregates(driver, model.model_id, database,
-                           only=_touched(parts, done, model) if current else None)
+        only, added = _touched(parts, done, model) if current and not summary.repaired else (None, None)
+        refresh_aggregates(driver, model.model_id, database, only=only, added=added)
     summary.seconds = time.perf_counter() - began
     log.info("loaded %d images, %d new pathways, %d relationships in %.1f s", summary.images,
              summary.pathways_new, summary.includes + summary.edges, summary.seconds)
     return summary
 
 
-def _touched(parts: Sequence[Any], done: set[str], model: ModelInfo) -> dict[str, set[str]]:
+def _touched(parts: Sequence[Any], done: set[str], model: ModelInfo
+             ) -> tuple[dict[str, set[str]], dict[str, list[int]]]:
     """Setting -> the classes explained by the run's original-image pathways that the store did not hold whole
-    before this load (every setting with such a pathway appears, with no classes when only variants' are new)."""
+    before this load (every setting with such a pathway appears, with no classes when only variants' are new),
+    and setting -> the keys of all those pathways."""
     kind = {im.image_id: im.kind for part in parts for im in part.images}
     out: dict[str, set[str]] = {}
+    keys: dict[str, list[int]] = {}
     for pw in (pw for part in parts for pw in part.pathways if pw.pathway_id not in done):
         classes = out.setdefault(pw.config, set())
+        keys.setdefault(pw.config, []).append(pathway_key(pw.pathway_id))
         if kind.get(pw.image_id) == "original":
             classes.add(class_id(model.model_id, pw.target))
-    return out
+    return out, keys
 
 
 def load_exemplars(driver: neo4j.Driver, run: RunFolder, model: ModelInfo, n: int, database: str = DATABASE, *,

@@ -103,13 +103,15 @@ CALL (im, i) {
 # Claims the pathways of one transaction: MERGE locks each id, so a concurrent loader waits
 # and then sees the pathway as existing. Claim and link in one pass: only rows that this transaction created come back (the flag is
 # set on create and cleared at once), so reloading and concurrent loaders never duplicate. The signature is
-# stored as float32, as the vector index keeps it (half the bytes of Cypher's list of doubles).
+# stored as float32, as the vector index keeps it (half the bytes of Cypher's list of doubles). A new pathway
+# is ``uncounted`` until the per-setting counts (``CountStat``, ``VariantStat``) hold it (``COUNT_ADDED``).
 CLAIM_PATHWAYS = """
 UNWIND $pathways AS p
 MERGE (pw:Pathway {id: p.id})
 ON CREATE SET pw += p.props, pw.loading = true
 WITH pw, p WHERE pw.loading = true
 REMOVE pw.loading
+SET pw.uncounted = true
 WITH pw, p
 CALL (pw, p) {
   WITH pw, p WHERE p.signature IS NOT NULL
@@ -235,6 +237,12 @@ MATCH (m:Model {id: $model_id})
 SET m.aggregated_pathways = $pathways
 """
 
+# after counts added to (``COUNT_ADDED``): the aggregates cover $pathways more
+MARK_MORE_AGGREGATED = """
+MATCH (m:Model {id: $model_id})
+SET m.aggregated_pathways = m.aggregated_pathways + $pathways
+"""
+
 LOCK_MODEL = """
 MATCH (m:Model {id: $model_id})
 SET m.aggregates_lock = true
@@ -297,6 +305,81 @@ CREATE (:CountStat {model_id: $model_id, config: $config, kind: kind,
                     totals: [i IN sites | reduce(t = 0, x IN sizes | t + x[i])],
                     mass: [i IN sites | reduce(t = 0.0, x IN masses | t + x[i])],
                     nonzero: [i IN sites | reduce(t = 0, x IN sizes | t + CASE WHEN x[i] > 0 THEN 1 ELSE 0 END)]})
+"""
+
+# a full refresh of the setting's counts holds every pathway of it
+CLEAR_UNCOUNTED = """
+MATCH (p:Pathway {model_id: $model_id, config: $config})
+WHERE p.uncounted
+REMOVE p.uncounted
+"""
+
+# A load's new pathways of $config ($keys; those still ``uncounted``) added to the per-setting counts, so that
+# their cost grows with the load, not with the store; each step equals REFRESH_COUNT_STATS /
+# REFRESH_VARIANT_STATS over the pathways counted before and these (``tests/test_bulk.py``). Run in one
+# transaction under LOCK_MODEL: variants, then counts, then COUNT_ADDED, which clears the flags and returns
+# how many were counted (a concurrent loader's refresh counts each pathway once).
+ADD_COUNT_STATS = """
+UNWIND $keys AS k
+MATCH (p:Pathway {key: k})-[:FOR_IMAGE]->(i:Image)
+WHERE p.uncounted AND p.model_id = $model_id AND p.config = $config
+WITH i.kind AS kind, coalesce(i.sweep, '') AS sweep, collect(p.layer_sizes) AS sizes,
+     collect(coalesce(p.layer_mass, [x IN p.layer_sizes | 0.0])) AS masses
+WITH kind, sweep, sizes, masses, range(0, size(sizes[0]) - 1) AS sites
+WITH kind, sweep, sites, size(sizes) AS n,
+     [i IN sites | reduce(t = 0, x IN sizes | t + x[i])] AS totals,
+     [i IN sites | reduce(t = 0.0, x IN masses | t + x[i])] AS mass,
+     [i IN sites | reduce(t = 0, x IN sizes | t + CASE WHEN x[i] > 0 THEN 1 ELSE 0 END)] AS nonzero
+OPTIONAL MATCH (old:CountStat {model_id: $model_id, config: $config, kind: kind})
+WHERE coalesce(old.sweep, '') = sweep
+FOREACH (_ IN CASE WHEN old IS NULL THEN [1] ELSE [] END |
+  CREATE (:CountStat {model_id: $model_id, config: $config, kind: kind,
+                      sweep: CASE sweep WHEN '' THEN null ELSE sweep END, pathways: 0,
+                      totals: [i IN sites | 0], mass: [i IN sites | 0.0], nonzero: [i IN sites | 0]}))
+WITH kind, sweep, sites, n, totals, mass, nonzero
+MATCH (s:CountStat {model_id: $model_id, config: $config, kind: kind})
+WHERE coalesce(s.sweep, '') = sweep
+SET s.pathways = s.pathways + n,
+    s.totals = [i IN sites | s.totals[i] + totals[i]],
+    s.mass = [i IN sites | s.mass[i] + mass[i]],
+    s.nonzero = [i IN sites | s.nonzero[i] + nonzero[i]]
+"""
+
+ADD_VARIANT_STATS = """
+UNWIND $keys AS k
+MATCH (pv:Pathway {key: k})
+WHERE pv.uncounted AND pv.model_id = $model_id AND pv.config = $config AND pv.layer_jaccard IS NOT NULL
+MATCH (v:Image {id: pv.image_id})-[r:VARIANT_OF]->(o:Image)
+WITH r.kind AS kind, r.sweep AS sweep, o.label AS label, collect(pv) AS pvs,
+     sum(CASE WHEN v.predicted <> o.predicted THEN 1 ELSE 0 END) AS changed
+WITH kind, sweep, label, pvs, changed, range(0, size(pvs[0].layer_jaccard) - 1) AS sites
+WITH kind, sweep, label, pvs, changed, sites,
+     [i IN sites | reduce(t = 0.0, p IN pvs | t + p.layer_jaccard[i])] AS jaccard
+OPTIONAL MATCH (old:VariantStat {model_id: $model_id, config: $config, kind: kind})
+WHERE coalesce(old.sweep, '') = coalesce(sweep, '') AND coalesce(old.label, -1) = coalesce(label, -1)
+FOREACH (_ IN CASE WHEN old IS NULL THEN [1] ELSE [] END |
+  CREATE (:VariantStat {model_id: $model_id, config: $config, kind: kind, sweep: sweep, label: label,
+                        pairs: 0, changed: 0, jaccard_sum: [i IN sites | 0.0]}))
+WITH kind, sweep, label, pvs, changed, sites, jaccard
+MATCH (s:VariantStat {model_id: $model_id, config: $config, kind: kind})
+WHERE coalesce(s.sweep, '') = coalesce(sweep, '') AND coalesce(s.label, -1) = coalesce(label, -1)
+SET s.pairs = s.pairs + size(pvs), s.changed = s.changed + changed,
+    s.jaccard_sum = [i IN sites | s.jaccard_sum[i] + jaccard[i]]
+WITH s, pvs
+UNWIND pvs AS pv
+MATCH (pv)-[:INCLUDES {gained: true}]->(n:Neuron)
+WITH s, n, count(*) AS k
+MERGE (s)-[g:GAINED]->(n)
+ON CREATE SET g.count = k
+ON MATCH SET g.count = g.count + k
+"""
+
+COUNT_ADDED = """
+UNWIND $keys AS k
+MATCH (p:Pathway {key: k})
+WHERE p.uncounted AND p.model_id = $model_id AND p.config = $config
+REMOVE p.uncounted
+RETURN count(p) AS counted
 """
 
 CLEAR_VARIANT_STATS = """

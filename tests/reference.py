@@ -2,13 +2,48 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from records import ImageRecord, Manifest, PathwayRecord, class_id, neuron_id, read_exemplars, read_run
+
+if TYPE_CHECKING:
+    from neo4j import Driver
+
+# every aggregate row with all its properties, in one order (GAINED with its VariantStat)
+AGGREGATES = {
+    "USES": "MATCH (c:Class {model_id: $m})-[u:USES]->(n:Neuron) RETURN c.id, n.id, properties(u) AS p "
+            "ORDER BY c.id, n.id, u.config",
+    "CLASS_FLOW": "MATCH (a:Neuron)-[f:CLASS_FLOW {model_id: $m}]->(b:Neuron) RETURN a.id, b.id, properties(f) AS p "
+                  "ORDER BY f.config, f.class_id, a.id, b.id",
+    "CountStat": "MATCH (s:CountStat {model_id: $m}) RETURN properties(s) AS p ORDER BY s.config, s.kind, s.sweep",
+    "VariantStat": "MATCH (s:VariantStat {model_id: $m}) OPTIONAL MATCH (s)-[g:GAINED]->(n:Neuron) "
+                   "WITH s, n.id AS n, g.count AS k ORDER BY n WITH s, collect([n, k]) AS gained "
+                   "RETURN properties(s) AS p, gained ORDER BY s.config, s.kind, s.sweep, s.label",
+}
+
+
+def aggregate_rows(driver: Driver, model_id: str) -> dict[str, list[list[object]]]:
+    """The model's aggregates as stored, by ``AGGREGATES`` name (property maps as sorted items)."""
+    out = {}
+    for name, query in AGGREGATES.items():
+        records, _, _ = driver.execute_query(query, m=model_id, database_="neo4j")
+        out[name] = [[sorted(v.items()) if isinstance(v, dict) else v for v in r.values()] for r in records]
+    return out
+
+
+def same_rows(a: object, b: object) -> bool:
+    """Equal, floats to 1e-9 relative (sums may run in another order)."""
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(map(same_rows, a, b))
+    if isinstance(a, float) and isinstance(b, float | int):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
 
 
 @dataclass

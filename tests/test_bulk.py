@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import neo4j
 import numpy as np
 import pytest
 
@@ -17,7 +18,7 @@ from graphstore.errors import RecordsError
 from graphstore.server import USER, ServerConfig, free_port, read_password, stop
 from records import RecordsFormatError
 from tests.conftest import ensure_loaded, fixture_schema
-from tests.reference import Ref
+from tests.reference import AGGREGATES, Ref, aggregate_rows, same_rows
 
 if TYPE_CHECKING:
     from neo4j import Driver
@@ -40,34 +41,6 @@ def _close(a: Sequence[object], b: Sequence[object]) -> bool:
 
     return len(a) == len(b) and all(len(_flat(x)) == len(_flat(y)) and all(map(same, _flat(x), _flat(y)))
                                     for x, y in zip(a, b, strict=True))
-
-
-# every aggregate row with all its properties, in one order (GAINED with its VariantStat)
-AGGREGATES = {
-    "USES": "MATCH (c:Class {model_id: $m})-[u:USES]->(n:Neuron) RETURN c.id, n.id, properties(u) AS p "
-            "ORDER BY c.id, n.id, u.config",
-    "CLASS_FLOW": "MATCH (a:Neuron)-[f:CLASS_FLOW {model_id: $m}]->(b:Neuron) RETURN a.id, b.id, properties(f) AS p "
-                  "ORDER BY f.config, f.class_id, a.id, b.id",
-    "CountStat": "MATCH (s:CountStat {model_id: $m}) RETURN properties(s) AS p ORDER BY s.config, s.kind, s.sweep",
-    "VariantStat": "MATCH (s:VariantStat {model_id: $m}) OPTIONAL MATCH (s)-[g:GAINED]->(n:Neuron) "
-                   "WITH s, n.id AS n, g.count AS k ORDER BY n WITH s, collect([n, k]) AS gained "
-                   "RETURN properties(s) AS p, gained ORDER BY s.config, s.kind, s.sweep, s.label",
-}
-
-
-def _rows(driver: Driver, query: str, model_id: str) -> list[list[object]]:
-    records, _, _ = driver.execute_query(query, m=model_id, database_="neo4j")
-    return [[sorted(v.items()) if isinstance(v, dict) else v for v in r.values()] for r in records]
-
-
-def _same_rows(a: list[list[object]], b: list[list[object]]) -> bool:
-    """Equal, floats to 1e-9 relative (sums may run in another order)."""
-    def same(u: object, v: object) -> bool:
-        if isinstance(u, list | tuple) and isinstance(v, list | tuple):
-            return len(u) == len(v) and all(map(same, u, v))
-        return u == pytest.approx(v, rel=1e-9, abs=1e-12) if isinstance(u, float) else u == v
-
-    return same(a, b)
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +70,9 @@ def test_bulk_import_equals_transactional_load(bulk_server: ServerConfig, fixtur
     try:
         bulk, loaded = Store(bulk_driver), Store(ensure_loaded(driver, fixture_run))
         assert bulk.counts() == (nodes, rels)
-        for name, query in AGGREGATES.items():  # computed in pandas for the import, in Cypher by a load
-            got = _rows(bulk_driver, query, ref.model_id)
-            want = _rows(driver, query, ref.model_id)
-            assert len(want) > 10 and _same_rows(got, want), name
+        got, want = aggregate_rows(bulk_driver, ref.model_id), aggregate_rows(driver, ref.model_id)
+        for name in AGGREGATES:  # computed in pandas for the import, in Cypher by a load
+            assert len(want[name]) > 10 and same_rows(got[name], want[name]), name
         assert bulk.stored_schema() == fixture_schema()  # CSV headers typed from graphstore.schema
         model = ref.model_id
         for config in [c.config for c in loaded.configs(model)]:
@@ -126,35 +98,60 @@ def test_bulk_import_equals_transactional_load(bulk_server: ServerConfig, fixtur
 def test_a_load_refreshes_the_aggregates_of_the_classes_it_adds_to(driver: Driver, fixture_run: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """A load into a store whose aggregates cover it refreshes only the settings and classes its new original
-    pathways touch (so its cost does not grow with the rest of the store), and every aggregate row then equals a
-    full refresh in Cypher. Here the store holds the run less one class's original pathways, aggregated."""
+    pathways touch and adds its new pathways to the per-setting counts (so its cost does not grow with the rest of
+    the store), and every aggregate row then equals a full refresh in Cypher. Here the store holds the run less one
+    class's original pathways, every occlusion's pathways (their counts are then made anew) and every other
+    remaining variant pathway (added to counts that exist), aggregated."""
     from graphstore import loader
-    from records import class_id
+    from graphstore.queries import COUNT_ADDED
+    from records import class_id, pathway_key
     from tests.conftest import wipe
 
     ref = Ref.load(fixture_run)
     wipe(driver)
     loader.load_run(driver, fixture_run, progress=False)
     first = next(p for p in ref.pathways if ref.images[p.image_id].kind == "original")
-    gone = [p for p in ref.pathways if ref.images[p.image_id].kind == "original" and p.target == first.target]
+    variants = [p for p in ref.pathways if ref.images[p.image_id].kind != "original"]
+    gone = ([p for p in ref.pathways if ref.images[p.image_id].kind == "original" and p.target == first.target]
+            + [p for p in variants if ref.images[p.image_id].kind == "occlude"]
+            + [p for p in variants if ref.images[p.image_id].kind != "occlude"][::2])
     loader.remove_pathways(driver, [p.pathway_id for p in gone])
     loader.refresh_aggregates(driver, ref.model_id)  # the store without them, aggregated: current
-    before = {name: _rows(driver, query, ref.model_id) for name, query in AGGREGATES.items()}
-    calls: list[dict[str, set[str]] | None] = []
+    before = aggregate_rows(driver, ref.model_id)
+    calls: list[tuple[dict[str, set[str]] | None, dict[str, list[int]] | None]] = []
     refresh = loader.refresh_aggregates
+    counted: list[int] = []
 
-    def spy(*args: Any, only: dict[str, set[str]] | None = None, **kwargs: Any) -> list[str]:
-        calls.append(only)
-        return refresh(*args, only=only, **kwargs)
+    def spy(*args: Any, only: dict[str, set[str]] | None = None, added: dict[str, list[int]] | None = None,
+            **kwargs: Any) -> list[str]:
+        calls.append((only, added))
+        return refresh(*args, only=only, added=added, **kwargs)
 
+    def counting(tx: Any, query: str, parameters: dict[str, Any] | None = None, **params: Any) -> Any:
+        result = run(tx, query, parameters, **params)
+        if query == COUNT_ADDED:
+            record = result.peek()
+            assert record is not None
+            counted.append(int(record["counted"]))
+        return result
+
+    run = neo4j.ManagedTransaction.run
     monkeypatch.setattr(loader, "refresh_aggregates", spy)
+    monkeypatch.setattr(neo4j.ManagedTransaction, "run", counting)
     summary = loader.load_run(driver, fixture_run, progress=False)
+    monkeypatch.undo()
     assert summary.pathways_new == len(gone)
-    touched = class_id(ref.model_id, first.target)
-    assert calls == [{p.config: {touched} for p in gone}]
-    after = {name: _rows(driver, query, ref.model_id) for name, query in AGGREGATES.items()}
-    assert before["USES"] != after["USES"] and before["CLASS_FLOW"] != after["CLASS_FLOW"]
+    only: dict[str, set[str]] = {}
+    for p in gone:
+        only.setdefault(p.config, set()).update(
+            {class_id(ref.model_id, p.target)} if ref.images[p.image_id].kind == "original" else set())
+    added = {c: sorted(pathway_key(p.pathway_id) for p in gone if p.config == c) for c in only}
+    assert [(o, {c: sorted(k) for c, k in (a or {}).items()}) for o, a in calls] == [(only, added)]
+    assert sum(counted) == len(gone)  # each new pathway added to the counts once, none recounted
+    assert loader.aggregates_current(driver, ref.model_id)
+    after = aggregate_rows(driver, ref.model_id)
+    assert all(before[name] != after[name] for name in AGGREGATES)
     refresh(driver, ref.model_id)  # every class and setting, in Cypher
-    for name, query in AGGREGATES.items():
-        full = _rows(driver, query, ref.model_id)
-        assert len(full) > 10 and _same_rows(after[name], full), name
+    full = aggregate_rows(driver, ref.model_id)
+    for name in AGGREGATES:
+        assert len(full[name]) > 10 and same_rows(after[name], full[name]), name

@@ -15,7 +15,7 @@ from graphstore.api import Store
 from graphstore.server import USER, read_password, start, stop
 from records import pathway_to_networkx
 from tests.conftest import ensure_loaded, wipe
-from tests.reference import Ref
+from tests.reference import AGGREGATES, Ref, aggregate_rows, same_rows
 
 if TYPE_CHECKING:
     from neo4j import Driver
@@ -42,6 +42,32 @@ def test_two_loaders_at_once_give_exact_counts(driver: Driver, neo4j_server: Ser
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
     assert Store(driver).counts() == Ref.load(fixture_run).counts()
+
+
+def test_two_loaders_adding_to_an_aggregated_store_end_exact(driver: Driver, neo4j_server: ServerConfig,
+                                                             fixture_run: Path) -> None:
+    """Two loaders at once into a store whose aggregates cover it: each adds what it wrote to the per-setting
+    counts (``refresh_aggregates(added=...)``), and the store ends with every aggregate of a full refresh."""
+    from graphstore import loader
+
+    wipe(driver)
+    ref = Ref.load(fixture_run)
+    loader.load_run(driver, fixture_run, progress=False)
+    loader.remove_pathways(driver, [p.pathway_id for p in ref.pathways[::2]])
+    loader.refresh_aggregates(driver, ref.model_id)
+    env = _env(neo4j_server)
+    procs = [_load(fixture_run, env), _load(fixture_run, env)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
+    assert Store(driver).counts() == ref.counts()
+    assert loader.aggregates_current(driver, ref.model_id)
+    with driver.session(database="neo4j") as s:
+        assert s.run("MATCH (p:Pathway) WHERE p.uncounted RETURN count(p) AS n").single(strict=True)["n"] == 0
+    got = aggregate_rows(driver, ref.model_id)
+    loader.refresh_aggregates(driver, ref.model_id)
+    full = aggregate_rows(driver, ref.model_id)
+    for name in AGGREGATES:
+        assert len(full[name]) > 10 and same_rows(got[name], full[name]), name
 
 
 def test_database_stopped_mid_load_then_resume(driver: Driver, neo4j_server: ServerConfig, fixture_run: Path) -> None:
