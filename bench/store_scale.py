@@ -90,6 +90,21 @@ def first_paint(env: dict[str, str], repeats: int = 3) -> dict[str, dict[str, fl
     return out
 
 
+def small_load(driver: Any, out: Path, methods: tuple[str, ...], images: int = 100) -> dict[str, float]:
+    """A load's cost on a large store: ``images`` new synthetic images of one class through Bolt, then the same
+    run again (nothing new)."""
+    from graphstore.loader import load_run
+
+    run = write_synthetic(out, images, methods, seed=1, labels=(3,))
+    first = load_run(driver, run, progress=False)
+    again = load_run(driver, run, progress=False)
+    r = {"images": images, "relationships": first.includes + first.edges, "seconds": first.seconds,
+         "write_s": first.write_seconds, "aggregate_s": first.aggregate_seconds, "again_s": again.seconds}
+    print(f"small load: {images} images of one class in {r['seconds']:.2f} s (writes {r['write_s']:.2f} s, "
+          f"aggregates {r['aggregate_s']:.2f} s); again {r['again_s']:.2f} s", flush=True)
+    return r
+
+
 def scale(home: Path, images: int, methods: tuple[str, ...], ui: bool, repeats: int = 20) -> dict[str, Any]:
     """Synthetic run of ``images`` images -> bulk import -> size, query latency (and UI paint)."""
     from graphstore.api import Store
@@ -127,6 +142,7 @@ def scale(home: Path, images: int, methods: tuple[str, ...], ui: bool, repeats: 
         driver = connect()
         try:
             out["queries"] = query_latency(Store(driver), repeats)
+            out["small_load"] = small_load(driver, tmp / "small", methods)
         finally:
             driver.close()
         if ui:

@@ -104,8 +104,9 @@ def _pathway(rng: np.random.Generator, prefs: list[np.ndarray], image_id: str, m
 
 
 def write_synthetic(out: Path, images: int, methods: tuple[str, ...] = tuple(METHODS), seed: int = 0,
-                    part_originals: int = 500) -> Path:
-    """Write ``images`` images (half originals, half variants) with one pathway per method each."""
+                    part_originals: int = 500, labels: tuple[int, ...] = tuple(range(CLASSES))) -> Path:
+    """Write ``images`` images (half originals, half variants) with one pathway per method each; the originals'
+    labels cycle through ``labels``. Another ``seed`` gives other image ids."""
     rng = np.random.default_rng(seed)
     model = model_info()
     prefs = [[rng.choice(shape[0], 12, replace=False) for _, shape in SITES] for _ in range(CLASSES)]
@@ -118,7 +119,7 @@ def write_synthetic(out: Path, images: int, methods: tuple[str, ...] = tuple(MET
         imgs: list[ImageRecord] = []
         pws: list[PathwayRecord] = []
         for o in range(start, min(originals, start + part_originals)):
-            label = o % CLASSES
+            label = labels[o % len(labels)]
             members: list[tuple[str, str, dict[str, object], str | None]] = [
                 (hashlib.sha256(f"synthetic-{seed}-{o}".encode()).hexdigest(), "original", {}, None)]
             if originals + o < images:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from graphstore import queries as Q
 from graphstore.connection import DATABASE
-from graphstore.errors import RecordsError
+from graphstore.errors import GraphStoreError, RecordsError
 from graphstore.rows import (
     Group,
     NeuronIndex,
@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 TX_EDGE_BUDGET = 40_000
 ROW_BATCH = 10_000
 LOOKUP_BATCH = 10_000  # keys or ids per lookup query
+INDEX_WAIT_S = 6 * 3600.0  # an index filling longer than this is taken as stuck
 LOAD_WORKERS = 1  # 2 gave 1.19x on 2 cores, with lock-deadlock retries on dense neurons
 
 
@@ -78,6 +79,7 @@ class LoadSummary:
     seconds: float = 0.0  # all of it: schema, model, repair, writes, aggregates
     repaired: int = 0  # incomplete pathways found in the store and removed before loading
     write_seconds: float = 0.0  # the image-group transactions only
+    aggregate_seconds: float = 0.0  # the aggregates' refresh (0 when nothing was added)
     exemplars: int = 0  # EXEMPLAR relationships of the model after this load
 
     @property
@@ -104,7 +106,33 @@ def ensure_schema(driver: neo4j.Driver, database: str = DATABASE) -> None:
         except neo4j.exceptions.ClientError as exc:
             if "EquivalentSchemaRuleAlreadyExists" not in (exc.code or "") and "already exists" not in str(exc):
                 raise
-    driver.execute_query(Q.AWAIT_INDEXES, database_=database)
+    await_indexes(driver, database)
+
+
+def await_indexes(driver: neo4j.Driver, database: str = DATABASE, timeout: float = INDEX_WAIT_S) -> None:
+    """Wait until every key and index of the schema is online, asking in short transactions once a second (an
+    import of 300 M relationships fills ``FLOWS_TO(pathway)`` for minutes, longer than the server lets one
+    transaction run). An index that failed, or one still filling after ``timeout`` seconds, raises."""
+    wanted = {ix.name for ix in INDEXES}
+    began = time.monotonic()
+    said = began
+    while True:
+        records, _, _ = driver.execute_query(Q.INDEX_STATES, database_=database)
+        states = {r["name"]: (r["state"], r["percent"]) for r in records if r["name"] in wanted}
+        failed = sorted(name for name, (state, _) in states.items() if state == "FAILED")
+        if failed:
+            raise GraphStoreError(f"index {failed[0]} failed to build; see the server's debug log, drop it and load "
+                                  "again")
+        waiting = {name: pct for name, (state, pct) in states.items() if state != "ONLINE"}
+        if not waiting and len(states) == len(wanted):
+            return
+        if time.monotonic() - began > timeout:
+            raise GraphStoreError(f"indexes still filling after {timeout:.0f} s: "
+                                  + ", ".join(f"{k} {v:.0f} %" for k, v in sorted(waiting.items())))
+        if time.monotonic() - said > 30:
+            said = time.monotonic()
+            log.info("waiting for indexes: %s", ", ".join(f"{k} {v:.0f} %" for k, v in sorted(waiting.items())))
+        time.sleep(1.0)
 
 
 def _chunks(rows: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
@@ -382,7 +410,9 @@ def load_run(driver: neo4j.Driver, run_dir: Path | RunFolder, database: str = DA
                                        database, merged_runs=merged_runs)
     if summary.pathways_new or summary.repaired or not aggregates_current(driver, model.model_id, database):
         only, added = _touched(parts, done, model) if current and not summary.repaired else (None, None)
+        began_aggregates = time.perf_counter()
         refresh_aggregates(driver, model.model_id, database, only=only, added=added)
+        summary.aggregate_seconds = time.perf_counter() - began_aggregates
     summary.seconds = time.perf_counter() - began
     log.info("loaded %d images, %d new pathways, %d relationships in %.1f s", summary.images,
              summary.pathways_new, summary.includes + summary.edges, summary.seconds)

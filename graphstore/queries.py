@@ -35,7 +35,9 @@ def _schema_statement(ix: Index) -> str:
 
 
 SCHEMA: tuple[str, ...] = tuple(_schema_statement(ix) for ix in INDEXES)
-AWAIT_INDEXES = "CALL db.awaitIndexes(1800)"
+# each key and index of the store, and how far its population is (polled in short transactions: the server's
+# transaction timeout would end one long db.awaitIndexes while a large import's indexes are still filling)
+INDEX_STATES = "SHOW INDEXES YIELD name, state, populationPercent RETURN name, state, populationPercent AS percent"
 # the keys and indexes a store has online: a load that finds all of the schema's skips creating them
 ONLINE_INDEXES = "SHOW INDEXES YIELD name, state WHERE state = 'ONLINE' RETURN collect(name) AS names"
 
