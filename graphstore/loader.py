@@ -63,6 +63,9 @@ log = logging.getLogger(__name__)
 TX_EDGE_BUDGET = 40_000
 ROW_BATCH = 10_000
 LOOKUP_BATCH = 10_000  # keys or ids per lookup query
+# A setting's refresh reads the touched classes' pathways in one transaction: on a 1,000,000-image store of 10
+# classes that is minutes, past the server's default limit for a transaction (kept for interactive reads)
+AGGREGATE_TIMEOUT_S = 6 * 3600.0
 INDEX_WAIT_S = 6 * 3600.0  # an index filling longer than this is taken as stuck
 LOAD_WORKERS = 1  # 2 gave 1.19x on 2 cores, with lock-deadlock retries on dense neurons
 
@@ -218,6 +221,7 @@ def refresh_aggregates(driver: neo4j.Driver, model_id: str, database: str = DATA
         classes = sorted(only[config]) if only is not None else None
         keys = (added or {}).get(config, []) if only is not None else None
 
+        @neo4j.unit_of_work(timeout=AGGREGATE_TIMEOUT_S)
         def work(tx: neo4j.ManagedTransaction, cfg: str = config, cls: list[str] | None = classes,
                  new: list[int] | None = keys) -> int:
             tx.run(Q.LOCK_MODEL, model_id=model_id).consume()
