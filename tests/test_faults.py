@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -68,6 +69,47 @@ def test_two_loaders_adding_to_an_aggregated_store_end_exact(driver: Driver, neo
     full = aggregate_rows(driver, ref.model_id)
     for name in AGGREGATES:
         assert len(full[name]) > 10 and same_rows(got[name], full[name]), name
+
+
+def test_the_aggregates_refresh_outlasts_the_servers_transaction_timeout(
+        tmp_path: Path, home: Path, fixture_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A setting's refresh runs under its own transaction timeout (``AGGREGATE_TIMEOUT_S``): on a large store it
+    takes minutes, past the server's limit for interactive transactions. Here a server whose limit is 1 s holds the
+    fixture, and the refresh is made to take seconds (a slow sum before its first statement): the same statement
+    in a transaction under the server's limit is stopped, the refresh is not."""
+    import neo4j
+
+    from graphstore import loader
+    from graphstore import queries as Q
+    from graphstore.connection import ConnectionSettings, open_driver
+    from graphstore.server import ServerConfig, free_port, prepare
+
+    base = ServerConfig.default(home)
+    cfg = ServerConfig(lib_dir=base.lib_dir, instance_dir=tmp_path / "neo4j", bolt_port=free_port(),
+                       http_port=free_port(), heap_initial="512m", heap_max="1g", pagecache="256m")
+    ref = Ref.load(fixture_run)
+    prepare(cfg)
+    start(cfg)
+    try:
+        with open_driver(ConnectionSettings(uri=cfg.bolt_uri, user=USER, password=read_password(cfg))) as drv:
+            loader.load_run(drv, fixture_run, progress=False)
+    finally:
+        stop(cfg)
+    cfg = dataclasses.replace(cfg, tx_timeout="1s")
+    prepare(cfg)  # the configuration again, with the short limit
+    start(cfg)
+    try:
+        with open_driver(ConnectionSettings(uri=cfg.bolt_uri, user=USER, password=read_password(cfg))) as drv:
+            slow = "CALL () { UNWIND range(1, 60000000) AS x RETURN sum(x) AS spent }\n" + Q.REFRESH_AGGREGATES
+            with drv.session(database="neo4j") as s, pytest.raises(neo4j.exceptions.ClientError, match="timeout"):
+                s.run(slow, model_id=ref.model_id, config="none", classes=[]).consume()
+            monkeypatch.setattr(Q, "REFRESH_AGGREGATES", slow)
+            began = time.monotonic()
+            assert loader.refresh_aggregates(drv, ref.model_id)
+            assert time.monotonic() - began > 3.0  # past the limit and the server's 2 s check of it
+            assert loader.aggregates_current(drv, ref.model_id)
+    finally:
+        stop(cfg)
 
 
 def test_database_stopped_mid_load_then_resume(driver: Driver, neo4j_server: ServerConfig, fixture_run: Path) -> None:
