@@ -212,8 +212,10 @@ def refresh_aggregates(driver: neo4j.Driver, model_id: str, database: str = DATA
     classes (a class's rows read only its own pathways), and the new pathways are added to the per-setting counts
     (``CountStat``, ``VariantStat``: sums, so adding equals recounting), so a load into a large store pays for
     what it adds. Callers pass them only when the aggregates covered the store before."""
-    records, _, _ = driver.execute_query(Q.MODEL_PATHWAYS, model_id=model_id, database_=database)
-    covered = int(records[0]["pathways"])
+    covered = 0
+    if only is None:  # a full refresh covers what is there now (counted first); adding counts what it adds
+        records, _, _ = driver.execute_query(Q.MODEL_PATHWAYS, model_id=model_id, database_=database)
+        covered = int(records[0]["pathways"])
     records, _, _ = driver.execute_query(Q.CONFIGS_OF_MODEL, model_id=model_id, database_=database)
     configs = sorted(r["config"] for r in records if only is None or r["config"] in only)
     counted = 0
