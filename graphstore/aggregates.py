@@ -1,14 +1,14 @@
 """The class and variant aggregates of a bulk import, computed from the rows as they are written.
 
-A load through Bolt refreshes ``USES``, ``CLASS_FLOW``, ``CountStat``, ``VariantStat`` and ``GAINED``
-in Cypher (``queries.REFRESH_*``), over what the store holds. A bulk import writes a fresh store
-from records, so the same aggregates are computed here in pandas while the CSV files are written and
-imported with everything else: after the restart only the indexes remain to be made.
+A load through Bolt adds its pathways to ``ClassStat``, ``USES``, ``CLASS_FLOW``, ``CountStat``, ``VariantStat`` and
+``GAINED`` in Cypher (``queries.ADD_*``), or refreshes them over what the store holds (``queries.REFRESH_*``). A bulk
+import writes a fresh store from records, so the same aggregates are computed here in pandas while the CSV files are
+written and imported with everything else: after the restart only the indexes remain to be made.
 ``tests/test_bulk.py`` holds every aggregate equal to the Cypher one, row by row.
 
 Definitions (the Cypher's): over the original images' pathways of a setting, per explained class,
-``USES`` a neuron with support = share of the class's pathways that include it, and the mean
-contribution; ``CLASS_FLOW`` an edge with support >= ``EDGE_SUPPORT_FLOOR`` and its mean weight;
+``ClassStat`` their number; ``USES`` a neuron with support = share of the class's pathways that include it, and the
+mean contribution; ``CLASS_FLOW`` every edge with its support and mean weight;
 per (image kind, sweep) a ``CountStat`` of per-site sums over all pathways; per
 (variant kind, sweep, original's label) a ``VariantStat`` of the variants' pathways, and
 ``GAINED`` per neuron gained against the original's pathway.
@@ -24,7 +24,6 @@ import pandas as pd
 import pyarrow.compute as pc
 
 from graphstore.rows import Columns
-from graphstore.schema import EDGE_SUPPORT_FLOOR
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +51,7 @@ class _Pathway:
 class AggregateRows:
     """What the importer writes: nodes ``(key, props)`` and relationships ``(start, end, props)``."""
 
+    class_stats: list[tuple[str, dict[str, Any]]]
     count_stats: list[tuple[str, dict[str, Any]]]
     variant_stats: list[tuple[str, dict[str, Any]]]
     uses: list[tuple[str, str, dict[str, Any]]]
@@ -119,7 +119,10 @@ class Aggregates:
                               columns=["group", "class_id", "config", "model_id"])
         counts = pd.Series(self._by_id.values(), dtype=np.int64).value_counts().rename("n")
         groups = groups.merge(counts, left_on="group", right_index=True)
-        out = AggregateRows(count_stats=self._count_stats(), variant_stats=[], uses=self._uses_rows(groups),
+        class_stats = [(f"class-{r.group}", {"model_id": r.model_id, "config": r.config, "class_id": r.class_id,
+                                             "pathways": int(r.n)}) for r in groups.itertuples(index=False)]
+        out = AggregateRows(class_stats=class_stats, count_stats=self._count_stats(), variant_stats=[],
+                            uses=self._uses_rows(groups),
                             class_flows=self._class_flows(groups), gained=[])
         out.variant_stats, out.gained = self._variant_stats()
         return out
@@ -132,7 +135,6 @@ class Aggregates:
 
     def _class_flows(self, groups: pd.DataFrame) -> list[tuple[str, str, dict[str, Any]]]:
         agg = _fold(self._flows, ["group", "src", "dst"]).merge(groups, on="group")
-        agg = agg[agg["k"] / agg["n"] >= EDGE_SUPPORT_FLOOR]
         return [(r.src, r.dst, {"class_id": r.class_id, "model_id": r.model_id, "config": r.config,
                                 "support": float(r.k) / r.n, "mean_weight": float(r.total) / r.k,
                                 "pathways": int(r.k)})

@@ -50,7 +50,7 @@ from graphstore.results import (
     to_frame,
 )
 from graphstore.rows import saliency_of
-from graphstore.schema import EDGE_SUPPORT_FLOOR, StoredSchema
+from graphstore.schema import StoredSchema
 from records import parse_class_id, parse_neuron_id
 
 EXACT_SIMILAR_LIMIT = 200  # similar_images scans exactly up to this many pathways of a setting
@@ -271,12 +271,10 @@ class Store:
         table = self._support(model_a, config, [ia, ib])
         sa = {n: s for n, s in table.get(ia, {}).items() if s.support >= min_support}
         sb = {n: s for n, s in table.get(ib, {}).items() if s.support >= min_support}
-        # stored aggregates hold supports >= the floor; below it, count from the pathways themselves
-        edges = Q.CLASS_EDGE_SUPPORT_STORED if min_support >= EDGE_SUPPORT_FLOOR else Q.CLASS_EDGE_SUPPORT
 
         def edge_support(class_id: str) -> dict[tuple[str, str], float]:
             return {(r["src"], r["dst"]): r["support"] for r in
-                    self._run(edges, class_id=class_id, config=config, min_support=float(min_support))}
+                    self._run(Q.CLASS_EDGE_SUPPORT, class_id=class_id, config=config, min_support=float(min_support))}
 
         return A.shared_pathways(
             class_a=class_a,

@@ -321,7 +321,8 @@ def _write_aggregates(rows: AggregateRows, nodes: dict[str, _Table], rels: dict[
                       node: Callable[[str], _Table], rel: Callable[[str], _Table]) -> None:
     """The aggregates' nodes (keyed without an id property, as the Bolt path makes them) and relationships, in
     tables that ``node(label)`` and ``rel(type)`` open."""
-    for label, items in (("CountStat", rows.count_stats), ("VariantStat", rows.variant_stats)):
+    for label, items in (("ClassStat", rows.class_stats), ("CountStat", rows.count_stats),
+                         ("VariantStat", rows.variant_stats)):
         t = nodes[label] = node(label)
         for key, props in items:
             t.write([key], props)

@@ -43,13 +43,12 @@ from graphstore.rows import (
     plain,
     renumber,
 )
-from graphstore.schema import EDGE_SUPPORT_FLOOR, INDEXES, STORE_FORMAT
+from graphstore.schema import INDEXES, STORE_FORMAT
 from records import (
     ExemplarRows,
     ModelInfo,
     PathwayRecord,
     RunFolder,
-    class_id,
     exemplar_digest,
     iter_parts,
     merge_exemplar_rows,
@@ -202,52 +201,49 @@ def _write_groups(
 
 
 def refresh_aggregates(driver: neo4j.Driver, model_id: str, database: str = DATABASE, *,
-                       only: dict[str, set[str]] | None = None, added: dict[str, list[int]] | None = None) -> list[str]:
-    """Recompute the ``USES``, ``CLASS_FLOW``, ``CountStat`` and ``VariantStat`` aggregates of every setting,
-    and record on the model how many pathways they cover (counted first: pathways written meanwhile make
+                       added: dict[str, list[int]] | None = None) -> list[str]:
+    """Recompute the ``ClassStat``, ``USES``, ``CLASS_FLOW``, ``CountStat`` and ``VariantStat`` aggregates of every
+    setting, and record on the model how many pathways they cover (counted first: pathways written meanwhile make
     the next load refresh again).
 
-    ``only``: setting -> the classes whose original pathways changed, and ``added``: setting -> the keys of the
-    load's new pathways. Then just those settings are refreshed, their ``USES`` and ``CLASS_FLOW`` just for those
-    classes (a class's rows read only its own pathways), and the new pathways are added to the per-setting counts
-    (``CountStat``, ``VariantStat``: sums, so adding equals recounting), so a load into a large store pays for
-    what it adds. Callers pass them only when the aggregates covered the store before."""
+    ``added``: setting -> the keys of a load's new pathways. Then just those settings change, and only by adding
+    the new pathways to every aggregate (class counts, per-neuron and per-edge counts and means, per-setting sums:
+    adding equals recounting), so a load into a large store pays for what it adds and for the touched classes'
+    distinct neurons and edges, not for the pathways stored before. Callers pass it only when the aggregates
+    covered the store before."""
     covered = 0
-    if only is None:  # a full refresh covers what is there now (counted first); adding counts what it adds
+    if added is None:  # a full refresh covers what is there now (counted first); adding counts what it adds
         records, _, _ = driver.execute_query(Q.MODEL_PATHWAYS, model_id=model_id, database_=database)
         covered = int(records[0]["pathways"])
     records, _, _ = driver.execute_query(Q.CONFIGS_OF_MODEL, model_id=model_id, database_=database)
-    configs = sorted(r["config"] for r in records if only is None or r["config"] in only)
+    configs = sorted(r["config"] for r in records if added is None or r["config"] in added)
     counted = 0
     for config in configs:
-        classes = sorted(only[config]) if only is not None else None
-        keys = (added or {}).get(config, []) if only is not None else None
+        keys = added[config] if added is not None else None
 
         @neo4j.unit_of_work(timeout=AGGREGATE_TIMEOUT_S)
-        def work(tx: neo4j.ManagedTransaction, cfg: str = config, cls: list[str] | None = classes,
-                 new: list[int] | None = keys) -> int:
+        def work(tx: neo4j.ManagedTransaction, cfg: str = config, new: list[int] | None = keys) -> int:
             tx.run(Q.LOCK_MODEL, model_id=model_id).consume()
-            tx.run(Q.CLEAR_AGGREGATES, model_id=model_id, config=cfg, classes=cls).consume()
-            tx.run(Q.REFRESH_AGGREGATES, model_id=model_id, config=cfg, classes=cls).consume()
-            tx.run(Q.CLEAR_CLASS_FLOWS, model_id=model_id, config=cfg, classes=cls).consume()
-            tx.run(Q.REFRESH_CLASS_FLOWS, model_id=model_id, config=cfg, classes=cls,
-                   floor=EDGE_SUPPORT_FLOOR).consume()
             if new is not None:
+                classes = tx.run(Q.ADD_CLASS_STATS, model_id=model_id, config=cfg, keys=new).single(strict=True)
+                tx.run(Q.ADD_USES, model_id=model_id, config=cfg, keys=new).consume()
+                tx.run(Q.ADD_CLASS_FLOWS, model_id=model_id, config=cfg, keys=new).consume()
+                for supports in (Q.CLASS_USES_SUPPORTS, Q.CLASS_FLOW_SUPPORTS):
+                    tx.run(supports, config=cfg, classes=classes["classes"]).consume()
                 tx.run(Q.ADD_VARIANT_STATS, model_id=model_id, config=cfg, keys=new).consume()
                 tx.run(Q.ADD_COUNT_STATS, model_id=model_id, config=cfg, keys=new).consume()
                 n = int(tx.run(Q.COUNT_ADDED, model_id=model_id, config=cfg, keys=new).single(strict=True)["counted"])
                 tx.run(Q.MARK_MORE_AGGREGATED, model_id=model_id, pathways=n).consume()
                 return n
-            tx.run(Q.CLEAR_COUNT_STATS, model_id=model_id, config=cfg).consume()
-            tx.run(Q.REFRESH_COUNT_STATS, model_id=model_id, config=cfg).consume()
-            tx.run(Q.CLEAR_VARIANT_STATS, model_id=model_id, config=cfg).consume()
-            tx.run(Q.REFRESH_VARIANT_STATS, model_id=model_id, config=cfg).consume()
-            tx.run(Q.CLEAR_UNCOUNTED, model_id=model_id, config=cfg).consume()
+            for query in (Q.CLEAR_AGGREGATES, Q.CLEAR_CLASS_STATS, Q.REFRESH_AGGREGATES, Q.CLEAR_CLASS_FLOWS,
+                          Q.REFRESH_CLASS_FLOWS, Q.CLEAR_COUNT_STATS, Q.REFRESH_COUNT_STATS, Q.CLEAR_VARIANT_STATS,
+                          Q.REFRESH_VARIANT_STATS, Q.CLEAR_UNCOUNTED):
+                tx.run(query, model_id=model_id, config=cfg).consume()
             return 0
 
         with driver.session(database=database) as session:
             counted += session.execute_write(work)
-    if only is None:
+    if added is None:
         driver.execute_query(Q.MARK_AGGREGATED, model_id=model_id, pathways=covered, database_=database)
     log.debug("aggregates of %s refreshed (%d settings; %d pathways added to the counts)", model_id, len(configs),
               counted)
@@ -415,9 +411,9 @@ def load_run(driver: neo4j.Driver, run_dir: Path | RunFolder, database: str = DA
     summary.exemplars = load_exemplars(driver, run, model, int(run.manifest.settings.get("exemplars", 0)),
                                        database, merged_runs=merged_runs)
     if summary.pathways_new or summary.repaired or not aggregates_current(driver, model.model_id, database):
-        only, added = _touched(parts, done, model) if current and not summary.repaired else (None, None)
+        added = _added(parts, done) if current and not summary.repaired else None
         began_aggregates = time.perf_counter()
-        refresh_aggregates(driver, model.model_id, database, only=only, added=added)
+        refresh_aggregates(driver, model.model_id, database, added=added)
         summary.aggregate_seconds = time.perf_counter() - began_aggregates
     summary.seconds = time.perf_counter() - began
     log.info("loaded %d images, %d new pathways, %d relationships in %.1f s", summary.images,
@@ -425,20 +421,12 @@ def load_run(driver: neo4j.Driver, run_dir: Path | RunFolder, database: str = DA
     return summary
 
 
-def _touched(parts: Sequence[Any], done: set[str], model: ModelInfo
-             ) -> tuple[dict[str, set[str]], dict[str, list[int]]]:
-    """Setting -> the classes explained by the run's original-image pathways that the store did not hold whole
-    before this load (every setting with such a pathway appears, with no classes when only variants' are new),
-    and setting -> the keys of all those pathways."""
-    kind = {im.image_id: im.kind for part in parts for im in part.images}
-    out: dict[str, set[str]] = {}
+def _added(parts: Sequence[Any], done: set[str]) -> dict[str, list[int]]:
+    """Setting -> the keys of the run's pathways that the store did not hold whole before this load."""
     keys: dict[str, list[int]] = {}
     for pw in (pw for part in parts for pw in part.pathways if pw.pathway_id not in done):
-        classes = out.setdefault(pw.config, set())
         keys.setdefault(pw.config, []).append(pathway_key(pw.pathway_id))
-        if kind.get(pw.image_id) == "original":
-            classes.add(class_id(model.model_id, pw.target))
-    return out, keys
+    return keys
 
 
 def load_exemplars(driver: neo4j.Driver, run: RunFolder, model: ModelInfo, n: int, database: str = DATABASE, *,

@@ -251,19 +251,23 @@ SET m.aggregates_lock = true
 REMOVE m.aggregates_lock
 """
 
-# $classes: the class ids to refresh (those the load's new original pathways explain), or null for all
 CLEAR_AGGREGATES = """
 MATCH (c:Class {model_id: $model_id})-[u:USES {config: $config}]->()
-WHERE $classes IS NULL OR c.id IN $classes
 DELETE u
+"""
+
+CLEAR_CLASS_STATS = """
+MATCH (s:ClassStat {model_id: $model_id, config: $config})
+DELETE s
 """
 
 # Support of a neuron in a class = share of the class's pathways (originals, same config) that
 # include it; the class of a pathway is the class it explains (the predicted class by default).
+# ClassStat holds the share's denominator, so that a load can add to it (ADD_CLASS_STATS).
 REFRESH_AGGREGATES = """
 MATCH (c:Class {model_id: $model_id})<-[:EXPLAINS]-(p:Pathway {config: $config})-[:FOR_IMAGE]->(:Image {kind: 'original'})
-WHERE $classes IS NULL OR c.id IN $classes
 WITH c, collect(p) AS ps
+CREATE (:ClassStat {model_id: $model_id, config: $config, class_id: c.id, pathways: size(ps)})
 WITH c, ps, size(ps) AS n
 UNWIND ps AS p
 MATCH (p)-[inc:INCLUDES]->(nr:Neuron)
@@ -273,23 +277,84 @@ CREATE (c)-[:USES {config: $config, support: toFloat(k) / n, mean_contribution: 
 
 CLEAR_CLASS_FLOWS = """
 MATCH ()-[f:CLASS_FLOW {model_id: $model_id, config: $config}]->()
-WHERE $classes IS NULL OR f.class_id IN $classes
 DELETE f
 """
 
-# Support of an edge in a class, kept where it is at least $floor (so at most mean edges per
-# pathway / floor of them per class): share of the class's original pathways that hold it.
+# Support of an edge in a class: share of the class's original pathways that hold it. Every edge is kept
+# (at most the class's original FLOWS_TO, and far fewer where the class's pathways share edges), so that
+# a load's pathways can be added to the counts.
 REFRESH_CLASS_FLOWS = """
 MATCH (c:Class {model_id: $model_id})<-[:EXPLAINS]-(p:Pathway {config: $config})-[:FOR_IMAGE]->(:Image {kind: 'original'})
-WHERE $classes IS NULL OR c.id IN $classes
 WITH c, collect(p.key) AS keys
 WITH c, keys, size(keys) AS n
 UNWIND keys AS key
 MATCH (a:Neuron)-[f:FLOWS_TO {pathway: key}]->(b:Neuron)
 WITH c, n, a, b, count(f) AS k, avg(f.weight) AS mean_weight
-WHERE toFloat(k) / n >= $floor
 CREATE (a)-[:CLASS_FLOW {class_id: c.id, model_id: $model_id, config: $config, support: toFloat(k) / n,
                          mean_weight: mean_weight, pathways: k}]->(b)
+"""
+
+# A load's new original pathways of $config ($keys; those still ``uncounted``) added to the class aggregates:
+# each class's ClassStat count (returns the classes), then the counts and means of USES and CLASS_FLOW (created
+# where new), then CLASS_USES_SUPPORTS and CLASS_FLOW_SUPPORTS divide every row of those classes by the new count. The work grows with the
+# load and with the touched classes' distinct neurons and edges (at most the model's), not with their pathways.
+# Each step equals the full refresh over the pathways counted before and these (tests/test_bulk.py).
+ADD_CLASS_STATS = """
+UNWIND $keys AS key
+MATCH (p:Pathway {key: key})-[:FOR_IMAGE]->(:Image {kind: 'original'})
+WHERE p.uncounted AND p.model_id = $model_id AND p.config = $config
+MATCH (p)-[:EXPLAINS]->(c:Class)
+WITH c.id AS class_id, count(p) AS added
+MERGE (s:ClassStat {model_id: $model_id, config: $config, class_id: class_id})
+ON CREATE SET s.pathways = added
+ON MATCH SET s.pathways = s.pathways + added
+RETURN collect(class_id) AS classes
+"""
+
+ADD_USES = """
+UNWIND $keys AS key
+MATCH (p:Pathway {key: key})-[:FOR_IMAGE]->(:Image {kind: 'original'})
+WHERE p.uncounted AND p.model_id = $model_id AND p.config = $config
+MATCH (p)-[:EXPLAINS]->(c:Class)
+MATCH (p)-[inc:INCLUDES]->(nr:Neuron)
+WITH c, nr, count(p) AS k, sum(inc.contribution) AS total
+WITH c, nr, k, total, [r IN [(c)-[r:USES]->(nr) | r] WHERE r.config = $config] AS found
+FOREACH (_ IN CASE WHEN found = [] THEN [1] ELSE [] END |
+  CREATE (c)-[:USES {config: $config, mean_contribution: total / k, pathways: k}]->(nr))
+FOREACH (u IN found |
+  SET u.mean_contribution = (u.mean_contribution * u.pathways + total) / (u.pathways + k), u.pathways = u.pathways + k)
+"""
+
+ADD_CLASS_FLOWS = """
+UNWIND $keys AS key
+MATCH (p:Pathway {key: key})-[:FOR_IMAGE]->(:Image {kind: 'original'})
+WHERE p.uncounted AND p.model_id = $model_id AND p.config = $config
+MATCH (p)-[:EXPLAINS]->(c:Class)
+MATCH (a:Neuron)-[f:FLOWS_TO {pathway: key}]->(b:Neuron)
+WITH c.id AS class_id, a, b, count(f) AS k, sum(f.weight) AS total
+WITH class_id, a, b, k, total,
+     [r IN [(a)-[r:CLASS_FLOW]->(b) | r] WHERE r.class_id = class_id AND r.config = $config] AS found
+FOREACH (_ IN CASE WHEN found = [] THEN [1] ELSE [] END |
+  CREATE (a)-[:CLASS_FLOW {class_id: class_id, model_id: $model_id, config: $config, mean_weight: total / k,
+                           pathways: k}]->(b))
+FOREACH (g IN found |
+  SET g.mean_weight = (g.mean_weight * g.pathways + total) / (g.pathways + k), g.pathways = g.pathways + k)
+"""
+
+CLASS_USES_SUPPORTS = """
+UNWIND $classes AS class_id
+MATCH (s:ClassStat {class_id: class_id, config: $config})
+MATCH (c:Class {id: class_id})
+UNWIND [(c)-[r:USES]->() | r] AS u
+WITH s, u WHERE u.config = $config
+SET u.support = toFloat(u.pathways) / s.pathways
+"""
+
+CLASS_FLOW_SUPPORTS = """
+UNWIND $classes AS class_id
+MATCH (s:ClassStat {class_id: class_id, config: $config})
+MATCH ()-[f:CLASS_FLOW {class_id: class_id, config: $config}]->()
+SET f.support = toFloat(f.pathways) / s.pathways
 """
 
 CLEAR_COUNT_STATS = """
@@ -563,17 +628,6 @@ RETURN collect(c.index) AS class_index, collect(n.id) AS neuron, collect(n.site)
 """
 
 CLASS_EDGE_SUPPORT = """
-MATCH (c:Class {id: $class_id})<-[:EXPLAINS]-(p:Pathway {config: $config})-[:FOR_IMAGE]->(:Image {kind: 'original'})
-WITH collect(p.key) AS keys
-WITH keys, size(keys) AS n
-UNWIND keys AS key
-MATCH (a:Neuron)-[f:FLOWS_TO {pathway: key}]->(b:Neuron)
-WITH a, b, n, count(f) AS k, avg(f.weight) AS mean_weight
-WHERE toFloat(k) / n >= $min_support
-RETURN a.id AS src, b.id AS dst, toFloat(k) / n AS support, mean_weight
-"""
-
-CLASS_EDGE_SUPPORT_STORED = """
 MATCH (a:Neuron)-[f:CLASS_FLOW {class_id: $class_id, config: $config}]->(b:Neuron)
 WHERE f.support >= $min_support
 RETURN a.id AS src, b.id AS dst, f.support AS support, f.mean_weight AS mean_weight

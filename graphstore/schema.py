@@ -25,9 +25,10 @@ SIGNATURE_DIMENSIONS = 128  # Pathway.signature: the neuron set as a random +-1 
 # The store's format, on every Model node: a load refuses a store written in another (older) one. 1: pathways
 # keyed by a compact integer; 2: a variant's parameters without per-image ones are its `sweep` (was `setting`);
 # 3: `Pathway.saliency` holds the map's float32 bytes (as the records do), not a list of doubles: half the size;
-# 4: float16 bytes of the map over its peak magnitude (`saliency_scale`): half again; `signature` as float32.
-STORE_FORMAT = 4
-EDGE_SUPPORT_FLOOR = 0.05  # class edge supports below this are not kept as CLASS_FLOW aggregates
+# 4: float16 bytes of the map over its peak magnitude (`saliency_scale`): half again; `signature` as float32;
+# 5: `ClassStat` counts each class's pathways and `CLASS_FLOW` holds every edge of a class (was: support >= 0.05),
+# so a load adds its pathways to the class aggregates instead of recounting the class.
+STORE_FORMAT = 5
 
 # bulk importer's type names -> the names ``db.schema.nodeTypeProperties()`` reports
 STORED_TYPE = {"string": "String", "long": "Long", "double": "Double", "boolean": "Boolean", "byte[]": "ByteArray",
@@ -151,6 +152,12 @@ NODES: tuple[Node, ...] = (
         aggregate=True,
     ),
     Node(
+        label="ClassStat",
+        props=_props("model_id:string config:string class_id:string pathways:long"),
+        note="how many of the setting's original-image pathways explain the class (the supports' denominator)",
+        aggregate=True,
+    ),
+    Node(
         label="CountStat",
         props=_props(
             "model_id:string config:string kind:string sweep?:string pathways:long "
@@ -210,7 +217,7 @@ RELATIONSHIPS: tuple[Rel, ...] = (
         start="Neuron",
         end="Neuron",
         props=_props("class_id:string model_id:string config:string support:double mean_weight:double pathways:long"),
-        note=f"support >= {EDGE_SUPPORT_FLOOR}",
+        note="every edge of the class's original pathways (filter on support)",
         aggregate=True,
     ),
     Rel(type="GAINED", start="VariantStat", end="Neuron", props=_props("count:long"), aggregate=True),
@@ -232,6 +239,7 @@ INDEXES: tuple[Index, ...] = (
     Index(name="uses_config", kind="range", target="USES", props=("config",), relationship=True),
     Index(name="class_flow", kind="range", target="CLASS_FLOW", props=("class_id", "config"), relationship=True),
     Index(name="class_flow_model", kind="range", target="CLASS_FLOW", props=("model_id", "config"), relationship=True),
+    Index(name="class_stat", kind="range", target="ClassStat", props=("class_id", "config")),
     Index(name="count_stat", kind="range", target="CountStat", props=("config",)),
     Index(name="variant_stat", kind="range", target="VariantStat", props=("model_id", "config")),
     # approximate nearest pathways by neuron set (graphstore.rows.signature)
@@ -323,9 +331,9 @@ def schema_text() -> str:
         head = f"(:{r.start})-[:{r.type}"
         lines = _wrap(head + " ", _names(r.props), f"]->(:{r.end})") if r.props else [f"{head}]->(:{r.end})"]
         out += _noted(lines, r.note)
-    out.append("// aggregates: refreshed per config in Cypher after a load, computed in pandas for an import")
+    out.append("// aggregates: a load adds its pathways to them in Cypher, an import computes them in pandas")
     for n in (n for n in NODES if n.aggregate):
-        out += _wrap(f"(:{n.label} ", _names(n.props), ")")
+        out += _noted(_wrap(f"(:{n.label} ", _names(n.props), ")"), n.note)
     for r in (r for r in RELATIONSHIPS if r.aggregate):
         out += _noted(_wrap(f"(:{r.start})-[:{r.type} ", _names(r.props), f"]->(:{r.end})"), r.note)
     out.append("// keys and indexes")

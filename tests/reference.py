@@ -21,6 +21,7 @@ AGGREGATES = {
             "ORDER BY c.id, n.id, u.config",
     "CLASS_FLOW": "MATCH (a:Neuron)-[f:CLASS_FLOW {model_id: $m}]->(b:Neuron) RETURN a.id, b.id, properties(f) AS p "
                   "ORDER BY f.config, f.class_id, a.id, b.id",
+    "ClassStat": "MATCH (s:ClassStat {model_id: $m}) RETURN properties(s) AS p ORDER BY s.config, s.class_id",
     "CountStat": "MATCH (s:CountStat {model_id: $m}) RETURN properties(s) AS p ORDER BY s.config, s.kind, s.sweep",
     "VariantStat": "MATCH (s:VariantStat {model_id: $m}) OPTIONAL MATCH (s)-[g:GAINED]->(n:Neuron) "
                    "WITH s, n.id AS n, g.count AS k ORDER BY n WITH s, collect([n, k]) AS gained "
@@ -117,14 +118,17 @@ class Ref:
         stats, gained = self.variant_stats()
         if stats:
             nodes["VariantStat"] = len(stats)
+        nodes["ClassStat"] = len({(p.config, p.target) for p in self.pathways
+                                  if self.images[p.image_id].kind == "original"})
         if gained:
             rels["GAINED"] = len(gained)
         if self.exemplars:
             rels["EXEMPLAR"] = self.exemplars
         return nodes, rels
 
-    def edge_support(self, config: str, cls: int, floor: float = 0.05) -> dict[tuple[str, str], float]:
-        """Edges held by at least ``floor`` of the class's original pathways: (src, dst) -> support."""
+    def edge_support(self, config: str, cls: int, floor: float = 0.0) -> dict[tuple[str, str], float]:
+        """Edges held by at least ``floor`` of the class's original pathways (by default every edge of them):
+        (src, dst) -> support."""
         pws = [p for p in self.of_config(config) if p.target == cls and self.images[p.image_id].kind == "original"]
         counts: Counter[tuple[str, str]] = Counter(e for p in pws for e in self.edges(p))
         return {e: k / len(pws) for e, k in counts.items() if k / len(pws) >= floor}

@@ -75,7 +75,7 @@ def test_the_store_holds_exactly_the_schema_described_in_code(store: Store) -> N
     ``graphstore.schema``, and the fixture run (every method and variant kind) writes all of them."""
     got, want = store.stored_schema(), fixture_schema()
     assert "cut_sites" in schema.stored_form().nodes["Pathway"]
-    assert len(want.nodes) == 8 and len(want.relationships) == 15 and len(want.indexes) == 20
+    assert len(want.nodes) == 9 and len(want.relationships) == 15 and len(want.indexes) == 21
     assert got.nodes == want.nodes
     assert got.relationships == want.relationships
     assert got.indexes == want.indexes
@@ -147,7 +147,7 @@ def test_shared_pathways_and_signature(store: Store, ref: Ref, config: str) -> N
                 g.add_edge(*e, k=g.edges[e]["k"] + 1 if g.has_edge(*e) else 1)
         return {(u, v): d["k"] / len(pws) for u, v, d in g.edges(data=True) if d["k"] / len(pws) >= floor}
 
-    # 0.5 reads the stored CLASS_FLOW aggregates, 0.02 (below their floor) counts from the pathways
+    # every edge of a class is stored: a low floor reads as exactly as a high one
     for floor in (0.5, 0.02):
         ea, eb = edge_support(a, floor), edge_support(b, floor)
         got = store.shared_pathways(ids[a], ids[b], config, floor).shared_edges
