@@ -135,7 +135,7 @@ class Aggregates:
 
     def _class_flows(self, groups: pd.DataFrame) -> list[tuple[str, str, dict[str, Any]]]:
         agg = _fold(self._flows, ["group", "src", "dst"]).merge(groups, on="group")
-        return [(r.src, r.dst, {"class_id": r.class_id, "model_id": r.model_id, "config": r.config,
+        return [(r.src, r.dst, {"class_id": r.class_id, "config": r.config,
                                 "support": float(r.k) / r.n, "mean_weight": float(r.total) / r.k,
                                 "pathways": int(r.k)})
                 for r in agg.itertuples(index=False)]

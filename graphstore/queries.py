@@ -276,7 +276,8 @@ CREATE (c)-[:USES {config: $config, support: toFloat(k) / n, mean_contribution: 
 """
 
 CLEAR_CLASS_FLOWS = """
-MATCH ()-[f:CLASS_FLOW {model_id: $model_id, config: $config}]->()
+MATCH (c:Class {model_id: $model_id})
+MATCH ()-[f:CLASS_FLOW {class_id: c.id, config: $config}]->()
 DELETE f
 """
 
@@ -290,7 +291,7 @@ WITH c, keys, size(keys) AS n
 UNWIND keys AS key
 MATCH (a:Neuron)-[f:FLOWS_TO {pathway: key}]->(b:Neuron)
 WITH c, n, a, b, count(f) AS k, avg(f.weight) AS mean_weight
-CREATE (a)-[:CLASS_FLOW {class_id: c.id, model_id: $model_id, config: $config, support: toFloat(k) / n,
+CREATE (a)-[:CLASS_FLOW {class_id: c.id, config: $config, support: toFloat(k) / n,
                          mean_weight: mean_weight, pathways: k}]->(b)
 """
 
@@ -335,8 +336,7 @@ WITH c.id AS class_id, a, b, count(f) AS k, sum(f.weight) AS total
 WITH class_id, a, b, k, total,
      [r IN [(a)-[r:CLASS_FLOW]->(b) | r] WHERE r.class_id = class_id AND r.config = $config] AS found
 FOREACH (_ IN CASE WHEN found = [] THEN [1] ELSE [] END |
-  CREATE (a)-[:CLASS_FLOW {class_id: class_id, model_id: $model_id, config: $config, mean_weight: total / k,
-                           pathways: k}]->(b))
+  CREATE (a)-[:CLASS_FLOW {class_id: class_id, config: $config, mean_weight: total / k, pathways: k}]->(b))
 FOREACH (g IN found |
   SET g.mean_weight = (g.mean_weight * g.pathways + total) / (g.pathways + k), g.pathways = g.pathways + k)
 """
@@ -475,10 +475,12 @@ CREATE (s)-[:GAINED {count: k}]->(n)
 
 # --- reading ------------------------------------------------------------------------------
 
+# counts from the count store, but for the originals: entries of the Image(kind) index, no node read
 STORE_SUMMARY = """
 CALL () { MATCH (m:Model) RETURN count(m) AS models }
 CALL () { MATCH (c:Class) RETURN count(c) AS classes }
-CALL () { MATCH (i:Image) RETURN count(i) AS images, sum(CASE WHEN i.kind = 'original' THEN 1 ELSE 0 END) AS originals }
+CALL () { MATCH (i:Image) RETURN count(i) AS images }
+CALL () { MATCH (i:Image {kind: 'original'}) RETURN count(i) AS originals }
 CALL () { MATCH (p:Pathway) RETURN count(p) AS pathways }
 CALL () { MATCH ()-[f:FLOWS_TO]->() RETURN count(f) AS edges }
 RETURN models, classes, images, originals, pathways, edges

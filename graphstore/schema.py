@@ -27,7 +27,8 @@ SIGNATURE_DIMENSIONS = 128  # Pathway.signature: the neuron set as a random +-1 
 # 3: `Pathway.saliency` holds the map's float32 bytes (as the records do), not a list of doubles: half the size;
 # 4: float16 bytes of the map over its peak magnitude (`saliency_scale`): half again; `signature` as float32;
 # 5: `ClassStat` counts each class's pathways and `CLASS_FLOW` holds every edge of a class (was: support >= 0.05),
-# so a load adds its pathways to the class aggregates instead of recounting the class.
+# so a load adds its pathways to the class aggregates instead of recounting the class; `CLASS_FLOW` names its
+# class only (`class_id` starts with the model's id).
 STORE_FORMAT = 5
 
 # bulk importer's type names -> the names ``db.schema.nodeTypeProperties()`` reports
@@ -216,7 +217,7 @@ RELATIONSHIPS: tuple[Rel, ...] = (
         type="CLASS_FLOW",
         start="Neuron",
         end="Neuron",
-        props=_props("class_id:string model_id:string config:string support:double mean_weight:double pathways:long"),
+        props=_props("class_id:string config:string support:double mean_weight:double pathways:long"),
         note="every edge of the class's original pathways (filter on support)",
         aggregate=True,
     ),
@@ -238,7 +239,6 @@ INDEXES: tuple[Index, ...] = (
     Index(name="flows_pathway", kind="range", target="FLOWS_TO", props=("pathway",), relationship=True),
     Index(name="uses_config", kind="range", target="USES", props=("config",), relationship=True),
     Index(name="class_flow", kind="range", target="CLASS_FLOW", props=("class_id", "config"), relationship=True),
-    Index(name="class_flow_model", kind="range", target="CLASS_FLOW", props=("model_id", "config"), relationship=True),
     Index(name="class_stat", kind="range", target="ClassStat", props=("class_id", "config")),
     Index(name="count_stat", kind="range", target="CountStat", props=("config",)),
     Index(name="variant_stat", kind="range", target="VariantStat", props=("model_id", "config")),

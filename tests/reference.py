@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 AGGREGATES = {
     "USES": "MATCH (c:Class {model_id: $m})-[u:USES]->(n:Neuron) RETURN c.id, n.id, properties(u) AS p "
             "ORDER BY c.id, n.id, u.config",
-    "CLASS_FLOW": "MATCH (a:Neuron)-[f:CLASS_FLOW {model_id: $m}]->(b:Neuron) RETURN a.id, b.id, properties(f) AS p "
+    "CLASS_FLOW": "MATCH (c:Class {model_id: $m}) MATCH (a:Neuron)-[f:CLASS_FLOW {class_id: c.id}]->(b:Neuron) "
+                  "RETURN a.id, b.id, properties(f) AS p "
                   "ORDER BY f.config, f.class_id, a.id, b.id",
     "ClassStat": "MATCH (s:ClassStat {model_id: $m}) RETURN properties(s) AS p ORDER BY s.config, s.class_id",
     "CountStat": "MATCH (s:CountStat {model_id: $m}) RETURN properties(s) AS p ORDER BY s.config, s.kind, s.sweep",

@@ -75,7 +75,7 @@ def test_the_store_holds_exactly_the_schema_described_in_code(store: Store) -> N
     ``graphstore.schema``, and the fixture run (every method and variant kind) writes all of them."""
     got, want = store.stored_schema(), fixture_schema()
     assert "cut_sites" in schema.stored_form().nodes["Pathway"]
-    assert len(want.nodes) == 9 and len(want.relationships) == 15 and len(want.indexes) == 21
+    assert len(want.nodes) == 9 and len(want.relationships) == 15 and len(want.indexes) == 20
     assert got.nodes == want.nodes
     assert got.relationships == want.relationships
     assert got.indexes == want.indexes
