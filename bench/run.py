@@ -30,6 +30,7 @@ RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
+import bolt_codec  # noqa: E402
 import edge_modes  # noqa: E402
 import folders  # noqa: E402  (bench/ is put on the path just above)
 import gpu  # noqa: E402
@@ -298,6 +299,8 @@ def markdown(results: dict[str, Any]) -> str:
                   f"{load['naive_relationships_per_s']:,.0f}/s one query per row ({load['ratio_batched_naive']:.0f}×).",
                   "", "| named query (demo-sized store) | p50 ms | p95 ms |", "|---|---|---|"]
         lines += [f"| {k} | {v['p50_ms']:.1f} | {v['p95_ms']:.1f} |" for k, v in results["store"]["queries"].items()]
+    if "bolt_codec" in results:
+        lines += bolt_codec.markdown(results["bolt_codec"])
     if "scale" in results:
         lines += _scale_lines(results["scale"], "Synthetic store, bulk import, query latency, UI first paint")
     if "scale100k" in results:
@@ -313,7 +316,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 SECTIONS = ("extraction", "zoo", "zoo16", "edge_modes", "pixel", "memory", "peaks", "exemplars", "folders", "store",
-            "scale", "scale100k", "scale1m", "retrain")
+            "bolt_codec", "scale", "scale100k", "scale1m", "retrain")
 
 
 def retrain() -> dict[str, Any]:
@@ -362,6 +365,7 @@ def main() -> None:
         "folders": lambda: folders.folders_memory(quick),
         "exemplars": lambda: {"extraction": extraction.exemplar_overhead(), "store": exemplar_store(home)},
         "store": lambda: loading_and_queries(home),
+        "bolt_codec": lambda: bolt_codec.run(home),
         "scale": lambda: scale(home, 1000 if quick else 10_000, ("mct", "intgrad", "correlation"), ui=True),
         "scale100k": lambda: scale(home, 100_000, ("mct",), ui=False, repeats=10),
         "scale1m": lambda: scale(home, 1_000_000, ("mct",), ui=False, repeats=10),

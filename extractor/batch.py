@@ -15,7 +15,6 @@ from extractor.edges import (
     Edges,
     PlainVJP,
     compute_edges,
-    input_numel,
     known_routes,
     plain_vjp_inputs,
 )
@@ -29,6 +28,7 @@ from extractor.selection import Selection, select
 from extractor.settings import PathwaySettings
 from extractor.sitegraph import cut_forward, segment_overlap
 from extractor.sites import SiteRecorder
+from extractor.vjp import grad_numel
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def selected_with_edges(bundle: ModelBundle, x: torch.Tensor, settings: PathwayS
             along by ``j``'s segment backward once its routes are known, while they fit ``PLAIN_BUDGET``."""
             preds = [i for i in bundle.sites[j].preds if i in cut.sources]
             found = plain_vjp_inputs(j, preds, cut=cut, known=known_routes(bundle.routes, settings, cut))
-            size = sum(input_numel(t) for t in found[1].values()) if found is not None else 0
+            size = sum(grad_numel(t) for t in found[1].values()) if found is not None else 0
             if found is None or not found[1] or size > left[0]:
                 return []
             left[0] -= size

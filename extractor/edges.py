@@ -21,7 +21,7 @@ Routes (one per edge of the site graph; ``segment_routes`` lists them, ``ROUTES`
   source channels' shares of it; the completeness gap takes one more contraction per target
   (:func:`extractor.mixing.find_junction`). Projection layers of a residual stream are never
   differentiated per target, and the cost grows with kept sources x targets.
-* ``vjp``: a batched vector-Jacobian product (``is_grads_batched``) to the whole source tensor.
+* ``vjp``: a batched vector-Jacobian product (:func:`extractor.vjp.batched_vjp`) to the whole source tensor.
 
 The junction and VJP edges of a destination share one batched backward, which starts at the input of the
 destination's own mixing layer where only per-channel ops follow it (:class:`extractor.mixing.Entry`). Where that
@@ -36,7 +36,6 @@ bundle) keeps them from the first batch of each input shape, so later batches wa
 from __future__ import annotations
 
 import logging
-import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -74,6 +73,7 @@ from extractor.reach import kept_rows
 from extractor.selection import Selection
 from extractor.settings import PathwaySettings
 from extractor.sites import SiteRecorder
+from extractor.vjp import batched_vjp, grad_numel
 from records import SiteInfo
 
 log = logging.getLogger(__name__)
@@ -156,13 +156,13 @@ def _entry_start(entry: Entry, gbar: torch.Tensor, targets: torch.Tensor) -> _St
     """At the input of the destination's own mixing layer (:class:`extractor.mixing.Entry`); ``gbar`` the gradient at
     its output."""
     edge = entry_input(entry)
-    return _Start(edge, math.prod(_shape(edge)), lambda s, e: entry_cotangents(entry, gbar, targets[:, s:e]))
+    return _Start(edge, grad_numel(edge), lambda s, e: entry_cotangents(entry, gbar, targets[:, s:e]))
 
 
 def _deep_start(deep: DeepEntry, gbar: torch.Tensor, targets: torch.Tensor) -> _Start:
     """Below the destination's two convs (:class:`extractor.mixing.DeepEntry`)."""
     edge = deep.edge()
-    return _Start(edge, math.prod(_shape(edge)), lambda s, e: deep.cotangents(gbar, targets[:, s:e]))
+    return _Start(edge, grad_numel(edge), lambda s, e: deep.cotangents(gbar, targets[:, s:e]))
 
 
 def _target_vjps(start: _Start, inputs: list[Any], count: int, input_numel: int) -> Iterator[list[torch.Tensor]]:
@@ -171,33 +171,7 @@ def _target_vjps(start: _Start, inputs: list[Any], count: int, input_numel: int)
     chunk = max(1, _EDGE_BUDGET // max(1, start.numel + input_numel))
     for s in range(0, count, chunk):
         e = min(count, s + chunk)
-        yield _batched_vjp(start.output, inputs, start.cotangents(s, e))
-
-
-def _batched_vjp(output: Any, inputs: list[Any], cot: torch.Tensor) -> list[torch.Tensor]:
-    """``[m, *input.shape]`` per input; one VJP per cotangent where an op has no batching rule."""
-    try:
-        grads = torch.autograd.grad(output, inputs, grad_outputs=cot, is_grads_batched=True, retain_graph=True,
-                                    allow_unused=True, materialize_grads=True)
-    except RuntimeError as exc:  # e.g. an attention kernel without a vmap rule
-        log.debug("batched VJP not available (%s); one VJP per target", exc)
-        per = [torch.autograd.grad(output, inputs, grad_outputs=c, retain_graph=True, allow_unused=True,
-                                   materialize_grads=True) for c in cot]
-        return [torch.stack([p[k] for p in per]) for k in range(len(inputs))]
-    # an unreachable input comes back unbatched (zeros): give it the batch axis
-    return [g if g.shape[0] == cot.shape[0] and g.dim() == len(_shape(x)) + 1 else
-            g.unsqueeze(0).expand(cot.shape[0], *g.shape) for g, x in zip(grads, inputs, strict=True)]
-
-
-def input_numel(x: Any) -> int:
-    """How many numbers a tensor or an autograd edge's gradient holds."""
-    return math.prod(_shape(x))
-
-
-def _shape(x: Any) -> tuple[int, ...]:
-    if isinstance(x, torch.Tensor):
-        return tuple(x.shape)
-    return tuple(x.node._input_metadata[x.output_nr].shape)
+        yield batched_vjp(start.output, inputs, start.cotangents(s, e))
 
 
 def _vjp_route(preds: list[int], *, cut: SiteRecorder, a_dst: torch.Tensor, g_dst: torch.Tensor,
@@ -239,7 +213,7 @@ def _vjp_route(preds: list[int], *, cut: SiteRecorder, a_dst: torch.Tensor, g_ds
                 by_node[jn.node] = len(edges)
                 edges.append(GradientEdge(jn.node, 0))
             slot[i] = by_node[jn.node]
-        numel = sum(math.prod(_shape(e)) for e in edges)
+        numel = sum(grad_numel(e) for e in edges)
         if first is not None and gbar is not None:
             start = _deep_start(deep[group[0]], gbar, targets)
         elif entry is not None and gbar is not None and entry.node not in by_node:

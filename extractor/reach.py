@@ -30,6 +30,7 @@ from torch.autograd.graph import GradientEdge
 from extractor.mixing import POST_OK, find_mixing, graph_walks, segment_reach
 from extractor.models import ModelBundle
 from extractor.sitegraph import cut_forward
+from extractor.vjp import batched_vjp
 from records import SiteInfo
 
 
@@ -143,16 +144,8 @@ def probe_reach(sources: list[torch.Tensor], a_dst: torch.Tensor) -> list[torch.
         n = min(chunk, c_dst - start)
         onehot = torch.zeros((n, *shape), dtype=a_dst.dtype, device=a_dst.device)
         onehot[torch.arange(n), :, torch.arange(start, start + n)] = 1.0
-        try:
-            gb = torch.autograd.grad(out, probed, grad_outputs=onehot, retain_graph=True, allow_unused=True,
-                                     materialize_grads=True, is_grads_batched=True)
-        except RuntimeError:  # an op without a batching rule: one VJP per channel
-            per = [torch.autograd.grad(out, probed, grad_outputs=o, retain_graph=True, allow_unused=True,
-                                       materialize_grads=True) for o in onehot]
-            gb = tuple(torch.stack([p[k] for p in per]) for k in range(len(probed)))
-        for k, (g, src) in enumerate(zip(gb, probed, strict=True)):
-            if g.dim() == src.dim():  # unreachable: no batch axis came back
-                g = g.unsqueeze(0).expand(n, *src.shape)
+        gb = batched_vjp(out, probed, onehot)
+        for k, g in enumerate(gb):
             rows[k].append(_channel_mass(g, 1) > 0)
     for k, parts in zip(open_, rows, strict=True):
         reach = torch.cat(parts).cpu()
