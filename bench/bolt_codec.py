@@ -31,12 +31,11 @@ def child(mode: str, run: Path, home: Path) -> dict[str, Any]:
 
     from graphstore.connection import ConnectionSettings, open_driver
     from graphstore.loader import load_run
-    from graphstore.server import USER, ServerConfig, free_port, read_password, start, stop
+    from graphstore.server import USER, ServerConfig, read_password, start, stop
 
     base = ServerConfig.default(home)
     tmp = Path(tempfile.mkdtemp(prefix="pathx-codec-"))
-    cfg = ServerConfig(lib_dir=base.lib_dir, instance_dir=tmp / "neo4j", bolt_port=free_port(),
-                       http_port=free_port())
+    cfg = base.instance(tmp / "neo4j")
     try:
         start(cfg)
         driver = open_driver(ConnectionSettings(uri=cfg.bolt_uri, user=USER, password=read_password(cfg)))

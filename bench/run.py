@@ -98,14 +98,13 @@ def loading_and_queries(home: Path) -> dict[str, Any]:
     from graphstore.connection import ConnectionSettings, open_driver
     from graphstore.loader import load_run
     from graphstore.rows import NeuronIndex, flow_columns, neuron_table, plain
-    from graphstore.server import USER, ServerConfig, fetch_jars, free_port, read_password, start, stop
+    from graphstore.server import USER, ServerConfig, fetch_jars, read_password, start, stop
     from records import read_run
 
     base = ServerConfig.default(home)
     fetch_jars(base)
     tmp = Path(tempfile.mkdtemp(prefix="pathx-bench-"))
-    cfg = ServerConfig(lib_dir=base.lib_dir, instance_dir=tmp / "neo4j", bolt_port=free_port(),
-                       http_port=free_port())
+    cfg = base.instance(tmp / "neo4j")
     out: dict[str, Any] = {}
     try:
         began = time.perf_counter()
@@ -150,7 +149,7 @@ def exemplar_store(home: Path) -> dict[str, Any]:
     from extractor.variants import VariantSpec
     from graphstore.connection import ConnectionSettings, open_driver
     from graphstore.loader import load_run
-    from graphstore.server import USER, ServerConfig, fetch_jars, free_port, read_password, start, stop
+    from graphstore.server import USER, ServerConfig, fetch_jars, read_password, start, stop
 
     def du(path: Path) -> int:
         return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -162,8 +161,7 @@ def exemplar_store(home: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for n in (0, 9):
         tmp = Path(tempfile.mkdtemp(prefix="pathx-bench-ex-"))
-        cfg = ServerConfig(lib_dir=base.lib_dir, instance_dir=tmp / "neo4j", bolt_port=free_port(),
-                           http_port=free_port())
+        cfg = base.instance(tmp / "neo4j")
         try:
             run = tmp / "run"
             extract_run(bundle, images, [PathwaySettings(k=8), PathwaySettings(method="intgrad", k=8)],

@@ -159,13 +159,12 @@ def scale(home: Path, images: int, methods: tuple[str, ...], ui: bool, repeats: 
     from graphstore.api import Store
     from graphstore.bulk import bulk_import
     from graphstore.connection import ConnectionSettings, open_driver
-    from graphstore.server import USER, ServerConfig, fetch_jars, free_port, read_password, stop
+    from graphstore.server import USER, ServerConfig, fetch_jars, read_password, stop
 
     base = ServerConfig.default(home)
     fetch_jars(base)
     tmp = Path(tempfile.mkdtemp(prefix="pathx-scale-"))
-    cfg = ServerConfig(lib_dir=base.lib_dir, instance_dir=tmp / "neo4j", bolt_port=free_port(),
-                       http_port=free_port(), heap_initial="2g", heap_max="4g", pagecache="4g")
+    cfg = base.instance(tmp / "neo4j", heap_initial="2g", heap_max="4g", pagecache="4g")
     out: dict[str, Any] = {"images": images, "methods": list(methods)}
     try:
         began = time.perf_counter()

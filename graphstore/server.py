@@ -63,6 +63,13 @@ class ServerConfig:
         home = home or default_home()
         return cls(lib_dir=home / "neo4j" / "lib", instance_dir=home / "neo4j" / "instance")
 
+    def instance(self, instance_dir: Path, **sizes: str) -> ServerConfig:
+        """Another server sharing these jars, in ``instance_dir`` on free ports, sized by ``sizes`` (the
+        fields ``heap_initial``, ``heap_max``, ``pagecache``, ``tx_memory_max``; the defaults otherwise): a
+        throwaway instance for a test or a bench."""
+        return ServerConfig(lib_dir=self.lib_dir, instance_dir=instance_dir, bolt_port=free_port(),
+                            http_port=free_port(), **sizes)
+
     @property
     def conf_dir(self) -> Path:
         return self.instance_dir / "conf"

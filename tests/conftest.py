@@ -37,15 +37,14 @@ def home() -> Path:
 @pytest.fixture(scope="session")
 def neo4j_server(tmp_path_factory: pytest.TempPathFactory, home: Path) -> Iterator[ServerConfig]:
     from graphstore.errors import ServerError
-    from graphstore.server import ServerConfig, fetch_jars, free_port, start, stop
+    from graphstore.server import ServerConfig, fetch_jars, start, stop
 
     base = ServerConfig.default(home)
     fetch_jars(base)
 
     def config() -> ServerConfig:
-        return ServerConfig(lib_dir=base.lib_dir, instance_dir=tmp_path_factory.mktemp("neo4j"),
-                            bolt_port=free_port(), http_port=free_port(), heap_initial="512m", heap_max="1g",
-                            pagecache="256m", tx_memory_max="512m")
+        return base.instance(tmp_path_factory.mktemp("neo4j"), heap_initial="512m", heap_max="1g",
+                             pagecache="256m", tx_memory_max="512m")
 
     saved = {k: os.environ.pop(k, None) for k in ("NEO4J_URI", "NEO4J_USER", "NEO4J_PASSWORD")}
     cfg = config()

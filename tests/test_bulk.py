@@ -16,7 +16,7 @@ from graphstore.bulk import bulk_import
 from graphstore.connection import ConnectionSettings, open_driver
 from graphstore.errors import RecordsError
 from graphstore.results import Summary
-from graphstore.server import USER, ServerConfig, free_port, read_password, stop
+from graphstore.server import USER, ServerConfig, read_password, stop
 from records import RecordsFormatError
 from tests.conftest import ensure_loaded, fixture_schema
 from tests.reference import AGGREGATES, Ref, aggregate_rows, same_rows
@@ -47,8 +47,7 @@ def _close(a: Sequence[object], b: Sequence[object]) -> bool:
 @pytest.fixture(scope="module")
 def bulk_server(tmp_path_factory: pytest.TempPathFactory, home: Path) -> Iterator[ServerConfig]:
     base = ServerConfig.default(home)
-    cfg = ServerConfig(lib_dir=base.lib_dir, instance_dir=tmp_path_factory.mktemp("bulk"), bolt_port=free_port(),
-                       http_port=free_port(), heap_initial="512m", heap_max="1g", pagecache="256m")
+    cfg = base.instance(tmp_path_factory.mktemp("bulk"), heap_initial="512m", heap_max="1g", pagecache="256m")
     try:
         yield cfg
     finally:

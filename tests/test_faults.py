@@ -82,11 +82,10 @@ def test_the_aggregates_refresh_outlasts_the_servers_transaction_timeout(
     from graphstore import loader
     from graphstore import queries as Q
     from graphstore.connection import ConnectionSettings, open_driver
-    from graphstore.server import ServerConfig, free_port, prepare
+    from graphstore.server import ServerConfig, prepare
 
     base = ServerConfig.default(home)
-    cfg = ServerConfig(lib_dir=base.lib_dir, instance_dir=tmp_path / "neo4j", bolt_port=free_port(),
-                       http_port=free_port(), heap_initial="512m", heap_max="1g", pagecache="256m")
+    cfg = base.instance(tmp_path / "neo4j", heap_initial="512m", heap_max="1g", pagecache="256m")
     ref = Ref.load(fixture_run)
     prepare(cfg)
     start(cfg)

@@ -61,9 +61,8 @@ def test_running_server_answers_and_is_locked_down(neo4j_server: ServerConfig, d
 
 
 def test_start_stop_restart_reuses_data(tmp_path: Path, neo4j_server: ServerConfig) -> None:
-    cfg = ServerConfig(lib_dir=neo4j_server.lib_dir, instance_dir=tmp_path / "inst", bolt_port=free_port(),
-                       http_port=free_port(), heap_initial="256m", heap_max="512m", pagecache="128m",
-                       tx_memory_max="256m")
+    cfg = neo4j_server.instance(tmp_path / "inst", heap_initial="256m", heap_max="512m", pagecache="128m",
+                                tx_memory_max="256m")
     try:
         start(cfg)
         assert start(cfg).running  # a second start returns the running server
