@@ -119,6 +119,7 @@ def forward_with_sites(bundle: ModelBundle, x: torch.Tensor) -> tuple[torch.Tens
         written = rec.written()
         if not written:
             break
+        del rec, logits  # the first forward's graph goes before the second one is built (EfficientNet V2)
         log.debug("the model writes into site %s's output in place: it is copied", bundle.sites[written[0]].site_id)
         bundle.written.update(written)
     _all_fired(bundle, rec)

@@ -20,14 +20,18 @@ field already reaches an image border gets the whole image (a superset, never to
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from extractor.models import ModelBundle
 from records import EXEMPLAR_KINDS, ExemplarRows, merge_exemplar_rows
+
+if TYPE_CHECKING:
+    from extractor.batch import ChannelFigures
 
 log = logging.getLogger(__name__)
 
@@ -93,36 +97,29 @@ class ReceptiveFields:
         return out.astype(np.int32)
 
 
-def _peaks(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image and channel of ``t`` ``[B, C, H, W]`` or ``[B, C]``: max value and its flat
-    position ``[B, C]`` each (-1 for unit vectors), on ``t``'s device."""
-    t = t.detach().float()
-    if t.dim() == 2:
-        return t, torch.full(t.shape, -1, dtype=torch.long, device=t.device)
-    return t.flatten(2).max(-1)
-
-
 class ExemplarTracker:
     """Running top-``n`` images per (site, channel, kind) over the batches of one extraction."""
 
     def __init__(self, bundle: ModelBundle, n: int) -> None:
         self.n = n
         self.fields = ReceptiveFields(bundle)
+        self.shapes = [s.shape for s in bundle.sites]
         self.top = ExemplarRows.empty()
         # per (kind, site): the n-th best value so far per channel (-inf until n are kept); a candidate
         # below it can never enter, so it is dropped before the merge (which then sorts few rows)
         self.floor = {(k, s.index): np.full(s.channels, -np.inf, np.float32) for k in EXEMPLAR_KINDS
                       for s in bundle.sites}
 
-    def update(self, ids: Sequence[str], acts: Iterable[torch.Tensor], contributions: Iterable[torch.Tensor]
-               ) -> ExemplarRows:
+    def update(self, ids: Sequence[str], figures: ChannelFigures) -> ExemplarRows:
         """Add one batch of originals; returns the rows that entered the running top-N (the delta).
 
-        ``acts[s]`` and ``contributions[s]`` (element contributions inside the pathway's mask) are
-        ``[B, C, H, W]`` or ``[B, C]`` for site ``s``; ``ids`` ``[B]`` are the images' ids.
+        ``figures``: the batch's channel figures (:class:`extractor.batch.ChannelFigures`): per site the largest
+        activation and the summed element contributions inside the pathway's mask, with their positions;
+        ``ids`` ``[B]`` are the images' ids.
         """
-        batch = [self._rows(ids, kind, s, t) for kind, ts in zip(EXEMPLAR_KINDS, (acts, contributions), strict=True)
-                 for s, t in enumerate(ts)]
+        found = {"activation": (figures.peak, figures.peak_at), "contribution": (figures.inside, figures.inside_at)}
+        batch = [self._rows(ids, kind, s, values, flat) for kind in EXEMPLAR_KINDS
+                 for s, (values, flat) in enumerate(zip(*found[kind], strict=True))]
         candidates = ExemplarRows.concat([self.top, *batch])
         self.top = merge_exemplar_rows(candidates, self.n)
         assert self.top.rank is not None
@@ -135,13 +132,11 @@ class ExemplarTracker:
         fresh = np.isin(self.top.image_id.astype(str), np.asarray(list(ids), dtype=str))
         return self.top.take(np.nonzero(fresh)[0])
 
-    def _rows(self, ids: Sequence[str], kind: str, site: int, t: torch.Tensor) -> ExemplarRows:
-        if kind == "contribution":  # value: the channel's summed contribution; position: its largest element
-            d = t.detach().float()
-            values = d.flatten(2).sum(-1) if d.dim() > 2 else d
-            _, flat = _peaks(t)
-        else:
-            values, flat = _peaks(t)
+    def _rows(self, ids: Sequence[str], kind: str, site: int, values: torch.Tensor, flat: torch.Tensor
+              ) -> ExemplarRows:
+        """The rows of one site and kind that can enter: ``values`` ``[B, C]`` and their flat positions ``flat``
+        ``[B, C]`` (``-1`` at a vector site)."""
+        values = values.float()
         # on the model's device, only the candidates that can enter: positive, not below the running
         # n-th best (ties may still enter: the smaller image id wins), and not below this batch's own
         # n-th best (all ties kept), so a batch sends at most ~n rows per channel to the CPU
@@ -150,7 +145,8 @@ class ExemplarTracker:
         b, c = torch.nonzero((values > 0) & (values >= torch.maximum(floor, nth)), as_tuple=True)
         vals, pos = values[b, c].cpu().numpy(), flat[b, c].cpu().numpy()
         b_np, c_np = b.cpu().numpy(), c.cpu().numpy()
-        width = t.shape[-1] if t.dim() > 2 else 1
+        shape = self.shapes[site]
+        width = shape[-1] if len(shape) > 1 else 1
         y = np.where(pos < 0, -1, pos // width).astype(np.int32)
         x = np.where(pos < 0, -1, pos % width).astype(np.int32)
         return ExemplarRows(site=np.full(len(b_np), site, np.int32), channel=c_np.astype(np.int32),

@@ -38,14 +38,15 @@ def contribution_batch(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySe
     if one_forward(bundle, x, settings):
         contrib, sel, edges = selected_with_edges(bundle, x, settings, target=inputs.target, reach=reach)
         return finish_batch(bundle, x, settings=settings, contrib=contrib, sel=sel, scores=[], extra=extra,
-                            edges=edges)
+                            edges=edges, keep_maps=inputs.keep_maps)
     contrib = mct_contributions(bundle, x, inputs.target)
     if settings.method == "intgrad":
         contrib = intgrad_contributions(bundle, x, contrib.target, settings.intgrad_steps, contrib.acts)
     check_finite("contributions", contrib.channel)
     sel = select(contrib, settings, reach)
     # scores: |contribution within the mask|
-    return finish_batch(bundle, x, settings=settings, contrib=contrib, sel=sel, scores=[], extra=extra)
+    return finish_batch(bundle, x, settings=settings, contrib=contrib, sel=sel, scores=[], extra=extra,
+                        keep_maps=inputs.keep_maps)
 
 
 METHOD_RUNNERS: dict[str, MethodRunner] = {

@@ -145,10 +145,9 @@ def pathway_records(bundle: ModelBundle, ids: Sequence[str], res: BatchPathways)
     contrib, sel, edges = res.contrib, res.sel, res.edges
     sal = _downsample(res.saliency).cpu().numpy()
     kept = [k.cpu() for k in sel.kept]
-    chan_masked = [((e * m).flatten(2).sum(-1) if e.dim() > 2 else e * m).cpu()
-                   for e, m in zip(contrib.element, sel.masks, strict=True)]
-    n_elem = [(m.flatten(2).sum(-1) if m.dim() > 2 else m).cpu() for m in sel.masks]
-    dead = [((a == 0).flatten(2).all(-1) if a.dim() > 2 else a == 0).cpu() for a in contrib.acts]
+    chan_masked = [t.cpu() for t in res.figures.inside]
+    n_elem = [t.cpu() for t in res.figures.elements]
+    dead = [t.cpu() for t in res.figures.dead]
     scores = [t.detach().cpu() for t in res.scores]
     for b, img in enumerate(ids):
         site_l, chan_l, contrib_l, score_l, elem_l, dead_l = [], [], [], [], [], []
@@ -364,8 +363,7 @@ def _extract_batch(
                 res = extract_batch(bundle, gx[rows], s, inputs)
                 pw_records.extend(pathway_records(bundle, [gids[r] for r in rows], res))
                 if tracker is not None and kind == "original" and s is lead:
-                    inside = (e * m for e, m in zip(res.contrib.element, res.sel.masks, strict=True))
-                    deltas.append(tracker.update([gids[r] for r in rows], res.contrib.acts, inside))
+                    deltas.append(tracker.update([gids[r] for r in rows], res.figures))
     uniq: dict[str, PathwayRecord] = {p.pathway_id: p for p in pw_records}
     return img_records, list(uniq.values()), ExemplarRows.concat(deltas) if tracker is not None else None
 

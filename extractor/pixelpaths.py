@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from extractor.batch import BatchInputs, BatchPathways
+from extractor.batch import BatchInputs, BatchPathways, figures_of
 from extractor.contributions import mct_contributions
 from extractor.edges import Edges
 from extractor.errors import ExtractionError
@@ -300,6 +300,8 @@ def pixel_batch(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings,
         })
     kept = [c > 0 for c in counts]
     masks = [channel_mask(k, a) for k, a in zip(kept, contrib.acts, strict=True)]
+    sel = Selection(masks, [k.to(x.device) for k in kept])
+    figures = figures_of(contrib, sel, keep_maps=inputs.keep_maps)
     grad, logit_masked = pathway_gradient(bundle, x, contrib.target, masks)
     del grad
     def arr(key: str, dtype: type) -> np.ndarray:
@@ -318,8 +320,9 @@ def pixel_batch(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings,
     return BatchPathways(
         settings=settings,
         contrib=contrib,
-        sel=Selection(masks, [k.to(x.device) for k in kept]),
+        sel=sel,
         edges=edges,
+        figures=figures,
         saliency=sal,
         logit_full=logit_full,
         logit_masked=logit_masked,

@@ -136,4 +136,4 @@ def resampling_batch(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySett
     scores = rs.correlation if settings.method == "correlation" else rs.precision
     masks = [channel_mask(k, a) for k, a in zip(kept, contrib.acts, strict=True)]
     return finish_batch(bundle, x, settings=settings, contrib=contrib, sel=Selection(masks, kept),
-                        scores=scores, extra=extra)
+                        scores=scores, extra=extra, keep_maps=inputs.keep_maps)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import types
 from typing import Any
 
@@ -13,7 +14,7 @@ import torchvision
 from captum.attr import LayerGradientXActivation
 from torch import nn
 
-from extractor.batch import batch_halves
+from extractor.batch import BatchInputs, ChannelFigures, batch_halves
 from extractor.contributions import cut_contributions, intgrad_contributions, mct_contributions
 from extractor.edges import compute_edges
 from extractor.errors import ExtractionError
@@ -220,6 +221,39 @@ def test_topk_selects_k_largest_channels(demo: tuple) -> None:
             assert set(torch.nonzero(kept[b]).flatten().tolist()) == top
 
 
+def test_channel_figures_are_read_off_the_maps_which_then_go(demo: tuple) -> None:
+    """What the records and the exemplars read of a batch (:class:`extractor.batch.ChannelFigures`) equals a numpy
+    recomputation from the maps, for channel and element masks; without ``keep_maps`` the maps are let go before
+    Pathway Gradient's pass and every figure is the same."""
+    bundle, data = demo
+    x = data.x_test[:5]
+    names = [f.name for f in dataclasses.fields(ChannelFigures)]
+    for settings in (PathwaySettings(selection="topk", k=3), PathwaySettings(selection="percentile", sparsity=80)):
+        kept = extract_batch(bundle, x, settings, BatchInputs(keep_maps=True))
+        gone = extract_batch(bundle, x, settings)
+        assert all(t.numel() == 0 for t in gone.contrib.acts + gone.contrib.grads)
+        assert all(t.numel() > 0 for t in kept.contrib.acts + kept.contrib.grads)
+        for s in bundle.sites:
+            i, B, C = s.index, x.shape[0], s.channels
+            a = kept.contrib.acts[i].numpy().reshape(B, C, -1)
+            inside = (kept.contrib.element[i] * kept.sel.masks[i]).numpy().reshape(B, C, -1)
+            mask = kept.sel.masks[i].numpy().reshape(B, C, -1)
+            f = kept.figures
+            np.testing.assert_allclose(f.inside[i].numpy(), inside.sum(-1), rtol=1e-5, atol=1e-7)
+            assert np.array_equal(f.elements[i].numpy(), mask.sum(-1))
+            assert np.array_equal(f.dead[i].numpy(), (a == 0).all(-1))
+            assert np.array_equal(f.peak[i].numpy(), a.max(-1))
+            if len(s.shape) > 1:  # the positions hold the largest element
+                at, inside_at = f.peak_at[i].numpy()[..., None], f.inside_at[i].numpy()[..., None]
+                assert np.array_equal(np.take_along_axis(a, at, -1)[..., 0], a.max(-1))
+                assert np.array_equal(np.take_along_axis(inside, inside_at, -1)[..., 0], inside.max(-1))
+            else:
+                assert (f.peak_at[i] == -1).all() and (f.inside_at[i] == -1).all()
+            for name in names:
+                assert torch.equal(getattr(kept.figures, name)[i], getattr(gone.figures, name)[i]), (name, i)
+        assert any(bool(t.any()) for t in kept.figures.inside) and any(bool(t.any()) for t in kept.figures.peak)
+
+
 def test_a_batch_keeps_one_copy_of_each_site_map(demo: tuple) -> None:
     """What ``extract_batch`` holds per site: the activations and gradients once (the element contributions
     are made when read) and channel masks as expanded views of ``[B, C]``. On the CPU its cut forward and
@@ -228,7 +262,7 @@ def test_a_batch_keeps_one_copy_of_each_site_map(demo: tuple) -> None:
     x = data.x_test[:5]
     settings = PathwaySettings(selection="topk", k=3)
     ref = mct_contributions(bundle, x)
-    res = extract_batch(bundle, x, settings)
+    res = extract_batch(bundle, x, settings, BatchInputs(keep_maps=True))
     assert batch_halves(x) == [slice(0, 3), slice(3, 5)]
     spatial = [s.index for s in bundle.sites if len(s.shape) > 1]
     assert spatial

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from extractor.batch import BatchInputs
 from extractor.contributions import forward_with_sites
 from extractor.exemplars import ReceptiveFields
 from extractor.inputs import TensorImages
@@ -42,7 +43,7 @@ def brute_force(bundle: ModelBundle, x: torch.Tensor,
     """Top-N per (site, channel, kind) from one pass over all images, with plain Python sorting."""
     with torch.no_grad():
         _, acts = forward_with_sites(bundle, x)
-    res = extract_batch(bundle, x, SETTINGS[0])
+    res = extract_batch(bundle, x, SETTINGS[0], BatchInputs(keep_maps=True))
     want: dict[tuple[int, int, str], list[tuple[str, float]]] = {}
     for s, (a, e, m) in enumerate(zip(acts, res.contrib.element, res.sel.masks, strict=True)):
         peak = a.flatten(2).amax(-1) if a.dim() > 2 else a

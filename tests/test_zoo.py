@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from extractor.batch import BatchInputs
 from extractor.errors import ExtractionError
 from extractor.methods import extract_batch
 from extractor.models import load_torchvision, make_bundle
@@ -56,7 +57,8 @@ def test_torchvision_family_extracts_with_edges_along_the_site_graph(name: str, 
     x = torch.rand(2, 3, size, size)  # a batch: per-image sites keep their images apart
     with torch.no_grad():
         before = bundle.forward(x)
-    res = extract_batch(bundle, x, PathwaySettings(k=3, edge_targets=3, edges_per_target=4))
+    res = extract_batch(bundle, x, PathwaySettings(k=3, edge_targets=3, edges_per_target=4),
+                        BatchInputs(keep_maps=True))
     edges = res.edges
     assert len(edges.weight) > 0 and np.isfinite(edges.weight).all()
     preds = {s.index: set(s.preds) for s in bundle.sites}
