@@ -23,7 +23,7 @@ from extractor.linear import Linearised
 from extractor.mixing import Mixing
 from extractor.models import ModelBundle
 from extractor.pathway_gradient import pathway_gradient, saliency_map
-from extractor.reach import SiteReach, bundle_reach, cut_sites
+from extractor.reach import SiteReach, bundle_reach, cut_sites, kept_rows
 from extractor.selection import Selection, select
 from extractor.settings import PathwaySettings
 from extractor.sitegraph import cut_forward, segment_overlap
@@ -58,9 +58,9 @@ class BatchInputs:
 class ChannelFigures:
     """Per site ``[B, C]``, what the records and the exemplars read off a batch's maps: ``inside``, the element
     contributions inside the pathway's mask summed over positions; ``elements``, the mask's elements per channel;
-    ``dead``, no activation anywhere; ``peak`` and ``peak_at``, the largest activation and its flat position;
-    ``inside_at``, the flat position of the largest element contribution inside the mask (positions ``-1`` at a
-    vector site). Made before Pathway Gradient's pass, so that the maps can go first (:func:`figures_of`)."""
+    ``dead``, no activation anywhere (kept channels); ``peak`` and ``peak_at``, the largest activation and its flat
+    position; ``inside_at``, the flat position of the largest element contribution inside the mask (positions ``-1``
+    at a vector site). Made before Pathway Gradient's pass, so that the maps can go first (:func:`figures_of`)."""
 
     inside: list[torch.Tensor]
     elements: list[torch.Tensor]
@@ -70,35 +70,50 @@ class ChannelFigures:
     inside_at: list[torch.Tensor]
 
 
-def _peaks(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image and channel of ``t`` ``[B, C, H, W]`` or ``[B, C]``: the largest value and its flat position
-    ``[B, C]`` each (``-1`` at a vector site)."""
-    t = t.detach().float()
-    if t.dim() == 2:
-        return t, torch.full(t.shape, -1, dtype=torch.long, device=t.device)
-    found = t.flatten(2).max(-1)
-    return found.values, found.indices
-
-
 def figures_of(contrib: Contributions, sel: Selection, *, keep_maps: bool) -> ChannelFigures:
     """The batch's :class:`ChannelFigures`, one site at a time; without ``keep_maps`` each site's activations and
     gradients are let go once read (``contrib`` keeps its channel sums, logits and targets only): Pathway
     Gradient's masked pass then does not hold them beside its graph (VGG16 at batch 16: 1.7 GB of maps beside a
-    0.6 GB half-batch graph; ``bench/peaks.py``)."""
+    0.6 GB half-batch graph; ``bench/peaks.py``). Under a channel mask (an expanded ``[B, C]``) the contribution
+    inside it is the channel's own sum (``contrib.channel``), and only the kept channels' maps are read past the
+    largest activation (positions and ``dead``: ``False`` outside them, where no record reads it)."""
     out = ChannelFigures(inside=[], elements=[], dead=[], peak=[], peak_at=[], inside_at=[])
     for s, m in enumerate(sel.masks):
-        a = contrib.acts[s]
-        inside = a * contrib.grads[s] * m
-        out.inside.append((inside.flatten(2).sum(-1) if inside.dim() > 2 else inside).detach())
-        out.elements.append((m.flatten(2).sum(-1) if m.dim() > 2 else m).detach())
-        out.dead.append((a == 0).flatten(2).all(-1) if a.dim() > 2 else a == 0)
-        peak, peak_at = _peaks(a)
-        out.peak.append(peak)
-        out.peak_at.append(peak_at)
-        out.inside_at.append(_peaks(inside)[1])
+        a = contrib.acts[s].detach()
+        if a.dim() == 2:  # a vector site: one element per channel
+            inside = a * contrib.grads[s].detach() * m
+            out.inside.append(inside)
+            out.elements.append(m.detach())
+            out.dead.append(a == 0)
+            out.peak.append(a.float())
+            out.peak_at.append(torch.full(a.shape, -1, dtype=torch.long, device=a.device))
+            out.inside_at.append(torch.full(a.shape, -1, dtype=torch.long, device=a.device))
+        else:
+            flat = a.flatten(2)
+            top = flat.float().max(-1)  # every channel's: the exemplars rank them all
+            out.peak.append(top.values)
+            out.peak_at.append(top.indices)
+            if not any(m.stride()[2:]):  # a channel mask: the kept channels' maps alone are read again
+                k = m.flatten(2)[..., 0]
+                idx, ok = kept_rows(sel.kept[s])  # [B, n]
+                rows = idx[..., None].expand(*idx.shape, flat.shape[2])
+                a_k = flat.gather(1, rows)
+                e_k = a_k * contrib.grads[s].detach().flatten(2).gather(1, rows)  # [B, n, P]
+                out.inside.append(contrib.channel[s] * k)
+                out.elements.append(k * flat.shape[2])
+                at = torch.zeros(k.shape, dtype=torch.long, device=a.device)
+                out.inside_at.append(at.scatter_(1, idx, e_k.float().max(-1).indices * ok))
+                dead = torch.zeros(k.shape, dtype=torch.bool, device=a.device)
+                out.dead.append(dead.scatter_(1, idx, (a_k == 0).all(-1) & ok))
+            else:
+                inside = (a * contrib.grads[s].detach() * m).flatten(2)
+                out.inside.append(inside.sum(-1))
+                out.elements.append(m.flatten(2).sum(-1))
+                out.inside_at.append(inside.float().max(-1).indices)
+                out.dead.append((top.values == 0) & (flat.amin(-1) == 0))
         if not keep_maps:
             contrib.acts[s] = contrib.grads[s] = a[:0]  # released
-        del a, inside
+        del a
     return out
 
 
