@@ -170,24 +170,26 @@ def batch_halves(x: torch.Tensor) -> list[slice]:
     return [slice(0, mid), slice(mid, B)]
 
 
-# above it the segments repeat layers (EfficientNet V2 2.9, ConvNeXt 4.2, DenseNet 5.4): two passes cost less;
-# MobileNet-like stages with a few residual blocks (1.3) still gain (bench/zoo.py)
-SEGMENT_OVERLAP_MAX = 1.5
+# below it the segment-by-segment backward repeats few layers, and one cut forward costs less than a plain pass and
+# a cut forward (EfficientNet-B1 to B7, 1.5-2.6: (c)/(a) at one image 3.45 against 3.90 on B1, 3.55 against 3.80 on
+# B5, 4.16 against 4.01 on B7; (e)/(a) at 16 images 5.83 against 6.63 on B7); above it the two passes cost less at one
+# image (EfficientNet V2-S 2.9: 4.84 against 5.46, DenseNet-121 5.4: 4.77 against 5.43, ConvNeXt-T 4.2: 8.81 against
+# 9.46) and on ConvNeXt-T at 16 images (11.51 against 13.22), though not on DenseNet-121 there (8.74 against 6.93)
+SEGMENT_OVERLAP_MAX = 2.7
 
 
 def one_forward(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings) -> bool:
     """Whether :func:`selected_with_edges` serves this setting on this model: ``mct`` contributions, exact edges,
-    and segments that share no layer (:func:`extractor.sitegraph.segment_overlap`, measured once per model on
-    one image). Where they share layers (DenseNet's concatenations, ConvNeXt's residual stream) the backward
+    and segments that share few layers (:func:`extractor.sitegraph.segment_overlap`, measured once per model on
+    one image). Where they share many (DenseNet's concatenations, ConvNeXt's residual stream) the backward
     segment by segment would repeat them, and a plain forward and backward cost less."""
     if settings.method != "mct" or settings.edges != "exact":
         return False
-    if bundle.disjoint_segments is None:
+    if bundle.segment_overlap is None:
         cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x[:1].detach()), bundle.written)
-        overlap = segment_overlap(cut)
-        bundle.disjoint_segments = overlap <= SEGMENT_OVERLAP_MAX
-        log.debug("segment overlap %.2f: %s", overlap, "one forward" if bundle.disjoint_segments else "two")
-    return bundle.disjoint_segments
+        bundle.segment_overlap = segment_overlap(cut)
+        log.debug("segment overlap %.2f", bundle.segment_overlap)
+    return bundle.segment_overlap <= SEGMENT_OVERLAP_MAX
 
 
 def selected_with_edges(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings, *,

@@ -52,9 +52,10 @@ class ModelBundle:
     # sites whose output the network writes into in place after the call (a skip added into a block's last
     # activation): found by the first forward that meets one, and read through a copy from then on
     written: set[int] = field(default_factory=set)
-    # whether the sites' segments share no layer, so that one cut forward serves the contributions as well as the
-    # edges (:func:`extractor.batch.one_forward`): decided on the first batch, from its graph
-    disjoint_segments: bool | None = None
+    # how many times the sites' segments meet a mixing layer, over the distinct ones (1.0: they share none), which
+    # decides whether one cut forward serves the contributions as well as the edges
+    # (:func:`extractor.batch.one_forward`): measured on the first batch, from its graph
+    segment_overlap: float | None = None
 
     @property
     def sites(self) -> tuple[SiteInfo, ...]:
