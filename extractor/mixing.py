@@ -219,7 +219,7 @@ def find_mixing(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable
     src, dst, stops, memo, on_path = seg
     mixers = [n for n in on_path if n.name() in MIXING]
     if not mixers:
-        return _identity(on_path, a_src, a_dst)
+        return _identity(on_path, src, dst, a_src, a_dst)
     if len(mixers) == 2:
         return _two_convs(mixers=mixers, on_path=on_path, src=src, dst=dst, stops=stops, memo=memo, a_src=a_src,
                           a_dst=a_dst)
@@ -370,14 +370,22 @@ def _chain_scale(m2: Any, path: tuple[int, ...]) -> torch.Tensor | None:
     return scale
 
 
-def _identity(on_path: list[Any], a_src: torch.Tensor, a_dst: torch.Tensor) -> Mixing | None:
+def _identity(on_path: list[Any], src: Any, dst: Any, a_src: torch.Tensor, a_dst: torch.Tensor) -> Mixing | None:
     """A segment of per-channel ops only (an identity skip into an addition, pooling, a per-channel
-    scale): channel ``i`` reaches channel ``i`` alone, so ``w(i -> j) = 0`` unless ``i = j``."""
-    if not on_path or a_src.shape[1] != a_dst.shape[1]:
+    scale, batch norm and an activation): channel ``i`` reaches channel ``i`` alone, so ``w(i -> j) = 0`` unless
+    ``i = j``; or, with concatenations along one chain (a DenseNet stem read by every layer of the first dense
+    block), channel ``dst_offset + i`` alone."""
+    if not on_path:
         return None
-    if any((n.name() not in POST_OK and n.name() not in PRE_OK) or n.name() in FLATTEN for n in on_path):
+    cat = False
+    for n in on_path:
+        cat |= n.name() == "CatBackward0"
+        if (n.name() not in POST_OK and n.name() not in PRE_OK and n.name() != "CatBackward0") or n.name() in FLATTEN:
+            return None
+    offset = _post_offset(dst, src, set(on_path)) if cat else 0
+    if offset is None or (not cat and a_src.shape[1] != a_dst.shape[1]) or offset + a_src.shape[1] > a_dst.shape[1]:
         return None
-    return Mixing(node=None, kind="identity", group=1)
+    return Mixing(node=None, kind="identity", group=1, dst_offset=offset)
 
 
 def _mixing_parts(mx: Any) -> tuple[str, Any, list[Any]]:
@@ -586,12 +594,12 @@ def mixing_edge_weights(mix: Mixing, a_src: torch.Tensor, a_dst: torch.Tensor, g
     B, M = targets.shape
     if grad is None:
         (grad,) = torch.autograd.grad(a_dst, mixing_input(mix, a_src), grad_outputs=g_dst, retain_graph=True)
-    if mix.kind == "identity":  # channel j reaches channel j only
-        g = grad
-        a = a_src.detach()
-        per = channel_dot(g, a)  # [B, C]
-        idx = targets.clamp(min=0)
-        vals = per.gather(1, idx) * (targets >= 0).to(per.dtype)
+    if mix.kind == "identity":  # channel dst_offset + i reaches channel i only
+        per = channel_dot(grad, a_src.detach())  # [B, C]
+        src_idx = targets - mix.dst_offset
+        ok = (targets >= 0) & (src_idx >= 0) & (src_idx < per.shape[1])
+        idx = src_idx.clamp(0, per.shape[1] - 1)
+        vals = per.gather(1, idx) * ok.to(per.dtype)
         return per.new_zeros(B, M, per.shape[1]).scatter_(2, idx[..., None], vals[..., None])
     gbar = grad
     z_idx = targets - mix.dst_offset  # target channel of a_dst -> channel of z (outside z: weight 0)
@@ -677,7 +685,9 @@ def channel_reach(mix: Mixing, c_src: int, c_dst: int) -> torch.Tensor | None:
     read nothing from this source.
     """
     if mix.kind == "identity":
-        return torch.eye(c_dst, c_src, dtype=torch.bool)
+        eye = torch.zeros(c_dst, c_src, dtype=torch.bool)
+        eye[mix.dst_offset:mix.dst_offset + c_src] = torch.eye(c_src, dtype=torch.bool)[:c_dst - mix.dst_offset]
+        return eye
     node = mix.node
     with torch.no_grad():
         if mix.kind == "linear":
@@ -1273,15 +1283,47 @@ def _target_maps(gbar: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def _transposed(node: Any, w_sel: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``[M, B, *u.shape[1:]]``: conv ``node``'s input gradient for each of ``B x M`` output gradients ``g``
-    ``[B, M, H', W']``, each with its own weight row ``w_sel`` ``[B, M, Ci, kh, kw]`` (one grouped call; an
-    outer product for a 1x1 convolution of stride 1)."""
+    ``[B, M, H', W']``, each with its own weight row ``w_sel`` ``[B, M, Ci, kh, kw]`` (an outer product for a 1x1
+    convolution of stride 1, else one depthwise convolution, :func:`_spread`, or one grouped input-gradient call)."""
     u = node._saved_input
     B, M = g.shape[:2]
     if tuple(w_sel.shape[3:]) == (1, 1) and tuple(node._saved_stride) == (1, 1) \
             and tuple(node._saved_padding) == (0, 0) and tuple(g.shape[2:]) == tuple(u.shape[2:]):
         return torch.einsum("bmc,bmhw->mbchw", w_sel[..., 0, 0], g)
+    spread = _spread(node, w_sel, g)
+    if spread is not None:
+        return spread
     grad_u: torch.Tensor = torch.nn.grad.conv2d_input(  # type: ignore[attr-defined] # not re-exported
         (1, B * M * u.shape[1], *u.shape[2:]), w_sel.reshape(B * M, u.shape[1], *w_sel.shape[3:]),
         g.reshape(1, B * M, *g.shape[2:]), stride=tuple(node._saved_stride), padding=tuple(node._saved_padding),
         dilation=tuple(node._saved_dilation), groups=B * M)
     return grad_u.view(B, M, *u.shape[1:]).transpose(0, 1).contiguous()
+
+
+def _spread(node: Any, w_sel: torch.Tensor, g: torch.Tensor) -> torch.Tensor | None:
+    """:func:`_transposed` as one depthwise convolution with multiplier ``Ci``: each target's output gradient
+    ``g`` ``[B, M, H', W']``, its zeros put back between strided positions, convolved with its own flipped weight
+    row. On CPU this is 4-40x faster than the grouped input-gradient call, which runs one channel per group
+    (EfficientNet-V2-S's 3x3 entries: 7.6 -> 0.5 ms at stride 1, 10.2 -> 1.1 ms at stride 2). ``None`` where a
+    padding exceeds the kernel's reach."""
+    u = node._saved_input
+    B, M = g.shape[:2]
+    kernel, stride = tuple(w_sel.shape[3:]), tuple(node._saved_stride)
+    dilation, padding = tuple(node._saved_dilation), tuple(node._saved_padding)
+    before = [d * (k - 1) - p for k, d, p in zip(kernel, dilation, padding, strict=True)]
+    dilated = [(n - 1) * st + 1 for n, st in zip(g.shape[2:], stride, strict=True)]
+    # so that a valid convolution gives u's size (rows the forward never reached at the end get zeros)
+    after = [size - dil - b + d * (k - 1) for size, dil, b, d, k in
+             zip(u.shape[2:], dilated, before, dilation, kernel, strict=True)]
+    if min(before) < 0 or min(after) < 0:
+        return None
+    maps = g.reshape(1, B * M, *g.shape[2:])
+    if stride != (1, 1):
+        maps = maps.new_zeros(1, B * M, *dilated)
+        maps[..., ::stride[0], ::stride[1]] = g.reshape(1, B * M, *g.shape[2:])
+    maps = torch.nn.functional.pad(maps, (before[1], after[1], before[0], after[0]))
+    flipped = w_sel.flip(-1, -2).reshape(B * M * u.shape[1], 1, *kernel)
+    out = torch.nn.functional.conv2d(maps, flipped, dilation=dilation, groups=B * M)
+    if tuple(out.shape[2:]) != tuple(u.shape[2:]):
+        return None
+    return out.view(B, M, *u.shape[1:]).transpose(0, 1).contiguous()

@@ -58,7 +58,7 @@ def _pairs(bundle: ModelBundle, x: torch.Tensor) -> tuple[int, int, float]:
     ("efficientnet_b0", 32, (92, 62)),
     ("squeezenet1_1", 48, (33, 33)),  # concatenations before the next fire's squeeze conv
     ("googlenet", 48, (152, 152)),  # branches concatenated, max-pooled, read by the next module's convs
-    ("densenet121", 32, (655, 648)),  # a layer's conv output concatenated into every later layer's input
+    ("densenet121", 32, (655, 655)),  # a layer's conv output concatenated into every later layer's input; the stem
     ("inception_v3", 75, (225, 225)),  # in-place ReLUs: the overwritten value gets no gradient, no path
 ])
 def test_fast_path_equals_vjp_on_torchvision(name: str, size: int, expected: tuple[int, int]) -> None:
@@ -133,6 +133,21 @@ class _CatAfter(nn.Module):  # the conv's output is the second block of the conc
         return self.act(self.norm(torch.cat([self.fill.expand(z.shape[0], 3, *z.shape[2:]), z], 1)))
 
 
+class _PoolCat(nn.Module):  # no mixing layer: pooled, concatenated after another block, normalised (a DenseNet stem)
+    out_channels = 7
+
+    def __init__(self, twice: bool = False) -> None:
+        super().__init__()
+        self.twice = twice
+        self.fill = nn.Parameter(torch.rand(1, 3, 1, 1))
+        self.out_channels = 11 if twice else 7
+        self.pool, self.norm, self.act = nn.MaxPool2d(3, 1, 1), nn.BatchNorm2d(self.out_channels), nn.ReLU()
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        parts = [self.fill.expand(a.shape[0], 3, *a.shape[2:]), self.pool(a)] + ([a] if self.twice else [])
+        return self.act(self.norm(torch.cat(parts, 1)))
+
+
 class _Gate(nn.Module):  # a per-channel gate that does not depend on the source (fast), or that does
     out_channels = 5
 
@@ -189,6 +204,8 @@ class _Padded(nn.Module):  # TensorFlow's "same" padding: F.pad right before the
     (lambda: nn.Sequential(nn.Conv2d(4, 5, 3, padding=1), nn.Conv2d(5, 6, 3, padding=1), nn.ReLU()), False),
     (_CatBefore, True),
     (_CatAfter, True),
+    (_PoolCat, True),  # channel i reaches channel 3 + i alone
+    (lambda: _PoolCat(twice=True), False),  # channel i reaches channels 3 + i and 7 + i
     (lambda: _Gate(own=False), True),
     (lambda: _Gate(own=True), False),
     (lambda: nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.BatchNorm2d(6), nn.ReLU()), True),
@@ -270,3 +287,33 @@ def test_fast_path_on_efficientnet_lite0() -> None:
         bundle.model.float()
     assert worst < 1e-10
     assert (pairs, fast) == (46, 46)
+
+
+@pytest.mark.parametrize(("kernel", "stride", "padding", "dilation", "size"), [
+    (3, 1, 1, 1, 9), (3, 2, 1, 1, 9), (3, 2, 1, 1, 10), (5, 2, 2, 1, 11), (3, 1, 2, 2, 9), ((1, 3), 1, (0, 1), 1, 8),
+    (3, 1, 0, 1, 9), (2, 2, 0, 1, 8), (3, 1, 3, 1, 7),  # the last: padding beyond the kernel's reach (fallback)
+])
+def test_target_input_gradients_equal_autograd(kernel: object, stride: int, padding: object, dilation: int,
+                                               size: int) -> None:
+    """Each target's gradient at a conv's input, as the entries' backward starts from it, equals autograd's for
+    that target alone (float64)."""
+    from extractor.mixing import _spread, _target_maps, _transposed
+
+    torch.manual_seed(3)
+    conv = nn.Conv2d(4, 5, kernel, stride=stride, padding=padding, dilation=dilation).double()  # type: ignore[arg-type]
+    u = torch.rand(2, 4, size, size, dtype=torch.float64, requires_grad=True)
+    z = conv(u)
+    gbar = torch.rand_like(z)
+    targets = torch.tensor([[4, 0, 2], [1, -1, 4]])
+    got = _transposed(z.grad_fn, conv.weight.detach()[targets.clamp(min=0)], _target_maps(gbar, targets))
+    assert got.shape == (3, *u.shape)
+    spread = _spread(z.grad_fn, conv.weight.detach()[targets.clamp(min=0)], _target_maps(gbar, targets))
+    assert (spread is None) == (padding == 3)  # the depthwise route wherever the padding lies in the kernel's reach
+    for m in range(3):
+        cot = torch.zeros_like(z)
+        for b in range(2):
+            if targets[b, m] >= 0:
+                cot[b, targets[b, m]] = gbar[b, targets[b, m]]
+        (ref,) = torch.autograd.grad(z, u, cot, retain_graph=True)
+        assert float(ref.abs().max()) > 0 or bool((targets[:, m] < 0).all())
+        torch.testing.assert_close(got[m], ref, rtol=1e-12, atol=1e-12)
