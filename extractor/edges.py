@@ -198,6 +198,7 @@ def _vjp_route(preds: list[int], *, cut: SiteRecorder, a_dst: torch.Tensor, g_ds
         edges: list[Any] = []
         slot: dict[int, int] = {}  # pred -> index into the VJP's inputs
         by_node: dict[Any, int] = {}
+        layers: set[Any] = set()
         shares: dict[int, torch.Tensor] = {}
         for i in group:
             jn = junctions.get(i)
@@ -205,18 +206,20 @@ def _vjp_route(preds: list[int], *, cut: SiteRecorder, a_dst: torch.Tensor, g_ds
                 slot[i] = len(edges)
                 edges.append(cut.sources[i])
                 continue
-            key = (jn.node, i)
+            key = (jn.node, i, jn.rise)
             if key not in shared:
                 shared[key] = junction_share(jn, cut.sources[i])
             shares[i] = shared[key]
-            if jn.node not in by_node:  # sources concatenated before one layer share its output
-                by_node[jn.node] = len(edges)
-                edges.append(GradientEdge(jn.node, 0))
-            slot[i] = by_node[jn.node]
+            stop = jn.top if jn.top is not None else jn.node
+            layers.add(jn.node)
+            if stop not in by_node:  # sources concatenated before one layer share its output
+                by_node[stop] = len(edges)
+                edges.append(GradientEdge(stop, 0))
+            slot[i] = by_node[stop]
         numel = sum(grad_numel(e) for e in edges)
         if first is not None and gbar is not None:
             start = _deep_start(deep[group[0]], gbar, targets)
-        elif entry is not None and gbar is not None and entry.node not in by_node:
+        elif entry is not None and gbar is not None and entry.node not in layers:
             start = _entry_start(entry, gbar, targets)
         else:  # no entry, or a source's junction is the destination's own layer: start above it
             start = _dst_start(a_dst, g_dst, targets)
@@ -226,8 +229,7 @@ def _vjp_route(preds: list[int], *, cut: SiteRecorder, a_dst: torch.Tensor, g_ds
                 if i in junctions:
                     weights[i].append(junction_weights(junctions[i], src, g, rows[i][0],
                                                        parts=_parts(shared, junctions[i], i, rows[i][0])))
-                    totals[i].append(torch.einsum("mbn,bn->bm", g.reshape(g.shape[0], src.shape[0], -1),
-                                                  shares[i].reshape(src.shape[0], -1)))
+                    totals[i].append(_dot_rows(g, shares[i], src.shape[0]))
                 else:
                     B, C = src.shape[:2]  # one contraction, no [m, B, Ci, ...] product in memory
                     w = torch.einsum("mbcp,bcp->bmc", g.reshape(g.shape[0], B, C, -1),
@@ -243,6 +245,18 @@ def _vjp_route(preds: list[int], *, cut: SiteRecorder, a_dst: torch.Tensor, g_ds
             w = full.scatter_add_(2, idx[:, None, :].expand_as(w), w * ok[:, None, :].to(w.dtype))
         W[i] = w
     return W, {i: torch.cat(totals[i], 1) for i in preds}
+
+
+def _dot_rows(g: torch.Tensor, share: torch.Tensor, images: int) -> torch.Tensor:
+    """``[images, M]``: each image's ``<g[m], share>`` for ``g`` ``[M, *share.shape]`` (``images`` first in ``share``),
+    read in ``g``'s memory order (a stream's gradient often arrives channels-last: reshaping it would copy all ``M``
+    of them)."""
+    M = g.shape[0]
+    if g.shape[1] == images and g.dim() > 3 and not g.is_contiguous():
+        strides = g.stride()
+        order = sorted(range(2, g.dim()), key=lambda d: -strides[d])  # outermost first
+        g, share = g.permute(0, 1, *order), share.permute(0, *(d - 1 for d in order))
+    return torch.einsum("mbn,bn->bm", g.reshape(M, images, -1), share.reshape(images, -1))
 
 
 def _parts(shared: dict[tuple[Any, ...], torch.Tensor], jn: Junction, i: int, idx: torch.Tensor) \
@@ -309,13 +323,15 @@ def known_routes(routes: RouteCache | None, settings: PathwaySettings, cut: Site
 class IncomingWeights:
     """Edge weights into one site's targets, per predecessor ``i``: ``weights[i]`` ``[B, M, Ci]`` (zero outside
     the kept channels where a junction served), ``totals[i]`` ``[B, M]`` the sum over all of ``i``'s channels
-    (for the completeness gap), ``routes[i]``, the route taken (one of ``ROUTES``), and ``deep``, the sources
-    whose batched backward started below the destination's two convs (:class:`extractor.mixing.DeepEntry`)."""
+    (for the completeness gap), ``routes[i]``, the route taken (one of ``ROUTES``), ``deep``, the sources
+    whose batched backward started below the destination's two convs (:class:`extractor.mixing.DeepEntry`), and
+    ``risen``, the junction sources whose backward stopped above their layer (``Junction.top``)."""
 
     weights: dict[int, torch.Tensor]
     totals: dict[int, torch.Tensor]
     routes: dict[int, str]
     deep: frozenset[int] = frozenset()
+    risen: frozenset[int] = frozenset()  # the junction sources whose backward stopped above their layer
 
 
 def incoming_weights(
@@ -347,7 +363,7 @@ def incoming_weights(
                 mixes[i] = given.mixes[i]
         elif route.kind == "mixing" and (mix := mixing_at(route, cut.sources[i], a_dst, sources)) is not None:
             mixes[i] = mix
-        elif route.kind == "junction" and (jn := junction_at(route, a_dst)) is not None:
+        elif route.kind == "junction" and (jn := junction_at(route, a_dst, shared)) is not None:
             junctions[i] = jn
     slow = [i for i in preds if i not in mixes]
     entry = None
@@ -383,7 +399,8 @@ def incoming_weights(
         W.update(w_slow)
         totals.update(t_slow)
     routes = {i: "mixing" if i in mixes else "junction" if i in junctions else "vjp" for i in preds}
-    return IncomingWeights(weights=W, totals=totals, routes=routes, deep=frozenset(deep))
+    return IncomingWeights(weights=W, totals=totals, routes=routes, deep=frozenset(deep),
+                           risen=frozenset(i for i, jn in junctions.items() if jn.top is not None))
 
 
 @graph_walks()

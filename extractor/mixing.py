@@ -772,6 +772,14 @@ class Junction:
     kind: str
     group: int = 1
     src_offset: int = 0
+    # the backward may stop higher up, at ``top``: ``rise`` nodes above the layer along one chain of per-channel
+    # linear ops (a layer scale, an inference batch norm, views and permutes) that ends where the source's share
+    # joins a residual stream; there ``dC/dz = scale * relayout(dC/dtop)`` (:func:`_rise_map`), so the per-channel
+    # op is never run per target and source (ConvNeXt's layer scale, EfficientNet's projection batch norm)
+    rise: int = 0
+    top: Any = None
+    scale: torch.Tensor | None = None  # [Co], per channel of z
+    moved: bool = False  # top is [B, Co, *spatial] over a pointwise junction's rows [B * P, Co]
 
 
 def find_junction(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable[torch.Tensor], *,
@@ -792,9 +800,107 @@ def find_junction(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterab
         if _reaches(dst, src, stops | {mx}, {}) or any(_reaches(p, src, stops, memo) for p in params if p is not None):
             return None  # a path around the layer, or its weights computed from a_src
         moved = any(n.name() in MOVEMENT for n in pre)
-        return _junction_shape(mx=mx, kind=kind, inp=inp, flattened=flattened, moved=moved, a_src=a_src,
-                               src_offset=src_offset)
+        jn = _junction_shape(mx=mx, kind=kind, inp=inp, flattened=flattened, moved=moved, a_src=a_src,
+                             src_offset=src_offset)
+        return _risen(jn, _rise_chain(mx, on_path, dst)) if jn is not None else None
     return None
+
+
+# ops a junction's share may pass on its way to the residual stream, each a per-channel linear map checked
+# numerically on each batch (_rise_map): layer scales, inference batch norms, and views, permutes and copies (a
+# chain of these last ones alone saves nothing and is not taken)
+LAYOUT = frozenset({"CloneBackward0", "PermuteBackward0", "ViewBackward0", "ReshapeAliasBackward0",
+                    "UnsafeViewBackward0"})
+RISE_OK = frozenset({"MulBackward0", "DivBackward0", "NativeBatchNormBackward0"}) | LAYOUT
+
+
+def _rise_chain(mx: Any, on_path: list[Any], dst: Any) -> list[tuple[Any, int]]:
+    """The nodes above junction ``mx`` that every path from ``dst`` to it passes, one after the other, each of
+    :data:`RISE_OK` with one input on the segment: ``(node, index of that input)`` from the top down."""
+    on = set(on_path)
+    parents: dict[Any, list[Any]] = {}
+    for n in on_path:
+        for c in _next(n):
+            if c in on:
+                parents.setdefault(c, []).append(n)
+    chain: list[tuple[Any, int]] = []
+    node = mx
+    while len(ps := parents.get(node, [])) == 1 and ps[0] is not dst and ps[0].name() in RISE_OK:
+        kids = [k for k, (c, _) in enumerate(ps[0].next_functions) if c is not None and c in on]
+        if len(kids) != 1:
+            break
+        chain.append((ps[0], kids[0]))
+        node = ps[0]
+    return chain[::-1]
+
+
+def _risen(jn: Junction, chain: list[tuple[Any, int]]) -> Junction:
+    """``jn`` stopping at the highest node of ``chain`` (:func:`_rise_chain`) from which down to the layer the map
+    checks out as a per-channel scale (:func:`_rise_map`), else at the layer itself."""
+    for cut in range(len(chain)):
+        if all(node.name() in LAYOUT for node, _ in chain[cut:]):
+            break  # views and permutes only: nothing to save
+        found = _rise_map(jn, chain[cut:])
+        if found is not None:
+            return replace(jn, rise=len(chain) - cut, top=chain[cut][0], scale=found[0], moved=found[1])
+    return replace(jn, rise=0, top=None, scale=None, moved=False)
+
+
+def _rise_map(jn: Junction, chain: list[tuple[Any, int]], *, probe: bool = True) -> tuple[torch.Tensor, bool] | None:
+    """``(scale [Co], moved)`` where running ``chain``'s backward (top down to the layer ``jn.node``) maps a
+    gradient ``g`` at the top to ``scale * relayout(g)`` at the layer's output (``moved``: a pointwise junction's
+    ``[B * P, Co]`` rows read from a channels-first top ``[B, Co, *spatial]``); else ``None``. The scale is read
+    off the backward of ones (one number per channel, the same at every position and image); with ``probe`` the
+    map is checked on a random gradient too (on the first batch of an input shape: the chain's ops are linear, so
+    later batches read the scale alone)."""
+    top = chain[0][0]
+    shape = tuple(top._input_metadata[0].shape)
+    z_meta = jn.node._input_metadata[0]
+    z_shape, co = tuple(z_meta.shape), z_meta.shape[-1] if jn.kind == "pointwise" else z_meta.shape[1]
+    if math.prod(shape) != math.prod(z_shape):
+        return None
+    moved = jn.kind == "pointwise" and len(shape) > 2 and shape[1] == co and shape != z_shape
+    if not moved and shape != z_shape and not (jn.kind == "pointwise" and shape[-1] == co):
+        return None
+
+    def down(g: torch.Tensor) -> torch.Tensor | None:
+        for node, k in chain:
+            out = node(g)
+            g = out[k] if isinstance(out, tuple) else out
+            if g is None:
+                return None
+        return g
+
+    with torch.no_grad():
+        ones = down(torch.ones(shape, dtype=z_meta.dtype, device=z_meta.device))
+        if ones is None or tuple(ones.shape) != z_shape:
+            return None
+        scale = (ones if jn.kind == "pointwise" else ones.movedim(1, -1)).reshape(-1, co)[0]
+        view = (1, -1) + (1,) * (len(z_shape) - 2) if jn.kind != "pointwise" else (1, -1)
+        if not torch.equal(ones, torch.ones_like(ones) * scale.view(view)):
+            return None
+        if probe:
+            g = torch.rand(shape, dtype=z_meta.dtype, device=z_meta.device) + 0.5
+            got = down(g)
+            want = (g.movedim(1, -1) if moved else g).reshape(z_shape) * scale.view(view)
+            if got is None or not torch.allclose(got, want, rtol=1e-5 if z_meta.dtype != torch.float64 else 1e-12,
+                                                 atol=0):
+                return None
+    return scale, moved
+
+
+def _chain_along(dst: Any, path: tuple[int, ...], rise: int) -> list[tuple[Any, int]] | None:
+    """The ``rise`` nodes right above the end of ``path`` (from the destination's node), with their input indices
+    on the path: a junction's chain (:func:`_rise_chain`) in another batch's graph."""
+    nodes = [dst]
+    for k in path:
+        nxt = nodes[-1].next_functions
+        if k >= len(nxt) or nxt[k][0] is None:
+            return None
+        nodes.append(nxt[k][0])
+    if rise >= len(nodes):
+        return None
+    return list(zip(nodes[len(nodes) - 1 - rise:-1], path[len(path) - rise:], strict=True))
 
 
 def _junction_shape(*, mx: Any, kind: str, inp: Any, flattened: bool, moved: bool, a_src: torch.Tensor,
@@ -837,21 +943,28 @@ def junction_weights(jn: Junction, a_src: torch.Tensor, g_z: torch.Tensor, idx: 
     node = jn.node
     if n == 0:
         return g_z.new_zeros(B, M, 0)
+    if jn.top is not None:  # the gradient at the top of the junction's chain: its scale goes into the weights
+        g_z = g_z.movedim(2, -1) if jn.moved else g_z
     with torch.no_grad():
         if jn.kind == "pointwise":
             wt = node._saved_mat2.detach()  # [C, Co]
-            g = g_z.view(M, B, -1, g_z.shape[-1])  # [M, B, P, Co]
-            h = torch.einsum("mbpo,bno->mbpn", g, wt[idx])
+            g = g_z.reshape(M, B, -1, g_z.shape[-1])  # [M, B, P, Co] (a view, also of a moved top)
+            h = torch.einsum("mbpo,bno->mbpn", g, _scaled(jn, wt[idx]))
             usel = a_src.detach().flatten(2).gather(1, idx[..., None].expand(B, n, g.shape[2]))  # [B, n, P]
             return torch.einsum("mbpn,bnp->bmn", h, usel)
         if jn.kind == "linear":
             u = (node._saved_mat1 if node.name() == "AddmmBackward0" else node._saved_self).detach()  # [B, F]
             wt = node._saved_mat2.detach()  # [F, Co]
             feats = idx[..., None] * jn.group + torch.arange(jn.group, device=idx.device)  # [B, n, r]
-            h = torch.einsum("mbo,bnro->bmnr", g_z, wt[feats])
+            h = torch.einsum("mbo,bnro->bmnr", g_z, _scaled(jn, wt[feats]))
             out: torch.Tensor = (h * u.gather(1, feats.flatten(1)).view(B, 1, n, jn.group)).sum(-1)
             return out
         return _conv_junction(jn, g_z, idx, parts)
+
+
+def _scaled(jn: Junction, wt: torch.Tensor) -> torch.Tensor:
+    """A linear junction's weight rows ``[..., Co]`` times the scale of its chain up to the top, if it rises."""
+    return wt * jn.scale if jn.scale is not None else wt
 
 
 def _conv_junction(jn: Junction, g_z: torch.Tensor, idx: torch.Tensor, parts: torch.Tensor | None) -> torch.Tensor:
@@ -867,6 +980,8 @@ def _conv_junction(jn: Junction, g_z: torch.Tensor, idx: torch.Tensor, parts: to
     for s in range(0, B, chunk):
         e = min(B, s + chunk)
         z_c = parts[s:e] if parts is not None else _parts_of(jn, idx[s:e])  # [nb, n, per_out, P]
+        if jn.scale is not None:  # the chain's scale up to the top, per output row
+            z_c = z_c * jn.scale[rows[s:e]][..., None]
         g = g_z[:, s:e].flatten(3)  # [M, nb, Co, P]
         if int(jn.node._saved_groups) == 1:
             out.append(torch.einsum("bnop,mbop->bmn", z_c, g))
@@ -921,8 +1036,22 @@ def junction_parts(jn: Junction, idx: torch.Tensor) -> torch.Tensor | None:
 
 def junction_share(jn: Junction, a_src: torch.Tensor) -> torch.Tensor:
     """The source's whole share of the junction's output, ``z - bias`` restricted to the source's input
-    channels (``sum_c Z_c``), shaped like ``z``; contracted with a target's gradient it gives the sum of
-    the source's edge weights over all its channels."""
+    channels (``sum_c Z_c``), shaped like ``z`` (or, where the junction rises, scaled and shaped like its top);
+    contracted with a target's gradient it gives the sum of the source's edge weights over all its channels."""
+    share = _share(jn, a_src)
+    if jn.top is None or jn.scale is None:
+        return share
+    with torch.no_grad():
+        if jn.kind != "pointwise":
+            return share * jn.scale.view(1, -1, *([1] * (share.dim() - 2)))
+        top = tuple(jn.top._input_metadata[0].shape)
+        share = share * jn.scale
+        if jn.moved:
+            return share.view(top[0], *top[2:], top[1]).movedim(-1, 1).contiguous()
+        return share.view(top)
+
+
+def _share(jn: Junction, a_src: torch.Tensor) -> torch.Tensor:
     node = jn.node
     with torch.no_grad():
         if jn.kind == "conv":
@@ -1017,7 +1146,8 @@ def find_route(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable[
     path = graph_path(a_dst.grad_fn, jn.node) if jn is not None and a_dst.grad_fn is not None else None
     if jn is None or path is None:
         return Route(kind="vjp")
-    return Route(kind="junction", path=path, junction=replace(jn, node=None), layer=jn.node.name())
+    return Route(kind="junction", path=path, junction=replace(jn, node=None, top=None, scale=None),
+                 layer=jn.node.name())
 
 
 def with_deep_entry(route: Route, a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable[torch.Tensor],
@@ -1051,12 +1181,25 @@ def mixing_at(route: Route, a_src: torch.Tensor, a_dst: torch.Tensor, site_tenso
     return replace(route.mixing, node=node, first=first, scale=scale)
 
 
-def junction_at(route: Route, a_dst: torch.Tensor) -> Junction | None:
-    """The junction of a cached route in this batch's graph (``None`` if the graph differs there)."""
+def junction_at(route: Route, a_dst: torch.Tensor, memo: dict[Any, Any] | None = None) -> Junction | None:
+    """The junction of a cached route in this batch's graph (``None`` if the graph differs there). ``memo`` keeps
+    each junction's rise for this batch (one source's junction serves every destination it feeds)."""
     node = follow(a_dst.grad_fn, route.path) if a_dst.grad_fn is not None else None
     if node is None or route.junction is None or node.name() != route.layer:
         return None
-    return replace(route.junction, node=node)
+    jn = replace(route.junction, node=node, top=None, scale=None)
+    if not jn.rise:
+        return jn
+    key = ("rise", node, jn.rise)
+    memo = {} if memo is None else memo
+    if key not in memo:
+        chain = _chain_along(a_dst.grad_fn, route.path, jn.rise)
+        found = _rise_map(jn, chain, probe=False) if chain is not None else None
+        memo[key] = None if chain is None or found is None else (chain[0][0], *found)
+    if memo[key] is None:
+        return replace(jn, rise=0)
+    top, scale, moved = memo[key]
+    return replace(jn, top=top, scale=scale, moved=moved)
 
 
 # --- entries: the destination's own mixing layer ---------------------------------------------------------------------

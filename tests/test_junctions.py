@@ -45,6 +45,7 @@ def _check(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings) -> C
             got, route = inc.weights[i], inc.routes[i]
             taken[route] += 1
             taken["deep"] += i in inc.deep
+            taken["risen"] += i in inc.risen
             want = ref * sel.kept[i][:, None, :] if route == "junction" else ref  # junctions: kept channels only
             scale = max(float(ref.abs().max()), 1e-30)
             assert float((got - want).abs().max()) <= 1e-10 * scale, (site.site_id, i, route)
@@ -76,13 +77,15 @@ def _small(name: str) -> nn.Module:
 
 @pytest.mark.parametrize(("name", "size", "routes"), [
     # a residual stream through layer norms: each block feeds every later one
-    ("convnext", 32, {"junction": 6, "deep": 0}),
-    ("vit", 32, {"junction": 3, "deep": 0}),  # tokens: the MLP's second linear is each source's junction
-    ("swin", 32, {"junction": 6, "deep": 0}),
+    ("convnext", 32, {"junction": 6, "deep": 0, "risen": 6}),  # stopped at the layer-scaled share
+    ("vit", 32, {"junction": 3, "deep": 0, "risen": 0}),  # tokens: the MLP's second linear is each source's junction
+    ("swin", 32, {"junction": 6, "deep": 0, "risen": 0}),
     # squeeze-excite: the gate's site through its 1x1 conv, its backward started at the gate (a deep entry)
-    ("efficientnet_b0", 32, {"mixing": 62, "junction": 30, "deep": 30}),
-    ("regnet_y_400mf", 32, {"mixing": 80, "junction": 16, "deep": 16}),  # the gate into the block's last conv
-    ("shufflenet_v2_x0_5", 32, {"mixing": 99, "vjp": 5, "deep": 1}),  # channel splits and shuffles before convs
+    ("efficientnet_b0", 32, {"mixing": 62, "junction": 30, "deep": 30, "risen": 0}),
+    # the gate into the block's last conv
+    ("regnet_y_400mf", 32, {"mixing": 80, "junction": 16, "deep": 16, "risen": 0}),
+    # channel splits and shuffles before convs
+    ("shufflenet_v2_x0_5", 32, {"mixing": 99, "vjp": 5, "deep": 1, "risen": 0}),
 ])
 def test_routes_equal_the_exact_route_on_torchvision(name: str, size: int, routes: dict[str, int]) -> None:
     """(ResNet-18, GoogLeNet and DenseNet121 take the mixing route on all or all but 7 edges: ``tests/test_mixing.py``
@@ -101,9 +104,11 @@ class _Stream(nn.Module):
     """A residual stream in the ConvNeXt style: each block reads the stream through a depthwise conv and a layer
     norm (channels last), mixes with two linears around a GELU (the site), and adds a layer-scaled output."""
 
-    def __init__(self, dim: int = 6, blocks: int = 3) -> None:
+    def __init__(self, dim: int = 6, blocks: int = 3, spatial: bool = False) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, dim, 3, padding=1)
+        # a scale per position as well as channel (not a per-channel map: the backward stops at the layer itself)
+        self.spatial = nn.Parameter(torch.rand(8, 8, dim) + 0.5) if spatial else None
         self.dw = nn.ModuleList(nn.Conv2d(dim, dim, 3, padding=1, groups=dim) for _ in range(blocks))
         self.norm = nn.ModuleList(nn.LayerNorm(dim) for _ in range(blocks))
         self.up = nn.ModuleList(nn.Linear(dim, 2 * dim) for _ in range(blocks))
@@ -116,7 +121,7 @@ class _Stream(nn.Module):
         s = self.stem(x)
         for k in range(len(self.dw)):
             h = self.norm[k](self.dw[k](s).permute(0, 2, 3, 1))
-            h = self.down[k](self.act[k](self.up[k](h))) * self.scale[k]
+            h = self.down[k](self.act[k](self.up[k](h))) * (self.scale[k] if self.spatial is None else self.spatial)
             s = s + h.permute(0, 3, 1, 2)
         return self.head(s.mean((2, 3)))
 
@@ -206,7 +211,8 @@ class _Shuffle(nn.Module):
 
 
 @pytest.mark.parametrize(("body", "routes"), [
-    (_Stream, {"junction": 3, "vjp": 0}),
+    (_Stream, {"junction": 3, "vjp": 0, "risen": 3}),
+    (partial(_Stream, spatial=True), {"junction": 3, "vjp": 0, "risen": 0}),
     (partial(_Shuffle, fold=False), {"mixing": 2, "vjp": 0}),
     (partial(_Shuffle, fold=True), {"mixing": 0, "vjp": 2}),
     (_Concat, {"junction": 2, "vjp": 0}),
@@ -214,7 +220,7 @@ class _Shuffle(nn.Module):
     (partial(_Bottleneck, "norm"), {"mixing": 2, "junction": 1, "vjp": 2, "deep": 2}),
     (partial(_Bottleneck, "scaled"), {"mixing": 2, "junction": 2, "vjp": 1, "deep": 0}),
     (partial(_Bottleneck, "single"), {"mixing": 4, "junction": 1, "vjp": 0, "deep": 1}),
-], ids=["stream", "shuffle", "fold", "concat", "gate", "norm", "scaled", "single"])
+], ids=["stream", "spatial", "shuffle", "fold", "concat", "gate", "norm", "scaled", "single"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_routes_equal_the_exact_route_on_hand_built_segments(
     body: Callable[[], nn.Module], routes: dict[str, int], seed: int
@@ -301,6 +307,8 @@ def test_routes_are_found_once_per_input_shape(name: str, monkeypatch: pytest.Mo
     known = list(next(iter(bundle.routes.by_shape.values())).values())
     kinds = {"junction", "entry"} if name == "stream" else {"mixing", "junction", "entry"}
     assert {r.kind for r in known} - {"none"} == kinds  # "none": a destination without an entry layer
+    if name == "stream":  # each source's backward stops at its layer-scaled share, on later batches too
+        assert all(r.junction is not None and r.junction.rise == 3 for r in known if r.kind == "junction")
     if name != "stream":  # single layers and two-conv composites kept (the scale between two convs per batch)
         mixes = [r for r in known if r.kind == "mixing"]
         assert all(r.mixing is not None for r in mixes) and {r.first is None for r in mixes} == {True, False}
