@@ -229,7 +229,13 @@ def _vjp_route(preds: list[int], *, cut: SiteRecorder, a_dst: torch.Tensor, g_ds
                 if i in junctions:
                     weights[i].append(junction_weights(junctions[i], src, g, rows[i][0],
                                                        parts=_parts(shared, junctions[i], i, rows[i][0])))
-                    totals[i].append(_dot_rows(g, shares[i], src.shape[0]))
+                    share = shares[i]
+                    if g.shape[1:] == share.shape and g[0].stride() != share.stride():  # once per layout
+                        laid = (junctions[i].node, i, junctions[i].rise, g[0].stride())
+                        if laid not in shared:
+                            shared[laid] = torch.empty_like(g[0]).copy_(share)
+                        share = shared[laid]
+                    totals[i].append(_dot_rows(g, share, src.shape[0]))
                 else:
                     B, C = src.shape[:2]  # one contraction, no [m, B, Ci, ...] product in memory
                     w = torch.einsum("mbcp,bcp->bmc", g.reshape(g.shape[0], B, C, -1),
@@ -249,13 +255,13 @@ def _vjp_route(preds: list[int], *, cut: SiteRecorder, a_dst: torch.Tensor, g_ds
 
 def _dot_rows(g: torch.Tensor, share: torch.Tensor, images: int) -> torch.Tensor:
     """``[images, M]``: each image's ``<g[m], share>`` for ``g`` ``[M, *share.shape]`` (``images`` first in ``share``),
-    read in ``g``'s memory order (a stream's gradient often arrives channels-last: reshaping it would copy all ``M``
-    of them)."""
+    read in ``g``'s memory order where ``share`` has its strides (a stream's gradient often arrives channels-last:
+    reshaping it would copy all ``M`` of them)."""
     M = g.shape[0]
-    if g.shape[1] == images and g.dim() > 3 and not g.is_contiguous():
-        strides = g.stride()
-        order = sorted(range(2, g.dim()), key=lambda d: -strides[d])  # outermost first
-        g, share = g.permute(0, 1, *order), share.permute(0, *(d - 1 for d in order))
+    if g.shape[1] == images and g.dim() > 3 and not g.is_contiguous() and g[0].stride() == share.stride():
+        strides = share.stride()
+        order = sorted(range(1, share.dim()), key=lambda d: -strides[d])  # outermost first
+        g, share = g.permute(0, 1, *(d + 1 for d in order)), share.permute(0, *order)
     return torch.einsum("mbn,bn->bm", g.reshape(M, images, -1), share.reshape(images, -1))
 
 

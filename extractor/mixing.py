@@ -947,11 +947,13 @@ def junction_weights(jn: Junction, a_src: torch.Tensor, g_z: torch.Tensor, idx: 
         g_z = g_z.movedim(2, -1) if jn.moved else g_z
     with torch.no_grad():
         if jn.kind == "pointwise":
-            wt = node._saved_mat2.detach()  # [C, Co]
             g = g_z.reshape(M, B, -1, g_z.shape[-1])  # [M, B, P, Co] (a view, also of a moved top)
-            h = torch.einsum("mbpo,bno->mbpn", g, _scaled(jn, wt[idx]))
+            w_sel = _scaled(jn, node._saved_mat2.detach()[idx]).transpose(1, 2)  # [B, Co, n]
             usel = a_src.detach().flatten(2).gather(1, idx[..., None].expand(B, n, g.shape[2]))  # [B, n, P]
-            return torch.einsum("mbpn,bnp->bmn", h, usel)
+            # per target one product over positions in g's own layout, then over Co (an einsum over the images
+            # would first copy every target's gradient to put the image axis in front)
+            return torch.stack([(torch.bmm(g[m].transpose(1, 2), usel.transpose(1, 2)) * w_sel).sum(1)
+                                for m in range(M)], 1)
         if jn.kind == "linear":
             u = (node._saved_mat1 if node.name() == "AddmmBackward0" else node._saved_self).detach()  # [B, F]
             wt = node._saved_mat2.detach()  # [F, Co]
