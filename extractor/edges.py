@@ -229,13 +229,11 @@ def _vjp_route(preds: list[int], *, cut: SiteRecorder, a_dst: torch.Tensor, g_ds
                 if i in junctions:
                     weights[i].append(junction_weights(junctions[i], src, g, rows[i][0],
                                                        parts=_parts(shared, junctions[i], i, rows[i][0])))
-                    share = shares[i]
-                    if g.shape[1:] == share.shape and g[0].stride() != share.stride():  # once per layout
-                        laid = (junctions[i].node, i, junctions[i].rise, g[0].stride())
-                        if laid not in shared:
-                            shared[laid] = torch.empty_like(g[0]).copy_(share)
-                        share = shared[laid]
-                    totals[i].append(_dot_rows(g, share, src.shape[0]))
+                    if g.shape[1:] == shares[i].shape and g[0].stride() != shares[i].stride():
+                        # the share takes the gradient's layout once (kept for the destinations after this one)
+                        shares[i] = shared[(junctions[i].node, i, junctions[i].rise)] = \
+                            torch.empty_like(g[0]).copy_(shares[i])
+                    totals[i].append(_dot_rows(g, shares[i], src.shape[0]))
                 else:
                     B, C = src.shape[:2]  # one contraction, no [m, B, Ci, ...] product in memory
                     w = torch.einsum("mbcp,bcp->bmc", g.reshape(g.shape[0], B, C, -1),
