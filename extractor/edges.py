@@ -167,11 +167,19 @@ def _deep_start(deep: DeepEntry, gbar: torch.Tensor, targets: torch.Tensor) -> _
 
 def _target_vjps(start: _Start, inputs: list[Any], count: int, input_numel: int) -> Iterator[list[torch.Tensor]]:
     """Per chunk of the ``count`` targets, ``[m, *input.shape]`` per input (tensors or autograd edges): the
-    gradient of each target's ``C_j``."""
+    gradient of each target's ``C_j``. Chunks hold ``_EDGE_BUDGET`` elements of cotangent and gradients; after the
+    first, inputs whose gradients share storage count once (the junctions along one residual stream all receive the
+    stream's gradient: counted apart, ConvNeXt-T at 16 images ran its later destinations one target at a time)."""
     chunk = max(1, _EDGE_BUDGET // max(1, start.numel + input_numel))
-    for s in range(0, count, chunk):
+    s = 0
+    while s < count:
         e = min(count, s + chunk)
-        yield batched_vjp(start.output, inputs, start.cotangents(s, e))
+        grads = batched_vjp(start.output, inputs, start.cotangents(s, e))
+        if s == 0 and e < count:
+            held = {g.untyped_storage().data_ptr(): g.untyped_storage().nbytes() // g.element_size() for g in grads}
+            chunk = max(chunk, _EDGE_BUDGET // max(1, start.numel + sum(held.values()) // (e - s)))
+        yield grads
+        s = e
 
 
 def _vjp_route(preds: list[int], *, cut: SiteRecorder, a_dst: torch.Tensor, g_dst: torch.Tensor,
