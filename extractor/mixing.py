@@ -775,7 +775,7 @@ class Junction:
     # the backward may stop higher up, at ``top``: ``rise`` nodes above the layer along one chain of per-channel
     # linear ops (a layer scale, an inference batch norm, views and permutes) that ends where the source's share
     # joins a residual stream; there ``dC/dz = scale * relayout(dC/dtop)`` (:func:`_rise_map`), so the per-channel
-    # op is never run per target and source (ConvNeXt's layer scale, EfficientNet's projection batch norm)
+    # op is never run per target and source (ConvNeXt's layer scale; a batch norm in inference mode)
     rise: int = 0
     top: Any = None
     scale: torch.Tensor | None = None  # [Co], per channel of z
@@ -809,8 +809,7 @@ def find_junction(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterab
 # ops a junction's share may pass on its way to the residual stream, each a per-channel linear map checked
 # numerically on each batch (_rise_map): layer scales, inference batch norms, and views, permutes and copies (a
 # chain of these last ones alone saves nothing and is not taken)
-LAYOUT = frozenset({"CloneBackward0", "PermuteBackward0", "ViewBackward0", "ReshapeAliasBackward0",
-                    "UnsafeViewBackward0"})
+LAYOUT = FLATTEN | {"PermuteBackward0", "CloneBackward0"}
 RISE_OK = frozenset({"MulBackward0", "DivBackward0", "NativeBatchNormBackward0"}) | LAYOUT
 
 

@@ -104,8 +104,16 @@ class _Stream(nn.Module):
     """A residual stream in the ConvNeXt style: each block reads the stream through a depthwise conv and a layer
     norm (channels last), mixes with two linears around a GELU (the site), and adds a layer-scaled output."""
 
-    def __init__(self, dim: int = 6, blocks: int = 3, spatial: bool = False) -> None:
+    def __init__(self, dim: int = 6, blocks: int = 3, spatial: bool = False, norm: bool = False) -> None:
         super().__init__()
+        # a batch norm (inference) on each block's share before it joins the stream, as well as the scale
+        self.bn = nn.ModuleList(nn.BatchNorm2d(dim) for _ in range(blocks)) if norm else None
+        for bn in (m for m in self.bn or () if isinstance(m, nn.BatchNorm2d)):
+            assert bn.running_mean is not None and bn.running_var is not None
+            with torch.no_grad():
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.uniform_(0.5, 1.5)
         self.stem = nn.Conv2d(3, dim, 3, padding=1)
         # a scale per position as well as channel (not a per-channel map: the backward stops at the layer itself)
         self.spatial = nn.Parameter(torch.rand(8, 8, dim) + 0.5) if spatial else None
@@ -122,7 +130,8 @@ class _Stream(nn.Module):
         for k in range(len(self.dw)):
             h = self.norm[k](self.dw[k](s).permute(0, 2, 3, 1))
             h = self.down[k](self.act[k](self.up[k](h))) * (self.scale[k] if self.spatial is None else self.spatial)
-            s = s + h.permute(0, 3, 1, 2)
+            h = h.permute(0, 3, 1, 2)
+            s = s + (self.bn[k](h) if self.bn is not None else h)
         return self.head(s.mean((2, 3)))
 
 
@@ -213,6 +222,7 @@ class _Shuffle(nn.Module):
 @pytest.mark.parametrize(("body", "routes"), [
     (_Stream, {"junction": 3, "vjp": 0, "risen": 3}),
     (partial(_Stream, spatial=True), {"junction": 3, "vjp": 0, "risen": 0}),
+    (partial(_Stream, norm=True), {"junction": 3, "vjp": 0, "risen": 3}),
     (partial(_Shuffle, fold=False), {"mixing": 2, "vjp": 0}),
     (partial(_Shuffle, fold=True), {"mixing": 0, "vjp": 2}),
     (_Concat, {"junction": 2, "vjp": 0}),
@@ -220,7 +230,7 @@ class _Shuffle(nn.Module):
     (partial(_Bottleneck, "norm"), {"mixing": 2, "junction": 1, "vjp": 2, "deep": 2}),
     (partial(_Bottleneck, "scaled"), {"mixing": 2, "junction": 2, "vjp": 1, "deep": 0}),
     (partial(_Bottleneck, "single"), {"mixing": 4, "junction": 1, "vjp": 0, "deep": 1}),
-], ids=["stream", "spatial", "shuffle", "fold", "concat", "gate", "norm", "scaled", "single"])
+], ids=["stream", "spatial", "norm", "shuffle", "fold", "concat", "gate", "norm", "scaled", "single"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_routes_equal_the_exact_route_on_hand_built_segments(
     body: Callable[[], nn.Module], routes: dict[str, int], seed: int
