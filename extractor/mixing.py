@@ -220,9 +220,11 @@ def find_mixing(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable
     mixers = [n for n in on_path if n.name() in MIXING]
     if not mixers:
         return _identity(on_path, src, dst, a_src, a_dst)
-    if len(mixers) == 2:
-        return _two_convs(mixers=mixers, on_path=on_path, src=src, dst=dst, stops=stops, memo=memo, a_src=a_src,
-                          a_dst=a_dst)
+    if len(mixers) == 2 and (two := _two_convs(mixers=mixers, on_path=on_path, src=src, dst=dst, stops=stops,
+                                                memo=memo, a_src=a_src, a_dst=a_dst)) is not None:
+        return two
+    if len(mixers) > 1:  # depthwise convs after the one other mixing layer are per-channel ops (checked below)
+        mixers = [n for n in mixers if not depthwise(n)]
     if len(mixers) != 1:
         return None
     mx = mixers[0]
@@ -238,7 +240,8 @@ def find_mixing(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable
     if src_offset < 0 and (src_index is None or int(mx._saved_groups) != 1):
         return None
     post = set(on_path) - {mx} - pre
-    if any(n.name() not in POST_OK and n.name() != "CatBackward0" for n in post):
+    if any(n.name() not in POST_OK and n.name() != "CatBackward0" and not _fixed_depthwise(n, src, stops, memo)
+           for n in post):
         return None
     dst_offset = _post_offset(dst, mx, post) if any(n.name() == "CatBackward0" for n in post) else 0
     if dst_offset is None:
@@ -248,6 +251,22 @@ def find_mixing(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable
             if not flattened and dst_offset + mx._saved_weight.shape[0] <= a_dst.shape[1] else None
     return _shape_check(mx=mx, kind=kind, flattened=flattened, a_src=a_src, a_dst=a_dst, src_offset=src_offset,
                         dst_offset=dst_offset)
+
+
+def depthwise(node: Any) -> bool:
+    """A convolution that maps channel ``c`` to channel ``c`` alone (one filter per channel, EfficientNet's and
+    MobileNet's 3x3 and 5x5 layers): after a segment's mixing layer it is a per-channel op like batch norm, so
+    channel ``c`` of the mixing layer's output still reaches channel ``c`` of the destination only."""
+    if node.name() != "ConvolutionBackward0" or node._saved_transposed:
+        return False
+    w = node._saved_weight
+    return w is not None and w.dim() >= 3 and w.shape[1] == 1 and int(node._saved_groups) == w.shape[0]
+
+
+def _fixed_depthwise(node: Any, src: Any, stops: set[Any], memo: dict[Any, bool]) -> bool:
+    """:func:`depthwise`, with weights that do not depend on the source."""
+    return depthwise(node) and not any(_reaches(p, src, stops, memo) for p, _ in node.next_functions[1:]
+                                       if p is not None)
 
 
 # ops allowed between two convs: together a per-channel constant scale (checked numerically too)
@@ -1232,13 +1251,14 @@ def entry_input(entry: Entry) -> GradientEdge:
 
 def find_entry(a_dst: torch.Tensor, g_dst: torch.Tensor, site_tensors: Iterable[torch.Tensor]) -> Entry | None:
     """The destination's mixing layer (see :class:`Entry`), or ``None``. The chain from ``a_dst`` down to it must
-    hold per-channel and data-movement ops only, with nothing else from a site entering it; that channel ``c``
+    hold per-channel ops (depthwise convs included) and data-movement ops only, with nothing else from a site
+    entering it and no site on it; that channel ``c``
     stays channel ``c`` is checked by a VJP with half the channels, drawn at random, masked."""
     node: Any = a_dst.grad_fn
     sites = {t.grad_fn for t in site_tensors if t.grad_fn is not None} - {node}
     memo: dict[Any, bool] = {}
-    while node is not None and node.name() not in MIXING:
-        if node.name() not in _ENTRY_CHAIN:
+    while node is not None and (node.name() not in MIXING or depthwise(node)):
+        if node in sites or (node.name() not in _ENTRY_CHAIN and not depthwise(node)):
             return None
         kids = [n for n in _next(node) if _leads_to(n, sites, memo)]
         if len(kids) != 1:

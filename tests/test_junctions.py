@@ -82,6 +82,8 @@ def _small(name: str) -> nn.Module:
     ("swin", 32, {"junction": 6, "deep": 0, "risen": 0}),
     # squeeze-excite: the gate's site through its 1x1 conv, its backward started at the gate (a deep entry)
     ("efficientnet_b0", 32, {"mixing": 62, "junction": 30, "deep": 30, "risen": 0}),
+    # ... and where the destination is a depthwise conv, its entry is the 1x1 projection below it
+    ("efficientnet_b1", 32, {"mixing": 98, "junction": 53, "deep": 53, "risen": 0}),
     # the gate into the block's last conv
     ("regnet_y_400mf", 32, {"mixing": 80, "junction": 16, "deep": 16, "risen": 0}),
     # channel splits and shuffles before convs

@@ -56,6 +56,9 @@ def _pairs(bundle: ModelBundle, x: torch.Tensor) -> tuple[int, int, float]:
     ("mobilenet_v2", 32, (50, 50)),  # linear bottlenecks: project 1x1 -> batch norm (+ skip) -> expand 1x1
     ("mobilenet_v3_small", 32, (56, 40)),  # squeeze-excite: the gate's own site feeds three layers (VJP)
     ("efficientnet_b0", 32, (92, 62)),
+    # stage 1's second block: the first block's output through the gate, the 1x1 projection, batch norm and the
+    # next block's depthwise conv (a per-channel op after the mixing layer)
+    ("efficientnet_b1", 32, (151, 98)),
     ("squeezenet1_1", 48, (33, 33)),  # concatenations before the next fire's squeeze conv
     ("googlenet", 48, (152, 152)),  # branches concatenated, max-pooled, read by the next module's convs
     ("densenet121", 32, (655, 655)),  # a layer's conv output concatenated into every later layer's input; the stem
