@@ -86,6 +86,12 @@ def is_functional_path(path: str) -> bool:
     return path.endswith("()")
 
 
+def enclosing_path(path: str) -> str:
+    """The module whose own code makes a functional call (``features.relu()`` -> ``features``; ``relu()`` -> the
+    root, ``""``)."""
+    return path.rpartition(".")[0]
+
+
 class FoundSite(NamedTuple):
     """One activation call seen by discovery: raw (not channels-first) shape without the batch axis."""
 
@@ -149,6 +155,10 @@ class Capture:
     def watches(self, path: str) -> bool:
         return path in self._functional_paths
 
+    def enclosing(self) -> set[str] | None:
+        """The modules whose own code makes a watched functional call (``None``: any module may)."""
+        return {enclosing_path(p) for p in self._functional_paths}
+
     def copies(self, index: int) -> bool:
         """Whether the network reads a copy of site ``index``'s capture."""
         return self.copy if isinstance(self.copy, bool) else index in self.copy
@@ -208,6 +218,10 @@ class Discover:
 
     def watches(self, path: str) -> bool:
         return self.names is None or path in self.names
+
+    def enclosing(self) -> set[str] | None:
+        """As :meth:`Capture.enclosing`."""
+        return None if self.names is None else {enclosing_path(n) for n in self.names if is_functional_path(n)}
 
     def site(self, path: str, call: int) -> SiteInfo | None:
         return None
@@ -274,8 +288,10 @@ class SiteHooks:
     :class:`Gate`. ``begin(stop_after=j)`` before a forward returns the :class:`SiteRecorder`; with
     ``stop_after`` the forward ends (:class:`StopForward`) once site ``j`` is captured.
 
-    Functional sites need the torch function mode and a module stack (pre/post hooks on every
-    module); they are installed only when some site is functional (or on discovery).
+    Functional sites need the torch function mode and a module stack: pre/post hooks on each module whose own
+    code makes a watched functional call, and on its children (a call inside a child is not its parent's). They
+    are installed only when some site is functional; discovery of every call hooks every module. (Hooking every
+    module cost DenseNet-121, whose one functional site is its root's last ReLU, 6 ms of a 56 ms forward.)
     """
 
     def __init__(self, model: nn.Module, strategy: Capture | Discover, *, gate: Gate | None = None) -> None:
@@ -284,6 +300,7 @@ class SiteHooks:
         self.gate = gate
         self._inputs: dict[int, torch.Tensor] = {}
         self._installed = ExitStack()
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._stack: list[str] = []
         self._counts: dict[str, int] = {}
         self._module_sites: set[str] = set()
@@ -367,10 +384,25 @@ class SiteHooks:
 
     # --- install / remove --------------------------------------------------------------------
     def _register(self, handle: torch.utils.hooks.RemovableHandle) -> None:
-        self._installed.callback(handle.remove)
+        self._handles.append(handle)
+
+    def _remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def _stacked(self, named: dict[str, nn.Module]) -> list[tuple[str, nn.Module]]:
+        """The modules whose calls the module stack records (see the class docstring)."""
+        enclosing = self.strategy.enclosing()
+        if enclosing is None:
+            return [(p, m) for p, m in named.items() if not isinstance(m, torch.jit.ScriptModule)]
+        owners = [named[p] for p in enclosing if p in named]
+        hooked = {id(m) for m in owners} | {id(c) for m in owners for c in m.children()}  # (a shared module: once)
+        # compiled code takes no Python hooks (and calls no Python functions)
+        return [(p, m) for p, m in named.items() if id(m) in hooked and not isinstance(m, torch.jit.ScriptModule)]
 
     def __enter__(self) -> SiteHooks:
         self._installed = ExitStack()
+        self._installed.callback(self._remove)
         named = dict(self.model.named_modules())
         try:
             modules, functional = self.strategy.targets(named)
@@ -386,9 +418,7 @@ class SiteHooks:
                 if path not in gated:  # a gated module's hook delivers its site itself
                     self._register(named[path].register_forward_hook(self._hook(path)))
             if functional:
-                for path, module in named.items():
-                    if isinstance(module, torch.jit.ScriptModule):
-                        continue  # compiled code takes no Python hooks (and calls no Python functions)
+                for path, module in self._stacked(named):
                     self._register(module.register_forward_pre_hook(self._push(path)))
                     self._register(module.register_forward_hook(self._pop, always_call=True))
                 self._installed.enter_context(_Functional(self))

@@ -14,7 +14,7 @@ from extractor.errors import ExtractionError
 from extractor.methods import extract_batch
 from extractor.models import load_torchvision, make_bundle
 from extractor.settings import PathwaySettings
-from extractor.sites import function_modes_active, hook_count
+from extractor.sites import Capture, SiteHooks, function_modes_active, hook_count
 
 # (name, input size, layouts its sites must have, a site id that must be found)
 ZOO = [
@@ -163,3 +163,63 @@ def test_pixel_pathways_refuse_a_branching_site_graph_in_one_line() -> None:
         extract_batch(bundle, torch.rand(1, 3, 32, 32), PathwaySettings(method="pixel", stride=8))
     assert "pixel pathways need a chain of sites; layer1.0.relu#1 reads relu#0, layer1.0.relu#0" in str(err.value)
     assert "\n" not in str(err.value) and hook_count(bundle.model) == 0
+
+
+class _Inner(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.body(x)) * 2.0
+
+
+class _Outer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _Inner()
+        self.act = nn.ReLU()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(self.act(self.inner(x)) - 0.5)) + 1.0
+
+
+class _Root(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.outer = _Outer()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.outer(x) - 1.5)
+        return self.fc(F.relu(h - 0.1).mean((2, 3)))
+
+
+def test_functional_sites_are_told_apart_by_the_module_whose_own_code_calls_them() -> None:
+    """The module stack is kept on the modules that call a site's function themselves and on their children
+    only; a call inside a child (or deeper) is never its parent's, also when the sites are a subset."""
+    torch.manual_seed(0)
+    model = _Root().eval()
+    bundle = make_bundle(model, "nested", (3, 4, 4))
+    assert [s.site_id for s in bundle.sites] == ["outer.inner.relu()#0", "outer.act#0", "outer.relu()#0",
+                                                 "relu()#0", "relu()#1"]
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        a0 = F.relu(model.outer.inner.body(x))
+        a1 = F.relu(a0 * 2.0)
+        a2 = torch.relu(model.outer.conv(a1 - 0.5))
+        a3 = F.relu(a2 + 1.0 - 1.5)
+        a4 = F.relu(a3 - 0.1)
+    for keep in (bundle.sites, [bundle.sites[2], bundle.sites[4]]):  # every site, or two of them
+        with SiteHooks(model, Capture(keep)) as hooks:
+            rec = hooks.begin()
+            with torch.no_grad():
+                bundle.forward(x)
+            stacked = hook_count(model)
+        for s in keep:
+            assert torch.allclose(rec.acts[s.index], [a0, a1, a2, a3, a4][s.index]), s.site_id
+        # a pre and a post hook on the root, outer and their children (fc, inner, act, conv), and on inner.body
+        # where inner's call is a site; never on inner.body's own children. (And outer.act's site hook.)
+        assert stacked == (2 * 7 + 1 if len(keep) == 5 else 2 * 6)
+    assert hook_count(model) == 0 and function_modes_active() == 0
