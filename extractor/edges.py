@@ -35,6 +35,7 @@ bundle) keeps them from the first batch of each input shape, so later batches wa
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -286,10 +287,10 @@ def _parts(shared: dict[tuple[Any, ...], torch.Tensor], jn: Junction, i: int, id
     return shared[key]
 
 
-def _no_edges(gaps: torch.Tensor) -> Edges:
+def _no_edges(gaps: np.ndarray) -> Edges:
     i32 = np.zeros(0, np.int32)
     return Edges(b=np.zeros(0, np.int64), src_site=i32, src_channel=i32, dst_site=i32, dst_channel=i32,
-                 weight=np.zeros(0, np.float32), gap=gaps.numpy())
+                 weight=np.zeros(0, np.float32), gap=gaps)
 
 
 @dataclass(kw_only=True)
@@ -433,10 +434,11 @@ def compute_edges(
     destination, its mixing sources' plain VJP where the caller took it along with the contributions.
     """
     B = contrib.logits.shape[0]
-    gaps = torch.full((B, len(sites)), float("nan"), dtype=torch.float32)
     kept_counts = torch.stack([k.sum(1).max() for k in sel.kept]).tolist() if sites else []  # one device sync
-    parts: list[torch.Tensor] = []  # per site [5, B * M * n]: b, src site, src ch, dst ch, ok
-    weights: list[torch.Tensor] = []
+    blocks: list[_Block] = []
+    picked: list[torch.Tensor] = []  # per site [3, B * M * n]: source column, target channel, ok
+    weights: list[torch.Tensor] = []  # per site [B * M * n]
+    site_gaps: list[torch.Tensor] = []  # per site [B]
     shared: dict[tuple[Any, ...], torch.Tensor] = {}
     known = known_routes(routes, settings, cut)
     for site in sites:
@@ -449,42 +451,69 @@ def compute_edges(
         score = chan_dst.abs().masked_fill(~sel.kept[j], -1.0)
         M = min(settings.edge_targets, int(kept_counts[j]) or 1)
         top = score.topk(M, dim=1)
-        targets = torch.where(top.values >= 0, top.indices, torch.full_like(top.indices, -1))
+        targets = top.indices.masked_fill(top.values < 0, -1)
         inc = incoming_weights(j, preds, cut=cut, g_dst=contrib.grads[j], targets=targets, kept=sel.kept,
                                fast=fast, known=known, shared=shared, given=(plain or {}).get(j) if fast else None)
         W, totals = inc.weights, inc.totals
-        order = list(preds)
-        Wall = torch.cat([W[i].detach() for i in order], 2)  # [B, M, sum Ci]
         c_j = chan_dst.gather(1, targets.clamp(min=0))
-        gaps[:, j] = (sum(totals[i] for i in order) - c_j).abs().masked_fill(targets < 0, 0.0).max(1).values.cpu()
-        kept_src = torch.cat([sel.kept[i] for i in order], 1)  # [B, sum Ci]
-        Wk = Wall.masked_fill(~kept_src[:, None, :], 0.0)
+        site_gaps.append((torch.stack([totals[i] for i in preds]).sum(0) - c_j).abs()
+                         .masked_fill(targets < 0, 0.0).max(1).values)
+        kept_src = torch.cat([sel.kept[i] for i in preds], 1)  # [B, sum Ci]
+        Wk = torch.cat([W[i].detach() for i in preds], 2).masked_fill(~kept_src[:, None, :], 0.0)  # [B, M, sum Ci]
         n_src = min(settings.edges_per_target, Wk.shape[2])
         top_src = Wk.abs().topk(n_src, dim=2)  # [B, M, n]
         ok = (top_src.values > 0) & (targets[..., None] >= 0)
-        offsets = torch.tensor([0] + [sites[i].channels for i in order], device=Wk.device).cumsum(0)
-        which = torch.searchsorted(offsets[1:], top_src.indices, right=True)  # position in order
-        src_site = torch.tensor(order, device=Wk.device)[which]
-        src_channel = top_src.indices - offsets[which]
-        shape = top_src.indices.shape
-        bb = torch.arange(B, device=Wk.device).view(B, 1, 1).expand(shape)
-        parts.append(torch.stack([bb, src_site, src_channel, targets[..., None].expand(shape),
-                                  torch.full_like(bb, j), ok.long()]).flatten(1))
+        picked.append(torch.stack([top_src.indices, targets[..., None].expand_as(ok), ok.long()]).flatten(1))
         weights.append(Wk.gather(2, top_src.indices).flatten())
-    if not parts:
+        blocks.append(_Block(site=j, preds=tuple(preds), columns=M * n_src))
+    gaps = np.full((B, len(sites)), np.nan, dtype=np.float32)
+    if not blocks:
         return _no_edges(gaps)
-    rows = torch.cat(parts, 1).cpu().numpy()
-    weight = torch.cat(weights).cpu().numpy()
-    keep = rows[5] == 1
-    rows, weight = rows[:, keep], weight[keep]
+    gaps[:, [blk.site for blk in blocks]] = torch.stack(site_gaps, 1).cpu().numpy()
+    rows = torch.cat(picked, 1).cpu().numpy()  # one transfer for every site
+    return _edge_rows(rows, torch.cat(weights).float().cpu().numpy(), blocks, sites, B, gaps)
+
+
+@dataclass(frozen=True)
+class _Block:
+    """One destination's columns in :func:`compute_edges`' rows: ``columns`` (targets x edges each) per image."""
+
+    site: int
+    preds: tuple[int, ...]
+    columns: int
+
+
+@functools.lru_cache(maxsize=4096)
+def _source_columns(preds: tuple[int, ...], channels: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """For the predecessors' channels laid side by side: each column's source site and channel."""
+    return (np.repeat(np.asarray(preds, np.int32), channels),
+            np.concatenate([np.arange(c, dtype=np.int32) for c in channels]))
+
+
+def _edge_rows(rows: np.ndarray, weight: np.ndarray, blocks: list[_Block], sites: Sequence[SiteInfo], images: int,
+               gaps: np.ndarray) -> Edges:
+    """:class:`Edges` from the picked rows (source column, target channel, ok: each destination's ``[B, M, n]``
+    block flattened in turn) and their weights."""
+    src_site, src_channel, dst_site, b = [], [], [], []
+    at = 0
+    for blk in blocks:
+        n = images * blk.columns
+        col = rows[0, at:at + n]
+        site_of, channel_of = _source_columns(blk.preds, tuple(sites[i].channels for i in blk.preds))
+        src_site.append(site_of[col])
+        src_channel.append(channel_of[col])
+        dst_site.append(np.full(n, blk.site, np.int32))
+        b.append(np.repeat(np.arange(images, dtype=np.int64), blk.columns))
+        at += n
+    keep = rows[2] == 1
     return Edges(
-        b=rows[0].astype(np.int64),
-        src_site=rows[1].astype(np.int32),
-        src_channel=rows[2].astype(np.int32),
-        dst_site=rows[4].astype(np.int32),
-        dst_channel=rows[3].astype(np.int32),
-        weight=weight.astype(np.float32),
-        gap=gaps.numpy(),
+        b=np.concatenate(b)[keep],
+        src_site=np.concatenate(src_site)[keep],
+        src_channel=np.concatenate(src_channel)[keep],
+        dst_site=np.concatenate(dst_site)[keep],
+        dst_channel=rows[1, keep].astype(np.int32),
+        weight=weight[keep],
+        gap=gaps,
     )
 
 
