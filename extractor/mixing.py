@@ -968,10 +968,11 @@ def junction_weights(jn: Junction, a_src: torch.Tensor, g_z: torch.Tensor, idx: 
             g = g_z.reshape(M, B, -1, g_z.shape[-1])  # [M, B, P, Co] (a view, also of a moved top)
             w_sel = _scaled(jn, node._saved_mat2.detach()[idx]).transpose(1, 2)  # [B, Co, n]
             usel = a_src.detach().flatten(2).gather(1, idx[..., None].expand(B, n, g.shape[2]))  # [B, n, P]
-            # per target one product over positions in g's own layout, then over Co (an einsum over the images
-            # would first copy every target's gradient to put the image axis in front)
-            return torch.stack([(torch.bmm(g[m].transpose(1, 2), usel.transpose(1, 2)) * w_sel).sum(1)
-                                for m in range(M)], 1)
+            # per image one product of all targets' gradients with the kept rows (over Co: many rows, short
+            # reductions), then over positions; contracting positions first (one long reduction per target, as
+            # before) took twice the time on ConvNeXt-T (bench timing, 2 threads). An einsum over the images would
+            # first copy every target's gradient to put the image axis in front.
+            return torch.stack([(torch.matmul(g[:, b], w_sel[b]) * usel[b].T).sum(1) for b in range(B)], 0)
         if jn.kind == "linear":
             u = (node._saved_mat1 if node.name() == "AddmmBackward0" else node._saved_self).detach()  # [B, F]
             wt = node._saved_mat2.detach()  # [F, Co]
