@@ -18,6 +18,7 @@ from torch import nn
 
 from extractor.errors import ExtractionError
 from extractor.mixing import MIXING
+from extractor.rewrites import Rewrites
 from extractor.sites import Cut, Discover, SiteHooks, SiteRecorder
 from records import SiteInfo
 
@@ -93,13 +94,13 @@ def cut_forward(model: nn.Module, sites: Sequence[SiteInfo], forward: Callable[[
     to write into in place: :attr:`extractor.models.ModelBundle.written`); one that writes into another site's
     output runs again reading copies of all (:class:`extractor.sites.Cut`)."""
     try:
-        with torch.enable_grad(), SiteHooks(model, Cut(sites, copy=frozenset(written))) as hooks:
+        with torch.enable_grad(), Rewrites(), SiteHooks(model, Cut(sites, copy=frozenset(written))) as hooks:
             rec = hooks.begin()
             forward()
         return rec
     except RuntimeError as exc:  # an in-place write into a source; any other error recurs below
         log.debug("cut forward again with copies: %s", str(exc).splitlines()[0])
-    with torch.enable_grad(), SiteHooks(model, Cut(sites)) as hooks:
+    with torch.enable_grad(), Rewrites(), SiteHooks(model, Cut(sites)) as hooks:
         rec = hooks.begin()
         forward()
     return rec
