@@ -30,6 +30,10 @@ def pathway_gradient(
 
 
 def saliency_map(grad: torch.Tensor) -> torch.Tensor:
-    """Per pixel the channel value of largest magnitude (signed): ``[B, C, H, W] -> [B, H, W]``."""
-    idx = grad.abs().argmax(1, keepdim=True)
-    return grad.gather(1, idx).squeeze(1)
+    """Per pixel the channel value of largest magnitude (signed; the first channel at ties):
+    ``[B, C, H, W] -> [B, H, W]``. A running choice over the few channels, not ``argmax(1)``, whose strided
+    reduction on the CPU took 6 ms at one 224-px image and 143 ms at 16 (0.4 ms and 6 ms this way)."""
+    best = grad[:, 0]
+    for c in range(1, grad.shape[1]):
+        best = torch.where(grad[:, c].abs() > best.abs(), grad[:, c], best)
+    return best

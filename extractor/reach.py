@@ -182,6 +182,7 @@ def connected_topk(scores: Sequence[torch.Tensor], k: int, reach: SiteReach | No
     kept), connected through per-channel and grouped segments by the rule in the module docstring.
     Without ``reach`` (or where every segment is dense) this is the plain top-k of each site."""
     kept: list[torch.Tensor | None] = [None] * len(scores)
+    rows_of: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # kept_rows of a site, once
     for j in reversed(range(len(scores))):
         s = scores[j]
         kk = min(k, s.shape[1])
@@ -192,26 +193,29 @@ def connected_topk(scores: Sequence[torch.Tensor], k: int, reach: SiteReach | No
             continue
         scale = s.masked_fill(~finite, 0).abs().amax(1, keepdim=True).clamp_min(1e-30)
         base = (s / scale).masked_fill(~finite, -1.0).clamp(-1.0, 1.0)  # in [-1, 1]
-        cover = torch.zeros_like(s, dtype=torch.bool)
-        readable = torch.zeros_like(s, dtype=torch.bool)
+        cover = torch.zeros(s.shape, dtype=torch.int32, device=s.device)
         all_structured = reach.structured(j)
+        readable = torch.zeros_like(s, dtype=torch.bool) if all_structured else None
         for t in reach.succ[j]:
             if t not in cover_for and not all_structured:
                 continue
             r = reach.reach[(j, t)].to(s.device)  # [C_t, C_j]
             kt = kept[t]
             assert kt is not None
-            idx, valid = kept_rows(kt)  # [B, n]
+            if t not in rows_of:
+                rows_of[t] = kept_rows(kt)
+            idx, valid = rows_of[t]  # [B, n]
             rows = r[idx]  # [B, n, C_j]
-            readable |= (rows & valid[..., None]).any(1)
+            if readable is not None:
+                readable |= (rows & valid[..., None]).any(1)
             if t in cover_for:
                 best = base[:, None, :].masked_fill(~rows, -3.0).argmax(2)  # [B, n]
                 ok = valid & rows.gather(2, best[..., None]).squeeze(2)
-                cover |= torch.zeros_like(s, dtype=torch.int32).scatter_add_(1, best, ok.to(torch.int32)) > 0
-        if not all_structured:
-            readable.zero_()
+                cover.scatter_add_(1, best, ok.to(torch.int32))
         # covers first, then channels a kept successor channel reads (every successor non-dense), then the rest
-        tier = cover.to(s.dtype) * 4.0 + readable.to(s.dtype) * 2.0
+        tier = (cover > 0).to(s.dtype) * 4.0
+        if readable is not None:
+            tier += readable.to(s.dtype) * 2.0
         key = (tier + base).masked_fill(~finite, -10.0)
         top = key.topk(kk, dim=1)
         kept[j] = torch.zeros_like(s, dtype=torch.bool).scatter_(1, top.indices, top.values > -10.0)
@@ -220,20 +224,32 @@ def connected_topk(scores: Sequence[torch.Tensor], k: int, reach: SiteReach | No
 
 def cut_sites(kept: Sequence[torch.Tensor], sites: Sequence[SiteInfo], reach: SiteReach | None) -> list[list[int]]:
     """Per image, the sites (with predecessors) none of whose kept channels reads a kept channel of any
-    predecessor: where the pathway is cut. Dense segments read every channel."""
+    predecessor: where the pathway is cut. Dense segments read every channel. Read off the kept channels'
+    indices (:func:`kept_rows`): per segment a ``[B, n_j, n_i]`` block of its reach, not a product over all
+    channels (DenseNet-121: 594 structured segments)."""
     B = kept[0].shape[0] if kept else 0
     out: list[list[int]] = [[] for _ in range(B)]
+    rows_of: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rows(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if i not in rows_of:
+            rows_of[i] = kept_rows(kept[i])
+        return rows_of[i]
+
     for s in sites:
         if not s.preds:
             continue
         kj = kept[s.index]
-        fed = torch.zeros_like(kj)
+        any_j = kj.any(1)
+        fed = torch.zeros_like(any_j)
         for i in s.preds:
             r = reach.reach.get((i, s.index)) if reach is not None else None
             if r is None:
-                fed |= kept[i].any(1, keepdim=True)
+                fed |= kept[i].any(1) & any_j
             else:
-                fed |= (kept[i].to(torch.float32) @ r.to(kj.device).T.to(torch.float32)) > 0
-        for b in torch.nonzero(~(kj & fed).any(1)).flatten().tolist():
+                (idx_j, ok_j), (idx_i, ok_i) = rows(s.index), rows(i)
+                hit = r.to(kj.device)[idx_j[:, :, None], idx_i[:, None, :]]  # [B, n_j, n_i]
+                fed |= (hit & ok_j[:, :, None] & ok_i[:, None, :]).flatten(1).any(1)
+        for b in torch.nonzero(~fed).flatten().tolist():
             out[b].append(s.index)
     return out

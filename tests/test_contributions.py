@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import types
 from typing import Any
 
@@ -403,3 +404,19 @@ def test_contributions_from_the_cut_forward_equal_the_plain_pass(arch: str, size
         assert torch.allclose(got.channel[s.index], ref.channel[s.index], rtol=1e-10,
                               atol=1e-12 * float(ref.channel[s.index].abs().max())), s.site_id
     assert hook_count(model) == 0 and function_modes_active() == 0
+
+
+def test_saliency_map_is_the_channel_of_largest_magnitude():
+    """Per pixel the signed value of the channel with the largest |gradient|, the first at ties (argmax's rule),
+    against a per-pixel loop; ties and sign flips are planted."""
+    g = torch.randn(2, 3, 5, 4, generator=torch.Generator().manual_seed(3))
+    g[0, :, 0, 0] = torch.tensor([0.5, -0.5, 0.5])  # a three-way tie of magnitudes: channel 0's value
+    g[1, :, 1, 2] = torch.tensor([0.1, -2.0, 2.0])  # a tie between 1 and 2: channel 1's negative value
+    g[1, :, 2, 3] = 0.0
+    ours = saliency_map(g)
+    assert ours.shape == (2, 5, 4)
+    for b, y, x_ in itertools.product(range(2), range(5), range(4)):
+        vals = g[b, :, y, x_].tolist()
+        pick = max(range(3), key=lambda c: (abs(vals[c]), -c))
+        assert ours[b, y, x_].item() == vals[pick]
+    assert ours[0, 0, 0].item() == 0.5 and ours[1, 1, 2].item() == -2.0
