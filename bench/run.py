@@ -1,14 +1,14 @@
 """``make bench``: measured speed and memory, written to bench/results/*.json and bench/results/README.md.
 
 Every figure is a ratio or rate measured in one run, on this machine (described in the output).
-Sections: ``extraction`` (vs plain PyTorch and Captum), ``zoo`` (every torchvision classifier: :mod:`zoo`),
-``zoo16`` (12 of them at batch 16), ``edge_modes`` (direct edges against exact ones: :mod:`edge_modes`), ``pixel``
-(pixel pathways per second), ``memory`` (peak RSS while streaming records), ``peaks`` (``extract_batch``'s peak
-memory at batch 16 over a plain pass's, per classifier: :mod:`peaks`), ``folders`` (generated JPEG folders up to
-50,000: peak RSS of ``--limit`` and full runs, images/s by loader workers), ``exemplars`` (cost of ``--exemplars 9``
-over 0, extra store size and load time), ``store`` (loading the demo-sized run into a private Neo4j, batched vs one
-query per row, and named-query latency), ``scale`` (a synthetic 10,000-image x 3-method run bulk-imported: size,
-query latency, UI first paint) and ``scale100k`` (100,000 images, one method).
+Sections: ``extraction`` (vs plain PyTorch and Captum), ``zoo`` (every torchvision classifier: :mod:`zoo`), ``zoo16``
+(12 of them at batch 16), ``edge_modes`` (direct and pattern edges against exact ones: :mod:`edge_modes`), ``pixel``
+(pixel pathways per second), ``memory`` (peak RSS while streaming records), ``peaks`` (``extract_batch``'s peak memory
+at batch 16 over a plain pass's, per classifier: :mod:`peaks`), ``folders`` (generated JPEG folders up to 50,000: peak
+RSS of ``--limit`` and full runs, images/s by loader workers), ``exemplars`` (cost of ``--exemplars 9`` over 0, extra
+store size and load time), ``store`` (loading the demo-sized run into a private Neo4j, batched vs one query per row,
+and named-query latency), ``scale`` (a synthetic 10,000-image x 3-method run bulk-imported: size, query latency, UI
+first paint) and ``scale100k`` (100,000 images, one method).
 ``--sections a,b`` re-runs only those and keeps the others' last results (each carries its date).
 """
 

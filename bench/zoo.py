@@ -132,8 +132,9 @@ def markdown(z: dict[str, Any]) -> list[str]:
              f"{statistics.median(r['ratio_c_a'] for r in rows):.2f}. Targets: (b)/(a) ≤ 1.3, (c)/(a) ≤ 3, (e)/(a) ≤ 4 "
              "((e): the whole per-batch pipeline, `extract_batch`: contributions, selection, edges, Pathway "
              "Gradient; — where the row predates it). (c) and (e) are in the model's default edge mode "
-             "(`--edges auto`: direct for a model with attention modules, else exact; `extractor/linear.py`); "
-             "where it is direct, the exact mode's (c)/(a) follows it.", "",
+             "(`--edges auto`: direct for a model with attention modules, pattern for Swin V2 and MaxViT, whose "
+             "direct edges disagree badly with the exact ones, else exact; `extractor/linear.py`); where it is not "
+             "exact, the exact mode's (c)/(a) follows it.", "",
              "| model | params M | sites (layouts) | site-graph edges: mixing / junction / VJP | (a) s | (b)/(a) | "
              "(c)/(a) | (e)/(a) | images/s |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -142,7 +143,7 @@ def markdown(z: dict[str, Any]) -> list[str]:
         pipeline = f"{r['ratio_e_a']:.2f}" if "ratio_e_a" in r else "—"
         c_a = f"{r['ratio_c_a']:.2f}"
         if "ratio_c_exact_a" in r:
-            c_a += f" direct (exact {r['ratio_c_exact_a']:.2f})"
+            c_a += f" {r.get('edges', 'direct')} (exact {r['ratio_c_exact_a']:.2f})"
         lines.append(f"| {r['model']} | {r['params_m']:.1f} | {r['sites']} ({lay}) | {r['graph_edges']}: "
                      f"{_routes(r)} | {r['a_s']:.3f} | {r['ratio_b_a']:.2f} | {c_a} | {pipeline} | "
                      f"{r['images_per_s_with_edges']:.2f} |")

@@ -1,4 +1,5 @@
-"""Edge modes: ``exact`` partial derivatives, or ``direct`` edges of the network linearised between sites.
+"""Edge modes: ``exact`` partial derivatives, or ``direct`` and ``pattern`` edges of the network linearised
+between sites.
 
 ``exact`` (:mod:`extractor.edges`) differentiates the network as it is. In a residual-stream network
 (ViT, Swin, MaxViT) a target in a late block then reaches every earlier source through every attention
@@ -13,16 +14,24 @@ block in between, once per target: the cost grows with the square of the depth.
 * every squeeze-excite gate is held fixed (the ``Sigmoid``/``Hardsigmoid`` modules inside a module
   whose class name contains ``SqueezeExcit`` or is ``SEModule``).
 
-The forward values are unchanged, bit for bit: a held output is ``out.detach()``, and a frozen norm returns
-a copy of its output whose backward multiplies by ``weight / std`` (the affine map's gradient with the
+``pattern`` holds less: each attention module's *pattern* (every softmax it computes: its queries' and keys'
+weights over the values) instead of its output, so an attention is a linear map of its values and an edge also
+carries what flows through them, as in circuit-tracer's frozen attention patterns; layer norms and gates are
+held as in ``direct``. An attention whose softmax this mode cannot see (a fused kernel:
+``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``) is refused with a clear error.
+
+The forward values are unchanged, bit for bit: a held output or pattern is ``out.detach()``, and a frozen norm
+returns a copy of its output whose backward multiplies by ``weight / std`` (the affine map's gradient with the
 statistics as constants). Only the gradients differ: an edge then carries what
-flows from source to target through the residual stream and the MLPs (circuit-tracer's "direct effect"),
-and what flows through attention goes into the site's completeness gap instead. ``bench/edge_modes.py``
-measures how far the two modes' edges are apart on the networks where they differ.
+flows from source to target through the residual stream and the MLPs (circuit-tracer's "direct effect"; with
+``pattern``, through the attention values too), and what flows through the held parts goes into the site's
+completeness gap instead. ``bench/edge_modes.py`` measures how far the modes' edges are from the exact ones on
+the networks where they differ.
 
 ``auto`` (the default of ``pathx extract --edges``) picks ``direct`` for a model with attention modules
-and ``exact`` for any other, and for the architectures where the bench measured the modes to disagree badly
-(``DISAGREEING``); the mode chosen is part of every pathway's settings, and so of its id.
+and ``exact`` for any other; for the architectures whose direct edges the bench measured to disagree badly
+with the exact ones (``DISAGREEING``: Swin V2, MaxViT) it picks ``pattern``, which agrees with them and costs
+about half of ``exact``. The mode chosen is part of every pathway's settings, and so of its id.
 """
 
 from __future__ import annotations
@@ -55,20 +64,22 @@ def is_squeeze_excite(module: nn.Module) -> bool:
 
 
 # attention modules of architectures whose direct edges disagree badly with their exact ones (bench section
-# edge_modes, untrained: Spearman 0.42 and median top-8 overlap 0.38 on Swin V2, whose post-norm branches make
-# the exact edges of a source sum to about zero; Spearman 0.30 on MaxViT): auto keeps them exact
+# edge_modes, untrained: Spearman 0.42 and median top-8 overlap 0.38 on Swin V2-T, Spearman 0.30 on MaxViT-T;
+# their pattern edges agree: 0.92 / 0.75 and 0.88 / 1.0): auto takes pattern edges there
 DISAGREEING = frozenset({"ShiftedWindowAttentionV2", "RelativePositionalMultiHeadAttention"})
 
 
 def edge_mode(choice: str, model: nn.Module) -> str:
-    """``auto`` -> ``direct`` when ``model`` has an attention module (and none of ``DISAGREEING``), else
-    ``exact``; the others as given."""
+    """``auto`` -> ``direct`` when ``model`` has an attention module and none of ``DISAGREEING``, ``pattern``
+    when it has one of those, else ``exact``; the others as given."""
     if choice not in EDGE_CHOICES:
         raise ExtractionError(f"unknown edge mode {choice!r}; choose one of {', '.join(EDGE_CHOICES)}")
     if choice != "auto":
         return choice
     attention = [type(m).__name__ for m in model.modules() if is_attention(m)]
-    return "direct" if attention and DISAGREEING.isdisjoint(attention) else "exact"
+    if not attention:
+        return "exact"
+    return "direct" if DISAGREEING.isdisjoint(attention) else "pattern"
 
 
 def _held(_module: nn.Module, _inp: Any, out: Any) -> Any:
@@ -106,13 +117,48 @@ def frozen_layer_norm(x: torch.Tensor, shape: Sequence[int], weight: torch.Tenso
 _LAYER_NORM = inspect.signature(F.layer_norm)
 
 
+SOFTMAX = frozenset({F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax})
+FUSED_ATTENTION = frozenset({F.scaled_dot_product_attention, F.multi_head_attention_forward})
+
+
+class _Patterns:
+    """Where the forward is inside an attention module (``pattern`` mode), and how many softmaxes each of the
+    open calls held: forward hooks on the attention modules keep it."""
+
+    def __init__(self) -> None:
+        self.open: list[tuple[nn.Module, list[int]]] = []
+
+    def enter(self, module: nn.Module, _inp: Any) -> None:
+        self.open.append((module, [0]))
+
+    def leave(self, module: nn.Module, _inp: Any, _out: Any) -> None:
+        entered, held = self.open.pop()
+        if entered is module and not held[0]:
+            raise ExtractionError(f"--edges pattern: the attention module {type(module).__name__} computed no "
+                                  "softmax that could be held; use --edges direct or exact")
+
+
 class _FrozenNorms(TorchFunctionMode):
     """Every ``F.layer_norm`` call (``nn.LayerNorm``, torchvision's and timm's ``LayerNorm2d``, a user's
-    functional call) with its statistics held fixed; the module's own code decides the layout."""
+    functional call) with its statistics held fixed; the module's own code decides the layout. With
+    ``patterns``, every softmax inside an attention module is held too (its output detached), and a fused
+    attention function there is refused."""
+
+    def __init__(self, patterns: _Patterns | None = None) -> None:
+        super().__init__()
+        self.patterns = patterns
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        inside = self.patterns.open[-1] if self.patterns is not None and self.patterns.open else None
+        if inside is not None and func in FUSED_ATTENTION:
+            raise ExtractionError(f"--edges pattern: the attention module {type(inside[0]).__name__} calls "
+                                  f"{func.__name__}, a fused kernel whose pattern cannot be held; use --edges "
+                                  "direct or exact")
         out = func(*args, **kwargs)
+        if inside is not None and func in SOFTMAX:
+            inside[1][0] += 1
+            return out.detach()
         if func is not F.layer_norm:
             return out
         bound = _LAYER_NORM.bind(*args, **kwargs)
@@ -123,7 +169,8 @@ class _FrozenNorms(TorchFunctionMode):
 
 class Linearised:
     """``with Linearised(model, mode):`` the model's forward runs linearised (see the module) when ``mode``
-    is ``direct``, and as it is when ``exact``. Every hook it adds is removed on leaving, also on exceptions."""
+    is ``direct`` or ``pattern``, and as it is when ``exact``. Every hook it adds is removed on leaving, also on
+    exceptions."""
 
     def __init__(self, model: nn.Module, mode: str) -> None:
         if mode not in EDGE_MODES:
@@ -136,15 +183,19 @@ class Linearised:
     def __enter__(self) -> Linearised:
         if self.mode == "exact":
             return self
+        patterns = _Patterns() if self.mode == "pattern" else None
         try:
             for module in self.model.modules():
-                if is_attention(module):
+                if is_attention(module) and patterns is not None:
+                    self.handles.append(module.register_forward_pre_hook(patterns.enter))
+                    self.handles.append(module.register_forward_hook(patterns.leave))
+                elif is_attention(module):
                     self.handles.append(module.register_forward_hook(_held))
                 elif is_squeeze_excite(module):
                     self.handles.extend(m.register_forward_hook(_held) for m in module.modules()
                                         if isinstance(m, (nn.Sigmoid, nn.Hardsigmoid)))
             self.norms = ExitStack()
-            self.norms.enter_context(_FrozenNorms())
+            self.norms.enter_context(_FrozenNorms(patterns))
         except BaseException:
             self.__exit__()
             raise

@@ -82,8 +82,9 @@ class ExtractOptions:
     granularity: str = option("element", "element or channel (percentile rule).")
     edges: str = option(
         "auto", "Edge mode: exact (the network's partial derivatives), direct (attention outputs, layer-norm "
-        "statistics and squeeze-excite gates held fixed; much faster on transformers) or auto (direct for a model "
-        "with attention modules, else exact). Part of the pathway id.")
+        "statistics and squeeze-excite gates held fixed; much faster on transformers), pattern (attention patterns "
+        "held instead of outputs: edges through the values too) or auto (direct for a model with attention "
+        "modules, pattern for Swin V2 and MaxViT, else exact). Part of the pathway id.")
     variants: str = option("", "e.g. fgsm,pgd,occlude,shift,deform,affine or pgd:eps=0.1:steps=5.")
     limit: int | None = option(None, "Only the first N images (files in sorted order); nothing past them is read.")
     batch_size: int = option(32, "Images per batch.")

@@ -16,8 +16,8 @@ METHODS = ("mct", "intgrad", "correlation", "precision", "pixel")
 RESAMPLING_METHODS = ("correlation", "precision")
 SELECTIONS = ("topk", "percentile")
 GRANULARITIES = ("element", "channel")
-EDGE_MODES = ("exact", "direct")  # extractor.linear: how edges are differentiated
-EDGE_CHOICES = ("auto", *EDGE_MODES)  # auto: direct for a model with attention modules, else exact
+EDGE_MODES = ("exact", "direct", "pattern")  # extractor.linear: how edges are differentiated
+EDGE_CHOICES = ("auto", *EDGE_MODES)  # auto: direct or pattern for a model with attention modules, else exact
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -67,7 +67,8 @@ def setting_name(method: str, selection: str, params: str | Mapping[str, Any] | 
 
 
 def edge_mode(params: str | Mapping[str, Any] | None) -> str:
-    """Which edges a pathway holds: ``exact`` or ``direct`` (``extractor/linear.py``; exact when unnamed)."""
+    """Which edges a pathway holds: ``exact``, ``direct`` or ``pattern`` (``extractor/linear.py``; exact when
+    unnamed)."""
     return str(_params(params).get("edges", "exact"))
 
 
@@ -79,6 +80,8 @@ def edges_name(method: str, params: str | Mapping[str, Any] | None) -> str:
     mode = edge_mode(params)
     if mode == "direct":
         return "direct edges (attention outputs, layer-norm statistics and squeeze-excite gates held fixed)"
+    if mode == "pattern":
+        return "pattern edges (attention patterns, layer-norm statistics and squeeze-excite gates held fixed)"
     return f"{mode} edges"
 
 

@@ -339,8 +339,8 @@ def query(
             cut = answer.graph["cut_sites"]
             typer.echo(f"note: this pathway is cut at {len(cut)} site(s): {', '.join(cut)} (no neuron kept there "
                        "reads a neuron kept before it)", err=True)
-        if isinstance(answer, nx.Graph) and answer.graph.get("edge_mode") == "direct":
-            typer.echo(f"note: {answer.graph['edges_name']} (--edges direct)", err=True)
+        if isinstance(answer, nx.Graph) and answer.graph.get("edge_mode", "exact") != "exact":
+            typer.echo(f"note: {answer.graph['edges_name']} (--edges {answer.graph['edge_mode']})", err=True)
         _echo_json(nx.node_link_data(answer, edges="edges") if isinstance(answer, nx.Graph) else answer)
 
 

@@ -37,16 +37,27 @@ Key = tuple[int, int, int, int, int]  # image, source site, source channel, targ
 
 
 @contextmanager
-def _hand_frozen(model: nn.Module, forward: Any) -> Iterator[None]:
-    """Record the frozen quantities in one plain forward, then replace them by constants: each attention
-    module's and gate's ``forward`` returns its recorded output, and ``F.layer_norm`` (which ``nn.LayerNorm``
-    and ``LayerNorm2d`` call) the affine map with the recorded mean and standard deviation."""
-    held = [m for m in model.modules() if is_attention(m)]
+def _hand_frozen(model: nn.Module, forward: Any, mode: str = "direct") -> Iterator[None]:
+    """Record the frozen quantities in one plain forward, then replace them by constants: each gate's (and in
+    ``direct`` mode each attention module's) ``forward`` returns its recorded output, ``F.layer_norm`` (which
+    ``nn.LayerNorm`` and ``LayerNorm2d`` call) the affine map with the recorded mean and standard deviation, and
+    in ``pattern`` mode ``F.softmax`` (the attention patterns of torchvision's Swin V2 and MaxViT: their only
+    softmaxes) its recorded output."""
+    held = [m for m in model.modules() if is_attention(m)] if mode == "direct" else []
     held += [g for m in model.modules() if is_squeeze_excite(m) for g in m.modules()
              if isinstance(g, (nn.Sigmoid, nn.Hardsigmoid))]
     outputs: dict[nn.Module, list[Any]] = {m: [] for m in held}
     stats: list[tuple[torch.Tensor, torch.Tensor]] = []
-    layer_norm = F.layer_norm
+    layer_norm, softmax = F.layer_norm, F.softmax
+    patterns: list[torch.Tensor] = []
+
+    def recording_softmax(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        patterns.append(softmax(x, *args, **kwargs).detach())
+        return patterns[-1]
+
+    def replaying_softmax() -> Any:
+        calls = iter(patterns)
+        return lambda *args, **kwargs: next(calls)
 
     def recording(m: nn.Module, orig: Any) -> Any:
         def fwd(*args: Any, **kwargs: Any) -> Any:
@@ -77,14 +88,20 @@ def _hand_frozen(model: nn.Module, forward: Any) -> Iterator[None]:
         for m in held:
             m.forward = recording(m, m.forward)
         setattr(F, "layer_norm", recording_norm)  # noqa: B010 (a module attribute: patched, then put back)
+        if mode == "pattern":
+            setattr(F, "softmax", recording_softmax)  # noqa: B010
         with torch.no_grad():
             forward()
         for m in held:
             m.forward = replaying(m)
         setattr(F, "layer_norm", replaying_norm())  # noqa: B010
+        if mode == "pattern":
+            assert patterns
+            setattr(F, "softmax", replaying_softmax())  # noqa: B010
         yield
     finally:
         setattr(F, "layer_norm", layer_norm)  # noqa: B010
+        setattr(F, "softmax", softmax)  # noqa: B010
         for m in held:
             m.__dict__.pop("forward", None)
 
@@ -94,7 +111,7 @@ def _reference(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings) 
     strongest incoming edges chosen as ``extractor.edges.compute_edges`` defines them)."""
     contrib = mct_contributions(bundle, x)
     sel = select(contrib, settings, bundle_reach(bundle, x))
-    with _hand_frozen(bundle.model, lambda: bundle.forward(x)):
+    with _hand_frozen(bundle.model, lambda: bundle.forward(x), settings.edges):
         cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x))
     edges: dict[Key, float] = {}
     gaps = torch.full((x.shape[0], len(bundle.sites)), float("nan"), dtype=torch.float64)
@@ -130,12 +147,13 @@ def _as_dict(e: Any) -> dict[Key, float]:
             zip(e.b, e.src_site, e.src_channel, e.dst_site, e.dst_channel, e.weight, strict=True)}
 
 
-@pytest.mark.parametrize("name", ["convnext", "swin", "vit"])
-def test_direct_edges_equal_a_hand_frozen_reference(name: str) -> None:
+@pytest.mark.parametrize(("name", "mode"), [("convnext", "direct"), ("swin", "direct"), ("vit", "direct"),
+                                           ("swin_v2", "pattern"), ("maxvit", "pattern"), ("swin", "pattern")])
+def test_linearised_edges_equal_a_hand_frozen_reference(name: str, mode: str) -> None:
     torch.manual_seed(0)
     bundle = make_bundle(_small(name).double().eval(), name, (3, 32, 32))
     x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
-    settings = PathwaySettings(k=5, edge_targets=4, edges_per_target=3, edges="direct")
+    settings = PathwaySettings(k=5, edge_targets=4, edges_per_target=3, edges=mode)
     contrib = mct_contributions(bundle, x)
     sel = select(contrib, settings, bundle_reach(bundle, x))
     before = hook_count(bundle.model)
@@ -177,7 +195,7 @@ def test_the_edge_mode_is_chosen_per_model_and_named_in_the_pathway_id() -> None
     vit, resnet = _small("vit"), torchvision.models.resnet18(weights=None)
     assert edge_mode("auto", vit) == "direct" and edge_mode("auto", resnet) == "exact"
     for name in ("swin_v2_t", "maxvit_t"):  # their direct edges disagree badly with the exact ones (bench)
-        assert edge_mode("auto", torchvision.models.get_model(name, weights=None)) == "exact"
+        assert edge_mode("auto", torchvision.models.get_model(name, weights=None)) == "pattern"
     assert edge_mode("auto", torchvision.models.swin_t(weights=None)) == "direct"
     assert edge_mode("exact", vit) == "exact"
     with pytest.raises(ExtractionError, match="unknown edge mode"):
@@ -193,3 +211,23 @@ def test_the_edge_mode_is_chosen_per_model_and_named_in_the_pathway_id() -> None
     assert [s.edges for s in options.settings(vit)] == ["direct", "direct"]
     assert [s.edges for s in options.settings(resnet)] == ["exact", "exact"]
     assert [s.edges for s in ExtractOptions(edges="exact").settings(vit)] == ["exact"]
+
+
+def test_pattern_edges_refuse_a_fused_attention_and_leave_nothing_behind() -> None:
+    """torchvision's ViT attends through ``nn.MultiheadAttention``, whose softmax this mode cannot hold: a clear
+    error, and no hook or function mode left; Swin V2's pattern mode keeps every forward value bit for bit."""
+    torch.manual_seed(1)
+    vit = make_bundle(_small("vit").double().eval(), "vit", (3, 32, 32))
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    with pytest.raises(ExtractionError, match="MultiheadAttention calls multi_head_attention_forward, a fused"), \
+            Linearised(vit.model, "pattern"):
+        vit.forward(x)
+    assert hook_count(vit.model) == 0 and function_modes_active() == 0
+    swin = make_bundle(_small("swin_v2").double().eval(), "swin_v2", (3, 32, 32))
+    exact = cut_forward(swin.model, swin.sites, lambda: swin.forward(x))
+    with Linearised(swin.model, "pattern") as lin:
+        assert len(lin.handles) == 2 * 4 and function_modes_active() == 1  # four attentions: enter and leave
+        held = cut_forward(swin.model, swin.sites, lambda: swin.forward(x))
+    for j, a in exact.acts.items():
+        assert torch.equal(a, held.acts[j])
+    assert hook_count(swin.model) == 0 and function_modes_active() == 0

@@ -61,7 +61,8 @@ def _small(name: str) -> nn.Module:
     """Residual-stream classifiers built by torchvision's own classes at a small width and depth (the full
     ones differ only in size), with a random head (ViT's starts at zero, which would zero every gradient)."""
     from torchvision.models.convnext import CNBlockConfig, ConvNeXt
-    from torchvision.models.swin_transformer import SwinTransformer
+    from torchvision.models.maxvit import MaxVit
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
     from torchvision.models.vision_transformer import VisionTransformer
 
     if name == "convnext":
@@ -69,6 +70,16 @@ def _small(name: str) -> nn.Module:
     if name == "swin":
         return SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[2, 2], num_heads=[2, 2], window_size=[2, 2],
                                num_classes=7)
+    if name == "swin_v2":
+        return SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[2, 2], num_heads=[2, 2], window_size=[2, 2],
+                               num_classes=7, block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2)
+    if name == "maxvit":
+        maxvit = MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[8, 16],
+                        block_layers=[1, 1], head_dim=4, stochastic_depth_prob=0.0, num_classes=7)
+        for m in maxvit.modules():  # patterns far from uniform, so that holding them matters
+            if hasattr(m, "to_qkv"):
+                nn.init.normal_(m.to_qkv.weight, std=1.0)
+        return maxvit
     vit = VisionTransformer(image_size=32, patch_size=8, num_layers=3, num_heads=2, hidden_dim=16, mlp_dim=32,
                             num_classes=7)
     nn.init.normal_(vit.heads.head.weight)

@@ -22,13 +22,14 @@ from graphstore.names import edges_name, number, setting_name, variant_name
     (PathwaySettings(method="mct", k=4, variant_kinds=("deform", "pgd")),
      "MCT · top-4 per site · originals + deform, PGD"),
     (PathwaySettings(method="mct", k=8, edges="direct"), "MCT · top-8 per site · direct edges"),
+    (PathwaySettings(method="mct", k=8, edges="pattern"), "MCT · top-8 per site · pattern edges"),
     (PathwaySettings(method="pixel", edges="direct"), "Pixel pathways · beam 3, 3 chains per pixel, stride 2"),
 ])
 def test_setting_names(settings: PathwaySettings, name: str) -> None:
     assert setting_name(settings.method, settings.selection, settings.params_json()) == name
     edges = edges_name(settings.method, settings.params_json())
-    assert edges.startswith("direct edges (" if "direct" in name else "edges along pixel" if "Pixel" in name
-                            else "exact edges")
+    assert edges.startswith("direct edges (" if "direct" in name else "pattern edges (attention patterns"
+                            if "pattern" in name else "edges along pixel" if "Pixel" in name else "exact edges")
 
 
 def test_variant_names_cover_every_default_sweep() -> None:
