@@ -69,11 +69,21 @@ def is_squeeze_excite(module: nn.Module) -> bool:
 DISAGREEING = frozenset({"ShiftedWindowAttentionV2", "RelativePositionalMultiHeadAttention"})
 
 
+def fused_attention(module: str, func: str) -> ExtractionError:
+    """The error of ``--edges pattern`` on an attention whose softmax runs inside a fused kernel."""
+    return ExtractionError(f"--edges pattern: the attention module {module} calls {func}, a fused kernel whose "
+                           "pattern cannot be held; use --edges direct or exact")
+
+
 def edge_mode(choice: str, model: nn.Module) -> str:
     """``auto`` -> ``direct`` when ``model`` has an attention module and none of ``DISAGREEING``, ``pattern``
-    when it has one of those, else ``exact``; the others as given."""
+    when it has one of those, else ``exact``; the others as given (``pattern`` refused on a model with an
+    ``nn.MultiheadAttention``, whose softmax it cannot hold)."""
     if choice not in EDGE_CHOICES:
         raise ExtractionError(f"unknown edge mode {choice!r}; choose one of {', '.join(EDGE_CHOICES)}")
+    fused = next((m for m in model.modules() if isinstance(m, nn.MultiheadAttention)), None)
+    if choice == "pattern" and fused is not None:  # refused before any image, not at the first batch
+        raise fused_attention("MultiheadAttention", "multi_head_attention_forward")
     if choice != "auto":
         return choice
     attention = [type(m).__name__ for m in model.modules() if is_attention(m)]
@@ -152,9 +162,7 @@ class _FrozenNorms(TorchFunctionMode):
         kwargs = kwargs or {}
         inside = self.patterns.open[-1] if self.patterns is not None and self.patterns.open else None
         if inside is not None and func in FUSED_ATTENTION:
-            raise ExtractionError(f"--edges pattern: the attention module {type(inside[0]).__name__} calls "
-                                  f"{func.__name__}, a fused kernel whose pattern cannot be held; use --edges "
-                                  "direct or exact")
+            raise fused_attention(type(inside[0]).__name__, func.__name__)
         out = func(*args, **kwargs)
         if inside is not None and func in SOFTMAX:
             inside[1][0] += 1

@@ -161,10 +161,12 @@ class ExtractOptions:
         ``sparsity`` (Khakzar's rule; resampling and pixel methods always select top-k). ``--edges auto``
         is decided by ``model`` (without one, as exact: for checking the options only)."""
         edges = self.edges
-        if edges == "auto":
+        if model is not None:
             from extractor.linear import edge_mode
 
-            edges = edge_mode(edges, model) if model is not None else "exact"
+            edges = edge_mode(edges, model)
+        elif edges == "auto":
+            edges = "exact"
         return build_settings(edges=edges,
             methods=self.methods, top_k=self.top_k, sparsity=self.sparsity, granularity=self.granularity,
             pixel_beam=self.pixel_beam, pixel_top=self.pixel_top, pixel_stride=self.pixel_stride,

@@ -198,6 +198,9 @@ def test_the_edge_mode_is_chosen_per_model_and_named_in_the_pathway_id() -> None
         assert edge_mode("auto", torchvision.models.get_model(name, weights=None)) == "pattern"
     assert edge_mode("auto", torchvision.models.swin_t(weights=None)) == "direct"
     assert edge_mode("exact", vit) == "exact"
+    with pytest.raises(ExtractionError, match="--edges pattern: the attention module MultiheadAttention"):
+        ExtractOptions(edges="pattern").settings(vit)  # before any image is read
+    assert edge_mode("pattern", torchvision.models.swin_t(weights=None)) == "pattern"
     with pytest.raises(ExtractionError, match="unknown edge mode"):
         edge_mode("fast", vit)
     with pytest.raises(ExtractionError, match="--edges 'fast'"):
