@@ -81,9 +81,8 @@ def edge_mode(choice: str, model: nn.Module) -> str:
     ``nn.MultiheadAttention``, whose softmax it cannot hold)."""
     if choice not in EDGE_CHOICES:
         raise ExtractionError(f"unknown edge mode {choice!r}; choose one of {', '.join(EDGE_CHOICES)}")
-    fused = next((m for m in model.modules() if isinstance(m, nn.MultiheadAttention)), None)
-    if choice == "pattern" and fused is not None:  # refused before any image, not at the first batch
-        raise fused_attention("MultiheadAttention", "multi_head_attention_forward")
+    if choice == "pattern" and any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        raise fused_attention("MultiheadAttention", "multi_head_attention_forward")  # before any image is read
     if choice != "auto":
         return choice
     attention = [type(m).__name__ for m in model.modules() if is_attention(m)]
@@ -142,10 +141,12 @@ class _Patterns:
         self.open.append((module, [0]))
 
     def leave(self, module: nn.Module, _inp: Any, _out: Any) -> None:
-        entered, held = self.open.pop()
-        if entered is module and not held[0]:
+        _, held = self.open.pop()
+        if not held[0]:
             raise ExtractionError(f"--edges pattern: the attention module {type(module).__name__} computed no "
                                   "softmax that could be held; use --edges direct or exact")
+        if self.open:  # an attention inside another: its softmaxes are the outer one's too
+            self.open[-1][1][0] += held[0]
 
 
 class _FrozenNorms(TorchFunctionMode):

@@ -234,3 +234,45 @@ def test_pattern_edges_refuse_a_fused_attention_and_leave_nothing_behind() -> No
     for j, a in exact.acts.items():
         assert torch.equal(a, held.acts[j])
     assert hook_count(swin.model) == 0 and function_modes_active() == 0
+
+
+class _InnerAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qk, self.v = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, 4]
+        q = self.qk(x)
+        return F.softmax(q @ q.transpose(1, 2), dim=-1) @ self.v(x)
+
+
+class _OuterAttention(nn.Module):
+    """A user's attention block holding the attention proper: the softmax is the inner module's call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.out = _InnerAttention(), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.inner(x))
+
+
+def test_pattern_mode_holds_a_nested_attentions_softmax_for_both() -> None:
+    torch.manual_seed(2)
+    model = _OuterAttention().double()
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    with Linearised(model, "pattern"):
+        y = model(x)
+    (g,) = torch.autograd.grad(y.sum(), [x])
+    with torch.no_grad():  # the pattern, by hand
+        q = model.inner.qk(x)
+        pattern = F.softmax(q @ q.transpose(1, 2), dim=-1)
+    (want,) = torch.autograd.grad(model.out(pattern @ model.inner.v(x)).sum(), [x])
+    (live,) = torch.autograd.grad(model(x).sum(), [x])
+    assert torch.allclose(g, want) and not torch.allclose(g, live, atol=1e-3)
+    assert hook_count(model) == 0 and function_modes_active() == 0
+    inner = model.inner = _InnerAttention().double()
+    setattr(inner, "forward", lambda t: inner.v(t))  # noqa: B010 (an attention that computes no softmax: refused)
+    with pytest.raises(ExtractionError, match="_InnerAttention computed no softmax"), Linearised(model, "pattern"):
+        model(x)
+    assert hook_count(model) == 0 and function_modes_active() == 0
