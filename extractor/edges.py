@@ -302,18 +302,14 @@ def _memory_order(share: torch.Tensor) -> list[int]:
 def _stacked_shares(shares: list[torch.Tensor], g: torch.Tensor, images: int) -> torch.Tensor:
     """``[B, S, N]``: the shares of ``S`` sources that receive one gradient ``g`` ``[M, *share.shape]`` (``images``
     first in each share), each image's flattened in ``g``'s memory order (:func:`_dot_stacked`)."""
-    order = _memory_order(g[0]) if g.dim() > 3 else list(range(1, g.dim() - 1))
+    order = _memory_order(g[0])
     return torch.stack([s.permute(0, *order).reshape(images, -1) for s in shares], 1)
 
 
 def _dot_stacked(g: torch.Tensor, stacked: torch.Tensor, images: int) -> torch.Tensor:
     """``[B, M, S]``: each image's ``<g[m], share_s>`` for the shares of :func:`_stacked_shares`, reading ``g`` once
     (a product per image); read once per source, the stream's gradient was the largest cost of the totals."""
-    M = g.shape[0]
-    if g.dim() > 3:
-        order = _memory_order(g[0])
-        g = g.permute(0, 1, *(d + 1 for d in order))
-    rows = g.reshape(M, images, -1)  # a view where g is dense in that order
+    rows = g.permute(0, 1, *(d + 1 for d in _memory_order(g[0]))).reshape(g.shape[0], images, -1)  # a view if dense
     # against [S, N] transposed: 6x faster than against [N, S] rows (2 threads, ConvNeXt-T's first stage)
     return torch.stack([rows[:, b] @ stacked[b].T for b in range(images)], 0)
 
