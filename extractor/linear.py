@@ -18,7 +18,9 @@ block in between, once per target: the cost grows with the square of the depth.
 weights over the values) instead of its output, so an attention is a linear map of its values and an edge also
 carries what flows through them, as in circuit-tracer's frozen attention patterns; layer norms and gates are
 held as in ``direct``. An attention whose softmax this mode cannot see (a fused kernel:
-``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``) is refused with a clear error.
+``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``) is refused with a clear error. The query, key and
+value that an attention cuts from one projection are differentiated each as its own layer
+(:class:`extractor.rewrites.LinearPieces`): only the value's backward runs.
 
 The forward values are unchanged, bit for bit: a held output or pattern is ``out.detach()``, and a frozen norm
 returns a copy of its output whose backward multiplies by ``weight / std`` (the affine map's gradient with the
@@ -48,6 +50,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from extractor.errors import ExtractionError
+from extractor.rewrites import LinearPieces
 from extractor.settings import EDGE_CHOICES, EDGE_MODES
 
 log = logging.getLogger(__name__)
@@ -124,6 +127,8 @@ def frozen_layer_norm(x: torch.Tensor, shape: Sequence[int], weight: torch.Tenso
 
 
 _LAYER_NORM = inspect.signature(F.layer_norm)
+_LINEAR = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ("input", "weight")]
+                            + [inspect.Parameter("bias", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)])
 
 
 SOFTMAX = frozenset({F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax})
@@ -136,6 +141,7 @@ class _Patterns:
 
     def __init__(self) -> None:
         self.open: list[tuple[nn.Module, list[int]]] = []
+        self.pieces = LinearPieces()  # an attention's query, key and value: each differentiated on its own
 
     def enter(self, module: nn.Module, _inp: Any) -> None:
         self.open.append((module, [0]))
@@ -147,6 +153,8 @@ class _Patterns:
                                   "softmax that could be held; use --edges direct or exact")
         if self.open:  # an attention inside another: its softmaxes are the outer one's too
             self.open[-1][1][0] += held[0]
+        else:
+            self.pieces.clear()
 
 
 class _FrozenNorms(TorchFunctionMode):
@@ -164,7 +172,14 @@ class _FrozenNorms(TorchFunctionMode):
         inside = self.patterns.open[-1] if self.patterns is not None and self.patterns.open else None
         if inside is not None and func in FUSED_ATTENTION:
             raise fused_attention(type(inside[0]).__name__, func.__name__)
+        if inside is not None and self.patterns is not None:
+            piece = self.patterns.pieces.take(func, args, kwargs)
+            if piece is not None:
+                return piece
         out = func(*args, **kwargs)
+        if inside is not None and self.patterns is not None and func is F.linear:
+            given = _LINEAR.bind(*args, **kwargs).arguments
+            self.patterns.pieces.track(given["input"], given["weight"], out)
         if inside is not None and func in SOFTMAX:
             inside[1][0] += 1
             return out.detach()
@@ -188,11 +203,12 @@ class Linearised:
         self.mode = mode
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.norms: ExitStack | None = None
+        self.patterns: _Patterns | None = None  # pattern mode: where the forward is, the pieces it took
 
     def __enter__(self) -> Linearised:
         if self.mode == "exact":
             return self
-        patterns = _Patterns() if self.mode == "pattern" else None
+        patterns = self.patterns = _Patterns() if self.mode == "pattern" else None
         try:
             for module in self.model.modules():
                 if is_attention(module) and patterns is not None:

@@ -9,6 +9,7 @@ in float64.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -218,7 +219,8 @@ def test_the_edge_mode_is_chosen_per_model_and_named_in_the_pathway_id() -> None
 
 def test_pattern_edges_refuse_a_fused_attention_and_leave_nothing_behind() -> None:
     """torchvision's ViT attends through ``nn.MultiheadAttention``, whose softmax this mode cannot hold: a clear
-    error, and no hook or function mode left; Swin V2's pattern mode keeps every forward value bit for bit."""
+    error, and no hook or function mode left; Swin V2's and MaxViT's pattern mode keeps every forward value bit for
+    bit."""
     torch.manual_seed(1)
     vit = make_bundle(_small("vit").double().eval(), "vit", (3, 32, 32))
     x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
@@ -226,14 +228,18 @@ def test_pattern_edges_refuse_a_fused_attention_and_leave_nothing_behind() -> No
             Linearised(vit.model, "pattern"):
         vit.forward(x)
     assert hook_count(vit.model) == 0 and function_modes_active() == 0
-    swin = make_bundle(_small("swin_v2").double().eval(), "swin_v2", (3, 32, 32))
-    exact = cut_forward(swin.model, swin.sites, lambda: swin.forward(x))
-    with Linearised(swin.model, "pattern") as lin:
-        assert len(lin.handles) == 2 * 4 and function_modes_active() == 1  # four attentions: enter and leave
-        held = cut_forward(swin.model, swin.sites, lambda: swin.forward(x))
-    for j, a in exact.acts.items():
-        assert torch.equal(a, held.acts[j])
-    assert hook_count(swin.model) == 0 and function_modes_active() == 0
+    for name, attentions, gates in (("swin_v2", 4, 0), ("maxvit", 4, 2)):  # MaxViT's MBConvs: squeeze-excite
+        net = make_bundle(_small(name).double().eval(), name, (3, 32, 32))
+        forward = functools.partial(net.forward, x)
+        exact = cut_forward(net.model, net.sites, forward)
+        with Linearised(net.model, "pattern") as lin:
+            assert len(lin.handles) == 2 * attentions + gates and function_modes_active() == 1  # enter and leave
+            held = cut_forward(net.model, net.sites, forward)
+        # each attention's query, key and value differentiated apart (extractor.rewrites.LinearPieces)
+        assert lin.patterns is not None and lin.patterns.pieces.count == 3 * attentions
+        for j, a in exact.acts.items():
+            assert torch.equal(a, held.acts[j])
+        assert hook_count(net.model) == 0 and function_modes_active() == 0
 
 
 class _InnerAttention(nn.Module):
