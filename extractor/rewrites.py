@@ -137,6 +137,7 @@ class _Split(NamedTuple):
     weight: torch.Tensor
     raw: torch.Tensor  # the layer's output
     output: torch.Tensor  # this view of it (held, so that its id is not reused while tracked)
+    version: int  # the output's version when made: written in place since, it is no longer the layer's output
     lead: tuple[int, ...]
     blocks: int = 0  # 0: the output itself
     inner: tuple[int, ...] = ()
@@ -170,11 +171,12 @@ class LinearPieces:
     def track(self, x: Any, weight: Any, out: Any) -> None:
         if isinstance(x, torch.Tensor) and x.requires_grad and isinstance(weight, torch.Tensor) \
                 and weight.dim() == 2 and isinstance(out, torch.Tensor) and out.shape[-1] == weight.shape[0]:
-            self.splits[id(out)] = _Split(x=x, weight=weight, raw=out, output=out, lead=tuple(out.shape[:-1]))
+            self.splits[id(out)] = _Split(x=x, weight=weight, raw=out, output=out, version=out._version,
+                                          lead=tuple(out.shape[:-1]))
 
     def take(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         split = self.splits.get(id(args[0])) if args and isinstance(args[0], torch.Tensor) else None
-        if split is None or not torch.is_grad_enabled():
+        if split is None or not torch.is_grad_enabled() or split.raw._version != split.version:
             return None
         if func in _VIEWS or func in _PERMUTES:
             out = func(*args, **kwargs)

@@ -166,8 +166,8 @@ def test_an_attentions_pieces_are_differentiated_each_as_its_own_layer(style: st
 
 
 def test_a_projections_other_uses_keep_autograds_backward() -> None:
-    """Outside an attention, a reshape that is no cut into blocks, the output read whole, a chunk on another dim:
-    no piece is taken, and the gradients are autograd's."""
+    """A reshape that is no cut into blocks, the output read whole, a chunk on another dim or into uneven parts, an
+    output written in place before it is cut: no piece is taken, and the gradients are autograd's."""
     torch.manual_seed(1)
 
     class Attention(nn.Module):
@@ -180,7 +180,10 @@ def test_a_projections_other_uses_keep_autograds_backward() -> None:
             merged = out.reshape(-1, 12)  # leading dims merged: not a cut of the rows
             halves = torch.chunk(out, 2, dim=1)  # along the tokens
             scores = F.softmax(out @ out.transpose(1, 2), dim=-1)
-            return (scores @ out).sum() + merged.pow(2).sum() + halves[0].sum() + self.lin(x).chunk(5, -1)[0].sum()
+            scaled = self.lin(x)
+            scaled.mul_(2.0)  # written in place: no longer the layer's output
+            return (scores @ out).sum() + merged.pow(2).sum() + halves[0].sum() + self.lin(x).chunk(5, -1)[0].sum() \
+                + scaled.chunk(2, -1)[1].sum()
 
     model = Attention().double()
     x = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
@@ -190,6 +193,6 @@ def test_a_projections_other_uses_keep_autograds_backward() -> None:
     (got,) = torch.autograd.grad(y, [x])
     out = model.lin(x)
     scores = F.softmax(out @ out.transpose(1, 2), dim=-1).detach()
-    want = (scores @ out).sum() + out.pow(2).sum() + out[:, :2].sum() + out[..., :3].sum()
+    want = (scores @ out).sum() + out.pow(2).sum() + out[:, :2].sum() + out[..., :3].sum() + 2 * out[..., 6:].sum()
     (ref,) = torch.autograd.grad(want, [x])
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
