@@ -147,7 +147,7 @@ def mct_contributions(bundle: ModelBundle, x: torch.Tensor, target: torch.Tensor
     logits, acts = forward_with_sites(bundle, x)
     tgt = _pick_target(logits.detach(), target)
     selected = logits.gather(1, tgt[:, None]).sum()
-    grads = [g.detach() for g in torch.autograd.grad(selected, acts, retain_graph=True)]
+    grads = [g.detach() for g in torch.autograd.grad(selected, acts)]
     det = [a.detach() for a in acts]
     check_finite("activations", det)
     return Contributions(logits=logits.detach(), target=tgt, acts=det, grads=grads,
