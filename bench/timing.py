@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from extractor.batch import edges_of, one_forward, selected_with_edges
+from extractor.batch import batch_edges, one_forward, selected_with_edges
 from extractor.contributions import mct_contributions
 from extractor.edges import ROUTES, segment_routes
 from extractor.linear import Linearised
@@ -75,7 +75,7 @@ def _ours_c(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings) -> 
         return selected_with_edges(bundle, x, settings)
     contrib = mct_contributions(bundle, x)
     sel = select(contrib, settings)
-    return contrib, sel, edges_of(bundle, x, slice(0, x.shape[0]), settings=settings, contrib=contrib, sel=sel)
+    return contrib, sel, batch_edges(bundle, x, settings=settings, contrib=contrib, sel=sel)
 
 
 def fast_routes(bundle: ModelBundle, x: torch.Tensor, edges: str = "exact") -> dict[str, int]:

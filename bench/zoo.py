@@ -5,7 +5,8 @@ the bench down): sites found and their layouts, edges of the site graph and the 
 (mixing, junction, VJP: ``extractor.edges``), and (a) plain forward + backward, (b) contributions,
 (c) contributions + top-8 edges along the site graph, (e) the whole per-batch pipeline
 (``extract_batch``), timed in interleaved rounds (medians) after one warm-up call each (which finds
-the routes). Run: ``python bench/zoo.py [--limit-s S] [--only a,b] [--batch N]``; results go to
+the routes). Run: ``python bench/zoo.py [--limit-s S] [--only a,b] [--batch N] [--rounds R]`` (3 rounds unless
+told: the largest classifiers at batch 16 take one, and their row says so); results go to
 ``bench/results/zoo.json`` (batch 1) or ``zoo_b{N}.json`` and into ``make bench``'s report. Section ``zoo16``
 measures :data:`BATCH16` at batch 16: the batch a folder run uses.
 """
@@ -68,11 +69,11 @@ def measure(name: str, rounds: int = 3, batch: int = 1) -> dict[str, Any]:
     return {"model": name, "input": size, "params_m": params / 1e6, "sites": len(bundle.sites),
             "layouts": layouts, "graph_edges": sum(routes.values()), "routes": routes, "a_s": a, "b_s": b, "c_s": c,
             "e_s": e, "ratio_b_a": b / a, "ratio_c_a": c / a, "ratio_e_a": e / a, "images_per_s_with_edges": batch / c,
-            "batch": batch,
+            "batch": batch, "rounds": rounds,
             "edges": mode, **({"c_exact_s": rest[0], "ratio_c_exact_a": rest[0] / a} if rest else {})}
 
 
-def run(limit_s: float, only: list[str] | None = None, batch: int = 1) -> dict[str, Any]:
+def run(limit_s: float, only: list[str] | None = None, batch: int = 1, rounds: int = 3) -> dict[str, Any]:
     import torchvision
 
     out = out_file(batch)
@@ -83,7 +84,8 @@ def run(limit_s: float, only: list[str] | None = None, batch: int = 1) -> dict[s
     for name in names:
         began = time.perf_counter()
         try:
-            proc = subprocess.run([sys.executable, __file__, "--child", name, "--batch", str(batch)],
+            proc = subprocess.run([sys.executable, __file__, "--child", name, "--batch", str(batch),
+                                   "--rounds", str(rounds)],
                                   capture_output=True, text=True, timeout=limit_s, cwd=ROOT)
         except subprocess.TimeoutExpired:
             done["left_out"][name] = f"over the {limit_s:.0f} s budget per model on this machine"
@@ -129,7 +131,8 @@ def markdown(z: dict[str, Any]) -> list[str]:
     lines = ["", f"### Model zoo (torchvision classifiers, 224 px, batch {batch}, untrained)", "",
              f"Coverage: {len(rows)} of {z.get('listed', '?')} torchvision classifiers measured ({z.get('date', '')}); "
              f"worst (c)/(a) {worst['ratio_c_a']:.2f} ({worst['model']}); median (c)/(a) "
-             f"{statistics.median(r['ratio_c_a'] for r in rows):.2f}. Targets: (b)/(a) ≤ 1.3, (c)/(a) ≤ 3, (e)/(a) ≤ 4 "
+             f"{statistics.median(r['ratio_c_a'] for r in rows):.2f}. Each figure is the median of 3 interleaved "
+             "rounds after a warm-up call, unless the row says fewer. Targets: (b)/(a) ≤ 1.3, (c)/(a) ≤ 3, (e)/(a) ≤ 4 "
              "((e): the whole per-batch pipeline, `extract_batch`: contributions, selection, edges, Pathway "
              "Gradient; — where the row predates it). (c) and (e) are in the model's default edge mode "
              "(`--edges auto`: direct for a model with attention modules, pattern for Swin V2 and MaxViT, whose "
@@ -144,7 +147,9 @@ def markdown(z: dict[str, Any]) -> list[str]:
         c_a = f"{r['ratio_c_a']:.2f}"
         if "ratio_c_exact_a" in r:
             c_a += f" {r.get('edges', 'direct')} (exact {r['ratio_c_exact_a']:.2f})"
-        lines.append(f"| {r['model']} | {r['params_m']:.1f} | {r['sites']} ({lay}) | {r['graph_edges']}: "
+        once = r.get("rounds", 3)
+        model = r["model"] + (f" ({once} round{'s' if once > 1 else ''})" if once != 3 else "")
+        lines.append(f"| {model} | {r['params_m']:.1f} | {r['sites']} ({lay}) | {r['graph_edges']}: "
                      f"{_routes(r)} | {r['a_s']:.3f} | {r['ratio_b_a']:.2f} | {c_a} | {pipeline} | "
                      f"{r['images_per_s_with_edges']:.2f} |")
     return lines + provenance(rows, z.get("left_out", {}))
@@ -165,9 +170,11 @@ def provenance(rows: list[dict[str, Any]], left_out: dict[str, str]) -> list[str
 
 if __name__ == "__main__":
     size = int(sys.argv[sys.argv.index("--batch") + 1]) if "--batch" in sys.argv else 1
+    times = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 3
     if "--child" in sys.argv:
-        print("ZOO " + json.dumps(measure(sys.argv[sys.argv.index("--child") + 1], batch=size)), flush=True)
+        print("ZOO " + json.dumps(measure(sys.argv[sys.argv.index("--child") + 1], rounds=times, batch=size)),
+              flush=True)
     else:
         limit = float(sys.argv[sys.argv.index("--limit-s") + 1]) if "--limit-s" in sys.argv else 600.0
         only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
-        run(limit, only, size)
+        run(limit, only, size, times)

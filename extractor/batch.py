@@ -148,8 +148,7 @@ def finish_batch(
     # On a GPU the whole batch goes at once: fewer, larger kernels.
     halves = batch_halves(x)
     if edges is None:
-        edges = Edges.concat([edges_of(bundle, x, part, settings=settings, contrib=contrib, sel=sel)
-                              for part in halves], [part.start for part in halves])
+        edges = batch_edges(bundle, x, settings=settings, contrib=contrib, sel=sel)
     figures = figures_of(contrib, sel, keep_maps=keep_maps)
     masked = [pathway_gradient(bundle, x[part], contrib.target[part], [m[part] for m in sel.masks])
               for part in halves]
@@ -230,6 +229,16 @@ def selected_with_edges(bundle: ModelBundle, x: torch.Tensor, settings: PathwayS
         del cut, extra, plain  # the part's graph goes before the next part's forward
     return (Contributions.concat([c for c, _, _ in done]), Selection.concat([s for _, s, _ in done]),
             Edges.concat([e for _, _, e in done], [part.start for part in halves]))
+
+
+def batch_edges(bundle: ModelBundle, x: torch.Tensor, *, settings: PathwaySettings, contrib: Contributions,
+                sel: Selection) -> Edges:
+    """The edges of a batch ``x`` ``[B, ...]`` in the setting's edge mode, one cut forward per part of
+    :func:`batch_halves` (on the CPU also the faster way: ConvNeXt-T at 16 images, edges 13.3-13.9 s in one part,
+    10.0-13.3 s in two)."""
+    halves = batch_halves(x)
+    return Edges.concat([edges_of(bundle, x, part, settings=settings, contrib=contrib, sel=sel) for part in halves],
+                        [part.start for part in halves])
 
 
 def edges_of(bundle: ModelBundle, x: torch.Tensor, part: slice, *, settings: PathwaySettings,
