@@ -47,6 +47,7 @@ import torch
 from torch.autograd.graph import GradientEdge
 
 from extractor.contributions import Contributions
+from extractor.funnels import funnel_at, funnel_passes, funnel_tangents, junction_stop, plan_funnels
 from extractor.mixing import (
     DeepEntry,
     Entry,
@@ -62,6 +63,7 @@ from extractor.mixing import (
     find_route,
     graph_walks,
     junction_at,
+    junction_kept_shares,
     junction_parts,
     junction_share,
     junction_weights,
@@ -186,22 +188,27 @@ def _target_vjps(start: _Start, inputs: list[Any], count: int, input_numel: int)
 
 def _vjp_route(preds: list[int], *, cut: SiteRecorder, a_dst: torch.Tensor, g_dst: torch.Tensor,
                targets: torch.Tensor, kept: Sequence[torch.Tensor], junctions: dict[int, Junction],
-               shared: dict[tuple[Any, ...], torch.Tensor], entry: Entry | None, deep: dict[int, DeepEntry]) \
-        -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """Edge weights ``[B, M, Ci]`` (kept source channels only where a junction serves) and each source's
-    summed weight over all its channels ``[B, M]``, from one batched VJP per chunk of targets: to the
+               shared: dict[tuple[Any, ...], torch.Tensor], entry: Entry | None, deep: dict[int, DeepEntry],
+               funnels: dict[int, Any] | None = None) \
+        -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], set[int]]:
+    """Edge weights ``[B, M, Ci]`` (kept source channels only where a junction serves), each source's
+    summed weight over all its channels ``[B, M]``, and the sources contracted at a funnel, from one batched VJP
+    per chunk of targets: to the
     junction of every source that has one (:func:`extractor.mixing.find_junction`), else to the source.
     ``shared`` caches each junction's share of its layer's output, and its kept channels' parts of it, across the
     destinations it serves. With
     ``entry`` the backward starts at the destination's own mixing layer's input; a source in ``deep`` starts
-    at the input of the first of its two convs there."""
+    at the input of the first of its two convs there; a junction source in ``funnels`` (its funnel layer,
+    :mod:`extractor.funnels`) is contracted at that layer's output with its tangents there."""
     gbar = None
+    funnels = funnels or {}
     if entry is not None:
         (gbar,) = torch.autograd.grad(a_dst, GradientEdge(entry.node, 0), grad_outputs=g_dst, retain_graph=True)
     rows = {i: kept_rows(kept[i]) for i in junctions}  # [B, n] kept channels and their validity
     weights: dict[int, list[torch.Tensor]] = {i: [] for i in preds}
     totals: dict[int, list[torch.Tensor]] = {i: [] for i in preds}
     by_start: dict[Any, list[int]] = {}
+    funnelled: set[int] = set()
     for i in preds:
         by_start.setdefault(deep[i].edge() if i in deep else None, []).append(i)
     for first, group in by_start.items():
@@ -210,6 +217,7 @@ def _vjp_route(preds: list[int], *, cut: SiteRecorder, a_dst: torch.Tensor, g_ds
         by_node: dict[Any, int] = {}
         layers: set[Any] = set()
         shares: dict[int, torch.Tensor] = {}
+        probed: dict[int, torch.Tensor] = {}  # funnel sources: their tangents at the funnel's output
         for i in group:
             jn = junctions.get(i)
             if jn is None:
@@ -220,7 +228,12 @@ def _vjp_route(preds: list[int], *, cut: SiteRecorder, a_dst: torch.Tensor, g_ds
             if key not in shared:
                 shared[key] = junction_share(jn, cut.sources[i])
             shares[i] = shared[key]
-            stop = jn.top if jn.top is not None else jn.node
+            stop = junction_stop(jn)
+            probe = _probe(funnels[i], jn, shares[i], rows[i][0], shared) if i in funnels else None
+            if probe is not None:
+                probed[i] = probe
+                funnelled.add(i)
+                stop = funnels[i]
             layers.add(jn.node)
             if stop not in by_node:  # sources concatenated before one layer share its output
                 by_node[stop] = len(edges)
@@ -236,9 +249,12 @@ def _vjp_route(preds: list[int], *, cut: SiteRecorder, a_dst: torch.Tensor, g_ds
         stacked: dict[tuple[int, ...], torch.Tensor] = {}  # the shares of sources that receive one gradient
         for grads in _target_vjps(start, edges, targets.shape[1], numel):
             streams: dict[tuple[Any, ...], list[int]] = {}  # junction sources by the gradient they receive
+            by_funnel: dict[Any, list[int]] = {}
             for i in group:
                 g, src = grads[slot[i]], cut.sources[i]
-                if i in junctions:
+                if i in probed:
+                    by_funnel.setdefault(funnels[i], []).append(i)
+                elif i in junctions:
                     if g.shape[1:] == shares[i].shape and g[0].stride() != shares[i].stride():
                         # the share takes the gradient's layout once (kept for the destinations after this one)
                         shares[i] = shared[(junctions[i].node, i, junctions[i].rise)] = \
@@ -250,6 +266,15 @@ def _vjp_route(preds: list[int], *, cut: SiteRecorder, a_dst: torch.Tensor, g_ds
                                      src.detach().reshape(B, C, -1))
                     weights[i].append(w)
                     totals[i].append(w.sum(-1))
+            for f, members in by_funnel.items():
+                g, images = grads[slot[members[0]]], cut.sources[members[0]].shape[0]
+                together = ("stacked", f, *members, *_memory_order(g[0]))  # kept for the destinations after this
+                if together not in shared:  # every tangent of these sources, in the gradient's memory order
+                    shared[together] = _stacked_shares([t for i in members for t in probed[i]], g, images)
+                dots = _dot_stacked(g, shared[together], images)  # [B, M, sum (n + 1)]
+                for i, d in zip(members, dots.split([probed[i].shape[0] for i in members], 2), strict=True):
+                    weights[i].append(d[..., :-1])
+                    totals[i].append(d[..., -1])
             for members in streams.values():
                 g, images = grads[slot[members[0]]], cut.sources[members[0]].shape[0]
                 _stream_weights(members, g, junctions=junctions, cut=cut, rows=rows, shared=shared, weights=weights)
@@ -271,7 +296,27 @@ def _vjp_route(preds: list[int], *, cut: SiteRecorder, a_dst: torch.Tensor, g_ds
             full = w.new_zeros(w.shape[0], w.shape[1], cut.sources[i].shape[1])
             w = full.scatter_add_(2, idx[:, None, :].expand_as(w), w * ok[:, None, :].to(w.dtype))
         W[i] = w
-    return W, {i: torch.cat(totals[i], 1) for i in preds}
+    return W, {i: torch.cat(totals[i], 1) for i in preds}, funnelled
+
+
+def _probe(funnel: Any, jn: Junction, share: torch.Tensor, idx: torch.Tensor,
+           shared: dict[tuple[Any, ...], Any]) -> torch.Tensor | None:
+    """``[n + 1, *F.shape]``: a junction source's kept channels' shares and its whole share (last) carried to the
+    output of its funnel layer (:func:`extractor.funnels.funnel_tangents`), once per batch; ``None`` where the
+    junction's parts cannot be made or the segment up to its funnel holds an op without a forward rule (the backward
+    then goes on to the junction, as without a funnel)."""
+    known: dict[Any, torch.Tensor | None] = shared.setdefault(("funnel", jn.node, jn.rise), {})
+    if funnel not in known:
+        below = {node: t for node, t in known.items() if t is not None}  # tangents at funnels below this one
+        stop = junction_stop(jn)
+        if not below or funnel_passes(funnel, stop, set(below)):  # the push starts at the source's shares
+            parts = junction_kept_shares(jn, idx)  # (made when needed, not kept: the largest of them)
+            if parts is None or parts.shape[1:] != share.shape:
+                known[funnel] = None
+                return None
+            below[stop] = torch.cat([parts, share[None]])
+        known[funnel] = funnel_tangents(funnel, below)
+    return known[funnel]
 
 
 def _stream_weights(members: list[int], g: torch.Tensor, *, junctions: dict[int, Junction], cut: SiteRecorder,
@@ -380,9 +425,13 @@ def plain_vjp_inputs(j: int, preds: Sequence[int], *, cut: SiteRecorder, known: 
 def known_routes(routes: RouteCache | None, settings: PathwaySettings, cut: SiteRecorder
                  ) -> dict[tuple[int, int], Route]:
     """The routes found so far for this edge mode and this batch's input shape (filled in as found)."""
+    return routes.by_shape.setdefault(_route_key(settings, cut), {}) if routes is not None else {}
+
+
+def _route_key(settings: PathwaySettings, cut: SiteRecorder) -> tuple[object, ...]:
+    """The route cache's key: the edge mode and the input shape, read off the first site's activation."""
     some = next(iter(cut.acts.values()), None)
-    key = (settings.edges, tuple(some.shape), some.dtype, some.device) if some is not None else (settings.edges,)
-    return routes.by_shape.setdefault(key, {}) if routes is not None else {}
+    return (settings.edges, tuple(some.shape), some.dtype, some.device) if some is not None else (settings.edges,)
 
 
 @dataclass(kw_only=True)
@@ -391,13 +440,15 @@ class IncomingWeights:
     the kept channels where a junction served), ``totals[i]`` ``[B, M]`` the sum over all of ``i``'s channels
     (for the completeness gap), ``routes[i]``, the route taken (one of ``ROUTES``), ``deep``, the sources
     whose batched backward started below the destination's two convs (:class:`extractor.mixing.DeepEntry`), and
-    ``risen``, the junction sources whose backward stopped above their layer (``Junction.top``)."""
+    ``risen``, the junction sources whose backward stopped above their layer (``Junction.top``), and
+    ``funnelled``, those whose backward stopped at a funnel layer after it (:mod:`extractor.funnels`)."""
 
     weights: dict[int, torch.Tensor]
     totals: dict[int, torch.Tensor]
     routes: dict[int, str]
     deep: frozenset[int] = frozenset()
     risen: frozenset[int] = frozenset()  # the junction sources whose backward stopped above their layer
+    funnelled: frozenset[int] = frozenset()  # the junction sources contracted at a funnel (extractor.funnels)
 
 
 def incoming_weights(
@@ -432,6 +483,7 @@ def incoming_weights(
         elif route.kind == "junction" and (jn := junction_at(route, a_dst, shared)) is not None:
             junctions[i] = jn
     slow = [i for i in preds if i not in mixes]
+    funnels = {i: f for i in junctions if (f := funnel_at(known[(i, j)], a_dst)) is not None}
     entry = None
     if fast and slow:  # the key (j, j) holds the destination's own entry layer for the slow sources' paths
         route = known.get((j, j))
@@ -460,13 +512,17 @@ def incoming_weights(
          for i, mix in mixes.items()}
     totals = {i: w.sum(-1) for i, w in W.items()}
     if slow:
-        w_slow, t_slow = _vjp_route(slow, cut=cut, a_dst=a_dst, g_dst=g_dst, targets=targets, kept=kept,
-                                    junctions=junctions, shared=shared, entry=entry, deep=deep)
+        w_slow, t_slow, funnelled = _vjp_route(slow, cut=cut, a_dst=a_dst, g_dst=g_dst, targets=targets, kept=kept,
+                                    junctions=junctions, shared=shared, entry=entry, deep=deep,
+                                    funnels={i: f for i, f in funnels.items() if i not in deep})
         W.update(w_slow)
         totals.update(t_slow)
+    else:
+        funnelled = set()
     routes = {i: "mixing" if i in mixes else "junction" if i in junctions else "vjp" for i in preds}
     return IncomingWeights(weights=W, totals=totals, routes=routes, deep=frozenset(deep),
-                           risen=frozenset(i for i, jn in junctions.items() if jn.top is not None))
+                           risen=frozenset(i for i, jn in junctions.items() if jn.top is not None),
+                           funnelled=frozenset(funnelled))
 
 
 @graph_walks()
@@ -494,6 +550,14 @@ def compute_edges(
     site_gaps: list[torch.Tensor] = []  # per site [B]
     shared: dict[tuple[Any, ...], torch.Tensor] = {}
     known = known_routes(routes, settings, cut)
+    if fast and (routes is None or _route_key(settings, cut) not in routes.planned):
+        sources = list(cut.sources.values())
+        for site in (s for s in sites if s.index in cut.acts):
+            for i in (i for i in site.preds if i in cut.sources and (i, site.index) not in known):
+                known[(i, site.index)] = find_route(cut.sources[i], cut.acts[site.index], sources)
+        plan_funnels(sites, cut=cut, known=known, shared=shared, targets=settings.edge_targets, kept=kept_counts)
+        if routes is not None:
+            routes.planned.add(_route_key(settings, cut))
     for site in sites:
         j = site.index
         preds = [i for i in site.preds if i in cut.sources]

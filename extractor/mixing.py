@@ -1094,6 +1094,34 @@ def junction_share(jn: Junction, a_src: torch.Tensor) -> torch.Tensor:
         return share.view(top)
 
 
+def junction_kept_shares(jn: Junction, idx: torch.Tensor) -> torch.Tensor | None:
+    """``[n, *share.shape]``: the part of :func:`junction_share` that each kept source channel ``idx[b, k]``
+    (``[B, n]``) makes, ``Z_c`` in the share's layout (and scale, where the junction rises); summed over all channels
+    they give the share. For pointwise junctions and convolutions without groups; ``None`` for others."""
+    node = jn.node
+    B, n = idx.shape
+    with torch.no_grad():
+        if jn.kind == "pointwise":
+            u, wt = node._saved_mat1.detach(), node._saved_mat2.detach()  # [B * P, C], [C, Co]
+            u = u.view(B, -1, u.shape[-1])
+            h = u.gather(2, idx[:, None, :].expand(B, u.shape[1], n))  # [B, P, n]
+            rows = _scaled(jn, wt[idx])  # [B, n, Co]
+            parts: torch.Tensor = h.permute(2, 0, 1)[..., None] * rows.transpose(0, 1)[:, :, None, :]  # [n, B, P, Co]
+            if jn.top is None:
+                return parts.reshape(n, B * u.shape[1], -1)
+            top = tuple(jn.top._input_metadata[0].shape)
+            if jn.moved:
+                return parts.reshape(n, top[0], *top[2:], top[1]).movedim(-1, 2)
+            return parts.reshape(n, *top)
+        if jn.kind != "conv" or jn.moved or node.name() != "ConvolutionBackward0" or int(node._saved_groups) != 1:
+            return None
+        z = _parts_of(jn, idx)  # [B, n, Co, P]
+        if jn.scale is not None:
+            z = z * jn.scale[:, None]
+        out = (jn.top if jn.top is not None else node)._input_metadata[0].shape
+        return z.transpose(0, 1).reshape(n, *out)
+
+
 def _share(jn: Junction, a_src: torch.Tensor) -> torch.Tensor:
     node = jn.node
     with torch.no_grad():
@@ -1158,6 +1186,10 @@ class Route(NamedTuple):
     gate: int = -1  # ... and which input of the first conv's input product is a gate to start from (DeepEntry)
     over: tuple[int, ...] = ()  # an entry: the sources whose paths it was found for
     chain: bool = False  # a deep entry: the scale between its convs is read off batch norms (is_chain)
+    # a junction route through a funnel (extractor.funnels): the path from the destination's node to the mixing
+    # layer whose output the batched backward stops at, and that layer's autograd node name
+    funnel: tuple[int, ...] | None = None
+    funnel_layer: str = ""
 
 
 @dataclass
@@ -1166,6 +1198,7 @@ class RouteCache:
     not on the pixels. The layers' numbers (weights, saved inputs) are read from each batch's own graph."""
 
     by_shape: dict[tuple[object, ...], dict[tuple[int, int], Route]] = field(default_factory=dict)
+    planned: set[tuple[object, ...]] = field(default_factory=set)  # the keys whose funnels are planned (funnels.py)
 
 
 def find_route(a_src: torch.Tensor, a_dst: torch.Tensor, site_tensors: Iterable[torch.Tensor]) -> Route:
