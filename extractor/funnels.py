@@ -29,6 +29,7 @@ its first batch (:func:`plan_funnels`), and kept in the route cache as a graph p
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -135,15 +136,23 @@ def graph_jvp(top: Any, given: dict[Any, torch.Tensor]) -> torch.Tensor:
     memo: dict[Any, bool] = {}
     if not _leads_to(top, set(given), memo):
         raise _Unsupported("the funnel does not reach the source")
+    on = {n for n, v in memo.items() if v and n not in given}
+    # each node's tangent is let go once the last node reading it has its own (a stage's chain holds one at a time)
+    readers = Counter(c for n in on for c, _ in n.next_functions if c in on)
     out: dict[Any, torch.Tensor] = {}
 
     def tangent(node: Any) -> torch.Tensor | None:
         if node in given:
             return given[node]
-        if node is None or not memo.get(node, False):
+        if node not in on:
             return None
         if node not in out:
-            out[node] = _forward_rule(node, [tangent(child) for child, _ in node.next_functions])
+            kids = [child for child, _ in node.next_functions]
+            out[node] = _forward_rule(node, [tangent(child) for child in kids])
+            for child in (c for c in kids if c in on):
+                readers[child] -= 1
+                if readers[child] == 0:
+                    del out[child]
         return out[node]
 
     found = tangent(top)
