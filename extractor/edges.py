@@ -20,7 +20,9 @@ Routes (one per edge of the site graph; ``segment_routes`` lists them, ``ROUTES`
   targets' batched backward stops at that layer's output and is contracted there with the *kept*
   source channels' shares of it; the completeness gap takes one more contraction per target
   (:func:`extractor.mixing.find_junction`). Projection layers of a residual stream are never
-  differentiated per target, and the cost grows with kept sources x targets.
+  differentiated per target, and the cost grows with kept sources x targets. Where a mixing layer that several
+  destinations share lies on every path back to the source (a stage's downsampling), the backward stops at that
+  layer's output instead, and the source's shares are pushed forward to it once per batch (:mod:`extractor.funnels`).
 * ``vjp``: a batched vector-Jacobian product (:func:`extractor.vjp.batched_vjp`) to the whole source tensor.
 
 The junction and VJP edges of a destination share one batched backward, which starts at the input of the
