@@ -131,14 +131,15 @@ def graph_jvp(top: Any, given: dict[Any, torch.Tensor]) -> torch.Tensor:
     """``[P, *shape]``: the tangent at the output of autograd node ``top`` of ``P`` tangents ``given`` ``[P, *shape]``
     at the outputs of other nodes below it (others held fixed), pushed up the graph by each node's forward rule
     (views, permutes, additions, products with a fixed factor, layer and inference batch norms, convolutions and
-    linear layers: the ops a stage's downsampling and a residual stream are made of). Raises ``_Unsupported`` at any
-    other node. The graph holds every factor it needs: nothing runs again."""
+    linear layers, zero padding, and the held layer norms and space-to-depth of :mod:`extractor.linear` and
+    :mod:`extractor.rewrites`: the ops a stage's downsampling and a residual stream are made of). Raises
+    ``_Unsupported`` at any other node. The graph holds every factor it needs: nothing runs again."""
     memo: dict[Any, bool] = {}
     if not _leads_to(top, set(given), memo):
         raise _Unsupported("the funnel does not reach the source")
     on = {n for n, v in memo.items() if v and n not in given}
     # each node's tangent is let go once the last node reading it has its own (a stage's chain holds one at a time)
-    readers = Counter(c for n in on for c, _ in n.next_functions if c in on)
+    readers = Counter(c for n in on for c in _read_inputs(n) if c in on)
     out: dict[Any, torch.Tensor] = {}
 
     def tangent(node: Any) -> torch.Tensor | None:
@@ -147,7 +148,7 @@ def graph_jvp(top: Any, given: dict[Any, torch.Tensor]) -> torch.Tensor:
         if node not in on:
             return None
         if node not in out:
-            kids = [child for child, _ in node.next_functions]
+            kids = _read_inputs(node)
             out[node] = _forward_rule(node, [tangent(child) for child in kids])
             for child in (c for c in kids if c in on):
                 readers[child] -= 1
@@ -158,6 +159,13 @@ def graph_jvp(top: Any, given: dict[Any, torch.Tensor]) -> torch.Tensor:
     found = tangent(top)
     assert found is not None  # top leads to a given node
     return found
+
+
+def _read_inputs(node: Any) -> list[Any]:
+    """The inputs of a node whose tangents its forward rule reads (``None`` for the others): a held layer norm's
+    value comes from the layer norm beside it, but its tangent from the input alone."""
+    kids = [child for child, _ in node.next_functions]
+    return kids[:1] + [None] * (len(kids) - 1) if node.name() == "_ScaledBackward" else kids
 
 
 _VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "CloneBackward0"})
@@ -196,6 +204,12 @@ def _forward_rule(node: Any, ts: list[torch.Tensor | None]) -> torch.Tensor:
         return torch.matmul(ts[0], node._saved_mat2)
     if any(x is not None for x in ts[1:]):  # a weight on the path
         raise _Unsupported(f"{name} with a tangent in its parameters")
+    if name == "_ScaledBackward":  # a layer norm with its statistics held (extractor.linear): a scale per element
+        return torch.mul(t, node.saved_tensors[0])
+    if name == "ConstantPadNdBackward0":  # the pad, on the last dims, is zero in a tangent
+        return torch.nn.functional.pad(t, tuple(node._saved_pad))
+    if name == "_SpaceToDepthBackward":  # the four strided quarters, concatenated (extractor.rewrites)
+        return torch.cat([t[..., r::2, c::2, :] for r, c in node.order], -1)
     if name == "NativeLayerNormBackward0":
         # y = w * xhat + b with xhat's Jacobian rstd * (I - 11^T / n - xhat xhat^T / n) symmetric: its product with
         # a tangent is the layer norm's own (fused) backward without weights, applied to the tangent

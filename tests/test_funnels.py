@@ -10,10 +10,12 @@ import pytest
 import torch
 from torch import nn
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+from torchvision.models.swin_transformer import SwinTransformer
 
 from extractor.contributions import mct_contributions
 from extractor.edges import compute_edges, edge_weights_vjp, incoming_weights
 from extractor.funnels import funnel_tangents, graph_jvp, plan_funnels
+from extractor.linear import Linearised
 from extractor.mixing import RouteCache, find_route
 from extractor.models import ModelBundle, make_bundle
 from extractor.selection import select
@@ -63,10 +65,12 @@ class _Staged(nn.Module):
 
 
 def _check(bundle: ModelBundle, x: torch.Tensor, settings: PathwaySettings) -> int:
-    """Every site's incoming weights, funnels planned, against the exact route; returns the edges funnelled."""
+    """Every site's incoming weights, funnels planned, against the exact route (in the settings' edge mode: its cut
+    forward); returns the edges funnelled."""
     contrib = mct_contributions(bundle, x)
     sel = select(contrib, settings)
-    cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x))
+    with Linearised(bundle.model, settings.edges):
+        cut = cut_forward(bundle.model, bundle.sites, lambda: bundle.forward(x))
     sources = list(cut.sources.values())
     known = {(i, s.index): find_route(cut.sources[i], cut.acts[s.index], sources) for s in bundle.sites
              for i in s.preds if i in cut.sources}
@@ -108,6 +112,18 @@ def test_funnel_edges_equal_the_exact_route(make, size: int, funnelled: int, man
     assert _check(bundle, x, PathwaySettings(k=3, selection="topk")) == funnelled
     # with many channels kept a funnel makes more tangents than the targets it serves and is not taken
     assert _check(bundle, x, PathwaySettings(k=6, selection="percentile", sparsity=20.0)) == many
+
+
+def test_funnel_edges_in_direct_mode_on_swin() -> None:
+    """torchvision's Swin class, three stages, direct edges: each patch merging (space to depth, a layer norm with
+    its statistics held, a linear reduction) is a funnel, pushed through the rules for the held norm and the
+    space-to-depth rewrite; the edges equal the VJP route's on the same linearised cut forward."""
+    torch.manual_seed(0)
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[1, 3, 2], num_heads=[2, 2, 2], window_size=[2, 2],
+                            num_classes=7)
+    bundle = make_bundle(model.double().eval(), "swin3", (3, 32, 32))
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    assert _check(bundle, x, PathwaySettings(k=3, selection="topk", edges="direct")) > 0
 
 
 def test_funnels_are_kept_for_later_batches() -> None:
