@@ -273,6 +273,7 @@ def _vjp_route(preds: list[int], *, cut: SiteRecorder, a_dst: torch.Tensor, g_ds
                 together = ("stacked", f, *members, *_memory_order(g[0]))  # kept for the destinations after this
                 if together not in shared:  # every tangent of these sources, in the gradient's memory order
                     shared[together] = _stacked_shares([t for i in members for t in probed[i]], g, images)
+                    _keep_as_views(shared, shared[together], members, probed, junctions, f, _memory_order(g[0]))
                 dots = _dot_stacked(g, shared[together], images)  # [B, M, sum (n + 1)]
                 for i, d in zip(members, dots.split([probed[i].shape[0] for i in members], 2), strict=True):
                     weights[i].append(d[..., :-1])
@@ -308,17 +309,56 @@ def _probe(funnel: Any, jn: Junction, share: torch.Tensor, idx: torch.Tensor,
     junction's parts cannot be made or the segment up to its funnel holds an op without a forward rule (the backward
     then goes on to the junction, as without a funnel)."""
     known: dict[Any, torch.Tensor | None] = shared.setdefault(("funnel", jn.node, jn.rise), {})
-    if funnel not in known:
-        below = {node: t for node, t in known.items() if t is not None}  # tangents at funnels below this one
-        stop = junction_stop(jn)
-        if not below or funnel_passes(funnel, stop, set(below)):  # the push starts at the source's shares
-            parts = junction_kept_shares(jn, idx)  # (made when needed, not kept: the largest of them)
-            if parts is None or parts.shape[1:] != share.shape:
-                known[funnel] = None
-                return None
-            below[stop] = torch.cat([parts, share[None]])
-        known[funnel] = funnel_tangents(funnel, below)
+    if funnel in known:
+        return known[funnel]
+    below = {node: t for node, t in known.items() if t is not None}  # tangents at funnels below this one
+    stop = junction_stop(jn)
+    from_stop = not below or funnel_passes(funnel, stop, set(below))  # the push starts at the source's shares
+    n = idx.shape[1]
+    # a few tangents at a time: the push's intermediates (and the shares, made when needed and not kept) are the
+    # size of a stage's maps per tangent
+    chunk = max(1, _PARTS_BUDGET // max(1, share.numel()))
+    out: list[torch.Tensor] = []
+    for s in range(0, n + 1, chunk):
+        e = min(n + 1, s + chunk)
+        given = {node: t[s:e] for node, t in below.items()}
+        if from_stop:
+            rows = [share[None]] if e > n else []
+            if min(e, n) > s:
+                parts = junction_kept_shares(jn, idx[:, s:min(e, n)])
+                if parts is None or parts.shape[1:] != share.shape:
+                    known[funnel] = None
+                    return None
+                rows.insert(0, parts)
+            given[stop] = rows[0] if len(rows) == 1 else torch.cat(rows)
+        pushed = funnel_tangents(funnel, given)
+        if pushed is None:
+            known[funnel] = None
+            return None
+        out.append(pushed)
+    known[funnel] = out[0] if len(out) == 1 else torch.cat(out)
     return known[funnel]
+
+
+def _keep_as_views(shared: dict[tuple[Any, ...], Any], stacked: torch.Tensor, members: list[int],
+                   probed: dict[int, torch.Tensor], junctions: dict[int, Junction], funnel: Any,
+                   order: list[int]) -> None:
+    """Keep each member's tangents at ``funnel`` (:func:`_probe`'s cache) as views into their ``stacked`` copy
+    ``[B, sum P, N]`` (:func:`_stacked_shares`, in memory order ``order``), so that the tangents are held once."""
+    B, at = stacked.shape[0], 0
+    for i in members:
+        t = probed[i]
+        P, dims = t.shape[0], tuple(t.shape[2:])
+        if t.shape[1] != B:  # rows of all images' positions (a linear layer's [B * P, C]): kept as they are
+            at += P
+            continue
+        block = stacked[:, at:at + P].view(B, P, *(dims[d - 1] for d in order))  # [B, P, dims in memory order]
+        back = [1, 0] + [2 + order.index(d) for d in range(1, len(dims) + 1)]
+        view = block.permute(*back)
+        if tuple(view.shape) == tuple(t.shape):
+            jn = junctions[i]
+            shared[("funnel", jn.node, jn.rise)][funnel] = probed[i] = view
+        at += P
 
 
 def _stream_weights(members: list[int], g: torch.Tensor, *, junctions: dict[int, Junction], cut: SiteRecorder,

@@ -114,6 +114,13 @@ def test_funnel_edges_equal_the_exact_route(make, size: int, funnelled: int, man
     assert _check(bundle, x, PathwaySettings(k=6, selection="percentile", sparsity=20.0)) == many
 
 
+def test_funnels_push_a_few_tangents_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tangents pushed one at a time (a parts budget of one element) give the same edges as all at once."""
+    monkeypatch.setattr("extractor.edges._PARTS_BUDGET", 1)
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    assert _check(_convnext(), x, PathwaySettings(k=3, selection="topk")) == 10
+
+
 def test_funnel_edges_in_direct_mode_on_swin() -> None:
     """torchvision's Swin class, three stages, direct edges: each patch merging (space to depth, a layer norm with
     its statistics held, a linear reduction) is a funnel, pushed through the rules for the held norm and the
