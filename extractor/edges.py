@@ -470,6 +470,15 @@ def known_routes(routes: RouteCache | None, settings: PathwaySettings, cut: Site
     return routes.by_shape.setdefault(_route_key(settings, cut), {}) if routes is not None else {}
 
 
+def _route(known: dict[tuple[int, int], Route], i: int, j: int, cut: SiteRecorder, sources: list[torch.Tensor]
+           ) -> Route:
+    """The route of edge ``(i, j)``: cached, or found now and cached."""
+    route = known.get((i, j))
+    if route is None:
+        route = known[(i, j)] = find_route(cut.sources[i], cut.acts[j], sources)
+    return route
+
+
 def _route_key(settings: PathwaySettings, cut: SiteRecorder) -> tuple[object, ...]:
     """The route cache's key: the edge mode and the input shape, read off the first site's activation."""
     some = next(iter(cut.acts.values()), None)
@@ -514,9 +523,8 @@ def incoming_weights(
     junctions: dict[int, Junction] = {}
     deep: dict[int, DeepEntry] = {}
     for i in preds if fast else ():
-        route = known.get((i, j))
-        if route is None:
-            route = known[(i, j)] = find_route(cut.sources[i], a_dst, sources)
+        route: Route | None = _route(known, i, j, cut, sources)
+        assert route is not None
         if route.kind == "mixing" and given is not None:
             if i in given.mixes:
                 mixes[i] = given.mixes[i]
@@ -554,9 +562,9 @@ def incoming_weights(
          for i, mix in mixes.items()}
     totals = {i: w.sum(-1) for i, w in W.items()}
     if slow:
-        w_slow, t_slow, funnelled = _vjp_route(slow, cut=cut, a_dst=a_dst, g_dst=g_dst, targets=targets, kept=kept,
-                                    junctions=junctions, shared=shared, entry=entry, deep=deep,
-                                    funnels={i: f for i, f in funnels.items() if i not in deep})
+        w_slow, t_slow, funnelled = _vjp_route(
+            slow, cut=cut, a_dst=a_dst, g_dst=g_dst, targets=targets, kept=kept, junctions=junctions, shared=shared,
+            entry=entry, deep=deep, funnels={i: f for i, f in funnels.items() if i not in deep})
         W.update(w_slow)
         totals.update(t_slow)
     else:
@@ -592,14 +600,15 @@ def compute_edges(
     site_gaps: list[torch.Tensor] = []  # per site [B]
     shared: dict[tuple[Any, ...], torch.Tensor] = {}
     known = known_routes(routes, settings, cut)
-    if fast and (routes is None or _route_key(settings, cut) not in routes.planned):
+    key = _route_key(settings, cut)
+    if fast and (routes is None or key not in routes.planned):  # every edge's route first: funnels are shared
         sources = list(cut.sources.values())
         for site in (s for s in sites if s.index in cut.acts):
-            for i in (i for i in site.preds if i in cut.sources and (i, site.index) not in known):
-                known[(i, site.index)] = find_route(cut.sources[i], cut.acts[site.index], sources)
+            for i in (i for i in site.preds if i in cut.sources):
+                _route(known, i, site.index, cut, sources)
         plan_funnels(sites, cut=cut, known=known, shared=shared, targets=settings.edge_targets, kept=kept_counts)
         if routes is not None:
-            routes.planned.add(_route_key(settings, cut))
+            routes.planned.add(key)
     for site in sites:
         j = site.index
         preds = [i for i in site.preds if i in cut.sources]
