@@ -131,8 +131,10 @@ def graph_jvp(top: Any, given: dict[Any, torch.Tensor]) -> torch.Tensor:
     """``[P, *shape]``: the tangent at the output of autograd node ``top`` of ``P`` tangents ``given`` ``[P, *shape]``
     at the outputs of other nodes below it (others held fixed), pushed up the graph by each node's forward rule
     (views, permutes, additions, products with a fixed factor, layer and inference batch norms, convolutions and
-    linear layers, zero padding, and the held layer norms and space-to-depth of :mod:`extractor.linear` and
-    :mod:`extractor.rewrites`: the ops a stage's downsampling and a residual stream are made of). Raises
+    linear layers, zero padding, average pooling, and the held layer norms and space-to-depth of
+    :mod:`extractor.linear` and :mod:`extractor.rewrites`: the ops a stage's downsampling and a residual stream are
+    made of; in ``pattern`` mode also an attention's value path: its value rows, the held pattern's product, window
+    partitions, cyclic shifts, slices). Raises
     ``_Unsupported`` at any other node. The graph holds every factor it needs: nothing runs again."""
     memo: dict[Any, bool] = {}
     if not _leads_to(top, set(given), memo):
@@ -168,7 +170,18 @@ def _read_inputs(node: Any) -> list[Any]:
     return kids[:1] + [None] * (len(kids) - 1) if node.name() == "_ScaledBackward" else kids
 
 
-_VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "CloneBackward0"})
+def _signed(v: int) -> int:
+    """A negative int that autograd saved as an unsigned 64-bit one (a roll's shifts, an unsqueeze's dim)."""
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _dim(d: int, rank: int) -> int:
+    """Dim ``d`` of a tensor of ``rank`` dims, in its tangents ``[P, ...]``."""
+    return (_signed(d) % rank) + 1
+
+
+_VIEWS = frozenset({"ViewBackward0", "AliasBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "CloneBackward0",
+                    "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2"})
 
 
 def _forward_rule(node: Any, ts: list[torch.Tensor | None]) -> torch.Tensor:
@@ -180,7 +193,22 @@ def _forward_rule(node: Any, ts: list[torch.Tensor | None]) -> torch.Tensor:
     if name in _VIEWS and len(ts) == 1:
         return t.reshape(P, *shape)
     if name == "PermuteBackward0":
-        return t.permute(0, *(d + 1 for d in node._saved_dims))
+        return t.permute(0, *(_dim(d, len(shape)) for d in node._saved_dims))
+    if name == "TransposeBackward0":
+        return t.transpose(_dim(node._saved_dim0, len(shape)), _dim(node._saved_dim1, len(shape)))
+    if name == "ExpandBackward0" and len(ts) == 1:
+        return t.expand(P, *shape)
+    if name == "RollBackward0":  # a shifted window's cyclic shift
+        dims = tuple(_dim(d, len(shape)) for d in node._saved_dims)
+        return torch.roll(t, tuple(_signed(v) for v in node._saved_shifts), dims)
+    if name == "SliceBackward0":
+        cut = [slice(None)] * (t.dim())
+        cut[_dim(node._saved_dim, t.dim() - 1)] = slice(node._saved_start, node._saved_end, node._saved_step)
+        return t[tuple(cut)]
+    if name == "SelectBackward0":
+        return t.select(_dim(node._saved_dim, t.dim() - 1), node._saved_index)
+    if name in ("BmmBackward0", "MmBackward0") and ts[0] is None and ts[1] is not None:  # a held left factor
+        return torch.matmul(node._saved_self, ts[1])  # (an attention's held pattern times its values)
     if name in ("AddBackward0", "SubBackward0") and len(ts) == 2:
         sign = node._saved_alpha * (1 if name == "AddBackward0" else -1)
         parts = [x for x in (ts[0], None if ts[1] is None else ts[1] if sign == 1 else sign * ts[1]) if x is not None]
@@ -206,6 +234,8 @@ def _forward_rule(node: Any, ts: list[torch.Tensor | None]) -> torch.Tensor:
         raise _Unsupported(f"{name} with a tangent in its parameters")
     if name == "_ScaledBackward":  # a layer norm with its statistics held (extractor.linear): a scale per element
         return torch.mul(t, node.saved_tensors[0])
+    if name == "_RowsBackward":  # the value rows of an attention's input projection (extractor.rewrites)
+        return torch.matmul(t, node.saved_tensors[0].T)
     if name == "ConstantPadNdBackward0":  # the pad, on the last dims, is zero in a tangent
         return torch.nn.functional.pad(t, tuple(node._saved_pad))
     if name == "_SpaceToDepthBackward":  # the four strided quarters, concatenated (extractor.rewrites)
@@ -225,6 +255,11 @@ def _forward_rule(node: Any, ts: list[torch.Tensor | None]) -> torch.Tensor:
         w = node._saved_weight
         scale = torch.rsqrt(node._saved_running_var + node._saved_eps) * (w if w is not None else 1.0)
         return t * scale.view(-1, *([1] * (t.dim() - 3)))
+    if name == "AvgPool2DBackward0" and t.dim() == 5:  # (a downsampling shortcut)
+        pooled = torch.nn.functional.avg_pool2d(
+            t.reshape(-1, *t.shape[2:]), node._saved_kernel_size, node._saved_stride, node._saved_padding,
+            node._saved_ceil_mode, node._saved_count_include_pad, node._saved_divisor_override)
+        return pooled.view(P, *shape)
     if name == "ConvolutionBackward0" and not node._saved_transposed and t.dim() in (4, 5):
         conv = torch.nn.functional.conv2d if t.dim() == 5 else torch.nn.functional.conv1d
         y = conv(t.reshape(-1, *t.shape[2:]), node._saved_weight, None, stride=tuple(node._saved_stride),

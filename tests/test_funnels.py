@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
-from torchvision.models.swin_transformer import SwinTransformer
+from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 
 from extractor.contributions import mct_contributions
 from extractor.edges import compute_edges, edge_weights_vjp, incoming_weights
@@ -133,6 +133,21 @@ def test_funnel_edges_in_direct_mode_on_swin() -> None:
     assert _check(bundle, x, PathwaySettings(k=3, selection="topk", edges="direct")) > 0
 
 
+def test_funnel_edges_in_pattern_mode_on_swin_v2() -> None:
+    """torchvision's Swin V2 class, three stages, pattern edges: the tangents of the earlier stages' sources are
+    pushed through the attention blocks after them (the value rows, the held pattern's product, the shifted
+    windows' rolls, window partition views) to each patch merging; the edges equal the VJP route's."""
+    torch.manual_seed(0)
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[2, 2, 2], num_heads=[2, 2, 2], window_size=[2, 2],
+                            num_classes=7, block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2)
+    bundle = make_bundle(model.double().eval(), "swinv2", (3, 32, 32))
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    # one channel kept: the 2 first-stage sources into the 2 second-stage destinations across the first merging,
+    # and the 4 sources of both stages into the 2 last across the second (the first block of each stage through
+    # the second's shifted attention)
+    assert _check(bundle, x, PathwaySettings(k=1, selection="topk", edges="pattern")) == 12
+
+
 def test_funnels_are_kept_for_later_batches() -> None:
     """compute_edges plans the funnels on the first batch of an input shape and follows them on the next; the
     edges equal the exact route's on both."""
@@ -160,7 +175,7 @@ def test_funnels_are_kept_for_later_batches() -> None:
 def test_graph_jvp_equals_forward_mode() -> None:
     """Each forward rule against torch.func.jvp of the same function: a fixed factor, an inference batch norm, a
     permute, a layer norm, a linear layer per position, a convolution, a subtraction with both sides moving, a
-    view and a matrix product."""
+    view and a matrix product; an attention's value path; an average pooling."""
     torch.manual_seed(0)
     bn = nn.BatchNorm2d(4).double().eval()
     with torch.no_grad():
@@ -183,6 +198,22 @@ def test_graph_jvp_equals_forward_mode() -> None:
         got = graph_jvp(out.grad_fn, {x.grad_fn: tangents})
     want = torch.stack([torch.func.jvp(f, (x.detach(),), (t,))[1] for t in tangents]).detach()
     assert float((got - want).abs().max()) <= 1e-12 * float(want.abs().max())
+    # an attention's value path with its pattern held: a cyclic shift, window views, a transpose, a slice, a
+    # selection, an expansion and the held pattern's product
+    pattern = torch.softmax(torch.randn(2, 3, 3, dtype=torch.float64), -1)
+
+    def g(x: torch.Tensor) -> torch.Tensor:
+        y = torch.roll(x, shifts=(-1, 2), dims=(2, -1))[:, 1:, :, 1::2]  # [2, 3, 4, 2]
+        first = y.select(-1, 0)[..., :1]  # [2, 3, 1]
+        return torch.bmm(pattern, y.transpose(-1, -2).reshape(2, 3, 8)) + first.expand(2, 3, 8)
+
+    def h(x: torch.Tensor) -> torch.Tensor:  # a pooled shortcut, with a dim added and taken away
+        return nn.functional.avg_pool2d(x, 3, 2, 1).unsqueeze(-1).squeeze(1)
+
+    for fn in (g, h):
+        got = graph_jvp(fn(x).grad_fn, {x.grad_fn: tangents})
+        want = torch.stack([torch.func.jvp(fn, (x.detach(),), (t,))[1] for t in tangents]).detach()
+        assert float((got - want).abs().max()) <= 1e-12 * float(want.abs().max())
     # an op without a forward rule: no funnel
     gelu = nn.functional.gelu(x).sum(1)
     assert funnel_tangents(gelu.grad_fn, {x.grad_fn: tangents}) is None
