@@ -33,7 +33,8 @@ the networks where they differ.
 ``auto`` (the default of ``pathx extract --edges``) picks ``direct`` for a model with attention modules
 and ``exact`` for any other; for the architectures whose direct edges the bench measured to disagree badly
 with the exact ones (``DISAGREEING``: Swin V2, MaxViT) it picks ``pattern``, which agrees with them and costs
-about half of ``exact``. The mode chosen is part of every pathway's settings, and so of its id.
+a quarter to a third of ``exact`` (bench section ``zoo``). The mode chosen is part of every pathway's settings,
+and so of its id.
 """
 
 from __future__ import annotations

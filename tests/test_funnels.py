@@ -148,6 +148,22 @@ def test_funnel_edges_in_pattern_mode_on_swin_v2() -> None:
     assert _check(bundle, x, PathwaySettings(k=1, selection="topk", edges="pattern")) == 12
 
 
+def test_funnel_edges_in_pattern_mode_on_maxvit() -> None:
+    """torchvision's MaxViT class, two stages of two blocks, pattern edges: the tangents are pushed through the
+    block and grid attention's value paths and the MBConv's pooled shortcut; the edges equal the VJP route's."""
+    from torchvision.models.maxvit import MaxVit
+
+    torch.manual_seed(0)
+    model = MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[8, 16], block_layers=[2, 2],
+                   head_dim=4, stochastic_depth_prob=0.0, num_classes=7)
+    for m in model.modules():  # patterns far from uniform
+        if hasattr(m, "to_qkv"):
+            nn.init.normal_(m.to_qkv.weight, std=1.0)
+    bundle = make_bundle(model.double().eval(), "maxvit2", (3, 32, 32))
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    assert _check(bundle, x, PathwaySettings(k=1, selection="topk", edges="pattern")) == 41
+
+
 def test_funnels_are_kept_for_later_batches() -> None:
     """compute_edges plans the funnels on the first batch of an input shape and follows them on the next; the
     edges equal the exact route's on both."""
