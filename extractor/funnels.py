@@ -171,7 +171,8 @@ def _read_inputs(node: Any) -> list[Any]:
 
 
 def _signed(v: int) -> int:
-    """A negative int that autograd saved as an unsigned 64-bit one (a roll's shifts, an unsqueeze's dim)."""
+    """A negative int that autograd saved as an unsigned 64-bit one (a roll's shifts, an unsqueeze's dim, a slice's
+    start and end counted from the end)."""
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
@@ -203,10 +204,11 @@ def _forward_rule(node: Any, ts: list[torch.Tensor | None]) -> torch.Tensor:
         return torch.roll(t, tuple(_signed(v) for v in node._saved_shifts), dims)
     if name == "SliceBackward0":
         cut = [slice(None)] * (t.dim())
-        cut[_dim(node._saved_dim, t.dim() - 1)] = slice(node._saved_start, node._saved_end, node._saved_step)
+        cut[_dim(node._saved_dim, t.dim() - 1)] = slice(_signed(node._saved_start), _signed(node._saved_end),
+                                                        node._saved_step)
         return t[tuple(cut)]
     if name == "SelectBackward0":
-        return t.select(_dim(node._saved_dim, t.dim() - 1), node._saved_index)
+        return t.select(_dim(node._saved_dim, t.dim() - 1), _signed(node._saved_index))
     if name in ("BmmBackward0", "MmBackward0") and ts[0] is None and ts[1] is not None:  # a held left factor
         return torch.matmul(node._saved_self, ts[1])  # (an attention's held pattern times its values)
     if name in ("AddBackward0", "SubBackward0") and len(ts) == 2:
