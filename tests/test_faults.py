@@ -99,7 +99,9 @@ def test_the_aggregates_refresh_outlasts_the_servers_transaction_timeout(
     start(cfg)
     try:
         with open_driver(ConnectionSettings(uri=cfg.bolt_uri, user=USER, password=read_password(cfg))) as drv:
-            slow = "CALL () { UNWIND range(1, 60000000) AS x RETURN sum(x) AS spent }\n" + Q.REFRESH_AGGREGATES
+            # a sum long enough to outlast the limit and the server's check on a fast day (60 M numbers once
+            # finished inside both, and the test failed on a correct refresh)
+            slow = "CALL () { UNWIND range(1, 150000000) AS x RETURN sum(x) AS spent }\n" + Q.REFRESH_AGGREGATES
             with drv.session(database="neo4j") as s, pytest.raises(neo4j.exceptions.ClientError, match="timeout"):
                 s.run(slow, model_id=ref.model_id, config="none", classes=[]).consume()
             monkeypatch.setattr(Q, "REFRESH_AGGREGATES", slow)
