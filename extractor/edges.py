@@ -523,14 +523,13 @@ def incoming_weights(
     junctions: dict[int, Junction] = {}
     deep: dict[int, DeepEntry] = {}
     for i in preds if fast else ():
-        route: Route | None = _route(known, i, j, cut, sources)
-        assert route is not None
-        if route.kind == "mixing" and given is not None:
+        edge_route = _route(known, i, j, cut, sources)
+        if edge_route.kind == "mixing" and given is not None:
             if i in given.mixes:
                 mixes[i] = given.mixes[i]
-        elif route.kind == "mixing" and (mix := mixing_at(route, cut.sources[i], a_dst, sources)) is not None:
+        elif edge_route.kind == "mixing" and (mix := mixing_at(edge_route, cut.sources[i], a_dst, sources)) is not None:
             mixes[i] = mix
-        elif route.kind == "junction" and (jn := junction_at(route, a_dst, shared)) is not None:
+        elif edge_route.kind == "junction" and (jn := junction_at(edge_route, a_dst, shared)) is not None:
             junctions[i] = jn
     slow = [i for i in preds if i not in mixes]
     funnels = {i: f for i in junctions if (f := funnel_at(known[(i, j)], a_dst)) is not None}

@@ -197,8 +197,8 @@ def _forward_rule(node: Any, ts: list[torch.Tensor | None]) -> torch.Tensor:
         return t.permute(0, *(_dim(d, len(shape)) for d in node._saved_dims))
     if name == "TransposeBackward0":
         return t.transpose(_dim(node._saved_dim0, len(shape)), _dim(node._saved_dim1, len(shape)))
-    if name == "ExpandBackward0" and len(ts) == 1:
-        return t.expand(P, *shape)
+    if name == "ExpandBackward0" and len(ts) == 1:  # (dims it adds come first: line the tangent's up behind P)
+        return t.reshape(P, *(1,) * (len(shape) + 1 - t.dim()), *t.shape[1:]).expand(P, *shape)
     if name == "RollBackward0":  # a shifted window's cyclic shift
         dims = tuple(_dim(d, len(shape)) for d in node._saved_dims)
         return torch.roll(t, tuple(_signed(v) for v in node._saved_shifts), dims)

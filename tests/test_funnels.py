@@ -223,8 +223,9 @@ def test_graph_jvp_equals_forward_mode() -> None:
         first = y.select(-1, -1)[..., :-3]  # [2, 3, 1]
         return torch.bmm(pattern, y.transpose(-1, -2).reshape(2, 3, 8)) + first.expand(2, 3, 8)
 
-    def h(x: torch.Tensor) -> torch.Tensor:  # a pooled shortcut, with a dim added and taken away
-        return nn.functional.avg_pool2d(x, 3, 2, 1).unsqueeze(-1).squeeze(1)
+    def h(x: torch.Tensor) -> torch.Tensor:  # a pooled shortcut, a dim added and taken away, an expansion adding one
+        y = nn.functional.avg_pool2d(x, 3, 2, 1).unsqueeze(-1).squeeze(-1)  # [2, 4, 2, 2]
+        return y + y[0].expand(2, 4, 2, 2)
 
     for fn in (g, h):
         got = graph_jvp(fn(x).grad_fn, {x.grad_fn: tangents})
